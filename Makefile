@@ -1,0 +1,66 @@
+# Fincrypt developer tasks. `make test` is the test command CI runs (via .ci/run).
+SHELL := /bin/bash
+.DEFAULT_GOAL := help
+
+PYTHON ?= python3
+VENV   := .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.installed
+
+# Debian packages needed to build and run pyfuse3 (FUSE 3 + a C toolchain + Python headers).
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc
+
+.PHONY: help setup system-deps test lint bench run clean
+
+help:
+	@echo "make setup  - install system packages (as root, if missing) and create $(VENV)"
+	@echo "make test   - run the test suite"
+	@echo "make lint   - ruff + mypy"
+	@echo "make bench  - run every bench/*.py"
+	@echo "make run    - set everything up and run the main job"
+
+setup: $(STAMP)
+
+# Installs only what dpkg reports missing, and only as root; otherwise says what to install.
+system-deps:
+	@command -v dpkg >/dev/null 2>&1 || exit 0; \
+	missing=""; \
+	for p in $(APT_PACKAGES); do dpkg -s "$$p" >/dev/null 2>&1 || missing="$$missing $$p"; done; \
+	[ -z "$$missing" ] && exit 0; \
+	if [ "$$(id -u)" = 0 ]; then \
+		echo "apt-get install:$$missing"; \
+		apt-get update -qq && \
+		DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends $$missing >/dev/null; \
+	else \
+		echo "warning: missing Debian packages:$$missing (run 'make setup' as root, or apt-get install them)" >&2; \
+	fi
+
+# Rebuilt whenever the packaging metadata changes.
+$(STAMP): setup.cfg pyproject.toml
+	@$(MAKE) --no-print-directory system-deps
+	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
+	@echo "pip install -e '.[test]' into $(VENV)"
+	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@touch $@
+
+test: $(STAMP)
+	$(PY) -m pytest -q -p no:cacheprovider
+
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/mypy fincryptfs storaged mediatord tests
+
+bench: $(STAMP)
+	@shopt -s nullglob; files=(bench/*.py); \
+	if [ $${#files[@]} -eq 0 ]; then echo "no benchmarks in bench/"; exit 0; fi; \
+	for f in "$${files[@]}"; do echo "== $$f"; $(PY) "$$f" || exit $$?; done
+
+# Placeholder: a later issue replaces this with starting the local network
+# (mediator + storage nodes + a mounted client).
+run: $(STAMP)
+	$(VENV)/bin/fincryptfs --help
+	$(VENV)/bin/storaged --help
+	$(VENV)/bin/mediatord --help
+
+clean:
+	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache
