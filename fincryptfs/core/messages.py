@@ -1,0 +1,482 @@
+"""Every message the client, storage nodes and mediators exchange, as frozen dataclasses with strict codecs.
+
+``to_json()`` gives the canonical JSON body; ``from_json()`` validates every field (ids through their one
+parser each, sizes within limits, no unknown fields) and raises RemoteProtocolError. Messages that a third
+party carries on are sealed in an :class:`~fincryptfs.core.wire.Envelope`; the others travel as the body of
+a signed request. The storage proof, the one bulky message, has a compact binary form (``ProofResponse``).
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from typing import Any
+
+from .challenge import NONCE_BYTES, LeafProof, ShareProof
+from .errors import AuthError, RemoteProtocolError, TooLargeError
+from .identity import SIGNATURE_BYTES, PublicKey, SigningKey
+from .ids import (
+    AccountId,
+    NodeId,
+    ObjectId,
+    ShareId,
+    parse_account_id,
+    parse_node_id,
+    parse_object_id,
+    parse_share_id,
+)
+from .layout import ObjectLayout
+from .merkle import HASH_BYTES, LEAF_SIZE
+from .wire import Envelope, Fields, b64encode
+
+MAX_SHARES_PER_CHALLENGE = 100_000
+MAX_URL_LEN = 512
+_URL_PATTERN = r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?"
+
+
+def _url(f: Fields, name: str) -> str:
+    value: str = f.str(name, max_len=MAX_URL_LEN, pattern=_URL_PATTERN)
+    return value.rstrip("/")
+
+
+def _ids(values: list[Any], parse: Any) -> tuple[Any, ...]:
+    return tuple(parse(v) for v in values)
+
+
+def _check_signer(envelope: Envelope, expected: str, role: str) -> None:
+    if envelope.signer.id != expected:
+        raise AuthError(f"{envelope.kind} is signed by {envelope.signer.id[:16]}…, not by the {role} it names")
+
+
+# --- grants and receipts ------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class UploadGrant:
+    """A mediator's permission for one node to store one share of exactly this size and root, once."""
+
+    KIND = "grant"
+    mediator_id: NodeId
+    node_id: NodeId
+    account_id: AccountId
+    share_id: ShareId
+    share_size: int
+    merkle_root: bytes
+    expires_at: int
+    grant_id: str
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mediator_id": self.mediator_id, "node_id": self.node_id, "account_id": self.account_id,
+                "share_id": self.share_id, "share_size": self.share_size,
+                "merkle_root": b64encode(self.merkle_root), "expires_at": self.expires_at,
+                "grant_id": self.grant_id}
+
+    @classmethod
+    def from_json(cls, obj: object) -> UploadGrant:
+        f = Fields(obj, "grant")
+        grant = cls(parse_node_id(f.raw("mediator_id")), parse_node_id(f.raw("node_id")),
+                    parse_account_id(f.raw("account_id")), parse_share_id(f.raw("share_id")),
+                    f.int("share_size", lo=0, hi=2**50), f.bytes("merkle_root", length=HASH_BYTES),
+                    f.int("expires_at"), f.str("grant_id", pattern=r"[0-9a-f]{32}"))
+        f.done()
+        return grant
+
+    def seal(self, mediator_key: SigningKey) -> Envelope:
+        return Envelope.seal(self.KIND, self.to_json(), mediator_key)
+
+    @classmethod
+    def open(cls, envelope: Envelope) -> UploadGrant:
+        grant = cls.from_json(envelope.body)
+        _check_signer(envelope, grant.mediator_id, "mediator")
+        return grant
+
+
+@dataclass(frozen=True)
+class StorageReceipt:
+    """A node's signed statement that a share is durably stored (issued only after fsync + rename)."""
+
+    KIND = "receipt"
+    node_id: NodeId
+    mediator_id: NodeId
+    account_id: AccountId
+    share_id: ShareId
+    share_size: int
+    merkle_root: bytes
+    grant_id: str
+    stored_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "mediator_id": self.mediator_id, "account_id": self.account_id,
+                "share_id": self.share_id, "share_size": self.share_size,
+                "merkle_root": b64encode(self.merkle_root), "grant_id": self.grant_id,
+                "stored_at": self.stored_at}
+
+    @classmethod
+    def from_json(cls, obj: object) -> StorageReceipt:
+        f = Fields(obj, "receipt")
+        receipt = cls(parse_node_id(f.raw("node_id")), parse_node_id(f.raw("mediator_id")),
+                      parse_account_id(f.raw("account_id")), parse_share_id(f.raw("share_id")),
+                      f.int("share_size", lo=0, hi=2**50), f.bytes("merkle_root", length=HASH_BYTES),
+                      f.str("grant_id", pattern=r"[0-9a-f]{32}"), f.int("stored_at"))
+        f.done()
+        return receipt
+
+    def seal(self, node_key: SigningKey) -> Envelope:
+        return Envelope.seal(self.KIND, self.to_json(), node_key)
+
+    @classmethod
+    def open(cls, envelope: Envelope) -> StorageReceipt:
+        receipt = cls.from_json(envelope.body)
+        _check_signer(envelope, receipt.node_id, "node")
+        return receipt
+
+    def matches(self, grant: UploadGrant) -> bool:
+        return (self.node_id, self.mediator_id, self.account_id, self.share_id, self.share_size,
+                self.merkle_root, self.grant_id) == (grant.node_id, grant.mediator_id, grant.account_id,
+                                                     grant.share_id, grant.share_size, grant.merkle_root,
+                                                     grant.grant_id)
+
+
+# --- node announcements -------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class NodeAnnouncement:
+    """What a storage node tells a mediator about itself (body of a request signed by the node's key).
+
+    ``price`` is the asking price in millisatoshi per GiB-hour; ``None`` means "float": take the mediator's bid.
+    """
+
+    node_id: NodeId
+    url: str
+    price: int | None
+    capacity_bytes: int
+    free_bytes: int
+    operator: str
+    payout_address: str | None
+
+    def to_json(self) -> dict[str, Any]:
+        return {"node_id": self.node_id, "url": self.url, "price": self.price,
+                "capacity_bytes": self.capacity_bytes, "free_bytes": self.free_bytes, "operator": self.operator,
+                "payout_address": self.payout_address}
+
+    @classmethod
+    def from_json(cls, obj: object) -> NodeAnnouncement:
+        f = Fields(obj, "announcement")
+        ann = cls(parse_node_id(f.raw("node_id")), _url(f, "url"),
+                  f.int("price", lo=0, hi=10**15, optional=True),
+                  f.int("capacity_bytes", hi=2**60), f.int("free_bytes", hi=2**60),
+                  f.str("operator", max_len=64, pattern=r"[A-Za-z0-9._@-]*"),
+                  f.str("payout_address", max_len=100, optional=True, pattern=r"[A-Za-z0-9]+"))
+        f.done()
+        if ann.free_bytes > ann.capacity_bytes:
+            raise RemoteProtocolError("announcement: free_bytes exceeds capacity_bytes")
+        return ann
+
+
+# --- placement and commit -----------------------------------------------------------------------------------
+
+
+def _layout_json(layout: ObjectLayout) -> dict[str, int]:
+    return {"padded_size": layout.padded_size, "segment_size": layout.segment_size, "k": layout.k,
+            "n": layout.n}
+
+
+def layout_from_json(obj: object) -> ObjectLayout:
+    f = Fields(obj, "layout")
+    layout = ObjectLayout(f.int("padded_size", hi=2**62), f.int("segment_size", hi=2**40), f.int("k", hi=256),
+                          f.int("n", hi=256))
+    f.done()
+    return layout
+
+
+def layout_to_json(layout: ObjectLayout) -> dict[str, int]:
+    return _layout_json(layout)
+
+
+@dataclass(frozen=True)
+class ShareSpec:
+    """One share as the client computed it: position, random id, exact size and Merkle root."""
+
+    index: int
+    share_id: ShareId
+    share_size: int
+    merkle_root: bytes
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "share_id": self.share_id, "share_size": self.share_size,
+                "merkle_root": b64encode(self.merkle_root)}
+
+    @classmethod
+    def from_json(cls, obj: object) -> ShareSpec:
+        f = Fields(obj, "share")
+        spec = cls(f.int("index", hi=255), parse_share_id(f.raw("share_id")), f.int("share_size", hi=2**50),
+                   f.bytes("merkle_root", length=HASH_BYTES))
+        f.done()
+        return spec
+
+
+@dataclass(frozen=True)
+class PlaceRequest:
+    """Client → mediator: find nodes for these shares of an object (all n, or the ones to re-place)."""
+
+    object_id: ObjectId
+    layout: ObjectLayout
+    shares: tuple[ShareSpec, ...]
+    exclude_nodes: tuple[NodeId, ...] = ()
+
+    def to_json(self) -> dict[str, Any]:
+        return {"object_id": self.object_id, "layout": _layout_json(self.layout),
+                "shares": [s.to_json() for s in self.shares], "exclude_nodes": list(self.exclude_nodes)}
+
+    @classmethod
+    def from_json(cls, obj: object) -> PlaceRequest:
+        f = Fields(obj, "place request")
+        req = cls(parse_object_id(f.raw("object_id")), layout_from_json(f.raw("layout")),
+                  tuple(ShareSpec.from_json(s) for s in f.list("shares", max_items=256)),
+                  _ids(f.list("exclude_nodes", max_items=1024), parse_node_id))
+        f.done()
+        _check_share_set(req.layout, req.shares, complete=False)
+        return req
+
+
+def _check_share_set(layout: ObjectLayout, shares: tuple[Any, ...], *, complete: bool) -> None:
+    if not shares:
+        raise RemoteProtocolError("no shares given")
+    indices = [s.index for s in shares]
+    if len(set(indices)) != len(indices) or any(i >= layout.n for i in indices):
+        raise RemoteProtocolError(f"share indices must be distinct and below n={layout.n}")
+    if len({s.share_id for s in shares}) != len(shares):
+        raise RemoteProtocolError("share ids must be distinct")
+    for s in shares:
+        if s.share_size != layout.share_size:
+            raise RemoteProtocolError(
+                f"share {s.index} claims {s.share_size} bytes; the layout gives {layout.share_size}")
+    if complete and len(shares) > layout.n:
+        raise RemoteProtocolError("more shares than n")
+
+
+@dataclass(frozen=True)
+class Placement:
+    """Mediator → client: where one share goes, with the grant that node will accept."""
+
+    index: int
+    node_id: NodeId
+    node_url: str
+    grant: Envelope
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "node_id": self.node_id, "node_url": self.node_url,
+                "grant": self.grant.to_json()}
+
+    @classmethod
+    def from_json(cls, obj: object) -> Placement:
+        f = Fields(obj, "placement")
+        p = cls(f.int("index", hi=255), parse_node_id(f.raw("node_id")), _url(f, "node_url"),
+                Envelope.from_json(f.raw("grant"), kind=UploadGrant.KIND))
+        f.done()
+        return p
+
+
+@dataclass(frozen=True)
+class CommittedShare:
+    index: int
+    share_id: ShareId
+    node_id: NodeId
+    share_size: int
+    merkle_root: bytes
+    receipt: Envelope
+
+    def to_json(self) -> dict[str, Any]:
+        return {"index": self.index, "share_id": self.share_id, "node_id": self.node_id,
+                "share_size": self.share_size, "merkle_root": b64encode(self.merkle_root),
+                "receipt": self.receipt.to_json()}
+
+    @classmethod
+    def from_json(cls, obj: object) -> CommittedShare:
+        f = Fields(obj, "committed share")
+        c = cls(f.int("index", hi=255), parse_share_id(f.raw("share_id")), parse_node_id(f.raw("node_id")),
+                f.int("share_size", hi=2**50), f.bytes("merkle_root", length=HASH_BYTES),
+                Envelope.from_json(f.raw("receipt"), kind=StorageReceipt.KIND))
+        f.done()
+        receipt = StorageReceipt.open(c.receipt)
+        if (receipt.share_id, receipt.node_id, receipt.share_size, receipt.merkle_root) != (
+                c.share_id, c.node_id, c.share_size, c.merkle_root):
+            raise RemoteProtocolError(f"receipt for share {c.index} does not match the share it is attached to")
+        return c
+
+
+@dataclass(frozen=True)
+class CommitRequest:
+    """Client → mediator: the object is stored; here are at least ``happy`` receipts."""
+
+    object_id: ObjectId
+    layout: ObjectLayout
+    shares: tuple[CommittedShare, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"object_id": self.object_id, "layout": _layout_json(self.layout),
+                "shares": [s.to_json() for s in self.shares]}
+
+    @classmethod
+    def from_json(cls, obj: object) -> CommitRequest:
+        f = Fields(obj, "commit request")
+        req = cls(parse_object_id(f.raw("object_id")), layout_from_json(f.raw("layout")),
+                  tuple(CommittedShare.from_json(s) for s in f.list("shares", max_items=256)))
+        f.done()
+        _check_share_set(req.layout, req.shares, complete=True)
+        if len({s.node_id for s in req.shares}) != len(req.shares):
+            raise RemoteProtocolError("two shares of one object on one node")
+        return req
+
+
+# --- manifest pointer ---------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ManifestPointer:
+    """An account's pointer to its latest encrypted tree snapshot, signed by the account key.
+
+    ``sealed`` is opaque to the mediator: the snapshot object's key and length, sealed under a key derived
+    from the master key. Versions only grow; the mediator stores a new one only if it is current + 1.
+    """
+
+    KIND = "pointer"
+    account_id: AccountId
+    version: int
+    object_id: ObjectId
+    sealed: bytes
+    created_at: int
+
+    def to_json(self) -> dict[str, Any]:
+        return {"account_id": self.account_id, "version": self.version, "object_id": self.object_id,
+                "sealed": b64encode(self.sealed), "created_at": self.created_at}
+
+    @classmethod
+    def from_json(cls, obj: object) -> ManifestPointer:
+        f = Fields(obj, "pointer")
+        p = cls(parse_account_id(f.raw("account_id")), f.int("version", lo=1), parse_object_id(f.raw("object_id")),
+                f.bytes("sealed", max_length=4096), f.int("created_at"))
+        f.done()
+        return p
+
+    def seal(self, account_key: SigningKey) -> Envelope:
+        return Envelope.seal(self.KIND, self.to_json(), account_key)
+
+    @classmethod
+    def open(cls, envelope: Envelope) -> ManifestPointer:
+        pointer = cls.from_json(envelope.body)
+        _check_signer(envelope, pointer.account_id, "account")
+        return pointer
+
+
+# --- challenges ---------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Challenge:
+    """Mediator → node (a signed request): prove these shares under this fresh nonce."""
+
+    mediator_id: NodeId
+    node_id: NodeId
+    round_id: int
+    nonce: bytes
+    leaves_per_share: int
+    share_ids: tuple[ShareId, ...]
+
+    def to_json(self) -> dict[str, Any]:
+        return {"mediator_id": self.mediator_id, "node_id": self.node_id, "round_id": self.round_id,
+                "nonce": b64encode(self.nonce), "leaves_per_share": self.leaves_per_share,
+                "share_ids": list(self.share_ids)}
+
+    @classmethod
+    def from_json(cls, obj: object) -> Challenge:
+        f = Fields(obj, "challenge")
+        c = cls(parse_node_id(f.raw("mediator_id")), parse_node_id(f.raw("node_id")), f.int("round_id"),
+                f.bytes("nonce", length=NONCE_BYTES), f.int("leaves_per_share", lo=1, hi=64),
+                _ids(f.list("share_ids", max_items=MAX_SHARES_PER_CHALLENGE), parse_share_id))
+        f.done()
+        return c
+
+
+_PROOF_MAGIC = b"FCPR\x01"
+_PROOF_TAG = b"fincrypt-proof-v1\x00"
+_HEAD = struct.Struct(">32s32sQ32sI")
+_SHARE_HEAD = struct.Struct(">32sBB")
+_LEAF_HEAD = struct.Struct(">QHB")
+
+
+@dataclass(frozen=True)
+class ProofResponse:
+    """Node → mediator: the answer to one challenge, in a compact binary form signed by the node.
+
+    Layout: ``"FCPR" 0x01 | node_id 32 | mediator_id 32 | round u64 | nonce 32 | share count u32`` then per
+    share ``share_id 32 | held u8 | leaf count u8`` and per leaf ``index u64 | length u16 | path length u8 |
+    data | path hashes``; then a 64-byte Ed25519 signature over ``"fincrypt-proof-v1" 0x00`` + all before.
+    A share the node does not hold is listed with held = 0 and no leaves.
+    """
+
+    node_id: NodeId
+    mediator_id: NodeId
+    round_id: int
+    nonce: bytes
+    proofs: tuple[ShareProof, ...]
+    missing: tuple[ShareId, ...]
+
+    def encode(self, node_key: SigningKey) -> bytes:
+        parts = [_PROOF_MAGIC, _HEAD.pack(bytes.fromhex(self.node_id), bytes.fromhex(self.mediator_id),
+                                          self.round_id, self.nonce, len(self.proofs) + len(self.missing))]
+        for proof in self.proofs:
+            parts.append(_SHARE_HEAD.pack(bytes.fromhex(proof.share_id), 1, len(proof.leaves)))
+            for leaf in proof.leaves:
+                parts.append(_LEAF_HEAD.pack(leaf.index, len(leaf.data), len(leaf.path)))
+                parts.append(leaf.data)
+                parts.extend(leaf.path)
+        for share_id in self.missing:
+            parts.append(_SHARE_HEAD.pack(bytes.fromhex(share_id), 0, 0))
+        unsigned = b"".join(parts)
+        return unsigned + node_key.sign(_PROOF_TAG + unsigned)
+
+    @classmethod
+    def decode(cls, data: bytes, node_key: PublicKey, *, max_bytes: int) -> ProofResponse:
+        """Parse and verify a proof response from the node holding ``node_key``."""
+        if len(data) > max_bytes:
+            raise TooLargeError(f"proof response of {len(data)} bytes exceeds {max_bytes}")
+        if len(data) < len(_PROOF_MAGIC) + _HEAD.size + SIGNATURE_BYTES or not data.startswith(_PROOF_MAGIC):
+            raise RemoteProtocolError("not a proof response (bad magic or too short)")
+        unsigned, signature = data[:-SIGNATURE_BYTES], data[-SIGNATURE_BYTES:]
+        node_key.verify(signature, _PROOF_TAG + unsigned)
+        view = memoryview(unsigned)
+        at = len(_PROOF_MAGIC)
+        node_raw, mediator_raw, round_id, nonce, count = _HEAD.unpack_from(view, at)
+        at += _HEAD.size
+        proofs: list[ShareProof] = []
+        missing: list[ShareId] = []
+        try:
+            for _ in range(count):
+                share_raw, held, leaf_total = _SHARE_HEAD.unpack_from(view, at)
+                at += _SHARE_HEAD.size
+                share_id = ShareId(share_raw.hex())
+                if held == 0:
+                    missing.append(share_id)
+                    continue
+                leaves = []
+                for _ in range(leaf_total):
+                    index, length, path_len = _LEAF_HEAD.unpack_from(view, at)
+                    at += _LEAF_HEAD.size
+                    if length > LEAF_SIZE:
+                        raise RemoteProtocolError("proof leaf longer than a leaf")
+                    leaf_data = bytes(view[at:at + length])
+                    at += length
+                    path = tuple(bytes(view[at + i * HASH_BYTES:at + (i + 1) * HASH_BYTES]) for i in range(path_len))
+                    at += path_len * HASH_BYTES
+                    if len(leaf_data) != length or at > len(view):
+                        raise RemoteProtocolError("proof response is truncated")
+                    leaves.append(LeafProof(index, leaf_data, path))
+                proofs.append(ShareProof(share_id, tuple(leaves)))
+        except struct.error as exc:
+            raise RemoteProtocolError("proof response is truncated") from exc
+        if at != len(view):
+            raise RemoteProtocolError("proof response has trailing bytes")
+        return cls(NodeId(node_raw.hex()), NodeId(mediator_raw.hex()), round_id, nonce, tuple(proofs),
+                   tuple(missing))

@@ -1,0 +1,300 @@
+"""Settings: one frozen object per role, parsed once from a ``.env`` file at the edge.
+
+Variables in the process environment override the file (so tests and ``devnet`` can set a few). A variable
+with a role's prefix that this module does not know is an error, not silently ignored: a typo such as
+``STORAGED_RESERV_BYTES`` would otherwise leave a node without the reserve its operator asked for.
+Every error names the variable and says what a valid value looks like.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass, fields
+from pathlib import Path
+from typing import Any, TypeVar
+
+from dotenv import dotenv_values
+
+from .erasure import ErasureParams
+from .errors import ConfigError, ErasureError
+from .layout import MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE
+
+T = TypeVar("T")
+_URL_RE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?")
+
+
+def read_env_file(path: Path | None, environ: Mapping[str, str] | None = None) -> dict[str, str]:
+    """The variables of ``path`` (if given and present) overlaid with ``environ`` (default: os.environ)."""
+    values: dict[str, str] = {}
+    if path is not None:
+        if not path.exists():
+            raise ConfigError(f"settings file {path} does not exist")
+        values.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+    env = os.environ if environ is None else environ
+    values.update({k: v for k, v in env.items() if k.startswith(("FINCRYPT_", "STORAGED_", "MEDIATORD_"))})
+    return values
+
+
+class _Reader:
+    """Reads one role's variables, remembering which were consumed so leftovers can be reported."""
+
+    def __init__(self, env: Mapping[str, str], prefix: str) -> None:
+        self.env = {k: v.strip() for k, v in env.items() if k.startswith(prefix)}
+        self.prefix = prefix
+        self.used: set[str] = set()
+
+    def raw(self, name: str) -> str | None:
+        key = self.prefix + name
+        self.used.add(key)
+        value = self.env.get(key)
+        return value if value else None
+
+    def get(self, name: str, default: T, parse: Callable[[str], T], what: str) -> T:
+        value = self.raw(name)
+        if value is None:
+            return default
+        try:
+            return parse(value)
+        except (ValueError, ConfigError) as exc:
+            raise ConfigError(f"{self.prefix}{name}={value!r} is invalid: expected {what}") from exc
+
+    def int(self, name: str, default: int, lo: int = 0, hi: int = 2**62) -> int:
+        def parse(text: str) -> int:
+            number = int(text.replace("_", ""))
+            if not lo <= number <= hi:
+                raise ValueError(text)
+            return number
+        return self.get(name, default, parse, f"an integer in {lo}..{hi}")
+
+    def seconds(self, name: str, default: float, lo: float = 0.001) -> float:
+        def parse(text: str) -> float:
+            number = float(text)
+            if not lo <= number < 10**9:
+                raise ValueError(text)
+            return number
+        return self.get(name, default, parse, f"a number of seconds >= {lo}")
+
+    def path(self, name: str, default: Path) -> Path:
+        return self.get(name, default, lambda t: Path(t).expanduser(), "a path")
+
+    def url(self, name: str, default: str | None) -> str | None:
+        return self.get(name, default, _parse_url, "an http:// or https:// URL")
+
+    def urls(self, name: str) -> tuple[str, ...]:
+        return self.get(name, (), lambda t: tuple(_parse_url(u) for u in t.split(",") if u.strip()),
+                        "comma-separated http(s) URLs")
+
+    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
+        def parse(text: str) -> str:
+            if text not in options:
+                raise ValueError(text)
+            return text
+        return self.get(name, default, parse, "one of " + ", ".join(options))
+
+    def text(self, name: str, default: str, pattern: str = r"[A-Za-z0-9._@:-]*") -> str:
+        def parse(text: str) -> str:
+            if re.fullmatch(pattern, text) is None:
+                raise ValueError(text)
+            return text
+        return self.get(name, default, parse, f"text matching {pattern}")
+
+    def listen(self, name: str, default: tuple[str, int]) -> tuple[str, int]:
+        def parse(text: str) -> tuple[str, int]:
+            host, _, port = text.rpartition(":")
+            if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+                raise ValueError(text)
+            return host.strip("[]"), int(port)
+        return self.get(name, default, parse, "HOST:PORT (port 0 picks a free one)")
+
+    def finish(self) -> None:
+        unknown = sorted(set(self.env) - self.used)
+        if unknown:
+            raise ConfigError(f"unknown setting {unknown[0]} (known {self.prefix}* settings are documented in "
+                              ".env.example)")
+
+
+def _parse_url(text: str) -> str:
+    text = text.strip()
+    if _URL_RE.fullmatch(text) is None:
+        raise ValueError(text)
+    return text.rstrip("/")
+
+
+def _bytes_size(text: str) -> int:
+    """Bytes with an optional binary suffix: 500G, 10GiB, 1048576."""
+    match = re.fullmatch(r"(\d+)\s*([KMGTP]?)(?:i?B)?", text.strip(), re.IGNORECASE)
+    if match is None:
+        raise ValueError(text)
+    return int(match.group(1)) * 1024 ** " KMGTP".index(match.group(2).upper() or " ")
+
+
+def _check_happy(k: int, n: int, happy: int) -> None:
+    if not k <= happy <= n:
+        raise ConfigError(f"FINCRYPT_HAPPY={happy} must lie between FINCRYPT_K={k} and FINCRYPT_N={n}")
+
+
+def _summary(settings: Any) -> dict[str, str]:
+    return {f.name: str(getattr(settings, f.name)) for f in fields(settings)}
+
+
+# --- client -------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ClientSettings:
+    mediator_url: str | None
+    data_dir: Path
+    key_file: Path
+    cache_dir: Path
+    cache_limit_bytes: int
+    k: int
+    n: int
+    happy: int
+    segment_size: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, home: Path) -> ClientSettings:
+        r = _Reader(env, "FINCRYPT_")
+        data_dir = r.path("DATA_DIR", home / ".local/share/fincrypt")
+        k, n = r.int("K", 3, 1, 255), r.int("N", 6, 2, 256)
+        try:
+            ErasureParams(k, n)
+        except ErasureError as exc:
+            raise ConfigError(f"FINCRYPT_K={k}, FINCRYPT_N={n}: {exc}") from exc
+        settings = cls(
+            mediator_url=r.url("MEDIATOR_URL", None),
+            data_dir=data_dir,
+            key_file=r.path("KEY_FILE", data_dir / "master.key"),
+            cache_dir=r.path("CACHE_DIR", data_dir / "cache"),
+            cache_limit_bytes=r.get("CACHE_LIMIT_BYTES", 2**30, _bytes_size, "a size in bytes (e.g. 10G)"),
+            k=k, n=n, happy=r.int("HAPPY", n - 1, 1, 256),
+            segment_size=r.int("SEGMENT_SIZE", 2**20, MIN_SEGMENT_SIZE, MAX_SEGMENT_SIZE),
+        )
+        _check_happy(settings.k, settings.n, settings.happy)
+        r.finish()
+        return settings
+
+
+# --- storage node -------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ShareDir:
+    path: Path
+    capacity_bytes: int
+
+
+def _share_dirs(text: str) -> tuple[ShareDir, ...]:
+    dirs = []
+    for item in text.split(","):
+        if not item.strip():
+            continue
+        path, sep, capacity = item.strip().rpartition(":")
+        if not sep or not path:
+            raise ValueError(item)
+        dirs.append(ShareDir(Path(path).expanduser(), _bytes_size(capacity)))
+    if not dirs or len({d.path for d in dirs}) != len(dirs):
+        raise ValueError(text)
+    return tuple(dirs)
+
+
+def _price(text: str) -> int | None:
+    if text == "float":
+        return None
+    value = int(text)
+    if not 0 <= value <= 10**15:
+        raise ValueError(text)
+    return value
+
+
+@dataclass(frozen=True)
+class StorageSettings:
+    listen: tuple[str, int]
+    public_url: str | None
+    data_dir: Path
+    share_dirs: tuple[ShareDir, ...]
+    reserve_bytes: int
+    price: int | None
+    mediators: tuple[str, ...]
+    payout_address: str | None
+    operator: str
+    announce_interval: float
+    scrub_interval: float
+    max_concurrent_uploads: int
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, home: Path) -> StorageSettings:
+        r = _Reader(env, "STORAGED_")
+        data_dir = r.path("DATA_DIR", home / ".local/share/fincrypt-storaged")
+        settings = cls(
+            listen=r.listen("LISTEN", ("127.0.0.1", 8701)),
+            public_url=r.url("PUBLIC_URL", None),
+            data_dir=data_dir,
+            share_dirs=r.get("SHARE_DIRS", (ShareDir(data_dir / "shares", 100 * 2**30),), _share_dirs,
+                             "comma-separated PATH:CAPACITY entries, e.g. /srv/a:500G,/srv/b:250G"),
+            reserve_bytes=r.get("RESERVE_BYTES", 2**30, _bytes_size, "a size in bytes (e.g. 1G)"),
+            price=r.get("PRICE", None, _price, "an integer (millisatoshi per GiB-hour) or 'float'"),
+            mediators=r.urls("MEDIATORS"),
+            payout_address=r.get("PAYOUT_ADDRESS", None, _address, "a Bitcoin address"),
+            operator=r.text("OPERATOR", ""),
+            announce_interval=r.seconds("ANNOUNCE_INTERVAL", 300.0, 0.1),
+            scrub_interval=r.seconds("SCRUB_INTERVAL", 86400.0, 0.1),
+            max_concurrent_uploads=r.int("MAX_CONCURRENT_UPLOADS", 64, 1, 10_000),
+        )
+        r.finish()
+        return settings
+
+
+def _address(text: str) -> str:
+    if re.fullmatch(r"[A-Za-z0-9]{14,90}", text) is None:
+        raise ValueError(text)
+    return text
+
+
+# --- mediator -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class MediatorSettings:
+    listen: tuple[str, int]
+    public_url: str | None
+    data_dir: Path
+    audit_period: float
+    audit_leaves_per_share: int
+    audit_retries: int
+    node_offline_after: float
+    min_expansion: float
+    pricing: str
+    accept_clients: str
+    accept_nodes: str
+    bitcoin_network: str
+
+    @classmethod
+    def from_env(cls, env: Mapping[str, str], *, home: Path) -> MediatorSettings:
+        r = _Reader(env, "MEDIATORD_")
+        settings = cls(
+            listen=r.listen("LISTEN", ("127.0.0.1", 8700)),
+            public_url=r.url("PUBLIC_URL", None),
+            data_dir=r.path("DATA_DIR", home / ".local/share/fincrypt-mediatord"),
+            audit_period=r.seconds("AUDIT_PERIOD", 3600.0, 0.5),
+            audit_leaves_per_share=r.int("AUDIT_LEAVES_PER_SHARE", 1, 1, 64),
+            audit_retries=r.int("AUDIT_RETRIES", 3, 0, 10),
+            node_offline_after=r.seconds("NODE_OFFLINE_AFTER", 3 * 3600.0, 1.0),
+            min_expansion=r.get("MIN_EXPANSION", 2.0, _min_expansion, "a number >= 2"),
+            pricing=r.text("PRICING", "lowest_ask", r"[a-z_]+"),
+            accept_clients=r.text("ACCEPT_CLIENTS", "open", r"[a-z_]+(:[A-Za-z0-9._,/-]*)?"),
+            accept_nodes=r.text("ACCEPT_NODES", "open", r"[a-z_]+(:[A-Za-z0-9._,/-]*)?"),
+            bitcoin_network=r.choice("BITCOIN_NETWORK", "bitcoinlib_test", ("bitcoinlib_test", "testnet",
+                                                                             "bitcoin")),
+        )
+        r.finish()
+        return settings
+
+
+def _min_expansion(text: str) -> float:
+    value = float(text)
+    if not 2.0 <= value <= 256:
+        raise ValueError(text)
+    return value

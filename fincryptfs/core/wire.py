@@ -1,0 +1,365 @@
+"""The wire: canonical JSON, signed envelopes, signed HTTP requests and replay protection.
+
+* **Canonical JSON**: UTF-8, keys sorted, no whitespace, ASCII only, integers only (no floats: amounts are
+  integer units), binary fields as unpadded base64url. Two parties that agree on a value agree on its bytes,
+  so a signature over them means one thing.
+* **Envelopes** carry a message another party will pass on (an upload grant goes mediator → client → node; a
+  receipt node → client → mediator): ``{"v": 1, "kind", "signer", "body", "sig"}``. The signature covers
+  ``"fincrypt-envelope-v1" 0x00 kind 0x00 canonical(body)``: a grant can never be replayed as a receipt.
+* **Signed requests** authenticate direct calls: headers carry the signer's public key, a timestamp and a random
+  nonce; the signature covers method, target, timestamp, nonce and SHA-256 of the body. Receivers accept a
+  timestamp within ``MAX_CLOCK_SKEW`` seconds and remember nonces for that long (``ReplayGuard``).
+
+Every decoder is strict and size-limited and raises RemoteProtocolError (status hint 400, 401 or 413).
+"""
+
+from __future__ import annotations
+
+import base64
+import binascii
+import hashlib
+import json
+import os
+import re
+from collections import OrderedDict
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any
+
+from .errors import AuthError, RemoteProtocolError, ReplayError, TooLargeError
+from .identity import PublicKey, SigningKey
+
+WIRE_VERSION = 1
+MAX_MESSAGE_BYTES = 1 << 20  # control messages; bulk data never travels as JSON
+MAX_CLOCK_SKEW = 300
+REQUEST_NONCE_HEX = 32
+_ENVELOPE_TAG = b"fincrypt-envelope-v1\x00"
+_REQUEST_TAG = b"fincrypt-request-v1\n"
+_KIND_RE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
+_NONCE_RE = re.compile(r"[0-9a-f]{32}")
+
+HEADER_KEY = "fincrypt-key"
+HEADER_TIME = "fincrypt-time"
+HEADER_NONCE = "fincrypt-nonce"
+HEADER_SIGNATURE = "fincrypt-signature"
+
+JSON = Any
+
+
+# --- binary fields ------------------------------------------------------------------------------------------
+
+
+def b64encode(data: bytes) -> str:
+    return base64.urlsafe_b64encode(data).decode("ascii").rstrip("=")
+
+
+def b64decode(text: object, *, field: str = "field", length: int | None = None, max_length: int | None = None
+              ) -> bytes:
+    """Strict unpadded base64url; the error names ``field``."""
+    if not isinstance(text, str) or not re.fullmatch(r"[A-Za-z0-9_-]*", text) or len(text) % 4 == 1:
+        raise RemoteProtocolError(f"{field} must be unpadded base64url")
+    if max_length is not None and len(text) > (max_length * 4 + 2) // 3:
+        raise TooLargeError(f"{field} is longer than {max_length} bytes")
+    try:
+        raw = base64.urlsafe_b64decode(text + "=" * (-len(text) % 4))
+    except (binascii.Error, ValueError) as exc:
+        raise RemoteProtocolError(f"{field} must be unpadded base64url") from exc
+    if b64encode(raw) != text:
+        raise RemoteProtocolError(f"{field} is not canonical base64url")
+    if length is not None and len(raw) != length:
+        raise RemoteProtocolError(f"{field} must be {length} bytes, got {len(raw)}")
+    return raw
+
+
+def hex_bytes(text: object, *, field: str, length: int) -> bytes:
+    """Strict lowercase hex of exactly ``length`` bytes."""
+    if not isinstance(text, str) or len(text) != 2 * length or not re.fullmatch(r"[0-9a-f]*", text):
+        raise RemoteProtocolError(f"{field} must be {2 * length} lowercase hex characters")
+    return bytes.fromhex(text)
+
+
+# --- canonical JSON -----------------------------------------------------------------------------------------
+
+
+def _check_json_value(value: JSON, depth: int = 0) -> None:
+    if depth > 32:
+        raise RemoteProtocolError("message nested too deeply")
+    if value is None or isinstance(value, bool | str):
+        return
+    if isinstance(value, int):
+        if not -(2**63) <= value < 2**63:
+            raise RemoteProtocolError("integer out of the 64-bit range")
+        return
+    if isinstance(value, list):
+        for item in value:
+            _check_json_value(item, depth + 1)
+        return
+    if isinstance(value, dict):
+        for key, item in value.items():
+            if not isinstance(key, str):
+                raise RemoteProtocolError("object keys must be strings")
+            _check_json_value(item, depth + 1)
+        return
+    raise RemoteProtocolError(f"values of type {type(value).__name__} are not allowed on the wire (no floats)")
+
+
+def canonical_json(value: JSON) -> bytes:
+    _check_json_value(value)
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), ensure_ascii=True,
+                      allow_nan=False).encode("ascii")
+
+
+def _no_floats(text: str) -> int:
+    raise RemoteProtocolError("numbers must be integers (no floats, no exponents)")
+
+
+def _no_constants(text: str) -> None:
+    raise RemoteProtocolError(f"{text} is not valid JSON")
+
+
+def _unique_keys(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    result: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in result:
+            raise RemoteProtocolError(f"duplicate key {key!r} in message")
+        result[key] = value
+    return result
+
+
+def decode_json(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> JSON:
+    """Parse a JSON message strictly: size limit, UTF-8, no floats, no duplicate keys, bounded depth."""
+    if len(data) > max_bytes:
+        raise TooLargeError(f"message of {len(data)} bytes exceeds the limit of {max_bytes}")
+    try:
+        value = json.loads(data.decode("utf-8"), parse_float=_no_floats, parse_constant=_no_constants,
+                           object_pairs_hook=_unique_keys)
+    except UnicodeDecodeError as exc:
+        raise RemoteProtocolError("message is not UTF-8") from exc
+    except RecursionError as exc:
+        raise RemoteProtocolError("message nested too deeply") from exc
+    except json.JSONDecodeError as exc:
+        raise RemoteProtocolError(f"message is not valid JSON: {exc.msg} at {exc.pos}") from exc
+    _check_json_value(value)
+    return value
+
+
+def decode_object(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[str, JSON]:
+    value = decode_json(data, max_bytes=max_bytes)
+    if not isinstance(value, dict):
+        raise RemoteProtocolError("message must be a JSON object")
+    return value
+
+
+# --- field access for strict decoders -----------------------------------------------------------------------
+
+
+class Fields:
+    """Typed, strict access to a JSON object's fields; ``done()`` refuses fields nobody asked for."""
+
+    def __init__(self, obj: object, what: str) -> None:
+        if not isinstance(obj, dict):
+            raise RemoteProtocolError(f"{what} must be a JSON object")
+        self._obj: dict[str, Any] = obj
+        self._what = what
+        self._seen: set[str] = set()
+
+    def _get(self, name: str, optional: bool) -> Any:
+        self._seen.add(name)
+        if name not in self._obj:
+            if optional:
+                return None
+            raise RemoteProtocolError(f"{self._what} lacks the field {name!r}")
+        return self._obj[name]
+
+    def int(self, name: str, *, lo: int = 0, hi: int = 2**63 - 1, optional: bool = False) -> Any:
+        value = self._get(name, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, int) or isinstance(value, bool) or not lo <= value <= hi:
+            raise RemoteProtocolError(f"{self._what}.{name} must be an integer in {lo}..{hi}")
+        return value
+
+    def str(self, name: str, *, max_len: int = 1024, optional: bool = False, pattern: str | None = None
+            ) -> Any:
+        value = self._get(name, optional)
+        if value is None and optional:
+            return None
+        if not isinstance(value, str) or len(value) > max_len:
+            raise RemoteProtocolError(f"{self._what}.{name} must be a string of at most {max_len} characters")
+        if pattern is not None and re.fullmatch(pattern, value) is None:
+            raise RemoteProtocolError(f"{self._what}.{name} has an invalid format")
+        return value
+
+    def bool(self, name: str) -> bool:
+        value = self._get(name, False)
+        if not isinstance(value, bool):
+            raise RemoteProtocolError(f"{self._what}.{name} must be true or false")
+        return value
+
+    def bytes(self, name: str, *, length: int | None = None, max_length: int = MAX_MESSAGE_BYTES) -> bytes:
+        return b64decode(self._get(name, False), field=f"{self._what}.{name}", length=length,
+                         max_length=max_length)
+
+    def hex(self, name: str, *, length: int) -> bytes:
+        return hex_bytes(self._get(name, False), field=f"{self._what}.{name}", length=length)
+
+    def list(self, name: str, *, max_items: int) -> list[Any]:
+        value = self._get(name, False)
+        if not isinstance(value, list):
+            raise RemoteProtocolError(f"{self._what}.{name} must be a list")
+        if len(value) > max_items:
+            raise TooLargeError(f"{self._what}.{name} has {len(value)} items; at most {max_items} allowed")
+        return value
+
+    def raw(self, name: str, *, optional: bool = False) -> Any:
+        return self._get(name, optional)
+
+    def done(self) -> None:
+        extra = sorted(set(self._obj) - self._seen)
+        if extra:
+            raise RemoteProtocolError(f"{self._what} has unknown fields: {', '.join(extra[:5])}")
+
+
+# --- envelopes ----------------------------------------------------------------------------------------------
+
+
+def _envelope_bytes(kind: str, body: Mapping[str, JSON]) -> bytes:
+    return _ENVELOPE_TAG + kind.encode("ascii") + b"\x00" + canonical_json(dict(body))
+
+
+@dataclass(frozen=True)
+class Envelope:
+    """A signed message that a third party may carry on. ``signer`` is the signer's public key."""
+
+    kind: str
+    signer: PublicKey
+    body: dict[str, JSON]
+    signature: bytes
+
+    @classmethod
+    def seal(cls, kind: str, body: Mapping[str, JSON], key: SigningKey) -> Envelope:
+        if _KIND_RE.fullmatch(kind) is None:
+            raise ValueError(f"bad envelope kind {kind!r}")
+        return cls(kind, key.public, dict(body), key.sign(_envelope_bytes(kind, body)))
+
+    def to_json(self) -> dict[str, JSON]:
+        return {"v": WIRE_VERSION, "kind": self.kind, "signer": self.signer.to_text(), "body": self.body,
+                "sig": b64encode(self.signature)}
+
+    def to_bytes(self) -> bytes:
+        return canonical_json(self.to_json())
+
+    @classmethod
+    def from_json(cls, obj: object, *, kind: str) -> Envelope:
+        """Parse and verify an envelope that must be of ``kind``; raises AuthError on a bad signature."""
+        f = Fields(obj, f"{kind} envelope")
+        version = f.int("v", lo=0, hi=2**16)
+        if version != WIRE_VERSION:
+            raise RemoteProtocolError(f"unsupported wire version {version}; this node speaks {WIRE_VERSION}")
+        got_kind = f.str("kind", max_len=32)
+        if got_kind != kind:
+            raise RemoteProtocolError(f"expected a {kind} envelope, got {got_kind!r}")
+        signer = PublicKey.from_text(f.raw("signer"))
+        body = f.raw("body")
+        if not isinstance(body, dict):
+            raise RemoteProtocolError(f"{kind} envelope body must be a JSON object")
+        signature = f.bytes("sig", length=64)
+        f.done()
+        signer.verify(signature, _envelope_bytes(kind, body))
+        return cls(kind, signer, body, signature)
+
+    @classmethod
+    def from_bytes(cls, data: bytes, *, kind: str, max_bytes: int = MAX_MESSAGE_BYTES) -> Envelope:
+        return cls.from_json(decode_json(data, max_bytes=max_bytes), kind=kind)
+
+    def to_header(self) -> str:
+        """The envelope as one HTTP header value (base64url of its canonical bytes)."""
+        return b64encode(self.to_bytes())
+
+    @classmethod
+    def from_header(cls, value: str, *, kind: str) -> Envelope:
+        return cls.from_bytes(b64decode(value, field=f"{kind} header", max_length=16384), kind=kind)
+
+
+# --- signed requests ----------------------------------------------------------------------------------------
+
+
+def request_signing_bytes(method: str, target: str, timestamp: int, nonce: str, body: bytes) -> bytes:
+    return (_REQUEST_TAG + f"{method.upper()}\n{target}\n{timestamp}\n{nonce}\n".encode()
+            + hashlib.sha256(body).hexdigest().encode())
+
+
+def sign_request(key: SigningKey, method: str, target: str, body: bytes, now: float) -> dict[str, str]:
+    """Headers that authenticate one request (``target`` = path plus query string, as sent)."""
+    timestamp = int(now)
+    nonce = os.urandom(16).hex()
+    signature = key.sign(request_signing_bytes(method, target, timestamp, nonce, body))
+    return {HEADER_KEY: key.public.to_text(), HEADER_TIME: str(timestamp), HEADER_NONCE: nonce,
+            HEADER_SIGNATURE: b64encode(signature)}
+
+
+@dataclass(frozen=True)
+class SignedRequest:
+    signer: PublicKey
+    timestamp: int
+    nonce: str
+
+    @property
+    def signer_id(self) -> str:
+        return self.signer.id
+
+
+def verify_request(headers: Mapping[str, str], method: str, target: str, body: bytes, now: float
+                   ) -> SignedRequest:
+    """Check a request's signature and freshness (not its nonce's novelty: see ReplayGuard)."""
+    lowered = {k.lower(): v for k, v in headers.items()}
+    missing = [h for h in (HEADER_KEY, HEADER_TIME, HEADER_NONCE, HEADER_SIGNATURE) if h not in lowered]
+    if missing:
+        raise AuthError(f"request is not signed: missing header {missing[0]}")
+    signer = PublicKey.from_text(lowered[HEADER_KEY])
+    time_text, nonce = lowered[HEADER_TIME], lowered[HEADER_NONCE]
+    if not re.fullmatch(r"[0-9]{1,12}", time_text):
+        raise AuthError(f"{HEADER_TIME} must be a Unix time in whole seconds")
+    if _NONCE_RE.fullmatch(nonce) is None:
+        raise AuthError(f"{HEADER_NONCE} must be 32 lowercase hex characters")
+    timestamp = int(time_text)
+    if abs(timestamp - now) > MAX_CLOCK_SKEW:
+        raise AuthError(f"request time is {int(timestamp - now)} s off this node's clock (limit "
+                        f"{MAX_CLOCK_SKEW} s): check the sender's clock")
+    signature = b64decode(lowered[HEADER_SIGNATURE], field=HEADER_SIGNATURE, length=64)
+    signer.verify(signature, request_signing_bytes(method, target, timestamp, nonce, body))
+    return SignedRequest(signer, timestamp, nonce)
+
+
+class ReplayGuard:
+    """Remembers (signer, nonce) pairs until their timestamp leaves the skew window; bounded in memory.
+
+    A request whose nonce was seen is refused. When full, the guard refuses new requests rather than forgetting
+    nonces that could still be replayed (fail closed); at 200,000 entries this only happens under a flood.
+    """
+
+    def __init__(self, capacity: int = 200_000, window: int = MAX_CLOCK_SKEW) -> None:
+        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+        self._capacity = capacity
+        self._window = window
+
+    def __len__(self) -> int:
+        return len(self._seen)
+
+    def check(self, request: SignedRequest, now: float) -> None:
+        """Record ``request``'s nonce, raising ReplayError if it was used before."""
+        self._expire(now)
+        key = (request.signer_id, request.nonce)
+        if key in self._seen:
+            raise ReplayError("this request was already received (replayed nonce)")
+        if len(self._seen) >= self._capacity:
+            raise ReplayError("too many recent requests to check for replays; retry shortly", status=429)
+        self._seen[key] = request.timestamp + self._window
+
+    def _expire(self, now: float) -> None:
+        # entries are near insertion order by expiry; stop at the first live one
+        while self._seen:
+            key, expiry = next(iter(self._seen.items()))
+            if expiry >= now:
+                break
+            self._seen.popitem(last=False)
