@@ -1,0 +1,233 @@
+"""The HTTP edge both daemons share: a small ASGI router, strict request reading, and error translation.
+
+Why not a web framework: the daemons expose a dozen routes, must stream share bodies with a hard size limit,
+must route on the *raw* (still percent-encoded) path so that ``..%2f`` can never become a path separator, and
+must translate our exception tree to status codes in exactly one place. A hundred lines do that with no
+dependency beyond hypercorn (the ASGI server with a native trio worker).
+
+Errors: :class:`~fincryptfs.core.errors.ProtocolError` and ``PolicyError`` become their status with
+``{"error": message}``; anything else is a bug, logged with its traceback and answered 500 without details.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import re
+import time
+from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Any
+
+import trio
+from hypercorn.config import Config
+from hypercorn.trio import serve
+
+from .core.errors import PolicyError, ProtocolError, RemoteProtocolError, TooLargeError
+from .core.wire import ReplayGuard, SignedRequest, canonical_json, decode_object, verify_request
+
+log = logging.getLogger(__name__)
+
+MAX_HEADER_BYTES = 32 * 1024
+Handler = Callable[["Request"], Awaitable["Response"]]
+
+
+@dataclass
+class Response:
+    status: int = 200
+    body: bytes = b""
+    headers: dict[str, str] = field(default_factory=dict)
+    stream: AsyncIterator[bytes] | None = None
+
+
+def json_response(value: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
+    return Response(status, canonical_json(value), {"content-type": "application/json", **(headers or {})})
+
+
+def error_response(status: int, message: str) -> Response:
+    return json_response({"error": message}, status)
+
+
+class Request:
+    """One HTTP request. The body is read at most once, through a size-limited method."""
+
+    def __init__(self, scope: Mapping[str, Any], receive: Callable[[], Awaitable[dict[str, Any]]],
+                 params: dict[str, str]) -> None:
+        self.method: str = scope["method"]
+        self.raw_path: str = scope.get("raw_path", scope["path"].encode()).decode("latin-1")
+        self.query_string: str = scope.get("query_string", b"").decode("latin-1")
+        self.target = self.raw_path + ("?" + self.query_string if self.query_string else "")
+        self.params = params
+        self.client: tuple[str, int] | None = scope.get("client")
+        headers: dict[str, str] = {}
+        total = 0
+        for raw_name, raw_value in scope.get("headers", []):
+            name = raw_name.decode("latin-1").lower()
+            total += len(raw_name) + len(raw_value)
+            if name in headers and name.startswith("fincrypt-"):
+                raise RemoteProtocolError(f"header {name} given twice")
+            headers[name] = raw_value.decode("latin-1")
+        if total > MAX_HEADER_BYTES:
+            raise RemoteProtocolError("request headers too large", status=431)
+        self.headers = headers
+        self._receive = receive
+        self._consumed = False
+
+    def query(self) -> dict[str, str]:
+        result: dict[str, str] = {}
+        for part in filter(None, self.query_string.split("&")):
+            name, _, value = part.partition("=")
+            if name in result:
+                raise RemoteProtocolError(f"query parameter {name} given twice")
+            result[name] = value
+        return result
+
+    def content_length(self) -> int | None:
+        value = self.headers.get("content-length")
+        if value is None:
+            return None
+        if not value.isdigit() or len(value) > 18:
+            raise RemoteProtocolError("content-length must be a non-negative integer")
+        return int(value)
+
+    async def stream(self, limit: int) -> AsyncIterator[bytes]:
+        """The body in chunks; TooLargeError (413) as soon as more than ``limit`` bytes are announced or sent."""
+        if self._consumed:
+            raise RuntimeError("request body already read")
+        self._consumed = True
+        length = self.content_length()
+        if length is not None and length > limit:
+            raise TooLargeError(f"body of {length} bytes exceeds the limit of {limit}")
+        received = 0
+        while True:
+            message = await self._receive()
+            if message["type"] == "http.disconnect":
+                raise RemoteProtocolError("client disconnected before sending the whole body")
+            chunk = message.get("body", b"")
+            received += len(chunk)
+            if received > limit:
+                raise TooLargeError(f"body exceeds the limit of {limit} bytes")
+            if chunk:
+                yield chunk
+            if not message.get("more_body", False):
+                break
+        if length is not None and received != length:
+            raise RemoteProtocolError(f"body has {received} bytes but content-length said {length}")
+
+    async def body(self, limit: int) -> bytes:
+        return b"".join([chunk async for chunk in self.stream(limit)])
+
+    async def json(self, limit: int = 1 << 20) -> dict[str, Any]:
+        return decode_object(await self.body(limit), max_bytes=limit)
+
+    def verify_signature(self, body: bytes, guard: ReplayGuard, now: float | None = None) -> SignedRequest:
+        """Authenticate this request's signer and refuse replays (AuthError 401)."""
+        now = time.time() if now is None else now
+        signed = verify_request(self.headers, self.method, self.target, body, now)
+        guard.check(signed, now)
+        return signed
+
+
+@dataclass(frozen=True)
+class _Route:
+    method: str
+    regex: re.Pattern[str]
+    handler: Handler
+    name: str
+
+
+class Router:
+    """Routes on the raw path: ``{name}`` matches one segment of ``[A-Za-z0-9._~-]`` (no ``%``, no ``/``)."""
+
+    def __init__(self) -> None:
+        self._routes: list[_Route] = []
+
+    def add(self, method: str, pattern: str, handler: Handler) -> None:
+        regex = re.sub(r"\{(\w+)\}", r"(?P<\1>[^/]*)", pattern)
+        self._routes.append(_Route(method, re.compile(regex), handler, pattern))
+
+    def match(self, method: str, raw_path: str) -> tuple[_Route, dict[str, str]]:
+        allowed = []
+        for route in self._routes:
+            found = route.regex.fullmatch(raw_path)
+            if found:
+                if route.method == method:
+                    return route, found.groupdict()
+                allowed.append(route.method)
+        if allowed:
+            raise RemoteProtocolError(f"method {method} not allowed here (allowed: {', '.join(allowed)})",
+                                      status=405)
+        raise RemoteProtocolError(f"no such endpoint: {raw_path[:100]}", status=404)
+
+
+class App:
+    """An ASGI application over a Router; ``on_response`` lets a daemon count requests for its metrics."""
+
+    def __init__(self, router: Router, on_response: Callable[[str, int], None] | None = None) -> None:
+        self.router = router
+        self.on_response = on_response
+
+    async def __call__(self, scope: dict[str, Any], receive: Any, send: Any) -> None:
+        if scope["type"] == "lifespan":
+            while True:
+                message = await receive()
+                if message["type"] == "lifespan.startup":
+                    await send({"type": "lifespan.startup.complete"})
+                elif message["type"] == "lifespan.shutdown":
+                    await send({"type": "lifespan.shutdown.complete"})
+                    return
+        if scope["type"] != "http":
+            return
+        route_name = "unmatched"
+        try:
+            route, params = self.router.match(scope["method"], scope.get("raw_path", b"").decode("latin-1")
+                                              or scope["path"])
+            route_name = route.name
+            response = await route.handler(Request(scope, receive, params))
+        except (ProtocolError, PolicyError) as exc:
+            response = error_response(exc.status, str(exc))
+        except trio.Cancelled:
+            raise
+        except Exception:
+            log.exception("internal error in %s %s", scope["method"], scope.get("path"))
+            response = error_response(500, "internal error (logged on the server)")
+        if self.on_response is not None:
+            self.on_response(route_name, response.status)
+        await _send_response(send, response)
+
+
+async def _send_response(send: Any, response: Response) -> None:
+    headers = [(k.encode("latin-1"), v.encode("latin-1")) for k, v in response.headers.items()]
+    if response.stream is None:
+        headers.append((b"content-length", str(len(response.body)).encode()))
+    await send({"type": "http.response.start", "status": response.status, "headers": headers})
+    if response.stream is None:
+        await send({"type": "http.response.body", "body": response.body})
+        return
+    async for chunk in response.stream:
+        await send({"type": "http.response.body", "body": chunk, "more_body": True})
+    await send({"type": "http.response.body", "body": b""})
+
+
+async def serve_app(app: App, host: str, port: int, *,
+                    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve ``app`` with hypercorn's trio worker until cancelled; reports the bound base URL (port 0 works)."""
+    config = Config()
+    config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
+    config.accesslog = None
+    config.errorlog = logging.getLogger("hypercorn.error")
+    config.h11_max_incomplete_size = MAX_HEADER_BYTES
+    config.keep_alive_timeout = 30
+    config.graceful_timeout = 2
+
+    async def relay(*, task_status: trio.TaskStatus[list[str]] = trio.TASK_STATUS_IGNORED) -> None:
+        await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
+
+    async with trio.open_nursery() as nursery:
+        binds = await nursery.start(relay)
+        task_status.started(binds[0])
+
+
+def dumps(value: Any) -> str:
+    """Human-readable JSON for CLIs and logs (never for signing: use canonical_json)."""
+    return json.dumps(value, indent=2, sort_keys=True)

@@ -1,0 +1,83 @@
+"""The HTTP client edge: signed calls to mediators and storage nodes, errors translated once.
+
+httpx exceptions never leave this module: a peer that cannot be reached or answers with an error becomes a
+:class:`PeerError` whose message names the peer and, where it sent one, its own explanation.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import httpx
+
+from .core.errors import FincryptError
+from .core.identity import SigningKey
+from .core.wire import canonical_json, decode_object, sign_request
+
+DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
+
+
+class PeerError(FincryptError):
+    """A peer was unreachable or refused a request. ``status`` is None when it could not be reached."""
+
+    def __init__(self, message: str, status: int | None = None) -> None:
+        super().__init__(message)
+        self.status = status
+
+    @property
+    def unreachable(self) -> bool:
+        return self.status is None
+
+
+def new_client(timeout: httpx.Timeout = DEFAULT_TIMEOUT, max_connections: int = 64) -> httpx.AsyncClient:
+    limits = httpx.Limits(max_connections=max_connections, max_keepalive_connections=max_connections)
+    return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False)
+
+
+def signed_headers(key: SigningKey, method: str, url: str, body: bytes) -> dict[str, str]:
+    target = httpx.URL(url).raw_path.decode("ascii")
+    return sign_request(key, method, target, body, time.time())
+
+
+async def call(client: httpx.AsyncClient, method: str, url: str, *, key: SigningKey | None = None,
+               json: Any = None, content: bytes | None = None, headers: Mapping[str, str] | None = None,
+               timeout: httpx.Timeout | float | None = None) -> httpx.Response:
+    """Send one request (signed with ``key`` if given) and return the 2xx response, or raise PeerError."""
+    body = canonical_json(json) if json is not None else (content or b"")
+    all_headers = dict(headers or {})
+    if json is not None:
+        all_headers["content-type"] = "application/json"
+    if key is not None:
+        all_headers.update(signed_headers(key, method, url, body))
+    kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
+    try:
+        response = await client.request(method, url, content=body, headers=all_headers, **kwargs)
+    except httpx.HTTPError as exc:
+        raise PeerError(f"{_peer(url)} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
+    if response.status_code >= 300:
+        raise PeerError(f"{_peer(url)} refused {method} {httpx.URL(url).path}: {response.status_code} "
+                        f"{_error_text(response)}", response.status_code)
+    return response
+
+
+async def call_json(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
+    response = await call(client, method, url, **kwargs)
+    try:
+        return decode_object(response.content, max_bytes=64 << 20)
+    except FincryptError as exc:
+        raise PeerError(f"{_peer(url)} sent a malformed answer: {exc}", response.status_code) from exc
+
+
+def _peer(url: str) -> str:
+    parsed = httpx.URL(url)
+    return f"peer {parsed.scheme}://{parsed.host}:{parsed.port}" if parsed.port else f"peer {parsed.host}"
+
+
+def _error_text(response: httpx.Response) -> str:
+    try:
+        value = decode_object(response.content, max_bytes=65536)
+        return str(value.get("error", ""))[:500]
+    except FincryptError:
+        return response.text[:200]
