@@ -128,6 +128,8 @@ def decode_key_file(data: bytes, passphrase: str | None) -> bytes:
         kek = _scrypt(passphrase, bytes.fromhex(doc["salt"]), n, r, p)
         sealed = bytes.fromhex(doc["sealed"])
         nonce = bytes.fromhex(doc["nonce"])
+        if len(nonce) != NONCE_BYTES or len(sealed) != KEY_BYTES + TAG_BYTES:
+            raise ConfigError("key file is damaged: the sealed key or its nonce has the wrong length")
     except (KeyError, ValueError, TypeError) as exc:
         raise ConfigError(f"key file is damaged: {exc}") from exc
     try:

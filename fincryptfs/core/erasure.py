@@ -41,6 +41,7 @@ class ErasureParams:
 
     def check_redundancy(self, min_expansion: float = DEFAULT_MIN_EXPANSION) -> None:
         """Refuse parameters that store less than ``min_expansion`` times the data (never below 2x)."""
+        min_expansion = max(min_expansion, DEFAULT_MIN_EXPANSION)
         if self.n < min_expansion * self.k:
             raise PolicyError(
                 f"redundancy {self.k}-of-{self.n} stores {self.expansion:.2f}x the data; at least "

@@ -7,12 +7,13 @@ and stream segment by segment, so memory is bounded by the segment size whatever
 
 from __future__ import annotations
 
+import struct
 from collections.abc import Callable, Iterator, Mapping
 
 from .crypto import open_segment, seal_segment
 from .erasure import decode_segment, encode_segment
 from .layout import ObjectLayout
-from .padding import padded_length, padding_tail
+from .padding import TRAILER_BYTES, padded_length
 
 
 def plan_object(data_length: int, segment_size: int, k: int, n: int) -> ObjectLayout:
@@ -22,8 +23,16 @@ def plan_object(data_length: int, segment_size: int, k: int, n: int) -> ObjectLa
 
 def padded_segments(layout: ObjectLayout, data_length: int, read: Callable[[int, int], bytes]
                     ) -> Iterator[bytes]:
-    """Plaintext of every segment of the padded stream; ``read(offset, size)`` returns file data."""
-    tail = padding_tail(data_length)
+    """Plaintext of every segment of the padded stream; ``read(offset, size)`` returns file data.
+
+    The zeros and trailer that follow the data are made a segment at a time: Padmé may add hundreds of MiB
+    to a large file, and memory must stay bounded by the segment size.
+    """
+    if layout.padded_size != padded_length(data_length):
+        raise ValueError(f"layout holds {layout.padded_size} padded bytes; {data_length} bytes of data need "
+                         f"{padded_length(data_length)}")
+    trailer_start = layout.padded_size - TRAILER_BYTES
+    trailer = struct.pack(">Q", data_length)
     for index in range(layout.segment_count):
         start = index * layout.segment_size
         end = start + layout.plain_length(index)
@@ -34,10 +43,12 @@ def padded_segments(layout: ObjectLayout, data_length: int, read: Callable[[int,
                 raise OSError(f"file shrank while being read (wanted {min(end, data_length) - start} bytes "
                               f"at offset {start}, got {len(chunk)})")
             parts.append(chunk)
-        if end > data_length:
-            tail_start = max(start, data_length) - data_length
-            parts.append(tail[tail_start:end - data_length])
-        yield b"".join(parts)
+        zeros_end = min(end, trailer_start)
+        if zeros_end > max(start, data_length):
+            parts.append(bytes(zeros_end - max(start, data_length)))
+        if end > trailer_start:
+            parts.append(trailer[max(start, trailer_start) - trailer_start:])
+        yield parts[0] if len(parts) == 1 else b"".join(parts)
 
 
 def encode_segment_blocks(file_key: bytes, object_id: str, layout: ObjectLayout, index: int,
