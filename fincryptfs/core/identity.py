@@ -56,7 +56,10 @@ class PublicKey:
             raw = base64.urlsafe_b64decode(text + "=")
         except ValueError as exc:
             raise RemoteProtocolError("public key is not valid base64url") from exc
-        return cls(raw)
+        key = cls(raw)
+        if key.to_text() != text:  # no aliases: '+', '/', stray characters or set unused bits
+            raise RemoteProtocolError("public key is not canonical unpadded base64url")
+        return key
 
     def verify(self, signature: bytes, message: bytes) -> None:
         """Raise AuthError unless ``signature`` is this key's signature of ``message``."""
