@@ -1,8 +1,60 @@
-"""Command-line entry point of the storage node daemon (placeholder until the daemon lands)."""
+"""Command line of the storage node: ``storaged`` runs it, ``storaged status`` and ``storaged id`` inspect it."""
+
+from __future__ import annotations
 
 import argparse
+import logging
+import signal
+import sys
+from pathlib import Path
 
+import trio
+
+from fincryptfs.asgi import dumps
+from fincryptfs.core.errors import ConfigError, FincryptError
+from fincryptfs.core.settings import StorageSettings, read_env_file
 from storaged import __version__
+
+from .daemon import DATABASE_FILE, load_or_create_identity, prepare_data_dir, serve
+
+log = logging.getLogger("storaged")
+
+
+def load_settings(env_file: Path | None) -> StorageSettings:
+    if env_file is None and Path(".env").exists():
+        env_file = Path(".env")
+    return StorageSettings.from_env(read_env_file(env_file), home=Path.home())
+
+
+async def _run(settings: StorageSettings) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve, settings)
+            print(f"storaged listening on {url}", flush=True)
+            async for signum in signals:
+                log.info("stopping on signal=%s", signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
+
+
+def _status(settings: StorageSettings) -> dict[str, object]:
+    # read-only look at the state: no cleanup, so it is safe while the daemon runs
+    from .db import NodeDatabase
+    from .store import ShareStore
+
+    prepare_data_dir(settings)
+    key = load_or_create_identity(settings.data_dir)
+    db = NodeDatabase(settings.data_dir / DATABASE_FILE)
+    try:
+        shares, stored = db.totals()
+        store = ShareStore(settings.share_dirs, settings.reserve_bytes)
+        for folder, used in db.bytes_by_dir().items():
+            store.account_existing(folder, used)
+        return {"node_id": key.id, "shares": shares, "bytes_stored": stored, "free_bytes": store.free_bytes(),
+                "capacity_bytes": store.capacity_bytes(),
+                "mediators": [m.url for m in db.trusted_mediators()]}
+    finally:
+        db.close()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -11,8 +63,39 @@ def main(argv: list[str] | None = None) -> int:
         description="Fincrypt storage node: store encrypted shares and get paid for them.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
+    parser.add_argument("--env-file", type=Path, help="settings file (default: ./.env if present)")
+    parser.add_argument("--log-level", default="INFO",
+                        choices=("DEBUG", "INFO", "WARNING", "ERROR"))
+    sub = parser.add_subparsers(dest="command")
+    status = sub.add_parser("status", help="print node id, shares, bytes stored and free space")
+    status.add_argument("--json", action="store_true")
+    sub.add_parser("id", help="print this node's id")
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level, stream=sys.stderr,
+                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    try:
+        settings = load_settings(args.env_file)
+        if args.command == "id":
+            prepare_data_dir(settings)
+            print(load_or_create_identity(settings.data_dir).id)
+        elif args.command == "status":
+            info = _status(settings)
+            if args.json:
+                print(dumps(info))
+            else:
+                for name, value in info.items():
+                    print(f"{name}: {value}")
+        else:
+            trio.run(_run, settings)
+    except ConfigError as exc:
+        print(f"storaged: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except FincryptError as exc:
+        print(f"storaged: {exc}", file=sys.stderr)
+        return 1
+    except OSError as exc:
+        print(f"storaged: {exc}", file=sys.stderr)
+        return 1
     return 0
 
 

@@ -153,6 +153,9 @@ class ClientSettings:
     n: int
     happy: int
     segment_size: int
+    passphrase_file: Path | None = None
+    upload_workers: int = 2
+    publish_delay: float = 2.0
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, home: Path) -> ClientSettings:
@@ -171,6 +174,9 @@ class ClientSettings:
             cache_limit_bytes=r.get("CACHE_LIMIT_BYTES", 2**30, _bytes_size, "a size in bytes (e.g. 10G)"),
             k=k, n=n, happy=r.int("HAPPY", n - 1, 1, 256),
             segment_size=r.int("SEGMENT_SIZE", 2**20, MIN_SEGMENT_SIZE, MAX_SEGMENT_SIZE),
+            passphrase_file=r.get("PASSPHRASE_FILE", None, lambda t: Path(t).expanduser(), "a path"),
+            upload_workers=r.int("UPLOAD_WORKERS", 2, 1, 64),
+            publish_delay=r.seconds("PUBLISH_DELAY", 2.0, 0.0),
         )
         _check_happy(settings.k, settings.n, settings.happy)
         r.finish()
@@ -223,6 +229,7 @@ class StorageSettings:
     announce_interval: float
     scrub_interval: float
     max_concurrent_uploads: int
+    scrub_rate: int = 32 << 20  # bytes per second a scrub may read, so it never competes with clients
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, home: Path) -> StorageSettings:
@@ -242,9 +249,17 @@ class StorageSettings:
             announce_interval=r.seconds("ANNOUNCE_INTERVAL", 300.0, 0.1),
             scrub_interval=r.seconds("SCRUB_INTERVAL", 86400.0, 0.1),
             max_concurrent_uploads=r.int("MAX_CONCURRENT_UPLOADS", 64, 1, 10_000),
+            scrub_rate=r.get("SCRUB_RATE", 32 << 20, _positive_size, "a size in bytes per second (e.g. 32M)"),
         )
         r.finish()
         return settings
+
+
+def _positive_size(text: str) -> int:
+    value = _bytes_size(text)
+    if value < 1:
+        raise ValueError(text)
+    return value
 
 
 def _address(text: str) -> str:

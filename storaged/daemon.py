@@ -1,0 +1,87 @@
+"""Wiring only: open the identity, database and share store, then run the HTTP app and the periodic tasks in one
+nursery. ``serve`` reports the bound base URL through ``task_status`` so tests can start a node on port 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from pathlib import Path
+
+import trio
+
+from fincryptfs import rpc
+from fincryptfs.asgi import serve_app
+from fincryptfs.core.identity import SigningKey, decode_identity_file, encode_identity_file
+from fincryptfs.core.settings import StorageSettings
+
+from .app import build_app
+from .db import NodeDatabase
+from .service import StorageService
+from .store import ShareStore
+
+log = logging.getLogger(__name__)
+
+IDENTITY_FILE = "node.key"
+DATABASE_FILE = "storaged.sqlite3"
+
+
+def load_or_create_identity(data_dir: Path) -> SigningKey:
+    """The node's Ed25519 key; created (mode 0600, fsynced) on first start."""
+    path = data_dir / IDENTITY_FILE
+    if path.exists():
+        return decode_identity_file(path.read_bytes(), source=str(path))
+    key = SigningKey.generate()
+    temp = path.with_suffix(".tmp")
+    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        os.write(fd, encode_identity_file(key))
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    os.replace(temp, path)
+    log.info("created node identity node_id=%s file=%s", key.id, path)
+    return key
+
+
+def prepare_data_dir(settings: StorageSettings) -> None:
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+
+
+@asynccontextmanager
+async def open_service(settings: StorageSettings) -> AsyncIterator[StorageService]:
+    """A StorageService over its on-disk state, recovered (leftovers cleaned) and ready to serve."""
+    prepare_data_dir(settings)
+    key = load_or_create_identity(settings.data_dir)
+    db = NodeDatabase(settings.data_dir / DATABASE_FILE)
+    try:
+        store = ShareStore(settings.share_dirs, settings.reserve_bytes)
+        service = StorageService(settings, key, db, store)
+        await trio.to_thread.run_sync(service.recover)
+        yield service
+    finally:
+        db.close()
+
+
+async def run_service(service: StorageService, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+                      ) -> None:
+    """Serve an opened service: HTTP app, announce loops and scrub loop in one nursery."""
+    settings = service.settings
+    async with rpc.new_client() as client, trio.open_nursery() as nursery:
+        url = await nursery.start(serve_app, build_app(service), settings.listen[0], settings.listen[1])
+        if service.advertised_url is None:
+            service.advertised_url = url
+        for mediator_url in settings.mediators:
+            nursery.start_soon(service.announce_loop, client, mediator_url)
+        nursery.start_soon(service.scrub_loop, float(settings.scrub_rate))
+        log.info("storaged listening url=%s node_id=%s", url, service.node_id)
+        task_status.started(url)
+
+
+async def serve(settings: StorageSettings, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+                ) -> None:
+    """Run a storage node until cancelled; reports its bound base URL."""
+    async with open_service(settings) as service:
+        await run_service(service, task_status=task_status)

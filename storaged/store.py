@@ -1,0 +1,256 @@
+"""Share files on disk: where they live, how they get there durably, and how much room is left.
+
+Layout of each share folder::
+
+    <share dir>/.tmp/<share id>.<grant id>.data    upload in progress (removed at start)
+    <share dir>/ab/<share id>.data                 the share's bytes
+    <share dir>/ab/<share id>.tree                 all Merkle levels (MerkleTree.to_bytes)
+
+``ab`` is the share id's first two hex characters (256 fan-out folders). Every path is built from a ShareId that
+went through ``parse_share_id`` (checked again here), so no request can name a file outside the share folders.
+
+Crash ordering (the node issues a receipt only after all of these):
+1. data written to the temp file and fsynced; tree written to a temp file and fsynced;
+2. both renamed into the fan-out folder, then that folder fsynced;
+3. the database row committed (see db.py).
+A crash before 3 leaves files without a row: :meth:`ShareStore.clean` removes them at the next start, so a torn
+or unreceipted share is never served or proven. Deletion runs the other way: row first, then files.
+
+Everything here blocks (file I/O, fsync): callers run it in a worker thread.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import shutil
+from collections.abc import Container
+from dataclasses import dataclass
+from pathlib import Path
+
+from fincryptfs.core.errors import PolicyError
+from fincryptfs.core.ids import ShareId, parse_share_id
+from fincryptfs.core.merkle import HASH_BYTES, MerkleTree, TreeBuilder, leaf_count, level_widths
+from fincryptfs.core.settings import ShareDir
+
+log = logging.getLogger(__name__)
+
+TMP_DIR = ".tmp"
+
+
+def tree_file_size(size: int) -> int:
+    return HASH_BYTES * sum(level_widths(leaf_count(size)))
+
+
+def disk_bytes(size: int) -> int:
+    """What a share of ``size`` bytes costs on disk (data + tree), for capacity accounting."""
+    return size + tree_file_size(size)
+
+
+def _fsync_dir(path: Path) -> None:
+    fd = os.open(path, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+@dataclass(frozen=True)
+class SharePaths:
+    data: Path
+    tree: Path
+
+
+class ShareFolder:
+    """One configured share folder with its capacity; ``used`` and ``reserved`` are kept by the ShareStore."""
+
+    def __init__(self, config: ShareDir) -> None:
+        self.root = config.path
+        self.key = str(config.path)
+        self.capacity = config.capacity_bytes
+        self.used = 0
+        self.reserved = 0
+
+    def paths(self, share_id: ShareId) -> SharePaths:
+        sid = parse_share_id(share_id)
+        folder = self.root / sid[:2]
+        return SharePaths(folder / f"{sid}.data", folder / f"{sid}.tree")
+
+    def temp_path(self, share_id: ShareId, grant_id: str) -> Path:
+        sid = parse_share_id(share_id)
+        if len(grant_id) != 32 or not all(c in "0123456789abcdef" for c in grant_id):
+            raise ValueError("grant id must be 32 hex characters")
+        return self.root / TMP_DIR / f"{sid}.{grant_id}.data"
+
+    def free(self, reserve: int) -> int:
+        """Bytes still promised to nobody: the lower of capacity left and disk space above the reserve."""
+        by_capacity = self.capacity - self.used - self.reserved
+        stats = os.statvfs(self.root)
+        by_disk = stats.f_bavail * stats.f_frsize - reserve - self.reserved
+        return max(0, min(by_capacity, by_disk))
+
+
+class ShareWriter:
+    """An upload in progress: bytes go to a temp file and through a TreeBuilder; nothing is visible until commit."""
+
+    def __init__(self, folder: ShareFolder, share_id: ShareId, grant_id: str) -> None:
+        self.folder = folder
+        self.share_id = parse_share_id(share_id)
+        self.temp = folder.temp_path(share_id, grant_id)
+        self._fd: int | None = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
+        self._builder = TreeBuilder()
+
+    @property
+    def size(self) -> int:
+        return self._builder.size
+
+    def write(self, data: bytes | memoryview) -> None:
+        assert self._fd is not None
+        view = memoryview(data)
+        while view:
+            written = os.write(self._fd, view)
+            view = view[written:]
+        self._builder.update(data)
+
+    def finish(self) -> MerkleTree:
+        return self._builder.finish()
+
+    def commit(self, tree: MerkleTree) -> SharePaths:
+        """Make the share durable and visible under its final name (steps 1 and 2 of the crash ordering)."""
+        assert self._fd is not None
+        os.fsync(self._fd)
+        os.close(self._fd)
+        self._fd = None
+        paths = self.folder.paths(self.share_id)
+        tree_temp = self.temp.with_suffix(".tree")
+        fd = os.open(tree_temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        try:
+            os.write(fd, tree.to_bytes())
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        parent = paths.data.parent
+        if not parent.is_dir():
+            parent.mkdir(exist_ok=True)
+            _fsync_dir(self.folder.root)
+        os.replace(tree_temp, paths.tree)
+        os.replace(self.temp, paths.data)
+        _fsync_dir(parent)
+        return paths
+
+    def abort(self) -> None:
+        if self._fd is not None:
+            os.close(self._fd)
+            self._fd = None
+        for path in (self.temp, self.temp.with_suffix(".tree")):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+
+
+class ShareStore:
+    """All share folders: placement of new shares, space accounting, removal and start-up cleanup."""
+
+    def __init__(self, dirs: tuple[ShareDir, ...], reserve_bytes: int) -> None:
+        self.folders = [ShareFolder(d) for d in dirs]
+        self.by_key = {f.key: f for f in self.folders}
+        self.reserve = reserve_bytes
+        for folder in self.folders:
+            (folder.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+
+    def free_bytes(self) -> int:
+        return sum(f.free(self.reserve) for f in self.folders)
+
+    def capacity_bytes(self) -> int:
+        return sum(f.capacity for f in self.folders)
+
+    def reserve_space(self, size: int) -> ShareFolder:
+        """Pick the folder with the most room for a share and hold its space (PolicyError 507 if none has)."""
+        need = disk_bytes(size)
+        best = max(self.folders, key=lambda f: f.free(self.reserve))
+        if best.free(self.reserve) < need:
+            raise PolicyError(f"this node has no room for a share of {size} bytes (free: "
+                              f"{self.free_bytes()} bytes after its reserve)", status=507)
+        best.reserved += need
+        return best
+
+    def release_reservation(self, folder: ShareFolder, size: int, *, stored: bool) -> None:
+        need = disk_bytes(size)
+        folder.reserved -= need
+        if stored:
+            folder.used += need
+
+    def account_existing(self, folder_key: str, size: int) -> None:
+        folder = self.by_key.get(folder_key)
+        if folder is not None:
+            folder.used += disk_bytes(size)
+
+    def paths(self, folder_key: str, share_id: ShareId) -> SharePaths | None:
+        folder = self.by_key.get(folder_key)
+        return None if folder is None else folder.paths(share_id)
+
+    def remove(self, folder_key: str, share_id: ShareId, size: int) -> None:
+        """Unlink a share's files (after its row is gone) and give its space back."""
+        folder = self.by_key.get(folder_key)
+        if folder is None:
+            return
+        paths = folder.paths(share_id)
+        for path in (paths.data, paths.tree):
+            try:
+                path.unlink()
+            except FileNotFoundError:
+                pass
+        folder.used = max(0, folder.used - disk_bytes(size))
+
+    def clean(self, known: Container[str]) -> int:
+        """Start-up cleanup: drop temp files and any share file whose id has no database row. Returns count."""
+        removed = 0
+        for folder in self.folders:
+            tmp = folder.root / TMP_DIR
+            for entry in os.scandir(tmp):
+                _remove(Path(entry.path))
+                removed += 1
+            for sub in os.scandir(folder.root):
+                if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2 or sub.name == TMP_DIR:
+                    continue
+                for entry in os.scandir(sub.path):
+                    stem, _, suffix = entry.name.partition(".")
+                    if stem in known and suffix in ("data", "tree"):
+                        continue
+                    _remove(Path(entry.path))
+                    removed += 1
+        if removed:
+            log.info("cleanup removed=%d (temp files and files without a database row)", removed)
+        return removed
+
+    def check_files(self, folder_key: str, share_id: ShareId, size: int) -> bool:
+        """Whether both files of a share exist with the sizes its row promises."""
+        paths = self.paths(folder_key, share_id)
+        if paths is None:
+            return False
+        try:
+            return paths.data.stat().st_size == size and paths.tree.stat().st_size == tree_file_size(size)
+        except OSError:
+            return False
+
+
+def _remove(path: Path) -> None:
+    try:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            path.unlink()
+    except OSError as exc:
+        if exc.errno != errno.ENOENT:
+            raise
+
+
+def read_exact(fd: int, length: int, offset: int) -> bytes:
+    """pread that fails loudly on a short read (a truncated share file is corruption, not EOF)."""
+    data = os.pread(fd, length, offset)
+    if len(data) != length:
+        raise OSError(errno.EIO, f"short read: {len(data)} of {length} bytes at {offset}")
+    return data
+
