@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 from .crypto import TAG_BYTES
 from .erasure import ErasureParams, block_length
-from .errors import RemoteProtocolError
+from .errors import ErasureError, RemoteProtocolError
 
 MIN_SEGMENT_SIZE = 4096
 MAX_SEGMENT_SIZE = 64 * 2**20
@@ -37,7 +37,10 @@ class ObjectLayout:
             raise RemoteProtocolError(
                 f"segment size must be {MIN_SEGMENT_SIZE}..{MAX_SEGMENT_SIZE}, got {self.segment_size}"
             )
-        ErasureParams(self.k, self.n)
+        try:
+            ErasureParams(self.k, self.n)
+        except ErasureError as exc:  # a layout usually comes from a peer: answer 400, not an internal error
+            raise RemoteProtocolError(f"layout: {exc}") from exc
 
     @property
     def params(self) -> ErasureParams:

@@ -245,7 +245,7 @@ class StorageSettings:
             price=r.get("PRICE", None, _price, "an integer (millisatoshi per GiB-hour) or 'float'"),
             mediators=r.urls("MEDIATORS"),
             payout_address=r.get("PAYOUT_ADDRESS", None, _address, "a Bitcoin address"),
-            operator=r.text("OPERATOR", ""),
+            operator=r.text("OPERATOR", "", r"[A-Za-z0-9._@-]{0,64}"),  # as NodeAnnouncement accepts
             announce_interval=r.seconds("ANNOUNCE_INTERVAL", 300.0, 0.1),
             scrub_interval=r.seconds("SCRUB_INTERVAL", 86400.0, 0.1),
             max_concurrent_uploads=r.int("MAX_CONCURRENT_UPLOADS", 64, 1, 10_000),
@@ -279,6 +279,7 @@ class MediatorSettings:
     audit_period: float
     audit_leaves_per_share: int
     audit_retries: int
+    disqualify_after: int
     node_offline_after: float
     min_expansion: float
     pricing: str
@@ -296,9 +297,10 @@ class MediatorSettings:
             audit_period=r.seconds("AUDIT_PERIOD", 3600.0, 0.5),
             audit_leaves_per_share=r.int("AUDIT_LEAVES_PER_SHARE", 1, 1, 64),
             audit_retries=r.int("AUDIT_RETRIES", 3, 0, 10),
+            disqualify_after=r.int("DISQUALIFY_AFTER", 3, 1, 1000),
             node_offline_after=r.seconds("NODE_OFFLINE_AFTER", 3 * 3600.0, 1.0),
             min_expansion=r.get("MIN_EXPANSION", 2.0, _min_expansion, "a number >= 2"),
-            pricing=r.text("PRICING", "lowest_ask", r"[a-z_]+"),
+            pricing=r.text("PRICING", "lowest_ask", r"[a-z_]+(:[0-9]+)?"),
             accept_clients=r.text("ACCEPT_CLIENTS", "open", r"[a-z_]+(:[A-Za-z0-9._,/-]*)?"),
             accept_nodes=r.text("ACCEPT_NODES", "open", r"[a-z_]+(:[A-Za-z0-9._,/-]*)?"),
             bitcoin_network=r.choice("BITCOIN_NETWORK", "bitcoinlib_test", ("bitcoinlib_test", "testnet",

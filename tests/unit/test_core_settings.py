@@ -1,0 +1,130 @@
+"""fincryptfs.core.settings: defaults, strict values, unknown variables."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from fincryptfs.core.errors import ConfigError
+from fincryptfs.core.settings import (
+    ClientSettings,
+    MediatorSettings,
+    ShareDir,
+    StorageSettings,
+    read_env_file,
+)
+
+HOME = Path("/home/u")
+
+
+def test_client_defaults() -> None:
+    s = ClientSettings.from_env({}, home=HOME)
+    data = HOME / ".local/share/fincrypt"
+    assert (s.mediator_url, s.data_dir, s.key_file, s.cache_dir) == (None, data, data / "master.key",
+                                                                     data / "cache")
+    assert (s.cache_limit_bytes, s.k, s.n, s.happy, s.segment_size) == (2**30, 3, 6, 5, 2**20)
+
+
+def test_client_values() -> None:
+    s = ClientSettings.from_env({"FINCRYPT_MEDIATOR_URL": "http://m:8700/", "FINCRYPT_K": "4", "FINCRYPT_N": "10",
+                                 "FINCRYPT_HAPPY": "8", "FINCRYPT_CACHE_LIMIT_BYTES": "10G",
+                                 "FINCRYPT_SEGMENT_SIZE": "65_536", "FINCRYPT_DATA_DIR": "/d",
+                                 "FINCRYPT_KEY_FILE": ""}, home=HOME)
+    assert (s.mediator_url, s.k, s.n, s.happy, s.cache_limit_bytes, s.segment_size) == (
+        "http://m:8700", 4, 10, 8, 10 * 2**30, 65536)
+    assert s.key_file == Path("/d/master.key")  # empty means default
+
+
+def test_storage_defaults() -> None:
+    s = StorageSettings.from_env({}, home=HOME)
+    data = HOME / ".local/share/fincrypt-storaged"
+    assert s.listen == ("127.0.0.1", 8701)
+    assert s.share_dirs == (ShareDir(data / "shares", 100 * 2**30),)
+    assert (s.public_url, s.price, s.mediators, s.payout_address, s.operator) == (None, None, (), None, "")
+    assert (s.reserve_bytes, s.announce_interval, s.scrub_interval, s.max_concurrent_uploads) == (
+        2**30, 300.0, 86400.0, 64)
+
+
+def test_storage_values() -> None:
+    s = StorageSettings.from_env({"STORAGED_LISTEN": "[::1]:0", "STORAGED_SHARE_DIRS": "/a:500G, /b:1024",
+                                  "STORAGED_PRICE": "1200", "STORAGED_MEDIATORS": "http://m:1,https://n/x/",
+                                  "STORAGED_PAYOUT_ADDRESS": "bc1qxyz0123456789abc"}, home=HOME)
+    assert s.listen == ("::1", 0)
+    assert s.share_dirs == (ShareDir(Path("/a"), 500 * 2**30), ShareDir(Path("/b"), 1024))
+    assert s.price == 1200 and s.mediators == ("http://m:1", "https://n/x")
+    assert StorageSettings.from_env({"STORAGED_PRICE": "float"}, home=HOME).price is None
+
+
+def test_mediator_defaults() -> None:
+    s = MediatorSettings.from_env({}, home=HOME)
+    assert s.listen == ("127.0.0.1", 8700)
+    assert (s.audit_period, s.audit_leaves_per_share, s.audit_retries, s.node_offline_after) == (3600.0, 1, 3,
+                                                                                                  10800.0)
+    assert (s.min_expansion, s.pricing, s.accept_clients, s.accept_nodes, s.bitcoin_network) == (
+        2.0, "lowest_ask", "open", "open", "bitcoinlib_test")
+
+
+INVALID = [
+    (ClientSettings, "FINCRYPT_K", "three"), (ClientSettings, "FINCRYPT_K", "0"), (ClientSettings, "FINCRYPT_N", "257"),
+    (ClientSettings, "FINCRYPT_N", "1"), (ClientSettings, "FINCRYPT_HAPPY", "x"),
+    (ClientSettings, "FINCRYPT_SEGMENT_SIZE", "4095"), (ClientSettings, "FINCRYPT_SEGMENT_SIZE", str(2**26 + 1)),
+    (ClientSettings, "FINCRYPT_CACHE_LIMIT_BYTES", "lots"), (ClientSettings, "FINCRYPT_CACHE_LIMIT_BYTES", "-1"),
+    (ClientSettings, "FINCRYPT_MEDIATOR_URL", "ftp://x"), (ClientSettings, "FINCRYPT_MEDIATOR_URL", "m:8700"),
+    (StorageSettings, "STORAGED_LISTEN", "8701"), (StorageSettings, "STORAGED_LISTEN", "h:70000"),
+    (StorageSettings, "STORAGED_LISTEN", ":80"), (StorageSettings, "STORAGED_SHARE_DIRS", "/a"),
+    (StorageSettings, "STORAGED_SHARE_DIRS", "/a:1G,/a:2G"), (StorageSettings, "STORAGED_SHARE_DIRS", "/a:big"),
+    (StorageSettings, "STORAGED_RESERVE_BYTES", "1X"), (StorageSettings, "STORAGED_PRICE", "-5"),
+    (StorageSettings, "STORAGED_PRICE", "cheap"), (StorageSettings, "STORAGED_MEDIATORS", "http://a,nope"),
+    (StorageSettings, "STORAGED_PAYOUT_ADDRESS", "short"), (StorageSettings, "STORAGED_PAYOUT_ADDRESS", "bc1 q" * 4),
+    (StorageSettings, "STORAGED_OPERATOR", "me and you"), (StorageSettings, "STORAGED_OPERATOR", "a:b"),
+    (StorageSettings, "STORAGED_OPERATOR", "x" * 65),
+    (StorageSettings, "STORAGED_ANNOUNCE_INTERVAL", "0"), (StorageSettings, "STORAGED_ANNOUNCE_INTERVAL", "nan"),
+    (StorageSettings, "STORAGED_SCRUB_INTERVAL", "inf"), (StorageSettings, "STORAGED_MAX_CONCURRENT_UPLOADS", "0"),
+    (MediatorSettings, "MEDIATORD_AUDIT_PERIOD", "0.1"), (MediatorSettings, "MEDIATORD_AUDIT_LEAVES_PER_SHARE", "65"),
+    (MediatorSettings, "MEDIATORD_AUDIT_RETRIES", "11"), (MediatorSettings, "MEDIATORD_MIN_EXPANSION", "1.5"),
+    (MediatorSettings, "MEDIATORD_MIN_EXPANSION", "two"), (MediatorSettings, "MEDIATORD_PRICING", "Lowest"),
+    (MediatorSettings, "MEDIATORD_BITCOIN_NETWORK", "mainnet"), (MediatorSettings, "MEDIATORD_LISTEN", "x"),
+    (MediatorSettings, "MEDIATORD_ACCEPT_CLIENTS", "list:a b"), (MediatorSettings, "MEDIATORD_PUBLIC_URL", "x"),
+    (MediatorSettings, "MEDIATORD_NODE_OFFLINE_AFTER", "0.5"),
+]
+
+
+@pytest.mark.parametrize("cls,name,value", INVALID, ids=[f"{n}={v[:12]}" for _, n, v in INVALID])
+def test_invalid_value_names_the_variable(cls: type, name: str, value: str) -> None:
+    with pytest.raises(ConfigError, match=name):
+        cls.from_env({name: value}, home=HOME)  # type: ignore[attr-defined]
+
+
+def test_erasure_and_happy_consistency() -> None:
+    with pytest.raises(ConfigError, match="FINCRYPT_K=6, FINCRYPT_N=6"):
+        ClientSettings.from_env({"FINCRYPT_K": "6"}, home=HOME)
+    with pytest.raises(ConfigError, match="FINCRYPT_HAPPY=2 must lie between FINCRYPT_K=3 and FINCRYPT_N=6"):
+        ClientSettings.from_env({"FINCRYPT_HAPPY": "2"}, home=HOME)
+    with pytest.raises(ConfigError, match="FINCRYPT_HAPPY=7"):
+        ClientSettings.from_env({"FINCRYPT_HAPPY": "7"}, home=HOME)
+
+
+@pytest.mark.parametrize("cls,name", [(ClientSettings, "FINCRYPT_SEGMENT_SIZ"), (StorageSettings,
+                                                                                 "STORAGED_RESERV_BYTES"),
+                                      (MediatorSettings, "MEDIATORD_AUDIT_PERIODS")])
+def test_unknown_prefixed_variable_is_an_error(cls: type, name: str) -> None:
+    with pytest.raises(ConfigError, match=f"unknown setting {name}"):
+        cls.from_env({name: "1"}, home=HOME)  # type: ignore[attr-defined]
+
+
+def test_other_roles_variables_are_ignored() -> None:
+    env = {"STORAGED_LISTEN": "x", "MEDIATORD_PRICING": "BAD", "PATH": "/bin"}
+    ClientSettings.from_env(env, home=HOME)
+
+
+def test_read_env_file(tmp_path: Path) -> None:
+    env_file = tmp_path / ".env"
+    env_file.write_text("FINCRYPT_K=2\nFINCRYPT_N=4\nOTHER=1\n# comment\nFINCRYPT_HAPPY=\n")
+    values = read_env_file(env_file, {"FINCRYPT_N": "5", "HOME": "/x"})
+    assert values == {"FINCRYPT_K": "2", "FINCRYPT_N": "5", "OTHER": "1", "FINCRYPT_HAPPY": ""}
+    s = ClientSettings.from_env(values, home=HOME)
+    assert (s.k, s.n, s.happy) == (2, 5, 4)
+    assert read_env_file(None, {"STORAGED_X": "1", "PATH": "/"}) == {"STORAGED_X": "1"}
+    with pytest.raises(ConfigError, match="does not exist"):
+        read_env_file(tmp_path / "missing.env", {})
