@@ -1,0 +1,251 @@
+"""The read path: any k of n shares, fastest first, every byte checked against the client's own Merkle roots.
+
+A read is planned as *runs* of consecutive segments (pure arithmetic over the layout, :func:`plan_runs`), each
+fetched with one ranged GET per node of at most ``MAX_RUN_SHARE_BYTES``. For each run, k fetches start at
+once; when one fails, or nothing arrives for ``hedge_after`` seconds, another node is tried; once k ranges have
+verified against the roots recorded at upload (never the mediator's word), the rest are cancelled. A node that
+served bad bytes is reported to the mediator and skipped for the rest of the read. Fewer than k good ranges is
+a :class:`~fincryptfs.objectstore.ReadError`: the reader gets an error, never wrong bytes.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+import trio
+
+from .core.errors import FincryptError, IntegrityError, RemoteProtocolError
+from .core.layout import ObjectLayout
+from .core.merkle import HASH_BYTES, LEAF_SIZE, iter_leaves, verify_range
+from .core.objectcodec import decode_segment_plaintext
+from .core.wire import b64decode
+from .mediator_client import ObjectInfo
+from .objectstore import ReadError, StoredObject
+from .rpc import PeerError, call
+from .uploader import PIPELINE_DEPTH, run_in_threads
+
+if TYPE_CHECKING:
+    from .objectstore import ObjectStore
+
+log = logging.getLogger(__name__)
+
+MAX_RUN_SHARE_BYTES = 8 * 2**20
+_BAD_STATES = frozenset({"lost", "missing", "deleted", "failed"})
+
+
+@dataclass(frozen=True)
+class Run:
+    """Consecutive segments fetched together, and the whole leaves of each share that hold their blocks."""
+
+    segments: range
+    first_leaf: int
+    leaf_count: int
+
+    @property
+    def share_start(self) -> int:
+        return self.first_leaf * LEAF_SIZE
+
+
+def plan_runs(layout: ObjectLayout, segments: range, max_share_bytes: int = MAX_RUN_SHARE_BYTES) -> list[Run]:
+    """Cut ``segments`` into runs whose blocks span at most ``max_share_bytes`` of each share (at least one)."""
+    full_block = layout.block_length(0)
+    per_run = max(1, max_share_bytes // full_block)
+    runs = []
+    for start in range(segments.start, segments.stop, per_run):
+        seg = range(start, min(start + per_run, segments.stop))
+        begin = layout.block_offset(seg[0])
+        end = layout.block_offset(seg[-1]) + layout.block_length(seg[-1])
+        first_leaf = begin // LEAF_SIZE
+        runs.append(Run(seg, first_leaf, (end - 1) // LEAF_SIZE - first_leaf + 1))
+    return runs
+
+
+@dataclass(frozen=True)
+class Source:
+    """One share to read from: where the mediator says it is, and the root the client recorded for it."""
+
+    index: int
+    share_id: str
+    node_id: str
+    node_url: str
+    merkle_root: bytes
+
+    def describe(self) -> str:
+        return f"node {self.node_url} (share {self.index})"
+
+
+def sources_for(obj: StoredObject, info: ObjectInfo) -> list[Source]:
+    """Readable shares: those the mediator can locate *and* whose root the client recorded, healthy first."""
+    roots = {ref.index: ref.merkle_root for ref in obj.shares}
+    located = [s for s in info.shares if s.index in roots]
+    located.sort(key=lambda s: (s.state in _BAD_STATES, s.index))
+    return [Source(s.index, s.share_id, s.node_id, s.node_url, roots[s.index]) for s in located]
+
+
+class ObjectReader:
+    """One read of one object: remembers which nodes were fast and which were bad across its runs."""
+
+    def __init__(self, store: ObjectStore, obj: StoredObject, sources: list[Source]) -> None:
+        self.store = store
+        self.obj = obj
+        self.layout = obj.layout
+        self.order = list(sources)
+        self.bad: set[int] = set()
+        self.failures: dict[int, str] = {}
+
+    @classmethod
+    async def open(cls, store: ObjectStore, obj: StoredObject) -> ObjectReader:
+        try:
+            info = await store.mediator.object_info(obj.object_id)
+        except PeerError as exc:
+            raise ReadError(f"cannot locate the shares of object {obj.object_id[:16]}…: {exc}") from exc
+        return cls(store, obj, sources_for(obj, info))
+
+    async def fetch_verified(self, source: Source, run: Run) -> bytes:
+        """Leaves of ``run`` from one node, checked against the client's root (IntegrityError otherwise)."""
+        url = (f"{source.node_url}/v1/shares/{source.share_id}"
+               f"?first_leaf={run.first_leaf}&leaf_count={run.leaf_count}")
+        response = await call(self.store.http, "GET", url, key=self.store.account_key)
+        proof_text = response.headers.get("fincrypt-proof", "")
+        try:
+            proof_raw = b64decode(proof_text, field="fincrypt-proof header", max_length=64 * HASH_BYTES)
+        except RemoteProtocolError as exc:
+            raise IntegrityError(f"{source.describe()} sent a malformed proof: {exc}") from exc
+        if len(proof_raw) % HASH_BYTES:
+            raise IntegrityError(f"{source.describe()} sent a proof that is not a whole number of hashes")
+        proof = [proof_raw[i:i + HASH_BYTES] for i in range(0, len(proof_raw), HASH_BYTES)]
+        data = response.content
+        share_size = self.layout.share_size
+
+        def verify() -> None:
+            verify_range(source.merkle_root, share_size, run.first_leaf, list(iter_leaves(data)), proof)
+
+        await trio.to_thread.run_sync(verify, limiter=self.store.cpu)
+        return data
+
+    async def _attempt(self, source: Source, run: Run, send: trio.MemorySendChannel[tuple[Source, object]]
+                       ) -> None:
+        try:
+            result: object = await self.fetch_verified(source, run)
+        except (PeerError, IntegrityError, RemoteProtocolError) as exc:
+            result = exc
+        send.send_nowait((source, result))
+
+    async def fetch_run(self, run: Run) -> dict[int, bytes]:
+        """k verified share ranges for ``run``, fastest first; ReadError naming every failure otherwise."""
+        k = self.layout.k
+        got: dict[int, bytes] = {}
+        winners: list[Source] = []
+        candidates = [s for s in self.order if s.index not in self.bad]
+        candidates.reverse()  # pop() takes the preferred one
+        send, recv = trio.open_memory_channel[tuple[Source, object]](math.inf)
+        bad_now: list[tuple[Source, str]] = []
+        running = 0
+        async with trio.open_nursery() as nursery:
+            def launch() -> None:
+                nonlocal running
+                if candidates:
+                    running += 1
+                    nursery.start_soon(self._attempt, candidates.pop(), run, send)
+
+            for _ in range(k):
+                launch()
+            while len(got) < k and running:
+                with trio.move_on_after(self.store.hedge_after) as waiting:
+                    source, result = await recv.receive()
+                if waiting.cancelled_caught:
+                    launch()  # someone is slow: ask one more node
+                    continue
+                running -= 1
+                if isinstance(result, bytes):
+                    got[source.index] = result
+                    winners.append(source)
+                    continue
+                self.failures[source.index] = f"{source.describe()}: {result}"
+                if isinstance(result, IntegrityError | RemoteProtocolError):
+                    self.bad.add(source.index)
+                    bad_now.append((source, str(result)))
+                launch()
+            nursery.cancel_scope.cancel()
+        for source, problem in bad_now:
+            await self._report(source, problem)
+        if len(got) < k:
+            raise ReadError(
+                f"object {self.obj.object_id[:16]}…, segments {run.segments.start}-{run.segments.stop - 1}: "
+                f"only {len(got)} of the {k} shares needed could be fetched and verified "
+                f"({len(self.order)} located); " + ("; ".join(self.failures.values()) or "no share is located"))
+        # next run: the nodes that answered first go first
+        self.order = winners + [s for s in self.order if s not in winners]
+        return got
+
+    async def _report(self, source: Source, problem: str) -> None:
+        log.warning("object %s: %s served bad data: %s", self.obj.object_id[:16], source.describe(), problem)
+        try:
+            await self.store.mediator.report(self.obj.object_id, source.share_id, source.node_id, problem)
+        except PeerError as exc:
+            log.warning("could not report %s to the mediator: %s", source.describe(), exc)
+
+    async def each_segment(self, segments: range, consume: Callable[[int, bytes], Awaitable[None]]) -> None:
+        """Call ``consume(index, plaintext)`` for every segment in order; memory bounded by one run."""
+        layout, obj = self.layout, self.obj
+        for run in plan_runs(layout, segments):
+            ranges = await self.fetch_run(run)
+
+            def decode(index: int, ranges: dict[int, bytes] = ranges, base: int = run.share_start) -> bytes:
+                start = layout.block_offset(index) - base
+                blocks = {i: data[start:start + layout.block_length(index)] for i, data in ranges.items()}
+                try:
+                    return decode_segment_plaintext(obj.file_key, obj.object_id, layout, index, blocks)
+                except FincryptError as exc:
+                    raise ReadError(f"segment {index} of object {obj.object_id[:16]}… does not decrypt although "
+                                    f"its shares match the recorded roots (wrong key?): {exc}") from exc
+
+            for start in range(run.segments.start, run.segments.stop, PIPELINE_DEPTH):
+                batch = range(start, min(start + PIPELINE_DEPTH, run.segments.stop))
+                plaintexts = await run_in_threads(self.store.cpu, [lambda i=i: decode(i) for i in batch])
+                for index, plaintext in zip(batch, plaintexts, strict=True):
+                    await consume(index, plaintext)
+            del ranges
+
+
+async def read_range(store: ObjectStore, obj: StoredObject, offset: int, length: int) -> bytes:
+    if offset < 0 or length < 0:
+        raise ValueError("offset and length must be >= 0")
+    end = min(offset + length, obj.size)
+    if end <= offset:
+        return b""
+    parts: list[bytes] = []
+    seg_size = obj.layout.segment_size
+
+    async def keep(index: int, plaintext: bytes) -> None:
+        base = index * seg_size
+        parts.append(plaintext[max(offset - base, 0):end - base])
+
+    reader = await ObjectReader.open(store, obj)
+    await reader.each_segment(obj.layout.segments_for_range(offset, end - offset), keep)
+    return b"".join(parts)
+
+
+async def fetch_to_file(store: ObjectStore, obj: StoredObject, dest: Path) -> None:
+    tmp = dest.with_name(f".{dest.name}.{os.urandom(4).hex()}.part")
+    seg_size = obj.layout.segment_size
+    try:
+        async with await trio.open_file(tmp, "wb") as out:
+            if obj.size:
+                async def write(index: int, plaintext: bytes) -> None:
+                    await out.write(plaintext[:max(0, obj.size - index * seg_size)])
+
+                reader = await ObjectReader.open(store, obj)
+                await reader.each_segment(obj.layout.segments_for_range(0, obj.size), write)
+        os.replace(tmp, dest)
+    finally:
+        try:
+            tmp.unlink()
+        except FileNotFoundError:
+            pass

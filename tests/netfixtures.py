@@ -1,0 +1,155 @@
+"""A whole Fincrypt network inside one trio nursery: one real mediatord and N real storaged on 127.0.0.1.
+
+Usage (under pytest-trio)::
+
+    async def test_x(tmp_path, nursery):
+        net = await start_network(tmp_path, nursery, nodes=6, MEDIATORD_AUDIT_PERIOD="1")
+        ... net.mediator_url, net.nodes[0].url, net.nodes[0].share_dirs ...
+        await net.stop_node(0)        # the node's task ends; its files stay
+        await net.restart_node(0)     # same identity, same port, same files
+
+Keyword overrides are environment variables for the role their prefix names (``MEDIATORD_*`` for the mediator,
+``STORAGED_*`` for every node). Everything is cancelled with the nursery, so a failing test leaves nothing behind.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+
+import httpx
+import trio
+
+from fincryptfs.core.settings import MediatorSettings, StorageSettings
+
+DEFAULT_NODE_CAPACITY = "2G"
+
+
+@dataclass
+class Node:
+    """One storage node of the network. ``cancel_scope`` stops it; ``share_dirs`` hold its share files."""
+
+    index: int
+    url: str
+    node_id: str
+    settings: StorageSettings
+    cancel_scope: trio.CancelScope
+    share_dirs: list[Path]
+    stopped: trio.Event = field(default_factory=trio.Event)
+
+    @property
+    def running(self) -> bool:
+        return not self.stopped.is_set()
+
+
+@dataclass
+class Network:
+    mediator_url: str
+    mediator_settings: MediatorSettings
+    nodes: list[Node]
+    nursery: trio.Nursery
+    root: Path
+
+    @property
+    def node_urls(self) -> list[str]:
+        return [n.url for n in self.nodes]
+
+    def node_by_id(self, node_id: str) -> Node:
+        for node in self.nodes:
+            if node.node_id == node_id:
+                return node
+        raise KeyError(node_id)
+
+    def node_by_url(self, url: str) -> Node:
+        for node in self.nodes:
+            if node.url == url.rstrip("/"):
+                return node
+        raise KeyError(url)
+
+    async def stop_node(self, index: int) -> None:
+        """Stop one node (as if its process died) and wait until its server is closed."""
+        node = self.nodes[index]
+        node.cancel_scope.cancel()
+        await node.stopped.wait()
+
+    async def restart_node(self, index: int) -> Node:
+        """Start a stopped node again on its old port, with its identity and shares."""
+        old = self.nodes[index]
+        if old.running:
+            await self.stop_node(index)
+        node = await _start_node(self.nursery, index, old.settings)
+        self.nodes[index] = node
+        return node
+
+    async def wait_listed(self, count: int | None = None, timeout: float = 20.0) -> None:
+        """Wait until the mediator lists ``count`` nodes (default: all running ones) as online."""
+        await wait_listed(self.mediator_url, count if count is not None else sum(n.running for n in self.nodes),
+                          timeout)
+
+
+async def wait_listed(mediator_url: str, count: int, timeout: float = 20.0) -> list[dict[str, object]]:
+    async with httpx.AsyncClient(trust_env=False) as client:
+        with trio.fail_after(timeout):
+            while True:
+                try:
+                    answer = (await client.get(f"{mediator_url}/v1/nodes")).json()
+                    nodes = [n for n in answer.get("nodes", []) if n.get("state", "online") == "online"]
+                    if len(nodes) >= count:
+                        return nodes
+                except (httpx.HTTPError, ValueError):
+                    pass
+                await trio.sleep(0.05)
+
+
+async def _run_node(settings: StorageSettings, cancel_scope: trio.CancelScope, stopped: trio.Event, *,
+                    task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    from storaged.daemon import serve
+
+    try:
+        with cancel_scope:
+            await serve(settings, task_status=task_status)
+    finally:
+        stopped.set()
+
+
+async def _start_node(nursery: trio.Nursery, index: int, settings: StorageSettings) -> Node:
+    scope, stopped = trio.CancelScope(), trio.Event()
+    url = await nursery.start(_run_node, settings, scope, stopped)
+    port = int(url.rsplit(":", 1)[1].split("/")[0])
+    if settings.listen[1] == 0:  # pin the port so a restart comes back at the same address
+        settings = replace(settings, listen=(settings.listen[0], port))
+    async with httpx.AsyncClient(trust_env=False) as client:
+        node_id = (await client.get(f"{url}/health")).json()["node_id"]
+    return Node(index, url.rstrip("/"), node_id, settings, scope, [d.path for d in settings.share_dirs], stopped)
+
+
+async def _run_mediator(settings: MediatorSettings, *,
+                        task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    from mediatord.daemon import serve
+
+    await serve(settings, task_status=task_status)
+
+
+async def start_network(tmp_path: Path, nursery: trio.Nursery, nodes: int = 6, **overrides: str) -> Network:
+    """Start a mediator and ``nodes`` storage nodes announcing to it; return once the mediator lists them all."""
+    unknown = [k for k in overrides if not k.startswith(("MEDIATORD_", "STORAGED_"))]
+    if unknown:
+        raise ValueError(f"start_network overrides must be MEDIATORD_* or STORAGED_* variables, not {unknown}")
+    root = tmp_path / "net"
+    root.mkdir(parents=True, exist_ok=True)
+    mediator_env = {"MEDIATORD_LISTEN": "127.0.0.1:0", "MEDIATORD_DATA_DIR": str(root / "mediator")}
+    mediator_env.update({k: str(v) for k, v in overrides.items() if k.startswith("MEDIATORD_")})
+    mediator_settings = MediatorSettings.from_env(mediator_env, home=root)
+    mediator_url = (await nursery.start(_run_mediator, mediator_settings)).rstrip("/")
+    started: list[Node] = []
+    for index in range(nodes):
+        node_root = root / f"node{index}"
+        env = {"STORAGED_LISTEN": "127.0.0.1:0", "STORAGED_DATA_DIR": str(node_root),
+               "STORAGED_SHARE_DIRS": f"{node_root / 'shares'}:{DEFAULT_NODE_CAPACITY}",
+               "STORAGED_RESERVE_BYTES": "0", "STORAGED_MEDIATORS": mediator_url,
+               "STORAGED_ANNOUNCE_INTERVAL": "1", "STORAGED_OPERATOR": f"op{index}"}
+        env.update({k: str(v) for k, v in overrides.items() if k.startswith("STORAGED_")})
+        started.append(await _start_node(nursery, index, StorageSettings.from_env(env, home=node_root)))
+    net = Network(mediator_url, mediator_settings, started, nursery, root)
+    await net.wait_listed(nodes)
+    return net
