@@ -7,6 +7,7 @@ from __future__ import annotations
 
 from fincryptfs.asgi import App, Request, Response, Router, json_response
 from fincryptfs.core.errors import RemoteProtocolError
+from fincryptfs.core.ids import parse_share_id
 from fincryptfs.core.wire import b64encode
 
 from .service import MAX_CHALLENGE_BYTES, StorageService
@@ -40,11 +41,13 @@ def build_app(service: StorageService) -> App:
         return Response(200, service.metrics_text().encode(), {"content-type": "text/plain; version=0.0.4"})
 
     async def put_share(request: Request) -> Response:
+        parse_share_id(request.params["share_id"])
         envelope = await service.accept_upload(request.params["share_id"], request.headers.get("fincrypt-grant"),
                                                request.content_length(), request.stream)
         return json_response({"receipt": envelope.to_json()}, 201)
 
     async def get_share(request: Request) -> Response:
+        parse_share_id(request.params["share_id"])
         first, count = _leaf_query(request)
         signed = request.verify_signature(await request.body(0), service.guard)
         read = await service.read_share(request.params["share_id"], signed.signer_id, first, count)
@@ -56,6 +59,7 @@ def build_app(service: StorageService) -> App:
         return Response(200, read.body, headers)
 
     async def delete_share(request: Request) -> Response:
+        parse_share_id(request.params["share_id"])
         signed = request.verify_signature(await request.body(0), service.guard)
         await service.release(request.params["share_id"], signed.signer_id)
         return Response(204)
@@ -72,4 +76,10 @@ def build_app(service: StorageService) -> App:
     router.add("GET", SHARE_PATH, get_share)
     router.add("DELETE", SHARE_PATH, delete_share)
     router.add("POST", "/v1/challenges", challenge)
+
+    async def bad_share_path(request: Request) -> Response:
+        raise RemoteProtocolError("invalid share id: expected exactly 64 lowercase hex characters")
+
+    for method in ("PUT", "GET", "DELETE"):  # any other path under /v1/shares/ is a malformed share id: 400
+        router.add(method, "/v1/shares/.*", bad_share_path)
     return App(router, on_response=service.metrics.count_request)

@@ -128,3 +128,29 @@ async def store(client: httpx.AsyncClient, node: RunningNode, mediator: Mediator
     response = await put_share(client, node, mediator.seal(grant), data, grant.share_id)
     assert response.status_code == 201, response.text
     return grant, Envelope.from_json(response.json()["receipt"], kind="receipt")
+
+
+async def raw_request(url: str, head: bytes, body: bytes = b"", read_limit: int = 1 << 16) -> int:
+    """Send bytes exactly as given (no client-side path normalisation) and return the status code."""
+    host, port = httpx.URL(url).host, httpx.URL(url).port
+    assert port is not None
+    stream = await trio.open_tcp_stream(host, port)
+    async with stream:
+        await stream.send_all(head + body)
+        received = b""
+        with trio.move_on_after(10):
+            while b"\r\n" not in received and len(received) < read_limit:
+                chunk = await stream.receive_some(4096)
+                if not chunk:
+                    break
+                received += chunk
+    assert received.startswith(b"HTTP/1.1 "), received[:100]
+    return int(received[9:12])
+
+
+def listed_files(node: RunningNode) -> set[str]:
+    """Every file in the node's share folders (to check that refused uploads leave nothing behind)."""
+    found = set()
+    for share_dir in node.settings.share_dirs:
+        found |= {str(p.relative_to(share_dir.path)) for p in share_dir.path.rglob("*") if p.is_file()}
+    return found
