@@ -1,0 +1,155 @@
+"""Storage audits as pure round logic: challenges, judging answers, retries, and reputation.
+
+One audit of one node in one round is a :class:`NodeAudit` value. It starts with a fresh 32-byte nonce
+(``os.urandom``) and every share the node must hold. Each answer moves shares from *pending* to *proven* or
+*lost*; a node that does not answer, or answers only part, is asked again **with the same nonce and round**,
+hence for the same leaves, so a slow node gains nothing by stalling (it cannot wait for an easier question).
+After ``retries`` extra attempts the shares still pending count as unanswered.
+
+Why each cheat fails:
+
+* keeping only the Merkle tree: the answer must carry raw leaf bytes, which the verifier hashes itself;
+* replaying an old answer: the nonce (and round id) differ, so every share in it is refused;
+* answering for deleted shares: the leaves cannot be produced; a share listed as not held is lost.
+
+Reputation is Laplace-smoothed: ``(passed + 1) / (passed + failed + 2)`` over whole rounds, so a new node
+starts at 0.5. A round fails if any share is lost; a round in which the node never answered is *unreachable*:
+it lowers the reputation like a failure but does not count towards disqualification, because outages are
+handled by the offline timer (``node_offline_after``): shares of an offline node are repaired elsewhere, and
+the node is welcome back. ``disqualify_after`` consecutive failed rounds disqualify a node for good.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, replace
+
+from fincryptfs.core.challenge import NONCE_BYTES, verify_share_proof
+from fincryptfs.core.errors import IntegrityError
+from fincryptfs.core.messages import Challenge, ProofResponse
+
+
+@dataclass(frozen=True)
+class AuditedShare:
+    share_id: str
+    root: bytes
+    size: int
+
+
+@dataclass(frozen=True)
+class NodeAudit:
+    """The state of one node's audit in one round."""
+
+    mediator_id: str
+    node_id: str
+    round_id: int
+    nonce: bytes
+    leaves_per_share: int
+    shares: Mapping[str, AuditedShare]
+    pending: frozenset[str]
+    proven: frozenset[str] = frozenset()
+    lost: Mapping[str, str] = field(default_factory=dict)  # share id → reason
+    attempts: int = 0
+    answered: bool = False
+
+    @property
+    def challenge(self) -> Challenge:
+        """The challenge for the shares still pending (same nonce every attempt, so the same leaves)."""
+        return Challenge(self.mediator_id, self.node_id, self.round_id, self.nonce, self.leaves_per_share,
+                         tuple(sorted(self.pending)))
+
+
+def start_audit(mediator_id: str, node_id: str, round_id: int, shares: Iterable[AuditedShare],
+                leaves_per_share: int, nonce: bytes | None = None) -> NodeAudit:
+    nonce = os.urandom(NONCE_BYTES) if nonce is None else nonce
+    by_id = {s.share_id: s for s in shares}
+    return NodeAudit(mediator_id, node_id, round_id, nonce, leaves_per_share, by_id, frozenset(by_id))
+
+
+def judge_response(audit: NodeAudit, response: ProofResponse) -> NodeAudit:
+    """Apply one (signature-checked) answer: verified shares are proven, bad or missing ones lost."""
+    audit = replace(audit, attempts=audit.attempts + 1, answered=True)
+    lost = dict(audit.lost)
+    if (response.node_id, response.mediator_id, response.round_id, response.nonce) != (
+            audit.node_id, audit.mediator_id, audit.round_id, audit.nonce):
+        for share_id in audit.pending:
+            lost[share_id] = "answer is for another round, node or mediator (replayed?)"
+        return replace(audit, pending=frozenset(), lost=lost)
+    proven = set(audit.proven)
+    pending = set(audit.pending)
+    for share_id in response.missing:
+        if share_id in pending:
+            pending.discard(share_id)
+            lost[share_id] = "node says it does not hold the share"
+    for proof in response.proofs:
+        if proof.share_id not in pending:
+            continue
+        share = audit.shares[proof.share_id]
+        pending.discard(proof.share_id)
+        try:
+            verify_share_proof(audit.nonce, share.share_id, share.root, share.size, audit.leaves_per_share, proof)
+        except IntegrityError as exc:
+            lost[proof.share_id] = str(exc)
+        else:
+            proven.add(proof.share_id)
+    return replace(audit, pending=frozenset(pending), proven=frozenset(proven), lost=lost)
+
+
+def missed(audit: NodeAudit) -> NodeAudit:
+    """The node could not be reached or its answer was unusable: one attempt spent."""
+    return replace(audit, attempts=audit.attempts + 1)
+
+
+def is_finished(audit: NodeAudit, retries: int) -> bool:
+    return not audit.pending or audit.attempts > retries
+
+
+@dataclass(frozen=True)
+class AuditOutcome:
+    result: str  # passed | failed | unreachable
+    proven: frozenset[str]
+    lost: Mapping[str, str]
+    unanswered: frozenset[str]
+    bytes_proven: int
+
+    @property
+    def detail(self) -> str:
+        if self.result == "passed":
+            return f"{len(self.proven)} shares proven"
+        reasons = sorted(set(self.lost.values()))[:3]
+        return (f"{len(self.proven)} proven, {len(self.lost)} lost, {len(self.unanswered)} unanswered"
+                + (": " + "; ".join(reasons) if reasons else ""))
+
+
+def outcome(audit: NodeAudit) -> AuditOutcome:
+    """The verdict once finished. Unanswered shares of a node that answered count as lost."""
+    bytes_proven = sum(audit.shares[s].size for s in audit.proven)
+    if not audit.answered:
+        return AuditOutcome("unreachable", audit.proven, dict(audit.lost), audit.pending, bytes_proven)
+    lost = dict(audit.lost)
+    for share_id in audit.pending:
+        lost[share_id] = "no answer for this share after every retry"
+    result = "passed" if not lost else "failed"
+    return AuditOutcome(result, audit.proven, lost, frozenset(), bytes_proven)
+
+
+@dataclass(frozen=True)
+class NodeVerdict:
+    reputation: float
+    counts_toward_disqualification: bool
+    disqualify: bool
+
+
+def reputation(passed: int, failed: int) -> float:
+    return (passed + 1) / (passed + failed + 2)
+
+
+def node_verdict(result: str, passed: int, failed: int, consecutive_failures: int,
+                 disqualify_after: int) -> NodeVerdict:
+    """How one round's result changes a node's record (see the module docstring)."""
+    if result == "passed":
+        return NodeVerdict(reputation(passed + 1, failed), False, False)
+    counts = result == "failed"
+    disqualify = counts and consecutive_failures + 1 >= disqualify_after
+    return NodeVerdict(reputation(passed, failed + 1), counts, disqualify)

@@ -1,0 +1,88 @@
+"""The mediator daemon: one nursery holding the HTTP server and the periodic upkeep loops.
+
+``serve(settings, task_status=...)`` opens the database and identity key in ``data_dir``, starts hypercorn,
+then reports the base URL through ``task_status`` (port 0 works). Loops: offline detection and share releases
+every few seconds (bounded by the audit period), an audit round every ``audit_period`` followed by a repair
+pass. Cancelling the nursery stops everything; nothing outlives it.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import time
+from pathlib import Path
+
+import httpx
+import trio
+
+from fincryptfs.asgi import serve_app
+from fincryptfs.core.identity import SigningKey, decode_identity_file, encode_identity_file
+from fincryptfs.core.settings import MediatorSettings
+from fincryptfs.rpc import new_client
+
+from . import upkeep
+from .app import build_app
+from .db import MediatorDB
+from .service import MediatorService
+
+log = logging.getLogger(__name__)
+IDENTITY_FILE = "identity.key"
+DATABASE_FILE = "mediator.sqlite3"
+
+
+def load_identity(data_dir: Path) -> SigningKey:
+    """The mediator's key, created (mode 0600) on first start."""
+    path = data_dir / IDENTITY_FILE
+    if path.exists():
+        return decode_identity_file(path.read_bytes(), source=str(path))
+    key = SigningKey.generate()
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+    with os.fdopen(fd, "wb") as handle:
+        handle.write(encode_identity_file(key))
+        handle.flush()
+        os.fsync(handle.fileno())
+    return key
+
+
+def open_service(settings: MediatorSettings) -> MediatorService:
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    return MediatorService(settings, load_identity(settings.data_dir), MediatorDB(settings.data_dir / DATABASE_FILE))
+
+
+async def audit_and_repair_loop(service: MediatorService, client: httpx.AsyncClient) -> None:
+    while True:
+        await trio.sleep(service.settings.audit_period)
+        await upkeep.audit_round(service, client, time.time())
+        await upkeep.repair_pass(service, client, time.time())
+
+
+async def housekeeping_loop(service: MediatorService, client: httpx.AsyncClient) -> None:
+    interval = min(5.0, service.settings.audit_period / 2, service.settings.node_offline_after / 4)
+    while True:
+        upkeep.offline_pass(service, time.time())
+        await upkeep.release_pass(service, client, time.time())
+        await trio.sleep(interval)
+
+
+async def run_service(service: MediatorService, *, upkeep_loops: bool = True,
+                      task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+    """Serve an opened service; ``upkeep_loops=False`` lets tests drive audits and repairs pass by pass."""
+    settings = service.settings
+    async with new_client() as client, trio.open_nursery() as nursery:
+        url = await nursery.start(serve_app, build_app(service), settings.listen[0], settings.listen[1])
+        log.info("mediator %s listening on %s", service.id[:16], url)
+        if upkeep_loops:
+            nursery.start_soon(audit_and_repair_loop, service, client)
+            nursery.start_soon(housekeeping_loop, service, client)
+        task_status.started(url)
+
+
+async def serve(settings: MediatorSettings, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
+                ) -> None:
+    """Run the mediator until cancelled; reports its base URL once it accepts connections."""
+    service = open_service(settings)
+    try:
+        await run_service(service, task_status=task_status)
+    finally:
+        service.db.close()

@@ -1,0 +1,381 @@
+"""The mediator's state in one SQLite file (WAL): nodes, accounts, objects, shares, grants, audits, pointers.
+
+Only this module speaks SQL. Every method is one short transaction, so the event loop never waits long on
+the database; callers pass ``now`` (Unix seconds) so that time stays a parameter, not a hidden global.
+
+Audit records are the billing seam: ``audit_passes`` holds one row per passed (round, node) with the shares and
+bytes proven, keyed by (round_id, node_id) and written with INSERT OR IGNORE, so recording a pass twice (a
+retry, a restart) never credits a node twice.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from collections.abc import Iterator, Sequence
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from fincryptfs.core.layout import ObjectLayout
+from fincryptfs.core.messages import layout_from_json, layout_to_json
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS nodes (
+    node_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, url TEXT NOT NULL, price INTEGER,
+    capacity INTEGER NOT NULL, free INTEGER NOT NULL, operator TEXT NOT NULL DEFAULT '',
+    payout_address TEXT, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
+    state TEXT NOT NULL DEFAULT 'online', reputation REAL NOT NULL DEFAULT 0.5,
+    passed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
+    consecutive_failures INTEGER NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS accounts (
+    account_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, created_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS objects (
+    object_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, layout TEXT NOT NULL, state TEXT NOT NULL,
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS objects_by_account ON objects(account_id);
+CREATE TABLE IF NOT EXISTS shares (
+    share_id TEXT PRIMARY KEY, object_id TEXT NOT NULL, idx INTEGER NOT NULL, node_id TEXT NOT NULL,
+    root BLOB NOT NULL, size INTEGER NOT NULL, state TEXT NOT NULL, updated_at REAL NOT NULL,
+    UNIQUE (object_id, idx)
+);
+CREATE INDEX IF NOT EXISTS shares_by_node ON shares(node_id, state);
+CREATE TABLE IF NOT EXISTS grants (
+    grant_id TEXT PRIMARY KEY, share_id TEXT NOT NULL, node_id TEXT NOT NULL, account_id TEXT NOT NULL,
+    size INTEGER NOT NULL, root BLOB NOT NULL, expires_at REAL NOT NULL, used INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS grants_by_node ON grants(node_id, used, expires_at);
+CREATE INDEX IF NOT EXISTS grants_by_share ON grants(share_id);
+CREATE TABLE IF NOT EXISTS audit_rounds (
+    round_id INTEGER NOT NULL, node_id TEXT NOT NULL, nonce BLOB NOT NULL, started_at REAL NOT NULL,
+    finished_at REAL, result TEXT NOT NULL DEFAULT 'pending', detail TEXT NOT NULL DEFAULT '',
+    PRIMARY KEY (round_id, node_id)
+);
+CREATE TABLE IF NOT EXISTS audit_passes (
+    round_id INTEGER NOT NULL, node_id TEXT NOT NULL, shares_proven INTEGER NOT NULL,
+    bytes_proven INTEGER NOT NULL, passed_at REAL NOT NULL, PRIMARY KEY (round_id, node_id)
+);
+CREATE TABLE IF NOT EXISTS pointers (
+    account_id TEXT PRIMARY KEY, version INTEGER NOT NULL, envelope TEXT NOT NULL, updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS releases (
+    share_id TEXT NOT NULL, node_id TEXT NOT NULL, attempts INTEGER NOT NULL DEFAULT 0,
+    next_try REAL NOT NULL, PRIMARY KEY (share_id, node_id)
+);
+CREATE TABLE IF NOT EXISTS repairs (
+    repair_id INTEGER PRIMARY KEY AUTOINCREMENT, object_id TEXT NOT NULL, started_at REAL NOT NULL,
+    result TEXT NOT NULL, shares_rebuilt INTEGER NOT NULL DEFAULT 0, detail TEXT NOT NULL DEFAULT ''
+);
+"""
+
+# share states: placed (granted, not yet committed) → stored (receipt verified) → proven / lost
+HEALTHY_SHARE_STATES = ("stored", "proven")
+
+
+@dataclass(frozen=True)
+class NodeRow:
+    node_id: str
+    public_key: bytes
+    url: str
+    price: int | None
+    capacity: int
+    free: int
+    operator: str
+    payout_address: str | None
+    first_seen: float
+    last_seen: float
+    state: str
+    reputation: float
+    passed: int
+    failed: int
+    consecutive_failures: int
+
+
+@dataclass(frozen=True)
+class ShareRow:
+    share_id: str
+    object_id: str
+    idx: int
+    node_id: str
+    root: bytes
+    size: int
+    state: str
+
+
+@dataclass(frozen=True)
+class ObjectRow:
+    object_id: str
+    account_id: str
+    layout: ObjectLayout
+    state: str
+    created_at: float
+
+
+@dataclass(frozen=True)
+class GrantRow:
+    grant_id: str
+    share_id: str
+    node_id: str
+    account_id: str
+    size: int
+    root: bytes
+    expires_at: float
+    used: bool
+
+
+class MediatorDB:
+    """One connection, used from the event loop thread only (each call is a short transaction)."""
+
+    def __init__(self, path: Path | str) -> None:
+        self.path = path
+        self._conn = sqlite3.connect(str(path), isolation_level=None, check_same_thread=False)
+        self._conn.execute("PRAGMA journal_mode=WAL")
+        self._conn.execute("PRAGMA synchronous=NORMAL")
+        self._conn.execute("PRAGMA foreign_keys=ON")
+        self._conn.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._conn.close()
+
+    @contextmanager
+    def transaction(self) -> Iterator[sqlite3.Connection]:
+        self._conn.execute("BEGIN IMMEDIATE")
+        try:
+            yield self._conn
+        except BaseException:
+            self._conn.execute("ROLLBACK")
+            raise
+        self._conn.execute("COMMIT")
+
+    def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
+        row = self._conn.execute(sql, args).fetchone()
+        return None if row is None else row[0]
+
+    # --- nodes ----------------------------------------------------------------------------------------------
+
+    def upsert_node(self, *, node_id: str, public_key: bytes, url: str, price: int | None, capacity: int,
+                    free: int, operator: str, payout_address: str | None, now: float) -> None:
+        """Record an announcement; a disqualified node stays disqualified, an offline one comes back online."""
+        self._conn.execute(
+            "INSERT INTO nodes (node_id, public_key, url, price, capacity, free, operator, payout_address,"
+            " first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(node_id) DO UPDATE SET"
+            " url=excluded.url, price=excluded.price, capacity=excluded.capacity, free=excluded.free,"
+            " operator=excluded.operator, payout_address=excluded.payout_address, last_seen=excluded.last_seen,"
+            " state=CASE WHEN state='disqualified' THEN state ELSE 'online' END",
+            (node_id, public_key, url, price, capacity, free, operator, payout_address, now, now))
+
+    def touch_node(self, node_id: str, now: float) -> None:
+        self._conn.execute("UPDATE nodes SET last_seen=?, state=CASE WHEN state='offline' THEN 'online'"
+                           " ELSE state END WHERE node_id=?", (now, node_id))
+
+    def node(self, node_id: str) -> NodeRow | None:
+        row = self._conn.execute("SELECT * FROM nodes WHERE node_id=?", (node_id,)).fetchone()
+        return None if row is None else NodeRow(*row)
+
+    def nodes(self, state: str | None = None) -> list[NodeRow]:
+        if state is None:
+            rows = self._conn.execute("SELECT * FROM nodes ORDER BY node_id").fetchall()
+        else:
+            rows = self._conn.execute("SELECT * FROM nodes WHERE state=? ORDER BY node_id", (state,)).fetchall()
+        return [NodeRow(*r) for r in rows]
+
+    def mark_offline(self, cutoff: float) -> list[str]:
+        """Nodes online but unseen since ``cutoff`` become offline; returns their ids."""
+        ids = [r[0] for r in self._conn.execute(
+            "SELECT node_id FROM nodes WHERE state='online' AND last_seen < ?", (cutoff,))]
+        if ids:
+            self._conn.executemany("UPDATE nodes SET state='offline' WHERE node_id=?", [(i,) for i in ids])
+        return ids
+
+    def record_node_outcome(self, node_id: str, *, passed: bool, counts_toward_disqualification: bool,
+                            reputation: float, disqualify: bool) -> None:
+        if passed:
+            self._conn.execute("UPDATE nodes SET passed=passed+1, consecutive_failures=0, reputation=?"
+                               " WHERE node_id=?", (reputation, node_id))
+            return
+        self._conn.execute(
+            "UPDATE nodes SET failed=failed+1, consecutive_failures=consecutive_failures+?, reputation=?,"
+            " state=CASE WHEN ? THEN 'disqualified' ELSE state END WHERE node_id=?",
+            (1 if counts_toward_disqualification else 0, reputation, 1 if disqualify else 0, node_id))
+
+    def pending_grant_bytes(self, now: float) -> dict[str, int]:
+        rows = self._conn.execute("SELECT node_id, SUM(size) FROM grants WHERE used=0 AND expires_at>?"
+                                  " GROUP BY node_id", (now,))
+        return {r[0]: r[1] for r in rows}
+
+    # --- accounts and objects -------------------------------------------------------------------------------
+
+    def ensure_account(self, account_id: str, public_key: bytes, now: float) -> None:
+        self._conn.execute("INSERT OR IGNORE INTO accounts VALUES (?,?,?)", (account_id, public_key, now))
+
+    def object(self, object_id: str) -> ObjectRow | None:
+        row = self._conn.execute("SELECT object_id, account_id, layout, state, created_at FROM objects"
+                                 " WHERE object_id=?", (object_id,)).fetchone()
+        if row is None:
+            return None
+        return ObjectRow(row[0], row[1], layout_from_json(json.loads(row[2])), row[3], row[4])
+
+    def insert_object(self, object_id: str, account_id: str, layout: ObjectLayout, now: float) -> None:
+        self._conn.execute("INSERT INTO objects VALUES (?,?,?,?,?)",
+                           (object_id, account_id, json.dumps(layout_to_json(layout)), "pending", now))
+
+    def set_object_state(self, object_id: str, state: str) -> None:
+        self._conn.execute("UPDATE objects SET state=? WHERE object_id=?", (state, object_id))
+
+    def objects_of(self, account_id: str) -> list[ObjectRow]:
+        rows = self._conn.execute("SELECT object_id, account_id, layout, state, created_at FROM objects"
+                                  " WHERE account_id=?", (account_id,)).fetchall()
+        return [ObjectRow(r[0], r[1], layout_from_json(json.loads(r[2])), r[3], r[4]) for r in rows]
+
+    def committed_object_ids(self) -> list[str]:
+        return [r[0] for r in self._conn.execute("SELECT object_id FROM objects WHERE state!='pending'")]
+
+    def delete_object(self, object_id: str, now: float) -> list[ShareRow]:
+        """Forget an object; its shares move to the release queue. Returns the released shares."""
+        with self.transaction() as conn:
+            shares = self.shares_of(object_id)
+            conn.executemany("INSERT OR IGNORE INTO releases VALUES (?,?,0,?)",
+                             [(s.share_id, s.node_id, now) for s in shares])
+            conn.execute("DELETE FROM shares WHERE object_id=?", (object_id,))
+            conn.executemany("DELETE FROM grants WHERE share_id=?", [(s.share_id,) for s in shares])
+            conn.execute("DELETE FROM objects WHERE object_id=?", (object_id,))
+        return shares
+
+    # --- shares and grants ----------------------------------------------------------------------------------
+
+    def shares_of(self, object_id: str) -> list[ShareRow]:
+        rows = self._conn.execute("SELECT share_id, object_id, idx, node_id, root, size, state FROM shares"
+                                  " WHERE object_id=? ORDER BY idx", (object_id,)).fetchall()
+        return [ShareRow(*r) for r in rows]
+
+    def share(self, share_id: str) -> ShareRow | None:
+        row = self._conn.execute("SELECT share_id, object_id, idx, node_id, root, size, state FROM shares"
+                                 " WHERE share_id=?", (share_id,)).fetchone()
+        return None if row is None else ShareRow(*row)
+
+    def put_share(self, share: ShareRow, now: float) -> None:
+        self._conn.execute(
+            "INSERT INTO shares VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(share_id) DO UPDATE SET"
+            " node_id=excluded.node_id, state=excluded.state, updated_at=excluded.updated_at",
+            (share.share_id, share.object_id, share.idx, share.node_id, share.root, share.size, share.state, now))
+
+    def set_share_states(self, share_ids: Sequence[str], state: str, now: float) -> None:
+        self._conn.executemany("UPDATE shares SET state=?, updated_at=? WHERE share_id=?",
+                               [(state, now, s) for s in share_ids])
+
+    def audit_targets(self) -> dict[str, list[ShareRow]]:
+        """Per online node, the committed shares it must hold (stored or proven)."""
+        rows = self._conn.execute(
+            "SELECT s.share_id, s.object_id, s.idx, s.node_id, s.root, s.size, s.state FROM shares s"
+            " JOIN nodes n ON n.node_id = s.node_id WHERE n.state='online' AND s.state IN ('stored','proven')"
+            " ORDER BY s.node_id").fetchall()
+        result: dict[str, list[ShareRow]] = {}
+        for r in rows:
+            result.setdefault(r[3], []).append(ShareRow(*r))
+        return result
+
+    def insert_grant(self, grant: GrantRow) -> None:
+        self._conn.execute("INSERT INTO grants VALUES (?,?,?,?,?,?,?,?)",
+                           (grant.grant_id, grant.share_id, grant.node_id, grant.account_id, grant.size,
+                            grant.root, grant.expires_at, int(grant.used)))
+
+    def grant(self, grant_id: str) -> GrantRow | None:
+        row = self._conn.execute("SELECT * FROM grants WHERE grant_id=?", (grant_id,)).fetchone()
+        return None if row is None else GrantRow(*row[:7], bool(row[7]))
+
+    def mark_grants_used(self, grant_ids: Sequence[str]) -> None:
+        self._conn.executemany("UPDATE grants SET used=1 WHERE grant_id=?", [(g,) for g in grant_ids])
+
+    # --- audits ---------------------------------------------------------------------------------------------
+
+    def next_round_id(self) -> int:
+        value = self._one("SELECT MAX(round_id) FROM audit_rounds")
+        return 1 if value is None else int(value) + 1
+
+    def start_round(self, round_id: int, node_id: str, nonce: bytes, now: float) -> None:
+        self._conn.execute("INSERT OR IGNORE INTO audit_rounds (round_id, node_id, nonce, started_at)"
+                           " VALUES (?,?,?,?)", (round_id, node_id, nonce, now))
+
+    def finish_round(self, round_id: int, node_id: str, result: str, detail: str, now: float) -> None:
+        self._conn.execute("UPDATE audit_rounds SET result=?, detail=?, finished_at=? WHERE round_id=? AND"
+                           " node_id=?", (result, detail[:500], now, round_id, node_id))
+
+    def record_pass(self, round_id: int, node_id: str, shares_proven: int, bytes_proven: int, now: float) -> bool:
+        """Idempotent: returns False if this (round, node) pass was already recorded."""
+        cur = self._conn.execute("INSERT OR IGNORE INTO audit_passes VALUES (?,?,?,?,?)",
+                                 (round_id, node_id, shares_proven, bytes_proven, now))
+        return cur.rowcount == 1
+
+    def audit_passes(self, node_id: str | None = None) -> list[tuple[int, str, int, int, float]]:
+        if node_id is None:
+            return list(self._conn.execute("SELECT * FROM audit_passes ORDER BY round_id, node_id"))
+        return list(self._conn.execute("SELECT * FROM audit_passes WHERE node_id=? ORDER BY round_id",
+                                       (node_id,)))
+
+    def round_results(self, node_id: str) -> list[tuple[int, str, str]]:
+        return list(self._conn.execute("SELECT round_id, result, detail FROM audit_rounds WHERE node_id=?"
+                                       " ORDER BY round_id", (node_id,)))
+
+    # --- pointers -------------------------------------------------------------------------------------------
+
+    def pointer(self, account_id: str) -> tuple[int, str] | None:
+        row = self._conn.execute("SELECT version, envelope FROM pointers WHERE account_id=?",
+                                 (account_id,)).fetchone()
+        return None if row is None else (row[0], row[1])
+
+    def put_pointer(self, account_id: str, version: int, envelope: str, now: float) -> int | None:
+        """Compare-and-set: store iff version == current + 1; returns None on success, else the current one."""
+        with self.transaction() as conn:
+            current = self._one("SELECT version FROM pointers WHERE account_id=?", (account_id,)) or 0
+            if version != current + 1:
+                return int(current)
+            conn.execute("INSERT OR REPLACE INTO pointers VALUES (?,?,?,?)", (account_id, version, envelope, now))
+        return None
+
+    # --- releases and repairs -------------------------------------------------------------------------------
+
+    def due_releases(self, now: float, limit: int = 100) -> list[tuple[str, str, int]]:
+        return list(self._conn.execute("SELECT share_id, node_id, attempts FROM releases WHERE next_try<=?"
+                                       " ORDER BY next_try LIMIT ?", (now, limit)))
+
+    def queue_release(self, share_id: str, node_id: str, now: float) -> None:
+        self._conn.execute("INSERT OR IGNORE INTO releases VALUES (?,?,0,?)", (share_id, node_id, now))
+
+    def release_done(self, share_id: str, node_id: str) -> None:
+        self._conn.execute("DELETE FROM releases WHERE share_id=? AND node_id=?", (share_id, node_id))
+
+    def release_retry(self, share_id: str, node_id: str, next_try: float) -> None:
+        self._conn.execute("UPDATE releases SET attempts=attempts+1, next_try=? WHERE share_id=? AND node_id=?",
+                           (next_try, share_id, node_id))
+
+    def record_repair(self, object_id: str, result: str, rebuilt: int, detail: str, now: float) -> None:
+        self._conn.execute("INSERT INTO repairs (object_id, started_at, result, shares_rebuilt, detail)"
+                           " VALUES (?,?,?,?,?)", (object_id, now, result, rebuilt, detail[:500]))
+
+    def repairs(self) -> list[tuple[str, str, int, str]]:
+        return list(self._conn.execute("SELECT object_id, result, shares_rebuilt, detail FROM repairs"
+                                       " ORDER BY repair_id"))
+
+    # --- metrics --------------------------------------------------------------------------------------------
+
+    def counts(self) -> dict[str, int]:
+        one = self._one
+        return {
+            "nodes_online": one("SELECT COUNT(*) FROM nodes WHERE state='online'"),
+            "nodes_offline": one("SELECT COUNT(*) FROM nodes WHERE state='offline'"),
+            "nodes_disqualified": one("SELECT COUNT(*) FROM nodes WHERE state='disqualified'"),
+            "objects": one("SELECT COUNT(*) FROM objects WHERE state!='pending'"),
+            "objects_irreparable": one("SELECT COUNT(*) FROM objects WHERE state='irreparable'"),
+            "shares_healthy": one("SELECT COUNT(*) FROM shares s JOIN nodes n ON n.node_id=s.node_id"
+                                  " WHERE s.state IN ('stored','proven') AND n.state='online'"),
+            "shares_lost": one("SELECT COUNT(*) FROM shares WHERE state='lost'"),
+            "audits_passed": one("SELECT COUNT(*) FROM audit_rounds WHERE result='passed'"),
+            "audits_failed": one("SELECT COUNT(*) FROM audit_rounds WHERE result IN ('failed','unreachable')"),
+            "repairs_done": one("SELECT COUNT(*) FROM repairs WHERE result='repaired'"),
+            "repairs_failed": one("SELECT COUNT(*) FROM repairs WHERE result NOT IN ('repaired')"),
+            "releases_pending": one("SELECT COUNT(*) FROM releases"),
+        }

@@ -1,0 +1,47 @@
+"""The node registry: announcements, liveness, and the view of nodes that pricing and placement use.
+
+A node is *online* after an announcement or an answered audit, *offline* once unseen for
+``node_offline_after`` seconds (its shares then stop counting as healthy and are repaired elsewhere), and back
+online with its next announcement. *Disqualified* is final (see :mod:`mediatord.audit`).
+"""
+
+from __future__ import annotations
+
+from fincryptfs.core.errors import ForbiddenError
+from fincryptfs.core.identity import PublicKey
+from fincryptfs.core.messages import NodeAnnouncement
+
+from .db import MediatorDB, NodeRow
+from .placement import Candidate
+from .policies import AcceptanceRule, MarketView, PricingScheme
+
+
+def announce(db: MediatorDB, signer: PublicKey, ann: NodeAnnouncement, rule: AcceptanceRule, now: float) -> None:
+    """Record a signed announcement; the signer must be the node it describes."""
+    if signer.id != ann.node_id:
+        raise ForbiddenError("an announcement must be signed by the node it announces (node_id = signer's id)")
+    rule.admit(ann.node_id, ann.capacity_bytes)
+    existing = db.node(ann.node_id)
+    if existing is not None and existing.state == "disqualified":
+        raise ForbiddenError("this node was disqualified after repeatedly failing storage audits")
+    db.upsert_node(node_id=ann.node_id, public_key=signer.raw, url=ann.url, price=ann.price,
+                   capacity=ann.capacity_bytes, free=ann.free_bytes, operator=ann.operator,
+                   payout_address=ann.payout_address, now=now)
+
+
+def mark_offline(db: MediatorDB, now: float, offline_after: float) -> list[str]:
+    return db.mark_offline(now - offline_after)
+
+
+def market_view(nodes: list[NodeRow]) -> MarketView:
+    online = [n for n in nodes if n.state == "online"]
+    return MarketView(tuple(n.price for n in online if n.price is not None),
+                      sum(n.capacity for n in online), sum(n.free for n in online))
+
+
+def candidates(db: MediatorDB, pricing: PricingScheme, now: float) -> list[Candidate]:
+    nodes = db.nodes()
+    market = market_view(nodes)
+    pending = db.pending_grant_bytes(now)
+    return [Candidate(n.node_id, n.url, pricing.node_price(n.price, market), n.free - pending.get(n.node_id, 0),
+                      n.operator, n.reputation, n.state == "online") for n in nodes]

@@ -1,0 +1,307 @@
+"""The mediator's request logic: placement, commit, objects, pointers and accounts, over the database.
+
+Callers (the HTTP app) have already authenticated the signer; every method here takes the signer's id or
+key, checks what that signer may do, validates *everything* before writing, and writes in one transaction, so a
+refused request changes nothing.
+
+``happy`` (receipts needed to commit) is ``max(n - 1, k + 1)`` capped at n: an object must survive the loss of
+one more node than the bare minimum before the client may forget its local copy.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from typing import Any
+
+from fincryptfs.core.errors import AuthError, ForbiddenError, PolicyError, RemoteProtocolError
+from fincryptfs.core.identity import PublicKey, SigningKey
+from fincryptfs.core.ids import AccountId, NodeId, ObjectId, ShareId, parse_node_id, parse_share_id
+from fincryptfs.core.layout import ObjectLayout
+from fincryptfs.core.messages import (
+    CommitRequest,
+    ManifestPointer,
+    NodeAnnouncement,
+    Placement,
+    PlaceRequest,
+    StorageReceipt,
+    UploadGrant,
+    layout_to_json,
+)
+from fincryptfs.core.settings import MediatorSettings
+from fincryptfs.core.wire import Envelope, Fields, b64encode, decode_object
+
+from . import registry
+from .db import HEALTHY_SHARE_STATES, GrantRow, MediatorDB, ObjectRow, ShareRow
+from .placement import check_redundancy, place_shares, subnet_of
+from .policies import AcceptanceRule, PricingScheme, acceptance_rule, pricing_scheme
+
+GRANT_LIFETIME = 3600
+
+
+def happy_for(layout: ObjectLayout) -> int:
+    return min(layout.n, max(layout.n - 1, layout.k + 1))
+
+
+def repair_threshold(layout: ObjectLayout) -> int:
+    """Repair once fewer than this many shares are healthy: one loss is tolerated, two are repaired."""
+    return layout.n - 1
+
+
+@dataclass(frozen=True)
+class ObjectHealth:
+    healthy: int
+    total: int
+    state: str  # pending | healthy | degraded | irreparable
+
+    def to_json(self) -> dict[str, Any]:
+        return {"healthy": self.healthy, "total": self.total, "state": self.state}
+
+
+def object_health(obj: ObjectRow, shares: list[ShareRow], online_nodes: set[str]) -> ObjectHealth:
+    healthy = sum(1 for s in shares if s.state in HEALTHY_SHARE_STATES and s.node_id in online_nodes)
+    n, k = obj.layout.n, obj.layout.k
+    if obj.state == "pending":
+        state = "pending"
+    elif healthy < k:
+        state = "irreparable"
+    elif healthy < n:
+        state = "degraded"
+    else:
+        state = "healthy"
+    return ObjectHealth(healthy, n, state)
+
+
+class MediatorService:
+    def __init__(self, settings: MediatorSettings, key: SigningKey, db: MediatorDB) -> None:
+        self.settings = settings
+        self.key = key
+        self.id = NodeId(key.id)
+        self.db = db
+        self.pricing: PricingScheme = pricing_scheme(settings.pricing)
+        self.client_rule: AcceptanceRule = acceptance_rule(settings.accept_clients, "MEDIATORD_ACCEPT_CLIENTS")
+        self.node_rule: AcceptanceRule = acceptance_rule(settings.accept_nodes, "MEDIATORD_ACCEPT_NODES")
+
+    # --- nodes ----------------------------------------------------------------------------------------------
+
+    def announce(self, signer: PublicKey, body: object, now: float) -> dict[str, Any]:
+        ann = NodeAnnouncement.from_json(body)
+        registry.announce(self.db, signer, ann, self.node_rule, now)
+        return {"accepted": True, "mediator_id": self.id, "public_key": self.key.public.to_text(),
+                "next_announce_in": int(max(1, min(300, self.settings.node_offline_after / 3)))}
+
+    def online_node_ids(self) -> set[str]:
+        return {n.node_id for n in self.db.nodes("online")}
+
+    def node_list(self) -> dict[str, Any]:
+        nodes = self.db.nodes()
+        market = registry.market_view(nodes)
+        listed = [{"node_id": n.node_id, "url": n.url, "price": self.pricing.node_price(n.price, market),
+                   "free_bytes": n.free, "state": n.state, "reputation": f"{n.reputation:.3f}"} for n in nodes]
+        online = [n for n in nodes if n.state == "online"]
+        return {"nodes": listed, "capacity_bytes": sum(n.capacity for n in online),
+                "free_bytes": sum(n.free for n in online)}
+
+    def info(self) -> dict[str, Any]:
+        market = registry.market_view(self.db.nodes())
+        return {"mediator_id": self.id, "public_key": self.key.public.to_text(),
+                "min_expansion": f"{self.settings.min_expansion:g}",
+                "audit_period": f"{self.settings.audit_period:g}", "price": self.pricing.client_price(market),
+                "pricing": self.pricing.name}
+
+    # --- accounts -------------------------------------------------------------------------------------------
+
+    def _admit_client(self, signer: PublicKey, extra_bytes: int, now: float) -> AccountId:
+        account_id = AccountId(signer.id)
+        stored = sum(o.layout.share_size * o.layout.n for o in self.db.objects_of(account_id))
+        self.client_rule.admit(account_id, stored + extra_bytes)
+        self.db.ensure_account(account_id, signer.raw, now)
+        return account_id
+
+    def account(self, signer: PublicKey) -> dict[str, Any]:
+        objects = self.db.objects_of(signer.id)
+        by_state: dict[str, int] = {}
+        online = self.online_node_ids()
+        for obj in objects:
+            state = object_health(obj, self.db.shares_of(obj.object_id), online).state
+            by_state[state] = by_state.get(state, 0) + 1
+        return {"account_id": signer.id, "objects": len(objects),
+                "bytes_stored": sum(o.layout.share_size * o.layout.n for o in objects if o.state != "pending"),
+                "objects_by_state": by_state}
+
+    # --- placement and commit -------------------------------------------------------------------------------
+
+    def place(self, signer: PublicKey, body: object, now: float) -> list[Placement]:
+        req = PlaceRequest.from_json(body)
+        check_redundancy(req.layout, self.settings.min_expansion)
+        account_id = self._admit_client(signer, req.layout.share_size * len(req.shares), now)
+        obj = self.db.object(req.object_id)
+        if obj is not None:
+            self._check_owner(obj, account_id)
+            if obj.layout != req.layout:
+                raise PolicyError("object already exists with a different layout", status=409)
+        existing = {s.share_id: s for s in self.db.shares_of(req.object_id)} if obj else {}
+        by_index = {s.idx: s for s in existing.values()}
+        for spec in req.shares:
+            other = self.db.share(spec.share_id)
+            if other is not None and other.object_id != req.object_id:
+                raise PolicyError(f"share id {spec.share_id[:16]}… belongs to another object", status=409)
+            row = by_index.get(spec.index)
+            if row is not None and (row.share_id != spec.share_id or row.root != spec.merkle_root):
+                raise PolicyError(f"share {spec.index} of this object was placed with another id or root",
+                                  status=409)
+            if row is not None and row.state in HEALTHY_SHARE_STATES:
+                raise PolicyError(f"share {spec.index} is already stored; nothing to place", status=409)
+        replaced = {spec.index for spec in req.shares}
+        others = [s for s in existing.values() if s.idx not in replaced]
+        nodes = {n.node_id: n for n in self.db.nodes()}
+        holding = {s.node_id for s in others}
+        chosen = place_shares(
+            registry.candidates(self.db, self.pricing, now), len(req.shares), req.layout.share_size,
+            exclude=holding | set(req.exclude_nodes),
+            used_operators={nodes[h].operator for h in holding if h in nodes},
+            used_subnets={sn for h in holding if h in nodes if (sn := subnet_of(nodes[h].url)) is not None},
+            min_reputation=self.node_rule.min_reputation)
+        placements = []
+        with self.db.transaction():
+            if obj is None:
+                self.db.insert_object(req.object_id, account_id, req.layout, now)
+            for spec, node in zip(req.shares, chosen, strict=True):
+                grant = self.issue_grant(node.node_id, account_id, spec.share_id, spec.share_size,
+                                         spec.merkle_root, now)
+                self.db.put_share(ShareRow(spec.share_id, req.object_id, spec.index, node.node_id,
+                                           spec.merkle_root, spec.share_size, "placed"), now)
+                placements.append(Placement(spec.index, NodeId(node.node_id), node.url, grant))
+        return placements
+
+    def issue_grant(self, node_id: str, account_id: str, share_id: str, size: int, root: bytes,
+                    now: float) -> Envelope:
+        """Sign a single-use upload grant and remember it (its bytes count as promised to the node)."""
+        grant = UploadGrant(self.id, NodeId(node_id), AccountId(account_id), ShareId(share_id), size, root,
+                            int(now) + GRANT_LIFETIME, os.urandom(16).hex())
+        self.db.insert_grant(GrantRow(grant.grant_id, share_id, node_id, account_id, size, root,
+                                      grant.expires_at, False))
+        return grant.seal(self.key)
+
+    def check_receipt(self, envelope: Envelope, *, share_id: str, account_id: str, size: int,
+                      root: bytes) -> StorageReceipt:
+        """A receipt is good iff its node is the one we granted this share to, signing with its registered key."""
+        receipt = StorageReceipt.open(envelope)
+        if receipt.mediator_id != self.id:
+            raise AuthError(f"receipt for share {share_id[:16]}… names another mediator")
+        grant = self.db.grant(receipt.grant_id)
+        if grant is None or grant.share_id != share_id or grant.node_id != receipt.node_id:
+            raise AuthError(f"receipt for share {share_id[:16]}… answers no grant this mediator issued for that "
+                            "share and node")
+        if (grant.account_id, grant.size, grant.root) != (account_id, size, root) or (
+                receipt.account_id, receipt.share_size, receipt.merkle_root) != (account_id, size, root):
+            raise AuthError(f"receipt for share {share_id[:16]}… does not match its grant")
+        node = self.db.node(receipt.node_id)
+        if node is None or node.public_key != envelope.signer.raw:
+            raise AuthError(f"receipt for share {share_id[:16]}… is not signed by the registered key of node "
+                            f"{receipt.node_id[:16]}…")
+        return receipt
+
+    def commit(self, signer: PublicKey, body: object, now: float) -> dict[str, Any]:
+        req = CommitRequest.from_json(body)
+        account_id = AccountId(signer.id)
+        obj = self._owned_object(req.object_id, account_id)
+        if obj.layout != req.layout:
+            raise RemoteProtocolError("commit layout differs from the layout the object was placed with")
+        happy = happy_for(obj.layout)
+        if len(req.shares) < happy:
+            raise PolicyError(f"{len(req.shares)} receipts given; committing a {obj.layout.k}-of-{obj.layout.n} "
+                              f"object needs at least {happy}", status=422)
+        rows = {s.share_id: s for s in self.db.shares_of(obj.object_id)}
+        grants_used = []
+        for c in req.shares:
+            row = rows.get(c.share_id)
+            if row is None or row.idx != c.index:
+                raise RemoteProtocolError(f"share {c.index} ({c.share_id[:16]}…) was never placed for this object")
+            if row.root != c.merkle_root or row.size != c.share_size:
+                raise RemoteProtocolError(f"share {c.index}: root or size differs from the one placed")
+            receipt = self.check_receipt(c.receipt, share_id=c.share_id, account_id=account_id, size=row.size,
+                                         root=row.root)
+            grants_used.append(receipt.grant_id)
+        with self.db.transaction():
+            for c in req.shares:
+                row = rows[c.share_id]
+                state = row.state if row.state in HEALTHY_SHARE_STATES and row.node_id == c.node_id else "stored"
+                self.db.put_share(ShareRow(row.share_id, row.object_id, row.idx, c.node_id, row.root, row.size,
+                                           state), now)
+            self.db.mark_grants_used(grants_used)
+            if obj.state == "pending":
+                self.db.set_object_state(obj.object_id, "committed")
+        return {"committed": True}
+
+    # --- objects --------------------------------------------------------------------------------------------
+
+    def _check_owner(self, obj: ObjectRow, account_id: str) -> None:
+        if obj.account_id != account_id:
+            raise ForbiddenError("this object belongs to another account")
+
+    def _owned_object(self, object_id: ObjectId, account_id: str) -> ObjectRow:
+        obj = self.db.object(object_id)
+        if obj is None:
+            raise RemoteProtocolError(f"no object {object_id[:16]}… at this mediator", status=404)
+        self._check_owner(obj, account_id)
+        return obj
+
+    def object_status(self, signer: PublicKey, object_id: ObjectId) -> dict[str, Any]:
+        obj = self._owned_object(object_id, signer.id)
+        shares = self.db.shares_of(object_id)
+        nodes = {n.node_id: n for n in self.db.nodes()}
+        online = {n for n, row in nodes.items() if row.state == "online"}
+        listed = []
+        for s in shares:
+            node = nodes.get(s.node_id)
+            state = s.state if node is None or node.state == "online" or s.state not in HEALTHY_SHARE_STATES \
+                else f"node_{node.state}"
+            listed.append({"index": s.idx, "share_id": s.share_id, "node_id": s.node_id,
+                           "node_url": node.url if node else "", "merkle_root": b64encode(s.root),
+                           "share_size": s.size, "state": state})
+        return {"object_id": obj.object_id, "layout": layout_to_json(obj.layout), "shares": listed,
+                "health": object_health(obj, shares, online).to_json()}
+
+    def delete_object(self, signer: PublicKey, object_id: ObjectId, now: float) -> None:
+        self._owned_object(object_id, signer.id)
+        self.db.delete_object(object_id, now)
+
+    def report(self, signer: PublicKey, object_id: ObjectId, body: object) -> dict[str, Any]:
+        self._owned_object(object_id, signer.id)
+        f = Fields(body, "report")
+        share_id, node_id = parse_share_id(f.raw("share_id")), parse_node_id(f.raw("node_id"))
+        f.str("problem", max_len=200)
+        f.done()
+        share = self.db.share(share_id)
+        if share is None or share.object_id != object_id or share.node_id != node_id:
+            raise RemoteProtocolError("no such share of this object on that node", status=404)
+        return {"scheduled": True, "node_id": node_id}
+
+    # --- pointers -------------------------------------------------------------------------------------------
+
+    def get_pointer(self, signer: PublicKey) -> dict[str, Any]:
+        stored = self.db.pointer(signer.id)
+        if stored is None:
+            raise RemoteProtocolError("this account has no manifest pointer yet", status=404)
+        return {"pointer": decode_object(stored[1].encode())}
+
+    def put_pointer(self, signer: PublicKey, body: object, now: float) -> dict[str, Any]:
+        f = Fields(body, "pointer request")
+        envelope = Envelope.from_json(f.raw("pointer"), kind=ManifestPointer.KIND)
+        f.done()
+        pointer = ManifestPointer.open(envelope)
+        if pointer.account_id != signer.id:
+            raise ForbiddenError("the pointer must be signed by the account that stores it")
+        self._admit_client(signer, 0, now)
+        current = self.db.put_pointer(signer.id, pointer.version, envelope.to_bytes().decode("ascii"), now)
+        if current is not None:
+            raise PolicyError(f"pointer version conflict: current version is {current}, so the next must be "
+                              f"{current + 1} (got {pointer.version}); fetch the latest pointer and merge",
+                              status=409)
+        return {"stored": True, "version": pointer.version}
+
+    # --- status ---------------------------------------------------------------------------------------------
+
+    def status(self) -> dict[str, Any]:
+        return {"mediator_id": self.id, **self.db.counts()}

@@ -1,0 +1,303 @@
+"""The mediator's periodic work over the network: audit rounds, repairs, share releases, offline detection.
+
+Each function does one pass and returns what it did, so tests call a pass directly and the daemon calls them
+in loops. Protocol decisions live in the pure modules (:mod:`.audit`, :mod:`.repair`, :mod:`.placement`);
+this module only moves bytes and records results. CPU work (proof checking, Merkle trees, zfec) runs in
+threads under one CapacityLimiter.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from fincryptfs.core.errors import FincryptError, IntegrityError, ProtocolError
+from fincryptfs.core.identity import PublicKey
+from fincryptfs.core.layout import ObjectLayout
+from fincryptfs.core.merkle import HASH_BYTES, LEAF_SIZE
+from fincryptfs.core.messages import ProofResponse, StorageReceipt
+from fincryptfs.core.wire import Envelope, Fields, decode_object
+from fincryptfs.rpc import PeerError, call
+
+from . import audit as audit_logic
+from . import registry
+from .db import HEALTHY_SHARE_STATES, NodeRow, ShareRow
+from .placement import place_shares, subnet_of
+from .repair import check_rebuilt, plan_repair, rebuild_shares, share_root
+from .service import MediatorService, object_health, repair_threshold
+
+log = logging.getLogger(__name__)
+CPU = trio.CapacityLimiter(2)
+MAX_RELEASE_ATTEMPTS = 30
+
+
+@dataclass(frozen=True)
+class UpkeepSettings:
+    """Derived timings: short audit periods (tests) shrink timeouts and retry gaps with them."""
+
+    retry_delay: float
+    request_timeout: float
+    disqualify_after: int
+
+    @classmethod
+    def from_service(cls, service: MediatorService) -> UpkeepSettings:
+        period = service.settings.audit_period
+        return cls(retry_delay=min(30.0, period / 10), request_timeout=min(60.0, max(2.0, period)),
+                   disqualify_after=service.settings.disqualify_after)
+
+
+def _max_proof_bytes(share_count: int, leaves: int) -> int:
+    per_leaf = 11 + LEAF_SIZE + HASH_BYTES * 64
+    return 200 + share_count * (34 + leaves * per_leaf)
+
+
+# --- audits -------------------------------------------------------------------------------------------------
+
+
+async def audit_round(service: MediatorService, client: httpx.AsyncClient, now: float
+                      ) -> dict[str, audit_logic.AuditOutcome]:
+    """Challenge every online node holding shares, concurrently; record and return each outcome."""
+    db = service.db
+    round_id = db.next_round_id()
+    targets = db.audit_targets()
+    results: dict[str, audit_logic.AuditOutcome] = {}
+    async with trio.open_nursery() as nursery:
+        for node_id, shares in targets.items():
+            node = db.node(node_id)
+            if node is not None:
+                nursery.start_soon(_audit_node, service, client, node, round_id, shares, now, results)
+    return results
+
+
+async def _audit_node(service: MediatorService, client: httpx.AsyncClient, node: NodeRow, round_id: int,
+                      shares: list[ShareRow], now: float, results: dict[str, audit_logic.AuditOutcome]) -> None:
+    timing = UpkeepSettings.from_service(service)
+    settings = service.settings
+    state = audit_logic.start_audit(service.id, node.node_id, round_id,
+                                    (audit_logic.AuditedShare(s.share_id, s.root, s.size) for s in shares),
+                                    settings.audit_leaves_per_share)
+    service.db.start_round(round_id, node.node_id, state.nonce, now)
+    key = PublicKey(node.public_key)
+    while not audit_logic.is_finished(state, settings.audit_retries):
+        challenge = state.challenge
+        try:
+            response = await call(client, "POST", f"{node.url}/v1/challenges", key=service.key,
+                                  json=challenge.to_json(), timeout=timing.request_timeout)
+            limit = _max_proof_bytes(len(challenge.share_ids), challenge.leaves_per_share)
+            proof = await trio.to_thread.run_sync(_decode_proof, response.content, key, limit, limiter=CPU)
+        except (PeerError, ProtocolError) as exc:
+            log.info("audit of node %s, attempt %d: %s", node.node_id[:16], state.attempts + 1, exc)
+            state = audit_logic.missed(state)
+            if not audit_logic.is_finished(state, settings.audit_retries):
+                await trio.sleep(timing.retry_delay)
+            continue
+        state = await trio.to_thread.run_sync(audit_logic.judge_response, state, proof, limiter=CPU)
+    result = audit_logic.outcome(state)
+    apply_outcome(service, node, round_id, state.answered, result, timing.disqualify_after, now)
+    results[node.node_id] = result
+
+
+def _decode_proof(data: bytes, key: PublicKey, limit: int) -> ProofResponse:
+    return ProofResponse.decode(data, key, max_bytes=limit)
+
+
+def apply_outcome(service: MediatorService, node: NodeRow, round_id: int, answered: bool,
+                  result: audit_logic.AuditOutcome, disqualify_after: int, now: float) -> None:
+    db = service.db
+    fresh = db.node(node.node_id) or node
+    verdict = audit_logic.node_verdict(result.result, fresh.passed, fresh.failed, fresh.consecutive_failures,
+                                       disqualify_after)
+    with db.transaction():
+        db.finish_round(round_id, node.node_id, result.result, result.detail, now)
+        db.set_share_states(sorted(result.proven), "proven", now)
+        db.set_share_states(sorted(result.lost), "lost", now)
+        db.record_node_outcome(node.node_id, passed=result.result == "passed",
+                               counts_toward_disqualification=verdict.counts_toward_disqualification,
+                               reputation=verdict.reputation, disqualify=verdict.disqualify)
+        if result.result == "passed":
+            db.record_pass(round_id, node.node_id, len(result.proven), result.bytes_proven, now)
+        if answered:
+            db.touch_node(node.node_id, now)
+    if verdict.disqualify:
+        log.warning("node %s disqualified after %d consecutive failed audits; its shares will be repaired",
+                    node.node_id[:16], disqualify_after)
+
+
+# --- offline detection and releases -------------------------------------------------------------------------
+
+
+def offline_pass(service: MediatorService, now: float) -> list[str]:
+    gone = registry.mark_offline(service.db, now, service.settings.node_offline_after)
+    for node_id in gone:
+        log.info("node %s is offline (unseen for %g s)", node_id[:16], service.settings.node_offline_after)
+    return gone
+
+
+async def release_pass(service: MediatorService, client: httpx.AsyncClient, now: float) -> int:
+    """Tell nodes to delete released shares; failures are retried with backoff. Returns releases done."""
+    db = service.db
+    done = 0
+    for share_id, node_id, attempts in db.due_releases(now):
+        node = db.node(node_id)
+        if node is None:
+            db.release_done(share_id, node_id)
+            continue
+        try:
+            await call(client, "DELETE", f"{node.url}/v1/shares/{share_id}", key=service.key,
+                       timeout=UpkeepSettings.from_service(service).request_timeout)
+        except PeerError as exc:
+            if exc.status == 404 or attempts + 1 >= MAX_RELEASE_ATTEMPTS:
+                db.release_done(share_id, node_id)
+            else:
+                db.release_retry(share_id, node_id, now + min(3600.0, 2.0 ** attempts))
+            continue
+        db.release_done(share_id, node_id)
+        done += 1
+    return done
+
+
+# --- repair -------------------------------------------------------------------------------------------------
+
+
+async def repair_pass(service: MediatorService, client: httpx.AsyncClient, now: float) -> dict[str, str]:
+    """Check every committed object; repair those below the threshold. Returns object id → action taken."""
+    db = service.db
+    actions: dict[str, str] = {}
+    online = service.online_node_ids()
+    for object_id in db.committed_object_ids():
+        obj = db.object(object_id)
+        if obj is None:
+            continue
+        shares = db.shares_of(object_id)
+        healthy = [s.idx for s in shares if s.state in HEALTHY_SHARE_STATES and s.node_id in online]
+        plan = plan_repair(obj.layout, healthy, repair_threshold(obj.layout))
+        if plan.action == "irreparable":
+            if obj.state != "irreparable":
+                log.error("ALERT object %s is irreparable: %d of %d shares left, %d needed", object_id[:16],
+                          len(healthy), obj.layout.n, obj.layout.k)
+                db.set_object_state(object_id, "irreparable")
+                db.record_repair(object_id, "irreparable", 0, f"{len(healthy)} healthy shares", now)
+            actions[object_id] = "irreparable"
+            continue
+        if obj.state == "irreparable":
+            log.warning("object %s recovered: %d shares reachable again", object_id[:16], len(healthy))
+            db.set_object_state(object_id, "committed")
+        if plan.action == "repair":
+            actions[object_id] = await repair_object(service, client, object_id, now)
+    return actions
+
+
+async def _fetch_share(service: MediatorService, client: httpx.AsyncClient, share: ShareRow, now: float
+                       ) -> bytes | None:
+    node = service.db.node(share.node_id)
+    if node is None:
+        return None
+    try:
+        response = await call(client, "GET", f"{node.url}/v1/shares/{share.share_id}", key=service.key,
+                              timeout=UpkeepSettings.from_service(service).request_timeout)
+    except PeerError as exc:
+        log.info("repair: cannot fetch share %s: %s", share.share_id[:16], exc)
+        return None
+    data = response.content
+    if len(data) != share.size or await trio.to_thread.run_sync(share_root, data, limiter=CPU) != share.root:
+        log.warning("repair: share %s from node %s does not match its root; marked lost", share.share_id[:16],
+                    share.node_id[:16])
+        service.db.set_share_states([share.share_id], "lost", now)
+        return None
+    return data
+
+
+async def repair_object(service: MediatorService, client: httpx.AsyncClient, object_id: str, now: float) -> str:
+    """Rebuild an object's missing shares on new nodes; aborts cleanly if the object changes meanwhile."""
+    db = service.db
+    obj = db.object(object_id)
+    if obj is None:
+        return "aborted"
+    layout: ObjectLayout = obj.layout
+    online = service.online_node_ids()
+    shares = db.shares_of(object_id)
+    healthy = [s for s in shares if s.state in HEALTHY_SHARE_STATES and s.node_id in online]
+    healthy.sort(key=lambda s: (s.state != "proven", s.idx))
+    sources: dict[int, bytes] = {}
+    for share in healthy:
+        if len(sources) == layout.k:
+            break
+        data = await _fetch_share(service, client, share, now)
+        if data is not None:
+            sources[share.idx] = data
+    if len(sources) < layout.k:
+        db.record_repair(object_id, "failed", 0, f"only {len(sources)} of {layout.k} shares could be fetched", now)
+        return "failed"
+    by_index = {s.idx: s for s in shares}
+    healthy_idx = {s.idx for s in healthy}
+    wanted = [i for i in range(layout.n) if i not in healthy_idx and i in by_index]
+    try:
+        rebuilt = await trio.to_thread.run_sync(rebuild_shares, layout, sources, wanted, limiter=CPU)
+        await trio.to_thread.run_sync(check_rebuilt, rebuilt, {i: by_index[i].root for i in wanted}, limiter=CPU)
+    except (IntegrityError, FincryptError) as exc:
+        db.record_repair(object_id, "failed", 0, str(exc), now)
+        return "failed"
+    nodes = {n.node_id: n for n in db.nodes()}
+    holding = {s.node_id for s in healthy}
+    try:
+        chosen = place_shares(
+            registry.candidates(db, service.pricing, now), len(wanted), layout.share_size,
+            exclude=holding | {by_index[i].node_id for i in wanted},
+            used_operators={nodes[h].operator for h in holding if h in nodes},
+            used_subnets={sn for h in holding if h in nodes if (sn := subnet_of(nodes[h].url)) is not None},
+            min_reputation=service.node_rule.min_reputation)
+    except FincryptError as exc:
+        db.record_repair(object_id, "failed", 0, str(exc), now)
+        return "failed"
+    stored: list[tuple[ShareRow, str]] = []
+    for index, target in zip(wanted, chosen, strict=True):
+        share = by_index[index]
+        grant = service.issue_grant(target.node_id, obj.account_id, share.share_id, share.size, share.root, now)
+        try:
+            response = await call(client, "PUT", f"{target.url}/v1/shares/{share.share_id}",
+                                  content=rebuilt[index], headers={"fincrypt-grant": grant.to_header()},
+                                  timeout=UpkeepSettings.from_service(service).request_timeout)
+            envelope = _receipt_envelope(response)
+            receipt = service.check_receipt(envelope, share_id=share.share_id, account_id=obj.account_id,
+                                            size=share.size, root=share.root)
+        except (PeerError, ProtocolError) as exc:
+            log.info("repair: node %s refused share %s: %s", target.node_id[:16], share.share_id[:16], exc)
+            continue
+        db.mark_grants_used([receipt.grant_id])
+        stored.append((share, target.node_id))
+    return _finish_repair(service, object_id, stored, len(wanted), now)
+
+
+def _receipt_envelope(response: httpx.Response) -> Envelope:
+    f = Fields(decode_object(response.content), "upload answer")
+    envelope = Envelope.from_json(f.raw("receipt"), kind=StorageReceipt.KIND)
+    f.done()
+    return envelope
+
+
+def _finish_repair(service: MediatorService, object_id: str, stored: list[tuple[ShareRow, str]], wanted: int,
+                   now: float) -> str:
+    """Move the repaired shares in one transaction, unless the object was deleted or changed meanwhile."""
+    db = service.db
+    with db.transaction():
+        current = {s.share_id: s for s in db.shares_of(object_id)}
+        if db.object(object_id) is None or any(
+                current.get(s.share_id) is None or current[s.share_id].node_id != s.node_id for s, _ in stored):
+            for share, node_id in stored:
+                db.queue_release(share.share_id, node_id, now)
+            db.record_repair(object_id, "aborted", 0, "object deleted or changed during repair", now)
+            return "aborted"
+        for share, node_id in stored:
+            db.put_share(ShareRow(share.share_id, object_id, share.idx, node_id, share.root, share.size, "stored"),
+                         now)
+            db.queue_release(share.share_id, share.node_id, now)
+        result = "repaired" if len(stored) == wanted else "partial"
+        db.record_repair(object_id, result, len(stored), f"{len(stored)} of {wanted} shares rebuilt", now)
+    return result
+
+
+__all__ = ["apply_outcome", "audit_round", "object_health", "offline_pass", "release_pass", "repair_object",
+           "repair_pass"]

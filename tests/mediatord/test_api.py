@@ -1,0 +1,233 @@
+"""The mediator's HTTP API against real storage nodes: place, PUT, commit, status, delete, pointers, bad input."""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from mediator_net import (
+    Mediator,
+    Node,
+    commit_body,
+    make_object,
+    object_status,
+    place,
+    put_share,
+    start_mediator,
+    start_node,
+    upload,
+    wait_online,
+)
+
+from fincryptfs import rpc
+from fincryptfs.core.identity import SigningKey
+from fincryptfs.core.ids import new_object_id
+from fincryptfs.core.messages import ManifestPointer, StorageReceipt
+from fincryptfs.core.wire import sign_request
+from mediatord import upkeep
+
+
+@dataclass
+class Net:
+    mediator: Mediator
+    nodes: list[Node]
+    client: httpx.AsyncClient
+    account: SigningKey
+
+    @property
+    def url(self) -> str:
+        return self.mediator.url
+
+
+@pytest.fixture
+async def net(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Net]:
+    mediator = await start_mediator(nursery, tmp_path / "mediator")
+    nodes = [await start_node(nursery, tmp_path, mediator.url, i) for i in range(5)]
+    await wait_online(mediator, 5)
+    async with rpc.new_client() as client:
+        yield Net(mediator, nodes, client, SigningKey.generate())
+    nursery.cancel_scope.cancel()
+
+
+async def expect_error(net: Net, method: str, path: str, status: int, *, key: SigningKey | None = None,
+                       json: object = None, content: bytes | None = None, fragment: str = "") -> str:
+    with pytest.raises(rpc.PeerError) as info:
+        await rpc.call(net.client, method, net.url + path, key=key, json=json, content=content)
+    assert info.value.status == status, str(info.value)
+    assert fragment in str(info.value)
+    return str(info.value)
+
+
+async def test_upload_commit_and_status(net: Net) -> None:
+    obj = make_object()
+    stored = await upload(net.client, net.url, net.account, obj)
+    assert len({node for node, _ in stored.values()}) == 4
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert status["health"] == {"healthy": 4, "total": 4, "state": "healthy"}
+    assert sorted(s["index"] for s in status["shares"]) == [0, 1, 2, 3]
+    assert all(s["state"] == "stored" and s["node_url"].startswith("http://127.0.0.1:") for s in status["shares"])
+    # cheapest first: nodes ask 100..104, so the four cheapest (nodes 0..3) hold the shares
+    assert {s["node_id"] for s in status["shares"]} == {n.node_id for n in net.nodes[:4]}
+    account = await rpc.call_json(net.client, "GET", f"{net.url}/v1/account", key=net.account)
+    assert account["objects"] == 1 and account["objects_by_state"] == {"healthy": 1}
+    assert account["bytes_stored"] == 4 * obj.layout.share_size
+    health = (await net.client.get(f"{net.url}/health")).json()
+    assert health["status"] == "ok" and health["nodes_online"] == 5
+    metrics = (await net.client.get(f"{net.url}/metrics")).text
+    assert "fincrypt_mediator_objects 1" in metrics and "fincrypt_mediator_shares_healthy 4" in metrics
+    listing = (await net.client.get(f"{net.url}/v1/nodes")).json()
+    assert len(listing["nodes"]) == 5 and listing["capacity_bytes"] >= 5 * 2**30 - 5 * 2**20
+    info = (await net.client.get(f"{net.url}/v1/info")).json()
+    assert info["min_expansion"] == "2" and info["mediator_id"] == net.mediator.service.id
+
+
+async def test_redundancy_and_node_shortage_refused(net: Net) -> None:
+    low = make_object(k=3, n=5)
+    await expect_error(net, "POST", "/v1/objects/place", 422, key=net.account,
+                       json={"object_id": low.object_id, "layout": {"padded_size": 9000, "segment_size": 8192,
+                                                                     "k": 3, "n": 5},
+                             "shares": [s.to_json() for s in make_object(3, 5, 9000).specs],
+                             "exclude_nodes": []}, fragment="at least 2x")
+    wide = make_object(k=4, n=8)
+    with pytest.raises(rpc.PeerError) as info:
+        await place(net.client, net.url, net.account, wide)
+    assert info.value.status == 503 and "3 missing" in str(info.value)
+    assert net.mediator.service.db.object(wide.object_id) is None
+
+
+async def test_replacement_excludes_nodes_and_keeps_shares_apart(net: Net) -> None:
+    obj = make_object()
+    first = await place(net.client, net.url, net.account, obj)
+    bad = next(p for p in first if p.index == 0)
+    again = await place(net.client, net.url, net.account, obj, indices=[0], exclude=(bad.node_id,))
+    assert len(again) == 1 and again[0].index == 0
+    others = {p.node_id for p in first if p.index != 0}
+    assert again[0].node_id not in others | {bad.node_id}
+    assert again[0].node_id == net.nodes[4].node_id
+
+
+async def test_commit_refuses_bad_receipts_and_changes_nothing(net: Net) -> None:
+    obj = make_object()
+    placements = await place(net.client, net.url, net.account, obj)
+    stored = {p.index: (p.node_id, await put_share(net.client, p, obj)) for p in placements}
+    # a receipt signed by a key that is not the node's registered key
+    forger = SigningKey.generate()
+    node_id, real = stored[0]
+    fake = StorageReceipt.open(real)
+    forged = StorageReceipt(forger.id, fake.mediator_id, fake.account_id, fake.share_id,  # type: ignore[arg-type]
+                            fake.share_size, fake.merkle_root, fake.grant_id, fake.stored_at).seal(forger)
+    body = commit_body(obj, {**stored, 0: (forger.id, forged)})
+    await expect_error(net, "POST", "/v1/objects/commit", 401, key=net.account, json=body,
+                       fragment="no grant this mediator issued")
+    # a receipt from the right node for a grant id we never issued
+    odd = StorageReceipt.open(stored[1][1])
+    node_key_missing = commit_body(obj, {**stored, 1: (odd.node_id, StorageReceipt(
+        odd.node_id, odd.mediator_id, odd.account_id, odd.share_id, odd.share_size, odd.merkle_root, "0" * 32,
+        odd.stored_at).seal(forger))})
+    await expect_error(net, "POST", "/v1/objects/commit", 401, key=net.account, json=node_key_missing)
+    # too few receipts: happy = max(n-1, k+1) = 3
+    few = commit_body(obj, {i: stored[i] for i in (0, 1)})
+    await expect_error(net, "POST", "/v1/objects/commit", 422, key=net.account, json=few, fragment="at least 3")
+    # another account may not commit it
+    await expect_error(net, "POST", "/v1/objects/commit", 403, key=SigningKey.generate(),
+                       json=commit_body(obj, stored))
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert status["health"]["state"] == "pending" and {s["state"] for s in status["shares"]} == {"placed"}
+    # and the genuine commit still works (with exactly happy receipts)
+    await rpc.call_json(net.client, "POST", f"{net.url}/v1/objects/commit", key=net.account,
+                        json=commit_body(obj, {i: stored[i] for i in (0, 1, 2)}))
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert status["health"] == {"healthy": 3, "total": 4, "state": "degraded"}
+
+
+async def test_authentication_and_malformed_input(net: Net) -> None:
+    url = f"{net.url}/v1/objects/place"
+    await expect_error(net, "POST", "/v1/objects/place", 401, json={"x": 1}, fragment="not signed")
+    body = b'{"object_id":"00"}'
+    headers = sign_request(net.account, "POST", "/v1/objects/place", body, time.time())
+    tampered = await net.client.post(url, content=body + b" ", headers=headers)
+    assert tampered.status_code == 401 and "bad signature" in tampered.json()["error"]
+    first = await net.client.post(url, content=body, headers=headers)
+    assert first.status_code == 400  # signed fine, malformed id
+    replay = await net.client.post(url, content=body, headers=headers)
+    assert replay.status_code == 401 and "replayed" in replay.json()["error"]
+    stale = sign_request(net.account, "POST", "/v1/objects/place", body, time.time() - 3600)
+    assert (await net.client.post(url, content=body, headers=stale)).status_code == 401
+    await expect_error(net, "POST", "/v1/objects/place", 400, key=net.account, content=b"{not json",
+                       fragment="not valid JSON")
+    await expect_error(net, "POST", "/v1/objects/place", 413, key=net.account, content=b" " * (2 << 20))
+    await expect_error(net, "GET", "/v1/objects/..%2f..%2fetc", 400, key=net.account)
+    await expect_error(net, "GET", f"/v1/objects/{new_object_id()}", 404, key=net.account)
+    await expect_error(net, "POST", "/v1/objects/place", 400, key=net.account,
+                       json={"object_id": new_object_id(), "layout": {"padded_size": 1, "segment_size": 4096,
+                                                                       "k": 2, "n": 4},
+                             "shares": [], "exclude_nodes": [], "extra": 1})
+    assert net.mediator.service.db.counts()["objects"] == 0
+
+
+async def test_object_owner_only_and_delete_releases_shares(net: Net) -> None:
+    obj = make_object()
+    await upload(net.client, net.url, net.account, obj)
+    stranger = SigningKey.generate()
+    await expect_error(net, "GET", f"/v1/objects/{obj.object_id}", 403, key=stranger)
+    await expect_error(net, "DELETE", f"/v1/objects/{obj.object_id}", 403, key=stranger)
+    assert sum(len(n.share_files()) for n in net.nodes) >= 4
+    await rpc.call(net.client, "DELETE", f"{net.url}/v1/objects/{obj.object_id}", key=net.account)
+    await expect_error(net, "GET", f"/v1/objects/{obj.object_id}", 404, key=net.account)
+    released = await upkeep.release_pass(net.mediator.service, net.client, time.time())
+    assert released == 4
+    for node in net.nodes:
+        assert (await net.client.get(f"{node.url}/health")).json()["shares"] == 0
+    assert net.mediator.service.db.counts()["releases_pending"] == 0
+
+
+async def test_release_retries_while_a_node_is_down(net: Net, tmp_path: Path, nursery: trio.Nursery) -> None:
+    from mediator_net import stop_node
+    obj = make_object()
+    stored = await upload(net.client, net.url, net.account, obj)
+    victim = next(n for n in net.nodes if n.node_id == stored[0][0])
+    await stop_node(victim)
+    await rpc.call(net.client, "DELETE", f"{net.url}/v1/objects/{obj.object_id}", key=net.account)
+    assert await upkeep.release_pass(net.mediator.service, net.client, time.time()) == 3
+    assert net.mediator.service.db.counts()["releases_pending"] == 1
+    port = int(victim.url.rsplit(":", 1)[1])
+    back = await start_node(nursery, tmp_path, net.url, net.nodes.index(victim), port=port)
+    assert back.node_id == victim.node_id
+    assert await upkeep.release_pass(net.mediator.service, net.client, time.time() + 10) == 1
+    assert (await net.client.get(f"{back.url}/health")).json()["shares"] == 0
+
+
+async def test_pointer_compare_and_set(net: Net) -> None:
+    await expect_error(net, "GET", "/v1/pointer", 404, key=net.account)
+
+    def pointer(version: int, key: SigningKey = net.account) -> dict[str, object]:
+        env = ManifestPointer(key.id, version, new_object_id(), b"sealed", int(time.time())).seal(key)  # type: ignore[arg-type]
+        return {"pointer": env.to_json()}
+
+    await rpc.call_json(net.client, "PUT", f"{net.url}/v1/pointer", key=net.account, json=pointer(1))
+    await expect_error(net, "PUT", "/v1/pointer", 409, key=net.account, json=pointer(1),
+                       fragment="current version is 1")
+    await expect_error(net, "PUT", "/v1/pointer", 409, key=net.account, json=pointer(3))
+    other = SigningKey.generate()
+    await expect_error(net, "PUT", "/v1/pointer", 403, key=net.account, json=pointer(2, other))
+    second = pointer(2)
+    await rpc.call_json(net.client, "PUT", f"{net.url}/v1/pointer", key=net.account, json=second)
+    got = await rpc.call_json(net.client, "GET", f"{net.url}/v1/pointer", key=net.account)
+    assert got == second
+    assert ManifestPointer.open(__import__("fincryptfs.core.wire", fromlist=["Envelope"]).Envelope.from_json(
+        got["pointer"], kind="pointer")).version == 2
+    await expect_error(net, "GET", "/v1/pointer", 404, key=other)
+
+
+async def test_announce_must_be_signed_by_the_node(net: Net) -> None:
+    from fincryptfs.core.messages import NodeAnnouncement
+    impostor = SigningKey.generate()
+    ann = NodeAnnouncement(net.nodes[0].node_id, "http://127.0.0.1:1", 1, 10, 10, "", None)  # type: ignore[arg-type]
+    await expect_error(net, "POST", "/v1/nodes/announce", 403, key=impostor, json=ann.to_json(),
+                       fragment="signed by the node")
+    assert net.mediator.service.db.node(net.nodes[0].node_id).url == net.nodes[0].url  # type: ignore[union-attr]
