@@ -194,7 +194,7 @@ class ObjectReader:
     async def each_segment(self, segments: range, consume: Callable[[int, bytes], Awaitable[None]]) -> None:
         """Call ``consume(index, plaintext)`` for every segment in order; memory bounded by one run."""
         layout, obj = self.layout, self.obj
-        for run in plan_runs(layout, segments):
+        for run in plan_runs(layout, segments, self.store.run_share_bytes):
             ranges = await self.fetch_run(run)
 
             def decode(index: int, ranges: dict[int, bytes] = ranges, base: int = run.share_start) -> bytes:

@@ -113,7 +113,7 @@ class ObjectStore:
 
     def __init__(self, *, mediator_url: str, account_key: SigningKey, k: int, n: int, happy: int,
                  segment_size: int, spool_dir: Path, http: httpx.AsyncClient, cpu: trio.CapacityLimiter,
-                 hedge_after: float = 5.0, place_rounds: int = 3) -> None:
+                 hedge_after: float = 5.0, place_rounds: int = 3, run_share_bytes: int = 8 * 2**20) -> None:
         if not 1 <= k <= happy <= n:
             raise ValueError(f"need 1 <= k <= happy <= n; got k={k}, happy={happy}, n={n}")
         self.mediator = MediatorClient(url=mediator_url, account_key=account_key, http=http)
@@ -125,6 +125,7 @@ class ObjectStore:
         self.cpu = cpu
         self.hedge_after = hedge_after
         self.place_rounds = place_rounds
+        self.run_share_bytes = run_share_bytes  # share bytes fetched per node per request (bounds read memory)
 
     async def put_file(self, path: Path, *, progress: Callable[[int], None] | None = None) -> StoredObject:
         """Encode, place, store and commit ``path``; UploadError if fewer than ``happy`` shares were stored.

@@ -190,7 +190,7 @@ async def put_share(http: httpx.AsyncClient, placement: Placement, spec: ShareSp
 async def store_shares(store: ObjectStore, encoded: EncodedObject) -> dict[int, CommittedShare]:
     """Place and store shares until all n are stored, placement runs out, or the rounds are used up."""
     stored: dict[int, CommittedShare] = {}
-    failures: dict[int, str] = {}
+    failures: dict[int | str, str] = {}
     excluded: set[NodeId] = set()
     todo = list(encoded.specs)
     for _round in range(store.place_rounds):
@@ -202,7 +202,9 @@ async def store_shares(store: ObjectStore, encoded: EncodedObject) -> dict[int, 
             placements = await store.mediator.place(request)
         except PeerError as exc:
             if exc.status == 503 and stored:
-                failures.update({s.index: f"no further node to place it on ({exc})" for s in todo})
+                for spec in todo:
+                    failures[spec.index] = f"{failures.get(spec.index, 'not placed')}; no other node to retry on"
+                failures["mediator"] = str(exc)
                 break  # the mediator has no more nodes; maybe what is stored is enough
             raise UploadError(f"could not place object {encoded.object_id[:16]}…: {exc}") from exc
         by_index = {p.index: p for p in placements}
@@ -231,10 +233,21 @@ async def store_shares(store: ObjectStore, encoded: EncodedObject) -> dict[int, 
                 log.info("share %d of object %s not stored: %s", index, encoded.object_id[:16], result)
         todo = [s for s in encoded.specs if s.index not in stored]
     if len(stored) < store.happy:
-        reasons = "; ".join(f"share {i}: {why}" for i, why in sorted(failures.items()))
+        ordered = sorted(failures.items(), key=lambda item: (isinstance(item[0], str), str(item[0]).zfill(3)))
+        reasons = "; ".join(f"share {i}: {why}" if isinstance(i, int) else f"{i}: {why}" for i, why in ordered)
         raise UploadError(f"stored only {len(stored)} of {len(encoded.specs)} shares of object "
                           f"{encoded.object_id[:16]}…, need {store.happy}: {reasons}")
     return stored
+
+
+async def _release_quietly(store: ObjectStore, object_id: str) -> None:
+    """Drop a half-stored object so the shares that did land are released instead of orphaned."""
+    with trio.move_on_after(10):
+        try:
+            await store.mediator.delete_object(object_id)
+        except PeerError as exc:
+            if exc.status != 404:
+                log.warning("could not release the half-stored object %s: %s", object_id[:16], exc)
 
 
 async def upload_file(store: ObjectStore, path: Path, *, progress: Callable[[int], None] | None = None
@@ -244,12 +257,17 @@ async def upload_file(store: ObjectStore, path: Path, *, progress: Callable[[int
         encoded = await encode_to_spool(path, spool_dir=store.spool_dir, segment_size=store.segment_size,
                                         k=store.k, n=store.n, cpu=store.cpu, spool_paths=spool_paths,
                                         progress=progress)
-        stored = await store_shares(store, encoded)
-        shares = tuple(stored[i] for i in sorted(stored))
         try:
-            await store.mediator.commit(CommitRequest(encoded.object_id, encoded.layout, shares))
-        except PeerError as exc:
-            raise UploadError(f"the mediator refused to commit object {encoded.object_id[:16]}…: {exc}") from exc
+            stored = await store_shares(store, encoded)
+            shares = tuple(stored[i] for i in sorted(stored))
+            try:
+                await store.mediator.commit(CommitRequest(encoded.object_id, encoded.layout, shares))
+            except PeerError as exc:
+                raise UploadError(f"the mediator refused to commit object {encoded.object_id[:16]}…: {exc}"
+                                  ) from exc
+        except UploadError:
+            await _release_quietly(store, encoded.object_id)
+            raise
     finally:
         for spool in spool_paths:
             try:

@@ -1,0 +1,87 @@
+"""Snapshot publish/fetch through the signed, versioned pointer, against a real mediator and nodes."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+import trio
+from clientdata_support import open_store
+from netfixtures import start_network
+
+from fincryptfs.core.crypto import new_master_key
+from fincryptfs.core.errors import IntegrityError
+from fincryptfs.core.messages import ManifestPointer
+from fincryptfs.manifest import (
+    SnapshotRollbackError,
+    current_pointer,
+    fetch_latest_snapshot,
+    publish_snapshot,
+    seal_stored_object,
+    unseal_stored_object,
+)
+from fincryptfs.rpc import PeerError
+
+
+async def test_snapshot_round_trip_versions_and_cas(tmp_path: Path, nursery: trio.Nursery) -> None:
+    net = await start_network(tmp_path, nursery, nodes=6)
+    master = new_master_key()
+    snap = tmp_path / "snap.sqlite3"
+    async with open_store(net.mediator_url, tmp_path, master_key=master) as store, \
+            open_store(net.mediator_url, tmp_path, master_key=master) as other_machine:
+        assert await fetch_latest_snapshot(store, master, tmp_path / "none") is None
+        first = os.urandom(70_000)
+        snap.write_bytes(first)
+        assert await publish_snapshot(store, master, snap, 0) == 1
+        assert await fetch_latest_snapshot(other_machine, master, tmp_path / "got1") == 1
+        assert (tmp_path / "got1").read_bytes() == first
+        old_object = (await current_pointer(store)).object_id
+
+        second = os.urandom(5000)
+        snap.write_bytes(second)
+        assert await publish_snapshot(other_machine, master, snap, 1) == 2
+        assert await fetch_latest_snapshot(store, master, tmp_path / "got2") == 2
+        assert (tmp_path / "got2").read_bytes() == second
+        with pytest.raises(PeerError) as gone:
+            await store.health(old_object)
+        assert gone.value.status == 404, "the replaced snapshot object must be deleted"
+
+        # a stale compare-and-swap is refused by the mediator
+        pointer = await current_pointer(store)
+        stale = ManifestPointer(pointer.account_id, 2, pointer.object_id, pointer.sealed, pointer.created_at)
+        with pytest.raises(PeerError) as conflict:
+            await store.mediator.put_pointer(stale.seal(store.account_key))
+        assert conflict.value.status == 409
+
+        # two machines publishing at once: both succeed, one after retrying on the next version
+        contents = {}
+        results: dict[str, int] = {}
+
+        async def publish(name: str, who) -> None:
+            path = tmp_path / f"snap-{name}"
+            contents[name] = os.urandom(30_000)
+            path.write_bytes(contents[name])
+            results[name] = await publish_snapshot(who, master, path, 2)
+
+        async with trio.open_nursery() as race:
+            race.start_soon(publish, "a", store)
+            race.start_soon(publish, "b", other_machine)
+        assert sorted(results.values()) == [3, 4]
+        winner = max(results, key=results.__getitem__)
+        assert await fetch_latest_snapshot(store, master, tmp_path / "got4") == 4
+        assert (tmp_path / "got4").read_bytes() == contents[winner]
+        assert (await store.account())["objects"] == 1, "only the latest snapshot object is kept"
+
+        # a mediator offering an older pointer than this client has seen is refused
+        with pytest.raises(SnapshotRollbackError):
+            await publish_snapshot(store, master, snap, 9)
+
+        # the sealed object opens only with the master key and only for its own version
+        stored = unseal_stored_object(master, await current_pointer(store))
+        with pytest.raises(IntegrityError):
+            unseal_stored_object(new_master_key(), await current_pointer(store))
+        moved = ManifestPointer(pointer.account_id, 5, stored.object_id,
+                                seal_stored_object(master, pointer.account_id, 4, stored), 0)
+        with pytest.raises(IntegrityError):
+            unseal_stored_object(master, moved)

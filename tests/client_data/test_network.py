@@ -1,0 +1,163 @@
+"""The data path against real daemons: one mediatord and several storaged in the test's nursery."""
+
+from __future__ import annotations
+
+import random
+from pathlib import Path
+
+import pytest
+import trio
+from clientdata_support import MARKER, open_store
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+from netfixtures import start_network
+
+from fincryptfs.downloader import ObjectReader
+from fincryptfs.objectstore import ObjectStore, ReadError, StoredObject, UploadError
+
+
+def make_file(path: Path, size: int, seed: int) -> bytes:
+    rng = random.Random(seed)
+    data = bytearray(rng.randbytes(size))
+    if size >= len(MARKER):
+        at = rng.randrange(0, size - len(MARKER) + 1)
+        data[at:at + len(MARKER)] = MARKER
+    path.write_bytes(bytes(data))
+    return bytes(data)
+
+
+def share_files(net) -> list[Path]:
+    return [p for node in net.nodes for d in node.share_dirs for p in d.rglob("*") if p.is_file()]
+
+
+async def put(store: ObjectStore, tmp_path: Path, size: int, seed: int) -> tuple[StoredObject, bytes]:
+    src = tmp_path / f"file-{seed}"
+    data = make_file(src, size, seed)
+    seen: list[int] = []
+    obj = await store.put_file(src, progress=seen.append)
+    assert obj.size == size and seen[-1] == size
+    assert len(obj.shares) >= store.happy
+    return obj, data
+
+
+async def test_round_trip_sizes_and_ranges(tmp_path: Path, nursery: trio.Nursery) -> None:
+    net = await start_network(tmp_path, nursery, nodes=6)
+    seg = 64 * 1024
+    async with open_store(net.mediator_url, tmp_path, segment_size=seg) as store:
+        rng = random.Random(1)
+        for seed, size in enumerate([0, 1, 4095, 4096, 2**20 - 1, 2**20, 2**20 + 1, 5 * seg + 17]):
+            obj, data = await put(store, tmp_path, size, seed)
+            dest = tmp_path / f"out-{seed}"
+            await store.fetch_to_file(obj, dest)
+            assert dest.read_bytes() == data, size
+            assert await store.read_range(obj, 0, size + 10) == data
+            for _ in range(4 if size else 1):
+                offset = rng.randrange(0, size + 2)
+                length = rng.randrange(0, 3 * seg)
+                assert await store.read_range(obj, offset, length) == data[offset:offset + length], (size, offset)
+            health = await store.health(obj.object_id)
+            assert health["total"] == 6
+        account = await store.account()
+        assert account["objects"] == 8
+        assert not [p for p in tmp_path.glob("spool-*/*")]
+    stored = share_files(net)
+    assert stored, "the nodes hold no share files"
+    for path in stored:
+        assert MARKER not in path.read_bytes(), f"{path} holds plaintext"
+
+
+
+def share_path(net, node_id: str, share_id: str) -> Path:
+    node = net.node_by_id(node_id)
+    for folder in node.share_dirs:
+        path = folder / share_id[:2] / f"{share_id}.data"
+        if path.exists():
+            return path
+    raise FileNotFoundError(f"share {share_id} not on node {node.url}")
+
+
+async def test_reads_survive_n_minus_k_nodes_down_and_fail_cleanly_below_k(tmp_path: Path,
+                                                                            nursery: trio.Nursery) -> None:
+    net = await start_network(tmp_path, nursery, nodes=6)
+    async with open_store(net.mediator_url, tmp_path, segment_size=16384) as store:
+        obj, data = await put(store, tmp_path, 200_000, 7)
+        info = await store.mediator.object_info(obj.object_id)
+        holders = [net.node_by_id(s.node_id).index for s in sorted(info.shares, key=lambda s: s.index)]
+        for index in holders[:3]:  # the three nodes a reader would ask first
+            await net.stop_node(index)
+        dest = tmp_path / "out"
+        await store.fetch_to_file(obj, dest)
+        assert dest.read_bytes() == data
+        assert await store.read_range(obj, 70_000, 50_000) == data[70_000:120_000]
+        await net.stop_node(holders[3])
+        with pytest.raises(ReadError) as caught:
+            await store.read_range(obj, 0, 10)
+        message = str(caught.value)
+        assert "only 2 of the 3 shares" in message
+        for index in holders[:4]:
+            assert net.nodes[index].url in message
+        with pytest.raises(ReadError):
+            await store.fetch_to_file(obj, tmp_path / "never")
+        assert not (tmp_path / "never").exists() and not list(tmp_path.glob(".never.*"))
+        await net.restart_node(holders[0])
+        assert await store.read_range(obj, 199_990, 100) == data[199_990:]
+
+
+async def test_corrupt_share_is_skipped_and_reported(tmp_path: Path, nursery: trio.Nursery,
+                                                     caplog: pytest.LogCaptureFixture) -> None:
+    net = await start_network(tmp_path, nursery, nodes=6)
+    async with open_store(net.mediator_url, tmp_path, segment_size=16384) as store:
+        obj, data = await put(store, tmp_path, 100_000, 8)
+        info = await store.mediator.object_info(obj.object_id)
+        first = min(info.shares, key=lambda s: s.index)
+        path = share_path(net, first.node_id, first.share_id)
+        raw = bytearray(path.read_bytes())
+        raw[5000] ^= 0x01
+        path.write_bytes(bytes(raw))
+        reader = await ObjectReader.open(store, obj)
+        got: list[bytes] = []
+
+        async def keep(index: int, plaintext: bytes) -> None:
+            got.append(plaintext)
+
+        await reader.each_segment(obj.layout.segments_for_range(0, obj.size), keep)
+        assert b"".join(got)[:obj.size] == data
+        assert reader.bad == {first.index}
+        assert net.node_by_id(first.node_id).url in reader.failures[first.index]
+        assert any("served bad data" in r.getMessage() for r in caplog.records)
+        assert not any("could not report" in r.getMessage() for r in caplog.records)
+        assert await store.read_range(obj, 0, obj.size) == data
+
+
+async def test_upload_replaces_dead_nodes_and_fails_below_happy(tmp_path: Path, nursery: trio.Nursery) -> None:
+    net = await start_network(tmp_path, nursery, nodes=7)
+    await net.stop_node(0)  # the mediator still believes it is online
+    async with open_store(net.mediator_url, tmp_path, segment_size=16384) as store:
+        for seed in range(3):
+            obj, data = await put(store, tmp_path, 50_000, 20 + seed)
+            assert len(obj.shares) == 6, "a share placed on the dead node should have been re-placed"
+            assert await store.read_range(obj, 0, 50_000) == data
+        await net.stop_node(1)
+        await net.stop_node(2)
+        src = tmp_path / "big"
+        make_file(src, 50_000, 99)
+        with pytest.raises(UploadError, match=r"stored only \d of 6 shares .* need 5") as caught:
+            await store.put_file(src)
+        assert net.nodes[1].url in str(caught.value) or net.nodes[2].url in str(caught.value)
+        assert list(store.spool_dir.iterdir()) == []
+        assert (await store.account())["objects"] == 3, "the failed object must be released, not committed"
+
+
+async def test_read_range_property(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """read_range(offset, length) equals the file slice for any offset and length (hypothesis, few examples)."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    async with open_store(net.mediator_url, tmp_path, segment_size=4096, run_share_bytes=3 * 4096) as store:
+        obj, data = await put(store, tmp_path, 11 * 4096 + 1000, 30)  # 12 segments, runs of 8
+
+        @settings(max_examples=25, deadline=None, suppress_health_check=list(HealthCheck))
+        @given(st.integers(0, len(data) + 100), st.integers(0, len(data) + 100))
+        def check(offset: int, length: int) -> None:
+            got = trio.from_thread.run(store.read_range, obj, offset, length)
+            assert got == data[offset:offset + length]
+
+        await trio.to_thread.run_sync(check)
