@@ -1,19 +1,382 @@
-"""Command-line entry point of the Fincrypt client (placeholder until the client lands)."""
+"""Command-line entry point of the Fincrypt client.
+
+Exit codes: 0 success, 1 an error the message explains, 2 a usage error. Every command reads the client
+settings from ``--env-file`` (default ``~/.config/fincrypt/client.env`` if it exists) overlaid with FINCRYPT_*
+variables from the environment. ``flush`` and ``status`` read the mount's SQLite tree directly (WAL allows a
+reader beside the writer), so they need no connection to the running mount.
+"""
+
+from __future__ import annotations
 
 import argparse
+import json
+import logging
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from dotenv import dotenv_values
 
 from fincryptfs import __version__
 
+from . import meta
+from .core.crypto import master_key_from_phrase, new_master_key, recovery_phrase
+from .core.errors import ConfigError, FincryptError
+from .core.settings import ClientSettings, read_env_file
+from .keystore import ask_new_passphrase, load_master_key, read_passphrase_file, save_key_file
 
-def main(argv: list[str] | None = None) -> int:
+DEFAULT_ENV_FILE = Path("~/.config/fincrypt/client.env")
+DAEMON_START_TIMEOUT = 60.0
+
+
+class UsageError(FincryptError):
+    """Wrong combination of arguments (exit code 2)."""
+
+
+# --- settings -----------------------------------------------------------------------------------------------
+
+
+def _env_path(args: argparse.Namespace) -> Path:
+    return Path(args.env_file).expanduser() if args.env_file else DEFAULT_ENV_FILE.expanduser()
+
+
+def load_settings(args: argparse.Namespace) -> ClientSettings:
+    path = _env_path(args)
+    if not args.env_file and not path.exists():
+        return ClientSettings.from_env(read_env_file(None), home=Path.home())
+    return ClientSettings.from_env(read_env_file(path), home=Path.home())
+
+
+def _write_env(path: Path, updates: dict[str, str]) -> None:
+    """Merge ``updates`` into the .env file at ``path`` (created 0600 if new)."""
+    values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.exists() else {}
+    values.update(updates)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    with os.fdopen(fd, "w") as f:
+        f.write("# Fincrypt client settings (see .env.example for every variable)\n")
+        for key, value in values.items():
+            f.write(f"{key}={value}\n")
+    os.rename(tmp, path)
+
+
+def _master_key(settings: ClientSettings, *, interactive: bool | None = None) -> bytes:
+    return load_master_key(settings.key_file, settings.passphrase_file, interactive=interactive)
+
+
+def _new_passphrase(args: argparse.Namespace) -> str | None:
+    if args.passphrase_file and args.no_passphrase:
+        raise UsageError("give either --passphrase-file or --no-passphrase, not both")
+    if args.no_passphrase:
+        return None
+    if args.passphrase_file:
+        return read_passphrase_file(Path(args.passphrase_file).expanduser())
+    return ask_new_passphrase()
+
+
+def _setup_account(args: argparse.Namespace, master_key: bytes) -> ClientSettings:
+    """Write the settings file and key file of an account (shared by init and restore)."""
+    env_path = _env_path(args)
+    updates: dict[str, str] = {}
+    if args.mediator:
+        updates["FINCRYPT_MEDIATOR_URL"] = args.mediator
+    existing = {k: v for k, v in dotenv_values(env_path).items() if v} if env_path.exists() else {}
+    merged = {**existing, **updates}
+    settings = ClientSettings.from_env({**merged, **read_env_file(None)}, home=Path.home())
+    if settings.key_file.exists():
+        raise ConfigError(f"a key file already exists at {settings.key_file}; this account is set up already "
+                          "(move the file away first to replace it)")
+    if (settings.data_dir / "meta.db").exists():
+        raise ConfigError(f"a local tree already exists at {settings.data_dir / 'meta.db'}; move it away first")
+    passphrase = _new_passphrase(args)
+    _write_env(env_path, merged)
+    save_key_file(settings.key_file, master_key, passphrase)
+    return settings
+
+
+# --- commands -----------------------------------------------------------------------------------------------
+
+
+def cmd_init(args: argparse.Namespace) -> int:
+    master_key = new_master_key()
+    settings = _setup_account(args, master_key)
+    print(f"Created the key file {settings.key_file} and the settings file {_env_path(args)}.")
+    print("\nYour recovery phrase (shown only this once; write it down and keep it safe: with it, anyone can")
+    print("read your backup, and without it and the key file, nobody can, including you):\n")
+    print("    " + recovery_phrase(master_key) + "\n")
+    if settings.mediator_url is None:
+        print("Next: set FINCRYPT_MEDIATOR_URL in the settings file, then 'fincryptfs mount DIR'.")
+    else:
+        print("Next: fincryptfs mount DIR")
+    return 0
+
+
+def cmd_restore(args: argparse.Namespace) -> int:
+    if args.phrase_file:
+        phrase = Path(args.phrase_file).expanduser().read_text(encoding="utf-8")
+    elif sys.stdin.isatty():
+        phrase = input("Recovery phrase (24 words): ")
+    else:
+        raise UsageError("no terminal to ask for the recovery phrase: use --phrase-file F")
+    master_key = master_key_from_phrase(phrase)
+    settings = _setup_account(args, master_key)
+    print(f"Restored the key file {settings.key_file} and the settings file {_env_path(args)}.")
+    print("Next: fincryptfs mount DIR (the first mount fetches the latest tree; contents come on first read)")
+    return 0
+
+
+def cmd_mount(args: argparse.Namespace) -> int:
+    import trio
+
+    from .mount import run_mount
+
+    settings = load_settings(args)
+    mountpoint = Path(args.dir).expanduser().resolve()
+    if args.key_stdin:
+        master_key = bytes.fromhex(sys.stdin.readline().strip())
+    else:
+        master_key = _master_key(settings)
+    if args.daemon:
+        return _daemonize(args, settings, mountpoint, master_key)
+    trio.run(run_mount, settings, mountpoint, master_key)
+    return 0
+
+
+def _daemonize(args: argparse.Namespace, settings: ClientSettings, mountpoint: Path, master_key: bytes) -> int:
+    """Run the mount in a background process; return once it is mounted (or report why it is not)."""
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    log_path = settings.data_dir / "mount.log"
+    command = [sys.executable, "-m", "fincryptfs.cli", "mount", str(mountpoint), "--key-stdin"]
+    if args.env_file:
+        command += ["--env-file", str(Path(args.env_file).expanduser().resolve())]
+    with open(log_path, "ab") as log_file:
+        child = subprocess.Popen(command, stdin=subprocess.PIPE, stdout=log_file, stderr=log_file,
+                                 start_new_session=True, cwd="/")
+    assert child.stdin is not None
+    child.stdin.write(master_key.hex().encode() + b"\n")
+    child.stdin.close()
+    deadline = time.monotonic() + DAEMON_START_TIMEOUT
+    while not os.path.ismount(mountpoint):
+        if child.poll() is not None:
+            raise FincryptError(f"the mount process exited with status {child.returncode}; see {log_path}")
+        if time.monotonic() > deadline:
+            raise FincryptError(f"{mountpoint} was not mounted within {DAEMON_START_TIMEOUT:.0f} s; see {log_path}")
+        time.sleep(0.1)
+    print(f"mounted {mountpoint} (process {child.pid}, log {log_path})")
+    return 0
+
+
+def cmd_umount(args: argparse.Namespace) -> int:
+    mountpoint = Path(args.dir).expanduser().resolve()
+    if not os.path.ismount(mountpoint):
+        raise FincryptError(f"{mountpoint} is not mounted")
+    result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
+    if result.returncode != 0:
+        raise FincryptError(f"could not unmount {mountpoint}: {result.stderr.strip()} (close the files and "
+                            "shells that use it, then try again)")
+    return 0
+
+
+def _open_tree(settings: ClientSettings) -> Any:
+    path = settings.data_dir / "meta.db"
+    if not path.exists():
+        raise ConfigError(f"no local tree at {path}: mount the filesystem first (fincryptfs mount DIR)")
+    return meta.connect_readonly(path)
+
+
+def _flush_state(db: Any) -> tuple[list[tuple[int, int, str, int, str | None]], int, int]:
+    return meta.pending_uploads(db), meta.counter(db, "meta_version"), meta.counter(db, "published_version")
+
+
+def cmd_flush(args: argparse.Namespace) -> int:
+    settings = load_settings(args)
+    db = _open_tree(settings)
+    deadline = None if args.timeout is None else time.monotonic() + args.timeout
+    last_report = 0.0
+    try:
+        while True:
+            pending, meta_version, published = _flush_state(db)
+            failed = meta.failed_uploads(db)
+            if failed:
+                for _, ino, error in failed:
+                    path = meta.path_of(db, ino) or f"inode {ino}"
+                    print(f"error: {path} cannot be uploaded: {error}", file=sys.stderr)
+                return 1
+            if not pending and published >= meta_version:
+                print("flushed: every closed file is stored and the tree snapshot is published", file=sys.stderr)
+                return 0
+            now = time.monotonic()
+            if now - last_report >= 1.0:
+                last_report = now
+                print(f"{len(pending)} upload(s) pending; tree version {meta_version}, published {published}",
+                      file=sys.stderr)
+            if deadline is not None and now > deadline:
+                print(f"error: timed out with {len(pending)} upload(s) pending and the tree snapshot "
+                      f"{'published' if published >= meta_version else 'not yet published'}:", file=sys.stderr)
+                for _, ino, state, attempts, error in pending[:20]:
+                    path = meta.path_of(db, ino) or f"inode {ino}"
+                    print(f"  {path}: {state}, {attempts} attempt(s)" + (f", last error: {error}" if error else ""),
+                          file=sys.stderr)
+                print("Is the filesystem mounted (fincryptfs mount DIR) and the mediator reachable?", file=sys.stderr)
+                return 1
+            time.sleep(0.2)
+    finally:
+        db.close()
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    import trio
+
+    settings = load_settings(args)
+    db = _open_tree(settings)
+    try:
+        pending, meta_version, published = _flush_state(db)
+        files = []
+        for inode in meta.files(db):
+            object_id = json.loads(inode.object)["object_id"] if inode.object else None
+            files.append({"path": meta.path_of(db, inode.ino), "size": inode.size, "state": inode.state,
+                          "object_id": object_id, "shares_healthy": None, "shares_total": None})
+        failed = meta.failed_uploads(db)
+        report: dict[str, Any] = {
+            "pending_uploads": len(pending),
+            "failed_uploads": [{"path": meta.path_of(db, ino), "error": error} for _, ino, error in failed],
+            "upload_errors": [{"path": meta.path_of(db, ino), "attempts": attempts, "error": error}
+                              for _, ino, _, attempts, error in pending if error],
+            "pending_deletes": meta.pending_deletes(db),
+            "tree_version": meta_version,
+            "published_version": published,
+            "files": files,
+        }
+    finally:
+        db.close()
+    cache_used = sum(p.stat().st_size for p in settings.cache_dir.glob("[0-9]*")) if settings.cache_dir.exists() else 0
+    report["cache"] = {"bytes": cache_used, "limit_bytes": settings.cache_limit_bytes}
+    report["mediator"] = trio.run(_add_health, settings, files)
+    if args.json:
+        print(json.dumps(report, indent=1))
+        return 0
+    print(f"mediator: {report['mediator']}")
+    print(f"pending uploads: {report['pending_uploads']}  pending deletions: {report['pending_deletes']}  "
+          f"tree version {meta_version} (published {published})")
+    print(f"cache: {cache_used / 2**20:.1f} MiB of {settings.cache_limit_bytes / 2**20:.0f} MiB")
+    for err in report["upload_errors"] + report["failed_uploads"]:
+        print(f"upload problem: {err['path']}: {err['error']}")
+    for f in files:
+        health = f"{f['shares_healthy']}/{f['shares_total']}" if f["shares_total"] is not None else "-"
+        print(f"{f['state']:8} {health:>6} {f['size']:>14} {f['path']}")
+    return 0
+
+
+async def _add_health(settings: ClientSettings, files: list[dict[str, Any]]) -> str:
+    """Fill shares_healthy/shares_total from the mediator; returns a one-line mediator state."""
+    import trio
+
+    from . import rpc
+    from .mount import open_store
+
+    if settings.mediator_url is None:
+        return "not configured"
+    try:
+        master_key = _master_key(settings, interactive=False)
+    except FincryptError as exc:
+        return f"health not checked: {exc}"
+    errors: list[str] = []
+    async with rpc.new_client() as http:
+        store = open_store(settings, master_key, http, trio.CapacityLimiter(1))
+        limiter = trio.CapacityLimiter(16)
+
+        async def one(entry: dict[str, Any]) -> None:
+            async with limiter:
+                try:
+                    health = await store.health(entry["object_id"])
+                    entry["shares_healthy"] = int(health["healthy"])
+                    entry["shares_total"] = int(health["total"])
+                except (FincryptError, KeyError, ValueError, TypeError) as exc:
+                    errors.append(str(exc))
+
+        with trio.move_on_after(30):
+            async with trio.open_nursery() as nursery:
+                for entry in files:
+                    if entry["object_id"] is not None:
+                        nursery.start_soon(one, entry)
+    return f"{settings.mediator_url} ({len(errors)} error(s): {errors[0]})" if errors else settings.mediator_url
+
+
+# --- argument parsing ---------------------------------------------------------------------------------------
+
+
+def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="fincryptfs",
         description="Fincrypt client: mount an encrypted, erasure-coded backup filesystem.",
     )
     parser.add_argument("--version", action="version", version=f"%(prog)s {__version__}")
-    parser.parse_args(argv)
-    parser.print_help()
-    return 0
+    sub = parser.add_subparsers(dest="command", metavar="COMMAND")
+
+    def command(name: str, help_text: str) -> argparse.ArgumentParser:
+        p = sub.add_parser(name, help=help_text, description=help_text)
+        p.add_argument("--env-file", metavar="F",
+                       help=f"client settings file (default {DEFAULT_ENV_FILE} if it exists)")
+        return p
+
+    p = command("init", "Create a new account: master key, key file (0600), settings file; prints the "
+                        "recovery phrase once.")
+    p.add_argument("--mediator", metavar="URL", help="mediator to store through (FINCRYPT_MEDIATOR_URL)")
+    p.add_argument("--passphrase-file", metavar="F", help="protect the key file with the passphrase in F")
+    p.add_argument("--no-passphrase", action="store_true", help="leave the key file unprotected (mode 0600)")
+    p.set_defaults(func=cmd_init)
+
+    p = command("restore", "Recreate the key file and settings from the recovery phrase; the next mount shows "
+                           "the whole tree.")
+    p.add_argument("--mediator", metavar="URL", required=True, help="mediator the account stores through")
+    p.add_argument("--phrase-file", metavar="F", help="file holding the 24-word recovery phrase")
+    p.add_argument("--passphrase-file", metavar="F", help="protect the new key file with the passphrase in F")
+    p.add_argument("--no-passphrase", action="store_true", help="leave the key file unprotected (mode 0600)")
+    p.set_defaults(func=cmd_restore)
+
+    p = command("mount", "Mount the backup at DIR; runs in the foreground until unmounted or interrupted.")
+    p.add_argument("dir", metavar="DIR")
+    p.add_argument("--daemon", action="store_true", help="run in the background; return once mounted")
+    p.add_argument("--key-stdin", action="store_true", help=argparse.SUPPRESS)
+    p.set_defaults(func=cmd_mount)
+
+    p = command("umount", "Unmount DIR (uploads left pending resume at the next mount).")
+    p.add_argument("dir", metavar="DIR")
+    p.set_defaults(func=cmd_umount)
+
+    p = command("flush", "Wait until every closed file is uploaded and the tree snapshot is published.")
+    p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (exit status 1)")
+    p.set_defaults(func=cmd_flush)
+
+    p = command("status", "Show pending uploads, cache use and the health of every file's shares.")
+    p.add_argument("--json", action="store_true", help="machine-readable output")
+    p.set_defaults(func=cmd_status)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    if args.command is None:
+        parser.print_help()
+        return 2
+    logging.basicConfig(level=logging.INFO if args.command == "mount" else logging.WARNING,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except UsageError as exc:
+        print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
+        return 2
+    except FincryptError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 1
 
 
 if __name__ == "__main__":

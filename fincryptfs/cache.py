@@ -1,0 +1,88 @@
+"""The local write-back cache: one plaintext file per inode in a 0700 folder.
+
+Writes land here and are uploaded from here; reads are served from here. A stored file whose cache copy is
+missing (evicted, or a tree restored on a new machine) is fetched *whole* on open with
+``ObjectStore.fetch_to_file`` (to a temporary name, renamed into place when complete), rather than range by
+range: the FUSE handlers then only ever touch local files, editors and tools that read a file several times
+pay the network once, and a partial fetch is never mistaken for the file.
+
+The size limit is soft: only files whose upload completed (state ``stored``) and that nobody has open may be
+evicted, least recently used first, so the cache can exceed the limit while uploads are pending.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from collections.abc import Awaitable, Callable, Collection
+from pathlib import Path
+
+import trio
+
+
+class CacheDir:
+    """Paths, use times and eviction of the cached files; fetching is delegated to a callable."""
+
+    def __init__(self, root: Path, limit_bytes: int) -> None:
+        root.mkdir(parents=True, exist_ok=True)
+        os.chmod(root, 0o700)
+        self.root = root
+        self.limit_bytes = limit_bytes
+        self._last_used: dict[int, float] = {}
+        self._locks: dict[int, trio.Lock] = {}
+
+    def path(self, ino: int) -> Path:
+        return self.root / str(ino)
+
+    def has(self, ino: int) -> bool:
+        return self.path(ino).exists()
+
+    def touch(self, ino: int) -> None:
+        self._last_used[ino] = time.monotonic()
+
+    def remove(self, ino: int) -> None:
+        self.path(ino).unlink(missing_ok=True)
+        self._last_used.pop(ino, None)
+
+    def sizes(self) -> dict[int, int]:
+        """Size of every cached file by inode (temporary fetch files are removed: they are never complete)."""
+        result: dict[int, int] = {}
+        for entry in os.scandir(self.root):
+            if entry.name.isdigit():
+                result[int(entry.name)] = entry.stat().st_size
+            elif entry.name.startswith(".fetch-"):
+                os.unlink(entry.path)
+        return result
+
+    def used_bytes(self) -> int:
+        return sum(self.sizes().values())
+
+    def evict(self, evictable: Collection[int], in_use: Collection[int]) -> int:
+        """Remove least recently used evictable files until the cache fits its limit; returns bytes freed."""
+        entries = []
+        total = 0
+        for entry in os.scandir(self.root):
+            if not entry.name.isdigit():
+                continue
+            st = entry.stat()
+            total += st.st_size
+            ino = int(entry.name)
+            if ino in evictable and ino not in in_use:
+                entries.append((self._last_used.get(ino, st.st_mtime - time.time()), ino, st.st_size))
+        freed = 0
+        for _, ino, size in sorted(entries):
+            if total - freed <= self.limit_bytes:
+                break
+            self.remove(ino)
+            freed += size
+        return freed
+
+    async def ensure(self, ino: int, fetch: Callable[[Path], Awaitable[None]]) -> Path:
+        """The cache file of ``ino``, calling ``fetch(dest)`` first if it is missing (one fetch per inode)."""
+        lock = self._locks.setdefault(ino, trio.Lock())
+        async with lock:
+            path = self.path(ino)
+            if not path.exists():
+                await fetch(path)
+            self.touch(ino)
+            return path

@@ -1,0 +1,435 @@
+"""The FUSE filesystem: pyfuse3 operations over the local tree (``meta``) and the write-back cache (``cache``).
+
+Rules that keep the mount responsive and crash-safe:
+
+* No handler awaits the network, except ``open`` (and a truncate) of a file whose content is not cached: that
+  one fetches the file, because there is nothing else to read.
+* Writes go to the inode's cache file. The first write after a close bumps the inode's version (an upload in
+  flight for the old version then turns stale). On ``flush``/``release`` of a written file the new size and
+  an upload job are committed in one SQLite transaction, and only then is the queue woken.
+* Inodes are SQLite row ids and stay stable across mounts. An unlinked inode keeps its row (without a name)
+  while the kernel still knows it (lookup count) or a handle is open, and is purged after that.
+
+Unsupported, on purpose: hard links (``link`` → ENOTSUP; an object has exactly one name), extended attributes
+(ENOSYS, which the kernel reports as EOPNOTSUPP and then stops asking), device nodes and FIFOs.
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sqlite3
+import stat
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+
+import pyfuse3
+
+from . import meta
+from .cache import CacheDir
+from .core.errors import FincryptError
+
+log = logging.getLogger(__name__)
+
+ATTR_TIMEOUT = 1.0
+BLOCK_SIZE = 128 * 1024
+NAME_MAX = 255
+
+Fetch = Callable[[str, Path], Awaitable[None]]  # (object JSON, destination) -> file written
+
+
+@dataclass
+class _Handle:
+    ino: int
+    fd: int
+    writable: bool
+
+
+@dataclass
+class _Dirty:
+    """Size and mtime of an inode being written; the tree gets them at flush/release."""
+
+    size: int
+    mtime_ns: int
+
+
+@dataclass
+class Capacity:
+    """What statfs reports: total and free bytes (from the mediator when known)."""
+
+    total_bytes: int
+    free_bytes: int
+
+
+class FincryptOperations(pyfuse3.Operations):
+    supports_dot_lookup = False
+    enable_writeback_cache = False
+
+    def __init__(self, *, db: sqlite3.Connection, cache: CacheDir, fetch: Fetch,
+                 wake: Callable[[], None] = lambda: None) -> None:
+        super().__init__()
+        self.db = db
+        self.cache = cache
+        self.fetch = fetch
+        self.wake = wake
+        self.capacity: Capacity | None = None
+        self._lookups: dict[int, int] = {}
+        self._handles: dict[int, _Handle] = {}
+        self._open: dict[int, int] = {}
+        self._dirty: dict[int, _Dirty] = {}
+        self._next_fh = 1
+
+    def open_inodes(self) -> set[int]:
+        return set(self._open)
+
+    # --- attributes -----------------------------------------------------------------------------------------
+
+    def _inode(self, ino: int) -> meta.Inode:
+        inode = meta.get(self.db, ino, missing_ok=True)
+        if inode is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return inode
+
+    def _attr(self, inode: meta.Inode) -> pyfuse3.EntryAttributes:
+        attr = pyfuse3.EntryAttributes()
+        attr.st_ino = inode.ino
+        attr.generation = 0
+        attr.entry_timeout = ATTR_TIMEOUT
+        attr.attr_timeout = ATTR_TIMEOUT
+        attr.st_mode = inode.mode
+        if inode.kind == meta.DIR:
+            attr.st_nlink = 2 + meta.subdir_count(self.db, inode.ino)
+        else:
+            attr.st_nlink = 0 if inode.parent is None and inode.ino != meta.ROOT_INO else 1
+        attr.st_uid = inode.uid
+        attr.st_gid = inode.gid
+        attr.st_rdev = 0
+        size, mtime_ns = inode.size, inode.mtime_ns
+        dirty = self._dirty.get(inode.ino)
+        if dirty is not None:
+            size, mtime_ns = dirty.size, dirty.mtime_ns
+        attr.st_size = size
+        attr.st_blksize = BLOCK_SIZE
+        attr.st_blocks = (size + 511) // 512
+        attr.st_atime_ns = inode.atime_ns
+        attr.st_mtime_ns = mtime_ns
+        attr.st_ctime_ns = max(inode.ctime_ns, mtime_ns)
+        return attr
+
+    def _remember(self, inode: meta.Inode) -> pyfuse3.EntryAttributes:
+        self._lookups[inode.ino] = self._lookups.get(inode.ino, 0) + 1
+        return self._attr(inode)
+
+    async def lookup(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        if name == b".":
+            return self._remember(self._inode(parent_inode))
+        if name == b"..":
+            inode = self._inode(parent_inode)
+            return self._remember(self._inode(inode.parent if inode.parent is not None else meta.ROOT_INO))
+        try:
+            return self._remember(meta.lookup(self.db, parent_inode, name))
+        except meta.NotFound:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+        for ino, count in inode_list:
+            left = self._lookups.get(ino, 0) - count
+            if left > 0:
+                self._lookups[ino] = left
+            else:
+                self._lookups.pop(ino, None)
+                self._maybe_purge(ino)
+
+    def _maybe_purge(self, ino: int) -> None:
+        """Drop an unlinked inode once the kernel forgot it and no handle is open."""
+        if ino in self._lookups or ino in self._open:
+            return
+        inode = meta.get(self.db, ino, missing_ok=True)
+        if inode is not None and inode.parent is None and ino != meta.ROOT_INO:
+            meta.purge(self.db, ino)
+            self.cache.remove(ino)
+
+    async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
+        return self._attr(self._inode(inode))
+
+    async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
+                      fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
+        node = self._inode(inode)
+        now = time.time_ns()
+        if fields.update_size:
+            if node.kind != meta.FILE:
+                raise pyfuse3.FUSEError(errno.EINVAL)
+            await self._truncate(node, attr.st_size)
+        values: dict[str, int] = {}
+        if fields.update_mode:
+            values["mode"] = (node.mode & ~0o7777) | (attr.st_mode & 0o7777)
+        if fields.update_uid:
+            values["uid"] = attr.st_uid
+        if fields.update_gid:
+            values["gid"] = attr.st_gid
+        if fields.update_atime:
+            values["atime_ns"] = attr.st_atime_ns
+        if fields.update_mtime:
+            values["mtime_ns"] = attr.st_mtime_ns
+            dirty = self._dirty.get(inode)
+            if dirty is not None:
+                dirty.mtime_ns = attr.st_mtime_ns
+        if values or fields.update_size:
+            values["ctime_ns"] = now
+            meta.set_attrs(self.db, inode, **values)
+            self.wake()
+        return self._attr(self._inode(inode))
+
+    async def _truncate(self, node: meta.Inode, size: int) -> None:
+        if size == 0:
+            path = self.cache.path(node.ino)
+        else:
+            path = await self._ensure_cached(node)
+        dirty = self._begin_write(node)
+        with open(path, "ab") as f:
+            f.truncate(size)
+        dirty.size = size
+        dirty.mtime_ns = time.time_ns()
+        if node.ino not in self._open:
+            self._commit_write(node.ino)
+
+    # --- the cache and writes -------------------------------------------------------------------------------
+
+    async def _ensure_cached(self, node: meta.Inode) -> Path:
+        async def fetch(dest: Path) -> None:
+            if node.object is None:
+                dest.touch()
+                return
+            try:
+                await self.fetch(node.object, dest)
+            except (FincryptError, OSError) as exc:
+                log.error("cannot fetch %s: %s", meta.path_of(self.db, node.ino) or f"inode {node.ino}", exc)
+                raise pyfuse3.FUSEError(errno.EIO) from exc
+        return await self.cache.ensure(node.ino, fetch)
+
+    def _begin_write(self, node: meta.Inode) -> _Dirty:
+        dirty = self._dirty.get(node.ino)
+        if dirty is None:
+            meta.mark_dirty(self.db, node.ino)
+            current = meta.get(self.db, node.ino)
+            assert current is not None
+            dirty = self._dirty[node.ino] = _Dirty(current.size, current.mtime_ns)
+        return dirty
+
+    def _commit_write(self, ino: int) -> None:
+        """Persist the size and record the upload job (committed before the queue hears of it)."""
+        dirty = self._dirty.pop(ino, None)
+        if dirty is None:
+            return
+        meta.record_release(self.db, ino, dirty.size, dirty.mtime_ns)
+        self.wake()
+
+    def _new_handle(self, ino: int, fd: int, writable: bool) -> int:
+        fh = self._next_fh
+        self._next_fh += 1
+        self._handles[fh] = _Handle(ino, fd, writable)
+        self._open[ino] = self._open.get(ino, 0) + 1
+        self.cache.touch(ino)
+        return fh
+
+    async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
+        node = self._inode(inode)
+        if node.kind != meta.FILE:
+            raise pyfuse3.FUSEError(errno.EISDIR if node.kind == meta.DIR else errno.ELOOP)
+        writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if writable and flags & os.O_TRUNC:
+            path = self.cache.path(inode)
+            dirty = self._begin_write(node)
+            with open(path, "wb"):
+                pass
+            dirty.size = 0
+            dirty.mtime_ns = time.time_ns()
+        else:
+            path = await self._ensure_cached(node)
+        fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
+        return pyfuse3.FileInfo(fh=self._new_handle(inode, fd, writable))
+
+    async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
+                     ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
+        node = self._create(parent_inode, name, meta.FILE, stat.S_IFREG | (mode & 0o7777), ctx)
+        path = self.cache.path(node.ino)
+        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        fh = self._new_handle(node.ino, fd, True)
+        return pyfuse3.FileInfo(fh=fh), self._remember(node)
+
+    def _create(self, parent: int, name: bytes, kind: str, mode: int, ctx: pyfuse3.RequestContext,
+                target: bytes | None = None) -> meta.Inode:
+        if len(name) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        parent_node = self._inode(parent)
+        if parent_node.kind != meta.DIR or (parent_node.parent is None and parent != meta.ROOT_INO):
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        try:
+            node = meta.create(self.db, parent, name, kind, mode, ctx.uid, ctx.gid, target)
+        except meta.Exists:
+            raise pyfuse3.FUSEError(errno.EEXIST) from None
+        self.wake()
+        return node
+
+    async def read(self, fh: int, off: int, size: int) -> bytes:
+        return os.pread(self._handles[fh].fd, size, off)
+
+    async def write(self, fh: int, off: int, buf: bytes) -> int:
+        handle = self._handles[fh]
+        dirty = self._dirty.get(handle.ino)
+        if dirty is None:
+            dirty = self._begin_write(self._inode(handle.ino))
+        written = os.pwrite(handle.fd, buf, off)
+        dirty.size = max(dirty.size, off + written)
+        dirty.mtime_ns = time.time_ns()
+        return written
+
+    async def flush(self, fh: int) -> None:
+        self._commit_write(self._handles[fh].ino)
+
+    async def fsync(self, fh: int, datasync: bool) -> None:
+        handle = self._handles[fh]
+        os.fsync(handle.fd)
+        self._commit_write(handle.ino)
+
+    async def release(self, fh: int) -> None:
+        handle = self._handles.pop(fh)
+        os.close(handle.fd)
+        left = self._open[handle.ino] - 1
+        if left:
+            self._open[handle.ino] = left
+        else:
+            del self._open[handle.ino]
+            self._commit_write(handle.ino)
+            self._maybe_purge(handle.ino)
+
+    # --- names ----------------------------------------------------------------------------------------------
+
+    async def mkdir(self, parent_inode: int, name: bytes, mode: int, ctx: pyfuse3.RequestContext
+                    ) -> pyfuse3.EntryAttributes:
+        return self._remember(self._create(parent_inode, name, meta.DIR, stat.S_IFDIR | (mode & 0o7777), ctx))
+
+    async def symlink(self, parent_inode: int, name: bytes, target: bytes, ctx: pyfuse3.RequestContext
+                      ) -> pyfuse3.EntryAttributes:
+        return self._remember(self._create(parent_inode, name, meta.SYMLINK, stat.S_IFLNK | 0o777, ctx, target))
+
+    async def readlink(self, inode: int, ctx: pyfuse3.RequestContext) -> bytes:
+        node = self._inode(inode)
+        if node.kind != meta.SYMLINK or node.target is None:
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        return node.target
+
+    async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
+                   ) -> pyfuse3.EntryAttributes:
+        raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._child(parent_inode, name)
+        if node.kind == meta.DIR:
+            raise pyfuse3.FUSEError(errno.EISDIR)
+        meta.unlink(self.db, parent_inode, name)
+        self._maybe_purge(node.ino)
+        self.wake()
+
+    async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        node = self._child(parent_inode, name)
+        if node.kind != meta.DIR:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        if meta.has_children(self.db, node.ino):
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY)
+        meta.unlink(self.db, parent_inode, name)
+        self._maybe_purge(node.ino)
+        self.wake()
+
+    def _child(self, parent: int, name: bytes) -> meta.Inode:
+        try:
+            return meta.lookup(self.db, parent, name)
+        except meta.NotFound:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+
+    async def rename(self, parent_inode_old: int, name_old: bytes, parent_inode_new: int, name_new: bytes,
+                     flags: int, ctx: pyfuse3.RequestContext) -> None:
+        if flags & pyfuse3.RENAME_EXCHANGE or flags & ~(pyfuse3.RENAME_NOREPLACE | pyfuse3.RENAME_EXCHANGE):
+            raise pyfuse3.FUSEError(errno.EINVAL)
+        if len(name_new) > NAME_MAX:
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
+        try:
+            _, replaced = meta.rename(self.db, parent_inode_old, name_old, parent_inode_new, name_new,
+                                      noreplace=bool(flags & pyfuse3.RENAME_NOREPLACE))
+        except meta.NotFound:
+            raise pyfuse3.FUSEError(errno.ENOENT) from None
+        except meta.Exists:
+            raise pyfuse3.FUSEError(errno.EEXIST) from None
+        except IsADirectoryError:
+            raise pyfuse3.FUSEError(errno.EISDIR) from None
+        except NotADirectoryError:
+            raise pyfuse3.FUSEError(errno.ENOTDIR) from None
+        except meta.DirectoryNotEmpty:
+            raise pyfuse3.FUSEError(errno.ENOTEMPTY) from None
+        except meta.InvalidMove:
+            raise pyfuse3.FUSEError(errno.EINVAL) from None
+        if replaced is not None:
+            self._maybe_purge(replaced.ino)
+        self.wake()
+
+    # --- directories ----------------------------------------------------------------------------------------
+
+    async def opendir(self, inode: int, ctx: pyfuse3.RequestContext) -> int:
+        if self._inode(inode).kind != meta.DIR:
+            raise pyfuse3.FUSEError(errno.ENOTDIR)
+        return inode
+
+    async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
+        after = start_id
+        while True:
+            batch = meta.children(self.db, fh, after)
+            if not batch:
+                return
+            for child in batch:
+                assert child.name is not None
+                if not pyfuse3.readdir_reply(token, child.name, self._attr(child), child.ino):
+                    return
+                self._lookups[child.ino] = self._lookups.get(child.ino, 0) + 1
+                after = child.ino
+
+    async def releasedir(self, fh: int) -> None:
+        return None
+
+    async def fsyncdir(self, fh: int, datasync: bool) -> None:
+        return None
+
+    # --- the rest -------------------------------------------------------------------------------------------
+
+    async def statfs(self, ctx: pyfuse3.RequestContext) -> pyfuse3.StatvfsData:
+        data = pyfuse3.StatvfsData()
+        if self.capacity is not None:
+            total, free = self.capacity.total_bytes, self.capacity.free_bytes
+        else:
+            local = os.statvfs(self.cache.root)
+            total, free = local.f_blocks * local.f_frsize, local.f_bavail * local.f_frsize
+        data.f_bsize = BLOCK_SIZE
+        data.f_frsize = BLOCK_SIZE
+        data.f_blocks = max(total, free) // BLOCK_SIZE
+        data.f_bfree = free // BLOCK_SIZE
+        data.f_bavail = free // BLOCK_SIZE
+        used = meta.totals(self.db)["files"]
+        data.f_files = used + 2**20
+        data.f_ffree = 2**20
+        data.f_favail = 2**20
+        data.f_namemax = NAME_MAX
+        return data
+
+    async def getxattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> bytes:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def setxattr(self, inode: int, name: bytes, value: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def listxattr(self, inode: int, ctx: pyfuse3.RequestContext) -> list[bytes]:
+        raise pyfuse3.FUSEError(errno.ENOSYS)
+
+    async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
+        raise pyfuse3.FUSEError(errno.ENOSYS)

@@ -1,0 +1,576 @@
+"""The client's local tree: inodes, upload and delete jobs, and version counters in one SQLite file (WAL).
+
+Every SQL statement of the client lives here, as small functions over a ``sqlite3.Connection``; each public
+function that changes something is one short transaction, because FUSE handlers call them on the event loop.
+
+Crash ordering (what makes ``kill -9`` lose nothing that was closed):
+
+* ``record_release`` commits the new inode state *and* the upload job in one transaction before the upload
+  queue is woken; at start ``recover`` turns jobs left ``uploading`` back into ``pending``.
+* ``finish_upload`` stores the object only if the inode still has the version the job was made for; otherwise
+  the new object is stale and is queued for deletion.
+* A superseded object is deleted only after a snapshot that no longer references it was published
+  (``delete_jobs.after_version``), so a restore from the latest snapshot never points at a deleted object.
+
+Counters: ``meta_version`` is bumped by every change that a snapshot should carry; ``published_version`` is the
+``meta_version`` of the last snapshot whose pointer the mediator stored; ``pointer_version`` is that pointer's
+own version number at the mediator.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+ROOT_INO = 1
+FILE, DIR, SYMLINK = "file", "dir", "symlink"
+DIRTY, PENDING, STORED = "dirty", "pending", "stored"
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS inodes (
+    ino INTEGER PRIMARY KEY,
+    parent INTEGER,
+    name BLOB,
+    kind TEXT NOT NULL CHECK (kind IN ('file', 'dir', 'symlink')),
+    mode INTEGER NOT NULL,
+    uid INTEGER NOT NULL,
+    gid INTEGER NOT NULL,
+    size INTEGER NOT NULL DEFAULT 0,
+    atime_ns INTEGER NOT NULL,
+    mtime_ns INTEGER NOT NULL,
+    ctime_ns INTEGER NOT NULL,
+    target BLOB,
+    version INTEGER NOT NULL DEFAULT 0,
+    object TEXT,
+    state TEXT NOT NULL DEFAULT 'stored' CHECK (state IN ('dirty', 'pending', 'stored')),
+    UNIQUE (parent, name)
+);
+CREATE INDEX IF NOT EXISTS inodes_state ON inodes (state);
+CREATE TABLE IF NOT EXISTS upload_jobs (
+    id INTEGER PRIMARY KEY,
+    ino INTEGER NOT NULL,
+    version INTEGER NOT NULL,
+    state TEXT NOT NULL CHECK (state IN ('pending', 'uploading', 'done', 'failed')),
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    created REAL NOT NULL,
+    not_before REAL NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS upload_jobs_state ON upload_jobs (state, not_before);
+CREATE TABLE IF NOT EXISTS delete_jobs (
+    object_id TEXT PRIMARY KEY,
+    after_version INTEGER NOT NULL,
+    attempts INTEGER NOT NULL DEFAULT 0,
+    last_error TEXT,
+    not_before REAL NOT NULL DEFAULT 0
+);
+CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
+INSERT OR IGNORE INTO counters VALUES ('meta_version', 0), ('published_version', 0), ('pointer_version', 0);
+"""
+
+
+@dataclass(frozen=True)
+class Inode:
+    ino: int
+    parent: int | None
+    name: bytes | None
+    kind: str
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+    ctime_ns: int
+    target: bytes | None
+    version: int
+    object: str | None
+    state: str
+
+
+@dataclass(frozen=True)
+class UploadJob:
+    id: int
+    ino: int
+    version: int
+    attempts: int
+
+
+@dataclass(frozen=True)
+class DeleteJob:
+    object_id: str
+    attempts: int
+
+
+class NotFound(LookupError):
+    """No inode with that name or number."""
+
+
+class Exists(LookupError):
+    """The name is taken in that directory."""
+
+
+_COLS = "ino, parent, name, kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, target, version, object, state"
+
+
+def connect(path: Path) -> sqlite3.Connection:
+    """Open (creating if new) the tree at ``path``, with the root directory present."""
+    db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    db.execute("PRAGMA journal_mode=WAL")
+    db.execute("PRAGMA synchronous=NORMAL")
+    db.execute("PRAGMA busy_timeout=5000")
+    db.executescript(_SCHEMA)
+    if get(db, ROOT_INO, missing_ok=True) is None:
+        now = time.time_ns()
+        with _tx(db):
+            db.execute(f"INSERT INTO inodes ({_COLS}) VALUES (?, NULL, NULL, 'dir', ?, 0, 0, 0, ?, ?, ?, NULL, 0, "
+                       "NULL, 'stored')", (ROOT_INO, 0o40755, now, now, now))
+    return db
+
+
+def connect_readonly(path: Path) -> sqlite3.Connection:
+    """A reader for ``status`` and ``flush`` while a mount writes (WAL lets both run)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+    db.execute("PRAGMA busy_timeout=5000")
+    return db
+
+
+class _tx:
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): one short write transaction."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+
+    def __enter__(self) -> sqlite3.Connection:
+        self.db.execute("BEGIN IMMEDIATE")
+        return self.db
+
+    def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
+        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def _bump(db: sqlite3.Connection) -> int:
+    db.execute("UPDATE counters SET value = value + 1 WHERE name = 'meta_version'")
+    return counter(db, "meta_version")
+
+
+def counter(db: sqlite3.Connection, name: str) -> int:
+    row = db.execute("SELECT value FROM counters WHERE name = ?", (name,)).fetchone()
+    return int(row[0]) if row else 0
+
+
+def _row(row: tuple | None) -> Inode | None:
+    return None if row is None else Inode(*row)
+
+
+# --- reading the tree ---------------------------------------------------------------------------------------
+
+
+def get(db: sqlite3.Connection, ino: int, *, missing_ok: bool = False) -> Inode | None:
+    inode = _row(db.execute(f"SELECT {_COLS} FROM inodes WHERE ino = ?", (ino,)).fetchone())
+    if inode is None and not missing_ok:
+        raise NotFound(ino)
+    return inode
+
+
+def lookup(db: sqlite3.Connection, parent: int, name: bytes) -> Inode:
+    inode = _row(db.execute(f"SELECT {_COLS} FROM inodes WHERE parent = ? AND name = ?", (parent, name)).fetchone())
+    if inode is None:
+        raise NotFound(name)
+    return inode
+
+
+def children(db: sqlite3.Connection, parent: int, after_ino: int = 0) -> list[Inode]:
+    rows = db.execute(f"SELECT {_COLS} FROM inodes WHERE parent = ? AND ino > ? ORDER BY ino LIMIT 1000",
+                      (parent, after_ino)).fetchall()
+    return [Inode(*r) for r in rows]
+
+
+def has_children(db: sqlite3.Connection, ino: int) -> bool:
+    return db.execute("SELECT 1 FROM inodes WHERE parent = ? LIMIT 1", (ino,)).fetchone() is not None
+
+
+def subdir_count(db: sqlite3.Connection, ino: int) -> int:
+    return int(db.execute("SELECT count(*) FROM inodes WHERE parent = ? AND kind = 'dir'", (ino,)).fetchone()[0])
+
+
+def path_of(db: sqlite3.Connection, ino: int) -> str | None:
+    """The path of ``ino`` below the mount point ("/a/b"), or None for an unlinked inode."""
+    parts: list[bytes] = []
+    while ino != ROOT_INO:
+        row = db.execute("SELECT parent, name FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if row is None or row[0] is None:
+            return None
+        parts.append(row[1])
+        ino = row[0]
+    return "/" + "/".join(p.decode("utf-8", "surrogateescape") for p in reversed(parts))
+
+
+def files(db: sqlite3.Connection) -> Iterator[Inode]:
+    for row in db.execute(f"SELECT {_COLS} FROM inodes WHERE kind = 'file' AND parent IS NOT NULL ORDER BY ino"):
+        yield Inode(*row)
+
+
+# --- changing the tree --------------------------------------------------------------------------------------
+
+
+def create(db: sqlite3.Connection, parent: int, name: bytes, kind: str, mode: int, uid: int, gid: int,
+           target: bytes | None = None) -> Inode:
+    """A new, empty inode; an empty file needs no object, so it starts out ``stored``."""
+    now = time.time_ns()
+    size = len(target) if target is not None else 0
+    try:
+        with _tx(db):
+            cur = db.execute(
+                "INSERT INTO inodes (parent, name, kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, target)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)", (parent, name, kind, mode, uid, gid, size, now, now, now,
+                                                            target))
+            db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, parent))
+            _bump(db)
+    except sqlite3.IntegrityError as exc:
+        raise Exists(name) from exc
+    ino = cur.lastrowid
+    assert ino is not None
+    inode = get(db, ino)
+    assert inode is not None
+    return inode
+
+
+def set_attrs(db: sqlite3.Connection, ino: int, **values: int) -> Inode:
+    """Change mode/uid/gid/atime_ns/mtime_ns/ctime_ns (names checked against the columns)."""
+    allowed = {"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size"}
+    if not values.keys() <= allowed:
+        raise ValueError(f"not settable: {sorted(values.keys() - allowed)}")
+    if values:
+        with _tx(db):
+            assignments = ", ".join(f"{k} = ?" for k in values)
+            db.execute(f"UPDATE inodes SET {assignments} WHERE ino = ?", (*values.values(), ino))
+            _bump(db)
+    inode = get(db, ino)
+    assert inode is not None
+    return inode
+
+
+def mark_dirty(db: sqlite3.Connection, ino: int) -> int:
+    """A content change starts: bump the version (so an upload in flight turns stale). Returns the new version."""
+    with _tx(db):
+        db.execute("UPDATE inodes SET version = version + 1, state = 'dirty' WHERE ino = ?", (ino,))
+        version = db.execute("SELECT version FROM inodes WHERE ino = ?", (ino,)).fetchone()[0]
+    return int(version)
+
+
+def record_release(db: sqlite3.Connection, ino: int, size: int, mtime_ns: int) -> int | None:
+    """A written file was closed: its size and times, and an upload job for its version, in one transaction.
+
+    Older pending jobs of the inode are superseded (``done``). An empty file needs no object: it becomes
+    ``stored`` at once, and the object of its previous version is queued for deletion. Returns the job id, or
+    None when no upload is needed (empty or unlinked file).
+    """
+    with _tx(db):
+        row = db.execute("SELECT version, parent, object FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if row is None:
+            return None
+        version, parent, old_object = row
+        db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'superseded' WHERE ino = ? AND "
+                   "state = 'pending'", (ino,))
+        if parent is None:
+            return None
+        if size == 0:
+            db.execute("UPDATE inodes SET size = 0, mtime_ns = ?, ctime_ns = ?, state = 'stored', object = NULL "
+                       "WHERE ino = ?", (mtime_ns, mtime_ns, ino))
+            meta_version = _bump(db)
+            if old_object is not None:
+                _queue_delete(db, old_object, meta_version)
+            return None
+        db.execute("UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ?, state = 'pending' WHERE ino = ?",
+                   (size, mtime_ns, mtime_ns, ino))
+        cur = db.execute("INSERT INTO upload_jobs (ino, version, state, created) VALUES (?, ?, 'pending', ?)",
+                         (ino, version, time.time()))
+        _bump(db)
+        return cur.lastrowid
+
+
+def unlink(db: sqlite3.Connection, parent: int, name: bytes) -> Inode:
+    """Detach a name; the inode lives on (parent NULL) until ``purge`` once nothing has it open.
+
+    Its object is queued for deletion at once: no later snapshot can reference it.
+    """
+    with _tx(db):
+        inode = _row(db.execute(f"SELECT {_COLS} FROM inodes WHERE parent = ? AND name = ?",
+                                (parent, name)).fetchone())
+        if inode is None:
+            raise NotFound(name)
+        _detach(db, inode)
+    return inode
+
+
+def _detach(db: sqlite3.Connection, inode: Inode) -> None:
+    now = time.time_ns()
+    db.execute("UPDATE inodes SET parent = NULL, name = NULL, object = NULL, ctime_ns = ? WHERE ino = ?",
+               (now, inode.ino))
+    db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, inode.parent))
+    db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'unlinked' WHERE ino = ? AND state = 'pending'",
+               (inode.ino,))
+    meta_version = _bump(db)
+    if inode.object is not None:
+        _queue_delete(db, inode.object, meta_version)
+
+
+def purge(db: sqlite3.Connection, ino: int) -> None:
+    """Forget an unlinked inode for good (no name, no lookups, no open handles)."""
+    with _tx(db):
+        db.execute("DELETE FROM inodes WHERE ino = ? AND parent IS NULL AND ino != ?", (ino, ROOT_INO))
+
+
+def rename(db: sqlite3.Connection, old_parent: int, old_name: bytes, new_parent: int, new_name: bytes,
+           *, noreplace: bool = False) -> tuple[Inode, Inode | None]:
+    """Move a name, replacing a file or an empty directory at the target. Returns (moved, replaced).
+
+    Raises Exists for a taken target with ``noreplace``, IsADirectoryError / NotADirectoryError for a kind
+    mismatch, and OSError(ENOTEMPTY) via ``DirectoryNotEmpty`` for a non-empty target directory.
+    """
+    with _tx(db):
+        moved = _row(db.execute(f"SELECT {_COLS} FROM inodes WHERE parent = ? AND name = ?",
+                                (old_parent, old_name)).fetchone())
+        if moved is None:
+            raise NotFound(old_name)
+        target = _row(db.execute(f"SELECT {_COLS} FROM inodes WHERE parent = ? AND name = ?",
+                                 (new_parent, new_name)).fetchone())
+        if target is not None and target.ino == moved.ino:
+            return moved, None
+        if moved.kind == DIR and _is_ancestor(db, moved.ino, new_parent):
+            raise InvalidMove(new_name)
+        if target is not None:
+            if noreplace:
+                raise Exists(new_name)
+            if target.kind == DIR and moved.kind != DIR:
+                raise IsADirectoryError(new_name)
+            if target.kind != DIR and moved.kind == DIR:
+                raise NotADirectoryError(new_name)
+            if target.kind == DIR and db.execute("SELECT 1 FROM inodes WHERE parent = ? LIMIT 1",
+                                                 (target.ino,)).fetchone():
+                raise DirectoryNotEmpty(new_name)
+            _detach(db, target)
+        now = time.time_ns()
+        db.execute("UPDATE inodes SET parent = ?, name = ?, ctime_ns = ? WHERE ino = ?",
+                   (new_parent, new_name, now, moved.ino))
+        db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino IN (?, ?)",
+                   (now, now, old_parent, new_parent))
+        _bump(db)
+    return moved, target
+
+
+class DirectoryNotEmpty(OSError):
+    pass
+
+
+class InvalidMove(OSError):
+    """A directory cannot move below itself."""
+
+
+def _is_ancestor(db: sqlite3.Connection, ancestor: int, ino: int) -> bool:
+    while True:
+        if ino == ancestor:
+            return True
+        if ino == ROOT_INO:
+            return False
+        row = db.execute("SELECT parent FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if row is None or row[0] is None:
+            return False
+        ino = row[0]
+
+
+# --- upload and delete jobs ---------------------------------------------------------------------------------
+
+
+def recover(db: sqlite3.Connection, cache_sizes: dict[int, int]) -> None:
+    """At mount: resume interrupted uploads; queue files written but never closed; drop unlinked inodes.
+
+    ``cache_sizes`` maps inode to the size of its cache file (a file that was open for writing when the client
+    died has whatever reached the cache, and its size in the tree may lag).
+    """
+    with _tx(db):
+        db.execute("UPDATE upload_jobs SET state = 'pending' WHERE state = 'uploading'")
+        for ino, version in db.execute("SELECT ino, version FROM inodes WHERE state = 'dirty'").fetchall():
+            if ino in cache_sizes:
+                db.execute("UPDATE inodes SET state = 'pending', size = ? WHERE ino = ?", (cache_sizes[ino], ino))
+                db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'superseded' WHERE ino = ? AND "
+                           "state = 'pending'", (ino,))
+                db.execute("INSERT INTO upload_jobs (ino, version, state, created) VALUES (?, ?, 'pending', ?)",
+                           (ino, version, time.time()))
+            else:
+                db.execute("UPDATE inodes SET state = 'stored' WHERE ino = ?", (ino,))
+        db.execute("DELETE FROM inodes WHERE parent IS NULL AND ino != ?", (ROOT_INO,))
+        db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'unlinked' WHERE state = 'pending' AND "
+                   "ino NOT IN (SELECT ino FROM inodes)")
+        db.execute("DELETE FROM upload_jobs WHERE state = 'done' AND created < ?", (time.time() - 86400,))
+        _bump(db)
+
+
+def next_upload(db: sqlite3.Connection, now: float) -> UploadJob | None:
+    """Claim the oldest runnable pending job (state → uploading)."""
+    with _tx(db):
+        row = db.execute("SELECT id, ino, version, attempts FROM upload_jobs WHERE state = 'pending' AND "
+                         "not_before <= ? ORDER BY id LIMIT 1", (now,)).fetchone()
+        if row is None:
+            return None
+        db.execute("UPDATE upload_jobs SET state = 'uploading', attempts = attempts + 1 WHERE id = ?", (row[0],))
+    return UploadJob(row[0], row[1], row[2], row[3] + 1)
+
+
+def next_wakeup(db: sqlite3.Connection) -> float | None:
+    """When the earliest backed-off job (upload or delete) becomes runnable, if any."""
+    a = db.execute("SELECT min(not_before) FROM upload_jobs WHERE state = 'pending'").fetchone()[0]
+    b = db.execute("SELECT min(not_before) FROM delete_jobs").fetchone()[0]
+    times = [t for t in (a, b) if t is not None]
+    return min(times) if times else None
+
+
+def job_current(db: sqlite3.Connection, job: UploadJob) -> bool:
+    """Is the job's version still the inode's, and the inode still named? (Stale jobs need no upload.)"""
+    row = db.execute("SELECT version, parent, state FROM inodes WHERE ino = ?", (job.ino,)).fetchone()
+    return row is not None and row[0] == job.version and row[1] is not None and row[2] == PENDING
+
+
+def finish_upload(db: sqlite3.Connection, job: UploadJob, object_id: str, object_json: str) -> bool:
+    """Store the object if the inode still has the job's version; otherwise queue the stale object's deletion.
+
+    Returns True if the object became the inode's content.
+    """
+    with _tx(db):
+        db.execute("UPDATE upload_jobs SET state = 'done', last_error = NULL WHERE id = ?", (job.id,))
+        row = db.execute("SELECT version, parent, state, object FROM inodes WHERE ino = ?", (job.ino,)).fetchone()
+        if row is None or row[0] != job.version or row[1] is None or row[2] != PENDING:
+            _queue_delete(db, object_json, 0)
+            return False
+        db.execute("UPDATE inodes SET object = ?, state = 'stored' WHERE ino = ?", (object_json, job.ino))
+        meta_version = _bump(db)
+        if row[3] is not None:
+            _queue_delete(db, row[3], meta_version)
+        return True
+
+
+def drop_upload(db: sqlite3.Connection, job: UploadJob, reason: str) -> None:
+    with _tx(db):
+        db.execute("UPDATE upload_jobs SET state = 'done', last_error = ? WHERE id = ?", (reason, job.id))
+
+
+def fail_upload(db: sqlite3.Connection, job: UploadJob, error: str, retry_at: float | None) -> None:
+    """Record a failed attempt; ``retry_at`` None means it can never succeed (state failed)."""
+    with _tx(db):
+        if retry_at is None:
+            db.execute("UPDATE upload_jobs SET state = 'failed', last_error = ? WHERE id = ?", (error, job.id))
+        else:
+            db.execute("UPDATE upload_jobs SET state = 'pending', last_error = ?, not_before = ? WHERE id = ?",
+                       (error, retry_at, job.id))
+
+
+def _queue_delete(db: sqlite3.Connection, object_json: str, after_version: int) -> None:
+    object_id = json.loads(object_json)["object_id"]
+    db.execute("INSERT OR IGNORE INTO delete_jobs (object_id, after_version) VALUES (?, ?)",
+               (object_id, after_version))
+
+
+def next_delete(db: sqlite3.Connection, now: float) -> DeleteJob | None:
+    """A deletion that no published snapshot needs any more (after_version <= published_version)."""
+    row = db.execute("SELECT object_id, attempts FROM delete_jobs WHERE not_before <= ? AND after_version <= "
+                     "(SELECT value FROM counters WHERE name = 'published_version') ORDER BY rowid LIMIT 1",
+                     (now,)).fetchone()
+    return None if row is None else DeleteJob(row[0], row[1])
+
+
+def finish_delete(db: sqlite3.Connection, object_id: str) -> None:
+    with _tx(db):
+        db.execute("DELETE FROM delete_jobs WHERE object_id = ?", (object_id,))
+
+
+def fail_delete(db: sqlite3.Connection, object_id: str, error: str, retry_at: float) -> None:
+    with _tx(db):
+        db.execute("UPDATE delete_jobs SET attempts = attempts + 1, last_error = ?, not_before = ? WHERE "
+                   "object_id = ?", (error, retry_at, object_id))
+
+
+def set_published(db: sqlite3.Connection, meta_version: int, pointer_version: int) -> None:
+    with _tx(db):
+        db.execute("UPDATE counters SET value = max(value, ?) WHERE name = 'published_version'", (meta_version,))
+        db.execute("UPDATE counters SET value = ? WHERE name = 'pointer_version'", (pointer_version,))
+
+
+# --- snapshots and status -----------------------------------------------------------------------------------
+
+
+def snapshot_to(db: sqlite3.Connection, dest: Path) -> int:
+    """A consistent copy of the tree at ``dest`` for publishing; returns the meta_version it holds.
+
+    The copy carries only what a restore needs: names, attributes and the objects already stored. Jobs are
+    dropped (their cache files exist only here), and a file whose newest version is not uploaded yet appears
+    with the version that is (or empty if none is).
+    """
+    dest.unlink(missing_ok=True)
+    out = sqlite3.connect(dest, isolation_level=None)
+    try:
+        db.backup(out)
+        out.execute("BEGIN")
+        version = counter(out, "meta_version")
+        out.execute("DELETE FROM upload_jobs")
+        out.execute("DELETE FROM delete_jobs")
+        out.execute("DELETE FROM inodes WHERE parent IS NULL AND ino != ?", (ROOT_INO,))
+        for ino, obj in out.execute("SELECT ino, object FROM inodes WHERE state != 'stored'").fetchall():
+            size = json.loads(obj)["size"] if obj else 0
+            out.execute("UPDATE inodes SET state = 'stored', size = ? WHERE ino = ?", (size, ino))
+        out.execute("UPDATE counters SET value = ? WHERE name = 'published_version'", (version,))
+        out.execute("COMMIT")
+        out.execute("PRAGMA journal_mode=DELETE")
+        out.execute("VACUUM")
+    finally:
+        out.close()
+    return version
+
+
+def adopt_snapshot(path: Path, pointer_version: int) -> None:
+    """Make a fetched snapshot the local tree: everything in it counts as published."""
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.executescript(_SCHEMA)
+        db.execute("UPDATE counters SET value = (SELECT value FROM counters WHERE name = 'meta_version') "
+                   "WHERE name = 'published_version'")
+        db.execute("UPDATE counters SET value = ? WHERE name = 'pointer_version'", (pointer_version,))
+    finally:
+        db.close()
+
+
+def pending_uploads(db: sqlite3.Connection) -> list[tuple[int, int, str, int, str | None]]:
+    """(job id, ino, state, attempts, last_error) of every unfinished upload."""
+    return [tuple(r) for r in db.execute(
+        "SELECT id, ino, state, attempts, last_error FROM upload_jobs WHERE state IN ('pending', 'uploading') "
+        "ORDER BY id").fetchall()]
+
+
+def failed_uploads(db: sqlite3.Connection) -> list[tuple[int, int, str | None]]:
+    return [tuple(r) for r in db.execute(
+        "SELECT j.id, j.ino, j.last_error FROM upload_jobs j JOIN inodes i ON i.ino = j.ino WHERE j.state = "
+        "'failed' AND i.parent IS NOT NULL AND i.version = j.version AND i.state = 'pending' ORDER BY j.id"
+    ).fetchall()]
+
+
+def pending_deletes(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT count(*) FROM delete_jobs").fetchone()[0])
+
+
+def dirty_count(db: sqlite3.Connection) -> int:
+    return int(db.execute("SELECT count(*) FROM inodes WHERE state = 'dirty' AND parent IS NOT NULL").fetchone()[0])
+
+
+def stored_inos(db: sqlite3.Connection) -> set[int]:
+    """Inodes whose cache file may be evicted (the content is safely in the network)."""
+    return {r[0] for r in db.execute("SELECT ino FROM inodes WHERE state = 'stored' AND object IS NOT NULL")}
+
+
+def totals(db: sqlite3.Connection) -> dict[str, int]:
+    row = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM inodes WHERE kind = 'file' AND parent IS NOT "
+                     "NULL").fetchone()
+    return {"files": int(row[0]), "bytes": int(row[1])}

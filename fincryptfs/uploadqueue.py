@@ -1,0 +1,166 @@
+"""Durable background work of a mount: uploads, object deletions and metadata snapshots.
+
+Everything the queue does is driven by rows in the local SQLite tree (``fincryptfs.meta``), never by memory
+alone, so a client killed at any moment resumes where it was: jobs left ``uploading`` are pending again at the
+next start, and a finished upload counts only if it commits in the same transaction that marks its inode
+stored. The FUSE side just commits a job and calls :meth:`UploadQueue.wake`.
+
+Tasks, all in the caller's nursery:
+
+* ``workers`` upload workers: claim the oldest runnable job, ``ObjectStore.put_file`` the cache file, then
+  ``meta.finish_upload`` (a stale result — the file changed meanwhile — is queued for deletion instead).
+  Failures are retried with exponential backoff (1 s doubling to 5 min); the error is kept in the job row
+  for ``fincryptfs status``.
+* one deleter: releases objects nobody references any more, but only once a snapshot without them was
+  published (so the latest snapshot never points at a deleted object).
+* one publisher: ``publish_delay`` seconds after a change (debounced), copies the tree with SQLite's backup
+  API, strips what a restore does not need, and publishes it encrypted via ``manifest.publish_snapshot``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import sqlite3
+import time
+from collections.abc import Callable, Collection
+from pathlib import Path
+
+import trio
+
+from . import meta
+from .cache import CacheDir
+from .core.errors import FincryptError
+from .objectstore import ObjectStore
+from .rpc import PeerError
+
+log = logging.getLogger(__name__)
+
+MAX_BACKOFF = 300.0
+
+
+def backoff(attempts: int) -> float:
+    """Seconds before retry number ``attempts`` (1, 2, 4, ... capped at 5 minutes)."""
+    return min(MAX_BACKOFF, 2.0 ** max(0, attempts - 1))
+
+
+class UploadQueue:
+    def __init__(self, *, db: sqlite3.Connection, store: ObjectStore, cache: CacheDir, master_key: bytes,
+                 spool_dir: Path, workers: int = 2, publish_delay: float = 2.0,
+                 in_use: Callable[[], Collection[int]] = frozenset) -> None:
+        self.db = db
+        self.store = store
+        self.cache = cache
+        self.master_key = master_key
+        self.spool_dir = spool_dir
+        self.workers = workers
+        self.publish_delay = publish_delay
+        self.in_use = in_use
+        self._changed = trio.Event()
+        self.publish_error: str | None = None
+
+    def wake(self) -> None:
+        """Something changed in the tree or the jobs: every waiting task looks again."""
+        self._changed.set()
+        self._changed = trio.Event()
+
+    async def _wait(self, timeout: float) -> None:
+        with trio.move_on_after(max(0.0, timeout)):
+            await self._changed.wait()
+
+    def _until_next(self) -> float:
+        at = meta.next_wakeup(self.db)
+        return 60.0 if at is None else min(60.0, at - time.time())
+
+    async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(self.workers):
+                nursery.start_soon(self._upload_worker)
+            nursery.start_soon(self._deleter)
+            nursery.start_soon(self._publisher)
+            task_status.started()
+
+    # --- uploads --------------------------------------------------------------------------------------------
+
+    async def _upload_worker(self) -> None:
+        while True:
+            job = meta.next_upload(self.db, time.time())
+            if job is None:
+                await self._wait(self._until_next())
+                continue
+            await self._upload(job)
+
+    async def _upload(self, job: meta.UploadJob) -> None:
+        if not meta.job_current(self.db, job):
+            meta.drop_upload(self.db, job, "superseded")
+            return
+        path = self.cache.path(job.ino)
+        if not path.exists():
+            meta.fail_upload(self.db, job, "the cache file is gone: this version of the file cannot be uploaded",
+                             None)
+            return
+        try:
+            stored = await self.store.put_file(path)
+        except (FincryptError, OSError) as exc:
+            delay = backoff(job.attempts)
+            log.warning("upload of inode %d failed (attempt %d, retry in %.0f s): %s", job.ino, job.attempts,
+                        delay, exc)
+            meta.fail_upload(self.db, job, str(exc)[:1000], time.time() + delay)
+            self.wake()
+            return
+        became_current = meta.finish_upload(self.db, job, stored.object_id, json.dumps(stored.to_json()))
+        if not became_current:
+            log.info("upload of inode %d version %d is stale; its object will be deleted", job.ino, job.version)
+        self.cache.evict(meta.stored_inos(self.db), self.in_use())
+        self.wake()
+
+    # --- deletions ------------------------------------------------------------------------------------------
+
+    async def _deleter(self) -> None:
+        while True:
+            job = meta.next_delete(self.db, time.time())
+            if job is None:
+                await self._wait(self._until_next())
+                continue
+            try:
+                await self.store.delete(job.object_id)
+            except PeerError as exc:
+                if exc.status == 404:
+                    meta.finish_delete(self.db, job.object_id)
+                    continue
+                meta.fail_delete(self.db, job.object_id, str(exc)[:1000], time.time() + backoff(job.attempts + 1))
+                continue
+            except FincryptError as exc:
+                meta.fail_delete(self.db, job.object_id, str(exc)[:1000], time.time() + backoff(job.attempts + 1))
+                continue
+            meta.finish_delete(self.db, job.object_id)
+
+    # --- snapshots ------------------------------------------------------------------------------------------
+
+    async def _publisher(self) -> None:
+        from .manifest import publish_snapshot
+
+        failures = 0
+        while True:
+            if meta.counter(self.db, "meta_version") <= meta.counter(self.db, "published_version"):
+                await self._wait(60.0)
+                continue
+            await trio.sleep(self.publish_delay if failures == 0 else backoff(failures))
+            snapshot = self.spool_dir / "snapshot.db"
+            self.spool_dir.mkdir(parents=True, exist_ok=True)
+            version = meta.snapshot_to(self.db, snapshot)
+            pointer_version = meta.counter(self.db, "pointer_version")
+            try:
+                stored_version = await publish_snapshot(self.store, self.master_key, snapshot, pointer_version)
+            except (FincryptError, OSError) as exc:
+                failures += 1
+                self.publish_error = str(exc)
+                log.warning("publishing the metadata snapshot failed (attempt %d): %s", failures, exc)
+                continue
+            finally:
+                snapshot.unlink(missing_ok=True)
+            failures = 0
+            self.publish_error = None
+            meta.set_published(self.db, version, stored_version)
+            log.info("published metadata snapshot %d (tree version %d)", stored_version, version)
+            self.wake()

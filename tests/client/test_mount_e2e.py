@@ -1,0 +1,71 @@
+"""End to end: a real network, a real FUSE mount in its own process, files copied in and read back."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import Client, needs_fuse, tree_of
+from netfixtures import start_network
+
+pytestmark = [pytest.mark.e2e, needs_fuse]
+
+
+def make_tree(root: Path) -> None:
+    rng = __import__("random").Random(7)
+    (root / "docs" / "deep" / "er").mkdir(parents=True)
+    (root / "empty-dir").mkdir()
+    (root / "empty.txt").write_bytes(b"")
+    (root / "small.txt").write_text("hello, fincrypt\n")
+    (root / "docs" / "a.bin").write_bytes(rng.randbytes(300_000))
+    (root / "docs" / "deep" / "er" / "b.bin").write_bytes(rng.randbytes(2_500_000))
+    os.chmod(root / "docs" / "a.bin", 0o640)
+    os.symlink("docs/a.bin", root / "link")
+    for i in range(20):
+        (root / "docs" / f"f{i:02}").write_bytes(rng.randbytes(rng.randrange(1, 20_000)))
+
+
+async def test_copy_flush_remount_without_cache_and_restore(tmp_path: Path, nursery: trio.Nursery) -> None:
+    net = await start_network(tmp_path, nursery, nodes=6)
+    src = tmp_path / "src"
+    src.mkdir()
+    make_tree(src)
+    client = Client(tmp_path / "alice", net.mediator_url)
+    phrase = client.init()
+    assert (os.stat(client.home / "master.key").st_mode & 0o777) == 0o600
+    restored = Client(tmp_path / "new-machine", net.mediator_url)
+    try:
+        await client.mount()
+        await trio.to_thread.run_sync(lambda: subprocess.run(["cp", "-a", f"{src}/.", str(client.mountpoint)],
+                                                             check=True))
+        assert tree_of(client.mountpoint) == tree_of(src)
+        await client.flush()
+        status = json.loads((await trio.to_thread.run_sync(lambda: client.cli("status", "--json"))).stdout)
+        assert status["pending_uploads"] == 0
+        by_path = {f["path"]: f for f in status["files"]}
+        assert by_path["/docs/a.bin"]["size"] == 300_000
+        assert by_path["/docs/a.bin"]["state"] == "stored"
+        assert by_path["/docs/a.bin"]["shares_total"] == 6
+        assert by_path["/docs/a.bin"]["shares_healthy"] >= 5
+        await client.unmount()
+
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        assert await trio.to_thread.run_sync(tree_of, client.mountpoint) == tree_of(src)
+        await client.unmount()
+
+        restored.write_env()
+        phrase_file = tmp_path / "phrase.txt"
+        phrase_file.write_text(phrase + "\n")
+        await trio.to_thread.run_sync(lambda: restored.cli("restore", "--phrase-file", str(phrase_file),
+                                                           "--mediator", net.mediator_url, "--no-passphrase"))
+        await restored.mount()
+        assert await trio.to_thread.run_sync(tree_of, restored.mountpoint) == tree_of(src)
+    finally:
+        await client.cleanup()
+        await restored.cleanup()
