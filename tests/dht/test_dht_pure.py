@@ -1,0 +1,231 @@
+"""The pure DHT modules: routing table, iterative lookup, tokens, peer store, rate limiter."""
+
+import hashlib
+import random
+
+from hypothesis import given, settings
+from hypothesis import strategies as st
+
+from fincryptfs.core.identity import SigningKey
+from fincryptfs.dht.contact import Contact, distance
+from fincryptfs.dht.lookup import Lookup
+from fincryptfs.dht.peerstore import PeerStore
+from fincryptfs.dht.ratelimit import RateLimiter
+from fincryptfs.dht.records import MEDIATORS_KEY, PeerRecord
+from fincryptfs.dht.routing import Added, PingOldest, Refreshed, Rejected, RoutingTable
+from fincryptfs.dht.tokens import TokenSecrets, issue_token, token_valid
+
+OWN = b"\x00" * 32
+
+
+def nid(n: int) -> bytes:
+    return hashlib.sha256(n.to_bytes(8, "big")).digest()
+
+
+def far(n: int) -> bytes:
+    """Ids that all fall in the farthest bucket (255) of OWN."""
+    return bytes([0x80 | (n & 0x7F)]) + nid(n)[1:]
+
+
+# --- routing table ------------------------------------------------------------------------------------------
+
+
+def test_adds_refreshes_and_orders_by_distance() -> None:
+    table = RoutingTable(OWN)
+    contacts = [Contact(nid(i), f"10.0.{i}.1", 4000) for i in range(40)]
+    for c in contacts:
+        table.observe(c, 0.0)
+    assert isinstance(table.observe(contacts[0], 1.0), Refreshed)
+    target = nid(999)
+    closest = table.closest(target)
+    assert len(closest) == 8
+    assert closest == sorted(table.contacts(), key=lambda c: distance(c.id, target))[:8]
+    assert isinstance(table.observe(Contact(OWN, "10.9.9.9", 1), 0), Rejected)
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.binary(min_size=32, max_size=32), min_size=1, max_size=120, unique=True),
+       st.binary(min_size=32, max_size=32))
+def test_closest_is_the_true_nearest_of_the_table(ids: list[bytes], target: bytes) -> None:
+    table = RoutingTable(OWN, k=8, max_per_ip=10**6, max_per_ip_bucket=10**6)
+    for i, node_id in enumerate(ids):
+        table.observe(Contact(node_id, "10.0.0.1", 1 + i), 0.0)
+    assert all(len([c for c in table.contacts() if table.bucket_index(c.id) == b]) <= 8 for b in range(256))
+    held = table.contacts()
+    assert table.closest(target, 5) == sorted(held, key=lambda c: distance(c.id, target))[:5]
+
+
+def test_per_ip_limits_contain_one_host() -> None:
+    table = RoutingTable(OWN, max_per_ip_bucket=2, max_per_ip=8)
+    actions = [table.observe(Contact(nid(i), "6.6.6.6", 1000 + i), 0.0) for i in range(500)]
+    assert sum(isinstance(a, Added) for a in actions) == 8
+    assert all(a.reason == "ip_limit" for a in actions if isinstance(a, Rejected))
+    # two per bucket: the farthest bucket (half of all random ids) holds only two from that host
+    assert len([c for c in table.contacts() if table.bucket_index(c.id) == 255]) == 2
+
+
+def test_an_address_keeps_its_id_and_an_id_keeps_its_address() -> None:
+    table = RoutingTable(OWN)
+    table.observe(Contact(nid(1), "10.0.0.1", 5), 0.0)
+    assert table.observe(Contact(nid(2), "10.0.0.1", 5), 0.0) == Rejected(Contact(nid(2), "10.0.0.1", 5),
+                                                                          "address_taken")
+    moved = table.observe(Contact(nid(1), "10.0.0.2", 5), 0.0)
+    assert isinstance(moved, Rejected) and moved.reason == "id_moved"
+    assert table.get(nid(1)) == Contact(nid(1), "10.0.0.1", 5)
+
+
+def test_full_bucket_pings_oldest_and_keeps_it_if_alive() -> None:
+    table = RoutingTable(OWN, k=8)
+    olds = [Contact(far(i), f"10.1.0.{i}", 1) for i in range(8)]
+    for c in olds:
+        assert isinstance(table.observe(c, float(len(table))), Added)
+    newcomer = Contact(far(100), "10.2.0.1", 1)
+    action = table.observe(newcomer, 10.0)
+    assert action == PingOldest(olds[0], newcomer)
+    # a second newcomer while the check runs is turned away: one check per bucket at a time
+    assert isinstance(table.observe(Contact(far(101), "10.2.0.2", 1), 10.0), Rejected)
+    table.ping_result(action, True, 11.0)
+    assert table.get(newcomer.id) is None and table.get(olds[0].id) == olds[0]
+    # now olds[1] is the least recently seen; if it is dead the newcomer replaces it
+    action = table.observe(newcomer, 12.0)
+    assert isinstance(action, PingOldest) and action.oldest == olds[1]
+    assert isinstance(table.ping_result(action, False, 13.0), Added)
+    assert table.get(olds[1].id) is None and table.get(newcomer.id) == newcomer
+
+
+def test_repeated_failures_drop_a_contact() -> None:
+    table = RoutingTable(OWN)
+    c = Contact(nid(5), "10.0.0.5", 1)
+    table.observe(c, 0)
+    assert not table.failed(c.id) and not table.failed(c.id)
+    assert table.failed(c.id)
+    assert table.get(c.id) is None and len(table) == 0
+
+
+def test_refresh_picks_stale_buckets_and_ids_inside_them() -> None:
+    table = RoutingTable(OWN)
+    table.observe(Contact(far(1), "10.0.0.1", 1), 0.0)
+    table.observe(Contact(b"\x00" * 31 + b"\x10", "10.0.0.2", 1), 100.0)  # bucket 4
+    assert table.stale_buckets(150.0, 100.0) == list(range(5, 256))
+    rng = random.Random(1)
+    for index in (0, 4, 100, 255):
+        node_id = table.random_id_in_bucket(index, rng.randbytes(32))
+        assert table.bucket_index(node_id) == index
+
+
+# --- lookup -------------------------------------------------------------------------------------------------
+
+
+def simulated_network(n: int, k: int = 8) -> dict[bytes, RoutingTable]:
+    """Every node has heard of every other once: full k-buckets, as a settled Kademlia network has."""
+    rng = random.Random(7)
+    ids = [rng.randbytes(32) for _ in range(n)]
+    tables = {i: RoutingTable(i, k=k, max_per_ip=10**6, max_per_ip_bucket=10**6) for i in ids}
+    for table in tables.values():
+        for port, other in enumerate(ids, 1):
+            table.observe(Contact(other, "10.0.0.1", port), 0.0)
+    return tables
+
+
+def run_lookup(tables: dict[bytes, RoutingTable], start: bytes, target: bytes, dead: set[bytes] = frozenset()
+               ) -> Lookup:
+    lookup = Lookup(target, tables[start].closest(target), own_id=start, max_per_ip=10**6)
+    while not lookup.done:
+        batch = lookup.next_queries()
+        assert batch and len(batch) <= 3
+        for c in batch:
+            if c.id in dead:
+                lookup.on_timeout(c)
+            else:
+                lookup.on_response(c, c.id, tuple(tables[c.id].closest(target)))
+    return lookup
+
+
+def test_lookup_finds_the_true_nearest_nodes() -> None:
+    tables = simulated_network(200)
+    ids = sorted(tables)
+    for target in (ids[5], nid(77), nid(78)):
+        lookup = run_lookup(tables, ids[0], target)
+        expected = sorted((i for i in ids if i != ids[0]), key=lambda i: distance(i, target))[:8]
+        assert [c.id for c, _ in lookup.result()] == expected
+        assert 1 <= lookup.hops <= 6 and lookup.queries_sent <= 64
+
+
+def test_lookup_routes_around_dead_nodes() -> None:
+    tables = simulated_network(200)
+    ids = sorted(tables)
+    target = nid(123)
+    dead = set(sorted(ids, key=lambda i: distance(i, target))[:4])
+    lookup = run_lookup(tables, ids[1], target, dead)
+    result = [c.id for c, _ in lookup.result()]
+    assert not dead & set(result)
+    expected = sorted((i for i in ids if i not in dead and i != ids[1]), key=lambda i: distance(i, target))[:8]
+    # the dead nodes still fill slots in their neighbours' buckets, so the far end of the k may differ
+    assert result[0] == expected[0] and len(set(result) & set(expected)) >= 6
+
+
+def test_lookup_contains_one_host_answering_with_many_ids() -> None:
+    target = nid(1)
+    honest = [Contact(nid(100 + i), f"10.0.{i}.1", 1) for i in range(8)]
+    lookup = Lookup(target, honest[:3], own_id=OWN, max_per_ip=2)
+    first = lookup.next_queries()[0]
+    # the attacker at 6.6.6.6 claims 1,000 ids, all nearer the target than anyone honest
+    sybils = tuple(Contact(bytes(target[:-2]) + i.to_bytes(2, "big"), "6.6.6.6", 1000 + i) for i in range(1000))
+    lookup.on_response(first, first.id, sybils[:8])
+    queued = [c for c in lookup.next_queries()]
+    assert len([c for c in queued if c.host == "6.6.6.6"]) <= 2
+
+
+def test_a_response_signed_by_another_id_counts_as_failure() -> None:
+    c = Contact(nid(1), "10.0.0.1", 1)
+    lookup = Lookup(nid(2), [c], own_id=OWN)
+    assert lookup.next_queries() == [c]
+    lookup.on_response(c, nid(3), (Contact(nid(4), "10.0.0.4", 1),))
+    assert lookup.done and lookup.result() == []
+
+
+# --- tokens, store, rate limiter ----------------------------------------------------------------------------
+
+
+def test_tokens_bind_the_ip_and_survive_one_rotation() -> None:
+    secrets = TokenSecrets(b"a" * 32, b"b" * 32, 0.0)
+    token = issue_token(secrets, "10.0.0.1")
+    assert token_valid(secrets, token, "10.0.0.1")
+    assert not token_valid(secrets, token, "10.0.0.2")
+    secrets = secrets.rotate(b"c" * 32, 300.0)
+    assert token_valid(secrets, token, "10.0.0.1")
+    secrets = secrets.rotate(b"d" * 32, 600.0)
+    assert not token_valid(secrets, token, "10.0.0.1")
+
+
+def test_peer_store_bounds_and_expiry() -> None:
+    now = 1_000_000
+    store = PeerStore(max_keys=2, max_per_key=5, max_per_ip_per_key=2)
+    keys = [SigningKey(bytes([i]) * 32) for i in range(1, 9)]
+
+    def rec(k: SigningKey, exp: int = now + 100, key: bytes = MEDIATORS_KEY) -> PeerRecord:
+        return PeerRecord.sign(k, key=key, role="mediator", url="http://m.example", expires_at=exp)
+
+    assert store.add(rec(keys[0]), "10.0.0.1", now) is None
+    assert store.add(rec(keys[1]), "10.0.0.1", now) is None
+    assert store.add(rec(keys[2]), "10.0.0.1", now) == "announcer_ip_limit"
+    assert store.add(rec(keys[0], now + 50), "10.0.0.1", now) == "stale_record"
+    assert store.add(rec(keys[0], now + 200), "10.0.0.1", now) is None  # re-announce replaces
+    for i, k in enumerate(keys[2:5]):
+        assert store.add(rec(k, now + 10), f"10.0.1.{i}", now) is None
+    assert store.add(rec(keys[5]), "10.0.2.1", now) == "key_full"
+    assert store.add(rec(keys[5], key=b"\x01" * 32), "10.0.2.1", now) is None
+    assert store.add(rec(keys[5], key=b"\x02" * 32), "10.0.2.1", now) == "store_full"
+    assert len(store.get(MEDIATORS_KEY, now, 3, random.Random(0))) == 3
+    assert len(store.get(MEDIATORS_KEY, now + 20, 10, random.Random(0))) == 2  # three expired
+    assert store.expire(now + 1000) == 3 and len(store) == 0
+
+
+def test_rate_limiter_is_per_source_and_bounded() -> None:
+    limiter = RateLimiter(rate=10, burst=5, max_sources=100)
+    assert [limiter.allow("a", 0.0) for _ in range(7)] == [True] * 5 + [False] * 2
+    assert limiter.allow("b", 0.0)
+    assert limiter.allow("a", 0.1) and not limiter.allow("a", 0.1)
+    for i in range(1000):
+        limiter.allow(f"s{i}", 1.0)
+    assert len(limiter) == 100
