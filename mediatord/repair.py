@@ -27,13 +27,18 @@ class RepairPlan:
     missing: tuple[int, ...]  # indices to rebuild
 
 
-def plan_repair(layout: ObjectLayout, healthy: Sequence[int], threshold: int) -> RepairPlan:
-    """Decide what to do for an object whose shares ``healthy`` (indices) are proven or stored on live nodes."""
+def plan_repair(layout: ObjectLayout, healthy: Sequence[int], threshold: int, *, evict: bool = False
+                ) -> RepairPlan:
+    """Decide what to do for an object whose shares ``healthy`` (indices) are proven or stored on live nodes.
+
+    ``evict``: some share sits on a disqualified node; it is moved even above the threshold, since that node
+    will never count again.
+    """
     have = tuple(sorted(set(healthy)))
     missing = tuple(i for i in range(layout.n) if i not in have)
     if len(have) < layout.k:
         return RepairPlan("irreparable", have, missing)
-    if len(have) >= threshold:
+    if len(have) >= threshold and not (evict and missing):
         return RepairPlan("none", have, missing)
     return RepairPlan("repair", have, missing)
 

@@ -167,13 +167,15 @@ async def repair_pass(service: MediatorService, client: httpx.AsyncClient, now: 
     db = service.db
     actions: dict[str, str] = {}
     online = service.online_node_ids()
+    disqualified = {n.node_id for n in db.nodes("disqualified")}
     for object_id in db.committed_object_ids():
         obj = db.object(object_id)
         if obj is None:
             continue
         shares = db.shares_of(object_id)
         healthy = [s.idx for s in shares if s.state in HEALTHY_SHARE_STATES and s.node_id in online]
-        plan = plan_repair(obj.layout, healthy, repair_threshold(obj.layout))
+        plan = plan_repair(obj.layout, healthy, repair_threshold(obj.layout),
+                           evict=any(s.node_id in disqualified for s in shares))
         if plan.action == "irreparable":
             if obj.state != "irreparable":
                 log.error("ALERT object %s is irreparable: %d of %d shares left, %d needed", object_id[:16],

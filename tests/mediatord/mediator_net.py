@@ -168,3 +168,7 @@ async def object_status(client: httpx.AsyncClient, mediator_url: str, key: Signi
 
 def layout_json(obj: SampleObject) -> dict[str, int]:
     return layout_to_json(obj.layout)
+
+
+def share_data_file(node: Node, share_id: str) -> Path:
+    return node.share_dir / share_id[:2] / f"{share_id}.data"

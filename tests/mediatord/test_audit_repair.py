@@ -1,0 +1,252 @@
+"""Audits, reputation, offline detection and repair against real storaged nodes on 127.0.0.1.
+
+Audit rounds and repair passes are called directly (the mediator runs without its timers) so each step is
+deterministic; node timing (announce every 0.2 s, offline after 1 s) is real. test_daemon.py runs the timers.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import httpx
+import pytest
+import trio
+from mediator_net import (
+    Mediator,
+    Node,
+    SampleObject,
+    make_object,
+    object_status,
+    share_data_file,
+    start_mediator,
+    start_node,
+    stop_node,
+    upload,
+    wait_online,
+)
+
+from fincryptfs import rpc
+from fincryptfs.core.identity import SigningKey
+from mediatord import upkeep
+
+
+@dataclass
+class Net:
+    mediator: Mediator
+    nodes: list[Node]
+    client: httpx.AsyncClient
+    account: SigningKey
+    root: Path
+    nursery: trio.Nursery
+
+    @property
+    def url(self) -> str:
+        return self.mediator.url
+
+    @property
+    def service(self):  # type: ignore[no-untyped-def]
+        return self.mediator.service
+
+    def node(self, node_id: str) -> Node:
+        return next(n for n in self.nodes if n.node_id == node_id)
+
+    async def restart(self, node: Node) -> Node:
+        index = self.nodes.index(node)
+        back = await start_node(self.nursery, self.root, self.url, index, port=int(node.url.rsplit(":", 1)[1]))
+        self.nodes[index] = back
+        return back
+
+    async def round(self) -> dict[str, str]:
+        outcomes = await upkeep.audit_round(self.service, self.client, time.time())
+        return {node_id: o.result for node_id, o in outcomes.items()}
+
+    async def repair(self) -> dict[str, str]:
+        return await upkeep.repair_pass(self.service, self.client, time.time())
+
+    async def upload(self, obj: SampleObject) -> dict[int, str]:
+        stored = await upload(self.client, self.url, self.account, obj)
+        return {i: node_id for i, (node_id, _) in stored.items()}
+
+
+@pytest.fixture
+async def net(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[Net]:
+    mediator = await start_mediator(nursery, tmp_path / "mediator", MEDIATORD_AUDIT_LEAVES_PER_SHARE="64",
+                                    MEDIATORD_AUDIT_PERIOD="0.5", MEDIATORD_AUDIT_RETRIES="2",
+                                    MEDIATORD_NODE_OFFLINE_AFTER="1")
+    nodes = [await start_node(nursery, tmp_path, mediator.url, i) for i in range(6)]
+    await wait_online(mediator, 6)
+    async with rpc.new_client() as client:
+        yield Net(mediator, nodes, client, SigningKey.generate(), tmp_path, nursery)
+    nursery.cancel_scope.cancel()
+
+
+def flip_byte(path: Path, offset: int = 5000) -> None:
+    data = bytearray(path.read_bytes())
+    data[offset] ^= 0x01
+    path.write_bytes(bytes(data))
+
+
+async def wait_offline(net: Net, node_id: str) -> None:
+    with trio.fail_after(10):
+        while True:
+            upkeep.offline_pass(net.service, time.time())
+            if net.service.db.node(node_id).state == "offline":  # type: ignore[union-attr]
+                return
+            await trio.sleep(0.1)
+
+
+async def test_round_passes_and_records_one_pass_per_round_and_node(net: Net) -> None:
+    placed = await net.upload(make_object())
+    await net.upload(make_object())
+    results = await net.round()
+    assert set(results) >= set(placed.values()) and set(results.values()) == {"passed"}
+    db = net.service.db
+    passes = db.audit_passes()
+    assert {(r, n) for r, n, *_ in passes} == {(1, n) for n in results}
+    assert all(shares >= 1 and size >= shares * 12000 for _, _, shares, size, _ in passes)
+    assert db.record_pass(1, passes[0][1], 99, 99, time.time()) is False  # idempotent billing seam
+    node = db.node(placed[0])
+    assert node is not None and node.passed == 1 and node.reputation == pytest.approx(2 / 3)
+    assert net.service.status()["audits_passed"] == len(results)
+    await net.round()
+    assert len(db.audit_passes()) == 2 * len(results)
+
+
+async def test_corrupted_share_is_lost_then_repaired_byte_for_byte(net: Net) -> None:
+    obj = make_object()
+    placed = await net.upload(obj)
+    victim = net.node(placed[1])
+    flip_byte(share_data_file(victim, obj.specs[1].share_id))
+    results = await net.round()
+    assert results[victim.node_id] == "failed"
+    assert [r for n, r in results.items() if n != victim.node_id] == ["passed"] * 3
+    assert net.service.db.share(obj.specs[1].share_id).state == "lost"  # type: ignore[union-attr]
+    row = net.service.db.node(victim.node_id)
+    assert row is not None and row.consecutive_failures == 1 and row.state == "online"
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert status["health"] == {"healthy": 3, "total": 4, "state": "degraded"}
+    # one loss is tolerated (threshold n-1 = 3): no repair yet
+    assert await net.repair() == {}
+    flip_byte(share_data_file(net.node(placed[2]), obj.specs[2].share_id))
+    await net.round()
+    assert await net.repair() == {obj.object_id: "repaired"}
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert status["health"]["healthy"] == 4
+    moved = {s["index"]: s["node_id"] for s in status["shares"]}
+    assert len(set(moved.values())) == 4 and moved[1] not in placed.values() and moved[2] not in placed.values()
+    for index in (1, 2):
+        assert share_data_file(net.node(moved[index]), obj.specs[index].share_id).read_bytes() == obj.shares[index]
+    # the corrupt copies are released from the old nodes
+    assert await upkeep.release_pass(net.service, net.client, time.time()) == 2
+    assert not share_data_file(victim, obj.specs[1].share_id).exists()
+    assert set((await net.round()).values()) == {"passed"}
+
+
+async def test_deleted_share_file_fails_the_audit(net: Net) -> None:
+    obj = make_object()
+    placed = await net.upload(obj)
+    victim = net.node(placed[0])
+    path = share_data_file(victim, obj.specs[0].share_id)
+    path.unlink()
+    results = await net.round()
+    assert results[victim.node_id] == "failed"
+    assert net.service.db.share(obj.specs[0].share_id).state == "lost"  # type: ignore[union-attr]
+    rounds = net.service.db.round_results(victim.node_id)
+    assert rounds[-1][1] == "failed" and "lost" in rounds[-1][2]
+
+
+async def test_repeated_failures_disqualify_and_shares_move(net: Net) -> None:
+    objects = [make_object() for _ in range(3)]
+    placements = [await net.upload(o) for o in objects]
+    cheapest = net.nodes[0]  # asks the least, so it holds a share of every object
+    held = [(o, next(i for i, n in p.items() if n == cheapest.node_id)) for o, p in zip(objects, placements,
+                                                                                         strict=True)]
+    for number, (obj, index) in enumerate(held, start=1):
+        flip_byte(share_data_file(cheapest, obj.specs[index].share_id))
+        assert (await net.round())[cheapest.node_id] == "failed"
+        row = net.service.db.node(cheapest.node_id)
+        assert row is not None and row.consecutive_failures == number
+    assert row.state == "disqualified" and row.reputation == pytest.approx(1 / 5)
+    # a disqualified node may not come back through an announcement
+    await trio.sleep(0.5)
+    assert net.service.db.node(cheapest.node_id).state == "disqualified"  # type: ignore[union-attr]
+    actions = await net.repair()
+    assert set(actions.values()) == {"repaired"}
+    for obj in objects:
+        status = await object_status(net.client, net.url, net.account, obj.object_id)
+        assert status["health"]["healthy"] == 4
+        assert cheapest.node_id not in {s["node_id"] for s in status["shares"]}
+
+
+async def test_outage_lowers_reputation_then_offline_shares_move_and_node_returns(net: Net) -> None:
+    obj = make_object()
+    placed = await net.upload(obj)
+    victim = net.node(placed[3])
+    await stop_node(victim)
+    results = await net.round()
+    assert results[victim.node_id] == "unreachable"
+    row = net.service.db.node(victim.node_id)
+    assert row is not None and row.consecutive_failures == 0 and row.failed == 1 and row.state == "online"
+    assert row.reputation < 0.5
+    await wait_offline(net, victim.node_id)
+    assert await net.repair() == {}  # 3 of 4 healthy: tolerated
+    second = net.node(placed[2])
+    await stop_node(second)
+    await wait_offline(net, second.node_id)
+    assert await net.repair() == {obj.object_id: "repaired"}
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert status["health"]["healthy"] == 4
+    back = await net.restart(victim)
+    await wait_online(net.mediator, 5)
+    assert net.service.db.node(back.node_id).state == "online"  # type: ignore[union-attr]
+    assert share_data_file(back, obj.specs[3].share_id).exists()
+    await upkeep.release_pass(net.service, net.client, time.time())
+    assert not share_data_file(back, obj.specs[3].share_id).exists()  # its stale copy is released
+
+
+async def test_irreparable_sends_no_repair_traffic_and_recovers(net: Net) -> None:
+    obj = make_object()
+    placed = await net.upload(obj)
+    holders = [net.node(placed[i]) for i in range(3)]
+    for node in holders:
+        await stop_node(node)
+    for node in holders:
+        await wait_offline(net, node.node_id)
+    assert await net.repair() == {obj.object_id: "irreparable"}
+    assert await net.repair() == {obj.object_id: "irreparable"}
+    assert [r[1] for r in net.service.db.repairs()] == ["irreparable"]  # one alert, no fetch attempts
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert status["health"]["state"] == "irreparable"
+    assert net.service.status()["objects_irreparable"] == 1
+    for node in holders[:2]:
+        await net.restart(node)
+    await wait_online(net.mediator, 5)
+    assert await net.repair() == {}
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert status["health"] == {"healthy": 3, "total": 4, "state": "degraded"}
+
+
+async def test_delete_during_repair_leaves_nothing_behind(net: Net) -> None:
+    obj = make_object()
+    placed = await net.upload(obj)
+    for index in (0, 1):
+        share_data_file(net.node(placed[index]), obj.specs[index].share_id).unlink()
+    await net.round()
+    outcome: list[str] = []
+
+    async def repair() -> None:
+        outcome.append(await upkeep.repair_object(net.service, net.client, obj.object_id, time.time()))
+
+    async with trio.open_nursery() as inner:
+        inner.start_soon(repair)
+        await trio.sleep(0)
+        await rpc.call(net.client, "DELETE", f"{net.url}/v1/objects/{obj.object_id}", key=net.account)
+    assert outcome[0] in ("aborted", "repaired"), outcome
+    await upkeep.release_pass(net.service, net.client, time.time())
+    for node in net.nodes:
+        assert (await net.client.get(f"{node.url}/health")).json()["shares"] == 0
+    assert net.service.db.shares_of(obj.object_id) == []
+    assert await upkeep.repair_object(net.service, net.client, obj.object_id, time.time()) == "aborted"
