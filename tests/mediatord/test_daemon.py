@@ -1,0 +1,76 @@
+"""The whole daemon: its own timers drive audits on real nodes, and the command line starts, reports and stops.
+
+Timers run on the real clock with a 0.5 s audit period (trio's MockClock autojump would fire while real
+sockets wait, making every HTTP call look instantly timed out), which keeps this under a few seconds.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import httpx
+import trio
+from mediator_net import make_object, start_node, upload
+
+from fincryptfs import rpc
+from fincryptfs.core.identity import SigningKey
+from fincryptfs.core.settings import MediatorSettings
+from mediatord.daemon import serve
+
+
+async def test_daemon_audits_on_its_own(tmp_path: Path, nursery: trio.Nursery) -> None:
+    settings = MediatorSettings.from_env({"MEDIATORD_LISTEN": "127.0.0.1:0",
+                                          "MEDIATORD_DATA_DIR": str(tmp_path / "m"),
+                                          "MEDIATORD_AUDIT_PERIOD": "0.5"}, home=tmp_path)
+    url = (await nursery.start(serve, settings)).rstrip("/")
+    for i in range(4):
+        await start_node(nursery, tmp_path, url, i)
+    async with rpc.new_client() as client:
+        with trio.fail_after(20):
+            while (await client.get(f"{url}/health")).json()["nodes_online"] < 4:
+                await trio.sleep(0.05)
+            await upload(client, url, SigningKey.generate(), make_object())
+            while True:
+                status = (await client.get(f"{url}/v1/status")).json()
+                if status["audits_passed"] >= 4:
+                    break
+                await trio.sleep(0.1)
+        assert status["audits_failed"] == 0 and status["shares_healthy"] == 4
+        # the CLI's status command reads the same numbers
+        env_file = tmp_path / "m.env"
+        env_file.write_text(f"MEDIATORD_PUBLIC_URL={url}\nMEDIATORD_DATA_DIR={tmp_path / 'm'}\n")
+        result = await trio.run_process([sys.executable, "-m", "mediatord.cli", "--env-file", str(env_file),
+                                         "status", "--json"], capture_stdout=True, check=False,
+                                        env={k: v for k, v in os.environ.items() if not k.startswith("MEDIATORD_")})
+        assert result.returncode == 0, result.stdout
+        assert f'"mediator_id": "{status["mediator_id"]}"' in result.stdout.decode()
+    nursery.cancel_scope.cancel()
+
+
+def test_cli_runs_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
+    env_file = tmp_path / "m.env"
+    env_file.write_text(f"MEDIATORD_LISTEN=127.0.0.1:0\nMEDIATORD_DATA_DIR={tmp_path / 'm'}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIATORD_")}
+    proc = subprocess.Popen([sys.executable, "-m", "mediatord.cli", "--env-file", str(env_file)],
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env, text=True)
+    try:
+        line = proc.stdout.readline()  # type: ignore[union-attr]
+        assert line.startswith("mediatord listening on http://127.0.0.1:"), line
+        url = line.split()[-1]
+        assert httpx.get(f"{url}/health", trust_env=False).json()["status"] == "ok"
+        proc.send_signal(signal.SIGTERM)
+        assert proc.wait(timeout=15) == 0
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait()
+    assert (tmp_path / "m" / "identity.key").stat().st_mode & 0o777 == 0o600
+    bad = tmp_path / "bad.env"
+    bad.write_text("MEDIATORD_AUDIT_PERIODE=5\n")
+    result = subprocess.run([sys.executable, "-m", "mediatord.cli", "--env-file", str(bad)], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2 and "MEDIATORD_AUDIT_PERIODE" in result.stderr

@@ -1,0 +1,233 @@
+"""The mediator's pure parts: audit round logic (with the cheats it must catch), placement, policies, repair."""
+
+from __future__ import annotations
+
+import ast
+import os
+from pathlib import Path
+
+import pytest
+
+from fincryptfs.core.challenge import LeafProof, ShareProof, build_share_proof
+from fincryptfs.core.errors import ConfigError, ErasureError, ForbiddenError, IntegrityError, PolicyError
+from fincryptfs.core.identity import SigningKey
+from fincryptfs.core.ids import new_share_id
+from fincryptfs.core.layout import ObjectLayout
+from fincryptfs.core.merkle import MerkleTree, hash_leaf, leaf_count
+from fincryptfs.core.messages import ProofResponse
+from fincryptfs.core.settings import MediatorSettings
+from mediatord import audit
+from mediatord.placement import Candidate, check_redundancy, place_shares
+from mediatord.policies import MarketView, acceptance_rule, pricing_scheme
+from mediatord.repair import check_rebuilt, plan_repair, rebuild_shares, share_root
+
+MEDIATOR = SigningKey.generate()
+NODE = SigningKey.generate()
+
+
+class StoredShare:
+    def __init__(self, size: int = 5 * 4096 + 123) -> None:
+        self.share_id = new_share_id()
+        self.data = os.urandom(size)
+        self.tree = MerkleTree.from_data(self.data)
+
+    @property
+    def audited(self) -> audit.AuditedShare:
+        return audit.AuditedShare(self.share_id, self.tree.root, len(self.data))
+
+    def proof(self, nonce: bytes, leaves: int) -> ShareProof:
+        return build_share_proof(nonce, self.share_id, len(self.data), leaves,
+                                 lambda i: self.data[i * 4096:(i + 1) * 4096], self.tree.range_proof)
+
+
+def answer(state: audit.NodeAudit, proofs: list[ShareProof], missing: tuple[str, ...] = (), *,
+           nonce: bytes | None = None, round_id: int | None = None) -> ProofResponse:
+    """Encode with the node key and decode again, exactly as the wire does."""
+    response = ProofResponse(NODE.id, MEDIATOR.id, state.round_id if round_id is None else round_id,  # type: ignore[arg-type]
+                             state.nonce if nonce is None else nonce, tuple(proofs), missing)  # type: ignore[arg-type]
+    return ProofResponse.decode(response.encode(NODE), NODE.public, max_bytes=1 << 24)
+
+
+def start(shares: list[StoredShare], leaves: int = 2) -> audit.NodeAudit:
+    return audit.start_audit(MEDIATOR.id, NODE.id, 7, [s.audited for s in shares], leaves)
+
+
+def test_honest_node_passes_with_fresh_nonce_each_round() -> None:
+    shares = [StoredShare(), StoredShare(100)]
+    first, second = start(shares), start(shares)
+    assert first.nonce != second.nonce and len(first.nonce) == 32
+    state = audit.judge_response(first, answer(first, [s.proof(first.nonce, 2) for s in shares]))
+    result = audit.outcome(state)
+    assert result.result == "passed" and result.proven == {s.share_id for s in shares}
+    assert result.bytes_proven == sum(len(s.data) for s in shares)
+
+
+def test_replayed_answer_fails_every_share() -> None:
+    shares = [StoredShare()]
+    old = start(shares)
+    old_proofs = [s.proof(old.nonce, 2) for s in shares]
+    new = start(shares)
+    state = audit.judge_response(new, answer(new, old_proofs, nonce=old.nonce))
+    assert audit.outcome(state).result == "failed"
+    assert "replayed" in next(iter(state.lost.values()))
+    # even a replay with the new nonce copied in fails: the leaves were chosen by the old nonce
+    state = audit.judge_response(new, answer(new, old_proofs))
+    assert audit.outcome(state).result == "failed" or old_proofs == [s.proof(new.nonce, 2) for s in shares]
+
+
+def test_node_keeping_only_the_tree_fails() -> None:
+    share = StoredShare()
+    state = start([share])
+    honest = share.proof(state.nonce, 2)
+    # without the data it can only send leaf hashes (or anything else) in place of the leaf bytes
+    fake = ShareProof(share.share_id, tuple(LeafProof(leaf.index, hash_leaf(leaf.data), leaf.path)
+                                            for leaf in honest.leaves))
+    judged = audit.judge_response(state, answer(state, [fake]))
+    assert audit.outcome(judged).result == "failed" and share.share_id in judged.lost
+
+
+def test_deleted_share_and_partial_answers() -> None:
+    a, b, c = StoredShare(), StoredShare(), StoredShare()
+    state = start([a, b, c])
+    state = audit.judge_response(state, answer(state, [a.proof(state.nonce, 2)], missing=(b.share_id,)))
+    assert state.proven == {a.share_id} and set(state.lost) == {b.share_id} and state.pending == {c.share_id}
+    again = state.challenge
+    assert again.share_ids == (c.share_id,) and again.nonce == state.nonce and again.round_id == 7
+    state = audit.judge_response(state, answer(state, [c.proof(state.nonce, 2)]))
+    assert audit.is_finished(state, retries=3)
+    result = audit.outcome(state)
+    assert result.result == "failed" and result.proven == {a.share_id, c.share_id}
+
+
+def test_retries_then_unreachable_or_unanswered() -> None:
+    share = StoredShare()
+    state = start([share])
+    for _ in range(3):
+        assert not audit.is_finished(state, retries=2)
+        state = audit.missed(state)
+    assert audit.is_finished(state, retries=2)
+    assert audit.outcome(state).result == "unreachable"
+    # a node that answers but never for this share: the share counts as lost
+    other = StoredShare()
+    state = start([share, other])
+    state = audit.judge_response(state, answer(state, [other.proof(state.nonce, 2)]))
+    state = audit.missed(audit.missed(state))
+    result = audit.outcome(state)
+    assert result.result == "failed" and share.share_id in result.lost
+
+
+def test_reputation_and_disqualification_rules() -> None:
+    assert audit.reputation(0, 0) == 0.5
+    passed = audit.node_verdict("passed", 3, 1, 2, 3)
+    assert passed.reputation == pytest.approx(5 / 7) and not passed.disqualify
+    outage = audit.node_verdict("unreachable", 0, 0, 2, 3)
+    assert not outage.counts_toward_disqualification and not outage.disqualify and outage.reputation < 0.5
+    assert not audit.node_verdict("failed", 0, 0, 1, 3).disqualify
+    assert audit.node_verdict("failed", 0, 0, 2, 3).disqualify
+
+
+def cand(node_id: str, price: int = 100, operator: str = "", ip: str = "10.0.0.1", free: int = 10**9,
+         reputation: float = 0.5, online: bool = True) -> Candidate:
+    return Candidate(node_id * 64, f"http://{ip}:8701", price, free, operator, reputation, online)
+
+
+def test_placement_cheapest_distinct_and_spread() -> None:
+    pool = [cand("a", 10, "op1", "10.0.0.1"), cand("b", 11, "op1", "10.0.1.1"), cand("c", 12, "op2", "10.0.0.2"),
+            cand("d", 13, "op3", "10.0.2.1"), cand("e", 1, "op4", "10.0.3.1", online=False),
+            cand("f", 1, "op5", "10.0.4.1", free=10), cand("g", 1, "op6", "10.0.5.1", reputation=0.1)]
+    chosen = place_shares(pool, 2, 1000, min_reputation=0.2)
+    # a is cheapest; b shares a's operator and c a's /24, so d (fresh operator and subnet) comes next
+    assert [c.node_id[0] for c in chosen] == ["a", "d"]
+    chosen = place_shares(pool, 4, 1000, min_reputation=0.2)
+    assert len({c.node_id for c in chosen}) == 4 and chosen[0].node_id[0] == "a"
+    assert {c.node_id[0] for c in place_shares(pool, 2, 1000, exclude={"a" * 64}, min_reputation=0.2)} == {"b", "c"}
+    with pytest.raises(PolicyError) as info:
+        place_shares(pool, 6, 1000, min_reputation=0.2)
+    assert info.value.status == 503 and "2 missing" in str(info.value)
+    # host names have no known subnet; empty operators never collide
+    named = [cand(x, 5, "", f"{x}.example") for x in "xyz"]
+    assert len(place_shares(named, 3, 1)) == 3
+
+
+def test_redundancy_floor() -> None:
+    check_redundancy(ObjectLayout(10_000, 4096, 3, 6), 2.0)
+    with pytest.raises(PolicyError) as info:
+        check_redundancy(ObjectLayout(10_000, 4096, 3, 5), 2.0)
+    assert info.value.status == 422 and "n >= 6" in str(info.value)
+
+
+def test_pricing_schemes() -> None:
+    market = MarketView((100, 300, 200), 1000, 250)
+    assert pricing_scheme("fixed:150").node_price(None, market) == 150
+    assert pricing_scheme("fixed:150").node_price(400, market) == 400
+    lowest = pricing_scheme("lowest_ask")
+    assert lowest.node_price(120, market) == 120 and lowest.node_price(None, market) == 200
+    floating = pricing_scheme("floating")
+    assert floating.client_price(market) == int(200 * 2.5) and floating.node_price(None, market) == 500
+    for bad in ("fixed", "auction", "lowest_ask:3"):
+        with pytest.raises(ConfigError):
+            pricing_scheme(bad)
+
+
+def test_acceptance_rules() -> None:
+    me, other = "a" * 64, "b" * 64
+    acceptance_rule("open").admit(me, 10**12)
+    acceptance_rule(f"allow:{me}").admit(me, 1)
+    with pytest.raises(ForbiddenError):
+        acceptance_rule(f"allow:{me}").admit(other, 1)
+    with pytest.raises(ForbiddenError):
+        acceptance_rule(f"deny:{other}").admit(other, 1)
+    assert acceptance_rule("min_reputation:0.6").min_reputation == 0.6
+    with pytest.raises(ForbiddenError):
+        acceptance_rule("capacity_cap:1000").admit(me, 1001)
+    for bad in ("allow:xyz", "min_reputation:2", "capacity_cap:lots", "everyone"):
+        with pytest.raises(ConfigError):
+            acceptance_rule(bad)
+
+
+def test_settings_for_the_mediator() -> None:
+    settings = MediatorSettings.from_env({"MEDIATORD_PRICING": "fixed:1000", "MEDIATORD_DISQUALIFY_AFTER": "5",
+                                          "MEDIATORD_AUDIT_PERIOD": "0.5"}, home=Path("/nonexistent"))
+    assert settings.disqualify_after == 5 and settings.audit_period == 0.5 and settings.pricing == "fixed:1000"
+    with pytest.raises(ConfigError):
+        MediatorSettings.from_env({"MEDIATORD_AUDIT_PERIOD": "0.1"}, home=Path("/nonexistent"))
+
+
+def test_repair_rebuilds_exact_shares_without_a_key() -> None:
+    from fincryptfs.core.erasure import encode_segment
+    layout = ObjectLayout(3 * 4096 + 7, 4096, 3, 6)
+    shares = [bytearray() for _ in range(6)]
+    for seg in range(layout.segment_count):
+        for i, block in enumerate(encode_segment(layout.params, os.urandom(layout.sealed_length(seg)))):
+            shares[i] += block
+    roots = {i: share_root(bytes(s)) for i, s in enumerate(shares)}
+    rebuilt = rebuild_shares(layout, {1: bytes(shares[1]), 4: bytes(shares[4]), 5: bytes(shares[5])}, [0, 2, 3])
+    assert {i: bytes(shares[i]) for i in (0, 2, 3)} == rebuilt
+    check_rebuilt(rebuilt, roots)
+    damaged = bytearray(shares[4])
+    damaged[3] ^= 1
+    with pytest.raises(IntegrityError):
+        check_rebuilt(rebuild_shares(layout, {1: bytes(shares[1]), 4: bytes(damaged), 5: bytes(shares[5])}, [0]),
+                      roots)
+    with pytest.raises(ErasureError):
+        rebuild_shares(layout, {1: bytes(shares[1])}, [0])
+    assert plan_repair(layout, [0, 1, 2, 3, 4], 5).action == "none"
+    assert plan_repair(layout, [0, 1, 2, 3], 5).action == "repair"
+    assert plan_repair(layout, [0, 1], 5).action == "irreparable"
+    assert plan_repair(layout, [0, 1, 2, 3, 4], 5, evict=True).missing == (5,)
+    assert leaf_count(layout.share_size) >= 1
+
+
+PURE = ["audit.py", "placement.py", "repair.py", "policies/__init__.py", "policies/pricing.py",
+        "policies/acceptance.py"]
+
+
+@pytest.mark.parametrize("name", PURE)
+def test_pure_modules_do_no_io(name: str) -> None:
+    path = Path(__file__).resolve().parents[2] / "mediatord" / name
+    tree = ast.parse(path.read_text())
+    imported = {alias.name.split(".")[0] for node in ast.walk(tree) if isinstance(node, ast.Import)
+                for alias in node.names}
+    imported |= {node.module.split(".")[0] for node in ast.walk(tree)
+                 if isinstance(node, ast.ImportFrom) and node.module and node.level == 0}
+    assert not imported & {"trio", "httpx", "sqlite3", "hypercorn", "socket", "asyncio"}
