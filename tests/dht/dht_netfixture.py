@@ -1,0 +1,53 @@
+"""Real DHT networks on loopback: each node binds its own 127.x.y.z address (Linux routes all of 127/8 to lo),
+so per-IP limits see distinct hosts as they would on the internet."""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass, field
+
+import trio
+
+from fincryptfs.core.identity import SigningKey
+from fincryptfs.dht.node import DhtNode, DhtParams, serve
+
+TEST_PARAMS = DhtParams(query_timeout=0.3, lookup_timeout=5.0)
+
+def loopback_host(i: int, net: int = 0) -> str:
+    return f"127.{net}.{i // 250}.{i % 250 + 1}"
+
+async def _scoped_node(key: SigningKey, listen: tuple[str, int], bootstrap: list[tuple[str, int]],
+                       params: DhtParams, *, task_status: trio.TaskStatus[tuple[DhtNode, trio.CancelScope]]
+                       ) -> None:
+    with trio.CancelScope() as scope:
+        async with trio.open_nursery() as nursery:
+            node = await nursery.start(functools.partial(serve, key, listen, bootstrap, params=params))
+            task_status.started((node, scope))
+
+@dataclass
+class Network:
+    nursery: trio.Nursery
+    nodes: list[DhtNode] = field(default_factory=list)
+    scopes: dict[int, trio.CancelScope] = field(default_factory=dict)
+
+    async def add(self, host: str, *, key: SigningKey | None = None, bootstrap: list[tuple[str, int]] | None = None,
+                  params: DhtParams = TEST_PARAMS) -> DhtNode:
+        if bootstrap is None:
+            bootstrap = [self.nodes[0].address] if self.nodes else []
+        node, scope = await self.nursery.start(_scoped_node, key or SigningKey.generate(), (host, 0), bootstrap,
+                                               params)
+        self.nodes.append(node)
+        self.scopes[id(node)] = scope
+        return node
+
+    async def grow(self, count: int, *, net: int = 0, start: int = 0) -> list[DhtNode]:
+        return [await self.add(loopback_host(start + i, net)) for i in range(count)]
+
+    def stop(self, node: DhtNode) -> None:
+        """The node leaves: its socket closes, it answers nothing more."""
+        self.scopes.pop(id(node)).cancel()
+        self.nodes.remove(node)
+
+
+def total(nodes: list[DhtNode], counter: str) -> int:
+    return sum(n.counters[counter] for n in nodes)
