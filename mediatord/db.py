@@ -267,16 +267,17 @@ class MediatorDB:
         self._conn.executemany("UPDATE shares SET state=?, updated_at=? WHERE share_id=?",
                                [(state, now, s) for s in share_ids])
 
-    def audit_targets(self) -> dict[str, list[ShareRow]]:
-        """Per online node, the committed shares it must hold (stored or proven)."""
+    def audit_node_ids(self) -> list[str]:
+        """Online nodes holding committed shares (stored or proven): the ones a round challenges."""
+        return [r[0] for r in self._conn.execute(
+            "SELECT n.node_id FROM nodes n WHERE n.state='online' AND EXISTS (SELECT 1 FROM shares s"
+            " WHERE s.node_id=n.node_id AND s.state IN ('stored','proven')) ORDER BY n.node_id")]
+
+    def audit_shares(self, node_id: str) -> list[ShareRow]:
         rows = self._conn.execute(
-            "SELECT s.share_id, s.object_id, s.idx, s.node_id, s.root, s.size, s.state FROM shares s"
-            " JOIN nodes n ON n.node_id = s.node_id WHERE n.state='online' AND s.state IN ('stored','proven')"
-            " ORDER BY s.node_id").fetchall()
-        result: dict[str, list[ShareRow]] = {}
-        for r in rows:
-            result.setdefault(r[3], []).append(ShareRow(*r))
-        return result
+            "SELECT share_id, object_id, idx, node_id, root, size, state FROM shares WHERE node_id=? AND"
+            " state IN ('stored','proven')", (node_id,)).fetchall()
+        return [ShareRow(*r) for r in rows]
 
     def insert_grant(self, grant: GrantRow) -> None:
         self._conn.execute("INSERT INTO grants VALUES (?,?,?,?,?,?,?,?)",

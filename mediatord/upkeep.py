@@ -32,6 +32,7 @@ from .service import MediatorService, object_health, repair_threshold
 log = logging.getLogger(__name__)
 CPU = trio.CapacityLimiter(2)
 MAX_RELEASE_ATTEMPTS = 30
+AUDIT_CONCURRENCY = 32  # nodes challenged at once: bounds memory held in proof responses
 
 
 @dataclass(frozen=True)
@@ -62,18 +63,27 @@ async def audit_round(service: MediatorService, client: httpx.AsyncClient, now: 
     """Challenge every online node holding shares, concurrently; record and return each outcome."""
     db = service.db
     round_id = db.next_round_id()
-    targets = db.audit_targets()
     results: dict[str, audit_logic.AuditOutcome] = {}
+    limiter = trio.CapacityLimiter(AUDIT_CONCURRENCY)
     async with trio.open_nursery() as nursery:
-        for node_id, shares in targets.items():
-            node = db.node(node_id)
-            if node is not None:
-                nursery.start_soon(_audit_node, service, client, node, round_id, shares, now, results)
+        for node_id in db.audit_node_ids():
+            nursery.start_soon(_audit_node, service, client, node_id, round_id, now, results, limiter)
     return results
 
 
-async def _audit_node(service: MediatorService, client: httpx.AsyncClient, node: NodeRow, round_id: int,
-                      shares: list[ShareRow], now: float, results: dict[str, audit_logic.AuditOutcome]) -> None:
+async def _audit_node(service: MediatorService, client: httpx.AsyncClient, node_id: str, round_id: int,
+                      now: float, results: dict[str, audit_logic.AuditOutcome], limiter: trio.CapacityLimiter
+                      ) -> None:
+    async with limiter:
+        node = service.db.node(node_id)
+        shares = service.db.audit_shares(node_id)
+        if node is not None and shares:
+            results[node_id] = await audit_node(service, client, node, round_id, shares, now)
+
+
+async def audit_node(service: MediatorService, client: httpx.AsyncClient, node: NodeRow, round_id: int,
+                     shares: list[ShareRow], now: float) -> audit_logic.AuditOutcome:
+    """One node's audit in one round: challenge, re-ask what is pending, judge, record."""
     timing = UpkeepSettings.from_service(service)
     settings = service.settings
     state = audit_logic.start_audit(service.id, node.node_id, round_id,
@@ -97,7 +107,7 @@ async def _audit_node(service: MediatorService, client: httpx.AsyncClient, node:
         state = await trio.to_thread.run_sync(audit_logic.judge_response, state, proof, limiter=CPU)
     result = audit_logic.outcome(state)
     apply_outcome(service, node, round_id, state.answered, result, timing.disqualify_after, now)
-    results[node.node_id] = result
+    return result
 
 
 def _decode_proof(data: bytes, key: PublicKey, limit: int) -> ProofResponse:
