@@ -19,7 +19,7 @@ import trio
 from fincryptfs.asgi import App, Request, Response, Router, json_response, serve_app
 from fincryptfs.core.errors import ForbiddenError
 from fincryptfs.core.identity import SigningKey
-from fincryptfs.core.ids import new_share_id
+from fincryptfs.core.ids import AccountId, NodeId, ShareId, new_share_id
 from fincryptfs.core.merkle import MerkleTree
 from fincryptfs.core.messages import Challenge, NodeAnnouncement, UploadGrant
 from fincryptfs.core.settings import ShareDir, StorageSettings
@@ -60,8 +60,8 @@ class MediatorPeer:
     def grant(self, node_id: str, data: bytes, *, share_id: str | None = None, size: int | None = None,
               root: bytes | None = None, expires_in: int = 600, account_id: str | None = None,
               key: SigningKey | None = None) -> UploadGrant:
-        return UploadGrant(self.key.id if key is None else key.id, node_id,
-                           account_id or ACCOUNT.id, share_id or new_share_id(),
+        return UploadGrant(NodeId(self.key.id if key is None else key.id), NodeId(node_id),
+                           AccountId(account_id or ACCOUNT.id), ShareId(share_id or new_share_id()),
                            len(data) if size is None else size,
                            MerkleTree.from_data(data).root if root is None else root,
                            int(time.time()) + expires_in, os.urandom(16).hex())
@@ -70,7 +70,8 @@ class MediatorPeer:
         return grant.seal(key or self.key).to_header()
 
     def challenge(self, node_id: str, share_ids: list[str], leaves: int = 1) -> Challenge:
-        return Challenge(self.key.id, node_id, int(time.time()), os.urandom(32), leaves, tuple(share_ids))
+        return Challenge(NodeId(self.key.id), NodeId(node_id), int(time.time()), os.urandom(32), leaves,
+                         tuple(ShareId(s) for s in share_ids))
 
 
 ACCOUNT = SigningKey.generate()
