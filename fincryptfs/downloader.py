@@ -18,16 +18,17 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import httpx
 import trio
 
 from .core.errors import FincryptError, IntegrityError, RemoteProtocolError
 from .core.layout import ObjectLayout
 from .core.merkle import HASH_BYTES, LEAF_SIZE, iter_leaves, verify_range
 from .core.objectcodec import decode_segment_plaintext
-from .core.wire import b64decode
+from .core.wire import b64decode, decode_object
 from .mediator_client import ObjectInfo
 from .objectstore import ReadError, StoredObject
-from .rpc import PeerError, call
+from .rpc import PeerError, signed_headers
 from .uploader import PIPELINE_DEPTH, run_in_threads
 
 if TYPE_CHECKING:
@@ -107,26 +108,20 @@ class ObjectReader:
             raise ReadError(f"cannot locate the shares of object {obj.object_id[:16]}…: {exc}") from exc
         return cls(store, obj, sources_for(obj, info))
 
-    async def fetch_verified(self, source: Source, run: Run) -> bytes:
+    async def fetch_verified(self, source: Source, run: Run) -> bytearray:
         """Leaves of ``run`` from one node, checked against the client's root (IntegrityError otherwise)."""
         url = (f"{source.node_url}/v1/shares/{source.share_id}"
                f"?first_leaf={run.first_leaf}&leaf_count={run.leaf_count}")
-        response = await call(self.store.http, "GET", url, key=self.store.account_key)
-        proof_text = response.headers.get("fincrypt-proof", "")
+        data, proof_text = await get_leaf_range(self.store, url, run.leaf_count * LEAF_SIZE)
         try:
-            proof_raw = b64decode(proof_text, field="fincrypt-proof header", max_length=64 * HASH_BYTES)
+            proof_raw = b64decode(proof_text, field="fincrypt-proof header", max_length=128 * HASH_BYTES)
         except RemoteProtocolError as exc:
             raise IntegrityError(f"{source.describe()} sent a malformed proof: {exc}") from exc
         if len(proof_raw) % HASH_BYTES:
             raise IntegrityError(f"{source.describe()} sent a proof that is not a whole number of hashes")
         proof = [proof_raw[i:i + HASH_BYTES] for i in range(0, len(proof_raw), HASH_BYTES)]
-        data = response.content
-        share_size = self.layout.share_size
-
-        def verify() -> None:
-            verify_range(source.merkle_root, share_size, run.first_leaf, list(iter_leaves(data)), proof)
-
-        await trio.to_thread.run_sync(verify, limiter=self.store.cpu)
+        await trio.to_thread.run_sync(verify_range, source.merkle_root, self.layout.share_size, run.first_leaf,
+                                      list(iter_leaves(data)), proof, limiter=self.store.cpu)
         return data
 
     async def _attempt(self, source: Source, run: Run, send: trio.MemorySendChannel[tuple[Source, object]]
@@ -137,10 +132,10 @@ class ObjectReader:
             result = exc
         send.send_nowait((source, result))
 
-    async def fetch_run(self, run: Run) -> dict[int, bytes]:
+    async def fetch_run(self, run: Run) -> dict[int, bytearray]:
         """k verified share ranges for ``run``, fastest first; ReadError naming every failure otherwise."""
         k = self.layout.k
-        got: dict[int, bytes] = {}
+        got: dict[int, bytearray] = {}
         winners: list[Source] = []
         candidates = [s for s in self.order if s.index not in self.bad]
         candidates.reverse()  # pop() takes the preferred one
@@ -163,7 +158,7 @@ class ObjectReader:
                     launch()  # someone is slow: ask one more node
                     continue
                 running -= 1
-                if isinstance(result, bytes):
+                if isinstance(result, bytearray):
                     got[source.index] = result
                     winners.append(source)
                     continue
@@ -197,9 +192,9 @@ class ObjectReader:
         for run in plan_runs(layout, segments, self.store.run_share_bytes):
             ranges = await self.fetch_run(run)
 
-            def decode(index: int, ranges: dict[int, bytes] = ranges, base: int = run.share_start) -> bytes:
+            def decode(index: int, ranges: dict[int, bytearray] = ranges, base: int = run.share_start) -> bytes:
                 start = layout.block_offset(index) - base
-                blocks = {i: data[start:start + layout.block_length(index)] for i, data in ranges.items()}
+                blocks = {i: bytes(data[start:start + layout.block_length(index)]) for i, data in ranges.items()}
                 try:
                     return decode_segment_plaintext(obj.file_key, obj.object_id, layout, index, blocks)
                 except FincryptError as exc:
@@ -211,7 +206,40 @@ class ObjectReader:
                 plaintexts = await run_in_threads(self.store.cpu, [lambda i=i: decode(i) for i in batch])
                 for index, plaintext in zip(batch, plaintexts, strict=True):
                     await consume(index, plaintext)
-            del ranges
+            ranges.clear()
+
+
+async def get_leaf_range(store: ObjectStore, url: str, limit: int) -> tuple[bytearray, str]:
+    """A signed ranged GET, streamed into one buffer of at most ``limit`` bytes; (body, proof header).
+
+    Streamed rather than through rpc.call so a node cannot make the client buffer more than it asked for, and
+    so no httpx Response (which sits in a reference cycle) keeps a run's bytes alive until the next GC pass.
+    """
+    headers = signed_headers(store.account_key, "GET", url, b"")
+    body = bytearray()
+    try:
+        async with store.http.stream("GET", url, headers=headers) as response:
+            async for chunk in response.aiter_raw():
+                if len(body) + len(chunk) > (limit if response.status_code == 200 else 4096):
+                    if response.status_code == 200:
+                        raise IntegrityError(f"{_peer(url)} sent more than the {limit} bytes asked for")
+                    break
+                body += chunk
+            status, proof = response.status_code, response.headers.get("fincrypt-proof", "")
+    except httpx.HTTPError as exc:
+        raise PeerError(f"{_peer(url)} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
+    if status != 200:
+        try:
+            reason = str(decode_object(bytes(body)).get("error", ""))[:300]
+        except FincryptError:
+            reason = body[:200].decode("utf-8", "replace")
+        raise PeerError(f"{_peer(url)} refused GET {httpx.URL(url).path}: {status} {reason}", status)
+    return body, proof
+
+
+def _peer(url: str) -> str:
+    parsed = httpx.URL(url)
+    return f"node {parsed.scheme}://{parsed.host}:{parsed.port}"
 
 
 async def read_range(store: ObjectStore, obj: StoredObject, offset: int, length: int) -> bytes:
