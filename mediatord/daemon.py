@@ -61,6 +61,7 @@ async def housekeeping_loop(service: MediatorService, client: httpx.AsyncClient)
     interval = min(5.0, service.settings.audit_period / 2, service.settings.node_offline_after / 4)
     while True:
         upkeep.offline_pass(service, time.time())
+        await upkeep.requested_audits(service, client, time.time())
         await upkeep.release_pass(service, client, time.time())
         await trio.sleep(interval)
 

@@ -81,6 +81,7 @@ class MediatorService:
         self.pricing: PricingScheme = pricing_scheme(settings.pricing)
         self.client_rule: AcceptanceRule = acceptance_rule(settings.accept_clients, "MEDIATORD_ACCEPT_CLIENTS")
         self.node_rule: AcceptanceRule = acceptance_rule(settings.accept_nodes, "MEDIATORD_ACCEPT_NODES")
+        self.audit_requests: set[str] = set()  # nodes to audit out of turn (client reports); in memory only
 
     # --- nodes ----------------------------------------------------------------------------------------------
 
@@ -276,6 +277,7 @@ class MediatorService:
         share = self.db.share(share_id)
         if share is None or share.object_id != object_id or share.node_id != node_id:
             raise RemoteProtocolError("no such share of this object on that node", status=404)
+        self.audit_requests.add(node_id)
         return {"scheduled": True, "node_id": node_id}
 
     # --- pointers -------------------------------------------------------------------------------------------

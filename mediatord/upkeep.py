@@ -71,6 +71,18 @@ async def audit_round(service: MediatorService, client: httpx.AsyncClient, now: 
     return results
 
 
+async def requested_audits(service: MediatorService, client: httpx.AsyncClient, now: float
+                           ) -> dict[str, audit_logic.AuditOutcome]:
+    """Audit, out of turn and each in a round of its own, the nodes clients reported problems with."""
+    results: dict[str, audit_logic.AuditOutcome] = {}
+    while service.audit_requests:
+        node_id = service.audit_requests.pop()
+        node, shares = service.db.node(node_id), service.db.audit_shares(node_id)
+        if node is not None and node.state == "online" and shares:
+            results[node_id] = await audit_node(service, client, node, service.db.next_round_id(), shares, now)
+    return results
+
+
 async def _audit_node(service: MediatorService, client: httpx.AsyncClient, node_id: str, round_id: int,
                       now: float, results: dict[str, audit_logic.AuditOutcome], limiter: trio.CapacityLimiter
                       ) -> None:

@@ -250,3 +250,21 @@ async def test_delete_during_repair_leaves_nothing_behind(net: Net) -> None:
         assert (await net.client.get(f"{node.url}/health")).json()["shares"] == 0
     assert net.service.db.shares_of(obj.object_id) == []
     assert await upkeep.repair_object(net.service, net.client, obj.object_id, time.time()) == "aborted"
+
+
+async def test_client_report_triggers_an_audit_of_that_node(net: Net) -> None:
+    obj = make_object()
+    placed = await net.upload(obj)
+    victim = net.node(placed[0])
+    flip_byte(share_data_file(victim, obj.specs[0].share_id), offset=10)
+    report = {"share_id": obj.specs[0].share_id, "node_id": victim.node_id, "problem": "merkle proof failed"}
+    answer = await rpc.call_json(net.client, "POST", f"{net.url}/v1/objects/{obj.object_id}/report",
+                                 key=net.account, json=report)
+    assert answer == {"scheduled": True, "node_id": victim.node_id}
+    results = await upkeep.requested_audits(net.service, net.client, time.time())
+    assert results[victim.node_id].result == "failed"
+    assert net.service.db.share(obj.specs[0].share_id).state == "lost"  # type: ignore[union-attr]
+    with pytest.raises(rpc.PeerError) as info:
+        await rpc.call_json(net.client, "POST", f"{net.url}/v1/objects/{obj.object_id}/report",
+                            key=SigningKey.generate(), json=report)
+    assert info.value.status == 403
