@@ -15,6 +15,7 @@ import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -121,7 +122,7 @@ class ObjectReader:
             raise IntegrityError(f"{source.describe()} sent a proof that is not a whole number of hashes")
         proof = [proof_raw[i:i + HASH_BYTES] for i in range(0, len(proof_raw), HASH_BYTES)]
         await trio.to_thread.run_sync(verify_range, source.merkle_root, self.layout.share_size, run.first_leaf,
-                                      list(iter_leaves(data)), proof, limiter=self.store.cpu)
+                                      list(iter_leaves(memoryview(data))), proof, limiter=self.store.cpu)
         return data
 
     async def _attempt(self, source: Source, run: Run, send: trio.MemorySendChannel[tuple[Source, object]]
@@ -203,7 +204,7 @@ class ObjectReader:
 
             for start in range(run.segments.start, run.segments.stop, PIPELINE_DEPTH):
                 batch = range(start, min(start + PIPELINE_DEPTH, run.segments.stop))
-                plaintexts = await run_in_threads(self.store.cpu, [lambda i=i: decode(i) for i in batch])
+                plaintexts = await run_in_threads(self.store.cpu, [partial(decode, i) for i in batch])
                 for index, plaintext in zip(batch, plaintexts, strict=True):
                     await consume(index, plaintext)
             ranges.clear()

@@ -13,6 +13,7 @@ import logging
 import os
 from collections.abc import AsyncIterator, Callable, Iterator, Sequence
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -21,7 +22,7 @@ import trio
 
 from .core.crypto import new_file_key
 from .core.errors import FincryptError, RemoteProtocolError
-from .core.ids import NodeId, new_object_id, new_share_id
+from .core.ids import NodeId, ObjectId, new_object_id, new_share_id
 from .core.layout import ObjectLayout
 from .core.merkle import TreeBuilder
 from .core.messages import (
@@ -74,7 +75,7 @@ async def run_in_threads(cpu: trio.CapacityLimiter, jobs: Sequence[Callable[[], 
 class EncodedObject:
     """An object encoded to n spool files, ready to place."""
 
-    object_id: str
+    object_id: ObjectId
     file_key: bytes
     size: int
     layout: ObjectLayout
@@ -128,10 +129,9 @@ async def encode_to_spool(path: Path, *, spool_dir: Path, segment_size: int, k: 
             except OSError as exc:
                 raise FileChangedError(f"{path} changed while it was being backed up ({exc}); "
                                        "it will be uploaded again once it is quiet") from exc
-            batch = await run_in_threads(cpu, [lambda i=i, p=p: encode(i, p)
-                                               for i, p in zip(indices, plaintexts, strict=True)])
+            batch = await run_in_threads(cpu, [partial(encode, i, p) for i, p in zip(indices, plaintexts, strict=True)])
             del plaintexts
-            await run_in_threads(cpu, [lambda g=g, b=batch: append(g, b) for g in groups])
+            await run_in_threads(cpu, [partial(append, g, batch) for g in groups])
             del batch
             if progress is not None:
                 progress(min(size, (indices[-1] + 1) * segment_size))
