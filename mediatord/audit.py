@@ -27,6 +27,7 @@ from dataclasses import dataclass, field, replace
 
 from fincryptfs.core.challenge import NONCE_BYTES, verify_share_proof
 from fincryptfs.core.errors import IntegrityError
+from fincryptfs.core.ids import NodeId, ShareId
 from fincryptfs.core.messages import Challenge, ProofResponse
 
 
@@ -56,8 +57,8 @@ class NodeAudit:
     @property
     def challenge(self) -> Challenge:
         """The challenge for the shares still pending (same nonce every attempt, so the same leaves)."""
-        return Challenge(self.mediator_id, self.node_id, self.round_id, self.nonce, self.leaves_per_share,
-                         tuple(sorted(self.pending)))
+        return Challenge(NodeId(self.mediator_id), NodeId(self.node_id), self.round_id, self.nonce,
+                         self.leaves_per_share, tuple(ShareId(s) for s in sorted(self.pending)))
 
 
 def start_audit(mediator_id: str, node_id: str, round_id: int, shares: Iterable[AuditedShare],

@@ -286,7 +286,9 @@ class MediatorDB:
 
     def grant(self, grant_id: str) -> GrantRow | None:
         row = self._conn.execute("SELECT * FROM grants WHERE grant_id=?", (grant_id,)).fetchone()
-        return None if row is None else GrantRow(*row[:7], bool(row[7]))
+        if row is None:
+            return None
+        return GrantRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
 
     def mark_grants_used(self, grant_ids: Sequence[str]) -> None:
         self._conn.executemany("UPDATE grants SET used=1 WHERE grant_id=?", [(g,) for g in grant_ids])

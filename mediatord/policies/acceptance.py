@@ -17,8 +17,11 @@ DEFAULT_MIN_REPUTATION = 0.2
 
 
 class AcceptanceRule(Protocol):
-    name: str
-    min_reputation: float
+    @property
+    def name(self) -> str: ...
+
+    @property
+    def min_reputation(self) -> float: ...
 
     def admit(self, subject_id: str, capacity_bytes: int) -> None: ...
 

@@ -36,7 +36,8 @@ class MarketView:
 
 
 class PricingScheme(Protocol):
-    name: str
+    @property
+    def name(self) -> str: ...
 
     def node_price(self, ask: int | None, market: MarketView) -> int: ...
 

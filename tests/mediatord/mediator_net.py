@@ -8,6 +8,7 @@ period. Clients are plain signed httpx calls, as the client engineers will make 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -144,7 +145,7 @@ async def put_share(client: httpx.AsyncClient, placement: Placement, obj: Sample
     return Envelope.from_json(answer["receipt"], kind="receipt")
 
 
-def commit_body(obj: SampleObject, stored: dict[int, tuple[str, Envelope]]) -> dict[str, Any]:
+def commit_body(obj: SampleObject, stored: Mapping[int, tuple[str, Envelope]]) -> dict[str, Any]:
     shares = tuple(CommittedShare(i, obj.specs[i].share_id, node_id, obj.specs[i].share_size,  # type: ignore[arg-type]
                                   obj.specs[i].merkle_root, receipt)
                    for i, (node_id, receipt) in sorted(stored.items()))
@@ -154,7 +155,7 @@ def commit_body(obj: SampleObject, stored: dict[int, tuple[str, Envelope]]) -> d
 async def upload(client: httpx.AsyncClient, mediator_url: str, key: SigningKey, obj: SampleObject
                  ) -> dict[int, tuple[str, Envelope]]:
     """The client's whole write path: place, PUT each share with its grant, commit the receipts."""
-    stored = {}
+    stored: dict[int, tuple[str, Envelope]] = {}
     for placement in await place(client, mediator_url, key, obj):
         stored[placement.index] = (placement.node_id, await put_share(client, placement, obj))
     await rpc.call_json(client, "POST", f"{mediator_url}/v1/objects/commit", key=key, json=commit_body(obj, stored))
