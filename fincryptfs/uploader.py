@@ -24,7 +24,7 @@ from .core.crypto import new_file_key
 from .core.errors import FincryptError, RemoteProtocolError
 from .core.ids import NodeId, ObjectId, new_object_id, new_share_id
 from .core.layout import ObjectLayout
-from .core.merkle import TreeBuilder
+from .core.merkle import RootBuilder
 from .core.messages import (
     CommitRequest,
     CommittedShare,
@@ -107,7 +107,7 @@ async def encode_to_spool(path: Path, *, spool_dir: Path, segment_size: int, k: 
             spool = spool_dir / f"{object_id}.{i}.share"
             outs.append(_open_spool(spool))
             spool_paths.append(spool)
-        builders = [TreeBuilder() for _ in range(n)]
+        builders = [RootBuilder() for _ in range(n)]  # O(log size) memory each
         segments = padded_segments(layout, size, lambda off, length: os.pread(fd, length, off))
 
         def encode(index: int, plaintext: bytes) -> list[bytes]:
@@ -139,11 +139,10 @@ async def encode_to_spool(path: Path, *, spool_dir: Path, segment_size: int, k: 
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise FileChangedError(f"{path} changed while it was being backed up (size {before.st_size} → "
                                    f"{after.st_size}); it will be uploaded again once it is quiet")
-        trees = [b.finish() for b in builders]
-        specs = tuple(ShareSpec(i, share_ids[i], layout.share_size, trees[i].root) for i in range(n))
-        for i, tree in enumerate(trees):
-            if tree.size != layout.share_size:
-                raise AssertionError(f"share {i} has {tree.size} bytes, layout says {layout.share_size}")
+        for i, builder in enumerate(builders):
+            if builder.size != layout.share_size:
+                raise AssertionError(f"share {i} has {builder.size} bytes, layout says {layout.share_size}")
+        specs = tuple(ShareSpec(i, share_ids[i], layout.share_size, builders[i].finish()) for i in range(n))
         return EncodedObject(object_id, file_key, size, layout, specs, tuple(spool_paths))
     finally:
         os.close(fd)
