@@ -391,7 +391,7 @@ class StorageService:
     async def scrub_once(self, rate_bytes_per_s: float) -> int:
         """Re-hash every held share against its root, at most ``rate_bytes_per_s``; returns corrupt count."""
         corrupt = 0
-        for record in list(self.db.iter_shares()):
+        for record in self.db.iter_shares():  # paged: memory stays flat however many shares
             if record.state != STATE_OK:
                 continue
             paths = self.store.paths(record.dir, record.share_id)
