@@ -87,6 +87,12 @@ def _take(items: Iterator[bytes], count: int) -> list[bytes]:
     return [next(items) for _ in range(count)]
 
 
+def _write_all(fd: int, data: bytes) -> None:
+    view = memoryview(data)
+    while view:
+        view = view[os.write(fd, view):]
+
+
 def _open_spool(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
 
@@ -119,7 +125,7 @@ async def encode_to_spool(path: Path, *, spool_dir: Path, segment_size: int, k: 
         def append(group: list[int], batch: list[list[bytes]]) -> None:
             for blocks in batch:
                 for i in group:
-                    os.write(outs[i], blocks[i])
+                    _write_all(outs[i], blocks[i])
                     builders[i].update(blocks[i])
 
         for start in range(0, layout.segment_count, PIPELINE_DEPTH):

@@ -14,6 +14,7 @@ Keyword overrides are environment variables for the role their prefix names (``M
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 
@@ -130,8 +131,12 @@ async def _run_mediator(settings: MediatorSettings, *,
     await serve(settings, task_status=task_status)
 
 
-async def start_network(tmp_path: Path, nursery: trio.Nursery, nodes: int = 6, **overrides: str) -> Network:
-    """Start a mediator and ``nodes`` storage nodes announcing to it; return once the mediator lists them all."""
+async def start_network(tmp_path: Path, nursery: trio.Nursery, nodes: int = 6, *,
+                        node_env: Mapping[int, Mapping[str, str]] | None = None, **overrides: str) -> Network:
+    """Start a mediator and ``nodes`` storage nodes announcing to it; return once the mediator lists them all.
+
+    ``node_env`` adds settings for single nodes by index (e.g. ``{0: {"STORAGED_PUBLIC_URL": proxy_url}}``).
+    """
     unknown = [k for k in overrides if not k.startswith(("MEDIATORD_", "STORAGED_"))]
     if unknown:
         raise ValueError(f"start_network overrides must be MEDIATORD_* or STORAGED_* variables, not {unknown}")
@@ -149,6 +154,7 @@ async def start_network(tmp_path: Path, nursery: trio.Nursery, nodes: int = 6, *
                "STORAGED_RESERVE_BYTES": "0", "STORAGED_MEDIATORS": mediator_url,
                "STORAGED_ANNOUNCE_INTERVAL": "1", "STORAGED_OPERATOR": f"op{index}"}
         env.update({k: str(v) for k, v in overrides.items() if k.startswith("STORAGED_")})
+        env.update((node_env or {}).get(index, {}))
         started.append(await _start_node(nursery, index, StorageSettings.from_env(env, home=node_root)))
     net = Network(mediator_url, mediator_settings, started, nursery, root)
     await net.wait_listed(nodes)
