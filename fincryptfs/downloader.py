@@ -187,6 +187,23 @@ class ObjectReader:
         except PeerError as exc:
             log.warning("could not report %s to the mediator: %s", source.describe(), exc)
 
+    async def read(self, offset: int, length: int) -> bytes:
+        """Plaintext bytes [offset, offset + length), short at end of file (reuse one reader for many reads)."""
+        if offset < 0 or length < 0:
+            raise ValueError("offset and length must be >= 0")
+        end = min(offset + length, self.obj.size)
+        if end <= offset:
+            return b""
+        parts: list[bytes] = []
+        seg_size = self.layout.segment_size
+
+        async def keep(index: int, plaintext: bytes) -> None:
+            base = index * seg_size
+            parts.append(plaintext[max(offset - base, 0):end - base])
+
+        await self.each_segment(self.layout.segments_for_range(offset, end - offset), keep)
+        return b"".join(parts)
+
     async def each_segment(self, segments: range, consume: Callable[[int, bytes], Awaitable[None]]) -> None:
         """Call ``consume(index, plaintext)`` for every segment in order; memory bounded by one run."""
         layout, obj = self.layout, self.obj
@@ -246,19 +263,10 @@ def _peer(url: str) -> str:
 async def read_range(store: ObjectStore, obj: StoredObject, offset: int, length: int) -> bytes:
     if offset < 0 or length < 0:
         raise ValueError("offset and length must be >= 0")
-    end = min(offset + length, obj.size)
-    if end <= offset:
+    if min(offset + length, obj.size) <= offset:
         return b""
-    parts: list[bytes] = []
-    seg_size = obj.layout.segment_size
-
-    async def keep(index: int, plaintext: bytes) -> None:
-        base = index * seg_size
-        parts.append(plaintext[max(offset - base, 0):end - base])
-
     reader = await ObjectReader.open(store, obj)
-    await reader.each_segment(obj.layout.segments_for_range(offset, end - offset), keep)
-    return b"".join(parts)
+    return await reader.read(offset, length)
 
 
 async def fetch_to_file(store: ObjectStore, obj: StoredObject, dest: Path) -> None:

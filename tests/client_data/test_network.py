@@ -127,6 +127,8 @@ async def test_corrupt_share_is_skipped_and_reported(tmp_path: Path, nursery: tr
         assert any("served bad data" in r.getMessage() for r in caplog.records)
         assert not any("could not report" in r.getMessage() for r in caplog.records)
         assert await store.read_range(obj, 0, obj.size) == data
+        assert await reader.read(90_000, 20_000) == data[90_000:]
+        assert reader.bad == {first.index}, "a reader keeps skipping the bad share"
 
 
 async def test_upload_replaces_dead_nodes_and_fails_below_happy(tmp_path: Path, nursery: trio.Nursery) -> None:
