@@ -31,7 +31,7 @@ _NODE = b"\x01"
 _ROOT = b"\x02"
 
 
-def hash_leaf(data: bytes | memoryview) -> bytes:
+def hash_leaf(data: bytes | bytearray | memoryview) -> bytes:
     h = hashlib.sha256(_LEAF)
     h.update(data)
     return h.digest()
