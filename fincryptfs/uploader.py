@@ -258,6 +258,7 @@ async def _release_quietly(store: ObjectStore, object_id: str) -> None:
 async def upload_file(store: ObjectStore, path: Path, *, progress: Callable[[int], None] | None = None
                       ) -> StoredObject:
     spool_paths: list[Path] = []
+    store.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     try:
         encoded = await encode_to_spool(path, spool_dir=store.spool_dir, segment_size=store.segment_size,
                                         k=store.k, n=store.n, cpu=store.cpu, spool_paths=spool_paths,

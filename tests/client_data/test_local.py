@@ -79,8 +79,7 @@ async def test_spool_files_hold_the_shares(tmp_path: Path) -> None:
 async def test_file_changing_size_while_encoding_is_refused_and_spool_cleaned(tmp_path: Path) -> None:
     src = tmp_path / "src"
     src.write_bytes(os.urandom(10 * 4096))
-    spool = tmp_path / "spool"
-    spool.mkdir()
+    spool = tmp_path / "spool"  # created by put_file
     master = new_master_key()
     async with rpc.new_client() as http:
         store = ObjectStore(mediator_url="http://127.0.0.1:9", account_key=account_signing_key(master), k=3, n=6,
