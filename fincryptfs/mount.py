@@ -99,6 +99,7 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
                           f"{mountpoint})")
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.data_dir, 0o700)
+    (settings.data_dir / "spool").mkdir(exist_ok=True)
     async with AsyncExitStack() as stack:
         http = await stack.enter_async_context(rpc.new_client())
         store = open_store(settings, master_key, http, trio.CapacityLimiter(CPU_THREADS))

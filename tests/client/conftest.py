@@ -157,5 +157,5 @@ def tree_of(root: Path) -> dict[str, tuple[str, object]]:
             elif path.is_dir():
                 result[rel] = ("dir", st.st_mode & 0o7777)
             else:
-                result[rel] = ("file", (st.st_mode & 0o7777, path.read_bytes()))
+                result[rel] = ("file", (st.st_mode & 0o7777, st.st_size, path.read_bytes()))
     return result
