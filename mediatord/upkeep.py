@@ -118,7 +118,8 @@ async def audit_node(service: MediatorService, client: httpx.AsyncClient, node: 
             continue
         state = await trio.to_thread.run_sync(audit_logic.judge_response, state, proof, limiter=CPU)
     result = audit_logic.outcome(state)
-    apply_outcome(service, node, round_id, state.answered, result, timing.disqualify_after, now)
+    already = frozenset(s.share_id for s in shares if s.state == "proven")
+    apply_outcome(service, node, round_id, state.answered, result, timing.disqualify_after, now, already)
     return result
 
 
@@ -127,14 +128,16 @@ def _decode_proof(data: bytes, key: PublicKey, limit: int) -> ProofResponse:
 
 
 def apply_outcome(service: MediatorService, node: NodeRow, round_id: int, answered: bool,
-                  result: audit_logic.AuditOutcome, disqualify_after: int, now: float) -> None:
+                  result: audit_logic.AuditOutcome, disqualify_after: int, now: float,
+                  already_proven: frozenset[str] = frozenset()) -> None:
+    """Record a finished audit; shares already proven are not rewritten (steady-state rounds write little)."""
     db = service.db
     fresh = db.node(node.node_id) or node
     verdict = audit_logic.node_verdict(result.result, fresh.passed, fresh.failed, fresh.consecutive_failures,
                                        disqualify_after)
     with db.transaction():
         db.finish_round(round_id, node.node_id, result.result, result.detail, now)
-        db.set_share_states(sorted(result.proven), "proven", now)
+        db.set_share_states(sorted(result.proven - already_proven), "proven", now)
         db.set_share_states(sorted(result.lost), "lost", now)
         db.record_node_outcome(node.node_id, passed=result.result == "passed",
                                counts_toward_disqualification=verdict.counts_toward_disqualification,
