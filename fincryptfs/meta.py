@@ -394,6 +394,7 @@ def recover(db: sqlite3.Connection, cache_sizes: dict[int, int]) -> None:
     died has whatever reached the cache, and its size in the tree may lag).
     """
     with _tx(db):
+        before = db.total_changes
         db.execute("UPDATE upload_jobs SET state = 'pending' WHERE state = 'uploading'")
         for ino, version in db.execute("SELECT ino, version FROM inodes WHERE state = 'dirty'").fetchall():
             if ino in cache_sizes:
@@ -407,8 +408,9 @@ def recover(db: sqlite3.Connection, cache_sizes: dict[int, int]) -> None:
         db.execute("DELETE FROM inodes WHERE parent IS NULL AND ino != ?", (ROOT_INO,))
         db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'unlinked' WHERE state = 'pending' AND "
                    "ino NOT IN (SELECT ino FROM inodes)")
+        if db.total_changes != before:
+            _bump(db)
         db.execute("DELETE FROM upload_jobs WHERE state = 'done' AND created < ?", (time.time() - 86400,))
-        _bump(db)
 
 
 def next_upload(db: sqlite3.Connection, now: float) -> UploadJob | None:

@@ -15,6 +15,8 @@ import trio
 from conftest import Client, needs_fuse, tree_of
 from netfixtures import start_network
 
+from fincryptfs import meta
+
 pytestmark = [pytest.mark.e2e, needs_fuse]
 
 RENAME_NOREPLACE = 1
@@ -107,6 +109,12 @@ async def test_tools_crash_and_degraded_reads(tmp_path: Path, nursery: trio.Nurs
         await trio.to_thread.run_sync(write_batch)
         expected = await trio.to_thread.run_sync(tree_of, mnt)
         await client.kill()
+        db = meta.connect_readonly(client.data_dir / "meta.db")
+        try:
+            unfinished = len(meta.pending_uploads(db))
+        finally:
+            db.close()
+        assert unfinished > 0, "the kill came after every upload finished: the test proves nothing"
         await client.mount()
         await client.flush()
         assert await trio.to_thread.run_sync(tree_of, mnt) == expected

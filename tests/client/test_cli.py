@@ -1,0 +1,105 @@
+"""The CLI without a network: help, exit codes, key files and their passphrases, actionable errors."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+from fincryptfs.core.crypto import master_key_from_phrase
+from fincryptfs.core.errors import ConfigError, WrongKeyError
+from fincryptfs.keystore import load_master_key
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def run(*args: str) -> subprocess.CompletedProcess[str]:
+    env = {k: v for k, v in os.environ.items() if not k.startswith("FINCRYPT_")}
+    return subprocess.run([sys.executable, "-m", "fincryptfs.cli", *args], capture_output=True, text=True,
+                          cwd=ROOT, env=env, timeout=60)
+
+
+def write_env(tmp_path: Path) -> Path:
+    env = tmp_path / "client.env"
+    env.write_text(f"FINCRYPT_DATA_DIR={tmp_path / 'data'}\nFINCRYPT_KEY_FILE={tmp_path / 'key'}\n")
+    return env
+
+
+@pytest.mark.parametrize("command", ["init", "restore", "mount", "umount", "flush", "status"])
+def test_every_command_has_help(command: str) -> None:
+    result = run(command, "--help")
+    assert result.returncode == 0
+    assert "--env-file" in result.stdout
+
+
+def test_usage_errors_exit_2(tmp_path: Path) -> None:
+    assert run().returncode == 2
+    assert run("mount").returncode == 2  # DIR missing
+    assert run("restore").returncode == 2  # --mediator missing
+    result = run("init", "--env-file", str(write_env(tmp_path)), "--passphrase-file", "x", "--no-passphrase")
+    assert result.returncode == 2 and "not both" in result.stderr
+
+
+def test_init_with_passphrase_then_restore_from_phrase(tmp_path: Path) -> None:
+    env = write_env(tmp_path)
+    (tmp_path / "pass").write_text("correct horse battery\n")
+    result = run("init", "--env-file", str(env), "--mediator", "http://127.0.0.1:9", "--passphrase-file",
+                 str(tmp_path / "pass"))
+    assert result.returncode == 0, result.stderr
+    phrase = next(line.strip() for line in result.stdout.splitlines() if len(line.split()) == 24)
+    key_file = tmp_path / "key"
+    assert os.stat(key_file).st_mode & 0o777 == 0o600
+    assert "FINCRYPT_MEDIATOR_URL=http://127.0.0.1:9" in env.read_text()
+    assert load_master_key(key_file, tmp_path / "pass") == master_key_from_phrase(phrase)
+    with pytest.raises(WrongKeyError, match="FINCRYPT_PASSPHRASE_FILE"):
+        load_master_key(key_file, None, interactive=False)
+    (tmp_path / "wrong").write_text("wrong\n")
+    with pytest.raises(WrongKeyError, match="wrong passphrase"):
+        load_master_key(key_file, tmp_path / "wrong")
+
+    again = run("init", "--env-file", str(env), "--no-passphrase")
+    assert again.returncode == 1 and "already exists" in again.stderr
+
+    other = tmp_path / "other"
+    other.mkdir()
+    env2 = write_env(other)
+    (other / "phrase").write_text(phrase)
+    restored = run("restore", "--env-file", str(env2), "--mediator", "http://127.0.0.1:9", "--phrase-file",
+                   str(other / "phrase"), "--no-passphrase")
+    assert restored.returncode == 0, restored.stderr
+    assert load_master_key(other / "key") == master_key_from_phrase(phrase)
+
+    bad = tmp_path / "bad"
+    bad.mkdir()
+    (bad / "phrase").write_text(" ".join(phrase.split()[::-1]))
+    wrong = run("restore", "--env-file", str(write_env(bad)), "--mediator", "http://127.0.0.1:9", "--phrase-file",
+                str(bad / "phrase"), "--no-passphrase")
+    assert wrong.returncode == 1 and "error:" in wrong.stderr
+
+
+def test_unprotected_key_file_must_be_private(tmp_path: Path) -> None:
+    env = write_env(tmp_path)
+    assert run("init", "--env-file", str(env), "--no-passphrase").returncode == 0
+    os.chmod(tmp_path / "key", 0o644)
+    with pytest.raises(ConfigError, match="chmod 600"):
+        load_master_key(tmp_path / "key")
+
+
+def test_flush_and_status_without_a_tree_say_what_to_do(tmp_path: Path) -> None:
+    env = write_env(tmp_path)
+    for command in ("flush", "status"):
+        result = run(command, "--env-file", str(env))
+        assert result.returncode == 1
+        assert "mount the filesystem first" in result.stderr
+
+
+def test_bad_settings_name_the_variable(tmp_path: Path) -> None:
+    env = tmp_path / "client.env"
+    env.write_text("FINCRYPT_K=banana\n")
+    result = run("status", "--env-file", str(env))
+    assert result.returncode == 1 and "FINCRYPT_K" in result.stderr
+    missing = run("status", "--env-file", str(tmp_path / "nope.env"))
+    assert missing.returncode == 1 and "does not exist" in missing.stderr

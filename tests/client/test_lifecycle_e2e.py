@@ -1,0 +1,97 @@
+"""Mount lifecycle: --daemon and umount, a file rewritten while it uploads, statfs, memory of a large file."""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import Client, needs_fuse
+from netfixtures import start_network
+
+from fincryptfs import meta
+
+pytestmark = [pytest.mark.e2e, needs_fuse]
+
+
+def peak_rss_bytes(pid: int) -> int:
+    text = Path(f"/proc/{pid}/status").read_text()
+    match = re.search(r"VmHWM:\s+(\d+) kB", text)
+    assert match is not None
+    return int(match.group(1)) * 1024
+
+
+async def test_daemon_rewrite_statfs_and_large_file(tmp_path: Path, nursery: trio.Nursery) -> None:
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "c", net.mediator_url, extra_env={"FINCRYPT_CACHE_LIMIT_BYTES": "8M"})
+    client.init()
+    mnt = client.mountpoint
+    mnt.mkdir()
+    daemon_pid = None
+    try:
+        out = await trio.to_thread.run_sync(lambda: client.cli("mount", str(mnt), "--daemon").stdout)
+        daemon_pid = int(re.search(r"process (\d+)", out).group(1))
+        assert os.path.ismount(mnt)
+
+        # statfs shows the network's capacity (6 nodes of 2 GiB), once the mount has asked the mediator
+        with trio.fail_after(10):
+            while os.statvfs(mnt).f_blocks * os.statvfs(mnt).f_frsize < 6 * 2**30 * 0.9:
+                await trio.sleep(0.2)
+
+        # a file rewritten while its first version uploads: the last version wins
+        big = os.urandom(6 * 2**20)
+        (mnt / "r.bin").write_bytes(big)
+        final = os.urandom(3 * 2**20)
+        (mnt / "r.bin").write_bytes(final)
+
+        # a large file streams through bounded memory
+        chunk = os.urandom(2**20)
+
+        def write_large() -> None:
+            with open(mnt / "large.bin", "wb") as f:
+                for _ in range(48):
+                    f.write(chunk)
+        await trio.to_thread.run_sync(write_large)
+        await client.flush(timeout=120)
+
+        db = meta.connect_readonly(client.data_dir / "meta.db")
+        try:
+            states = {meta.path_of(db, f.ino): f.state for f in meta.files(db)}
+            with trio.fail_after(20):  # superseded objects are released once a snapshot without them is out
+                while meta.pending_deletes(db):
+                    await trio.sleep(0.2)
+        finally:
+            db.close()
+        assert states == {"/r.bin": "stored", "/large.bin": "stored"}
+
+        # the cache limit (8 MiB) evicted what was uploaded; reading fetches it again
+        cached = sum(p.stat().st_size for p in client.cache_dir.iterdir())
+        assert cached <= 8 * 2**20
+
+        def read_back() -> None:
+            assert (mnt / "r.bin").read_bytes() == final
+            with open(mnt / "large.bin", "rb") as f:
+                for _ in range(48):
+                    assert f.read(2**20) == chunk
+                assert f.read(1) == b""
+        await trio.to_thread.run_sync(read_back)
+        assert peak_rss_bytes(daemon_pid) < 200 * 2**20
+
+        result = await trio.to_thread.run_sync(lambda: client.cli("umount", str(mnt)))
+        assert result.returncode == 0 and not os.path.ismount(mnt)
+        with trio.fail_after(20):
+            while os.path.exists(f"/proc/{daemon_pid}") and "zombie" not in Path(
+                    f"/proc/{daemon_pid}/status").read_text():
+                await trio.sleep(0.1)
+        not_mounted = await trio.to_thread.run_sync(lambda: client.cli("umount", str(mnt), check=False))
+        assert not_mounted.returncode == 1 and "not mounted" in not_mounted.stderr
+    finally:
+        if os.path.ismount(mnt):
+            os.system(f"fusermount3 -u -z {mnt}")
+        if daemon_pid is not None and os.path.exists(f"/proc/{daemon_pid}"):
+            os.kill(daemon_pid, signal.SIGKILL)
+        shutil.rmtree(client.cache_dir, ignore_errors=True)

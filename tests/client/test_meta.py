@@ -1,0 +1,137 @@
+"""The local tree on a real SQLite file: job ordering, stale uploads, deletion after publishing, snapshots."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+from pathlib import Path
+
+import pytest
+
+from fincryptfs import meta
+
+
+def obj(object_id_byte: str, size: int) -> str:
+    return json.dumps({"object_id": object_id_byte * 64, "size": size})
+
+
+@pytest.fixture
+def db(tmp_path: Path) -> sqlite3.Connection:
+    conn = meta.connect(tmp_path / "meta.db")
+    yield conn
+    conn.close()
+
+
+def new_file(db: sqlite3.Connection, name: bytes = b"f", parent: int = meta.ROOT_INO) -> meta.Inode:
+    return meta.create(db, parent, name, meta.FILE, 0o100644, 0, 0)
+
+
+def test_release_records_job_and_upload_stores_object(db: sqlite3.Connection) -> None:
+    f = new_file(db)
+    version = meta.mark_dirty(db, f.ino)
+    assert meta.record_release(db, f.ino, 10, 123) is not None
+    assert meta.get(db, f.ino).state == meta.PENDING
+    job = meta.next_upload(db, now=1e12)
+    assert job is not None and job.version == version
+    assert meta.next_upload(db, now=1e12) is None  # claimed
+    assert meta.finish_upload(db, job, "a" * 64, obj("a", 10))
+    stored = meta.get(db, f.ino)
+    assert stored.state == meta.STORED and json.loads(stored.object)["object_id"] == "a" * 64
+    assert meta.pending_uploads(db) == []
+
+
+def test_change_during_upload_makes_result_stale_and_deletes_it(db: sqlite3.Connection) -> None:
+    f = new_file(db)
+    meta.mark_dirty(db, f.ino)
+    meta.record_release(db, f.ino, 10, 1)
+    job = meta.next_upload(db, now=1e12)
+    meta.mark_dirty(db, f.ino)  # written again while uploading
+    assert not meta.finish_upload(db, job, "b" * 64, obj("b", 10))
+    assert meta.get(db, f.ino).object is None
+    assert meta.next_delete(db, now=1e12).object_id == "b" * 64  # never referenced: deleted at once
+    meta.record_release(db, f.ino, 20, 2)
+    job2 = meta.next_upload(db, now=1e12)
+    assert job2 is not None and job2.version == job.version + 1
+
+
+def test_old_object_deleted_only_after_publishing(db: sqlite3.Connection) -> None:
+    f = new_file(db)
+    for i, letter in enumerate("cd"):
+        meta.mark_dirty(db, f.ino)
+        meta.record_release(db, f.ino, 10 + i, i)
+        job = meta.next_upload(db, now=1e12)
+        assert meta.finish_upload(db, job, letter * 64, obj(letter, 10 + i))
+    assert meta.next_delete(db, now=1e12) is None  # 'c' is still in the published snapshot
+    meta.set_published(db, meta.counter(db, "meta_version"), 1)
+    assert meta.next_delete(db, now=1e12).object_id == "c" * 64
+    meta.finish_delete(db, "c" * 64)
+    assert meta.pending_deletes(db) == 0
+
+
+def test_newer_release_supersedes_pending_job(db: sqlite3.Connection) -> None:
+    f = new_file(db)
+    meta.mark_dirty(db, f.ino)
+    meta.record_release(db, f.ino, 5, 1)
+    meta.mark_dirty(db, f.ino)
+    meta.record_release(db, f.ino, 6, 2)
+    assert len(meta.pending_uploads(db)) == 1
+
+
+def test_recover_resets_uploading_and_queues_unclosed_writes(db: sqlite3.Connection) -> None:
+    a, b, gone = new_file(db, b"a"), new_file(db, b"b"), new_file(db, b"gone")
+    meta.mark_dirty(db, a.ino)
+    meta.record_release(db, a.ino, 5, 1)
+    assert meta.next_upload(db, now=1e12) is not None
+    meta.mark_dirty(db, b.ino)  # open for writing when the client died
+    meta.unlink(db, meta.ROOT_INO, b"gone")
+    meta.recover(db, {b.ino: 77})
+    pending = meta.pending_uploads(db)
+    assert sorted(p[1] for p in pending) == [a.ino, b.ino]
+    assert all(p[2] == "pending" for p in pending)
+    assert meta.get(db, b.ino).size == 77
+    assert meta.get(db, gone.ino, missing_ok=True) is None
+
+
+def test_rename_rules(db: sqlite3.Connection) -> None:
+    d = meta.create(db, meta.ROOT_INO, b"d", meta.DIR, 0o40755, 0, 0)
+    sub = meta.create(db, d.ino, b"sub", meta.DIR, 0o40755, 0, 0)
+    f = new_file(db, b"f")
+    g = new_file(db, b"g")
+    with pytest.raises(meta.InvalidMove):
+        meta.rename(db, meta.ROOT_INO, b"d", sub.ino, b"x")
+    with pytest.raises(meta.Exists):
+        meta.rename(db, meta.ROOT_INO, b"f", meta.ROOT_INO, b"g", noreplace=True)
+    with pytest.raises(IsADirectoryError):
+        meta.rename(db, meta.ROOT_INO, b"f", meta.ROOT_INO, b"d")
+    moved, replaced = meta.rename(db, meta.ROOT_INO, b"f", meta.ROOT_INO, b"g")
+    assert moved.ino == f.ino and replaced is not None and replaced.ino == g.ino
+    assert meta.lookup(db, meta.ROOT_INO, b"g").ino == f.ino
+    assert meta.path_of(db, sub.ino) == "/d/sub"
+    assert meta.path_of(db, g.ino) is None
+
+
+def test_snapshot_holds_only_stored_state(db: sqlite3.Connection, tmp_path: Path) -> None:
+    f = new_file(db, b"f")
+    meta.mark_dirty(db, f.ino)
+    meta.record_release(db, f.ino, 10, 1)
+    job = meta.next_upload(db, now=1e12)
+    meta.finish_upload(db, job, "e" * 64, obj("e", 10))
+    meta.mark_dirty(db, f.ino)
+    meta.record_release(db, f.ino, 999, 2)  # newer version not uploaded yet
+    new = new_file(db, b"new")
+    meta.mark_dirty(db, new.ino)
+    meta.record_release(db, new.ino, 50, 3)
+    version = meta.snapshot_to(db, tmp_path / "snap.db")
+    assert version == meta.counter(db, "meta_version")
+    meta.adopt_snapshot(tmp_path / "snap.db", 7)
+    copy = meta.connect(tmp_path / "snap.db")
+    try:
+        assert meta.pending_uploads(copy) == [] and meta.pending_deletes(copy) == 0
+        restored = meta.lookup(copy, meta.ROOT_INO, b"f")
+        assert (restored.state, restored.size, json.loads(restored.object)["object_id"]) == ("stored", 10, "e" * 64)
+        empty = meta.lookup(copy, meta.ROOT_INO, b"new")
+        assert (empty.state, empty.size, empty.object) == ("stored", 0, None)
+        assert meta.counter(copy, "published_version") == meta.counter(copy, "meta_version")
+        assert meta.counter(copy, "pointer_version") == 7
+    finally:
+        copy.close()
