@@ -22,7 +22,7 @@ the node is welcome back. ``disqualify_after`` consecutive failed rounds disqual
 from __future__ import annotations
 
 import os
-from collections.abc import Iterable, Mapping
+from collections.abc import Collection, Iterable, Mapping
 from dataclasses import dataclass, field, replace
 
 from fincryptfs.core.challenge import NONCE_BYTES, verify_share_proof
@@ -57,8 +57,13 @@ class NodeAudit:
     @property
     def challenge(self) -> Challenge:
         """The challenge for the shares still pending (same nonce every attempt, so the same leaves)."""
+        return self.next_challenge(len(self.pending))
+
+    def next_challenge(self, batch: int) -> Challenge:
+        """At most ``batch`` pending shares: a node holding many shares is asked in several requests."""
+        share_ids = tuple(ShareId(s) for s in sorted(self.pending)[:batch])
         return Challenge(NodeId(self.mediator_id), NodeId(self.node_id), self.round_id, self.nonce,
-                         self.leaves_per_share, tuple(ShareId(s) for s in sorted(self.pending)))
+                         self.leaves_per_share, share_ids)
 
 
 def start_audit(mediator_id: str, node_id: str, round_id: int, shares: Iterable[AuditedShare],
@@ -68,9 +73,15 @@ def start_audit(mediator_id: str, node_id: str, round_id: int, shares: Iterable[
     return NodeAudit(mediator_id, node_id, round_id, nonce, leaves_per_share, by_id, frozenset(by_id))
 
 
-def judge_response(audit: NodeAudit, response: ProofResponse) -> NodeAudit:
-    """Apply one (signature-checked) answer: verified shares are proven, bad or missing ones lost."""
-    audit = replace(audit, attempts=audit.attempts + 1, answered=True)
+def judge_response(audit: NodeAudit, response: ProofResponse, asked: Collection[str] | None = None
+                   ) -> NodeAudit:
+    """Apply one (signature-checked) answer: verified shares are proven, bad or missing ones lost.
+
+    ``asked``: the shares this answer's challenge named (default: all pending). Only an answer that leaves some
+    of them unanswered spends an attempt, so a node asked in batches is not penalised for the batching.
+    """
+    asked = audit.pending if asked is None else frozenset(asked)
+    audit = replace(audit, answered=True)
     lost = dict(audit.lost)
     if (response.node_id, response.mediator_id, response.round_id, response.nonce) != (
             audit.node_id, audit.mediator_id, audit.round_id, audit.nonce):
@@ -94,7 +105,8 @@ def judge_response(audit: NodeAudit, response: ProofResponse) -> NodeAudit:
             lost[proof.share_id] = str(exc)
         else:
             proven.add(proof.share_id)
-    return replace(audit, pending=frozenset(pending), proven=frozenset(proven), lost=lost)
+    attempts = audit.attempts + (1 if any(s in pending for s in asked) else 0)
+    return replace(audit, pending=frozenset(pending), proven=frozenset(proven), lost=lost, attempts=attempts)
 
 
 def missed(audit: NodeAudit) -> NodeAudit:

@@ -234,6 +234,15 @@ class MediatorDB:
     def committed_object_ids(self) -> list[str]:
         return [r[0] for r in self._conn.execute("SELECT object_id FROM objects WHERE state!='pending'")]
 
+    def objects_needing_attention(self) -> list[str]:
+        """Committed objects with fewer than n healthy shares, or marked irreparable (one query for all)."""
+        return [r[0] for r in self._conn.execute(
+            "SELECT o.object_id FROM objects o WHERE o.state!='pending' AND (o.state='irreparable' OR"
+            " (SELECT COUNT(*) FROM shares s JOIN nodes n ON n.node_id=s.node_id WHERE s.object_id=o.object_id"
+            " AND s.state IN ('stored','proven') AND n.state='online') < json_extract(o.layout, '$.n')"
+            " OR EXISTS (SELECT 1 FROM shares s JOIN nodes n ON n.node_id=s.node_id"
+            " WHERE s.object_id=o.object_id AND n.state='disqualified'))")]
+
     def delete_object(self, object_id: str, now: float) -> list[ShareRow]:
         """Forget an object; its shares move to the release queue. Returns the released shares."""
         with self.transaction() as conn:

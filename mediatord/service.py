@@ -224,6 +224,10 @@ class MediatorService:
             receipt = self.check_receipt(c.receipt, share_id=c.share_id, account_id=account_id, size=row.size,
                                          root=row.root)
             grants_used.append(receipt.grant_id)
+        final = {row.idx: row.node_id for row in rows.values() if row.state in HEALTHY_SHARE_STATES}
+        final.update({c.index: c.node_id for c in req.shares})
+        if len(set(final.values())) != len(final):
+            raise PolicyError("two shares of this object would sit on one node; re-place one of them", status=409)
         with self.db.transaction():
             for c in req.shares:
                 row = rows[c.share_id]

@@ -33,6 +33,7 @@ log = logging.getLogger(__name__)
 CPU = trio.CapacityLimiter(2)
 MAX_RELEASE_ATTEMPTS = 30
 AUDIT_CONCURRENCY = 32  # nodes challenged at once: bounds memory held in proof responses
+CHALLENGE_BATCH = 10_000  # shares per challenge request: one leaf each makes an answer of about 41 MB
 
 
 @dataclass(frozen=True)
@@ -104,7 +105,7 @@ async def audit_node(service: MediatorService, client: httpx.AsyncClient, node: 
     service.db.start_round(round_id, node.node_id, state.nonce, now)
     key = PublicKey(node.public_key)
     while not audit_logic.is_finished(state, settings.audit_retries):
-        challenge = state.challenge
+        challenge = state.next_challenge(CHALLENGE_BATCH)
         try:
             response = await call(client, "POST", f"{node.url}/v1/challenges", key=service.key,
                                   json=challenge.to_json(), timeout=timing.request_timeout)
@@ -116,7 +117,8 @@ async def audit_node(service: MediatorService, client: httpx.AsyncClient, node: 
             if not audit_logic.is_finished(state, settings.audit_retries):
                 await trio.sleep(timing.retry_delay)
             continue
-        state = await trio.to_thread.run_sync(audit_logic.judge_response, state, proof, limiter=CPU)
+        state = await trio.to_thread.run_sync(audit_logic.judge_response, state, proof, challenge.share_ids,
+                                              limiter=CPU)
     result = audit_logic.outcome(state)
     already = frozenset(s.share_id for s in shares if s.state == "proven")
     apply_outcome(service, node, round_id, state.answered, result, timing.disqualify_after, now, already)
@@ -193,7 +195,7 @@ async def repair_pass(service: MediatorService, client: httpx.AsyncClient, now: 
     actions: dict[str, str] = {}
     online = service.online_node_ids()
     disqualified = {n.node_id for n in db.nodes("disqualified")}
-    for object_id in db.committed_object_ids():
+    for object_id in db.objects_needing_attention():
         obj = db.object(object_id)
         if obj is None:
             continue

@@ -231,3 +231,23 @@ async def test_announce_must_be_signed_by_the_node(net: Net) -> None:
     await expect_error(net, "POST", "/v1/nodes/announce", 403, key=impostor, json=ann.to_json(),
                        fragment="signed by the node")
     assert net.mediator.service.db.node(net.nodes[0].node_id).url == net.nodes[0].url  # type: ignore[union-attr]
+
+
+async def test_commits_never_put_two_shares_of_an_object_on_one_node(net: Net) -> None:
+    obj = make_object()
+    first = {p.index: p for p in await place(net.client, net.url, net.account, obj)}
+    moved0 = (await place(net.client, net.url, net.account, obj, indices=[0], exclude=(first[0].node_id,)))[0]
+    moved1 = (await place(net.client, net.url, net.account, obj, indices=[1], exclude=(first[1].node_id,)))[0]
+    assert moved1.node_id == first[0].node_id  # free again for this object once share 0 moved away
+    # the client still uses the stale grant for share 0 and the new one for share 1: both on one node
+    stored = {0: (first[0].node_id, await put_share(net.client, first[0], obj)),
+              1: (moved1.node_id, await put_share(net.client, moved1, obj))}
+    for i in (2, 3):
+        stored[i] = (first[i].node_id, await put_share(net.client, first[i], obj))
+    await rpc.call_json(net.client, "POST", f"{net.url}/v1/objects/commit", key=net.account,
+                        json=commit_body(obj, {i: stored[i] for i in (0, 2, 3)}))
+    await expect_error(net, "POST", "/v1/objects/commit", 409, key=net.account,
+                       json=commit_body(obj, {i: stored[i] for i in (1, 2, 3)}), fragment="one node")
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert len({s["node_id"] for s in status["shares"] if s["state"] == "stored"}) == 3
+    assert moved0.node_id != first[0].node_id

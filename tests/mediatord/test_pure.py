@@ -116,6 +116,21 @@ def test_retries_then_unreachable_or_unanswered() -> None:
     assert result.result == "failed" and share.share_id in result.lost
 
 
+def test_many_shares_are_asked_in_batches_without_spending_retries() -> None:
+    shares = [StoredShare(100) for _ in range(5)]
+    state = start(shares, leaves=1)
+    asked_total = []
+    while state.pending:
+        challenge = state.next_challenge(2)
+        assert len(challenge.share_ids) <= 2 and challenge.nonce == state.nonce
+        asked_total += challenge.share_ids
+        by_id = {s.share_id: s for s in shares}
+        proofs = [by_id[i].proof(state.nonce, 1) for i in challenge.share_ids]
+        state = audit.judge_response(state, answer(state, proofs), challenge.share_ids)
+    assert state.attempts == 0 and sorted(asked_total) == sorted(s.share_id for s in shares)
+    assert audit.outcome(state).result == "passed"
+
+
 def test_reputation_and_disqualification_rules() -> None:
     assert audit.reputation(0, 0) == 0.5
     passed = audit.node_verdict("passed", 3, 1, 2, 3)
