@@ -119,7 +119,7 @@ def test_retries_then_unreachable_or_unanswered() -> None:
 def test_many_shares_are_asked_in_batches_without_spending_retries() -> None:
     shares = [StoredShare(100) for _ in range(5)]
     state = start(shares, leaves=1)
-    asked_total = []
+    asked_total: list[str] = []
     while state.pending:
         challenge = state.next_challenge(2)
         assert len(challenge.share_ids) <= 2 and challenge.nonce == state.nonce
