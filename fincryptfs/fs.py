@@ -22,7 +22,7 @@ import os
 import sqlite3
 import stat
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -88,7 +88,7 @@ class FincryptOperations(pyfuse3.Operations):
     # --- attributes -----------------------------------------------------------------------------------------
 
     def _inode(self, ino: int) -> meta.Inode:
-        inode = meta.get(self.db, ino, missing_ok=True)
+        inode = meta.find(self.db, ino)
         if inode is None:
             raise pyfuse3.FUSEError(errno.ENOENT)
         return inode
@@ -134,7 +134,7 @@ class FincryptOperations(pyfuse3.Operations):
         except meta.NotFound:
             raise pyfuse3.FUSEError(errno.ENOENT) from None
 
-    async def forget(self, inode_list: list[tuple[int, int]]) -> None:
+    async def forget(self, inode_list: Sequence[tuple[int, int]]) -> None:
         for ino, count in inode_list:
             left = self._lookups.get(ino, 0) - count
             if left > 0:
@@ -147,7 +147,7 @@ class FincryptOperations(pyfuse3.Operations):
         """Drop an unlinked inode once the kernel forgot it and no handle is open."""
         if ino in self._lookups or ino in self._open:
             return
-        inode = meta.get(self.db, ino, missing_ok=True)
+        inode = meta.find(self.db, ino)
         if inode is not None and inode.parent is None and ino != meta.ROOT_INO:
             meta.purge(self.db, ino)
             self.cache.remove(ino)
@@ -215,7 +215,6 @@ class FincryptOperations(pyfuse3.Operations):
         if dirty is None:
             meta.mark_dirty(self.db, node.ino)
             current = meta.get(self.db, node.ino)
-            assert current is not None
             dirty = self._dirty[node.ino] = _Dirty(current.size, current.mtime_ns)
         return dirty
 

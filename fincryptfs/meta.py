@@ -124,7 +124,7 @@ def connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA busy_timeout=5000")
     db.executescript(_SCHEMA)
-    if get(db, ROOT_INO, missing_ok=True) is None:
+    if find(db, ROOT_INO) is None:
         now = time.time_ns()
         with _tx(db):
             db.execute(f"INSERT INTO inodes ({_COLS}) VALUES (?, NULL, NULL, 'dir', ?, 0, 0, 0, ?, ?, ?, NULL, 0, "
@@ -170,9 +170,13 @@ def _row(row: tuple | None) -> Inode | None:
 # --- reading the tree ---------------------------------------------------------------------------------------
 
 
-def get(db: sqlite3.Connection, ino: int, *, missing_ok: bool = False) -> Inode | None:
-    inode = _row(db.execute(f"SELECT {_COLS} FROM inodes WHERE ino = ?", (ino,)).fetchone())
-    if inode is None and not missing_ok:
+def find(db: sqlite3.Connection, ino: int) -> Inode | None:
+    return _row(db.execute(f"SELECT {_COLS} FROM inodes WHERE ino = ?", (ino,)).fetchone())
+
+
+def get(db: sqlite3.Connection, ino: int) -> Inode:
+    inode = find(db, ino)
+    if inode is None:
         raise NotFound(ino)
     return inode
 
@@ -235,9 +239,7 @@ def create(db: sqlite3.Connection, parent: int, name: bytes, kind: str, mode: in
         raise Exists(name) from exc
     ino = cur.lastrowid
     assert ino is not None
-    inode = get(db, ino)
-    assert inode is not None
-    return inode
+    return get(db, ino)
 
 
 def set_attrs(db: sqlite3.Connection, ino: int, **values: int) -> Inode:
@@ -250,9 +252,7 @@ def set_attrs(db: sqlite3.Connection, ino: int, **values: int) -> Inode:
             assignments = ", ".join(f"{k} = ?" for k in values)
             db.execute(f"UPDATE inodes SET {assignments} WHERE ino = ?", (*values.values(), ino))
             _bump(db)
-    inode = get(db, ino)
-    assert inode is not None
-    return inode
+    return get(db, ino)
 
 
 def mark_dirty(db: sqlite3.Connection, ino: int) -> int:

@@ -34,7 +34,9 @@ async def test_daemon_rewrite_statfs_and_large_file(tmp_path: Path, nursery: tri
     daemon_pid = None
     try:
         out = await trio.to_thread.run_sync(lambda: client.cli("mount", str(mnt), "--daemon").stdout)
-        daemon_pid = int(re.search(r"process (\d+)", out).group(1))
+        found = re.search(r"process (\d+)", out)
+        assert found is not None, out
+        daemon_pid = int(found.group(1))
         assert os.path.ismount(mnt)
 
         # statfs shows the network's capacity (6 nodes of 2 GiB), once the mount has asked the mediator

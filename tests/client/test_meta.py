@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -16,10 +17,26 @@ def obj(object_id_byte: str, size: int) -> str:
 
 
 @pytest.fixture
-def db(tmp_path: Path) -> sqlite3.Connection:
+def db(tmp_path: Path) -> Iterator[sqlite3.Connection]:
     conn = meta.connect(tmp_path / "meta.db")
     yield conn
     conn.close()
+
+
+def claim(db: sqlite3.Connection) -> meta.UploadJob:
+    job = meta.next_upload(db, now=1e12)
+    assert job is not None
+    return job
+
+
+def deletable(db: sqlite3.Connection) -> str | None:
+    job = meta.next_delete(db, now=1e12)
+    return None if job is None else job.object_id
+
+
+def object_of(db: sqlite3.Connection, ino: int) -> str | None:
+    value = meta.get(db, ino).object
+    return None if value is None else str(json.loads(value)["object_id"])
 
 
 def new_file(db: sqlite3.Connection, name: bytes = b"f", parent: int = meta.ROOT_INO) -> meta.Inode:
@@ -31,12 +48,12 @@ def test_release_records_job_and_upload_stores_object(db: sqlite3.Connection) ->
     version = meta.mark_dirty(db, f.ino)
     assert meta.record_release(db, f.ino, 10, 123) is not None
     assert meta.get(db, f.ino).state == meta.PENDING
-    job = meta.next_upload(db, now=1e12)
-    assert job is not None and job.version == version
+    job = claim(db)
+    assert job.version == version
     assert meta.next_upload(db, now=1e12) is None  # claimed
     assert meta.finish_upload(db, job, "a" * 64, obj("a", 10))
     stored = meta.get(db, f.ino)
-    assert stored.state == meta.STORED and json.loads(stored.object)["object_id"] == "a" * 64
+    assert stored.state == meta.STORED and object_of(db, f.ino) == "a" * 64
     assert meta.pending_uploads(db) == []
 
 
@@ -44,14 +61,14 @@ def test_change_during_upload_makes_result_stale_and_deletes_it(db: sqlite3.Conn
     f = new_file(db)
     meta.mark_dirty(db, f.ino)
     meta.record_release(db, f.ino, 10, 1)
-    job = meta.next_upload(db, now=1e12)
+    job = claim(db)
     meta.mark_dirty(db, f.ino)  # written again while uploading
     assert not meta.finish_upload(db, job, "b" * 64, obj("b", 10))
     assert meta.get(db, f.ino).object is None
-    assert meta.next_delete(db, now=1e12).object_id == "b" * 64  # never referenced: deleted at once
+    assert deletable(db) == "b" * 64  # never referenced: deleted at once
     meta.record_release(db, f.ino, 20, 2)
-    job2 = meta.next_upload(db, now=1e12)
-    assert job2 is not None and job2.version == job.version + 1
+    job2 = claim(db)
+    assert job2.version == job.version + 1
 
 
 def test_old_object_deleted_only_after_publishing(db: sqlite3.Connection) -> None:
@@ -59,11 +76,11 @@ def test_old_object_deleted_only_after_publishing(db: sqlite3.Connection) -> Non
     for i, letter in enumerate("cd"):
         meta.mark_dirty(db, f.ino)
         meta.record_release(db, f.ino, 10 + i, i)
-        job = meta.next_upload(db, now=1e12)
+        job = claim(db)
         assert meta.finish_upload(db, job, letter * 64, obj(letter, 10 + i))
-    assert meta.next_delete(db, now=1e12) is None  # 'c' is still in the published snapshot
+    assert deletable(db) is None  # 'c' is still in the published snapshot
     meta.set_published(db, meta.counter(db, "meta_version"), 1)
-    assert meta.next_delete(db, now=1e12).object_id == "c" * 64
+    assert deletable(db) == "c" * 64
     meta.finish_delete(db, "c" * 64)
     assert meta.pending_deletes(db) == 0
 
@@ -89,7 +106,7 @@ def test_recover_resets_uploading_and_queues_unclosed_writes(db: sqlite3.Connect
     assert sorted(p[1] for p in pending) == [a.ino, b.ino]
     assert all(p[2] == "pending" for p in pending)
     assert meta.get(db, b.ino).size == 77
-    assert meta.get(db, gone.ino, missing_ok=True) is None
+    assert meta.find(db, gone.ino) is None
 
 
 def test_rename_rules(db: sqlite3.Connection) -> None:
@@ -114,7 +131,7 @@ def test_snapshot_holds_only_stored_state(db: sqlite3.Connection, tmp_path: Path
     f = new_file(db, b"f")
     meta.mark_dirty(db, f.ino)
     meta.record_release(db, f.ino, 10, 1)
-    job = meta.next_upload(db, now=1e12)
+    job = claim(db)
     meta.finish_upload(db, job, "e" * 64, obj("e", 10))
     meta.mark_dirty(db, f.ino)
     meta.record_release(db, f.ino, 999, 2)  # newer version not uploaded yet
@@ -128,7 +145,7 @@ def test_snapshot_holds_only_stored_state(db: sqlite3.Connection, tmp_path: Path
     try:
         assert meta.pending_uploads(copy) == [] and meta.pending_deletes(copy) == 0
         restored = meta.lookup(copy, meta.ROOT_INO, b"f")
-        assert (restored.state, restored.size, json.loads(restored.object)["object_id"]) == ("stored", 10, "e" * 64)
+        assert (restored.state, restored.size, object_of(copy, restored.ino)) == ("stored", 10, "e" * 64)
         empty = meta.lookup(copy, meta.ROOT_INO, b"new")
         assert (empty.state, empty.size, empty.object) == ("stored", 0, None)
         assert meta.counter(copy, "published_version") == meta.counter(copy, "meta_version")
