@@ -11,7 +11,9 @@ import trio
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.dht.node import DhtNode, DhtParams, serve
 
-TEST_PARAMS = DhtParams(query_timeout=0.3, lookup_timeout=5.0)
+# Generous per-query timeout: one process runs every node on 2 shared cores, and a response that arrives late
+# counts as a lost node. Tests of churn pass a shorter one so dead nodes cost less time.
+TEST_PARAMS = DhtParams(query_timeout=1.0, lookup_timeout=10.0)
 
 def loopback_host(i: int, net: int = 0) -> str:
     return f"127.{net}.{i // 250}.{i % 250 + 1}"
@@ -40,8 +42,9 @@ class Network:
         self.scopes[id(node)] = scope
         return node
 
-    async def grow(self, count: int, *, net: int = 0, start: int = 0) -> list[DhtNode]:
-        return [await self.add(loopback_host(start + i, net)) for i in range(count)]
+    async def grow(self, count: int, *, net: int = 0, start: int = 0, params: DhtParams = TEST_PARAMS
+                   ) -> list[DhtNode]:
+        return [await self.add(loopback_host(start + i, net), params=params) for i in range(count)]
 
     def stop(self, node: DhtNode) -> None:
         """The node leaves: its socket closes, it answers nothing more."""
