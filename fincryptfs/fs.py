@@ -69,7 +69,7 @@ class FincryptOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, *, db: sqlite3.Connection, cache: CacheDir, fetch: Fetch,
-                 wake: Callable[[], None] = lambda: None) -> None:
+                 wake: Callable[[bool], None] = lambda jobs: None) -> None:
         super().__init__()
         self.db = db
         self.cache = cache
@@ -180,7 +180,7 @@ class FincryptOperations(pyfuse3.Operations):
         if values or fields.update_size:
             values["ctime_ns"] = now
             meta.set_attrs(self.db, inode, **values)
-            self.wake()
+            self.wake(False)
         return self._attr(self._inode(inode))
 
     async def _truncate(self, node: meta.Inode, size: int) -> None:
@@ -224,7 +224,7 @@ class FincryptOperations(pyfuse3.Operations):
         if dirty is None:
             return
         meta.record_release(self.db, ino, dirty.size, dirty.mtime_ns)
-        self.wake()
+        self.wake(True)
 
     def _new_handle(self, ino: int, fd: int, writable: bool) -> int:
         fh = self._next_fh
@@ -270,7 +270,7 @@ class FincryptOperations(pyfuse3.Operations):
             node = meta.create(self.db, parent, name, kind, mode, ctx.uid, ctx.gid, target)
         except meta.Exists:
             raise pyfuse3.FUSEError(errno.EEXIST) from None
-        self.wake()
+        self.wake(False)
         return node
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
@@ -331,7 +331,7 @@ class FincryptOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EISDIR)
         meta.unlink(self.db, parent_inode, name)
         self._maybe_purge(node.ino)
-        self.wake()
+        self.wake(node.object is not None)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._child(parent_inode, name)
@@ -341,7 +341,7 @@ class FincryptOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.ENOTEMPTY)
         meta.unlink(self.db, parent_inode, name)
         self._maybe_purge(node.ino)
-        self.wake()
+        self.wake(False)
 
     def _child(self, parent: int, name: bytes) -> meta.Inode:
         try:
@@ -372,7 +372,7 @@ class FincryptOperations(pyfuse3.Operations):
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         if replaced is not None:
             self._maybe_purge(replaced.ino)
-        self.wake()
+        self.wake(replaced is not None and replaced.object is not None)
 
     # --- directories ----------------------------------------------------------------------------------------
 

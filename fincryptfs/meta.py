@@ -427,7 +427,8 @@ def next_upload(db: sqlite3.Connection, now: float) -> UploadJob | None:
 def next_wakeup(db: sqlite3.Connection) -> float | None:
     """When the earliest backed-off job (upload or delete) becomes runnable, if any."""
     a = db.execute("SELECT min(not_before) FROM upload_jobs WHERE state = 'pending'").fetchone()[0]
-    b = db.execute("SELECT min(not_before) FROM delete_jobs").fetchone()[0]
+    b = db.execute("SELECT min(not_before) FROM delete_jobs WHERE after_version <= (SELECT value FROM counters "
+                   "WHERE name = 'published_version')").fetchone()[0]
     times = [t for t in (a, b) if t is not None]
     return min(times) if times else None
 

@@ -13,8 +13,9 @@ Tasks, all in the caller's nursery:
   for ``fincryptfs status``.
 * one deleter: releases objects nobody references any more, but only once a snapshot without them was
   published (so the latest snapshot never points at a deleted object).
-* one publisher: ``publish_delay`` seconds after a change (debounced), copies the tree with SQLite's backup
-  API, strips what a restore does not need, and publishes it encrypted via ``manifest.publish_snapshot``.
+* one publisher: once the tree has been still for ``publish_delay`` seconds and no upload is pending (or at
+  the latest MAX_PUBLISH_WAIT after the first unpublished change), copies the tree with SQLite's backup API,
+  strips what a restore does not need, and publishes it encrypted via ``manifest.publish_snapshot``.
 """
 
 from __future__ import annotations
@@ -37,6 +38,8 @@ from .rpc import PeerError
 log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 300.0
+MAX_PUBLISH_WAIT = 30.0
+EVICT_INTERVAL = 5.0
 
 
 def backoff(attempts: int) -> float:
@@ -56,21 +59,33 @@ class UploadQueue:
         self.workers = workers
         self.publish_delay = publish_delay
         self.in_use = in_use
-        self._changed = trio.Event()
+        self._jobs_changed = trio.Event()
+        self._tree_changed = trio.Event()
+        self._last_evict = 0.0
         self.publish_error: str | None = None
 
-    def wake(self) -> None:
-        """Something changed in the tree or the jobs: every waiting task looks again."""
-        self._changed.set()
-        self._changed = trio.Event()
+    def wake(self, jobs: bool = True) -> None:
+        """The tree changed (``jobs``: and so did the jobs): the tasks concerned look again."""
+        self._tree_changed.set()
+        self._tree_changed = trio.Event()
+        if jobs:
+            self._jobs_changed.set()
+            self._jobs_changed = trio.Event()
 
     async def _wait(self, timeout: float) -> None:
         with trio.move_on_after(max(0.0, timeout)):
-            await self._changed.wait()
+            await self._jobs_changed.wait()
+
+    async def _wait_tree(self, timeout: float) -> bool:
+        """True if the tree changed within ``timeout`` seconds."""
+        with trio.move_on_after(max(0.0, timeout)):
+            await self._tree_changed.wait()
+            return True
+        return False
 
     def _until_next(self) -> float:
         at = meta.next_wakeup(self.db)
-        return 60.0 if at is None else min(60.0, at - time.time())
+        return 60.0 if at is None else max(0.05, min(60.0, at - time.time()))
 
     async def run(self, *, task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
         async with trio.open_nursery() as nursery:
@@ -111,8 +126,15 @@ class UploadQueue:
         became_current = meta.finish_upload(self.db, job, stored.object_id, json.dumps(stored.to_json()))
         if not became_current:
             log.info("upload of inode %d version %d is stale; its object will be deleted", job.ino, job.version)
-        self.cache.evict(meta.stored_inos(self.db), self.in_use())
+        self._evict()
         self.wake()
+
+    def _evict(self) -> None:
+        """Keep the cache within its limit; at most every few seconds (it lists the cache folder)."""
+        now = time.monotonic()
+        if now - self._last_evict >= EVICT_INTERVAL:
+            self._last_evict = now
+            self.cache.evict(meta.stored_inos(self.db), self.in_use())
 
     # --- deletions ------------------------------------------------------------------------------------------
 
@@ -143,9 +165,11 @@ class UploadQueue:
         failures = 0
         while True:
             if meta.counter(self.db, "meta_version") <= meta.counter(self.db, "published_version"):
-                await self._wait(60.0)
+                await self._wait_tree(60.0)
                 continue
-            await trio.sleep(self.publish_delay if failures == 0 else backoff(failures))
+            if failures:
+                await trio.sleep(backoff(failures))
+            await self._wait_until_quiet()
             snapshot = self.spool_dir / "snapshot.db"
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             version = meta.snapshot_to(self.db, snapshot)
@@ -164,3 +188,14 @@ class UploadQueue:
             meta.set_published(self.db, version, stored_version)
             log.info("published metadata snapshot %d (tree version %d)", stored_version, version)
             self.wake()
+
+    async def _wait_until_quiet(self) -> None:
+        """Debounce: wait until the tree has been still for ``publish_delay`` and no upload is pending, but
+        no longer than MAX_PUBLISH_WAIT (a snapshot costs as much as a file upload: one per burst is enough)."""
+        deadline = trio.current_time() + MAX_PUBLISH_WAIT
+        while trio.current_time() < deadline:
+            changed = await self._wait_tree(min(self.publish_delay, deadline - trio.current_time()))
+            if not changed and not meta.pending_uploads(self.db):
+                return
+            if not changed:
+                await self._wait_tree(deadline - trio.current_time())
