@@ -28,6 +28,7 @@ class CacheDir:
         os.chmod(root, 0o700)
         self.root = root
         self.limit_bytes = limit_bytes
+        self.maybe_over_limit = True  # set when files were added; the upload queue's evictor resets it
         self._last_used: dict[int, float] = {}
         self._locks: dict[int, trio.Lock] = {}
 
@@ -84,5 +85,6 @@ class CacheDir:
             path = self.path(ino)
             if not path.exists():
                 await fetch(path)
+                self.maybe_over_limit = True
             self.touch(ino)
             return path

@@ -39,7 +39,7 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 300.0
 MAX_PUBLISH_WAIT = 30.0
-EVICT_INTERVAL = 5.0
+EVICT_INTERVAL = 2.0
 
 
 def backoff(attempts: int) -> float:
@@ -61,7 +61,6 @@ class UploadQueue:
         self.in_use = in_use
         self._jobs_changed = trio.Event()
         self._tree_changed = trio.Event()
-        self._last_evict = 0.0
         self.publish_error: str | None = None
 
     def wake(self, jobs: bool = True) -> None:
@@ -93,6 +92,7 @@ class UploadQueue:
                 nursery.start_soon(self._upload_worker)
             nursery.start_soon(self._deleter)
             nursery.start_soon(self._publisher)
+            nursery.start_soon(self._evictor)
             task_status.started()
 
     # --- uploads --------------------------------------------------------------------------------------------
@@ -126,15 +126,16 @@ class UploadQueue:
         became_current = meta.finish_upload(self.db, job, stored.object_id, json.dumps(stored.to_json()))
         if not became_current:
             log.info("upload of inode %d version %d is stale; its object will be deleted", job.ino, job.version)
-        self._evict()
+        self.cache.maybe_over_limit = True
         self.wake()
 
-    def _evict(self) -> None:
-        """Keep the cache within its limit; at most every few seconds (it lists the cache folder)."""
-        now = time.monotonic()
-        if now - self._last_evict >= EVICT_INTERVAL:
-            self._last_evict = now
-            self.cache.evict(meta.stored_inos(self.db), self.in_use())
+    async def _evictor(self) -> None:
+        """Keep the cache within its limit, checking every few seconds after it grew (eviction lists the folder)."""
+        while True:
+            if self.cache.maybe_over_limit:
+                self.cache.maybe_over_limit = False
+                self.cache.evict(meta.stored_inos(self.db), self.in_use())
+            await trio.sleep(EVICT_INTERVAL)
 
     # --- deletions ------------------------------------------------------------------------------------------
 
