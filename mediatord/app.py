@@ -95,7 +95,19 @@ def build_app(service: MediatorService, *, clock: Callable[[], float] = time.tim
 
     @route
     async def account(request: Request, signer: PublicKey, body: bytes) -> Response:
-        return json_response(service.account(signer))
+        return json_response(await service.account_with_balance(signer, clock()))
+
+    @route
+    async def account_history(request: Request, signer: PublicKey, body: bytes) -> Response:
+        return json_response(service.account_history(signer))
+
+    @route
+    async def node_earnings(request: Request, signer: PublicKey, body: bytes) -> Response:
+        return json_response(service.node_earnings(signer))
+
+    @route
+    async def ledger(request: Request, signer: PublicKey, body: bytes) -> Response:
+        return json_response(service.ledger_report(signer))
 
     router = Router()
     router.add("GET", "/health", health)
@@ -112,6 +124,9 @@ def build_app(service: MediatorService, *, clock: Callable[[], float] = time.tim
     router.add("GET", "/v1/pointer", get_pointer)
     router.add("PUT", "/v1/pointer", put_pointer)
     router.add("GET", "/v1/account", account)
+    router.add("GET", "/v1/account/history", account_history)
+    router.add("GET", "/v1/nodes/me/earnings", node_earnings)
+    router.add("GET", "/v1/ledger", ledger)
 
     def count(route_name: str, status_code: int) -> None:
         requests[(route_name, status_code)] += 1

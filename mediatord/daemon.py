@@ -24,6 +24,7 @@ from fincryptfs.rpc import new_client
 from . import upkeep
 from .app import build_app
 from .db import MediatorDB
+from .payments import payments_loop
 from .service import MediatorService
 
 log = logging.getLogger(__name__)
@@ -76,6 +77,7 @@ async def run_service(service: MediatorService, *, upkeep_loops: bool = True,
         if upkeep_loops:
             nursery.start_soon(audit_and_repair_loop, service, client)
             nursery.start_soon(housekeeping_loop, service, client)
+            nursery.start_soon(payments_loop, service.payments, client)
         task_status.started(url)
 
 
@@ -86,4 +88,5 @@ async def serve(settings: MediatorSettings, *, task_status: trio.TaskStatus[str]
     try:
         await run_service(service, task_status=task_status)
     finally:
+        service.payments.close()
         service.db.close()

@@ -21,6 +21,8 @@ from typing import Any
 from fincryptfs.core.layout import ObjectLayout
 from fincryptfs.core.messages import layout_from_json, layout_to_json
 
+from .ledger import WORLD, LedgerError, Posting, Totals, apply_postings, check_invariant, totals
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, url TEXT NOT NULL, price INTEGER,
@@ -69,6 +71,41 @@ CREATE TABLE IF NOT EXISTS releases (
 CREATE TABLE IF NOT EXISTS repairs (
     repair_id INTEGER PRIMARY KEY AUTOINCREMENT, object_id TEXT NOT NULL, started_at REAL NOT NULL,
     result TEXT NOT NULL, shares_rebuilt INTEGER NOT NULL DEFAULT 0, detail TEXT NOT NULL DEFAULT ''
+);
+"""
+
+BILLING_SCHEMA = """
+CREATE TABLE IF NOT EXISTS ledger_postings (
+    seq INTEGER PRIMARY KEY AUTOINCREMENT, key TEXT NOT NULL UNIQUE, kind TEXT NOT NULL, source TEXT NOT NULL,
+    dest TEXT NOT NULL, amount INTEGER NOT NULL, at REAL NOT NULL, memo TEXT NOT NULL DEFAULT ''
+);
+CREATE INDEX IF NOT EXISTS postings_by_source ON ledger_postings(source, seq);
+CREATE INDEX IF NOT EXISTS postings_by_dest ON ledger_postings(dest, seq);
+CREATE TABLE IF NOT EXISTS ledger_balances (account TEXT PRIMARY KEY, balance INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS billing_periods (
+    period_id INTEGER PRIMARY KEY, start REAL NOT NULL, end REAL NOT NULL, billed_at REAL NOT NULL,
+    accounts INTEGER NOT NULL, charged INTEGER NOT NULL, unpaid INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS audit_credits (
+    round_id INTEGER NOT NULL, node_id TEXT NOT NULL, passed_at REAL NOT NULL, amount INTEGER NOT NULL,
+    PRIMARY KEY (round_id, node_id)
+);
+CREATE INDEX IF NOT EXISTS audit_credits_by_node ON audit_credits(node_id, passed_at);
+CREATE TABLE IF NOT EXISTS account_billing (
+    account_id TEXT PRIMARY KEY, deposit_address TEXT UNIQUE, out_since REAL, warned_at REAL
+);
+CREATE TABLE IF NOT EXISTS deposits (
+    txid TEXT NOT NULL, vout INTEGER NOT NULL, account_id TEXT NOT NULL, address TEXT NOT NULL,
+    amount_sat INTEGER NOT NULL, confirmations INTEGER NOT NULL, seen_at REAL NOT NULL, credited_at REAL,
+    PRIMARY KEY (txid, vout)
+);
+CREATE TABLE IF NOT EXISTS payout_batches (
+    batch_id INTEGER PRIMARY KEY AUTOINCREMENT, state TEXT NOT NULL, created_at REAL NOT NULL,
+    fee_sat INTEGER NOT NULL, raw_tx TEXT, txid TEXT, sent_at REAL, detail TEXT NOT NULL DEFAULT ''
+);
+CREATE TABLE IF NOT EXISTS payout_outputs (
+    batch_id INTEGER NOT NULL, node_id TEXT NOT NULL, address TEXT NOT NULL, debited INTEGER NOT NULL,
+    value_sat INTEGER NOT NULL, PRIMARY KEY (batch_id, node_id)
 );
 """
 
@@ -137,6 +174,7 @@ class MediatorDB:
         self._conn.execute("PRAGMA synchronous=NORMAL")
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SCHEMA)
+        self._conn.executescript(BILLING_SCHEMA)
 
     def close(self) -> None:
         self._conn.close()
@@ -371,6 +409,225 @@ class MediatorDB:
     def repairs(self) -> list[tuple[str, str, int, str]]:
         return list(self._conn.execute("SELECT object_id, result, shares_rebuilt, detail FROM repairs"
                                        " ORDER BY repair_id"))
+
+    # --- ledger, billing and escrow (see mediatord/ledger.py for the rules) ------------------------------
+
+    def post(self, postings: Sequence[Posting], *, skip_existing: bool = False) -> list[Posting]:
+        """Apply postings inside the caller's transaction; returns those applied.
+
+        A posting whose key is already in the ledger is skipped (``skip_existing``: retries of billing) or
+        refused with LedgerError (deposits, requests). The invariant is checked after the batch; a failure
+        raises and the caller's transaction rolls back, so the ledger is unchanged.
+        """
+        if not self._conn.in_transaction:
+            raise RuntimeError("MediatorDB.post must run inside db.transaction()")
+        keys = [p.key for p in postings]
+        existing: set[str] = set()
+        for start in range(0, len(keys), 500):
+            chunk = keys[start:start + 500]
+            existing.update(r[0] for r in self._conn.execute(
+                f"SELECT key FROM ledger_postings WHERE key IN ({','.join('?' * len(chunk))})", chunk))
+        if existing and not skip_existing:
+            raise LedgerError(f"{sorted(existing)[0]} was already recorded: refusing to apply it twice")
+        todo = [p for p in postings if p.key not in existing]
+        accounts = sorted({a for p in todo for a in (p.source, p.dest)})
+        new = apply_postings(self.balances(accounts), todo)
+        self._conn.executemany("INSERT INTO ledger_postings (key, kind, source, dest, amount, at, memo)"
+                               " VALUES (?,?,?,?,?,?,?)",
+                               [(p.key, p.kind, p.source, p.dest, p.amount, p.at, p.memo) for p in todo])
+        self._conn.executemany("INSERT INTO ledger_balances VALUES (?,?) ON CONFLICT(account) DO UPDATE SET"
+                               " balance=excluded.balance", list(new.items()))
+        if todo:
+            self.ledger_totals(check=True)
+        return todo
+
+    def balances(self, accounts: Sequence[str]) -> dict[str, int]:
+        found: dict[str, int] = {}
+        for start in range(0, len(accounts), 500):
+            chunk = list(accounts[start:start + 500])
+            found.update(self._conn.execute(
+                f"SELECT account, balance FROM ledger_balances WHERE account IN ({','.join('?' * len(chunk))})",
+                chunk).fetchall())
+        return found
+
+    def balance(self, account: str) -> int:
+        return int(self._one("SELECT balance FROM ledger_balances WHERE account=?", (account,)) or 0)
+
+    def all_balances(self, prefix: str = "") -> list[tuple[str, int]]:
+        return list(self._conn.execute("SELECT account, balance FROM ledger_balances WHERE account LIKE ?"
+                                       " ORDER BY account", (prefix + "%",)))
+
+    def ledger_totals(self, *, check: bool = False) -> Totals:
+        """The invariant's totals, summed by SQL per account class; ``check`` raises if they do not balance."""
+        rows = self._conn.execute(
+            "SELECT CASE WHEN account LIKE 'client:%' THEN 'client:x' WHEN account LIKE 'node:%' THEN 'node:x'"
+            " ELSE account END AS cls, SUM(balance), MIN(balance) FROM ledger_balances GROUP BY cls").fetchall()
+        pairs = [(r[0], int(r[1])) for r in rows]
+        if check:
+            for cls, _total, lowest in rows:
+                if cls not in WORLD and lowest < 0:
+                    raise AssertionError(f"ledger invariant broken: a {cls.split(':')[0]} balance is negative")
+            return check_invariant(pairs)
+        return totals(pairs)
+
+    def postings(self, account: str | None = None, limit: int = 100, before_seq: int | None = None
+                 ) -> list[tuple[int, Posting]]:
+        """History, newest first: all postings, or those touching ``account``."""
+        where, args = [], []
+        if account is not None:
+            where.append("(source=? OR dest=?)")
+            args += [account, account]
+        if before_seq is not None:
+            where.append("seq<?")
+            args.append(before_seq)
+        sql = "SELECT seq, key, kind, source, dest, amount, at, memo FROM ledger_postings"
+        if where:
+            sql += " WHERE " + " AND ".join(where)
+        rows = self._conn.execute(sql + " ORDER BY seq DESC LIMIT ?", (*args, limit)).fetchall()
+        return [(r[0], Posting(*r[1:])) for r in rows]
+
+    def posting_sums(self, account: str) -> dict[str, int]:
+        """Total msat per posting kind into and out of one account (earned, paid, charged...)."""
+        sums: dict[str, int] = {}
+        for kind, side, total in self._conn.execute(
+                "SELECT kind, 'in', SUM(amount) FROM ledger_postings WHERE dest=? GROUP BY kind UNION ALL"
+                " SELECT kind, 'out', SUM(amount) FROM ledger_postings WHERE source=? GROUP BY kind",
+                (account, account)):
+            sums[f"{kind}_{side}"] = int(total)
+        return sums
+
+    # billing periods and audit credits
+
+    def last_billed_period(self) -> int | None:
+        value = self._one("SELECT MAX(period_id) FROM billing_periods")
+        return None if value is None else int(value)
+
+    def record_billing_period(self, period_id: int, start: float, end: float, now: float, accounts: int,
+                              charged: int, unpaid: int) -> None:
+        self._conn.execute("INSERT INTO billing_periods VALUES (?,?,?,?,?,?,?)",
+                           (period_id, start, end, now, accounts, charged, unpaid))
+
+    def storage_by_account(self) -> list[tuple[str, int, float]]:
+        """(account, bytes of all n shares, created_at) of every committed object, ordered by account."""
+        sizes: dict[str, int] = {}
+        result = []
+        for account_id, layout, created_at in self._conn.execute(
+                "SELECT account_id, layout, created_at FROM objects WHERE state!='pending' ORDER BY account_id"):
+            size = sizes.get(layout)
+            if size is None:
+                parsed = layout_from_json(json.loads(layout))
+                size = sizes[layout] = parsed.share_size * parsed.n
+            result.append((account_id, size, float(created_at)))
+        return result
+
+    def uncredited_passes(self, limit: int) -> list[tuple[int, str, int, float]]:
+        """(round, node, bytes proven, passed at) of passes not yet credited, oldest first."""
+        return [(r[0], r[1], r[2], r[3]) for r in self._conn.execute(
+            "SELECT p.round_id, p.node_id, p.bytes_proven, p.passed_at FROM audit_passes p LEFT JOIN audit_credits c"
+            " ON c.round_id=p.round_id AND c.node_id=p.node_id WHERE c.round_id IS NULL"
+            " ORDER BY p.passed_at, p.round_id, p.node_id LIMIT ?", (limit,))]
+
+    def last_credited_pass(self, node_ids: Sequence[str]) -> dict[str, float]:
+        found: dict[str, float] = {}
+        for start in range(0, len(node_ids), 500):
+            chunk = list(node_ids[start:start + 500])
+            found.update(self._conn.execute(
+                f"SELECT node_id, MAX(passed_at) FROM audit_credits WHERE node_id IN ({','.join('?' * len(chunk))})"
+                " GROUP BY node_id", chunk).fetchall())
+        return found
+
+    def record_credits(self, rows: Sequence[tuple[int, str, float, int]]) -> None:
+        self._conn.executemany("INSERT INTO audit_credits VALUES (?,?,?,?)", rows)
+
+    def credited_rounds(self, node_id: str) -> list[tuple[int, int]]:
+        return list(self._conn.execute("SELECT round_id, amount FROM audit_credits WHERE node_id=? ORDER BY"
+                                       " round_id", (node_id,)))
+
+    # accounts: deposit addresses, running out of money
+
+    def account_billing(self, account_id: str) -> tuple[str | None, float | None, float | None]:
+        row = self._conn.execute("SELECT deposit_address, out_since, warned_at FROM account_billing WHERE"
+                                 " account_id=?", (account_id,)).fetchone()
+        return (None, None, None) if row is None else (row[0], row[1], row[2])
+
+    def has_account(self, account_id: str) -> bool:
+        return self._one("SELECT 1 FROM accounts WHERE account_id=?", (account_id,)) is not None
+
+    def set_deposit_address(self, account_id: str, address: str) -> None:
+        self._conn.execute("INSERT INTO account_billing (account_id, deposit_address) VALUES (?,?) ON"
+                           " CONFLICT(account_id) DO UPDATE SET deposit_address=excluded.deposit_address",
+                           (account_id, address))
+
+    def deposit_addresses(self) -> dict[str, str]:
+        """address → account id."""
+        return dict(self._conn.execute("SELECT deposit_address, account_id FROM account_billing"
+                                       " WHERE deposit_address IS NOT NULL"))
+
+    def set_out_since(self, account_id: str, when: float | None) -> None:
+        self._conn.execute("INSERT INTO account_billing (account_id, out_since) VALUES (?,?) ON"
+                           " CONFLICT(account_id) DO UPDATE SET out_since=excluded.out_since", (account_id, when))
+
+    def set_warned_at(self, account_id: str, when: float | None) -> None:
+        self._conn.execute("INSERT INTO account_billing (account_id, warned_at) VALUES (?,?) ON"
+                           " CONFLICT(account_id) DO UPDATE SET warned_at=excluded.warned_at", (account_id, when))
+
+    def accounts_out_of_funds(self) -> dict[str, float]:
+        return dict(self._conn.execute("SELECT account_id, out_since FROM account_billing WHERE out_since"
+                                       " IS NOT NULL"))
+
+    def warned_accounts(self) -> set[str]:
+        return {r[0] for r in self._conn.execute("SELECT account_id FROM account_billing WHERE warned_at IS NOT"
+                                                 " NULL")}
+
+    # deposits
+
+    def deposit(self, txid: str, vout: int) -> tuple[str, int, int, float | None] | None:
+        row = self._conn.execute("SELECT account_id, amount_sat, confirmations, credited_at FROM deposits"
+                                 " WHERE txid=? AND vout=?", (txid, vout)).fetchone()
+        return None if row is None else (row[0], row[1], row[2], row[3])
+
+    def upsert_deposit(self, txid: str, vout: int, account_id: str, address: str, amount_sat: int,
+                       confirmations: int, now: float) -> None:
+        self._conn.execute("INSERT INTO deposits VALUES (?,?,?,?,?,?,?,NULL) ON CONFLICT(txid, vout) DO UPDATE"
+                           " SET confirmations=excluded.confirmations",
+                           (txid, vout, account_id, address, amount_sat, confirmations, now))
+
+    def mark_deposit_credited(self, txid: str, vout: int, now: float) -> None:
+        self._conn.execute("UPDATE deposits SET credited_at=? WHERE txid=? AND vout=?", (now, txid, vout))
+
+    def deposits_of(self, account_id: str) -> list[tuple[str, int, int, int, float | None]]:
+        return list(self._conn.execute("SELECT txid, vout, amount_sat, confirmations, credited_at FROM deposits"
+                                       " WHERE account_id=? ORDER BY seen_at", (account_id,)))
+
+    # payouts
+
+    def open_payout_batches(self) -> list[tuple[int, str, int, str | None]]:
+        """(batch, state, fee, raw tx) of batches not yet sent or failed: what a restart must finish."""
+        return list(self._conn.execute("SELECT batch_id, state, fee_sat, raw_tx FROM payout_batches WHERE state"
+                                       " IN ('prepared','signed') ORDER BY batch_id"))
+
+    def insert_payout_batch(self, now: float, fee_sat: int, outputs: Sequence[tuple[str, str, int, int]]) -> int:
+        cur = self._conn.execute("INSERT INTO payout_batches (state, created_at, fee_sat) VALUES"
+                                 " ('prepared',?,?)", (now, fee_sat))
+        batch_id = int(cur.lastrowid or 0)
+        self._conn.executemany("INSERT INTO payout_outputs VALUES (?,?,?,?,?)",
+                               [(batch_id, *o) for o in outputs])
+        return batch_id
+
+    def payout_outputs(self, batch_id: int) -> list[tuple[str, str, int, int]]:
+        """(node, address, msat debited, sat sent) of one batch."""
+        return list(self._conn.execute("SELECT node_id, address, debited, value_sat FROM payout_outputs WHERE"
+                                       " batch_id=? ORDER BY node_id", (batch_id,)))
+
+    def set_payout_state(self, batch_id: int, state: str, *, raw_tx: str | None = None, txid: str | None = None,
+                         now: float | None = None, detail: str = "") -> None:
+        self._conn.execute("UPDATE payout_batches SET state=?, raw_tx=COALESCE(?, raw_tx), txid=COALESCE(?, txid),"
+                           " sent_at=COALESCE(?, sent_at), detail=? WHERE batch_id=?",
+                           (state, raw_tx, txid, now, detail[:500], batch_id))
+
+    def payout_batches(self, limit: int = 100) -> list[tuple[int, str, float, int, str | None, float | None, str]]:
+        return list(self._conn.execute("SELECT batch_id, state, created_at, fee_sat, txid, sent_at, detail FROM"
+                                       " payout_batches ORDER BY batch_id DESC LIMIT ?", (limit,)))
 
     # --- metrics --------------------------------------------------------------------------------------------
 

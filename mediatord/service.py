@@ -31,8 +31,9 @@ from fincryptfs.core.messages import (
 from fincryptfs.core.settings import MediatorSettings
 from fincryptfs.core.wire import Envelope, Fields, b64encode, decode_object
 
-from . import registry
+from . import billing, ledger, registry
 from .db import HEALTHY_SHARE_STATES, GrantRow, MediatorDB, ObjectRow, ShareRow
+from .payments import Payments
 from .placement import check_redundancy, place_shares, subnet_of
 from .policies import AcceptanceRule, PricingScheme, acceptance_rule, pricing_scheme
 
@@ -82,6 +83,7 @@ class MediatorService:
         self.client_rule: AcceptanceRule = acceptance_rule(settings.accept_clients, "MEDIATORD_ACCEPT_CLIENTS")
         self.node_rule: AcceptanceRule = acceptance_rule(settings.accept_nodes, "MEDIATORD_ACCEPT_NODES")
         self.audit_requests: set[str] = set()  # nodes to audit out of turn (client reports); in memory only
+        self.payments = Payments(settings, db, self.pricing)
 
     # --- nodes ----------------------------------------------------------------------------------------------
 
@@ -89,7 +91,8 @@ class MediatorService:
         ann = NodeAnnouncement.from_json(body)
         registry.announce(self.db, signer, ann, self.node_rule, now)
         return {"accepted": True, "mediator_id": self.id, "public_key": self.key.public.to_text(),
-                "next_announce_in": int(max(1, min(300, self.settings.node_offline_after / 3)))}
+                "next_announce_in": int(max(1, min(300, self.settings.node_offline_after / 3))),
+                "earnings": billing.node_earnings(self.db, self.settings, ann.node_id)}
 
     def online_node_ids(self) -> set[str]:
         return {n.node_id for n in self.db.nodes("online")}
@@ -136,6 +139,7 @@ class MediatorService:
         req = PlaceRequest.from_json(body)
         check_redundancy(req.layout, self.settings.min_expansion)
         account_id = self._admit_client(signer, req.layout.share_size * len(req.shares), now)
+        billing.refuse_uploads_after_grace(self.db, self.settings, account_id, now)
         obj = self.db.object(req.object_id)
         if obj is not None:
             self._check_owner(obj, account_id)
@@ -307,7 +311,45 @@ class MediatorService:
                               status=409)
         return {"stored": True, "version": pointer.version}
 
+    # --- payments (docs/payments.md) ------------------------------------------------------------------------
+
+    async def account_with_balance(self, signer: PublicKey, now: float) -> dict[str, Any]:
+        """``account`` plus balance fields; a deposit address exists only for accounts that have used us."""
+        known = self.db.has_account(signer.id)
+        address = await self.payments.deposit_address(signer.id) if known else None
+        return {**self.account(signer), **self.payments.account_fields(signer.id, address, now)}
+
+    def account_history(self, signer: PublicKey, limit: int = 100) -> dict[str, Any]:
+        rows = self.db.postings(ledger.client_account(signer.id), limit)
+        return {"postings": [posting_json(seq, p) for seq, p in rows]}
+
+    def node_earnings(self, signer: PublicKey) -> dict[str, Any]:
+        if self.db.node(signer.id) is None:
+            raise RemoteProtocolError("this node has never announced itself to this mediator", status=404)
+        return {"node_id": signer.id, **billing.node_earnings(self.db, self.settings, signer.id)}
+
+    def ledger_report(self, signer: PublicKey) -> dict[str, Any]:
+        if signer.id != self.id:
+            raise ForbiddenError("the ledger is for this mediator's operator: sign with its identity key")
+        return ledger_report(self.db)
+
     # --- status ---------------------------------------------------------------------------------------------
 
     def status(self) -> dict[str, Any]:
         return {"mediator_id": self.id, **self.db.counts()}
+
+
+def posting_json(seq: int, p: ledger.Posting) -> dict[str, Any]:
+    return {"seq": seq, "key": p.key, "kind": p.kind, "source": p.source, "dest": p.dest, "amount_msat": p.amount,
+            "at": int(p.at), "memo": p.memo}
+
+
+def ledger_report(db: MediatorDB, history: int = 20) -> dict[str, Any]:
+    """Totals of the invariant (checked), every non-zero balance, recent postings and payout batches."""
+    totals = db.ledger_totals(check=True)
+    return {"invariant_holds": totals.holds, **totals.to_json(),
+            "balances": {a: b for a, b in db.all_balances() if b and not a.startswith("world:")},
+            "recent": [posting_json(seq, p) for seq, p in db.postings(limit=history)],
+            "payout_batches": [{"batch_id": b[0], "state": b[1], "created_at": int(b[2]), "fee_sat": b[3],
+                                "txid": b[4], "sent_at": None if b[5] is None else int(b[5]), "detail": b[6]}
+                               for b in db.payout_batches(history)]}

@@ -286,6 +286,16 @@ class MediatorSettings:
     accept_clients: str
     accept_nodes: str
     bitcoin_network: str
+    # payments (docs/payments.md); amounts in sat or msat as named, durations in seconds
+    billing_period: float = 3600.0
+    fee_bps: int = 1000
+    deposit_confirmations: int = 3
+    deposit_scan_interval: float = 60.0
+    payout_threshold_sat: int = 100_000
+    payout_fee_rate: int = 10
+    low_balance_warning: float = 7 * 86400.0
+    grace_period: float = 7 * 86400.0
+    low_balance_webhook: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, home: Path) -> MediatorSettings:
@@ -305,6 +315,15 @@ class MediatorSettings:
             accept_nodes=r.text("ACCEPT_NODES", "open", r"[a-z_]+(:[A-Za-z0-9._,/-]*)?"),
             bitcoin_network=r.choice("BITCOIN_NETWORK", "bitcoinlib_test", ("bitcoinlib_test", "testnet",
                                                                              "bitcoin")),
+            billing_period=r.seconds("BILLING_PERIOD", 3600.0, 0.5),
+            fee_bps=r.int("FEE_BPS", 1000, 0, 5000),
+            deposit_confirmations=r.int("DEPOSIT_CONFIRMATIONS", 3, 0, 100),
+            deposit_scan_interval=r.seconds("DEPOSIT_SCAN_INTERVAL", 60.0, 0.1),
+            payout_threshold_sat=r.int("PAYOUT_THRESHOLD", 100_000, 1_000, 21 * 10**14),
+            payout_fee_rate=r.int("PAYOUT_FEE_RATE", 10, 1, 10_000),
+            low_balance_warning=r.seconds("LOW_BALANCE_WARNING", 7 * 86400.0, 0.0),
+            grace_period=r.seconds("GRACE_PERIOD", 7 * 86400.0, 0.0),
+            low_balance_webhook=r.url("LOW_BALANCE_WEBHOOK", None),
         )
         r.finish()
         return settings

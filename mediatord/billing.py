@@ -1,0 +1,366 @@
+"""Billing: hourly charges, node credits from audit passes, deposits, low balances, batched payouts.
+
+The money rules (docs/payments.md) as passes over the database; amounts are computed by the pure
+:mod:`mediatord.ledger` and every write is one transaction, so a kill -9 at any point leaves either all or none
+of a step:
+
+* **charges**: each billing period ``[start, end)`` (aligned to multiples of ``billing_period``; periods missed
+  while the mediator was down are billed together) charges every account Σ over its committed objects of
+  bytes (all n shares) × the scheme's client price × the time the object existed in the period. The period's
+  row in ``billing_periods`` is written in the same transaction, so a period is billed exactly once.
+  An account that cannot pay pays what it has; it is *out of funds* from then on (``out_since``) until a deposit.
+* **credits**: each passed (round, node) in ``audit_passes`` is credited once (``audit_credits`` row and the
+  posting keyed ``credit:ROUND:NODE`` in one transaction): bytes proven × the node's price under the scheme ×
+  the time since the node's previous credited pass (at most one audit period: an extra, out-of-turn audit
+  earns nothing extra), minus the mediator's fee (``fee_bps``). Credits are paid from the mediator's account;
+  if it cannot cover the next credit, crediting stops until charges refill it (the passes wait, in order).
+* **deposits**: outputs to a deposit address are recorded when seen and credited once they have
+  ``deposit_confirmations`` confirmations, keyed by (txid, vout).
+* **payouts**: nodes whose balance reaches ``payout_threshold`` (and whose payout address is valid) are paid in
+  one transaction with one output each; the network fee is shared equally by the outputs. States:
+  prepared (postings made) → signed (raw tx recorded) → sent; a restart finishes open batches with the same
+  transaction. A batch that cannot be signed (wallet short of funds) is failed and its postings reversed.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+from fincryptfs.core.errors import PolicyError
+from fincryptfs.core.settings import MediatorSettings
+
+from . import registry
+from .db import MediatorDB
+from .ledger import (
+    FEES,
+    MSAT_PER_SAT,
+    WORLD_DEPOSITS,
+    WORLD_PAYOUTS,
+    LedgerError,
+    Posting,
+    after_fee,
+    client_account,
+    node_account,
+    storage_cost,
+)
+from .policies import PricingScheme
+
+log = logging.getLogger(__name__)
+CREDIT_BATCH = 1000  # passes credited per transaction
+DUST_SAT = 546  # an output below this is not relayed by Bitcoin nodes
+GIB = 1 << 30
+
+
+@dataclass(frozen=True)
+class PeriodReport:
+    period_id: int
+    start: float
+    end: float
+    accounts: int
+    charged: int
+    unpaid: int
+    ran_out: tuple[str, ...]
+
+
+@dataclass(frozen=True)
+class CreditReport:
+    credited: int  # passes
+    amount: int  # msat
+    deferred: int  # passes left for lack of funds in the mediator's account
+
+
+# --- charges ------------------------------------------------------------------------------------------------
+
+
+def client_price(db: MediatorDB, pricing: PricingScheme) -> int:
+    return pricing.client_price(registry.market_view(db.nodes()))
+
+
+def bill_due_periods(db: MediatorDB, pricing: PricingScheme, period: float, now: float) -> PeriodReport | None:
+    """Charge every account for the complete periods not billed yet (one transaction); None if none is due."""
+    current = int(now // period)
+    last = db.last_billed_period()
+    first = current - 1 if last is None else last + 1
+    if first >= current:
+        return None
+    start, end = first * period, current * period
+    price = client_price(db, pricing)
+    owed: dict[str, int] = defaultdict(int)  # Σ bytes × price × ms, per account
+    for account_id, size, created_at in db.storage_by_account():
+        duration_ms = int((end - max(start, created_at)) * 1000)
+        if duration_ms > 0:
+            owed[account_id] += size * price * duration_ms
+    period_id = current - 1
+    charged = unpaid = 0
+    ran_out: list[str] = []
+    with db.transaction():
+        accounts = [client_account(a) for a in owed]
+        balances = db.balances(accounts)
+        out = db.accounts_out_of_funds()
+        postings = []
+        for account_id, weighted in owed.items():
+            cost = storage_cost(weighted, 1)
+            balance = balances.get(client_account(account_id), 0)
+            paid = min(cost, balance)
+            if paid > 0:
+                postings.append(Posting(f"charge:{period_id}:{account_id}", "charge", client_account(account_id),
+                                        FEES, paid, now, f"storage {start:.0f}..{end:.0f}"))
+            charged += paid
+            unpaid += cost - paid
+            if cost > balance and account_id not in out:
+                db.set_out_since(account_id, now)
+                ran_out.append(account_id)
+        db.post(postings)
+        db.record_billing_period(period_id, start, end, now, len(owed), charged, unpaid)
+    for account_id in ran_out:
+        log.warning("account %s ran out of funds: grace period starts, uploads refused after it", account_id[:16])
+    return PeriodReport(period_id, start, end, len(owed), charged, unpaid, tuple(ran_out))
+
+
+# --- credits ------------------------------------------------------------------------------------------------
+
+
+def credit_passes(db: MediatorDB, pricing: PricingScheme, settings: MediatorSettings, now: float) -> CreditReport:
+    """Credit every passed audit round not credited yet, oldest first, a batch per transaction."""
+    market = registry.market_view(db.nodes())
+    audit_ms = int(settings.audit_period * 1000)
+    credited = amount = 0
+    while True:
+        passes = db.uncredited_passes(CREDIT_BATCH)
+        if not passes:
+            return CreditReport(credited, amount, 0)
+        node_ids = sorted({p[1] for p in passes})
+        nodes = {n: db.node(n) for n in node_ids}
+        with db.transaction():
+            last = db.last_credited_pass(node_ids)
+            available = db.balance(FEES)
+            postings, rows = [], []
+            for round_id, node_id, bytes_proven, passed_at in passes:
+                previous = last.get(node_id)
+                covered = audit_ms if previous is None else max(0, min(audit_ms, int((passed_at - previous) * 1000)))
+                row = nodes[node_id]
+                price = pricing.node_price(row.price if row else None, market)
+                net = after_fee(storage_cost(bytes_proven * price, covered), settings.fee_bps)
+                if net > available:
+                    break  # the rest waits, in order, for charges to refill the mediator's account
+                available -= net
+                last[node_id] = passed_at
+                rows.append((round_id, node_id, passed_at, net))
+                if net > 0:
+                    postings.append(Posting(f"credit:{round_id}:{node_id}", "credit", FEES, node_account(node_id),
+                                            net, now, f"audit round {round_id}: {bytes_proven} bytes proven"))
+            db.post(postings)
+            db.record_credits(rows)
+        credited += len(rows)
+        amount += sum(r[3] for r in rows)
+        if len(rows) < len(passes):
+            deferred = len(passes) - len(rows)
+            log.warning("%d audit passes wait for credit: the mediator's account (%d msat) cannot cover them",
+                        deferred, available)
+            return CreditReport(credited, amount, deferred)
+
+
+# --- accounts: balance, burn rate, warnings, refusal --------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class AccountStanding:
+    balance: int  # msat
+    burn_rate: int  # msat per hour at today's price
+    time_left: float | None  # seconds; None when nothing is stored
+    low: bool
+    out_since: float | None
+    grace_ends_at: float | None
+    uploads_refused: bool
+
+    def to_json(self) -> dict[str, Any]:
+        return {"balance_msat": self.balance, "burn_rate_msat_per_hour": self.burn_rate,
+                "time_left_seconds": None if self.time_left is None else int(self.time_left),
+                "low_balance": self.low, "out_of_funds_since": _int_or_none(self.out_since),
+                "grace_ends_at": _int_or_none(self.grace_ends_at), "uploads_refused": self.uploads_refused}
+
+
+def _int_or_none(value: float | None) -> int | None:
+    return None if value is None else int(value)
+
+
+def burn_rates(db: MediatorDB, price: int) -> dict[str, int]:
+    rates: dict[str, int] = defaultdict(int)
+    for account_id, size, _created in db.storage_by_account():
+        rates[account_id] += size
+    return {a: size * price // GIB for a, size in rates.items()}
+
+
+def standing(balance: int, burn_rate: int, out_since: float | None, settings: MediatorSettings,
+             now: float) -> AccountStanding:
+    time_left = None if burn_rate <= 0 else balance * 3600 / burn_rate
+    low = time_left is not None and time_left < settings.low_balance_warning
+    grace_end = None if out_since is None else out_since + settings.grace_period
+    return AccountStanding(balance, burn_rate, time_left, low, out_since, grace_end,
+                           grace_end is not None and now >= grace_end)
+
+
+def account_standing(db: MediatorDB, pricing: PricingScheme, settings: MediatorSettings, account_id: str,
+                     now: float) -> AccountStanding:
+    price = client_price(db, pricing)
+    size = sum(s for a, s, _ in db.storage_by_account() if a == account_id)
+    _address, out_since, _warned = db.account_billing(account_id)
+    return standing(db.balance(client_account(account_id)), size * price // GIB, out_since, settings, now)
+
+
+def refuse_uploads_after_grace(db: MediatorDB, settings: MediatorSettings, account_id: str, now: float) -> None:
+    """402 once an account has been out of funds for longer than the grace period (stored data stays)."""
+    _address, out_since, _warned = db.account_billing(account_id)
+    if out_since is not None and now >= out_since + settings.grace_period:
+        raise PolicyError(f"this account ran out of funds {int(now - out_since)} s ago and its grace period of "
+                          f"{int(settings.grace_period)} s is over: new uploads are refused until you deposit to "
+                          "your deposit address (GET /v1/account); stored data is kept", status=402)
+
+
+def low_balance_warnings(db: MediatorDB, pricing: PricingScheme, settings: MediatorSettings, now: float
+                         ) -> list[tuple[str, AccountStanding]]:
+    """Accounts newly below the warning time (logged once, until they recover); returns them for the webhook."""
+    rates = burn_rates(db, client_price(db, pricing))
+    warned = db.warned_accounts()
+    out = db.accounts_out_of_funds()
+    balances = db.balances([client_account(a) for a in rates])
+    new = []
+    with db.transaction():
+        for account_id, rate in rates.items():
+            state = standing(balances.get(client_account(account_id), 0), rate, out.get(account_id), settings, now)
+            if state.low and account_id not in warned:
+                db.set_warned_at(account_id, now)
+                new.append((account_id, state))
+            elif not state.low and account_id in warned:
+                db.set_warned_at(account_id, None)
+    for account_id, state in new:
+        log.warning("account %s: balance %d msat covers %s s at %d msat/h (warning below %d s)", account_id[:16],
+                    state.balance, _int_or_none(state.time_left), state.burn_rate, int(settings.low_balance_warning))
+    return new
+
+
+# --- deposits -----------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class SeenOutput:
+    txid: str
+    vout: int
+    address: str
+    amount_sat: int
+    confirmations: int
+
+
+def credit_deposit(db: MediatorDB, txid: str, vout: int, now: float) -> int:
+    """Credit one recorded, confirmed deposit (one transaction); LedgerError if already credited."""
+    found = db.deposit(txid, vout)
+    if found is None:
+        raise LedgerError(f"no deposit {txid[:16]}…:{vout} has been seen")
+    account_id, amount_sat, _confirmations, credited_at = found
+    if credited_at is not None:
+        raise LedgerError(f"deposit {txid[:16]}…:{vout} was already credited: refusing to credit it twice")
+    amount = amount_sat * MSAT_PER_SAT
+    with db.transaction():
+        db.post([Posting(f"deposit:{txid}:{vout}", "deposit", WORLD_DEPOSITS, client_account(account_id), amount,
+                         now, f"{amount_sat} sat")])
+        db.mark_deposit_credited(txid, vout, now)
+        db.set_out_since(account_id, None)
+    log.info("deposit of %d sat credited to account %s", amount_sat, account_id[:16])
+    return amount
+
+
+def record_deposits(db: MediatorDB, seen: Sequence[SeenOutput], confirmations: int, now: float) -> int:
+    """Record outputs paid to deposit addresses and credit those confirmed; returns msat credited."""
+    owners = db.deposit_addresses()
+    total = 0
+    for out in seen:
+        account_id = owners.get(out.address)
+        if account_id is None or out.amount_sat <= 0:
+            continue
+        known = db.deposit(out.txid, out.vout)
+        if known is not None and known[3] is not None:
+            continue
+        db.upsert_deposit(out.txid, out.vout, account_id, out.address, out.amount_sat, out.confirmations, now)
+        if out.confirmations >= confirmations:
+            total += credit_deposit(db, out.txid, out.vout, now)
+    return total
+
+
+# --- payouts ------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class PayoutPlan:
+    outputs: tuple[tuple[str, str, int, int], ...]  # node, address, msat debited, sat sent
+    fee_sat: int
+
+
+def plan_payouts(balances: Sequence[tuple[str, str, int]], threshold_sat: int, fee_rate: int,
+                 vbytes: Callable[[int, int], int], inputs_guess: int = 2) -> PayoutPlan | None:
+    """Pure: who is paid how much. ``balances`` are (node, valid address, msat); nodes at or above the threshold
+    are paid their whole sats, less an equal share of the network fee (rounded up)."""
+    due = sorted((n, a, b) for n, a, b in balances if b >= threshold_sat * MSAT_PER_SAT)
+    if not due:
+        return None
+    fee = fee_rate * vbytes(inputs_guess, len(due))
+    share = -(-fee // len(due))
+    outputs = []
+    for node_id, address, balance in due:
+        sats = balance // MSAT_PER_SAT
+        if sats - share >= DUST_SAT:
+            outputs.append((node_id, address, sats * MSAT_PER_SAT, sats - share))
+    if not outputs:
+        return None
+    return PayoutPlan(tuple(outputs), share * len(outputs))
+
+
+def prepare_payout(db: MediatorDB, settings: MediatorSettings, check_address: Callable[[str], str],
+                   vbytes: Callable[[int, int], int], now: float) -> int | None:
+    """Record a batch and debit its nodes (one transaction); None if nothing is due or a batch is still open."""
+    if db.open_payout_batches():
+        return None
+    candidates = []
+    for account, balance in db.all_balances("node:"):
+        if balance < settings.payout_threshold_sat * MSAT_PER_SAT:
+            continue
+        node_id = account.split(":", 1)[1]
+        row = db.node(node_id)
+        address = row.payout_address if row else None
+        try:
+            if address is None:
+                raise PolicyError("no payout address announced (STORAGED_PAYOUT_ADDRESS)")
+            candidates.append((node_id, check_address(address), balance))
+        except PolicyError as exc:
+            log.warning("node %s is owed %d msat but cannot be paid: %s", node_id[:16], balance, exc)
+    plan = plan_payouts(candidates, settings.payout_threshold_sat, settings.payout_fee_rate, vbytes)
+    if plan is None:
+        return None
+    with db.transaction():
+        batch_id = db.insert_payout_batch(now, plan.fee_sat, plan.outputs)
+        db.post([Posting(f"payout:{batch_id}:{node_id}", "payout", node_account(node_id), WORLD_PAYOUTS, debited,
+                         now, f"batch {batch_id}: {sent} sat to {address}")
+                 for node_id, address, debited, sent in plan.outputs])
+    return batch_id
+
+
+def fail_payout(db: MediatorDB, batch_id: int, reason: str, now: float) -> None:
+    """A prepared (never signed, so never broadcast) batch gives its money back to the nodes."""
+    with db.transaction():
+        db.post([Posting(f"payout_reversal:{batch_id}:{node_id}", "payout_reversal", WORLD_PAYOUTS,
+                         node_account(node_id), debited, now, f"batch {batch_id} failed: {reason[:100]}")
+                 for node_id, _address, debited, _sent in db.payout_outputs(batch_id)])
+        db.set_payout_state(batch_id, "failed", detail=reason)
+    log.warning("payout batch %d failed, nodes re-credited: %s", batch_id, reason)
+
+
+def node_earnings(db: MediatorDB, settings: MediatorSettings, node_id: str) -> dict[str, int]:
+    """What a node has earned, is owed (pending) and has been paid, in msat."""
+    sums = db.posting_sums(node_account(node_id))
+    paid = sums.get("payout_out", 0) - sums.get("payout_reversal_in", 0)
+    return {"earned_msat": sums.get("credit_in", 0), "pending_msat": db.balance(node_account(node_id)),
+            "paid_msat": paid, "payout_threshold_msat": settings.payout_threshold_sat * MSAT_PER_SAT}
+

@@ -1,0 +1,160 @@
+"""Payments at the edge: the escrow wallet in worker threads, and the periodic payments pass.
+
+:class:`Payments` owns the mediator's :class:`~mediatord.escrow.Escrow` (opened on first use, in a worker thread:
+importing bitcoinlib and opening the wallet takes a moment, and most requests never need it) and runs every wallet
+call through one CapacityLimiter. :func:`payments_pass` is one pass of the money loop, which tests call directly
+with explicit times: deposits → due billing periods → credits for passed audits → low-balance warnings (log and
+webhook) → payouts (finish open batches first: sign, record, broadcast).
+"""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from fincryptfs.core.settings import MediatorSettings
+
+from . import billing
+from .db import MediatorDB
+from .escrow import Escrow, EscrowError, payout_vbytes
+from .policies import PricingScheme
+
+log = logging.getLogger(__name__)
+
+
+class Payments:
+    """The escrow wallet of one mediator, opened lazily, used from worker threads one call at a time."""
+
+    def __init__(self, settings: MediatorSettings, db: MediatorDB, pricing: PricingScheme) -> None:
+        self.settings = settings
+        self.db = db
+        self.pricing = pricing
+        self.limiter = trio.CapacityLimiter(1)
+        self._escrow: Escrow | None = None
+        self._open_lock = threading.Lock()
+
+    def escrow_sync(self) -> Escrow:
+        """The wallet (blocking; from a worker thread or a CLI)."""
+        with self._open_lock:
+            if self._escrow is None:
+                self._escrow = Escrow(self.settings.data_dir, self.settings.bitcoin_network)
+            return self._escrow
+
+    async def run(self, fn_name: str, *args: object) -> object:
+        def call() -> object:
+            return getattr(self.escrow_sync(), fn_name)(*args)
+        return await trio.to_thread.run_sync(call, limiter=self.limiter)
+
+    def close(self) -> None:
+        if self._escrow is not None:
+            self._escrow.close()
+
+    def deposit_address_sync(self, account_id: str) -> str:
+        address, _out, _warned = self.db.account_billing(account_id)
+        if address is None:
+            address = self.escrow_sync().new_deposit_address(account_id)
+            self.db.set_deposit_address(account_id, address)
+        return address
+
+    async def deposit_address(self, account_id: str) -> str:
+        address, _out, _warned = self.db.account_billing(account_id)
+        if address is not None:
+            return address
+        fresh = str(await self.run("new_deposit_address", account_id))
+        address, _out, _warned = self.db.account_billing(account_id)  # another request may have won meanwhile
+        if address is None:
+            self.db.set_deposit_address(account_id, fresh)
+            address = fresh
+        return address
+
+    def account_fields(self, account_id: str, address: str | None, now: float) -> dict[str, object]:
+        state = billing.account_standing(self.db, self.pricing, self.settings, account_id, now)
+        pending = sum(d[2] for d in self.db.deposits_of(account_id) if d[4] is None)
+        return {"deposit_address": address, "network": self.settings.bitcoin_network,
+                "pending_deposits_sat": pending, "deposit_confirmations": self.settings.deposit_confirmations,
+                "low_balance_warning_seconds": int(self.settings.low_balance_warning),
+                "grace_period_seconds": int(self.settings.grace_period), **state.to_json()}
+
+
+@dataclass(frozen=True)
+class PassReport:
+    deposited: int
+    period: billing.PeriodReport | None
+    credits: billing.CreditReport
+    warned: tuple[str, ...]
+    batches_sent: tuple[int, ...]
+
+
+async def scan_deposits(payments: Payments, now: float) -> int:
+    seen = await payments.run("incoming")
+    assert isinstance(seen, list)
+    return billing.record_deposits(payments.db, [billing.SeenOutput(i.txid, i.vout, i.address, i.amount_sat,
+                                                                    i.confirmations) for i in seen],
+                                   payments.settings.deposit_confirmations, now)
+
+
+async def finish_payouts(payments: Payments, now: float) -> list[int]:
+    """Sign and broadcast every open batch: prepared → signed (raw tx recorded) → sent."""
+    db, settings = payments.db, payments.settings
+    sent = []
+    for batch_id, state, fee_sat, raw_tx in db.open_payout_batches():
+        if state == "prepared":
+            outputs = [(address, value) for _n, address, _d, value in db.payout_outputs(batch_id)]
+            try:
+                signed = await payments.run("sign_payout", outputs, fee_sat, settings.deposit_confirmations)
+            except EscrowError as exc:
+                billing.fail_payout(db, batch_id, str(exc), now)
+                continue
+            raw_tx = signed.raw_tx  # type: ignore[attr-defined]
+            db.set_payout_state(batch_id, "signed", raw_tx=raw_tx, txid=signed.txid)  # type: ignore[attr-defined]
+        try:
+            txid = await payments.run("broadcast", raw_tx)
+        except EscrowError as exc:
+            log.warning("payout batch %d not broadcast yet (will retry the same transaction): %s", batch_id, exc)
+            continue
+        db.set_payout_state(batch_id, "sent", txid=str(txid), now=now)
+        log.info("payout batch %d sent: txid %s", batch_id, txid)
+        sent.append(batch_id)
+    return sent
+
+
+async def send_webhook(client: httpx.AsyncClient, url: str, account_id: str, state: billing.AccountStanding
+                       ) -> None:
+    try:
+        await client.post(url, json={"event": "low_balance", "account_id": account_id, **state.to_json()},
+                          timeout=10)
+    except httpx.HTTPError as exc:
+        log.warning("low-balance webhook %s failed: %s", url, exc)
+
+
+async def payments_pass(payments: Payments, client: httpx.AsyncClient | None, now: float) -> PassReport:
+    db, settings, pricing = payments.db, payments.settings, payments.pricing
+    deposited = await scan_deposits(payments, now)
+    period = billing.bill_due_periods(db, pricing, settings.billing_period, now)
+    credits = billing.credit_passes(db, pricing, settings, now)
+    warned = billing.low_balance_warnings(db, pricing, settings, now)
+    if client is not None and settings.low_balance_webhook:
+        for account_id, state in warned:
+            await send_webhook(client, settings.low_balance_webhook, account_id, state)
+    sent = await finish_payouts(payments, now)  # batches left open by a crash go first
+    if not sent:
+        escrow = await trio.to_thread.run_sync(payments.escrow_sync, limiter=payments.limiter)
+        if billing.prepare_payout(db, settings, escrow.check_address, payout_vbytes, now) is not None:
+            sent = await finish_payouts(payments, now)
+    return PassReport(deposited, period, credits, tuple(a for a, _ in warned), tuple(sent))
+
+
+async def payments_loop(payments: Payments, client: httpx.AsyncClient) -> None:
+    """Every deposit-scan interval (at most every billing period): one payments pass."""
+    interval = min(payments.settings.deposit_scan_interval, payments.settings.billing_period)
+    while True:
+        await trio.sleep(interval)
+        try:
+            await payments_pass(payments, client, time.time())
+        except EscrowError as exc:
+            log.warning("payments pass: %s", exc)
