@@ -49,8 +49,10 @@ def make_source(src: Path, large_mib: int, small_files: int) -> tuple[int, int]:
 
 
 def read_all(root: Path) -> int:
+    """Read every file below ``root`` (or ``root`` itself if it is a file) in 1 MiB chunks."""
     total = 0
-    for dirpath, _, filenames in os.walk(root):
+    walk = [(str(root.parent), [], [root.name])] if root.is_file() else os.walk(root)
+    for dirpath, _, filenames in walk:
         for name in filenames:
             with open(Path(dirpath) / name, "rb", buffering=0) as f:
                 while chunk := f.read(2**20):
@@ -190,7 +192,9 @@ def main() -> int:
 
         shutil.rmtree(cache_dir)
         mount.start()
-        cold_s = timed(read_all, mnt)
+        cold_large_s = timed(read_all, mnt / "large.bin")
+        cold_small_s = timed(read_all, mnt / "small")
+        cold_s = cold_large_s + cold_small_s
         warm_s = timed(read_all, mnt)
         read_rss = mount.stop()
         mount = None
@@ -201,6 +205,8 @@ def main() -> int:
             "until_flushed_mb_s": nbytes / MB / flushed_s,
             "until_flushed_files_s": nfiles / flushed_s,
             "cold_read_mb_s": nbytes / MB / cold_s,
+            "cold_read_large_mb_s": args.large_mib * 2**20 / MB / cold_large_s,
+            "cold_read_small_files_s": args.small_files / cold_small_s,
             "warm_read_mb_s": nbytes / MB / warm_s,
             "peak_rss_mib": max(write_rss, read_rss) / 2**20,
         })

@@ -17,6 +17,7 @@ Unsupported, on purpose: hard links (``link`` → ENOTSUP; an object has exactly
 from __future__ import annotations
 
 import errno
+import functools
 import logging
 import os
 import sqlite3
@@ -25,6 +26,7 @@ import time
 from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any, TypeVar, cast
 
 import pyfuse3
 
@@ -39,6 +41,7 @@ BLOCK_SIZE = 128 * 1024
 NAME_MAX = 255
 
 Fetch = Callable[[str, Path], Awaitable[None]]  # (object JSON, destination) -> file written
+F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
 @dataclass
@@ -62,6 +65,18 @@ class Capacity:
 
     total_bytes: int
     free_bytes: int
+
+
+def _translate_oserror(method: F) -> F:
+    """Local I/O errors (a full disk, a damaged cache) reach the caller as their errno, not as a crash."""
+    @functools.wraps(method)
+    async def wrapper(*args: Any, **kwargs: Any) -> Any:
+        try:
+            return await method(*args, **kwargs)
+        except OSError as exc:
+            log.error("%s failed: %s", method.__name__, exc)
+            raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
+    return cast(F, wrapper)
 
 
 class FincryptOperations(pyfuse3.Operations):
@@ -155,6 +170,7 @@ class FincryptOperations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._attr(self._inode(inode))
 
+    @_translate_oserror
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._inode(inode)
@@ -201,6 +217,10 @@ class FincryptOperations(pyfuse3.Operations):
     async def _ensure_cached(self, node: meta.Inode) -> Path:
         async def fetch(dest: Path) -> None:
             if node.object is None:
+                if node.state != meta.STORED:
+                    log.error("the cache copy of %s is gone before it was uploaded",
+                              meta.path_of(self.db, node.ino) or f"inode {node.ino}")
+                    raise pyfuse3.FUSEError(errno.EIO)
                 dest.touch()
                 return
             try:
@@ -234,6 +254,7 @@ class FincryptOperations(pyfuse3.Operations):
         self.cache.touch(ino)
         return fh
 
+    @_translate_oserror
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._inode(inode)
         if node.kind != meta.FILE:
@@ -251,6 +272,7 @@ class FincryptOperations(pyfuse3.Operations):
         fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         return pyfuse3.FileInfo(fh=self._new_handle(inode, fd, writable))
 
+    @_translate_oserror
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self._create(parent_inode, name, meta.FILE, stat.S_IFREG | (mode & 0o7777), ctx)
@@ -273,9 +295,11 @@ class FincryptOperations(pyfuse3.Operations):
         self.wake(False)
         return node
 
+    @_translate_oserror
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self._handles[fh].fd, size, off)
 
+    @_translate_oserror
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         dirty = self._dirty.get(handle.ino)
@@ -286,14 +310,17 @@ class FincryptOperations(pyfuse3.Operations):
         dirty.mtime_ns = time.time_ns()
         return written
 
+    @_translate_oserror
     async def flush(self, fh: int) -> None:
         self._commit_write(self._handles[fh].ino)
 
+    @_translate_oserror
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles[fh]
         os.fsync(handle.fd)
         self._commit_write(handle.ino)
 
+    @_translate_oserror
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
         os.close(handle.fd)
@@ -325,6 +352,7 @@ class FincryptOperations(pyfuse3.Operations):
                    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.ENOTSUP)
 
+    @_translate_oserror
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._child(parent_inode, name)
         if node.kind == meta.DIR:

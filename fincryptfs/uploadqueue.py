@@ -116,7 +116,9 @@ class UploadQueue:
             return
         try:
             stored = await self.store.put_file(path)
-        except (FincryptError, OSError) as exc:
+        except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
+            if not isinstance(exc, (FincryptError, OSError)):
+                log.exception("unexpected error uploading inode %d", job.ino)
             delay = backoff(job.attempts)
             log.warning("upload of inode %d failed (attempt %d, retry in %.0f s): %s", job.ino, job.attempts,
                         delay, exc)
@@ -153,7 +155,9 @@ class UploadQueue:
                     continue
                 meta.fail_delete(self.db, job.object_id, str(exc)[:1000], time.time() + backoff(job.attempts + 1))
                 continue
-            except FincryptError as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
+                if not isinstance(exc, FincryptError):
+                    log.exception("unexpected error deleting object %s", job.object_id[:16])
                 meta.fail_delete(self.db, job.object_id, str(exc)[:1000], time.time() + backoff(job.attempts + 1))
                 continue
             meta.finish_delete(self.db, job.object_id)
@@ -177,7 +181,9 @@ class UploadQueue:
             pointer_version = meta.counter(self.db, "pointer_version")
             try:
                 stored_version = await publish_snapshot(self.store, self.master_key, snapshot, pointer_version)
-            except (FincryptError, OSError) as exc:
+            except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
+                if not isinstance(exc, (FincryptError, OSError)):
+                    log.exception("unexpected error publishing the snapshot")
                 failures += 1
                 self.publish_error = str(exc)
                 log.warning("publishing the metadata snapshot failed (attempt %d): %s", failures, exc)

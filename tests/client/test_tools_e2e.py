@@ -56,6 +56,13 @@ def tools_in_mount(mnt: Path, work: Path) -> None:
     subprocess.run(["cp", "-a", str(src), str(mnt / "cpa")], check=True)
     assert tree_of(mnt / "cpa") == tree_of(src)
     assert os.stat(mnt / "cpa" / "y.txt").st_mtime_ns == os.stat(src / "y.txt").st_mtime_ns
+    # rsync -a, twice (the second run rewrites a changed file through a temporary name and a rename)
+    if shutil.which("rsync"):
+        subprocess.run(["rsync", "-a", f"{src}/", str(mnt / "rs")], check=True)
+        assert tree_of(mnt / "rs") == tree_of(src)
+        (src / "y.txt").write_text("changed\n")
+        subprocess.run(["rsync", "-a", f"{src}/", str(mnt / "rs")], check=True)
+        assert tree_of(mnt / "rs") == tree_of(src)
     # an editor's save: write a temporary file, fsync, rename over the original
     target = mnt / "notes.txt"
     target.write_text("first draft\n")
