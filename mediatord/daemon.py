@@ -71,14 +71,17 @@ async def run_service(service: MediatorService, *, upkeep_loops: bool = True,
                       task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve an opened service; ``upkeep_loops=False`` lets tests drive audits and repairs pass by pass."""
     settings = service.settings
-    async with new_client() as client, trio.open_nursery() as nursery:
-        url = await nursery.start(serve_app, build_app(service), settings.listen[0], settings.listen[1])
-        log.info("mediator %s listening on %s", service.id[:16], url)
-        if upkeep_loops:
-            nursery.start_soon(audit_and_repair_loop, service, client)
-            nursery.start_soon(housekeeping_loop, service, client)
-            nursery.start_soon(payments_loop, service.payments, client)
-        task_status.started(url)
+    try:
+        async with new_client() as client, trio.open_nursery() as nursery:
+            url = await nursery.start(serve_app, build_app(service), settings.listen[0], settings.listen[1])
+            log.info("mediator %s listening on %s", service.id[:16], url)
+            if upkeep_loops:
+                nursery.start_soon(audit_and_repair_loop, service, client)
+                nursery.start_soon(housekeeping_loop, service, client)
+                nursery.start_soon(payments_loop, service.payments, client)
+            task_status.started(url)
+    finally:
+        service.payments.close()
 
 
 async def serve(settings: MediatorSettings, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
@@ -88,5 +91,4 @@ async def serve(settings: MediatorSettings, *, task_status: trio.TaskStatus[str]
     try:
         await run_service(service, task_status=task_status)
     finally:
-        service.payments.close()
         service.db.close()

@@ -11,8 +11,8 @@ nothing leaves the machine; money appears only through :meth:`Escrow.fund_test_a
 tests' "funded client account") and broadcasts go to bitcoinlib's offline test provider. ``testnet`` and
 ``bitcoin`` use bitcoinlib's public service providers; they are documented, never exercised by tests.
 
-Every method blocks (SQLAlchemy, and HTTP on real networks): call them through ``trio.to_thread.run_sync`` with
-one CapacityLimiter (the wallet's session is not shared between threads at once).
+Every method blocks (SQLAlchemy, and HTTP on real networks) and must run on the thread that opened the wallet
+(its SQLite session is bound to that thread): :class:`mediatord.payments.Payments` keeps one thread for it.
 """
 
 from __future__ import annotations
@@ -104,7 +104,11 @@ class Escrow:
                               f"MEDIATORD_BITCOIN_NETWORK={network}; use a new data dir to switch networks")
 
     def close(self) -> None:
-        self._wallet.session.close()
+        """Close the session and its pooled connections (on the wallet's thread: SQLite insists)."""
+        session = self._wallet.session
+        engine = session.get_bind()
+        session.close()
+        engine.dispose()
 
     # --- addresses ------------------------------------------------------------------------------------------
 

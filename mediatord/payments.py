@@ -1,18 +1,20 @@
-"""Payments at the edge: the escrow wallet in worker threads, and the periodic payments pass.
+"""Payments at the edge: the escrow wallet on its own thread, and the periodic payments pass.
 
-:class:`Payments` owns the mediator's :class:`~mediatord.escrow.Escrow` (opened on first use, in a worker thread:
-importing bitcoinlib and opening the wallet takes a moment, and most requests never need it) and runs every wallet
-call through one CapacityLimiter. :func:`payments_pass` is one pass of the money loop, which tests call directly
-with explicit times: deposits → due billing periods → credits for passed audits → low-balance warnings (log and
-webhook) → payouts (finish open batches first: sign, record, broadcast).
+:class:`Payments` owns the mediator's :class:`~mediatord.escrow.Escrow`, opened on first use (importing bitcoinlib
+and opening the wallet takes a moment, and most requests never need it) on one dedicated thread that every wallet
+call then uses (bitcoinlib's SQLite session is bound to the thread that opened it). :func:`payments_pass` is one
+pass of the money loop, which tests call directly with explicit times: deposits → due billing periods → credits
+for passed audits → low-balance warnings (log and webhook) → payouts (open batches first: sign, record, broadcast).
 """
 
 from __future__ import annotations
 
 import logging
-import threading
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 import trio
@@ -25,51 +27,56 @@ from .escrow import Escrow, EscrowError, payout_vbytes
 from .policies import PricingScheme
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 
 class Payments:
-    """The escrow wallet of one mediator, opened lazily, used from worker threads one call at a time."""
+    """The escrow wallet of one mediator, opened lazily on its own thread and used only from there (its SQLite
+    session is bound to the thread that opened it)."""
 
     def __init__(self, settings: MediatorSettings, db: MediatorDB, pricing: PricingScheme) -> None:
         self.settings = settings
         self.db = db
         self.pricing = pricing
-        self.limiter = trio.CapacityLimiter(1)
+        self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="escrow")
         self._escrow: Escrow | None = None
-        self._open_lock = threading.Lock()
 
-    def escrow_sync(self) -> Escrow:
-        """The wallet (blocking; from a worker thread or a CLI)."""
-        with self._open_lock:
-            if self._escrow is None:
-                self._escrow = Escrow(self.settings.data_dir, self.settings.bitcoin_network)
-            return self._escrow
+    def _open(self) -> Escrow:
+        if self._escrow is None:
+            self._escrow = Escrow(self.settings.data_dir, self.settings.bitcoin_network)
+        return self._escrow
 
-    async def run(self, fn_name: str, *args: object) -> object:
-        def call() -> object:
-            return getattr(self.escrow_sync(), fn_name)(*args)
-        return await trio.to_thread.run_sync(call, limiter=self.limiter)
+    def wallet_sync(self, fn: Callable[[Escrow], T]) -> T:
+        """Run ``fn(escrow)`` on the wallet's thread and wait (blocking: CLIs, tests, worker threads)."""
+        return self._thread.submit(lambda: fn(self._open())).result()  # after close(): RuntimeError
+
+    async def wallet(self, fn: Callable[[Escrow], T]) -> T:
+        future = self._thread.submit(lambda: fn(self._open()))
+        return await trio.to_thread.run_sync(future.result)
 
     def close(self) -> None:
+        """Close the wallet on its thread; idempotent."""
         if self._escrow is not None:
-            self._escrow.close()
-
-    def deposit_address_sync(self, account_id: str) -> str:
-        address, _out, _warned = self.db.account_billing(account_id)
-        if address is None:
-            address = self.escrow_sync().new_deposit_address(account_id)
-            self.db.set_deposit_address(account_id, address)
-        return address
+            self.wallet_sync(lambda e: e.close())
+            self._escrow = None
+        self._thread.shutdown(wait=True)
 
     async def deposit_address(self, account_id: str) -> str:
         address, _out, _warned = self.db.account_billing(account_id)
         if address is not None:
             return address
-        fresh = str(await self.run("new_deposit_address", account_id))
+        fresh = await self.wallet(lambda e: e.new_deposit_address(account_id))
         address, _out, _warned = self.db.account_billing(account_id)  # another request may have won meanwhile
         if address is None:
             self.db.set_deposit_address(account_id, fresh)
             address = fresh
+        return address
+
+    def deposit_address_sync(self, account_id: str) -> str:
+        address, _out, _warned = self.db.account_billing(account_id)
+        if address is None:
+            address = self.wallet_sync(lambda e: e.new_deposit_address(account_id))
+            self.db.set_deposit_address(account_id, address)
         return address
 
     def account_fields(self, account_id: str, address: str | None, now: float) -> dict[str, object]:
@@ -91,8 +98,7 @@ class PassReport:
 
 
 async def scan_deposits(payments: Payments, now: float) -> int:
-    seen = await payments.run("incoming")
-    assert isinstance(seen, list)
+    seen = await payments.wallet(lambda e: e.incoming())
     return billing.record_deposits(payments.db, [billing.SeenOutput(i.txid, i.vout, i.address, i.amount_sat,
                                                                     i.confirmations) for i in seen],
                                    payments.settings.deposit_confirmations, now)
@@ -106,14 +112,17 @@ async def finish_payouts(payments: Payments, now: float) -> list[int]:
         if state == "prepared":
             outputs = [(address, value) for _n, address, _d, value in db.payout_outputs(batch_id)]
             try:
-                signed = await payments.run("sign_payout", outputs, fee_sat, settings.deposit_confirmations)
+                signed = await payments.wallet(
+                    lambda e: e.sign_payout(outputs, fee_sat, settings.deposit_confirmations))  # noqa: B023
             except EscrowError as exc:
                 billing.fail_payout(db, batch_id, str(exc), now)
                 continue
-            raw_tx = signed.raw_tx  # type: ignore[attr-defined]
-            db.set_payout_state(batch_id, "signed", raw_tx=raw_tx, txid=signed.txid)  # type: ignore[attr-defined]
+            raw_tx = signed.raw_tx
+            db.set_payout_state(batch_id, "signed", raw_tx=raw_tx, txid=signed.txid)
         try:
-            txid = await payments.run("broadcast", raw_tx)
+            assert raw_tx is not None
+            tx = raw_tx
+            txid = await payments.wallet(lambda e: e.broadcast(tx))  # noqa: B023
         except EscrowError as exc:
             log.warning("payout batch %d not broadcast yet (will retry the same transaction): %s", batch_id, exc)
             continue
@@ -143,7 +152,7 @@ async def payments_pass(payments: Payments, client: httpx.AsyncClient | None, no
             await send_webhook(client, settings.low_balance_webhook, account_id, state)
     sent = await finish_payouts(payments, now)  # batches left open by a crash go first
     if not sent:
-        escrow = await trio.to_thread.run_sync(payments.escrow_sync, limiter=payments.limiter)
+        escrow = await payments.wallet(lambda e: e)  # check_address only parses: safe off the wallet's thread
         if billing.prepare_payout(db, settings, escrow.check_address, payout_vbytes, now) is not None:
             sent = await finish_payouts(payments, now)
     return PassReport(deposited, period, credits, tuple(a for a, _ in warned), tuple(sent))
