@@ -10,11 +10,12 @@ must succeed: mounting an empty tree over an account that has one would publish 
 
 from __future__ import annotations
 
+import fcntl
 import logging
 import os
 import signal
-from collections.abc import Callable
-from contextlib import AsyncExitStack
+from collections.abc import Callable, Iterator
+from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
 
 import pyfuse3
@@ -89,6 +90,20 @@ async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:
             return
 
 
+@contextmanager
+def _exclusive(data_dir: Path) -> Iterator[None]:
+    """One mount per data folder: two would each believe they own the tree and its jobs."""
+    fd = os.open(data_dir / "mount.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another fincryptfs mount is using {data_dir}; unmount it first") from None
+        yield
+    finally:
+        os.close(fd)
+
+
 async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: bytes, *,
                     on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or interrupted."""
@@ -101,6 +116,7 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
     os.chmod(settings.data_dir, 0o700)
     (settings.data_dir / "spool").mkdir(exist_ok=True)
     async with AsyncExitStack() as stack:
+        stack.enter_context(_exclusive(settings.data_dir))
         http = await stack.enter_async_context(rpc.new_client())
         store = open_store(settings, master_key, http, trio.CapacityLimiter(CPU_THREADS))
         db_path = meta_path(settings)
@@ -122,10 +138,7 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
                             in_use=lambda: ops_ref[0].open_inodes() if ops_ref else set())
         ops = FincryptOperations(db=db, cache=cache, fetch=fetch, wake=queue.wake)
         ops_ref.append(ops)
-        options = set(pyfuse3.default_options)
-        options.add("fsname=fincryptfs")
-        options.discard("default_permissions")
-        options.add("default_permissions")
+        options = set(pyfuse3.default_options) | {"fsname=fincryptfs", "default_permissions"}
         if os.geteuid() == 0:
             options.add("allow_other")
         pyfuse3.init(ops, str(mountpoint), options)

@@ -16,12 +16,17 @@ from netfixtures import start_network
 pytestmark = [pytest.mark.e2e, needs_fuse]
 
 
+SECRET_NAME = b"quite-secret-file-name"
+SECRET_CONTENT = b"plaintext that must never leave the machine " * 100
+
+
 def make_tree(root: Path) -> None:
     rng = __import__("random").Random(7)
     (root / "docs" / "deep" / "er").mkdir(parents=True)
     (root / "empty-dir").mkdir()
     (root / "empty.txt").write_bytes(b"")
     (root / "small.txt").write_text("hello, fincrypt\n")
+    (root / SECRET_NAME.decode()).write_bytes(SECRET_CONTENT)
     (root / "docs" / "a.bin").write_bytes(rng.randbytes(300_000))
     (root / "docs" / "deep" / "er" / "b.bin").write_bytes(rng.randbytes(2_500_000))
     os.chmod(root / "docs" / "a.bin", 0o640)
@@ -52,6 +57,21 @@ async def test_copy_flush_remount_without_cache_and_restore(tmp_path: Path, nurs
         assert by_path["/docs/a.bin"]["state"] == "stored"
         assert by_path["/docs/a.bin"]["shares_total"] == 6
         assert by_path["/docs/a.bin"]["shares_healthy"] >= 5
+        text = (await trio.to_thread.run_sync(lambda: client.cli("status"))).stdout
+        assert "pending uploads: 0" in text and "/docs/a.bin" in text
+
+        # nothing that left the machine holds a file name or plaintext
+        for path in net.root.rglob("*"):
+            if path.is_file():
+                data = path.read_bytes()
+                assert SECRET_NAME not in data and SECRET_CONTENT not in data, path
+
+        # a second mount of the same data folder is refused
+        (tmp_path / "elsewhere").mkdir()
+        second = await trio.to_thread.run_sync(
+            lambda: client.cli("mount", str(tmp_path / "elsewhere"), check=False))
+        assert second.returncode == 1 and "another fincryptfs mount" in second.stderr
+        assert not os.path.ismount(tmp_path / "elsewhere")
         await client.unmount()
 
         shutil.rmtree(client.cache_dir)
