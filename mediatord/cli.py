@@ -10,6 +10,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import httpx
 import trio
@@ -18,6 +19,9 @@ from fincryptfs.asgi import dumps
 from fincryptfs.core.errors import FincryptError
 from fincryptfs.core.settings import MediatorSettings, read_env_file
 from mediatord import __version__
+
+if TYPE_CHECKING:
+    from .db import MediatorDB
 
 
 def load_settings(env_file: Path | None) -> MediatorSettings:
@@ -56,6 +60,102 @@ def status(settings: MediatorSettings, as_json: bool) -> int:
     return 0
 
 
+def _open_db(settings: MediatorSettings) -> MediatorDB:
+    from .daemon import DATABASE_FILE
+    from .db import MediatorDB
+
+    path = settings.data_dir / DATABASE_FILE
+    if not path.exists():
+        raise FincryptError(f"no mediator database at {path}: is MEDIATORD_DATA_DIR right?")
+    return MediatorDB(path)
+
+
+def ledger_command(settings: MediatorSettings, as_json: bool, account: str | None, limit: int) -> int:
+    """Totals of the invariant, balances and history, read from the database (works with the daemon running)."""
+    from .service import ledger_report, posting_json
+
+    db = _open_db(settings)
+    try:
+        report = ledger_report(db, history=limit)
+        if account is not None:
+            report["recent"] = [posting_json(seq, p) for seq, p in db.postings(account, limit)]
+    finally:
+        db.close()
+    if as_json:
+        print(dumps(report))
+        return 0
+    for name in ("deposits", "client_balances", "node_balances", "fees", "payouts", "refunds"):
+        print(f"{name:16} {report[name]:>20} msat")
+    print(f"{'invariant':16} {'holds' if report['invariant_holds'] else 'BROKEN'}")
+    for row in report["recent"]:
+        print(f"{row['seq']:>8} {row['kind']:16} {row['amount_msat']:>16} {row['source'][:22]:22} → "
+              f"{row['dest'][:22]:22} {row['memo']}")
+    return 0
+
+
+def payouts_command(settings: MediatorSettings, as_json: bool, limit: int) -> int:
+    from . import billing
+
+    db = _open_db(settings)
+    try:
+        batches = []
+        for batch_id, state, created, fee, txid, sent_at, detail in db.payout_batches(limit):
+            outputs = [{"node_id": n, "address": a, "debited_msat": d, "value_sat": v}
+                       for n, a, d, v in db.payout_outputs(batch_id)]
+            batches.append({"batch_id": batch_id, "state": state, "created_at": int(created), "fee_sat": fee,
+                            "txid": txid, "sent_at": None if sent_at is None else int(sent_at), "detail": detail,
+                            "outputs": outputs})
+        owed = [{"node_id": a.split(":", 1)[1], **billing.node_earnings(db, settings, a.split(":", 1)[1])}
+                for a, b in db.all_balances("node:") if b > 0]
+    finally:
+        db.close()
+    report = {"threshold_sat": settings.payout_threshold_sat, "batches": batches, "nodes_owed": owed}
+    if as_json:
+        print(dumps(report))
+        return 0
+    for b in batches:
+        print(f"batch {b['batch_id']:>5} {b['state']:9} fee {b['fee_sat']} sat, {len(b['outputs'])} outputs, "
+              f"txid {b['txid'] or '-'} {b['detail']}")
+    for node in owed:
+        print(f"node {node['node_id'][:16]}… owed {node['pending_msat']} msat, paid {node['paid_msat']} msat")
+    return 0
+
+
+def fund_test_account(settings: MediatorSettings, account_id: str, amount_sat: int, confirmations: int | None
+                      ) -> int:
+    """bitcoinlib_test only: pay ``amount_sat`` to the account's deposit address (the devnet's funded client)."""
+    from fincryptfs.core.ids import parse_node_id
+
+    from .escrow import TEST_NETWORK
+    from .payments import Payments
+    from .policies import pricing_scheme
+
+    if settings.bitcoin_network != TEST_NETWORK:
+        print(f"mediatord fund-test-account: refused on {settings.bitcoin_network}: only {TEST_NETWORK} has "
+              "coins from nowhere", file=sys.stderr)
+        return 2
+    if not 0 < amount_sat <= 21 * 10**14:
+        print("mediatord fund-test-account: AMOUNT must be a positive number of sat", file=sys.stderr)
+        return 2
+    account_id = parse_node_id(account_id)
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    from .daemon import DATABASE_FILE
+    from .db import MediatorDB
+
+    db = MediatorDB(settings.data_dir / DATABASE_FILE)
+    payments = Payments(settings, db, pricing_scheme(settings.pricing))
+    try:
+        address = payments.deposit_address_sync(account_id)
+        conf = settings.deposit_confirmations if confirmations is None else confirmations
+        txid = payments.wallet_sync(lambda e: e.fund_test_address(address, amount_sat, conf))
+    finally:
+        payments.close()
+        db.close()
+    print(dumps({"account_id": account_id, "deposit_address": address, "amount_sat": amount_sat,
+                 "confirmations": conf, "txid": txid}))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mediatord",
@@ -66,6 +166,20 @@ def main(argv: list[str] | None = None) -> int:
     sub = parser.add_subparsers(dest="command")
     status_parser = sub.add_parser("status", help="show the running mediator's counters")
     status_parser.add_argument("--json", action="store_true", help="print JSON")
+    ledger_parser = sub.add_parser("ledger", help="ledger totals (the invariant), balances and recent postings")
+    ledger_parser.add_argument("--json", action="store_true", help="print JSON")
+    ledger_parser.add_argument("--account", help="history of one ledger account, e.g. client:ID or node:ID")
+    ledger_parser.add_argument("--limit", type=int, default=20, help="postings to show (default 20)")
+    payouts_parser = sub.add_parser("payouts", help="payout batches and nodes owed money")
+    payouts_parser.add_argument("--json", action="store_true", help="print JSON")
+    payouts_parser.add_argument("--limit", type=int, default=20, help="batches to show (default 20)")
+    fund_parser = sub.add_parser("fund-test-account", help="bitcoinlib_test only: fund a client account")
+    fund_parser.add_argument("account_id")
+    fund_parser.add_argument("amount_sat", type=int)
+    fund_parser.add_argument("--confirmations", type=int, help="default: MEDIATORD_DEPOSIT_CONFIRMATIONS")
+    for extra in (status_parser, ledger_parser, payouts_parser, fund_parser):
+        extra.add_argument("--env-file", type=Path, default=argparse.SUPPRESS,
+                           help="settings file (default: ./.env if present)")
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
@@ -73,8 +187,18 @@ def main(argv: list[str] | None = None) -> int:
     except FincryptError as exc:
         print(f"mediatord: {exc}", file=sys.stderr)
         return 2
-    if args.command == "status":
-        return status(settings, args.json)
+    try:
+        if args.command == "status":
+            return status(settings, args.json)
+        if args.command == "ledger":
+            return ledger_command(settings, args.json, args.account, args.limit)
+        if args.command == "payouts":
+            return payouts_command(settings, args.json, args.limit)
+        if args.command == "fund-test-account":
+            return fund_test_account(settings, args.account_id, args.amount_sat, args.confirmations)
+    except FincryptError as exc:
+        print(f"mediatord {args.command}: {exc}", file=sys.stderr)
+        return 1
     trio.run(run, settings)
     return 0
 
