@@ -212,7 +212,9 @@ def cmd_flush(args: argparse.Namespace) -> int:
             now = time.monotonic()
             if now - last_report >= 1.0:
                 last_report = now
-                print(f"{len(pending)} upload(s) pending; tree version {meta_version}, published {published}",
+                errors = [error for *_, error in pending if error]
+                print(f"{len(pending)} upload(s) pending; tree version {meta_version}, published {published}"
+                      + (f"; {len(errors)} retrying after an error, e.g.: {errors[0]}" if errors else ""),
                       file=sys.stderr)
             if deadline is not None and now > deadline:
                 print(f"error: timed out with {len(pending)} upload(s) pending and the tree snapshot "
