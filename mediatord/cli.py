@@ -10,7 +10,7 @@ import logging
 import signal
 import sys
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
@@ -98,7 +98,7 @@ def payouts_command(settings: MediatorSettings, as_json: bool, limit: int) -> in
 
     db = _open_db(settings)
     try:
-        batches = []
+        batches: list[dict[str, Any]] = []
         for batch_id, state, created, fee, txid, sent_at, detail in db.payout_batches(limit):
             outputs = [{"node_id": n, "address": a, "debited_msat": d, "value_sat": v}
                        for n, a, d, v in db.payout_outputs(batch_id)]

@@ -473,7 +473,8 @@ class MediatorDB:
     def postings(self, account: str | None = None, limit: int = 100, before_seq: int | None = None
                  ) -> list[tuple[int, Posting]]:
         """History, newest first: all postings, or those touching ``account``."""
-        where, args = [], []
+        where: list[str] = []
+        args: list[object] = []
         if account is not None:
             where.append("(source=? OR dest=?)")
             args += [account, account]
