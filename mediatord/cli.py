@@ -105,8 +105,9 @@ def payouts_command(settings: MediatorSettings, as_json: bool, limit: int) -> in
             batches.append({"batch_id": batch_id, "state": state, "created_at": int(created), "fee_sat": fee,
                             "txid": txid, "sent_at": None if sent_at is None else int(sent_at), "detail": detail,
                             "outputs": outputs})
-        owed = [{"node_id": a.split(":", 1)[1], **billing.node_earnings(db, settings, a.split(":", 1)[1])}
-                for a, b in db.all_balances("node:") if b > 0]
+        owed: list[dict[str, Any]] = [
+            {"node_id": a.split(":", 1)[1], **billing.node_earnings(db, settings, a.split(":", 1)[1])}
+            for a, b in db.all_balances("node:") if b > 0]
     finally:
         db.close()
     report = {"threshold_sat": settings.payout_threshold_sat, "batches": batches, "nodes_owed": owed}
