@@ -55,12 +55,12 @@ bench: $(STAMP)
 	if [ $${#files[@]} -eq 0 ]; then echo "no benchmarks in bench/"; exit 0; fi; \
 	for f in "$${files[@]}"; do echo "== $$f"; $(PY) "$$f" || exit $$?; done
 
-# Placeholder: a later issue replaces this with starting the local network
-# (mediator + storage nodes + a mounted client).
+# The main job on the embedded default: one mediator and six storage nodes on 127.0.0.1 (bitcoinlib's offline
+# test network, a funded account), mounted at ./Backed (or MOUNT=dir). Ctrl-C unmounts and stops everything.
+MOUNT ?= Backed
+DEVNET_HOME ?= .devnet
 run: $(STAMP)
-	$(VENV)/bin/fincryptfs --help
-	$(VENV)/bin/storaged --help
-	$(VENV)/bin/mediatord --help
+	$(VENV)/bin/fincryptfs devnet --home $(DEVNET_HOME) --mount $(MOUNT)
 
 clean:
 	rm -rf $(VENV) build dist *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache

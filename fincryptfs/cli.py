@@ -308,6 +308,54 @@ async def _add_health(settings: ClientSettings, files: list[dict[str, Any]]) -> 
     return f"{settings.mediator_url} ({len(errors)} error(s): {errors[0]})" if errors else settings.mediator_url
 
 
+def cmd_devnet(args: argparse.Namespace) -> int:
+    import signal
+
+    import trio
+
+    from .devnet import run_devnet
+
+    home = Path(args.home).expanduser()
+    mount = Path(args.mount).expanduser() if args.mount else None
+
+    async def run() -> None:
+        ready = trio.Event()
+        async with trio.open_nursery() as nursery:
+            async def stop_on_signal() -> None:
+                with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+                    async for _ in signals:
+                        print("\nstopping the devnet…", file=sys.stderr)
+                        nursery.cancel_scope.cancel()
+                        return
+
+            async def announce() -> None:
+                await ready.wait()
+                _print_devnet_ready(home, mount)
+
+            nursery.start_soon(stop_on_signal)
+            nursery.start_soon(announce)
+            await run_devnet(home, nodes=args.nodes, mount=mount, audit_period=args.audit_period, ready=ready)
+
+    trio.run(run)
+    return 0
+
+
+def _print_devnet_ready(home: Path, mount: Path | None) -> None:
+    info = json.loads((home / "devnet.json").read_text())
+    env = info["client_env"]
+    print(f"\nFincrypt devnet is up: mediator {info['mediator']['url']}, {len(info['nodes'])} storage nodes "
+          f"(logs in {info['logs']}).")
+    if mount is not None:
+        print(f"\nYour backup folder is mounted at {info['mount']}. Try:")
+        print(f"    cp -a /etc/hostname /usr/share/common-licenses {info['mount']}/")
+        print(f"    fincryptfs flush --env-file {env}     # wait until everything is stored on the nodes")
+        print(f"    fincryptfs status --env-file {env}    # per-file share health")
+    else:
+        print(f"\nMount it with: fincryptfs mount DIR --env-file {env}")
+    print(f"\nThe account's recovery phrase is in {home / 'recovery-phrase.txt'}. Ctrl-C stops everything.\n",
+          flush=True)
+
+
 # --- argument parsing ---------------------------------------------------------------------------------------
 
 
@@ -354,6 +402,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--timeout", type=float, metavar="S", help="give up after S seconds (exit status 1)")
     p.set_defaults(func=cmd_flush)
 
+    p = sub.add_parser("devnet", help="Run a whole local network on 127.0.0.1 (mediator, storage nodes, an "
+                                      "account, optionally a mount) until Ctrl-C.",
+                       description="Run one mediatord and N storaged on 127.0.0.1, each with its own folder, a "
+                                   "client account (HOME/client.env, HOME/recovery-phrase.txt) and optionally "
+                                   "a mount. HOME/devnet.json appears once everything is up. Ctrl-C or SIGTERM "
+                                   "unmounts and stops everything.")
+    p.add_argument("--home", metavar="DIR", required=True, help="folder for every node's data, logs and the "
+                                                                  "client account")
+    p.add_argument("--nodes", type=int, default=6, metavar="N", help="storage nodes to start (default 6)")
+    p.add_argument("--mount", metavar="MNT", help="also mount the account here")
+    p.add_argument("--audit-period", type=float, default=10.0, metavar="S",
+                   help="seconds between audits (default 10, so audits and repair show within a minute)")
+    p.set_defaults(func=cmd_devnet)
+
     p = command("status", "Show pending uploads, cache use and the health of every file's shares.")
     p.add_argument("--json", action="store_true", help="machine-readable output")
     p.set_defaults(func=cmd_status)
@@ -366,7 +428,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if args.command == "mount" else logging.WARNING,
+    logging.basicConfig(level=logging.INFO if args.command in ("mount", "devnet") else logging.WARNING,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))

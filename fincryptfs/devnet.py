@@ -24,7 +24,7 @@ from pathlib import Path
 import httpx
 import trio
 
-from .core.crypto import encode_key_file, new_master_key, recovery_phrase
+from .core.crypto import account_signing_key, decode_key_file, encode_key_file, new_master_key, recovery_phrase
 from .core.errors import FincryptError
 
 log = logging.getLogger(__name__)
@@ -132,6 +132,8 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                 "MEDIATORD_DATA_DIR": str(mediator_env.parent / "data"),
                 "MEDIATORD_AUDIT_PERIOD": str(audit_period),
                 "MEDIATORD_NODE_OFFLINE_AFTER": str(max(30.0, 6 * audit_period)),
+                "MEDIATORD_BILLING_PERIOD": str(max(5.0, audit_period)),
+                "MEDIATORD_DEPOSIT_SCAN_INTERVAL": "2",
             })
             mediator = await _spawn("mediatord", [python, "-m", "mediatord.cli", "--env-file", str(mediator_env)],
                                     log_dir)
@@ -176,7 +178,8 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                                       f"mediator; see the logs in {log_dir}")
                 await trio.sleep(0.2)
 
-            client_env = _make_client(home, mediator_url)
+            client_env, account_id = _make_client(home, mediator_url)
+            await _fund_account(python, mediator_env, account_id, log_dir)
             if mount is not None:
                 mount = mount.resolve()
                 mount.mkdir(parents=True, exist_ok=True)
@@ -199,6 +202,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                            "share_dirs": c.extra["share_dirs"]} for c in children[1:nodes + 1]],
                 "client_env": str(client_env),
                 "mount": str(mounted) if mounted else None,
+                "account_id": account_id,
                 "logs": str(log_dir),
             }
             tmp = home / "devnet.json.tmp"
@@ -221,13 +225,28 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
         (home / "devnet.json").unlink(missing_ok=True)
 
 
-def _make_client(home: Path, mediator_url: str) -> Path:
+DEVNET_FUNDING_SAT = 1_000_000
+
+
+async def _fund_account(python: str, mediator_env: Path, account_id: str, log_dir: Path) -> None:
+    """Give the devnet account a confirmed deposit on bitcoinlib's offline test network."""
+    with open(log_dir / "funding.log", "ab") as out:
+        result = await trio.run_process(
+            [python, "-m", "mediatord.cli", "fund-test-account", "--env-file", str(mediator_env), account_id,
+             str(DEVNET_FUNDING_SAT)], stdout=out, stderr=subprocess.STDOUT, check=False)
+    if result.returncode != 0:
+        raise DevnetError(f"funding the devnet account failed; see {log_dir / 'funding.log'}")
+
+
+def _make_client(home: Path, mediator_url: str) -> tuple[Path, str]:
     """The devnet client account: an unprotected key file (0600), its recovery phrase (0600), client.env."""
     client_dir = home / "client"
     client_dir.mkdir(parents=True, exist_ok=True)
     client_dir.chmod(0o700)
     key_file = client_dir / "master.key"
-    if not key_file.exists():
+    if key_file.exists():
+        master = decode_key_file(key_file.read_bytes(), None)
+    else:
         master = new_master_key()
         key_file.write_bytes(encode_key_file(master, None))
         key_file.chmod(0o600)
@@ -241,7 +260,7 @@ def _make_client(home: Path, mediator_url: str) -> Path:
         "FINCRYPT_KEY_FILE": str(key_file),
         "FINCRYPT_CACHE_DIR": str(client_dir / "cache"),
     })
-    return client_env
+    return client_env, account_signing_key(master).id
 
 
 def wait_for_devnet(home: Path, timeout: float = STARTUP_TIMEOUT) -> dict[str, object]:
