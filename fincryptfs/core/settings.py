@@ -8,6 +8,7 @@ Every error names the variable and says what a valid value looks like.
 
 from __future__ import annotations
 
+import ipaddress
 import os
 import re
 from collections.abc import Callable, Mapping
@@ -139,6 +140,40 @@ def _summary(settings: Any) -> dict[str, str]:
     return {f.name: str(getattr(settings, f.name)) for f in fields(settings)}
 
 
+# --- discovery (DHT) ----------------------------------------------------------------------------------------
+
+_DHT_LISTEN_WHAT = "IPV4:PORT of the DHT's UDP socket, e.g. 0.0.0.0:8711 (port 0 picks a free one)"
+_DHT_PEERS_WHAT = "comma-separated HOST:PORT of DHT peers, e.g. 203.0.113.5:8711,dht.example.org:8711"
+
+
+def _host_port(text: str) -> tuple[str, int]:
+    host, _, port = text.strip().rpartition(":")
+    if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
+        raise ValueError(text)
+    return host, int(port)
+
+
+def _dht_listen(text: str) -> tuple[str, int]:
+    """The DHT speaks IPv4 only (docs/dht.md), so the socket address must be a dotted IPv4 address."""
+    host, port = _host_port(text)
+    if str(ipaddress.IPv4Address(host)) != host:
+        raise ValueError(text)
+    return host, port
+
+
+def _dht_peers(text: str) -> tuple[tuple[str, int], ...]:
+    peers = tuple(_host_port(item) for item in text.split(",") if item.strip())
+    if any(port == 0 or re.fullmatch(r"[A-Za-z0-9.\-]{1,253}", host) is None for host, port in peers):
+        raise ValueError(text)
+    return peers
+
+
+def _dht_region(text: str) -> str:
+    if re.fullmatch(r"[a-z0-9-]{1,32}", text) is None:
+        raise ValueError(text)
+    return text
+
+
 # --- client -------------------------------------------------------------------------------------------------
 
 
@@ -156,6 +191,7 @@ class ClientSettings:
     passphrase_file: Path | None = None
     upload_workers: int = 2
     publish_delay: float = 2.0
+    dht_bootstrap: tuple[tuple[str, int], ...] = ()  # finds a mediator when mediator_url is unset (docs/dht.md)
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, home: Path) -> ClientSettings:
@@ -177,6 +213,7 @@ class ClientSettings:
             passphrase_file=r.get("PASSPHRASE_FILE", None, lambda t: Path(t).expanduser(), "a path"),
             upload_workers=r.int("UPLOAD_WORKERS", 2, 1, 64),
             publish_delay=r.seconds("PUBLISH_DELAY", 2.0, 0.0),
+            dht_bootstrap=r.get("DHT_BOOTSTRAP", (), _dht_peers, _DHT_PEERS_WHAT),
         )
         _check_happy(settings.k, settings.n, settings.happy)
         r.finish()
@@ -230,6 +267,8 @@ class StorageSettings:
     scrub_interval: float
     max_concurrent_uploads: int
     scrub_rate: int = 32 << 20  # bytes per second a scrub may read, so it never competes with clients
+    dht_listen: tuple[str, int] | None = None  # None: no DHT node (docs/dht.md)
+    dht_bootstrap: tuple[tuple[str, int], ...] = ()
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, home: Path) -> StorageSettings:
@@ -250,6 +289,8 @@ class StorageSettings:
             scrub_interval=r.seconds("SCRUB_INTERVAL", 86400.0, 0.1),
             max_concurrent_uploads=r.int("MAX_CONCURRENT_UPLOADS", 64, 1, 10_000),
             scrub_rate=r.get("SCRUB_RATE", 32 << 20, _positive_size, "a size in bytes per second (e.g. 32M)"),
+            dht_listen=r.get("DHT_LISTEN", None, _dht_listen, _DHT_LISTEN_WHAT),
+            dht_bootstrap=r.get("DHT_BOOTSTRAP", (), _dht_peers, _DHT_PEERS_WHAT),
         )
         r.finish()
         return settings
@@ -296,6 +337,10 @@ class MediatorSettings:
     low_balance_warning: float = 7 * 86400.0
     grace_period: float = 7 * 86400.0
     low_balance_webhook: str | None = None
+    # discovery (docs/dht.md): None disables the DHT node
+    dht_listen: tuple[str, int] | None = None
+    dht_bootstrap: tuple[tuple[str, int], ...] = ()
+    dht_region: str | None = None
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, home: Path) -> MediatorSettings:
@@ -324,6 +369,9 @@ class MediatorSettings:
             low_balance_warning=r.seconds("LOW_BALANCE_WARNING", 7 * 86400.0, 0.0),
             grace_period=r.seconds("GRACE_PERIOD", 7 * 86400.0, 0.0),
             low_balance_webhook=r.url("LOW_BALANCE_WEBHOOK", None),
+            dht_listen=r.get("DHT_LISTEN", None, _dht_listen, _DHT_LISTEN_WHAT),
+            dht_bootstrap=r.get("DHT_BOOTSTRAP", (), _dht_peers, _DHT_PEERS_WHAT),
+            dht_region=r.get("DHT_REGION", None, _dht_region, "a region name of 1-32 characters [a-z0-9-]"),
         )
         r.finish()
         return settings
