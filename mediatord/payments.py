@@ -9,7 +9,9 @@ for passed audits → low-balance warnings (log and webhook) → payouts (open b
 
 from __future__ import annotations
 
+import fcntl
 import logging
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
@@ -30,9 +32,17 @@ log = logging.getLogger(__name__)
 T = TypeVar("T")
 
 
+WALLET_LOCK_FILE = "wallet.lock"
+
+
 class Payments:
     """The escrow wallet of one mediator, opened lazily on its own thread and used only from there (its SQLite
-    session is bound to the thread that opened it)."""
+    session is bound to the thread that opened it).
+
+    Every wallet call holds an exclusive ``flock`` on ``wallet.lock`` in the data dir: the daemon and a CLI
+    (``mediatord fund-test-account``) may use the same wallet at once, and bitcoinlib is not safe across
+    processes (two that create the wallet together make two wallets of one name, or fail; two deriving a key
+    together derive the same index)."""
 
     def __init__(self, settings: MediatorSettings, db: MediatorDB, pricing: PricingScheme) -> None:
         self.settings = settings
@@ -46,18 +56,29 @@ class Payments:
             self._escrow = Escrow(self.settings.data_dir, self.settings.bitcoin_network)
         return self._escrow
 
+    def _locked(self, fn: Callable[[Escrow], T]) -> T:
+        """On the wallet's thread: ``fn(escrow)`` under the cross-process wallet lock."""
+        self.settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        fd = os.open(self.settings.data_dir / WALLET_LOCK_FILE, os.O_RDWR | os.O_CREAT, 0o600)
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX)
+            return fn(self._open())
+        finally:
+            os.close(fd)  # releases the lock
+
     def wallet_sync(self, fn: Callable[[Escrow], T]) -> T:
         """Run ``fn(escrow)`` on the wallet's thread and wait (blocking: CLIs, tests, worker threads)."""
-        return self._thread.submit(lambda: fn(self._open())).result()  # after close(): RuntimeError
+        return self._thread.submit(self._locked, fn).result()  # after close(): RuntimeError
 
     async def wallet(self, fn: Callable[[Escrow], T]) -> T:
-        future = self._thread.submit(lambda: fn(self._open()))
+        future = self._thread.submit(self._locked, fn)
         return await trio.to_thread.run_sync(future.result)
 
     def close(self) -> None:
         """Close the wallet on its thread; idempotent."""
         if self._escrow is not None:
-            self.wallet_sync(lambda e: e.close())
+            escrow = self._escrow
+            self._thread.submit(escrow.close).result()
             self._escrow = None
         self._thread.shutdown(wait=True)
 

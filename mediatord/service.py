@@ -314,9 +314,11 @@ class MediatorService:
     # --- payments (docs/payments.md) ------------------------------------------------------------------------
 
     async def account_with_balance(self, signer: PublicKey, now: float) -> dict[str, Any]:
-        """``account`` plus balance fields; a deposit address exists only for accounts that have used us."""
-        known = self.db.has_account(signer.id)
-        address = await self.payments.deposit_address(signer.id) if known else None
+        """``account`` plus balance fields. A deposit address is made only for accounts that have used us (no
+        wallet key for every stranger's signature), but one already recorded (``fund-test-account``) is shown."""
+        address, _out, _warned = self.db.account_billing(signer.id)
+        if address is None and self.db.has_account(signer.id):
+            address = await self.payments.deposit_address(signer.id)
         return {**self.account(signer), **self.payments.account_fields(signer.id, address, now)}
 
     def account_history(self, signer: PublicKey, limit: int = 100) -> dict[str, Any]:
