@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -78,7 +79,20 @@ def _new_passphrase(args: argparse.Namespace) -> str | None:
     return ask_new_passphrase()
 
 
-def _setup_account(args: argparse.Namespace, master_key: bytes) -> ClientSettings:
+def _find_mediator(settings: ClientSettings) -> ClientSettings:
+    """With no mediator configured but DHT bootstrap peers, find one through the DHT (fincryptfs.discovery)."""
+    if settings.mediator_url is not None or not settings.dht_bootstrap:
+        return settings
+    import trio
+
+    from .discovery import discover_mediator
+
+    found = trio.run(discover_mediator, settings.dht_bootstrap)
+    print(f"Found mediator {found.url} (id {found.mediator_id[:16]}…) through the DHT.")
+    return replace(settings, mediator_url=found.url)
+
+
+def _setup_account(args: argparse.Namespace, master_key: bytes, *, need_mediator: bool = False) -> ClientSettings:
     """Write the settings file and key file of an account (shared by init and restore)."""
     env_path = _env_path(args)
     updates: dict[str, str] = {}
@@ -92,6 +106,11 @@ def _setup_account(args: argparse.Namespace, master_key: bytes) -> ClientSetting
                           "(move the file away first to replace it)")
     if (settings.data_dir / "meta.db").exists():
         raise ConfigError(f"a local tree already exists at {settings.data_dir / 'meta.db'}; move it away first")
+    if settings.mediator_url is None and need_mediator and not settings.dht_bootstrap:
+        raise UsageError("give --mediator URL (or set FINCRYPT_DHT_BOOTSTRAP to find one through the DHT)")
+    settings = _find_mediator(settings)
+    if settings.mediator_url is not None:
+        merged["FINCRYPT_MEDIATOR_URL"] = settings.mediator_url
     passphrase = _new_passphrase(args)
     _write_env(env_path, merged)
     save_key_file(settings.key_file, master_key, passphrase)
@@ -123,7 +142,7 @@ def cmd_restore(args: argparse.Namespace) -> int:
     else:
         raise UsageError("no terminal to ask for the recovery phrase: use --phrase-file F")
     master_key = master_key_from_phrase(phrase)
-    settings = _setup_account(args, master_key)
+    settings = _setup_account(args, master_key, need_mediator=True)
     print(f"Restored the key file {settings.key_file} and the settings file {_env_path(args)}.")
     print("Next: fincryptfs mount DIR (the first mount fetches the latest tree; contents come on first read)")
     return 0
@@ -135,6 +154,11 @@ def cmd_mount(args: argparse.Namespace) -> int:
     from .mount import run_mount
 
     settings = load_settings(args)
+    if settings.mediator_url is None and settings.dht_bootstrap:
+        settings = _find_mediator(settings)
+        assert settings.mediator_url is not None
+        _write_env(_env_path(args), {"FINCRYPT_MEDIATOR_URL": settings.mediator_url})
+        print(f"Wrote FINCRYPT_MEDIATOR_URL={settings.mediator_url} into {_env_path(args)}.")
     mountpoint = Path(args.dir).expanduser().resolve()
     if args.key_stdin:
         master_key = bytes.fromhex(sys.stdin.readline().strip())
@@ -375,14 +399,16 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("init", "Create a new account: master key, key file (0600), settings file; prints the "
                         "recovery phrase once.")
-    p.add_argument("--mediator", metavar="URL", help="mediator to store through (FINCRYPT_MEDIATOR_URL)")
+    p.add_argument("--mediator", metavar="URL", help="mediator to store through (FINCRYPT_MEDIATOR_URL; "
+                                                     "without it, one found via FINCRYPT_DHT_BOOTSTRAP)")
     p.add_argument("--passphrase-file", metavar="F", help="protect the key file with the passphrase in F")
     p.add_argument("--no-passphrase", action="store_true", help="leave the key file unprotected (mode 0600)")
     p.set_defaults(func=cmd_init)
 
     p = command("restore", "Recreate the key file and settings from the recovery phrase; the next mount shows "
                            "the whole tree.")
-    p.add_argument("--mediator", metavar="URL", required=True, help="mediator the account stores through")
+    p.add_argument("--mediator", metavar="URL", help="mediator the account stores through (default: "
+                                                     "FINCRYPT_MEDIATOR_URL, or one found via FINCRYPT_DHT_BOOTSTRAP)")
     p.add_argument("--phrase-file", metavar="F", help="file holding the 24-word recovery phrase")
     p.add_argument("--passphrase-file", metavar="F", help="protect the new key file with the passphrase in F")
     p.add_argument("--no-passphrase", action="store_true", help="leave the key file unprotected (mode 0600)")

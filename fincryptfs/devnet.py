@@ -53,6 +53,19 @@ def free_port() -> int:
         return int(sock.getsockname()[1])
 
 
+def free_udp_port(host: str = "127.0.0.1") -> int:
+    """A UDP port nobody uses right now (for the mediator's DHT socket, which the nodes must know in advance)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def dht_host(index: int) -> str:
+    """Each DHT-discovering node on its own loopback address (Linux routes 127/8 to lo), so the DHT's per-IP
+    limits see distinct hosts as on the internet."""
+    return f"127.0.1.{index + 1}"
+
+
 def write_env(path: Path, values: dict[str, str]) -> None:
     path.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
     path.chmod(0o600)
@@ -124,6 +137,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
             deadline = trio.current_time() + STARTUP_TIMEOUT
             mediator_port = free_port()
             mediator_url = f"http://127.0.0.1:{mediator_port}"
+            mediator_dht = f"127.0.0.1:{free_udp_port()}"
             mediator_env = home / "mediator" / "mediatord.env"
             mediator_env.parent.mkdir(parents=True, exist_ok=True)
             write_env(mediator_env, {
@@ -134,6 +148,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                 "MEDIATORD_NODE_OFFLINE_AFTER": str(max(30.0, 6 * audit_period)),
                 "MEDIATORD_BILLING_PERIOD": str(max(5.0, audit_period)),
                 "MEDIATORD_DEPOSIT_SCAN_INTERVAL": "2",
+                "MEDIATORD_DHT_LISTEN": mediator_dht,
             })
             mediator = await _spawn("mediatord", [python, "-m", "mediatord.cli", "--env-file", str(mediator_env)],
                                     log_dir)
@@ -147,6 +162,12 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                 share_dir = node_dir / "shares"
                 env_path = node_dir / "storaged.env"
                 node_dir.mkdir(parents=True, exist_ok=True)
+                # odd nodes are given no mediator: they find it through the DHT, so discovery runs end to end
+                via_dht = i % 2 == 1
+                if via_dht:
+                    mediators = {"STORAGED_DHT_LISTEN": f"{dht_host(i)}:0", "STORAGED_DHT_BOOTSTRAP": mediator_dht}
+                else:
+                    mediators = {"STORAGED_MEDIATORS": mediator_url}
                 write_env(env_path, {
                     "STORAGED_LISTEN": f"127.0.0.1:{port}",
                     "STORAGED_PUBLIC_URL": f"http://127.0.0.1:{port}",
@@ -154,7 +175,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                     "STORAGED_SHARE_DIRS": f"{share_dir}:{node_capacity}",
                     "STORAGED_RESERVE_BYTES": "64M",
                     "STORAGED_PRICE": str(1000 + 100 * i),
-                    "STORAGED_MEDIATORS": mediator_url,
+                    **mediators,
                     "STORAGED_ANNOUNCE_INTERVAL": "5",
                     "STORAGED_OPERATOR": f"devnet-operator-{i}",
                 })
@@ -162,6 +183,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                                      log_dir)
                 child.url = f"http://127.0.0.1:{port}"
                 child.extra["share_dirs"] = [str(share_dir)]
+                child.extra["discovery"] = "dht" if via_dht else "configured"
                 children.append(child)
             node_ids: dict[str, str] = {}
             for child in children[1:]:
@@ -197,9 +219,10 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                 mounted = mount
 
             info = {
-                "mediator": {"url": mediator_url, "pid": mediator.process.pid},
+                "mediator": {"url": mediator_url, "pid": mediator.process.pid, "dht": mediator_dht},
                 "nodes": [{"id": node_ids[c.url or ""], "url": c.url, "pid": c.process.pid,
-                           "share_dirs": c.extra["share_dirs"]} for c in children[1:nodes + 1]],
+                           "share_dirs": c.extra["share_dirs"], "discovery": c.extra["discovery"]}
+                          for c in children[1:nodes + 1]],
                 "client_env": str(client_env),
                 "mount": str(mounted) if mounted else None,
                 "account_id": account_id,

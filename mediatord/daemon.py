@@ -19,6 +19,9 @@ import trio
 from fincryptfs.asgi import serve_app
 from fincryptfs.core.identity import SigningKey, decode_identity_file, encode_identity_file
 from fincryptfs.core.settings import MediatorSettings
+from fincryptfs.dht.node import DhtNode, run_dht
+from fincryptfs.dht.records import mediators_key
+from fincryptfs.discovery import resolve_peers
 from fincryptfs.rpc import new_client
 
 from . import upkeep
@@ -67,6 +70,23 @@ async def housekeeping_loop(service: MediatorService, client: httpx.AsyncClient)
         await trio.sleep(interval)
 
 
+async def announce_in_dht(service: MediatorService, url: str, *,
+                          task_status: trio.TaskStatus[DhtNode] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run a DHT node with the mediator's identity and announce ``url`` under the mediators key (and the
+    region's key if set); the node re-announces by itself. Reports the node once the first announce is done."""
+    settings = service.settings
+    assert settings.dht_listen is not None
+    peers = await resolve_peers(settings.dht_bootstrap)
+    async with trio.open_nursery() as nursery:
+        node: DhtNode = await nursery.start(run_dht, service.key, settings.dht_listen, peers)
+        stored = await node.announce_mediator(url)
+        if settings.dht_region is not None:
+            stored += await node.announce_mediator(url, key=mediators_key(settings.dht_region))
+        log.info("DHT node on %s:%d announced mediator url=%s to %d node(s) (peers %d)", *node.address, url, stored,
+                 len(node.table))
+        task_status.started(node)
+
+
 async def run_service(service: MediatorService, *, upkeep_loops: bool = True,
                       task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve an opened service; ``upkeep_loops=False`` lets tests drive audits and repairs pass by pass."""
@@ -75,6 +95,8 @@ async def run_service(service: MediatorService, *, upkeep_loops: bool = True,
         async with new_client() as client, trio.open_nursery() as nursery:
             url = await nursery.start(serve_app, build_app(service), settings.listen[0], settings.listen[1])
             log.info("mediator %s listening on %s", service.id[:16], url)
+            if settings.dht_listen is not None:
+                await nursery.start(announce_in_dht, service, settings.public_url or url)
             if upkeep_loops:
                 nursery.start_soon(audit_and_repair_loop, service, client)
                 nursery.start_soon(housekeeping_loop, service, client)

@@ -19,6 +19,7 @@ from fincryptfs.core.settings import StorageSettings
 
 from .app import build_app
 from .db import NodeDatabase
+from .discovery import discovery_loop
 from .service import StorageService
 from .store import ShareStore
 
@@ -75,6 +76,8 @@ async def run_service(service: StorageService, *, task_status: trio.TaskStatus[s
             service.advertised_url = url
         for mediator_url in settings.mediators:
             nursery.start_soon(service.announce_loop, client, mediator_url)
+        if settings.dht_listen is not None:
+            nursery.start_soon(discovery_loop, service, client)  # never delays start-up; retries by itself
         nursery.start_soon(service.scrub_loop, float(settings.scrub_rate))
         log.info("storaged listening url=%s node_id=%s", url, service.node_id)
         task_status.started(url)

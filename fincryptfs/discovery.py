@@ -1,0 +1,132 @@
+"""Finding mediators through the DHT, and checking each one before it is used.
+
+A DHT record proves only that the holder of its key signed "I am a mediator at URL": anybody can sign a record
+naming somebody else's URL. So a found record is used only if the server at that URL identifies itself
+(``GET /v1/info``) with the record's id and public key; otherwise it is refused and logged. Storage nodes run
+their own DHT node (``storaged.discovery``); the client uses :func:`discover_mediator`, a short-lived node with
+a throwaway identity (so the lookup reveals nothing about the account), and writes what it found into its
+settings file. See docs/dht.md.
+"""
+
+from __future__ import annotations
+
+import functools
+import ipaddress
+import logging
+import socket as stdlib_socket
+from collections.abc import Iterable
+from dataclasses import dataclass
+
+import httpx
+import trio
+
+from . import rpc
+from .core.errors import FincryptError
+from .core.identity import PublicKey, SigningKey
+from .dht.node import DhtNode, DhtParams, run_dht
+from .dht.records import MEDIATORS_KEY, PeerRecord
+
+log = logging.getLogger(__name__)
+
+Address = tuple[str, int]
+MAX_CHECKED = 16  # records checked per lookup: each costs an HTTP request
+INFO_TIMEOUT = 10.0
+CLIENT_TIMEOUT = 30.0
+
+
+class DiscoveryError(FincryptError):
+    """No usable mediator was found through the DHT, or a found one failed its identity check."""
+
+
+@dataclass(frozen=True)
+class VerifiedMediator:
+    """A mediator whose ``/v1/info`` identity matches the DHT record it announced."""
+
+    url: str
+    mediator_id: str
+    public_key: PublicKey
+
+
+async def resolve_peers(peers: Iterable[tuple[str, int]]) -> list[Address]:
+    """DHT peers as dotted IPv4 addresses; names are resolved, and one that does not resolve is logged, skipped."""
+    out: list[Address] = []
+    for host, port in peers:
+        try:
+            out.append((str(ipaddress.IPv4Address(host)), port))
+            continue
+        except ValueError:
+            pass
+        try:
+            infos = await trio.socket.getaddrinfo(host, port, family=stdlib_socket.AF_INET,
+                                                  type=stdlib_socket.SOCK_DGRAM)
+        except OSError as exc:
+            log.warning("DHT bootstrap peer %s:%d does not resolve: %s", host, port, exc)
+            continue
+        out.extend((str(info[4][0]), port) for info in infos[:1])
+    return out
+
+
+async def verify_mediator(http: httpx.AsyncClient, record: PeerRecord) -> VerifiedMediator:
+    """The mediator of ``record`` if the server at its URL has the record's identity; raises otherwise."""
+    url = record.url.rstrip("/")
+    info = await rpc.call_json(http, "GET", f"{url}/v1/info", timeout=INFO_TIMEOUT)
+    if info.get("mediator_id") != record.id or info.get("public_key") != record.public_key.to_text():
+        raise DiscoveryError(f"the DHT record for mediator {url} is signed by {record.id[:16]}… but the server "
+                             f"there identifies as {str(info.get('mediator_id'))[:16]}…; refusing it")
+    return VerifiedMediator(url, record.id, record.public_key)
+
+
+async def check_records(http: httpx.AsyncClient, records: Iterable[PeerRecord]) -> list[VerifiedMediator]:
+    """Verify up to MAX_CHECKED records at once; refusals are logged. Result is in the records' order."""
+    chosen = list(records)[:MAX_CHECKED]
+    results: list[VerifiedMediator | None] = [None] * len(chosen)
+
+    async def check(index: int, record: PeerRecord) -> None:
+        try:
+            results[index] = await verify_mediator(http, record)
+        except (rpc.PeerError, DiscoveryError) as exc:
+            log.warning("ignoring mediator record id=%s url=%s: %s", record.id[:16], record.url, exc)
+
+    async with trio.open_nursery() as nursery:
+        for index, record in enumerate(chosen):
+            nursery.start_soon(check, index, record)
+    return [m for m in results if m is not None]
+
+
+async def find_verified_mediators(node: DhtNode, http: httpx.AsyncClient, *, key: bytes = MEDIATORS_KEY
+                                  ) -> list[VerifiedMediator]:
+    """Mediators announced under ``key`` whose servers confirm the announced identity."""
+    return await check_records(http, await node.find_mediators(key=key))
+
+
+def client_listen(peers: Iterable[Address]) -> Address:
+    """Loopback when every peer is on loopback (the devnet), else all interfaces; port 0 either way."""
+    loopback = all(ipaddress.IPv4Address(host).is_loopback for host, _ in peers)
+    return ("127.0.0.1", 0) if loopback else ("0.0.0.0", 0)
+
+
+async def discover_mediator(bootstrap: Iterable[tuple[str, int]], *, timeout: float = CLIENT_TIMEOUT,
+                            params: DhtParams | None = None) -> VerifiedMediator:
+    """Join the DHT through ``bootstrap`` with a throwaway identity and return a verified mediator."""
+    given = list(bootstrap)
+    peers = await resolve_peers(given)
+    where = ", ".join(f"{h}:{p}" for h, p in given) or "none"
+    if not peers:
+        raise DiscoveryError(f"no DHT bootstrap peer could be resolved (FINCRYPT_DHT_BOOTSTRAP: {where})")
+    found: list[VerifiedMediator] = []
+    joined = 0
+    async with rpc.new_client() as http, trio.open_nursery() as nursery:
+        with trio.move_on_after(timeout):
+            start = functools.partial(run_dht, params=params or DhtParams())
+            node = await nursery.start(start, SigningKey.generate(), client_listen(peers), peers)
+            joined = len(node.table)
+            if joined:
+                found = await find_verified_mediators(node, http)
+        nursery.cancel_scope.cancel()
+    if not joined:
+        raise DiscoveryError(f"no DHT peer answered (FINCRYPT_DHT_BOOTSTRAP: {where}); check the addresses and "
+                             "that UDP is not blocked, or set FINCRYPT_MEDIATOR_URL")
+    if not found:
+        raise DiscoveryError(f"no mediator whose identity checks out was found through the DHT (bootstrap peers: "
+                             f"{where}); try again later or set FINCRYPT_MEDIATOR_URL")
+    return found[0]

@@ -1,0 +1,63 @@
+"""Mediators found through the DHT: the node runs a DHT node with its own identity and announces itself to
+every mediator it finds there whose ``/v1/info`` identity matches its signed record (see fincryptfs.discovery).
+
+With ``STORAGED_MEDIATORS`` set the DHT is an additional source; with it empty, the DHT is the only one. Each
+mediator found gets the same ``announce_loop`` (interval, backoff) as a configured one. Finding nothing is not
+an error: the node logs it and looks again with exponential backoff (1 s up to the announce interval), joining
+through the bootstrap peers again while its routing table is empty.
+"""
+
+from __future__ import annotations
+
+import logging
+
+import httpx
+import trio
+
+from fincryptfs.dht.node import DhtNode, run_dht
+from fincryptfs.discovery import find_verified_mediators, resolve_peers
+
+from .service import StorageService
+
+log = logging.getLogger(__name__)
+
+MAX_DISCOVERED = 16  # mediators announced to through the DHT; bounds what forged records can make us do
+
+
+async def discovery_loop(service: StorageService, client: httpx.AsyncClient, *,
+                         task_status: trio.TaskStatus[DhtNode] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the DHT node and the announce loops of the mediators it finds, until cancelled."""
+    settings = service.settings
+    assert settings.dht_listen is not None
+    peers = await resolve_peers(settings.dht_bootstrap)
+    async with trio.open_nursery() as nursery:
+        node: DhtNode = await nursery.start(run_dht, service.key, settings.dht_listen, peers)
+        log.info("DHT node listening address=%s:%d peers=%d", *node.address, len(node.table))
+        task_status.started(node)
+        known_urls = set(settings.mediators)
+        known_ids: set[str] = set()
+        interval = settings.announce_interval
+        delay = min(1.0, interval)
+        while True:
+            if settings.dht_bootstrap and not len(node.table):
+                peers = await resolve_peers(settings.dht_bootstrap)
+                await node.bootstrap(peers)
+            found = await find_verified_mediators(node, client)
+            for mediator in found:
+                if mediator.url in known_urls or mediator.mediator_id in known_ids:
+                    continue
+                if len(known_ids) >= MAX_DISCOVERED:
+                    log.warning("not announcing to more than %d mediators found through the DHT", MAX_DISCOVERED)
+                    break
+                known_urls.add(mediator.url)
+                known_ids.add(mediator.mediator_id)
+                log.info("found mediator through the DHT url=%s mediator_id=%s", mediator.url,
+                         mediator.mediator_id[:16])
+                nursery.start_soon(service.announce_loop, client, mediator.url)
+            if found or known_ids:
+                delay = min(1.0, interval)
+                await trio.sleep(interval)
+            else:
+                log.info("no mediator found through the DHT yet dht_peers=%d retry_in=%.1fs", len(node.table), delay)
+                await trio.sleep(delay)
+                delay = min(delay * 2, interval)
