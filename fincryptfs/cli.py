@@ -265,7 +265,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         for inode in meta.files(db):
             object_id = json.loads(inode.object)["object_id"] if inode.object else None
             files.append({"path": meta.path_of(db, inode.ino), "size": inode.size, "state": inode.state,
-                          "object_id": object_id, "shares_healthy": None, "shares_total": None})
+                          "object_id": object_id, "shares_healthy": None, "shares_total": None,
+                          "health": None})
         failed = meta.failed_uploads(db)
         report: dict[str, Any] = {
             "pending_uploads": len(pending),
@@ -293,6 +294,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         print(f"upload problem: {err['path']}: {err['error']}")
     for f in files:
         health = f"{f['shares_healthy']}/{f['shares_total']}" if f["shares_total"] is not None else "-"
+        if f["health"] not in (None, "healthy"):
+            health += f" {f['health']}"
         print(f"{f['state']:8} {health:>6} {f['size']:>14} {f['path']}")
     return 0
 
@@ -321,6 +324,7 @@ async def _add_health(settings: ClientSettings, files: list[dict[str, Any]]) -> 
                     health = await store.health(entry["object_id"])
                     entry["shares_healthy"] = int(health["healthy"])
                     entry["shares_total"] = int(health["total"])
+                    entry["health"] = str(health["state"])
                 except (FincryptError, KeyError, ValueError, TypeError) as exc:
                     errors.append(str(exc))
 
