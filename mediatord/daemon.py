@@ -8,6 +8,7 @@ pass. Cancelling the nursery stops everything; nothing outlives it.
 
 from __future__ import annotations
 
+import ipaddress
 import logging
 import os
 import time
@@ -70,12 +71,22 @@ async def housekeeping_loop(service: MediatorService, client: httpx.AsyncClient)
         await trio.sleep(interval)
 
 
+def _is_loopback(host: str) -> bool:
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return host == "localhost"
+
+
 async def announce_in_dht(service: MediatorService, url: str, *,
                           task_status: trio.TaskStatus[DhtNode] = trio.TASK_STATUS_IGNORED) -> None:
     """Run a DHT node with the mediator's identity and announce ``url`` under the mediators key (and the
     region's key if set); the node re-announces by itself. Reports the node once the first announce is done."""
     settings = service.settings
     assert settings.dht_listen is not None
+    if _is_loopback(httpx.URL(url).host) and not _is_loopback(settings.dht_listen[0]):
+        log.warning("announcing the loopback URL %s in the DHT: nobody else can reach it; set MEDIATORD_PUBLIC_URL",
+                    url)
     peers = await resolve_peers(settings.dht_bootstrap)
     async with trio.open_nursery() as nursery:
         node: DhtNode = await nursery.start(run_dht, service.key, settings.dht_listen, peers)
