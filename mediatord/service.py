@@ -111,7 +111,7 @@ class MediatorService:
         return {"mediator_id": self.id, "public_key": self.key.public.to_text(),
                 "min_expansion": f"{self.settings.min_expansion:g}",
                 "audit_period": f"{self.settings.audit_period:g}", "price": self.pricing.client_price(market),
-                "pricing": self.pricing.name}
+                "bid": self.pricing.node_price(None, market), "pricing": self.pricing.name}
 
     # --- accounts -------------------------------------------------------------------------------------------
 

@@ -52,7 +52,8 @@ def _status(settings: StorageSettings) -> dict[str, object]:
             store.account_existing(folder, used)
         return {"node_id": key.id, "shares": shares, "bytes_stored": stored, "free_bytes": store.free_bytes(),
                 "capacity_bytes": store.capacity_bytes(),
-                "mediators": [m.url for m in db.trusted_mediators()]}
+                "mediators": [m.url for m in db.trusted_mediators()],
+                "earnings": [e.to_json() for e in db.earnings()]}
     finally:
         db.close()
 
@@ -84,7 +85,11 @@ def main(argv: list[str] | None = None) -> int:
                 print(dumps(info))
             else:
                 for name, value in info.items():
-                    print(f"{name}: {value}")
+                    if name != "earnings":
+                        print(f"{name}: {value}")
+                for e in info["earnings"]:  # type: ignore[attr-defined]
+                    print(f"earnings from {e['url']}: earned {e['earned_msat']} msat, pending {e['pending_msat']} "
+                          f"msat (paid at {e['payout_threshold_msat']}), paid {e['paid_msat']} msat")
         else:
             trio.run(_run, settings)
     except ConfigError as exc:

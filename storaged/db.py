@@ -19,6 +19,8 @@ from pathlib import Path
 from fincryptfs.core.errors import ReplayError
 from fincryptfs.core.ids import ShareId
 
+from .earnings import Earnings
+
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS shares (
     share_id TEXT PRIMARY KEY,
@@ -40,6 +42,15 @@ CREATE TABLE IF NOT EXISTS mediators (
     public_key TEXT NOT NULL,
     url TEXT NOT NULL,
     announced_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS earnings (
+    mediator_id TEXT PRIMARY KEY,
+    url TEXT NOT NULL,
+    earned_msat INTEGER NOT NULL,
+    pending_msat INTEGER NOT NULL,
+    paid_msat INTEGER NOT NULL,
+    payout_threshold_msat INTEGER NOT NULL,
+    updated_at INTEGER NOT NULL
 );
 """
 
@@ -139,7 +150,19 @@ class NodeDatabase:
                 "announced_at = excluded.announced_at",
                 (mediator.mediator_id, mediator.public_key, mediator.url, now))
 
+    def set_earnings(self, earnings: Earnings) -> None:
+        """The latest earnings a mediator reported (one row per mediator)."""
+        with self._lock:
+            self._writer.execute("INSERT OR REPLACE INTO earnings VALUES (?, ?, ?, ?, ?, ?, ?)",
+                                 (earnings.mediator_id, earnings.url, earnings.earned_msat, earnings.pending_msat,
+                                  earnings.paid_msat, earnings.payout_threshold_msat, earnings.updated_at))
+
     # --- reads (event loop thread, or a thread that holds no other reference) ---
+
+    def earnings(self) -> list[Earnings]:
+        return [Earnings(*row) for row in self._reader.execute(
+            "SELECT mediator_id, url, earned_msat, pending_msat, paid_msat, payout_threshold_msat, updated_at"
+            " FROM earnings ORDER BY mediator_id")]
 
     def grant_used(self, grant_id: str) -> bool:
         return self._reader.execute("SELECT 1 FROM used_grants WHERE grant_id = ?", (grant_id,)).fetchone() \

@@ -12,7 +12,7 @@ import os
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import httpx
 import trio
@@ -35,6 +35,7 @@ from fincryptfs.core.settings import StorageSettings
 from fincryptfs.core.wire import Envelope, ReplayGuard, decode_object
 
 from .db import STATE_CORRUPT, STATE_MISSING, STATE_OK, NodeDatabase, ShareRecord, TrustedMediator
+from .earnings import Earnings, render_metrics
 from .prover import OpenShare, ProvableShare, answer_challenge
 from .store import ShareFolder, ShareStore, ShareWriter
 
@@ -112,6 +113,7 @@ class StorageService:
         self._grants_in_flight: set[str] = set()
         self._shares_in_flight: set[str] = set()
         self.announced = trio.Event()
+        self.earnings: dict[str, Earnings] = {e.mediator_id: e for e in db.earnings()}
 
     # --- start-up -------------------------------------------------------------------------------------------
 
@@ -156,8 +158,24 @@ class StorageService:
         except RemoteProtocolError as exc:
             raise rpc.PeerError(f"mediator {mediator_url} sent a malformed announce answer: {exc}") from exc
         log.info("announced mediator=%s mediator_id=%s", mediator_url, mediator_id[:16])
+        if "earnings" in answer:
+            self._record_earnings(mediator_id, mediator_url, answer["earnings"])
         self.announced.set()
         return mediator_id
+
+    def _record_earnings(self, mediator_id: str, url: str, obj: object) -> None:
+        """Keep the mediator's latest word on what we earned (written only when it changed)."""
+        try:
+            new = Earnings.from_answer(mediator_id, url, obj, int(self.clock()))
+        except RemoteProtocolError as exc:
+            log.warning("ignoring earnings mediator=%s error=%s", url, exc)
+            return
+        old = self.earnings.get(mediator_id)
+        if old is None or replace(old, updated_at=new.updated_at) != new:
+            self.db.set_earnings(new)
+            if old is not None and new.paid_msat > old.paid_msat:
+                log.info("paid by mediator=%s amount_msat=%d", mediator_id[:16], new.paid_msat - old.paid_msat)
+        self.earnings[mediator_id] = new
 
     async def announce_all(self, client: httpx.AsyncClient) -> dict[str, str | None]:
         """Announce to every configured mediator once (tests call this); url → mediator id or None if failed."""
@@ -449,4 +467,5 @@ class StorageService:
 
     def metrics_text(self) -> str:
         shares, stored = self.db.totals()
-        return self.metrics.render(shares, stored, self.store.free_bytes())
+        lines = render_metrics(sorted(self.earnings.values(), key=lambda e: e.mediator_id))
+        return self.metrics.render(shares, stored, self.store.free_bytes()) + "\n".join(lines) + "\n"
