@@ -21,6 +21,7 @@ import trio
 from netfixtures import start_network
 
 from fincryptfs import rpc
+from fincryptfs.core.crypto import new_master_key, recovery_phrase
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.devnet import wait_for_devnet
 from fincryptfs.dht.node import DhtParams, run_dht
@@ -110,7 +111,7 @@ async def test_storage_node_with_unreachable_dht_keeps_serving(tmp_path: Path, n
     await net.wait_listed(1)  # the configured mediator is still announced to
 
 
-async def test_client_init_writes_the_discovered_mediator(tmp_path: Path, nursery: trio.Nursery) -> None:
+async def test_client_init_and_restore_write_the_discovered_mediator(tmp_path: Path, nursery: trio.Nursery) -> None:
     """``fincryptfs init`` with no mediator but a bootstrap peer finds one and writes it to the settings."""
     dht_port = free_udp_port("127.0.0.1")
     net = await start_network(tmp_path, nursery, nodes=0, MEDIATORD_DHT_LISTEN=f"127.0.0.1:{dht_port}")
@@ -124,6 +125,17 @@ async def test_client_init_writes_the_discovered_mediator(tmp_path: Path, nurser
     assert f"Found mediator {net.mediator_url}" in result.stdout.decode()
     assert f"FINCRYPT_MEDIATOR_URL={net.mediator_url}\n" in env_file.read_text()
     assert (tmp_path / "client" / "master.key").exists()
+
+    # restore on a new machine: --mediator is optional when a bootstrap peer is set
+    phrase_file = tmp_path / "phrase.txt"
+    phrase_file.write_text(recovery_phrase(new_master_key()) + "\n")
+    env2 = tmp_path / "client2.env"
+    env2.write_text(f"FINCRYPT_DHT_BOOTSTRAP=127.0.0.1:{dht_port}\nFINCRYPT_DATA_DIR={tmp_path / 'client2'}\n")
+    result = await trio.run_process(
+        [sys.executable, "-m", "fincryptfs.cli", "restore", "--env-file", str(env2), "--no-passphrase",
+         "--phrase-file", str(phrase_file)], env=clean, capture_stdout=True, capture_stderr=True, check=False)
+    assert result.returncode == 0, result.stderr.decode()
+    assert f"FINCRYPT_MEDIATOR_URL={net.mediator_url}\n" in env2.read_text()
 
 
 @pytest.mark.e2e
