@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -18,6 +17,7 @@ import trio
 from fincryptfs.asgi import dumps
 from fincryptfs.core.errors import FincryptError
 from fincryptfs.core.settings import MediatorSettings, read_env_file
+from fincryptfs.run_daemon import run_until_signalled
 from mediatord import __version__
 
 if TYPE_CHECKING:
@@ -32,14 +32,7 @@ def load_settings(env_file: Path | None) -> MediatorSettings:
 
 async def run(settings: MediatorSettings) -> None:
     from .daemon import serve
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve, settings)
-            print(f"mediatord listening on {url}", flush=True)
-            async for signum in signals:
-                logging.getLogger(__name__).info("signal %d: stopping", signum)
-                nursery.cancel_scope.cancel()
-                break
+    await run_until_signalled(serve, settings, "mediatord")
 
 
 def status(settings: MediatorSettings, as_json: bool) -> int:

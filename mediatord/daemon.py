@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import ipaddress
 import logging
-import os
 import time
 from pathlib import Path
 
@@ -18,11 +17,12 @@ import httpx
 import trio
 
 from fincryptfs.asgi import serve_app
-from fincryptfs.core.identity import SigningKey, decode_identity_file, encode_identity_file
+from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.settings import MediatorSettings
 from fincryptfs.dht.node import DhtNode, run_dht
 from fincryptfs.dht.records import mediators_key
 from fincryptfs.discovery import resolve_peers
+from fincryptfs.identity_file import load_or_create_identity
 from fincryptfs.rpc import new_client
 
 from . import upkeep
@@ -38,16 +38,7 @@ DATABASE_FILE = "mediator.sqlite3"
 
 def load_identity(data_dir: Path) -> SigningKey:
     """The mediator's key, created (mode 0600) on first start."""
-    path = data_dir / IDENTITY_FILE
-    if path.exists():
-        return decode_identity_file(path.read_bytes(), source=str(path))
-    key = SigningKey.generate()
-    fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(fd, "wb") as handle:
-        handle.write(encode_identity_file(key))
-        handle.flush()
-        os.fsync(handle.fileno())
-    return key
+    return load_or_create_identity(data_dir / IDENTITY_FILE, "mediator")
 
 
 def open_service(settings: MediatorSettings) -> MediatorService:

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import logging
-import signal
 import sys
 from pathlib import Path
 
@@ -13,6 +12,7 @@ import trio
 from fincryptfs.asgi import dumps
 from fincryptfs.core.errors import ConfigError, FincryptError
 from fincryptfs.core.settings import StorageSettings, read_env_file
+from fincryptfs.run_daemon import run_until_signalled
 from storaged import __version__
 
 from .daemon import DATABASE_FILE, load_or_create_identity, prepare_data_dir, serve
@@ -27,14 +27,7 @@ def load_settings(env_file: Path | None) -> StorageSettings:
 
 
 async def _run(settings: StorageSettings) -> None:
-    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            url = await nursery.start(serve, settings)
-            print(f"storaged listening on {url}", flush=True)
-            async for signum in signals:
-                log.info("stopping on signal=%s", signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+    await run_until_signalled(serve, settings, "storaged")
 
 
 def _status(settings: StorageSettings) -> dict[str, object]:

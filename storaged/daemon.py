@@ -5,7 +5,6 @@ nursery. ``serve`` reports the bound base URL through ``task_status`` so tests c
 from __future__ import annotations
 
 import logging
-import os
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
@@ -14,8 +13,9 @@ import trio
 
 from fincryptfs import rpc
 from fincryptfs.asgi import serve_app
-from fincryptfs.core.identity import SigningKey, decode_identity_file, encode_identity_file
+from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.settings import StorageSettings
+from fincryptfs.identity_file import load_or_create_identity as load_identity_file
 
 from .app import build_app
 from .db import NodeDatabase
@@ -31,20 +31,7 @@ DATABASE_FILE = "storaged.sqlite3"
 
 def load_or_create_identity(data_dir: Path) -> SigningKey:
     """The node's Ed25519 key; created (mode 0600, fsynced) on first start."""
-    path = data_dir / IDENTITY_FILE
-    if path.exists():
-        return decode_identity_file(path.read_bytes(), source=str(path))
-    key = SigningKey.generate()
-    temp = path.with_suffix(".tmp")
-    fd = os.open(temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
-    try:
-        os.write(fd, encode_identity_file(key))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(temp, path)
-    log.info("created node identity node_id=%s file=%s", key.id, path)
-    return key
+    return load_identity_file(data_dir / IDENTITY_FILE, "node")
 
 
 def prepare_data_dir(settings: StorageSettings) -> None:

@@ -1,0 +1,27 @@
+"""Run a daemon's ``serve`` in the foreground until SIGINT or SIGTERM, then stop it cleanly.
+
+Both daemons' CLIs use this, so Ctrl-C and ``kill`` behave the same for every Fincrypt process: the signal
+cancels the one nursery, every task unwinds through its ``finally`` blocks, and the process exits 0.
+"""
+
+from __future__ import annotations
+
+import logging
+import signal
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import trio
+
+log = logging.getLogger(__name__)
+
+
+async def run_until_signalled(serve: Callable[..., Awaitable[Any]], settings: Any, name: str) -> None:
+    with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+        async with trio.open_nursery() as nursery:
+            url = await nursery.start(serve, settings)
+            print(f"{name} listening on {url}", flush=True)
+            async for signum in signals:
+                log.info("%s: stopping on %s", name, signal.Signals(signum).name)
+                nursery.cancel_scope.cancel()
+                break
