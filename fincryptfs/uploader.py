@@ -11,9 +11,8 @@ from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Callable, Iterator, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -24,7 +23,7 @@ from .core.crypto import new_file_key
 from .core.errors import FincryptError, RemoteProtocolError
 from .core.ids import NodeId, ObjectId, new_object_id, new_share_id
 from .core.layout import ObjectLayout
-from .core.merkle import RootBuilder
+from .core.merkle import HashedChunk, RootBuilder, hash_chunk
 from .core.messages import (
     CommitRequest,
     CommittedShare,
@@ -34,7 +33,7 @@ from .core.messages import (
     StorageReceipt,
     UploadGrant,
 )
-from .core.objectcodec import encode_segment_blocks, padded_segments, plan_object
+from .core.objectcodec import encode_segment_blocks, plan_object, segment_plaintext
 from .core.wire import Envelope, decode_object
 from .objectstore import FileChangedError, ShareRef, StoredObject, UploadError
 from .rpc import PeerError
@@ -44,8 +43,9 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PIPELINE_DEPTH = 2  # segments encoded at once: one per core
-STREAM_CHUNK = 256 * 1024
+PIPELINE_DEPTH = 2  # segments decoded at once: one per core
+ORDERED_WINDOW = 4  # segments in flight in run_ordered: both cores stay busy while the event loop catches up
+STREAM_CHUNK = 2**20  # large reads and sends: each costs a thread round trip and a few syscalls
 T = TypeVar("T")
 
 
@@ -83,24 +83,66 @@ class EncodedObject:
     spool_paths: tuple[Path, ...]
 
 
-def _take(items: Iterator[bytes], count: int) -> list[bytes]:
-    return [next(items) for _ in range(count)]
-
-
-def _write_all(fd: int, data: bytes) -> None:
+def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
-        view = view[os.write(fd, view):]
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def _open_spool(path: Path) -> int:
     return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
 
 
+async def run_ordered(cpu: trio.CapacityLimiter, count: int, job: Callable[[int], T],
+                      consume: Callable[[int, T], Awaitable[None]], window: int = ORDERED_WINDOW) -> None:
+    """``consume(i, job(i))`` for i in 0..count-1 in order, the jobs in worker threads, at most ``window`` ahead.
+
+    Unlike batches of ``run_in_threads``, no core idles while a batch's slowest job finishes or while the
+    consumer works; memory stays bounded by ``window`` results. The first expected error is raised as is.
+    """
+    results: dict[int, T | BaseException] = {}
+    done: dict[int, trio.Event] = {}
+    slots = trio.Semaphore(window)
+
+    async def run(i: int) -> None:
+        try:
+            results[i] = await trio.to_thread.run_sync(job, i, limiter=cpu)
+        except (OSError, ValueError, FincryptError) as exc:
+            results[i] = exc
+        done.setdefault(i, trio.Event()).set()
+
+    async def start_all(nursery: trio.Nursery) -> None:
+        for i in range(count):
+            await slots.acquire()
+            nursery.start_soon(run, i)
+
+    failed: BaseException | None = None
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(start_all, nursery)
+        for i in range(count):
+            await done.setdefault(i, trio.Event()).wait()
+            del done[i]
+            result = results.pop(i)
+            slots.release()
+            if isinstance(result, BaseException):
+                failed = result
+                nursery.cancel_scope.cancel()
+                break
+            await consume(i, result)
+    if failed is not None:
+        raise failed
+
+
 async def encode_to_spool(path: Path, *, spool_dir: Path, segment_size: int, k: int, n: int,
                           cpu: trio.CapacityLimiter, spool_paths: list[Path],
                           progress: Callable[[int], None] | None = None) -> EncodedObject:
-    """Encode ``path`` into n spool files (appended to ``spool_paths`` as created, so the caller cleans up)."""
+    """Encode ``path`` into n spool files (appended to ``spool_paths`` as created, so the caller cleans up).
+
+    Each segment is one job in a worker thread: read, seal, erasure-code, write block i at its offset in
+    spool file i, and hash the whole leaves of every block (``merkle.hash_chunk``). The event loop only feeds
+    the n RootBuilders in segment order, where at most one leaf per block straddles a segment boundary.
+    """
     fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
     outs: list[int] = []
     try:
@@ -114,33 +156,32 @@ async def encode_to_spool(path: Path, *, spool_dir: Path, segment_size: int, k: 
             outs.append(_open_spool(spool))
             spool_paths.append(spool)
         builders = [RootBuilder() for _ in range(n)]  # O(log size) memory each
-        segments = padded_segments(layout, size, lambda off, length: os.pread(fd, length, off))
 
-        def encode(index: int, plaintext: bytes) -> list[bytes]:
-            return encode_segment_blocks(file_key, object_id, layout, index, plaintext)
+        def read(offset: int, length: int) -> bytes:
+            return os.pread(fd, length, offset)
 
-        # Spool appends and Merkle hashing of the n shares run in PIPELINE_DEPTH threads, each owning some shares.
-        groups = [list(range(g, n, PIPELINE_DEPTH)) for g in range(min(PIPELINE_DEPTH, n))]
-
-        def append(group: list[int], batch: list[list[bytes]]) -> None:
-            for blocks in batch:
-                for i in group:
-                    _write_all(outs[i], blocks[i])
-                    builders[i].update(blocks[i])
-
-        for start in range(0, layout.segment_count, PIPELINE_DEPTH):
-            indices = range(start, min(start + PIPELINE_DEPTH, layout.segment_count))
+        def encode(index: int) -> list[HashedChunk]:
             try:
-                plaintexts = await trio.to_thread.run_sync(_take, segments, len(indices), limiter=cpu)
+                plaintext = segment_plaintext(layout, size, index, read)
             except OSError as exc:
                 raise FileChangedError(f"{path} changed while it was being backed up ({exc}); "
                                        "it will be uploaded again once it is quiet") from exc
-            batch = await run_in_threads(cpu, [partial(encode, i, p) for i, p in zip(indices, plaintexts, strict=True)])
-            del plaintexts
-            await run_in_threads(cpu, [partial(append, g, batch) for g in groups])
-            del batch
+            blocks = encode_segment_blocks(file_key, object_id, layout, index, plaintext)
+            del plaintext
+            offset = layout.block_offset(index)
+            hashed = []
+            for out, block in zip(outs, blocks, strict=True):
+                _pwrite_all(out, block, offset)
+                hashed.append(hash_chunk(offset, block))
+            return hashed
+
+        async def feed(index: int, hashed: list[HashedChunk]) -> None:
+            for builder, chunk in zip(builders, hashed, strict=True):
+                builder.update_hashed(chunk)
             if progress is not None:
-                progress(min(size, (indices[-1] + 1) * segment_size))
+                progress(min(size, (index + 1) * segment_size))
+
+        await run_ordered(cpu, layout.segment_count, encode, feed)
         after = os.fstat(fd)
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
             raise FileChangedError(f"{path} changed while it was being backed up (size {before.st_size} → "
@@ -160,9 +201,15 @@ async def encode_to_spool(path: Path, *, spool_dir: Path, segment_size: int, k: 
 
 
 async def _spool_chunks(path: Path) -> AsyncIterator[bytes]:
-    async with await trio.open_file(path, "rb") as f:
-        while chunk := await f.read(STREAM_CHUNK):
+    """The spool file in STREAM_CHUNK reads, each in a worker thread (a read from disk may block)."""
+    fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+    try:
+        offset = 0
+        while chunk := await trio.to_thread.run_sync(os.pread, fd, STREAM_CHUNK, offset):
+            offset += len(chunk)
             yield chunk
+    finally:
+        os.close(fd)
 
 
 async def put_share(http: httpx.AsyncClient, placement: Placement, spec: ShareSpec, spool: Path) -> CommittedShare:

@@ -71,10 +71,26 @@ def _decoder(k: int, n: int) -> zfec.Decoder:
 
 def encode_segment(params: ErasureParams, sealed: bytes) -> list[bytes]:
     """The n blocks of one sealed segment, block i for share i."""
-    size = block_length(len(sealed), params.k)
-    padded = bytes(sealed) + bytes(size * params.k - len(sealed))
-    primary = tuple(padded[i * size:(i + 1) * size] for i in range(params.k))
-    return [bytes(b) for b in _encoder(params.k, params.n).encode(primary)]
+    return [bytes(b) for b in encode_segment_views(params, sealed)]
+
+
+def encode_segment_views(params: ErasureParams, sealed: bytes | memoryview) -> list[bytes | memoryview]:
+    """``encode_segment`` without copying: the primary blocks are views into ``sealed`` where they fit whole.
+
+    For pipelines that write and hash the blocks at once: copying the segment into fresh buffers, and having
+    zfec return the k primary blocks it was given, cost as much time as the parity itself.
+    """
+    k, n = params.k, params.n
+    size = block_length(len(sealed), k)
+    view = memoryview(sealed).cast("B")
+    whole = min(k, len(view) // size)
+    blocks: list[bytes | memoryview] = [view[i * size:(i + 1) * size] for i in range(whole)]
+    if whole < k:
+        rest = bytes(view[whole * size:])
+        blocks.append(rest + bytes(size - len(rest)))
+        blocks.extend(bytes(size) for _ in range(k - whole - 1))
+    blocks.extend(_encoder(k, n).encode(blocks, list(range(k, n))))
+    return blocks
 
 
 def decode_segment(params: ErasureParams, blocks: Mapping[int, bytes], sealed_length: int) -> bytes:

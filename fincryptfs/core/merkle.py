@@ -188,6 +188,36 @@ class TreeBuilder:
         return MerkleTree.from_leaf_hashes(self._size, hashes)
 
 
+@dataclass(frozen=True)
+class HashedChunk:
+    """Bytes at some offset of a share, with the hashes of the whole leaves inside already computed.
+
+    Lets a worker thread hash most of an encoder's block (``hash_chunk``) while the thread that feeds a
+    RootBuilder in share order handles only ``head`` (the end of the leaf that straddles the chunk's start) and
+    ``tail`` (the start of the leaf that straddles its end).
+    """
+
+    head: bytes
+    leaf_hashes: tuple[bytes, ...]
+    tail: bytes
+
+    @property
+    def size(self) -> int:
+        return len(self.head) + LEAF_SIZE * len(self.leaf_hashes) + len(self.tail)
+
+
+def hash_chunk(offset: int, data: bytes | memoryview) -> HashedChunk:
+    """Split ``data`` (share bytes starting at ``offset``) at leaf boundaries and hash the whole leaves."""
+    if offset < 0:
+        raise ValueError("offset must be >= 0")
+    view = memoryview(data)
+    end = offset + len(view)
+    first = min(-(-offset // LEAF_SIZE) * LEAF_SIZE, end)  # first leaf boundary at or after offset
+    last = max(first, end // LEAF_SIZE * LEAF_SIZE)  # last leaf boundary at or before end
+    hashes = tuple(hash_leaf(view[at - offset:at - offset + LEAF_SIZE]) for at in range(first, last, LEAF_SIZE))
+    return HashedChunk(bytes(view[:first - offset]), hashes, bytes(view[last - offset:]))
+
+
 class RootBuilder:
     """Just the root of a share's tree, from bytes fed in any chunking, in O(log size) memory.
 
@@ -228,6 +258,19 @@ class RootBuilder:
         for i in range(full):
             self._push(hash_leaf(view[i * LEAF_SIZE:(i + 1) * LEAF_SIZE]))
         self._pending += view[full * LEAF_SIZE:]
+
+    def update_hashed(self, chunk: HashedChunk) -> None:
+        """Same as ``update`` with the chunk's bytes, whose whole leaves were hashed elsewhere (``hash_chunk``)."""
+        if chunk.leaf_hashes:
+            if (self._size + len(chunk.head)) % LEAF_SIZE:
+                raise ValueError("chunk's leaf hashes do not start at a leaf boundary of this share")
+            self.update(chunk.head)
+            for digest in chunk.leaf_hashes:
+                self._push(digest)
+            self._size += LEAF_SIZE * len(chunk.leaf_hashes)
+        else:
+            self.update(chunk.head)
+        self.update(chunk.tail)
 
     def finish(self) -> bytes:
         """The root (as MerkleTree.root would give for the same bytes); the builder must not be used after."""

@@ -102,3 +102,11 @@ def test_block_length() -> None:
     assert erasure.block_length(1, 3) == 1
     assert erasure.block_length(9, 3) == 3
     assert erasure.block_length(10, 3) == 4
+
+
+@settings(max_examples=100, deadline=None)
+@given(params(), st.binary(max_size=3000))
+def test_views_equal_copies(p: ErasureParams, sealed: bytes) -> None:
+    views = erasure.encode_segment_views(p, sealed)
+    assert [bytes(v) for v in views] == erasure.encode_segment(p, sealed)
+    assert all(len(v) == erasure.block_length(len(sealed), p.k) for v in views)
