@@ -283,10 +283,13 @@ def cmd_status(args: argparse.Namespace) -> int:
     cache_used = sum(p.stat().st_size for p in settings.cache_dir.glob("[0-9]*")) if settings.cache_dir.exists() else 0
     report["cache"] = {"bytes": cache_used, "limit_bytes": settings.cache_limit_bytes}
     report["mediator"] = trio.run(_add_health, settings, files)
+    report["account"] = trio.run(_account_state, settings)
     if args.json:
         print(json.dumps(report, indent=1))
         return 0
     print(f"mediator: {report['mediator']}")
+    for line in _account_lines(report["account"]):
+        print(line)
     print(f"pending uploads: {report['pending_uploads']}  pending deletions: {report['pending_deletes']}  "
           f"tree version {meta_version} (published {published})")
     print(f"cache: {cache_used / 2**20:.1f} MiB of {settings.cache_limit_bytes / 2**20:.0f} MiB")
@@ -334,6 +337,61 @@ async def _add_health(settings: ClientSettings, files: list[dict[str, Any]]) -> 
                     if entry["object_id"] is not None:
                         nursery.start_soon(one, entry)
     return f"{settings.mediator_url} ({len(errors)} error(s): {errors[0]})" if errors else settings.mediator_url
+
+
+ACCOUNT_FIELDS = ("deposit_address", "network", "balance_msat", "burn_rate_msat_per_hour", "time_left_seconds",
+                  "low_balance", "uploads_refused", "out_of_funds_since", "grace_ends_at", "pending_deposits_sat")
+
+
+async def _account_state(settings: ClientSettings) -> dict[str, Any] | None:
+    """The prepaid account as the mediator sees it (GET /v1/account), or ``{"error"}``; None if no mediator."""
+    from . import rpc
+    from .core.crypto import account_signing_key
+    from .mediator_client import MediatorClient
+
+    if settings.mediator_url is None:
+        return None
+    try:
+        master_key = _master_key(settings, interactive=False)
+        async with rpc.new_client() as http:
+            answer = await MediatorClient(url=settings.mediator_url, account_key=account_signing_key(master_key),
+                                          http=http).account()
+    except FincryptError as exc:
+        return {"error": str(exc)}
+    return {name: answer.get(name) for name in ACCOUNT_FIELDS}
+
+
+def _account_lines(account: dict[str, Any] | None) -> list[str]:
+    """``fincryptfs status`` text: balance, burn rate, time left, where to deposit, and a warning if due."""
+    if account is None:
+        return []
+    if "error" in account:
+        return [f"account: not checked: {account['error']}"]
+    balance, rate, left = account["balance_msat"], account["burn_rate_msat_per_hour"], account["time_left_seconds"]
+    lines = [f"account: balance {balance // 1000:,} sat ({balance:,} msat), burn rate {rate:,} msat/hour, "
+             + ("nothing stored yet" if left is None else f"time left {_duration(left)}"),
+             f"deposit address ({account['network']}): {account['deposit_address'] or 'none yet (store a file first)'}"]
+    if account["pending_deposits_sat"]:
+        lines.append(f"deposits waiting for confirmations: {account['pending_deposits_sat']:,} sat")
+    if account["uploads_refused"]:
+        lines.append(f"WARNING: prepaid balance exhausted: new uploads are refused until you deposit to "
+                     f"{account['deposit_address']}; your files stay safe here and upload once it confirms")
+    elif account["out_of_funds_since"] is not None:
+        lines.append(f"WARNING: prepaid balance exhausted: deposit to {account['deposit_address']} before "
+                     f"{time.strftime('%Y-%m-%d %H:%M', time.localtime(account['grace_ends_at']))} or new "
+                     "uploads will be refused")
+    elif account["low_balance"]:
+        lines.append(f"WARNING: low balance: about {_duration(left)} of storage left; deposit to "
+                     f"{account['deposit_address']}")
+    return lines
+
+
+def _duration(seconds: int) -> str:
+    if seconds >= 2 * 86400:
+        return f"{seconds // 86400} days"
+    if seconds >= 2 * 3600:
+        return f"{seconds // 3600} hours"
+    return f"{seconds // 60} minutes"
 
 
 def cmd_devnet(args: argparse.Namespace) -> int:

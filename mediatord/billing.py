@@ -214,11 +214,12 @@ def account_standing(db: MediatorDB, pricing: PricingScheme, settings: MediatorS
 
 def refuse_uploads_after_grace(db: MediatorDB, settings: MediatorSettings, account_id: str, now: float) -> None:
     """402 once an account has been out of funds for longer than the grace period (stored data stays)."""
-    _address, out_since, _warned = db.account_billing(account_id)
+    address, out_since, _warned = db.account_billing(account_id)
     if out_since is not None and now >= out_since + settings.grace_period:
-        raise PolicyError(f"this account ran out of funds {int(now - out_since)} s ago and its grace period of "
-                          f"{int(settings.grace_period)} s is over: new uploads are refused until you deposit to "
-                          "your deposit address (GET /v1/account); stored data is kept", status=402)
+        raise PolicyError(f"prepaid balance exhausted: deposit to {address or 'your deposit address (GET /v1/account)'}"
+                          f" (this account ran out of funds {int(now - out_since)} s ago and its grace period of "
+                          f"{int(settings.grace_period)} s is over: new uploads are refused until a deposit is "
+                          "credited; stored data is kept)", status=402)
 
 
 def low_balance_warnings(db: MediatorDB, pricing: PricingScheme, settings: MediatorSettings, now: float

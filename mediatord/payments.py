@@ -166,6 +166,8 @@ async def payments_pass(payments: Payments, client: httpx.AsyncClient | None, no
     db, settings, pricing = payments.db, payments.settings, payments.pricing
     deposited = await scan_deposits(payments, now)
     period = billing.bill_due_periods(db, pricing, settings.billing_period, now)
+    for account_id in period.ran_out if period else ():
+        await payments.deposit_address(account_id)  # so that the 402 and the warning can say where to pay
     credits = billing.credit_passes(db, pricing, settings, now)
     warned = billing.low_balance_warnings(db, pricing, settings, now)
     if client is not None and settings.low_balance_webhook:
