@@ -15,7 +15,6 @@ import math
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
-from functools import partial
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -30,7 +29,7 @@ from .core.wire import b64decode, decode_object
 from .mediator_client import ObjectInfo
 from .objectstore import ReadError, StoredObject
 from .rpc import PeerError, signed_headers
-from .uploader import PIPELINE_DEPTH, run_in_threads
+from .uploader import pwrite_all, run_ordered
 
 if TYPE_CHECKING:
     from .objectstore import ObjectStore
@@ -205,26 +204,53 @@ class ObjectReader:
         return b"".join(parts)
 
     async def each_segment(self, segments: range, consume: Callable[[int, bytes], Awaitable[None]]) -> None:
-        """Call ``consume(index, plaintext)`` for every segment in order; memory bounded by one run."""
+        """Call ``consume(index, plaintext)`` for every segment in order.
+
+        The next run is fetched and verified while this one is decoded (segments in worker threads, in order,
+        ``run_ordered``), so the network and both cores stay busy; memory is bounded by two runs.
+        """
         layout, obj = self.layout, self.obj
-        for run in plan_runs(layout, segments, self.store.run_share_bytes):
-            ranges = await self.fetch_run(run)
+        runs = plan_runs(layout, segments, self.store.run_share_bytes)
+        send, recv = trio.open_memory_channel[tuple[Run, dict[int, bytearray]]](0)
+        failed: list[BaseException] = []
 
-            def decode(index: int, ranges: dict[int, bytearray] = ranges, base: int = run.share_start) -> bytes:
-                start = layout.block_offset(index) - base
-                blocks = {i: bytes(data[start:start + layout.block_length(index)]) for i, data in ranges.items()}
-                try:
-                    return decode_segment_plaintext(obj.file_key, obj.object_id, layout, index, blocks)
-                except FincryptError as exc:
-                    raise ReadError(f"segment {index} of object {obj.object_id[:16]}… does not decrypt although "
-                                    f"its shares match the recorded roots (wrong key?): {exc}") from exc
+        async def fetch_all() -> None:
+            async with send:
+                for run in runs:
+                    try:
+                        ranges = await self.fetch_run(run)
+                    except (ReadError, PeerError) as exc:
+                        failed.append(exc)
+                        return
+                    await send.send((run, ranges))
 
-            for start in range(run.segments.start, run.segments.stop, PIPELINE_DEPTH):
-                batch = range(start, min(start + PIPELINE_DEPTH, run.segments.stop))
-                plaintexts = await run_in_threads(self.store.cpu, [partial(decode, i) for i in batch])
-                for index, plaintext in zip(batch, plaintexts, strict=True):
-                    await consume(index, plaintext)
-            ranges.clear()
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(fetch_all)
+            async with recv:
+                async for run, ranges in recv:
+                    def decode(index: int, ranges: dict[int, bytearray] = ranges, base: int = run.share_start
+                               ) -> bytes:
+                        start = layout.block_offset(index) - base
+                        end = start + layout.block_length(index)
+                        blocks = {i: bytes(data[start:end]) for i, data in ranges.items()}
+                        try:
+                            return decode_segment_plaintext(obj.file_key, obj.object_id, layout, index, blocks)
+                        except FincryptError as exc:
+                            raise ReadError(f"segment {index} of object {obj.object_id[:16]}… does not decrypt "
+                                            f"although its shares match the recorded roots (wrong key?): {exc}"
+                                            ) from exc
+
+                    first = run.segments.start
+                    try:
+                        await run_ordered(self.store.cpu, len(run.segments), lambda i, d=decode, f=first: d(f + i),
+                                          lambda i, plaintext, f=first: consume(f + i, plaintext))
+                    except (FincryptError, OSError) as exc:  # raised here, not as a group from the nursery
+                        failed.append(exc)
+                        nursery.cancel_scope.cancel()
+                        break
+                    ranges.clear()
+        if failed:
+            raise failed[0]
 
 
 async def get_leaf_range(store: ObjectStore, url: str, limit: int) -> tuple[bytearray, str]:
@@ -273,13 +299,17 @@ async def fetch_to_file(store: ObjectStore, obj: StoredObject, dest: Path) -> No
     tmp = dest.with_name(f".{dest.name}.{os.urandom(4).hex()}.part")
     seg_size = obj.layout.segment_size
     try:
-        async with await trio.open_file(tmp, "wb") as out:
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
+        try:
             if obj.size:
                 async def write(index: int, plaintext: bytes) -> None:
-                    await out.write(plaintext[:max(0, obj.size - index * seg_size)])
+                    keep = memoryview(plaintext)[:max(0, obj.size - index * seg_size)]
+                    await trio.to_thread.run_sync(pwrite_all, fd, keep, index * seg_size)
 
                 reader = await ObjectReader.open(store, obj)
                 await reader.each_segment(obj.layout.segments_for_range(0, obj.size), write)
+        finally:
+            os.close(fd)
         os.replace(tmp, dest)
     finally:
         try:

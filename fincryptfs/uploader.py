@@ -83,7 +83,7 @@ class EncodedObject:
     spool_paths: tuple[Path, ...]
 
 
-def _pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
     view = memoryview(data)
     while view:
         written = os.pwrite(fd, view, offset)
@@ -125,11 +125,15 @@ async def run_ordered(cpu: trio.CapacityLimiter, count: int, job: Callable[[int]
             del done[i]
             result = results.pop(i)
             slots.release()
-            if isinstance(result, BaseException):
-                failed = result
-                nursery.cancel_scope.cancel()
-                break
-            await consume(i, result)
+            if not isinstance(result, BaseException):
+                try:
+                    await consume(i, result)
+                    continue
+                except (OSError, ValueError, FincryptError) as exc:
+                    result = exc
+            failed = result
+            nursery.cancel_scope.cancel()
+            break
     if failed is not None:
         raise failed
 
@@ -171,7 +175,7 @@ async def encode_to_spool(path: Path, *, spool_dir: Path, segment_size: int, k: 
             offset = layout.block_offset(index)
             hashed = []
             for out, block in zip(outs, blocks, strict=True):
-                _pwrite_all(out, block, offset)
+                pwrite_all(out, block, offset)
                 hashed.append(hash_chunk(offset, block))
             return hashed
 
