@@ -1,12 +1,21 @@
 """Throughput of a real mount over a real local network (one mediator, six storage nodes, all on loopback).
 
-Phases, each timed: write a large file and many small files into the mount (the write-back cache absorbs them);
-the same until ``fincryptfs flush`` returns (everything encrypted, erasure-coded, stored and the tree
-published); a cold read after unmounting and clearing the cache (every byte fetched from the nodes); a warm
-read. Beside them, ``cp -a`` of the same data to a plain folder, and gocryptfs / restic when installed.
-Reports MB/s, files/s and the mount process's peak RSS; the last line of output is one JSON object.
+Phases, each timed and printed separately:
 
-    python bench/mount_throughput.py [--large-mib 256] [--small-files 2000]
+* large file: ``cp`` into the mount (warm write: the write-back cache absorbs it), then until ``fincryptfs
+  flush`` returns (durable upload: encrypted, erasure-coded, fsynced on the nodes, committed, tree published);
+* small files: the same with ``cp -a`` of the small-file tree (files/s);
+* cold read: after unmounting and clearing the cache, every byte fetched from the nodes (large MB/s, small
+  files/s);
+* warm read of the large file from the local cache (page cache dropped first, as for the others).
+
+Beside them, measured in the same run on the same data: ``cp`` + ``sync`` to a plain folder, restic (backup of
+a fresh local repository + sync, restore after dropping the page cache) and gocryptfs (``cp`` into the mount +
+sync, ``cat`` after dropping the page cache). restic and gocryptfs are installed with apt-get when missing
+(``--no-install`` to skip). Reports MB/s, files/s, Fincrypt-to-peer ratios and the mount's peak RSS; the last
+line of output is one JSON object.
+
+    python bench/mount_throughput.py [--large-mib 256] [--small-files 2000] [--no-install]
 
 Needs root and /dev/fuse (as the mount does).
 """
@@ -60,9 +69,9 @@ def read_all(root: Path) -> int:
     return total
 
 
-def timed(fn: object, *args: object) -> float:
+def timed(fn: object, *args: object, **kwargs: object) -> float:
     start = time.perf_counter()
-    fn(*args)  # type: ignore[operator]
+    fn(*args, **kwargs)  # type: ignore[operator]
     return time.perf_counter() - start
 
 
@@ -120,39 +129,103 @@ def start_network(home: Path) -> subprocess.Popen[bytes]:
     return process
 
 
-def compare_tools(src: Path, work: Path, nbytes: int) -> dict[str, float]:
-    """MB/s of cp -a to a plain folder, and of gocryptfs / restic when installed (informational)."""
-    result = {"plain_cp_mb_s": nbytes / MB / timed(subprocess.run, ["cp", "-a", str(src), str(work / "plain")])}
-    shutil.rmtree(work / "plain")
+def drop_caches() -> None:
+    """Write back and drop the page cache so reads come from the disk (or the network), as the peers measure."""
+    os.sync()
+    try:
+        Path("/proc/sys/vm/drop_caches").write_text("3\n")
+    except OSError:
+        pass
+
+
+def ensure_peers(install: bool) -> None:
+    """apt-get install restic and gocryptfs when missing (best effort: the bench runs without them)."""
+    missing = [tool for tool in ("restic", "gocryptfs") if not shutil.which(tool)]
+    if not missing or not install:
+        return
+    print(f"installing {' '.join(missing)} with apt-get", file=sys.stderr)
+    env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    subprocess.run(["apt-get", "update", "-qq"], env=env, capture_output=True)
+    subprocess.run(["apt-get", "install", "-y", "-qq", *missing], env=env, capture_output=True)
+
+
+def sh(*argv: str, env: dict[str, str] | None = None, sync: bool = False) -> None:
+    """Run a command (failing loudly); ``sync``: then write everything back, as a durable copy needs."""
+    subprocess.run(list(argv), env=env, check=True, capture_output=True)
+    if sync:
+        os.sync()
+
+
+def compare_tools(src: Path, work: Path, large_bytes: int, small_bytes: int, small_files: int
+                  ) -> dict[str, float]:
+    """cp + sync to a plain folder, restic and gocryptfs (when installed) on the same data."""
+    large, small = src / "large.bin", src / "small"
+    plain = work / "plain"
+    plain.mkdir()
+    drop_caches()
+    result = {"plain_cp_large_mb_s": large_bytes / MB / timed(sh, "cp", str(large), str(plain / "large.bin"),
+                                                               sync=True)}
+    drop_caches()
+    result["plain_cp_small_files_s"] = small_files / timed(
+        sh, "cp", "-a", str(small), str(plain / "small"), sync=True)
+    shutil.rmtree(plain)
     if shutil.which("restic"):
-        repo = work / "restic-repo"
-        env = {**os.environ, "RESTIC_PASSWORD": "bench"}
-        subprocess.run(["restic", "init", "-r", str(repo)], env=env, capture_output=True, check=True)
-        seconds = timed(lambda: subprocess.run(["restic", "backup", "-q", "-r", str(repo), str(src)], env=env,
-                                               capture_output=True, check=True))
-        result["restic_backup_mb_s"] = nbytes / MB / seconds
-        shutil.rmtree(repo)
+        env = {**os.environ, "RESTIC_PASSWORD": "bench", "RESTIC_CACHE_DIR": str(work / "restic-cache")}
+        for label, path, nbytes, nfiles in (("large", large, large_bytes, 0), ("small", small, small_bytes,
+                                                                                small_files)):
+            repo, target = work / f"restic-repo-{label}", work / f"restic-restore-{label}"
+            sh("restic", "init", "-q", "-r", str(repo), env=env)
+            drop_caches()
+            up = timed(sh, "restic", "backup", "-q", "-r", str(repo), str(path), env=env, sync=True)
+            drop_caches()
+            down = timed(sh, "restic", "restore", "-q", "latest", "-r", str(repo), "--target", str(target), env=env)
+            if label == "large":
+                result["restic_backup_large_mb_s"] = nbytes / MB / up
+                result["restic_restore_large_mb_s"] = nbytes / MB / down
+            else:
+                result["restic_backup_small_files_s"] = nfiles / up
+                result["restic_restore_small_files_s"] = nfiles / down
+            shutil.rmtree(repo)
+            shutil.rmtree(target)
+        shutil.rmtree(work / "restic-cache", ignore_errors=True)
     if shutil.which("gocryptfs"):
-        cipher, plain = work / "gc-cipher", work / "gc-plain"
+        cipher, mnt = work / "gc-cipher", work / "gc-plain"
         cipher.mkdir()
-        plain.mkdir()
+        mnt.mkdir()
         pw = work / "gc-pass"
         pw.write_text("bench\n")
-        subprocess.run(["gocryptfs", "-init", "-q", "-passfile", str(pw), str(cipher)], check=True,
-                       capture_output=True)
-        subprocess.run(["gocryptfs", "-q", "-passfile", str(pw), str(cipher), str(plain)], check=True)
+        sh("gocryptfs", "-init", "-q", "-passfile", str(pw), str(cipher))
+        sh("gocryptfs", "-q", "-passfile", str(pw), str(cipher), str(mnt))
         try:
-            seconds = timed(subprocess.run, ["cp", "-a", f"{src}/.", str(plain)])
-            result["gocryptfs_cp_mb_s"] = nbytes / MB / seconds
+            drop_caches()
+            result["gocryptfs_write_large_mb_s"] = large_bytes / MB / timed(
+                sh, "cp", str(large), str(mnt / "large.bin"), sync=True)
+            drop_caches()
+            result["gocryptfs_read_large_mb_s"] = large_bytes / MB / timed(read_all, mnt / "large.bin")
+            drop_caches()
+            result["gocryptfs_write_small_files_s"] = small_files / timed(
+                sh, "cp", "-a", str(small), str(mnt / "small"), sync=True)
+            drop_caches()
+            result["gocryptfs_read_small_files_s"] = small_files / timed(read_all, mnt / "small")
         finally:
-            subprocess.run(["fusermount3", "-u", str(plain)], capture_output=True)
+            subprocess.run(["fusermount3", "-u", str(mnt)], capture_output=True)
+        shutil.rmtree(cipher, ignore_errors=True)
     return result
+
+
+RATIOS = (("durable_upload_large_mb_s", "restic_backup_large_mb_s"),
+          ("cold_read_large_mb_s", "restic_restore_large_mb_s"),
+          ("write_large_mb_s", "gocryptfs_write_large_mb_s"),
+          ("warm_read_large_mb_s", "gocryptfs_read_large_mb_s"),
+          ("durable_upload_small_files_s", "restic_backup_small_files_s"),
+          ("cold_read_small_files_s", "restic_restore_small_files_s"))
 
 
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("--large-mib", type=int, default=256)
     parser.add_argument("--small-files", type=int, default=2000)
+    parser.add_argument("--no-install", action="store_true", help="do not apt-get install restic / gocryptfs")
     args = parser.parse_args()
     if os.geteuid() != 0 or not os.path.exists("/dev/fuse"):
         print("mount_throughput: skipped (needs root and /dev/fuse)")
@@ -164,9 +237,12 @@ def main() -> int:
     try:
         src = work / "src"
         nbytes, nfiles = make_source(src, args.large_mib, args.small_files)
+        large_bytes = args.large_mib * 2**20
+        small_bytes = nbytes - large_bytes
         print(f"source: {nbytes / MB:.0f} MB in {nfiles} files", file=sys.stderr)
         report: dict[str, object] = {"bench": "mount_throughput", "bytes": nbytes, "files": nfiles}
-        report.update(compare_tools(src, work, nbytes))
+        ensure_peers(not args.no_install)
+        report.update(compare_tools(src, work, large_bytes, small_bytes, args.small_files))
 
         home = work / "net"
         home.mkdir()
@@ -182,38 +258,43 @@ def main() -> int:
         mount = Mount(env_file, mnt, work / "mount.log")
         mount.start()
 
+        drop_caches()
         start = time.perf_counter()
         large_s = timed(shutil.copyfile, src / "large.bin", mnt / "large.bin")
-        small_s = timed(subprocess.run, ["cp", "-a", str(src / "small"), str(mnt / "small")])
-        write_s = time.perf_counter() - start
         cli(env_file, "flush")
-        flushed_s = time.perf_counter() - start
+        large_durable_s = time.perf_counter() - start
+        start = time.perf_counter()
+        small_s = timed(subprocess.run, ["cp", "-a", str(src / "small"), str(mnt / "small")])
+        cli(env_file, "flush")
+        small_durable_s = time.perf_counter() - start
         write_rss = mount.stop()
 
         shutil.rmtree(cache_dir)
         mount.start()
         cold_large_s = timed(read_all, mnt / "large.bin")
         cold_small_s = timed(read_all, mnt / "small")
-        cold_s = cold_large_s + cold_small_s
-        warm_s = timed(read_all, mnt)
+        drop_caches()
+        warm_large_s = timed(read_all, mnt / "large.bin")
         read_rss = mount.stop()
         mount = None
         report.update({
-            "write_large_mb_s": args.large_mib * 2**20 / MB / large_s,
+            "write_large_mb_s": large_bytes / MB / large_s,
+            "durable_upload_large_mb_s": large_bytes / MB / large_durable_s,
             "write_small_files_s": args.small_files / small_s,
-            "write_mb_s": nbytes / MB / write_s,
-            "until_flushed_mb_s": nbytes / MB / flushed_s,
-            "until_flushed_files_s": nfiles / flushed_s,
-            "cold_read_mb_s": nbytes / MB / cold_s,
-            "cold_read_large_mb_s": args.large_mib * 2**20 / MB / cold_large_s,
+            "durable_upload_small_files_s": args.small_files / small_durable_s,
+            "cold_read_large_mb_s": large_bytes / MB / cold_large_s,
             "cold_read_small_files_s": args.small_files / cold_small_s,
-            "warm_read_mb_s": nbytes / MB / warm_s,
+            "cold_read_small_mb_s": small_bytes / MB / cold_small_s,
+            "warm_read_large_mb_s": large_bytes / MB / warm_large_s,
             "peak_rss_mib": max(write_rss, read_rss) / 2**20,
         })
+        for ours, theirs in RATIOS:
+            if isinstance(report.get(theirs), float):
+                report[f"{ours}_vs_{theirs.split('_')[0]}"] = report[ours] / report[theirs]  # type: ignore[operator]
         for key, value in report.items():
             if isinstance(value, float):
-                report[key] = round(value, 1)
-            print(f"{key:>24}: {report[key]}", file=sys.stderr)
+                report[key] = round(value, 2 if key.endswith(("_vs_restic", "_vs_gocryptfs")) else 1)
+            print(f"{key:>44}: {report[key]}", file=sys.stderr)
         print(json.dumps(report))
         return 0
     finally:

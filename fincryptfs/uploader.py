@@ -3,7 +3,7 @@
 Ordering (docs/client-data-path.md): every share is encoded to a spool file and its Merkle root known *before*
 the mediator is asked for placements, because a grant names the exact size and root a node may accept; the
 object is committed only once ``happy`` nodes returned receipts that match their grants; spool files are
-removed whatever happens. Memory is bounded by ``PIPELINE_DEPTH`` segments plus ``STREAM_CHUNK`` per share
+removed whatever happens. Memory is bounded by ``ORDERED_WINDOW`` segments plus ``STREAM_CHUNK`` per share
 in flight, whatever the file size.
 """
 
@@ -43,7 +43,6 @@ if TYPE_CHECKING:
 
 log = logging.getLogger(__name__)
 
-PIPELINE_DEPTH = 2  # segments decoded at once: one per core
 ORDERED_WINDOW = 4  # segments in flight in run_ordered: both cores stay busy while the event loop catches up
 STREAM_CHUNK = 2**20  # large reads and sends: each costs a thread round trip and a few syscalls
 T = TypeVar("T")
