@@ -27,6 +27,8 @@ from typing import Any
 import httpx
 import trio
 
+from fincryptfs.mediator_client import ObjectInfo
+
 ROOT = Path(__file__).resolve().parents[2]
 PYTHON = sys.executable
 MiB = 2**20
@@ -388,7 +390,7 @@ class Devnet:
 
     # --- the account's view of its objects ------------------------------------------------------------------
 
-    def object_info(self, object_id: str) -> Any:
+    def object_info(self, object_id: str) -> ObjectInfo:
         """``GET /v1/objects/{id}`` signed by the account, as the client asks it (returns an ObjectInfo)."""
         from fincryptfs import rpc
         from fincryptfs.core.crypto import account_signing_key, decode_key_file
@@ -396,7 +398,7 @@ class Devnet:
 
         master = decode_key_file((self.client_dir / "master.key").read_bytes(), None)
 
-        async def ask() -> Any:
+        async def ask() -> ObjectInfo:
             async with rpc.new_client() as http:
                 client = MediatorClient(url=self.mediator_url, account_key=account_signing_key(master), http=http)
                 return await client.object_info(object_id)

@@ -12,6 +12,7 @@ import shutil
 import signal
 import subprocess
 import time
+from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
@@ -20,6 +21,7 @@ from e2e_net import PYTHON, ROOT, Devnet, MiB, pid_alive, tree_digest, wait_unti
 from fincryptfs.core.layout import ObjectLayout
 from fincryptfs.core.merkle import TreeBuilder
 from fincryptfs.core.padding import padded_length
+from fincryptfs.mediator_client import ObjectInfo, ShareLocation
 
 pytestmark = pytest.mark.e2e
 
@@ -34,16 +36,17 @@ def copy_in(net: Devnet, source: Path, name: str) -> Path:
     return target
 
 
-def object_shares(net: Devnet, path: str) -> tuple[str, object]:
+def object_shares(net: Devnet, path: str) -> tuple[str, ObjectInfo]:
     entry = net.file_status(path)
     assert entry["state"] == "stored", entry
     return entry["object_id"], net.object_info(entry["object_id"])
 
 
-def wait_health(net: Devnet, object_id: str, predicate: object, timeout: float, what: str) -> object:
-    def check() -> object:
+def wait_health(net: Devnet, object_id: str, predicate: Callable[[ObjectInfo], bool], timeout: float, what: str
+                ) -> ObjectInfo:
+    def check() -> ObjectInfo | None:
         info = net.object_info(object_id)
-        return info if predicate(info) else None  # type: ignore[operator]
+        return info if predicate(info) else None
     return wait_until(check, timeout, what, 0.5)
 
 
@@ -62,8 +65,8 @@ def test_11_no_plaintext_or_name_on_nodes_and_padded_share_sizes(healed: Devnet,
     needles = [MARKER, SECRET_NAME.encode(), b"exactly-4096", b"note-1.txt", b"large-0.bin"]
     scanned = 0
     for folder in [net.home / f"node-{i}" for i in range(len(net.nodes))] + [net.home / "mediator"]:
-        for dirpath, _dirs, files in os.walk(folder):
-            for name in files:
+        for dirpath, _dirs, names in os.walk(folder):
+            for name in names:
                 data = (Path(dirpath) / name).read_bytes()
                 scanned += len(data)
                 for needle in needles:
@@ -72,10 +75,10 @@ def test_11_no_plaintext_or_name_on_nodes_and_padded_share_sizes(healed: Devnet,
     assert scanned > 3 * MiB  # the shares really were scanned
 
     status = net.status()
-    files = [f for f in status["files"] if f["path"].startswith(f"/{SECRET_NAME}/")]
-    assert len(files) == 7
+    entries = [f for f in status["files"] if f["path"].startswith(f"/{SECRET_NAME}/")]
+    assert len(entries) == 7
     on_disk = {sid: path for i in range(len(net.nodes)) for sid, path in net.share_files(i).items()}
-    for entry in files:
+    for entry in entries:
         info = net.object_info(entry["object_id"])
         layout = ObjectLayout(padded_length(entry["size"]), info.layout.segment_size, K, N)
         assert info.layout == layout, (entry["path"], info.layout)
@@ -122,8 +125,8 @@ def audit_passes(net: Devnet, node_id: str, from_round: int) -> list[int]:
         db.close()
 
 
-def healthy_shares(info: object) -> list[object]:
-    return [s for s in info.shares if s.state in ("stored", "proven")]  # type: ignore[attr-defined]
+def healthy_shares(info: ObjectInfo) -> list[ShareLocation]:
+    return [s for s in info.shares if s.state in ("stored", "proven")]
 
 
 # --- 10: a new machine, only the recovery phrase ------------------------------------------------------------------
@@ -250,7 +253,7 @@ def test_03_repair_restores_n_shares_until_no_original_is_left(healed: Devnet, t
             data_file.with_suffix(".tree").unlink()
         started = time.monotonic()
 
-        def repaired(info: object, doomed: list[tuple[str, str]] = doomed) -> bool:
+        def repaired(info: ObjectInfo, doomed: Sequence[tuple[str, str]] = doomed) -> bool:
             where = {(s.share_id, s.node_id) for s in healthy_shares(info)}
             return len(where) == N and not where & set(doomed)
 
