@@ -219,6 +219,7 @@ def _flush_state(db: Any) -> tuple[list[tuple[int, int, str, int, str | None]], 
 def cmd_flush(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     db = _open_tree(settings)
+    meta.request_flush(settings.data_dir / "meta.db")
     deadline = None if args.timeout is None else time.monotonic() + args.timeout
     last_report = 0.0
     try:
@@ -249,7 +250,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
                           file=sys.stderr)
                 print("Is the filesystem mounted (fincryptfs mount DIR) and the mediator reachable?", file=sys.stderr)
                 return 1
-            time.sleep(0.2)
+            time.sleep(0.1)
     finally:
         db.close()
 

@@ -70,6 +70,7 @@ CREATE TABLE IF NOT EXISTS delete_jobs (
 );
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('meta_version', 0), ('published_version', 0), ('pointer_version', 0);
+INSERT OR IGNORE INTO counters VALUES ('flush_requested', 0);
 """
 
 
@@ -497,6 +498,20 @@ def fail_delete(db: sqlite3.Connection, object_id: str, error: str, retry_at: fl
                    "object_id = ?", (error, retry_at, object_id))
 
 
+def request_flush(path: Path) -> None:
+    """``fincryptfs flush`` asks the mount's publisher to publish as soon as no upload is pending (no debounce).
+
+    A separate short-lived writer: the request is one counter bump the publisher polls for.
+    """
+    db = sqlite3.connect(path, isolation_level=None)
+    try:
+        db.execute("PRAGMA busy_timeout=5000")
+        db.execute("INSERT OR IGNORE INTO counters VALUES ('flush_requested', 0)")
+        db.execute("UPDATE counters SET value = value + 1 WHERE name = 'flush_requested'")
+    finally:
+        db.close()
+
+
 def set_published(db: sqlite3.Connection, meta_version: int, pointer_version: int) -> None:
     with _tx(db):
         db.execute("UPDATE counters SET value = max(value, ?) WHERE name = 'published_version'", (meta_version,))
@@ -551,6 +566,11 @@ def pending_uploads(db: sqlite3.Connection) -> list[tuple[int, int, str, int, st
     return [tuple(r) for r in db.execute(
         "SELECT id, ino, state, attempts, last_error FROM upload_jobs WHERE state IN ('pending', 'uploading') "
         "ORDER BY id").fetchall()]
+
+
+def has_pending_uploads(db: sqlite3.Connection) -> bool:
+    row = db.execute("SELECT 1 FROM upload_jobs WHERE state IN ('pending', 'uploading') LIMIT 1").fetchone()
+    return row is not None
 
 
 def failed_uploads(db: sqlite3.Connection) -> list[tuple[int, int, str | None]]:

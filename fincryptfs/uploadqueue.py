@@ -40,6 +40,7 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0
 MAX_PUBLISH_WAIT = 30.0
 EVICT_INTERVAL = 2.0
+FLUSH_POLL = 0.1
 
 
 def backoff(attempts: int) -> float:
@@ -62,6 +63,7 @@ class UploadQueue:
         self._jobs_changed = trio.Event()
         self._tree_changed = trio.Event()
         self.publish_error: str | None = None
+        self._flush_seen = meta.counter(db, "flush_requested")
 
     def wake(self, jobs: bool = True) -> None:
         """The tree changed (``jobs``: and so did the jobs): the tasks concerned look again."""
@@ -198,11 +200,21 @@ class UploadQueue:
 
     async def _wait_until_quiet(self) -> None:
         """Debounce: wait until the tree has been still for ``publish_delay`` and no upload is pending, but
-        no longer than MAX_PUBLISH_WAIT (a snapshot costs as much as a file upload: one per burst is enough)."""
-        deadline = trio.current_time() + MAX_PUBLISH_WAIT
-        while trio.current_time() < deadline:
-            changed = await self._wait_tree(min(self.publish_delay, deadline - trio.current_time()))
-            if not changed and not meta.pending_uploads(self.db):
+        no longer than MAX_PUBLISH_WAIT (a snapshot costs as much as a file upload: one per burst is enough).
+
+        A ``fincryptfs flush`` waiting (``meta.request_flush``, polled every FLUSH_POLL) skips the debounce:
+        the snapshot goes as soon as no upload is pending.
+        """
+        now = trio.current_time()
+        deadline = now + MAX_PUBLISH_WAIT
+        still_since = now
+        while now < deadline:
+            flush = meta.counter(self.db, "flush_requested")
+            if flush > self._flush_seen and not meta.has_pending_uploads(self.db):
+                self._flush_seen = flush
                 return
-            if not changed:
-                await self._wait_tree(deadline - trio.current_time())
+            if await self._wait_tree(min(FLUSH_POLL, deadline - now)):
+                still_since = trio.current_time()
+            now = trio.current_time()
+            if now - still_since >= self.publish_delay and not meta.has_pending_uploads(self.db):
+                return
