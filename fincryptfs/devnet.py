@@ -30,6 +30,11 @@ from .core.errors import FincryptError
 log = logging.getLogger(__name__)
 
 STARTUP_TIMEOUT = 60.0
+# Test coins are free, so the devnet prices storage high enough that credits and batched payouts show within
+# a minute or two of copying a few hundred MiB in: 0.01 test-BTC per GiB-hour asked by the cheapest node.
+DEVNET_FUNDING_SAT = 100_000_000
+DEVNET_NODE_PRICE = 1_000_000_000  # msat per GiB-hour
+DEVNET_PAYOUT_THRESHOLD_SAT = 1_000
 STOP_GRACE = 10.0
 
 
@@ -147,6 +152,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                 "MEDIATORD_AUDIT_PERIOD": str(audit_period),
                 "MEDIATORD_NODE_OFFLINE_AFTER": str(max(30.0, 6 * audit_period)),
                 "MEDIATORD_BILLING_PERIOD": str(max(5.0, audit_period)),
+                "MEDIATORD_PAYOUT_THRESHOLD": str(DEVNET_PAYOUT_THRESHOLD_SAT),
                 "MEDIATORD_DEPOSIT_SCAN_INTERVAL": "2",
                 "MEDIATORD_DHT_LISTEN": mediator_dht,
             })
@@ -174,7 +180,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                     "STORAGED_DATA_DIR": str(node_dir / "data"),
                     "STORAGED_SHARE_DIRS": f"{share_dir}:{node_capacity}",
                     "STORAGED_RESERVE_BYTES": "64M",
-                    "STORAGED_PRICE": str(1000 + 100 * i),
+                    "STORAGED_PRICE": str(DEVNET_NODE_PRICE + DEVNET_NODE_PRICE // 20 * i),
                     **mediators,
                     "STORAGED_ANNOUNCE_INTERVAL": "5",
                     "STORAGED_OPERATOR": f"devnet-operator-{i}",
@@ -248,7 +254,6 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
         (home / "devnet.json").unlink(missing_ok=True)
 
 
-DEVNET_FUNDING_SAT = 1_000_000
 
 
 async def _fund_account(python: str, mediator_env: Path, account_id: str, log_dir: Path) -> None:
