@@ -264,10 +264,11 @@ def cmd_status(args: argparse.Namespace) -> int:
         pending, meta_version, published = _flush_state(db)
         files = []
         for inode in meta.files(db):
-            object_id = json.loads(inode.object)["object_id"] if inode.object else None
+            object_id = meta.content_object_id(inode.object) if inode.object else None
+            ref = meta.pack_ref(inode.object)
             files.append({"path": meta.path_of(db, inode.ino), "size": inode.size, "state": inode.state,
-                          "object_id": object_id, "shares_healthy": None, "shares_total": None,
-                          "health": None})
+                          "object_id": object_id, "packed": ref is not None, "shares_healthy": None,
+                          "shares_total": None, "health": None})
         failed = meta.failed_uploads(db)
         report: dict[str, Any] = {
             "pending_uploads": len(pending),
@@ -275,6 +276,7 @@ def cmd_status(args: argparse.Namespace) -> int:
             "upload_errors": [{"path": meta.path_of(db, ino), "attempts": attempts, "error": error}
                               for _, ino, _, attempts, error in pending if error],
             "pending_deletes": meta.pending_deletes(db),
+            "packs": [{"pack_id": pack_id, "live_files": live} for pack_id, live in meta.packs(db)],
             "tree_version": meta_version,
             "published_version": published,
             "files": files,
@@ -300,7 +302,8 @@ def cmd_status(args: argparse.Namespace) -> int:
         health = f"{f['shares_healthy']}/{f['shares_total']}" if f["shares_total"] is not None else "-"
         if f["health"] not in (None, "healthy"):
             health += f" {f['health']}"
-        print(f"{f['state']:8} {health:>6} {f['size']:>14} {f['path']}")
+        packed = f" (in pack {f['object_id'][:12]})" if f["packed"] else ""
+        print(f"{f['state']:8} {health:>6} {f['size']:>14} {f['path']}{packed}")
     return 0
 
 
@@ -322,21 +325,26 @@ async def _add_health(settings: ClientSettings, files: list[dict[str, Any]]) -> 
         store = open_store(settings, master_key, http, trio.CapacityLimiter(1))
         limiter = trio.CapacityLimiter(16)
 
-        async def one(entry: dict[str, Any]) -> None:
+        by_object: dict[str, list[dict[str, Any]]] = {}
+        for entry in files:
+            if entry["object_id"] is not None:
+                by_object.setdefault(entry["object_id"], []).append(entry)  # a pack's files share its health
+
+        async def one(object_id: str, entries: list[dict[str, Any]]) -> None:
             async with limiter:
                 try:
-                    health = await store.health(entry["object_id"])
-                    entry["shares_healthy"] = int(health["healthy"])
-                    entry["shares_total"] = int(health["total"])
-                    entry["health"] = str(health["state"])
+                    health = await store.health(object_id)
+                    for entry in entries:
+                        entry["shares_healthy"] = int(health["healthy"])
+                        entry["shares_total"] = int(health["total"])
+                        entry["health"] = str(health["state"])
                 except (FincryptError, KeyError, ValueError, TypeError) as exc:
                     errors.append(str(exc))
 
         with trio.move_on_after(30):
             async with trio.open_nursery() as nursery:
-                for entry in files:
-                    if entry["object_id"] is not None:
-                        nursery.start_soon(one, entry)
+                for object_id, entries in by_object.items():
+                    nursery.start_soon(one, object_id, entries)
     return f"{settings.mediator_url} ({len(errors)} error(s): {errors[0]})" if errors else settings.mediator_url
 
 

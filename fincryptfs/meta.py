@@ -12,6 +12,13 @@ Crash ordering (what makes ``kill -9`` lose nothing that was closed):
 * A superseded object is deleted only after a snapshot that no longer references it was published
   (``delete_jobs.after_version``), so a restore from the latest snapshot never points at a deleted object.
 
+Packs: small files are uploaded together as one object (a *pack*, ``fincryptfs.packs``). A packed file's
+``object`` column holds a :class:`PackRef` (``{"pack", "offset", "size"}``) instead of a StoredObject; the
+``packs`` table holds each pack's StoredObject and how many inodes still reference it (``live``). Every place
+that drops or replaces an inode's content goes through ``_release``: a plain object is queued for deletion, a
+pack reference decrements ``live``, and a pack nobody references is queued for deletion like an object (after
+a snapshot without it is published). Both tables travel in the snapshot, so a restore reads packed files too.
+
 Counters: ``meta_version`` is bumped by every change that a snapshot should carry; ``published_version`` is the
 ``meta_version`` of the last snapshot whose pointer the mediator stored; ``pointer_version`` is that pointer's
 own version number at the mediator.
@@ -68,6 +75,12 @@ CREATE TABLE IF NOT EXISTS delete_jobs (
     last_error TEXT,
     not_before REAL NOT NULL DEFAULT 0
 );
+CREATE TABLE IF NOT EXISTS packs (
+    pack_id TEXT PRIMARY KEY,
+    object TEXT NOT NULL,
+    live INTEGER NOT NULL
+);
+CREATE INDEX IF NOT EXISTS inodes_pack ON inodes (json_extract(object, '$.pack'));
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('meta_version', 0), ('published_version', 0), ('pointer_version', 0);
 INSERT OR IGNORE INTO counters VALUES ('flush_requested', 0);
@@ -99,6 +112,36 @@ class UploadJob:
     ino: int
     version: int
     attempts: int
+    size: int = 0  # the inode's size when the job was claimed (decides packing)
+    created: float = 0.0
+
+
+@dataclass(frozen=True)
+class PackRef:
+    """Where a packed file's bytes are: ``size`` bytes at ``offset`` of the pack object ``pack_id``."""
+
+    pack_id: str
+    offset: int
+    size: int
+
+    def to_json(self) -> str:
+        return json.dumps({"pack": self.pack_id, "offset": self.offset, "size": self.size})
+
+
+def pack_ref(object_json: str | None) -> PackRef | None:
+    """The PackRef in an inode's ``object`` column, or None for a plain object (or no content)."""
+    if object_json is None or '"pack"' not in object_json:
+        return None
+    value = json.loads(object_json)
+    if "pack" not in value:
+        return None
+    return PackRef(str(value["pack"]), int(value["offset"]), int(value["size"]))
+
+
+def content_object_id(object_json: str) -> str:
+    """The network object holding this content: the object itself, or the pack it is in."""
+    ref = pack_ref(object_json)
+    return ref.pack_id if ref is not None else str(json.loads(object_json)["object_id"])
 
 
 @dataclass(frozen=True)
@@ -285,7 +328,7 @@ def record_release(db: sqlite3.Connection, ino: int, size: int, mtime_ns: int) -
                        "WHERE ino = ?", (mtime_ns, mtime_ns, ino))
             meta_version = _bump(db)
             if old_object is not None:
-                _queue_delete(db, old_object, meta_version)
+                _release(db, old_object, meta_version)
             return None
         db.execute("UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ?, state = 'pending' WHERE ino = ?",
                    (size, mtime_ns, mtime_ns, ino))
@@ -318,7 +361,7 @@ def _detach(db: sqlite3.Connection, inode: Inode) -> None:
                (inode.ino,))
     meta_version = _bump(db)
     if inode.object is not None:
-        _queue_delete(db, inode.object, meta_version)
+        _release(db, inode.object, meta_version)
 
 
 def purge(db: sqlite3.Connection, ino: int) -> None:
@@ -417,12 +460,33 @@ def recover(db: sqlite3.Connection, cache_sizes: dict[int, int]) -> None:
 def next_upload(db: sqlite3.Connection, now: float) -> UploadJob | None:
     """Claim the oldest runnable pending job (state → uploading)."""
     with _tx(db):
-        row = db.execute("SELECT id, ino, version, attempts FROM upload_jobs WHERE state = 'pending' AND "
-                         "not_before <= ? ORDER BY id LIMIT 1", (now,)).fetchone()
+        row = db.execute("SELECT j.id, j.ino, j.version, j.attempts, coalesce(i.size, 0), j.created FROM "
+                         "upload_jobs j LEFT JOIN inodes i ON i.ino = j.ino WHERE j.state = 'pending' AND "
+                         "j.not_before <= ? ORDER BY j.id LIMIT 1", (now,)).fetchone()
         if row is None:
             return None
         db.execute("UPDATE upload_jobs SET state = 'uploading', attempts = attempts + 1 WHERE id = ?", (row[0],))
-    return UploadJob(row[0], row[1], row[2], row[3] + 1)
+    return UploadJob(row[0], row[1], row[2], row[3] + 1, row[4], row[5])
+
+
+def next_small_uploads(db: sqlite3.Connection, now: float, *, max_size: int, max_bytes: int, max_files: int
+                       ) -> list[UploadJob]:
+    """Claim runnable pending jobs of files of at most ``max_size`` bytes, oldest first, until ``max_files``
+    jobs or ``max_bytes`` bytes (at least one job if any fits): the members of one pack."""
+    jobs: list[UploadJob] = []
+    total = 0
+    with _tx(db):
+        rows = db.execute("SELECT j.id, j.ino, j.version, j.attempts, i.size, j.created FROM upload_jobs j JOIN "
+                          "inodes i ON i.ino = j.ino WHERE j.state = 'pending' AND j.not_before <= ? AND "
+                          "i.size <= ? ORDER BY j.id LIMIT ?", (now, max_size, max_files)).fetchall()
+        for row in rows:
+            if jobs and total + row[4] > max_bytes:
+                break
+            total += row[4]
+            jobs.append(UploadJob(row[0], row[1], row[2], row[3] + 1, row[4], row[5]))
+        db.executemany("UPDATE upload_jobs SET state = 'uploading', attempts = attempts + 1 WHERE id = ?",
+                       [(job.id,) for job in jobs])
+    return jobs
 
 
 def next_wakeup(db: sqlite3.Connection) -> float | None:
@@ -449,13 +513,41 @@ def finish_upload(db: sqlite3.Connection, job: UploadJob, object_id: str, object
         db.execute("UPDATE upload_jobs SET state = 'done', last_error = NULL WHERE id = ?", (job.id,))
         row = db.execute("SELECT version, parent, state, object FROM inodes WHERE ino = ?", (job.ino,)).fetchone()
         if row is None or row[0] != job.version or row[1] is None or row[2] != PENDING:
-            _queue_delete(db, object_json, 0)
+            _queue_delete(db, object_id, 0)
             return False
         db.execute("UPDATE inodes SET object = ?, state = 'stored' WHERE ino = ?", (object_json, job.ino))
         meta_version = _bump(db)
         if row[3] is not None:
-            _queue_delete(db, row[3], meta_version)
+            _release(db, row[3], meta_version)
         return True
+
+
+def finish_pack(db: sqlite3.Connection, pack_id: str, pack_json: str,
+                members: list[tuple[UploadJob, int, int]]) -> int:
+    """Make the uploaded pack the content of every member (job, offset, size) whose inode still has the job's
+    version; the others are stale and simply not referenced. Returns how many members became current (a pack
+    with none is queued for deletion at once)."""
+    with _tx(db):
+        live = 0
+        released: list[str] = []
+        for job, offset, size in members:
+            db.execute("UPDATE upload_jobs SET state = 'done', last_error = NULL WHERE id = ?", (job.id,))
+            row = db.execute("SELECT version, parent, state, object FROM inodes WHERE ino = ?", (job.ino,)).fetchone()
+            if row is None or row[0] != job.version or row[1] is None or row[2] != PENDING:
+                continue
+            db.execute("UPDATE inodes SET object = ?, state = 'stored' WHERE ino = ?",
+                       (PackRef(pack_id, offset, size).to_json(), job.ino))
+            live += 1
+            if row[3] is not None:
+                released.append(row[3])
+        if not live:
+            _queue_delete(db, pack_id, 0)
+            return 0
+        db.execute("INSERT INTO packs (pack_id, object, live) VALUES (?, ?, ?)", (pack_id, pack_json, live))
+        meta_version = _bump(db)
+        for old in released:
+            _release(db, old, meta_version)
+        return live
 
 
 def drop_upload(db: sqlite3.Connection, job: UploadJob, reason: str) -> None:
@@ -473,8 +565,21 @@ def fail_upload(db: sqlite3.Connection, job: UploadJob, error: str, retry_at: fl
                        (error, retry_at, job.id))
 
 
-def _queue_delete(db: sqlite3.Connection, object_json: str, after_version: int) -> None:
-    object_id = json.loads(object_json)["object_id"]
+def _release(db: sqlite3.Connection, object_json: str, after_version: int) -> None:
+    """An inode no longer references this content: delete its object, or drop one reference to its pack (and
+    delete the pack once no inode references it), after a snapshot at ``after_version`` is published."""
+    ref = pack_ref(object_json)
+    if ref is None:
+        _queue_delete(db, json.loads(object_json)["object_id"], after_version)
+        return
+    db.execute("UPDATE packs SET live = live - 1 WHERE pack_id = ?", (ref.pack_id,))
+    row = db.execute("SELECT live FROM packs WHERE pack_id = ?", (ref.pack_id,)).fetchone()
+    if row is not None and row[0] <= 0:
+        db.execute("DELETE FROM packs WHERE pack_id = ?", (ref.pack_id,))
+        _queue_delete(db, ref.pack_id, after_version)
+
+
+def _queue_delete(db: sqlite3.Connection, object_id: str, after_version: int) -> None:
     db.execute("INSERT OR IGNORE INTO delete_jobs (object_id, after_version) VALUES (?, ?)",
                (object_id, after_version))
 
@@ -566,6 +671,24 @@ def pending_uploads(db: sqlite3.Connection) -> list[tuple[int, int, str, int, st
     return [tuple(r) for r in db.execute(
         "SELECT id, ino, state, attempts, last_error FROM upload_jobs WHERE state IN ('pending', 'uploading') "
         "ORDER BY id").fetchall()]
+
+
+def pack_object(db: sqlite3.Connection, pack_id: str) -> str | None:
+    """The StoredObject JSON of a live pack."""
+    row = db.execute("SELECT object FROM packs WHERE pack_id = ?", (pack_id,)).fetchone()
+    return None if row is None else str(row[0])
+
+
+def packed_files(db: sqlite3.Connection, pack_id: str) -> list[tuple[int, str]]:
+    """(ino, object column) of every stored, named file whose content is in the pack."""
+    return [(r[0], r[1]) for r in db.execute(
+        "SELECT ino, object FROM inodes WHERE json_extract(object, '$.pack') = ? AND state = 'stored' AND "
+        "parent IS NOT NULL", (pack_id,))]
+
+
+def packs(db: sqlite3.Connection) -> list[tuple[str, int]]:
+    """(pack id, live member count) of every pack."""
+    return [(r[0], r[1]) for r in db.execute("SELECT pack_id, live FROM packs ORDER BY rowid")]
 
 
 def has_pending_uploads(db: sqlite3.Connection) -> bool:

@@ -11,6 +11,7 @@ must succeed: mounting an empty tree over an account that has one would publish 
 from __future__ import annotations
 
 import fcntl
+import json
 import logging
 import os
 import signal
@@ -28,6 +29,7 @@ from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings
 from .fs import Capacity, FincryptOperations
 from .objectstore import ObjectStore, StoredObject
+from .packs import PackReader
 from .uploadqueue import UploadQueue
 
 log = logging.getLogger(__name__)
@@ -126,15 +128,20 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
         cache = CacheDir(settings.cache_dir, settings.cache_limit_bytes)
         meta.recover(db, cache.sizes())
 
-        async def fetch(object_json: str, dest: Path) -> None:
-            import json
+        pack_reader = PackReader(db=db, store=store, cache_root=cache.root)
 
-            await store.fetch_to_file(StoredObject.from_json(json.loads(object_json)), dest)
+        async def fetch(object_json: str, dest: Path) -> None:
+            ref = meta.pack_ref(object_json)
+            if ref is not None:
+                await pack_reader.fetch(ref, dest)
+            else:
+                await store.fetch_to_file(StoredObject.from_json(json.loads(object_json)), dest)
 
         ops_ref: list[FincryptOperations] = []
         queue = UploadQueue(db=db, store=store, cache=cache, master_key=master_key,
                             spool_dir=settings.data_dir / "spool", workers=settings.upload_workers,
-                            publish_delay=settings.publish_delay,
+                            publish_delay=settings.publish_delay, pack_threshold=settings.pack_threshold,
+                            pack_size=settings.pack_size, pack_max_files=settings.pack_max_files,
                             in_use=lambda: ops_ref[0].open_inodes() if ops_ref else set())
         ops = FincryptOperations(db=db, cache=cache, fetch=fetch, wake=queue.wake)
         ops_ref.append(ops)

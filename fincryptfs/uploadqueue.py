@@ -9,6 +9,9 @@ Tasks, all in the caller's nursery:
 
 * ``workers`` upload workers: claim the oldest runnable job, ``ObjectStore.put_file`` the cache file, then
   ``meta.finish_upload`` (a stale result — the file changed meanwhile — is queued for deletion instead).
+  A file of at most ``pack_threshold`` bytes is not uploaded alone: the worker waits until its job is
+  PACK_LINGER old (so a burst of files gathers), claims more small jobs and uploads them as one pack
+  (``fincryptfs.packs``, ``meta.finish_pack``).
   Failures are retried with exponential backoff (1 s doubling to 5 min); the error is kept in the job row
   for ``fincryptfs status``.
 * one deleter: releases objects nobody references any more, but only once a snapshot without them was
@@ -33,6 +36,7 @@ from . import meta
 from .cache import CacheDir
 from .core.errors import FincryptError
 from .objectstore import ObjectStore
+from .packs import build_pack
 from .rpc import PeerError
 
 log = logging.getLogger(__name__)
@@ -40,6 +44,7 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0
 MAX_PUBLISH_WAIT = 30.0
 EVICT_INTERVAL = 2.0
+PACK_LINGER = 0.2
 FLUSH_POLL = 0.1
 
 
@@ -51,7 +56,8 @@ def backoff(attempts: int) -> float:
 class UploadQueue:
     def __init__(self, *, db: sqlite3.Connection, store: ObjectStore, cache: CacheDir, master_key: bytes,
                  spool_dir: Path, workers: int = 2, publish_delay: float = 2.0,
-                 in_use: Callable[[], Collection[int]] = frozenset) -> None:
+                 in_use: Callable[[], Collection[int]] = frozenset, pack_threshold: int = 2**20,
+                 pack_size: int = 16 * 2**20, pack_max_files: int = 1000) -> None:
         self.db = db
         self.store = store
         self.cache = cache
@@ -60,6 +66,9 @@ class UploadQueue:
         self.workers = workers
         self.publish_delay = publish_delay
         self.in_use = in_use
+        self.pack_threshold = pack_threshold
+        self.pack_size = pack_size
+        self.pack_max_files = pack_max_files
         self._jobs_changed = trio.Event()
         self._tree_changed = trio.Event()
         self.publish_error: str | None = None
@@ -105,7 +114,10 @@ class UploadQueue:
             if job is None:
                 await self._wait(self._until_next())
                 continue
-            await self._upload(job)
+            if job.size <= self.pack_threshold:
+                await self._upload_pack(job)
+            else:
+                await self._upload(job)
 
     async def _upload(self, job: meta.UploadJob) -> None:
         if not meta.job_current(self.db, job):
@@ -130,6 +142,56 @@ class UploadQueue:
         became_current = meta.finish_upload(self.db, job, stored.object_id, json.dumps(stored.to_json()))
         if not became_current:
             log.info("upload of inode %d version %d is stale; its object will be deleted", job.ino, job.version)
+        self.cache.maybe_over_limit = True
+        self.wake()
+
+    async def _upload_pack(self, first: meta.UploadJob) -> None:
+        """Upload ``first`` with the other small files pending now, as one pack object."""
+        linger = first.created + PACK_LINGER - time.time()
+        if linger > 0:
+            await trio.sleep(min(linger, PACK_LINGER))
+        claimed = [first] + meta.next_small_uploads(self.db, time.time(), max_size=self.pack_threshold,
+                                                    max_bytes=max(0, self.pack_size - first.size),
+                                                    max_files=self.pack_max_files - 1)
+        jobs = []
+        for job in claimed:
+            if meta.job_current(self.db, job):
+                jobs.append(job)
+            else:
+                meta.drop_upload(self.db, job, "superseded")
+        if not jobs:
+            return
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        staging = self.spool_dir / f"pack-{jobs[0].id}"
+        try:
+            placed = await trio.to_thread.run_sync(build_pack, [self.cache.path(job.ino) for job in jobs], staging)
+            members = []
+            for job, where in zip(jobs, placed, strict=True):
+                if where is not None:
+                    members.append((job, *where))
+                elif meta.job_current(self.db, job):
+                    meta.fail_upload(self.db, job, "the cache file is gone: this version of the file cannot be "
+                                     "uploaded", None)
+                else:
+                    meta.drop_upload(self.db, job, "superseded")
+            if not members:
+                return
+            try:
+                stored = await self.store.put_file(staging)
+            except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
+                if not isinstance(exc, (FincryptError, OSError)):
+                    log.exception("unexpected error uploading a pack of %d files", len(members))
+                log.warning("upload of a pack of %d files failed (attempt %d): %s", len(members), first.attempts,
+                            exc)
+                for job, _, _ in members:
+                    meta.fail_upload(self.db, job, str(exc)[:1000], time.time() + backoff(job.attempts))
+                self.wake()
+                return
+        finally:
+            staging.unlink(missing_ok=True)
+        live = meta.finish_pack(self.db, stored.object_id, json.dumps(stored.to_json()), members)
+        log.info("stored a pack of %d files (%d bytes)%s", len(members), stored.size,
+                 "" if live == len(members) else f"; {len(members) - live} changed meanwhile")
         self.cache.maybe_over_limit = True
         self.wake()
 

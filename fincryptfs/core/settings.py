@@ -192,6 +192,9 @@ class ClientSettings:
     upload_workers: int = 2
     publish_delay: float = 2.0
     dht_bootstrap: tuple[tuple[str, int], ...] = ()  # finds a mediator when mediator_url is unset (docs/dht.md)
+    pack_threshold: int = 2**20  # files up to this size are uploaded packed together (docs/client.md)
+    pack_size: int = 16 * 2**20
+    pack_max_files: int = 1000
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, home: Path) -> ClientSettings:
@@ -214,6 +217,9 @@ class ClientSettings:
             upload_workers=r.int("UPLOAD_WORKERS", 2, 1, 64),
             publish_delay=r.seconds("PUBLISH_DELAY", 2.0, 0.0),
             dht_bootstrap=r.get("DHT_BOOTSTRAP", (), _dht_peers, _DHT_PEERS_WHAT),
+            pack_threshold=r.get("PACK_THRESHOLD", 2**20, _bytes_size, "a size in bytes (e.g. 1M; 0: no packing)"),
+            pack_size=r.get("PACK_SIZE", 16 * 2**20, _bytes_size, "a size in bytes (e.g. 16M)"),
+            pack_max_files=r.int("PACK_MAX_FILES", 1000, 1, 100_000),
         )
         _check_happy(settings.k, settings.n, settings.happy)
         r.finish()

@@ -152,3 +152,79 @@ def test_snapshot_holds_only_stored_state(db: sqlite3.Connection, tmp_path: Path
         assert meta.counter(copy, "pointer_version") == 7
     finally:
         copy.close()
+
+
+def released(db: sqlite3.Connection, *names: bytes) -> list[meta.UploadJob]:
+    """New files of 10 bytes, closed: their jobs claimed as one pack."""
+    for name in names:
+        f = new_file(db, name)
+        meta.mark_dirty(db, f.ino)
+        meta.record_release(db, f.ino, 10, 1)
+    return meta.next_small_uploads(db, 1e12, max_size=100, max_bytes=1000, max_files=100)
+
+
+def test_pack_members_reference_the_pack_until_the_last_one_dies(db: sqlite3.Connection) -> None:
+    jobs = released(db, b"a", b"b", b"c")
+    assert [j.size for j in jobs] == [10, 10, 10]
+    assert meta.next_upload(db, 1e12) is None  # all claimed
+    pack = "p" * 64
+    assert meta.finish_pack(db, pack, obj("p", 30), [(j, 10 * i, 10) for i, j in enumerate(jobs)]) == 3
+    a = meta.lookup(db, meta.ROOT_INO, b"a")
+    assert a.state == meta.STORED and meta.pack_ref(a.object) == meta.PackRef(pack, 0, 10)
+    assert meta.content_object_id(meta.lookup(db, meta.ROOT_INO, b"c").object or "") == pack
+    assert sorted(ino for ino, _ in meta.packed_files(db, pack)) == sorted(j.ino for j in jobs)
+    assert meta.packs(db) == [(pack, 3)]
+    meta.unlink(db, meta.ROOT_INO, b"a")
+    b = meta.lookup(db, meta.ROOT_INO, b"b")
+    meta.mark_dirty(db, b.ino)
+    meta.record_release(db, b.ino, 0, 5)  # truncated to empty: no object, the pack reference is dropped
+    assert meta.packs(db) == [(pack, 1)] and meta.pending_deletes(db) == 0
+    c = new_file(db, b"other")
+    meta.mark_dirty(db, c.ino)
+    meta.record_release(db, c.ino, 5, 6)
+    meta.rename(db, meta.ROOT_INO, b"other", meta.ROOT_INO, b"c")  # replaces the last member
+    assert meta.packs(db) == [] and meta.pack_object(db, pack) is None
+    assert deletable(db) is None  # the published snapshot still references the pack
+    meta.set_published(db, meta.counter(db, "meta_version"), 1)
+    assert deletable(db) == pack
+
+
+def test_pack_with_a_changed_member_and_an_all_stale_pack(db: sqlite3.Connection) -> None:
+    jobs = released(db, b"a", b"b")
+    meta.mark_dirty(db, jobs[1].ino)  # b is written again while the pack uploads
+    assert meta.finish_pack(db, "q" * 64, obj("q", 20), [(jobs[0], 0, 10), (jobs[1], 10, 10)]) == 1
+    assert meta.get(db, jobs[1].ino).object is None and meta.packs(db) == [("q" * 64, 1)]
+    meta.record_release(db, jobs[1].ino, 10, 2)
+    again = meta.next_small_uploads(db, 1e12, max_size=100, max_bytes=1000, max_files=100)
+    assert [j.ino for j in again] == [jobs[1].ino]
+    meta.unlink(db, meta.ROOT_INO, b"b")
+    assert meta.finish_pack(db, "r" * 64, obj("r", 10), [(again[0], 0, 10)]) == 0
+    assert deletable(db) == "r" * 64  # referenced by nothing, ever: deleted at once
+
+
+def test_small_uploads_respect_size_bytes_and_count(db: sqlite3.Connection) -> None:
+    for i, size in enumerate([40, 500, 40, 40, 40]):
+        f = new_file(db, b"f%d" % i)
+        meta.mark_dirty(db, f.ino)
+        meta.record_release(db, f.ino, size, 1)
+    first = meta.next_small_uploads(db, 1e12, max_size=100, max_bytes=90, max_files=10)
+    assert [j.size for j in first] == [40, 40]  # the 500-byte file is not small; 90 bytes fit two
+    second = meta.next_small_uploads(db, 1e12, max_size=100, max_bytes=1000, max_files=1)
+    assert [j.size for j in second] == [40]
+    big = meta.next_upload(db, 1e12)
+    assert big is not None and big.size == 500
+
+
+def test_snapshot_carries_packs(db: sqlite3.Connection, tmp_path: Path) -> None:
+    jobs = released(db, b"a", b"b")
+    meta.finish_pack(db, "s" * 64, obj("s", 20), [(jobs[0], 0, 10), (jobs[1], 10, 10)])
+    meta.snapshot_to(db, tmp_path / "snap.db")
+    meta.adopt_snapshot(tmp_path / "snap.db", 3)
+    copy = meta.connect(tmp_path / "snap.db")
+    try:
+        assert meta.packs(copy) == [("s" * 64, 2)]
+        b = meta.lookup(copy, meta.ROOT_INO, b"b")
+        assert meta.pack_ref(b.object) == meta.PackRef("s" * 64, 10, 10) and b.size == 10
+        assert json.loads(meta.pack_object(copy, "s" * 64) or "{}")["object_id"] == "s" * 64
+    finally:
+        copy.close()

@@ -1,0 +1,151 @@
+"""Small files packed into shared objects, through a real mount over a real network: round trip, cold reads
+that carve a whole pack, overwrite and deletion of members until the pack is released, restore from the phrase
+on a new machine, and kill -9 while packs upload."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+import trio
+from conftest import Client, needs_fuse, tree_of
+from netfixtures import start_network
+
+from fincryptfs import meta
+
+pytestmark = [pytest.mark.e2e, needs_fuse]
+
+PACKING = {"FINCRYPT_PACK_THRESHOLD": "64K", "FINCRYPT_PACK_MAX_FILES": "8"}
+
+
+def write_small(root: Path, count: int, seed: int) -> None:
+    rng = __import__("random").Random(seed)
+    for i in range(count):
+        sub = root / f"d{i % 3}"
+        sub.mkdir(exist_ok=True)
+        (sub / f"f{i:03}").write_bytes(rng.randbytes(rng.randrange(1, 40_000)))
+
+
+def ino_of(db: object, path: str) -> int:
+    ino = meta.ROOT_INO
+    for part in path.strip("/").split("/"):
+        ino = meta.lookup(db, ino, part.encode()).ino  # type: ignore[arg-type]
+    return ino
+
+
+async def status(client: Client) -> dict:
+    return json.loads((await trio.to_thread.run_sync(lambda: client.cli("status", "--json"))).stdout)
+
+
+async def test_packed_round_trip_release_and_restore(tmp_path: Path, nursery: trio.Nursery) -> None:
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "alice", net.mediator_url, extra_env=PACKING)
+    phrase = client.init()
+    restored = Client(tmp_path / "new-machine", net.mediator_url)
+    mnt = client.mountpoint
+    try:
+        await client.mount()
+        await trio.to_thread.run_sync(write_small, mnt, 30, 1)
+        large = os.urandom(200_000)  # above the threshold: an object of its own
+        await trio.to_thread.run_sync((mnt / "large.bin").write_bytes, large)
+        expected = await trio.to_thread.run_sync(tree_of, mnt)
+        await client.flush()
+        report = await status(client)
+        by_path = {f["path"]: f for f in report["files"]}
+        assert not by_path["/large.bin"]["packed"]
+        small = [f for f in report["files"] if f["path"] != "/large.bin"]
+        assert len(small) == 30 and all(f["packed"] and f["state"] == "stored" for f in small)
+        pack_ids = {f["object_id"] for f in small}
+        assert 4 <= len(pack_ids) <= 30 // 2  # at most 8 files a pack, and files were gathered
+        assert {p["pack_id"] for p in report["packs"]} == pack_ids
+        assert sum(p["live_files"] for p in report["packs"]) == 30
+        assert all(f["shares_total"] == 6 and f["shares_healthy"] >= 5 for f in small)  # the pack's health
+        text = (await trio.to_thread.run_sync(lambda: client.cli("status"))).stdout
+        assert "(in pack " in text
+        await client.unmount()
+
+        # cold: the first read of a packed file fetches its pack and carves every member into the cache
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        first = small[0]
+        mates = [f["path"] for f in small if f["object_id"] == first["object_id"]]
+        assert len(mates) >= 2
+        # (every file operation in a thread: the network runs on this test's event loop)
+        data = await trio.to_thread.run_sync((mnt / first["path"][1:]).read_bytes)
+        assert data == expected[first["path"][1:]][1][2]  # type: ignore[index]
+        db = meta.connect_readonly(client.data_dir / "meta.db")
+        try:
+            inos = [ino_of(db, path) for path in mates]
+        finally:
+            db.close()
+        assert all((client.cache_dir / str(ino)).exists() for ino in inos)
+        assert await trio.to_thread.run_sync(tree_of, mnt) == expected
+
+        # overwrite and delete members: the pack lives while one member does, and is released after that
+        victim = first["object_id"]
+        for path in mates[:-1]:
+            await trio.to_thread.run_sync((mnt / path[1:]).unlink)
+            del expected[path[1:]]
+        await client.flush()
+        report = await status(client)
+        assert {p["pack_id"]: p["live_files"] for p in report["packs"]}[victim] == 1
+        last = mates[-1][1:]
+        await trio.to_thread.run_sync((mnt / last).write_bytes, b"rewritten")
+        expected[last] = ("file", (expected[last][1][0], 9, b"rewritten"))  # type: ignore[index]
+        await client.flush()
+        report = await status(client)
+        assert victim not in {p["pack_id"] for p in report["packs"]}
+        assert victim not in {f["object_id"] for f in report["files"]}
+        with trio.fail_after(30):  # the deleter runs once a snapshot without the pack is published
+            while (await status(client))["pending_deletes"]:
+                await trio.sleep(0.3)
+        assert await trio.to_thread.run_sync(tree_of, mnt) == expected
+        await client.unmount()
+
+        # a new machine with only the phrase reads the packed files
+        restored.write_env()
+        phrase_file = tmp_path / "phrase.txt"
+        phrase_file.write_text(phrase + "\n")
+        await trio.to_thread.run_sync(lambda: restored.cli("restore", "--phrase-file", str(phrase_file),
+                                                           "--mediator", net.mediator_url, "--no-passphrase"))
+        await restored.mount()
+        assert await trio.to_thread.run_sync(tree_of, restored.mountpoint) == expected
+    finally:
+        await client.cleanup()
+        await restored.cleanup()
+
+
+async def test_kill_during_pack_upload_loses_nothing_closed(tmp_path: Path, nursery: trio.Nursery) -> None:
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "c", net.mediator_url, extra_env=PACKING)
+    client.init()
+    mnt = client.mountpoint
+    try:
+        await client.mount()
+        await trio.to_thread.run_sync(write_small, mnt, 60, 2)
+        expected = await trio.to_thread.run_sync(tree_of, mnt)
+        db = meta.connect_readonly(client.data_dir / "meta.db")
+        try:
+            with trio.fail_after(20):  # kill while a pack is uploading
+                while not any(state == "uploading" for _, _, state, _, _ in meta.pending_uploads(db)):
+                    await trio.sleep(0.01)
+            await client.kill()
+            unfinished = len(meta.pending_uploads(db))
+        finally:
+            db.close()
+        assert unfinished > 0, "the kill came after every upload finished: the test proves nothing"
+        await client.mount()
+        await client.flush()
+        assert await trio.to_thread.run_sync(tree_of, mnt) == expected
+        report = await status(client)
+        assert report["pending_uploads"] == 0 and all(f["packed"] for f in report["files"])
+        assert sum(p["live_files"] for p in report["packs"]) == 60
+        await client.unmount()
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        assert await trio.to_thread.run_sync(tree_of, mnt) == expected
+    finally:
+        await client.cleanup()
