@@ -234,8 +234,7 @@ class FincryptOperations(pyfuse3.Operations):
         dirty = self._dirty.get(node.ino)
         if dirty is None:
             meta.mark_dirty(self.db, node.ino)
-            current = meta.get(self.db, node.ino)
-            dirty = self._dirty[node.ino] = _Dirty(current.size, current.mtime_ns)
+            dirty = self._dirty[node.ino] = _Dirty(node.size, node.mtime_ns)
         return dirty
 
     def _commit_write(self, ino: int) -> None:
@@ -275,21 +274,22 @@ class FincryptOperations(pyfuse3.Operations):
     @_translate_oserror
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
-        node = self._create(parent_inode, name, meta.FILE, stat.S_IFREG | (mode & 0o7777), ctx)
+        node = self._create(parent_inode, name, meta.FILE, stat.S_IFREG | (mode & 0o7777), ctx, dirty=True)
+        self._dirty[node.ino] = _Dirty(0, node.mtime_ns)  # created dirty: no mark_dirty needed
         path = self.cache.path(node.ino)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         fh = self._new_handle(node.ino, fd, True)
         return pyfuse3.FileInfo(fh=fh), self._remember(node)
 
     def _create(self, parent: int, name: bytes, kind: str, mode: int, ctx: pyfuse3.RequestContext,
-                target: bytes | None = None) -> meta.Inode:
+                target: bytes | None = None, *, dirty: bool = False) -> meta.Inode:
         if len(name) > NAME_MAX:
             raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         parent_node = self._inode(parent)
         if parent_node.kind != meta.DIR or (parent_node.parent is None and parent != meta.ROOT_INO):
             raise pyfuse3.FUSEError(errno.ENOENT)
         try:
-            node = meta.create(self.db, parent, name, kind, mode, ctx.uid, ctx.gid, target)
+            node = meta.create(self.db, parent, name, kind, mode, ctx.uid, ctx.gid, target, dirty=dirty)
         except meta.Exists:
             raise pyfuse3.FUSEError(errno.EEXIST) from None
         self.wake(False)
