@@ -604,7 +604,10 @@ def print_table(summary: dict[str, Any], tahoe_files: int) -> None:
     if rss:
         print(f"Fincrypt peak RSS (MiB): mount {rss['mount']}, largest storage node {rss['nodes_max']}, "
               f"mediator {rss['mediator']}")
-    print("\nFincrypt / peer (files/s for small files, MB/s otherwise):")
+    if not any(v is not None for v in summary["ratios"].values()):
+        print("\nNo Fincrypt/peer ratios: Fincrypt or every peer was left out.")
+    else:
+        print("\nFincrypt / peer (files/s for small files, MB/s otherwise):")
     for name, value in summary["ratios"].items():
         if value is not None:
             print(f"  {name:<28} {value:>6.2f}x")
