@@ -20,6 +20,7 @@ import trio
 
 from fincryptfs import rpc
 from fincryptfs.core.crypto import account_signing_key, decode_key_file
+from fincryptfs.devnet import DEVNET_FUNDING_SAT
 
 OPEN_WALLET = """
 import sys
@@ -101,7 +102,7 @@ def test_devnet_account_is_funded_and_all_children_stop(tmp_path: Path) -> None:
             assert time.monotonic() - ready < 15, f"the devnet account is still unfunded: {account}"
             time.sleep(0.5)
         funded_after = time.monotonic() - ready
-        assert account["balance_msat"] == 1_000_000 * 1000
+        assert account["balance_msat"] == DEVNET_FUNDING_SAT * 1000
         assert str(account["deposit_address"]).startswith("blt1") and account["uploads_refused"] is False
         print(f"funded {funded_after:.1f} s after devnet.json, {time.monotonic() - started:.1f} s after start")
     finally:
