@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import Client, needs_fuse
+from mountkit import Client, needs_fuse
 from netfixtures import start_network
 
 from fincryptfs import meta

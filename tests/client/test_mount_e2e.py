@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import Client, needs_fuse, tree_of
+from mountkit import Client, needs_fuse, tree_of
 from netfixtures import start_network
 
 pytestmark = [pytest.mark.e2e, needs_fuse]

@@ -11,10 +11,10 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import Client, needs_fuse, tree_of
 from hypothesis import HealthCheck, settings
 from hypothesis import strategies as st
 from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, rule, run_state_machine_as_test
+from mountkit import Client, needs_fuse, tree_of
 from netfixtures import start_network
 
 pytestmark = [pytest.mark.e2e, needs_fuse]

@@ -12,7 +12,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from conftest import Client, needs_fuse, tree_of
+from mountkit import Client, needs_fuse, tree_of
 from netfixtures import start_network
 
 from fincryptfs import meta

@@ -1,5 +1,7 @@
 """Helpers for the client's end-to-end tests: a real network (tests/netfixtures.py) and a real FUSE mount.
 
+Imported by name (``from mountkit import ...``), not as a conftest: conftest modules of two folders would clash.
+
 The mount runs in a child process (``python -m fincryptfs.cli mount``) so that the test's own file operations,
 run in worker threads, never wait on the event loop that serves the network. Every mount is unmounted and its
 process stopped by PID in ``finally``, whatever happened.
@@ -19,7 +21,6 @@ import pytest
 import trio
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "tests"))
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
                                 reason="needs /dev/fuse and root")
