@@ -19,6 +19,7 @@ import json
 import os
 import struct
 import unicodedata
+from typing import Any
 
 from cryptography.exceptions import InvalidTag
 from cryptography.hazmat.primitives import hashes
@@ -138,7 +139,7 @@ def decode_key_file(data: bytes, passphrase: str | None) -> bytes:
         raise WrongKeyError("wrong passphrase for this key file") from exc
 
 
-def _parse_key_file(data: bytes) -> dict[str, object]:
+def _parse_key_file(data: bytes) -> dict[str, Any]:
     try:
         doc = json.loads(data)
     except (UnicodeDecodeError, ValueError) as exc:

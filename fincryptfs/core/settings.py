@@ -14,7 +14,7 @@ import re
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, fields
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, TypeAlias, TypeVar
 
 from dotenv import dotenv_values
 
@@ -38,21 +38,29 @@ def read_env_file(path: Path | None, environ: Mapping[str, str] | None = None) -
     return values
 
 
+# The strict readers below are named after the types they return (f.int, f.str, ...), which shadows the
+# builtins inside their class; these aliases let the signatures name the builtin types.
+_Str: TypeAlias = str
+_Int: TypeAlias = int
+_Bool: TypeAlias = bool
+_Bytes: TypeAlias = bytes
+
+
 class _Reader:
     """Reads one role's variables, remembering which were consumed so leftovers can be reported."""
 
-    def __init__(self, env: Mapping[str, str], prefix: str) -> None:
+    def __init__(self, env: Mapping[_Str, _Str], prefix: _Str) -> None:
         self.env = {k: v.strip() for k, v in env.items() if k.startswith(prefix)}
         self.prefix = prefix
         self.used: set[str] = set()
 
-    def raw(self, name: str) -> str | None:
+    def raw(self, name: _Str) -> _Str | None:
         key = self.prefix + name
         self.used.add(key)
         value = self.env.get(key)
         return value if value else None
 
-    def get(self, name: str, default: T, parse: Callable[[str], T], what: str) -> T:
+    def get(self, name: _Str, default: T, parse: Callable[[_Str], T], what: _Str) -> T:
         value = self.raw(name)
         if value is None:
             return default
@@ -61,48 +69,48 @@ class _Reader:
         except (ValueError, ConfigError) as exc:
             raise ConfigError(f"{self.prefix}{name}={value!r} is invalid: expected {what}") from exc
 
-    def int(self, name: str, default: int, lo: int = 0, hi: int = 2**62) -> int:
-        def parse(text: str) -> int:
+    def int(self, name: _Str, default: _Int, lo: _Int = 0, hi: _Int = 2**62) -> _Int:
+        def parse(text: _Str) -> _Int:
             number = int(text.replace("_", ""))
             if not lo <= number <= hi:
                 raise ValueError(text)
             return number
         return self.get(name, default, parse, f"an integer in {lo}..{hi}")
 
-    def seconds(self, name: str, default: float, lo: float = 0.001) -> float:
-        def parse(text: str) -> float:
+    def seconds(self, name: _Str, default: float, lo: float = 0.001) -> float:
+        def parse(text: _Str) -> float:
             number = float(text)
             if not lo <= number < 10**9:
                 raise ValueError(text)
             return number
         return self.get(name, default, parse, f"a number of seconds >= {lo}")
 
-    def path(self, name: str, default: Path) -> Path:
+    def path(self, name: _Str, default: Path) -> Path:
         return self.get(name, default, lambda t: Path(t).expanduser(), "a path")
 
-    def url(self, name: str, default: str | None) -> str | None:
+    def url(self, name: _Str, default: _Str | None) -> _Str | None:
         return self.get(name, default, _parse_url, "an http:// or https:// URL")
 
-    def urls(self, name: str) -> tuple[str, ...]:
+    def urls(self, name: _Str) -> tuple[_Str, ...]:
         return self.get(name, (), lambda t: tuple(_parse_url(u) for u in t.split(",") if u.strip()),
                         "comma-separated http(s) URLs")
 
-    def choice(self, name: str, default: str, options: tuple[str, ...]) -> str:
-        def parse(text: str) -> str:
+    def choice(self, name: _Str, default: _Str, options: tuple[_Str, ...]) -> _Str:
+        def parse(text: _Str) -> _Str:
             if text not in options:
                 raise ValueError(text)
             return text
         return self.get(name, default, parse, "one of " + ", ".join(options))
 
-    def text(self, name: str, default: str, pattern: str = r"[A-Za-z0-9._@:-]*") -> str:
-        def parse(text: str) -> str:
+    def text(self, name: _Str, default: _Str, pattern: _Str = r"[A-Za-z0-9._@:-]*") -> _Str:
+        def parse(text: _Str) -> _Str:
             if re.fullmatch(pattern, text) is None:
                 raise ValueError(text)
             return text
         return self.get(name, default, parse, f"text matching {pattern}")
 
-    def listen(self, name: str, default: tuple[str, int]) -> tuple[str, int]:
-        def parse(text: str) -> tuple[str, int]:
+    def listen(self, name: _Str, default: tuple[_Str, _Int]) -> tuple[_Str, _Int]:
+        def parse(text: _Str) -> tuple[_Str, _Int]:
             host, _, port = text.rpartition(":")
             if not host or not port.isdigit() or not 0 <= int(port) <= 65535:
                 raise ValueError(text)

@@ -24,7 +24,7 @@ import re
 from collections import OrderedDict
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, TypeAlias
 
 from .errors import AuthError, RemoteProtocolError, ReplayError, TooLargeError
 from .identity import PublicKey, SigningKey
@@ -161,17 +161,25 @@ def decode_object(data: bytes, *, max_bytes: int = MAX_MESSAGE_BYTES) -> dict[st
 # --- field access for strict decoders -----------------------------------------------------------------------
 
 
+# The strict readers below are named after the types they return (f.int, f.str, ...), which shadows the
+# builtins inside their class; these aliases let the signatures name the builtin types.
+_Str: TypeAlias = str
+_Int: TypeAlias = int
+_Bool: TypeAlias = bool
+_Bytes: TypeAlias = bytes
+
+
 class Fields:
     """Typed, strict access to a JSON object's fields; ``done()`` refuses fields nobody asked for."""
 
-    def __init__(self, obj: object, what: str) -> None:
+    def __init__(self, obj: object, what: _Str) -> None:
         if not isinstance(obj, dict):
             raise RemoteProtocolError(f"{what} must be a JSON object")
         self._obj: dict[str, Any] = obj
         self._what = what
         self._seen: set[str] = set()
 
-    def _get(self, name: str, optional: bool) -> Any:
+    def _get(self, name: _Str, optional: _Bool) -> Any:
         self._seen.add(name)
         if name not in self._obj:
             if optional:
@@ -179,7 +187,7 @@ class Fields:
             raise RemoteProtocolError(f"{self._what} lacks the field {name!r}")
         return self._obj[name]
 
-    def int(self, name: str, *, lo: int = 0, hi: int = 2**63 - 1, optional: bool = False) -> Any:
+    def int(self, name: _Str, *, lo: _Int = 0, hi: _Int = 2**63 - 1, optional: _Bool = False) -> Any:
         value = self._get(name, optional)
         if value is None and optional:
             return None
@@ -187,7 +195,7 @@ class Fields:
             raise RemoteProtocolError(f"{self._what}.{name} must be an integer in {lo}..{hi}")
         return value
 
-    def str(self, name: str, *, max_len: int = 1024, optional: bool = False, pattern: str | None = None
+    def str(self, name: _Str, *, max_len: _Int = 1024, optional: _Bool = False, pattern: _Str | None = None
             ) -> Any:
         value = self._get(name, optional)
         if value is None and optional:
@@ -198,20 +206,20 @@ class Fields:
             raise RemoteProtocolError(f"{self._what}.{name} has an invalid format")
         return value
 
-    def bool(self, name: str) -> bool:
+    def bool(self, name: _Str) -> _Bool:
         value = self._get(name, False)
         if not isinstance(value, bool):
             raise RemoteProtocolError(f"{self._what}.{name} must be true or false")
         return value
 
-    def bytes(self, name: str, *, length: int | None = None, max_length: int = MAX_MESSAGE_BYTES) -> bytes:
+    def bytes(self, name: _Str, *, length: _Int | None = None, max_length: _Int = MAX_MESSAGE_BYTES) -> _Bytes:
         return b64decode(self._get(name, False), field=f"{self._what}.{name}", length=length,
                          max_length=max_length)
 
-    def hex(self, name: str, *, length: int) -> bytes:
+    def hex(self, name: _Str, *, length: _Int) -> _Bytes:
         return hex_bytes(self._get(name, False), field=f"{self._what}.{name}", length=length)
 
-    def list(self, name: str, *, max_items: int) -> list[Any]:
+    def list(self, name: _Str, *, max_items: _Int) -> list[Any]:
         value = self._get(name, False)
         if not isinstance(value, list):
             raise RemoteProtocolError(f"{self._what}.{name} must be a list")
@@ -219,7 +227,7 @@ class Fields:
             raise TooLargeError(f"{self._what}.{name} has {len(value)} items; at most {max_items} allowed")
         return value
 
-    def raw(self, name: str, *, optional: bool = False) -> Any:
+    def raw(self, name: _Str, *, optional: _Bool = False) -> Any:
         return self._get(name, optional)
 
     def done(self) -> None:
