@@ -262,7 +262,7 @@ def cmd_status(args: argparse.Namespace) -> int:
     db = _open_tree(settings)
     try:
         pending, meta_version, published = _flush_state(db)
-        files = []
+        files: list[dict[str, Any]] = []
         for inode in meta.files(db):
             object_id = meta.content_object_id(inode.object) if inode.object else None
             ref = meta.pack_ref(inode.object)

@@ -241,9 +241,15 @@ class ObjectReader:
                                             ) from exc
 
                     first = run.segments.start
+
+                    def decode_nth(i: int, d: Callable[[int], bytes] = decode, f: int = first) -> bytes:
+                        return d(f + i)
+
+                    async def consume_nth(i: int, plaintext: bytes, f: int = first) -> None:
+                        await consume(f + i, plaintext)
+
                     try:
-                        await run_ordered(self.store.cpu, len(run.segments), lambda i, d=decode, f=first: d(f + i),
-                                          lambda i, plaintext, f=first: consume(f + i, plaintext))
+                        await run_ordered(self.store.cpu, len(run.segments), decode_nth, consume_nth)
                     except (FincryptError, OSError) as exc:  # raised here, not as a group from the nursery
                         failed.append(exc)
                         nursery.cancel_scope.cancel()

@@ -12,6 +12,7 @@ from netfixtures import start_network
 
 from fincryptfs.core.crypto import new_master_key
 from fincryptfs.core.errors import IntegrityError
+from fincryptfs.core.ids import ObjectId
 from fincryptfs.core.messages import ManifestPointer
 from fincryptfs.manifest import (
     SnapshotRollbackError,
@@ -21,7 +22,15 @@ from fincryptfs.manifest import (
     seal_stored_object,
     unseal_stored_object,
 )
+from fincryptfs.objectstore import ObjectStore
 from fincryptfs.rpc import PeerError
+
+
+async def _published_pointer(store: ObjectStore) -> ManifestPointer:
+    """The account's pointer, which these tests have published before asking for it."""
+    pointer = await current_pointer(store)
+    assert pointer is not None, "a snapshot was published, so the mediator must hold a pointer"
+    return pointer
 
 
 async def test_snapshot_round_trip_versions_and_cas(tmp_path: Path, nursery: trio.Nursery) -> None:
@@ -36,7 +45,7 @@ async def test_snapshot_round_trip_versions_and_cas(tmp_path: Path, nursery: tri
         assert await publish_snapshot(store, master, snap, 0) == 1
         assert await fetch_latest_snapshot(other_machine, master, tmp_path / "got1") == 1
         assert (tmp_path / "got1").read_bytes() == first
-        old_object = (await current_pointer(store)).object_id
+        old_object = (await _published_pointer(store)).object_id
 
         second = os.urandom(5000)
         snap.write_bytes(second)
@@ -48,7 +57,7 @@ async def test_snapshot_round_trip_versions_and_cas(tmp_path: Path, nursery: tri
         assert gone.value.status == 404, "the replaced snapshot object must be deleted"
 
         # a stale compare-and-swap is refused by the mediator
-        pointer = await current_pointer(store)
+        pointer = await _published_pointer(store)
         stale = ManifestPointer(pointer.account_id, 2, pointer.object_id, pointer.sealed, pointer.created_at)
         with pytest.raises(PeerError) as conflict:
             await store.mediator.put_pointer(stale.seal(store.account_key))
@@ -78,10 +87,10 @@ async def test_snapshot_round_trip_versions_and_cas(tmp_path: Path, nursery: tri
             await publish_snapshot(store, master, snap, 9)
 
         # the sealed object opens only with the master key and only for its own version
-        stored = unseal_stored_object(master, await current_pointer(store))
+        stored = unseal_stored_object(master, await _published_pointer(store))
         with pytest.raises(IntegrityError):
-            unseal_stored_object(new_master_key(), await current_pointer(store))
-        moved = ManifestPointer(pointer.account_id, 5, stored.object_id,
+            unseal_stored_object(new_master_key(), await _published_pointer(store))
+        moved = ManifestPointer(pointer.account_id, 5, ObjectId(stored.object_id),
                                 seal_stored_object(master, pointer.account_id, 4, stored), 0)
         with pytest.raises(IntegrityError):
             unseal_stored_object(master, moved)

@@ -2,6 +2,7 @@
 
 import hashlib
 import random
+from collections.abc import Set
 
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -127,7 +128,7 @@ def simulated_network(n: int, k: int = 8) -> dict[bytes, RoutingTable]:
     return tables
 
 
-def run_lookup(tables: dict[bytes, RoutingTable], start: bytes, target: bytes, dead: set[bytes] = frozenset()
+def run_lookup(tables: dict[bytes, RoutingTable], start: bytes, target: bytes, dead: Set[bytes] = frozenset()
                ) -> Lookup:
     lookup = Lookup(target, tables[start].closest(target), own_id=start, max_per_ip=10**6)
     while not lookup.done:

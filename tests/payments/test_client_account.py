@@ -10,11 +10,15 @@ import signal
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import Any, TypeVar
 
 import pytest
 import trio
 from netfixtures import start_network
+
+T = TypeVar("T")
 
 pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
                                                   reason="needs /dev/fuse and root")]
@@ -28,14 +32,15 @@ def _run(module: str, *args: str, check: bool = True) -> subprocess.CompletedPro
     return done
 
 
-def _status(env_file: Path) -> dict[str, object]:
+def _status(env_file: Path) -> dict[str, Any]:
+    """``fincryptfs status --json``: a JSON document, so its values are typed Any."""
     return dict(json.loads(_run("fincryptfs.cli", "status", "--json", "--env-file", str(env_file)).stdout))
 
 
-async def _until(check: object, timeout: float, what: str) -> object:
+async def _until(check: Callable[[], T], timeout: float, what: str) -> T:
     deadline = time.monotonic() + timeout
     while True:
-        value = await trio.to_thread.run_sync(check)  # type: ignore[arg-type]
+        value = await trio.to_thread.run_sync(check)
         if value:
             return value
         assert time.monotonic() < deadline, f"{what} within {timeout} s"
@@ -103,9 +108,9 @@ async def test_status_shows_the_account_and_a_refused_upload_waits_for_a_deposit
                                                        "--timeout", "60"))
             report = await trio.to_thread.run_sync(_status, env_file)
             assert report["pending_uploads"] == 0 and report["upload_errors"] == []
-            assert {f["path"].rsplit("/", 1)[-1]: f["state"] for f in report["files"]} == {  # type: ignore[union-attr]
+            assert {f["path"].rsplit("/", 1)[-1]: f["state"] for f in report["files"]} == {
                 "first.bin": "stored", "second.bin": "stored"}
-            assert report["account"]["balance_msat"] > 0 and not report["account"]["uploads_refused"]  # type: ignore[index]
+            assert report["account"]["balance_msat"] > 0 and not report["account"]["uploads_refused"]
             nursery.cancel_scope.cancel()
     finally:
         if os.path.ismount(mnt):

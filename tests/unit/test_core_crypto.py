@@ -213,9 +213,9 @@ def _damaged_key_files() -> list[bytes]:
         doc = dict(good)
         doc[field] = value
         variants.append(json.dumps(doc).encode())
-    for value in ("00" * 31, "zz" * 32, 17, None):
+    for key_value in ("00" * 31, "zz" * 32, 17, None):
         doc = dict(plain)
-        doc["key"] = value
+        doc["key"] = key_value
         variants.append(json.dumps(doc).encode())
     return variants
 

@@ -13,14 +13,20 @@ from fincryptfs.core import messages as m
 from fincryptfs.core.challenge import LeafProof, ShareProof
 from fincryptfs.core.errors import AuthError, RemoteProtocolError, TooLargeError
 from fincryptfs.core.identity import SigningKey
+from fincryptfs.core.ids import AccountId, NodeId, ObjectId, ShareId
 from fincryptfs.core.layout import ObjectLayout
 from fincryptfs.core.wire import Envelope, canonical_json, decode_json
 
 MEDIATOR = SigningKey(bytes(range(32)))
 NODE = SigningKey(bytes(range(1, 33)))
 ACCOUNT = SigningKey(bytes(range(2, 34)))
+MEDIATOR_ID, NODE_ID, ACCOUNT_ID = NodeId(MEDIATOR.id), NodeId(NODE.id), AccountId(ACCOUNT.id)
 
 hex_ids = st.binary(min_size=32, max_size=32).map(bytes.hex)
+share_ids = hex_ids.map(ShareId)
+object_ids = hex_ids.map(ObjectId)
+node_ids = hex_ids.map(NodeId)
+account_ids = hex_ids.map(AccountId)
 roots = st.binary(min_size=32, max_size=32)
 u63 = st.integers(0, 2**63 - 1)
 grant_ids = st.binary(min_size=16, max_size=16).map(bytes.hex)
@@ -43,8 +49,8 @@ def _json_round_trip(cls: type, obj: object, optional: tuple[str, ...] = ()) -> 
 
 @st.composite
 def grants(draw: st.DrawFn) -> m.UploadGrant:
-    return m.UploadGrant(MEDIATOR.id, draw(hex_ids), draw(hex_ids), draw(hex_ids), draw(st.integers(0, 2**50)),
-                         draw(roots), draw(u63), draw(grant_ids))  # type: ignore[arg-type]
+    return m.UploadGrant(MEDIATOR_ID, draw(node_ids), draw(account_ids), draw(share_ids), draw(st.integers(0, 2**50)),
+                         draw(roots), draw(u63), draw(grant_ids))
 
 
 @settings(max_examples=40, deadline=None)
@@ -62,22 +68,22 @@ def test_upload_grant(grant: m.UploadGrant) -> None:
 @settings(max_examples=40, deadline=None)
 @given(grants(), u63)
 def test_storage_receipt(grant: m.UploadGrant, stored_at: int) -> None:
-    receipt = m.StorageReceipt(NODE.id, grant.mediator_id, grant.account_id, grant.share_id,  # type: ignore[arg-type]
+    receipt = m.StorageReceipt(NODE_ID, grant.mediator_id, grant.account_id, grant.share_id,
                                grant.share_size, grant.merkle_root, grant.grant_id, stored_at)
     _json_round_trip(m.StorageReceipt, receipt)
     env = receipt.seal(NODE)
     assert m.StorageReceipt.open(Envelope.from_bytes(env.to_bytes(), kind="receipt")) == receipt
     with pytest.raises(AuthError):
         m.StorageReceipt.open(receipt.seal(MEDIATOR))
-    assert receipt.matches(m.UploadGrant(**{**grant.__dict__, "node_id": NODE.id}))
-    assert not receipt.matches(m.UploadGrant(**{**grant.__dict__, "node_id": NODE.id,
+    assert receipt.matches(m.UploadGrant(**{**grant.__dict__, "node_id": NODE_ID}))
+    assert not receipt.matches(m.UploadGrant(**{**grant.__dict__, "node_id": NODE_ID,
                                                "share_size": grant.share_size + 1}))
 
 
 @st.composite
 def announcements(draw: st.DrawFn) -> m.NodeAnnouncement:
     capacity = draw(st.integers(0, 2**60))
-    return m.NodeAnnouncement(draw(hex_ids), draw(urls), draw(st.none() | st.integers(0, 10**15)),  # type: ignore
+    return m.NodeAnnouncement(draw(node_ids), draw(urls), draw(st.none() | st.integers(0, 10**15)),
                               capacity, draw(st.integers(0, capacity)),
                               draw(st.text("abcXYZ019._@-", max_size=64)),
                               draw(st.none() | st.text("abcdef0123456789XYZ", min_size=1, max_size=100)))
@@ -95,7 +101,7 @@ def test_node_announcement(ann: m.NodeAnnouncement) -> None:
 
 
 def test_announcement_url_trailing_slash_is_normalised() -> None:
-    body = m.NodeAnnouncement(NODE.id, "http://a:1", None, 10, 5, "", None).to_json()  # type: ignore[arg-type]
+    body = m.NodeAnnouncement(NODE_ID, "http://a:1", None, 10, 5, "", None).to_json()
     assert m.NodeAnnouncement.from_json({**body, "url": "http://a:1/"}).url == "http://a:1"
 
 
@@ -109,17 +115,16 @@ def layouts(draw: st.DrawFn) -> ObjectLayout:
 @st.composite
 def specs(draw: st.DrawFn, layout: ObjectLayout) -> tuple[m.ShareSpec, ...]:
     indices = draw(st.lists(st.integers(0, layout.n - 1), min_size=1, max_size=layout.n, unique=True))
-    sids = draw(st.lists(hex_ids, min_size=len(indices), max_size=len(indices), unique=True))
-    return tuple(m.ShareSpec(i, s, layout.share_size, draw(roots)) for i, s in zip(indices, sids,  # type: ignore
-                                                                                   strict=True))
+    sids = draw(st.lists(share_ids, min_size=len(indices), max_size=len(indices), unique=True))
+    return tuple(m.ShareSpec(i, s, layout.share_size, draw(roots)) for i, s in zip(indices, sids, strict=True))
 
 
 @settings(max_examples=40, deadline=None)
 @given(st.data())
 def test_place_request(data: st.DataObject) -> None:
     layout = data.draw(layouts())
-    req = m.PlaceRequest(data.draw(hex_ids), layout, data.draw(specs(layout)),  # type: ignore[arg-type]
-                         tuple(data.draw(st.lists(hex_ids, max_size=3))))
+    req = m.PlaceRequest(data.draw(object_ids), layout, data.draw(specs(layout)),
+                         tuple(data.draw(st.lists(node_ids, max_size=3))))
     _json_round_trip(m.PlaceRequest, req)
     body = req.to_json()
     assert m.layout_from_json(m.layout_to_json(layout)) == layout
@@ -139,11 +144,10 @@ def _commit_request(layout: ObjectLayout, count: int) -> m.CommitRequest:
     shares = []
     for i in range(count):
         node = SigningKey(bytes([i + 10]) * 32)
-        sid, root = f"{i:064x}", bytes([i]) * 32
-        receipt = m.StorageReceipt(node.id, MEDIATOR.id, ACCOUNT.id, sid, layout.share_size, root,  # type: ignore
-                                   "ab" * 16, 1)
-        shares.append(m.CommittedShare(i, sid, node.id, layout.share_size, root, receipt.seal(node)))  # type: ignore
-    return m.CommitRequest("cd" * 32, layout, tuple(shares))  # type: ignore[arg-type]
+        node_id, sid, root = NodeId(node.id), ShareId(f"{i:064x}"), bytes([i]) * 32
+        receipt = m.StorageReceipt(node_id, MEDIATOR_ID, ACCOUNT_ID, sid, layout.share_size, root, "ab" * 16, 1)
+        shares.append(m.CommittedShare(i, sid, node_id, layout.share_size, root, receipt.seal(node)))
+    return m.CommitRequest(ObjectId("cd" * 32), layout, tuple(shares))
 
 
 @settings(max_examples=15, deadline=None)
@@ -161,16 +165,16 @@ def test_commit_request_and_placement(layout: ObjectLayout, data: st.DataObject)
         moved = dict(other, receipt=body["shares"][0]["receipt"])
         with pytest.raises(RemoteProtocolError):
             m.CommitRequest.from_json({**body, "shares": [body["shares"][0], moved]})
-    grant = m.UploadGrant(MEDIATOR.id, NODE.id, ACCOUNT.id, "ee" * 32, layout.share_size, bytes(32),  # type: ignore
+    grant = m.UploadGrant(MEDIATOR_ID, NODE_ID, ACCOUNT_ID, ShareId("ee" * 32), layout.share_size, bytes(32),
                           10, "ab" * 16).seal(MEDIATOR)
-    placement = m.Placement(0, NODE.id, "http://n:1", grant)  # type: ignore[arg-type]
+    placement = m.Placement(0, NODE_ID, "http://n:1", grant)
     _json_round_trip(m.Placement, placement)
 
 
 @settings(max_examples=40, deadline=None)
-@given(st.integers(1, 2**63 - 1), hex_ids, st.binary(max_size=4096), u63)
-def test_manifest_pointer(version: int, oid: str, sealed: bytes, created: int) -> None:
-    pointer = m.ManifestPointer(ACCOUNT.id, version, oid, sealed, created)  # type: ignore[arg-type]
+@given(st.integers(1, 2**63 - 1), object_ids, st.binary(max_size=4096), u63)
+def test_manifest_pointer(version: int, oid: ObjectId, sealed: bytes, created: int) -> None:
+    pointer = m.ManifestPointer(ACCOUNT_ID, version, oid, sealed, created)
     _json_round_trip(m.ManifestPointer, pointer)
     env = pointer.seal(ACCOUNT)
     assert m.ManifestPointer.open(Envelope.from_bytes(env.to_bytes(), kind="pointer")) == pointer
@@ -181,15 +185,15 @@ def test_manifest_pointer(version: int, oid: str, sealed: bytes, created: int) -
 
 
 def test_manifest_pointer_sealed_size_limit() -> None:
-    body = m.ManifestPointer(ACCOUNT.id, 1, "ab" * 32, bytes(4097), 0).to_json()  # type: ignore[arg-type]
+    body = m.ManifestPointer(ACCOUNT_ID, 1, ObjectId("ab" * 32), bytes(4097), 0).to_json()
     with pytest.raises(TooLargeError):
         m.ManifestPointer.from_json(body)
 
 
 @settings(max_examples=40, deadline=None)
-@given(u63, st.binary(min_size=32, max_size=32), st.integers(1, 64), st.lists(hex_ids, max_size=20))
-def test_challenge(round_id: int, nonce: bytes, leaves: int, sids: list[str]) -> None:
-    c = m.Challenge(MEDIATOR.id, NODE.id, round_id, nonce, leaves, tuple(sids))  # type: ignore[arg-type]
+@given(u63, st.binary(min_size=32, max_size=32), st.integers(1, 64), st.lists(share_ids, max_size=20))
+def test_challenge(round_id: int, nonce: bytes, leaves: int, sids: list[ShareId]) -> None:
+    c = m.Challenge(MEDIATOR_ID, NODE_ID, round_id, nonce, leaves, tuple(sids))
     _json_round_trip(m.Challenge, c)
     for name, bad in (("leaves_per_share", 65), ("nonce", "AAAA"), ("share_ids", ["x"]), ("round_id", -1)):
         with pytest.raises(RemoteProtocolError):
@@ -204,11 +208,11 @@ leaf_proofs = st.builds(LeafProof, st.integers(0, 2**64 - 1), st.binary(max_size
 
 @st.composite
 def proof_responses(draw: st.DrawFn) -> m.ProofResponse:
-    sids = draw(st.lists(hex_ids, max_size=6, unique=True))
+    sids = draw(st.lists(share_ids, max_size=6, unique=True))
     held = draw(st.integers(0, len(sids)))
     proofs = tuple(ShareProof(s, tuple(draw(st.lists(leaf_proofs, max_size=3)))) for s in sids[:held])
-    return m.ProofResponse(NODE.id, MEDIATOR.id, draw(u63), draw(st.binary(min_size=32, max_size=32)),  # type: ignore
-                           proofs, tuple(sids[held:]))  # type: ignore[arg-type]
+    return m.ProofResponse(NODE_ID, MEDIATOR_ID, draw(u63), draw(st.binary(min_size=32, max_size=32)),
+                           proofs, tuple(sids[held:]))
 
 
 @settings(max_examples=60, deadline=None)
@@ -238,8 +242,8 @@ def _resign(unsigned: bytes) -> bytes:
 
 def test_proof_response_layout_and_signed_structural_errors() -> None:
     leaf = LeafProof(7, b"abc", (bytes(32),))
-    resp = m.ProofResponse(NODE.id, MEDIATOR.id, 9, bytes(range(32)), (ShareProof("aa" * 32, (leaf,)),),  # type: ignore
-                           ("bb" * 32,))  # type: ignore[arg-type]
+    resp = m.ProofResponse(NODE_ID, MEDIATOR_ID, 9, bytes(range(32)), (ShareProof("aa" * 32, (leaf,)),),
+                           (ShareId("bb" * 32),))
     encoded = resp.encode(NODE)
     unsigned = encoded[:-64]
     expected = (b"FCPR\x01" + bytes.fromhex(NODE.id) + bytes.fromhex(MEDIATOR.id) + struct.pack(">Q", 9)

@@ -170,7 +170,11 @@ def test_padded_segments_equal_data_plus_padding_tail() -> None:
     for length in (0, 1, 4087, 4088, 4089, 5000, 8184, 12_000, 70_000):
         data = bytes(i % 251 for i in range(length))
         layout = objectcodec.plan_object(length, 4096, 2, 4)
-        stream = b"".join(objectcodec.padded_segments(layout, length, lambda off, size, d=data: d[off:off + size]))
+
+        def read(off: int, size: int, d: bytes = data) -> bytes:
+            return d[off:off + size]
+
+        stream = b"".join(objectcodec.padded_segments(layout, length, read))
         assert stream == data + padding_tail(length)
 
 
