@@ -1,5 +1,6 @@
 """Storage node throughput: PUT and GET MB/s over loopback against a real ``storaged`` process, next to a bare
-hypercorn endpoint (same fincryptfs.asgi stack, body discarded / zeros returned) as the ceiling; plus the CPU
+hypercorn endpoint (same fincryptfs.asgi stack, body discarded / zeros returned) as the ceiling, with the CPU
+milliseconds per MB the server process and the client (this process) spent in each phase; plus the CPU
 time of proving 10,000 shares and the daemon's peak RSS. Prints a JSON object on its last line.
 
 Usage: python bench/storaged_throughput.py [--shares 64] [--share-mib 4] [--concurrency 8] [--prove 10000]
@@ -90,6 +91,16 @@ async def wait_for(log: Path, pattern: str, proc: subprocess.Popen[bytes]) -> st
             if proc.poll() is not None:
                 raise RuntimeError(log.read_text()[-2000:])
             await trio.sleep(0.05)
+
+
+def cpu_s(pid: int) -> float:
+    """User + system CPU seconds of a process so far (the 14th and 15th fields of /proc/PID/stat)."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rpartition(")")[2].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+def self_cpu_s() -> float:
+    return time.process_time()
 
 
 def peak_rss_mib(pid: int) -> float:
@@ -208,14 +219,19 @@ async def run(args: argparse.Namespace) -> dict[str, object]:
                     return job
 
                 total_mb = args.shares * size / 1e6
-                t = await run_parallel([put_job(bare_url, g, d) for g, d in shares], args.concurrency)
-                result["bare_put_mb_s"] = round(total_mb / t, 1)
-                t = await run_parallel([put_job(node_url, g, d) for g, d in shares], args.concurrency)
-                result["put_mb_s"] = round(total_mb / t, 1)
-                t = await run_parallel([get_job(bare_url, g, False) for g, _ in shares], args.concurrency)
-                result["bare_get_mb_s"] = round(total_mb / t, 1)
-                t = await run_parallel([get_job(node_url, g, True) for g, _ in shares], args.concurrency)
-                result["get_mb_s"] = round(total_mb / t, 1)
+
+                async def phase(name: str, server: subprocess.Popen[bytes], jobs: list) -> None:  # type: ignore[type-arg]
+                    """MB/s, and CPU milliseconds per MB of the server process and of this (client) process."""
+                    server0, client0 = cpu_s(server.pid), self_cpu_s()
+                    t = await run_parallel(jobs, args.concurrency)
+                    result[f"{name}_mb_s"] = round(total_mb / t, 1)
+                    result[f"{name}_server_cpu_ms_per_mb"] = round((cpu_s(server.pid) - server0) * 1e3 / total_mb, 2)
+                    result[f"{name}_client_cpu_ms_per_mb"] = round((self_cpu_s() - client0) * 1e3 / total_mb, 2)
+
+                await phase("bare_put", bare, [put_job(bare_url, g, d) for g, d in shares])
+                await phase("put", node, [put_job(node_url, g, d) for g, d in shares])
+                await phase("bare_get", bare, [get_job(bare_url, g, False) for g, _ in shares])
+                await phase("get", node, [get_job(node_url, g, True) for g, _ in shares])
                 result["put_vs_bare"] = round(float(result["put_mb_s"]) / float(result["bare_put_mb_s"]), 2)  # type: ignore[arg-type]
                 result["get_vs_bare"] = round(float(result["get_mb_s"]) / float(result["bare_get_mb_s"]), 2)  # type: ignore[arg-type]
                 result["node_peak_rss_mib"] = round(peak_rss_mib(node.pid), 1)

@@ -29,6 +29,7 @@ from .core.wire import ReplayGuard, SignedRequest, canonical_json, decode_object
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 32 * 1024
+RECEIVE_BYTES = 256 * 1024  # largest socket read hypercorn's trio worker makes (it hard-codes 64 KiB)
 Handler = Callable[["Request"], Awaitable["Response"]]
 
 
@@ -209,9 +210,27 @@ async def _send_response(send: Any, response: Response) -> None:
     await send({"type": "http.response.body", "body": b""})
 
 
+def _enlarge_receives() -> None:
+    """Let hypercorn read the socket in ``RECEIVE_BYTES`` instead of 64 KiB.
+
+    Every read costs a trip through trio's epoll, h11's event loop and the ASGI queue; at 64 KiB that was most
+    of the server's CPU per MB of an upload. Hypercorn has no setting for it, only the module constant
+    ``MAX_RECV`` that ``TCPServer._read_data`` looks up at each read, so we set that constant (a test fails if
+    hypercorn stops reading it). Memory per request body in flight stays bounded: one read in h11's buffer plus
+    hypercorn's queue of ``max_app_queue_size`` (10) messages for the app, under 3 MiB. Not 1 MiB reads with a
+    shorter queue: hypercorn blocks a keep-alive connection when the app answers without reading the body and
+    the queue is full (it still has to queue ``http.disconnect``), so the queue must stay deep enough for small
+    unread bodies.
+    """
+    from hypercorn.trio import tcp_server
+
+    tcp_server.MAX_RECV = RECEIVE_BYTES
+
+
 async def serve_app(app: App, host: str, port: int, *,
                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` with hypercorn's trio worker until cancelled; reports the bound base URL (port 0 works)."""
+    _enlarge_receives()
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None

@@ -41,7 +41,7 @@ from .store import ShareFolder, ShareStore, ShareWriter
 
 log = logging.getLogger(__name__)
 
-UPLOAD_FLUSH_BYTES = 256 * 1024  # bytes buffered per upload before a worker thread writes + hashes them
+UPLOAD_FLUSH_BYTES = 1 << 20  # bytes held per upload before a worker thread writes + hashes them (one hop per MiB)
 STREAM_CHUNK_BYTES = 1 << 20
 MAX_CHALLENGE_BYTES = 8 << 20  # 100,000 share ids fit
 
@@ -274,14 +274,16 @@ class StorageService:
         writer = await trio.to_thread.run_sync(ShareWriter, folder, grant.share_id, grant.grant_id)
         done = False
         try:
-            buffer = bytearray()
+            pending: list[bytes] = []  # chunks as hypercorn delivered them: written with one writev, not joined
+            held = 0
             async for chunk in body(grant.share_size):
-                buffer += chunk
-                if len(buffer) >= UPLOAD_FLUSH_BYTES:
-                    data, buffer = bytes(buffer), bytearray()
-                    await trio.to_thread.run_sync(writer.write, data, limiter=self._upload_threads)
-            if buffer:
-                await trio.to_thread.run_sync(writer.write, bytes(buffer), limiter=self._upload_threads)
+                pending.append(chunk)
+                held += len(chunk)
+                if held >= UPLOAD_FLUSH_BYTES:
+                    await trio.to_thread.run_sync(writer.write_chunks, pending, limiter=self._upload_threads)
+                    pending, held = [], 0
+            if pending:
+                await trio.to_thread.run_sync(writer.write_chunks, pending, limiter=self._upload_threads)
             if writer.size != grant.share_size:
                 raise RemoteProtocolError(f"body has {writer.size} bytes; the grant is for {grant.share_size}")
             record = ShareRecord(grant.share_id, grant.mediator_id, grant.account_id, grant.share_size,

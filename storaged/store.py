@@ -25,7 +25,7 @@ import errno
 import logging
 import os
 import shutil
-from collections.abc import Container
+from collections.abc import Container, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -37,6 +37,7 @@ from fincryptfs.core.settings import ShareDir
 log = logging.getLogger(__name__)
 
 TMP_DIR = ".tmp"
+_IOV_MAX = 1024  # POSIX minimum is 16, Linux allows 1024; one upload flush holds far fewer chunks
 
 
 def tree_file_size(size: int) -> int:
@@ -105,13 +106,19 @@ class ShareWriter:
     def size(self) -> int:
         return self._builder.size
 
-    def write(self, data: bytes | memoryview) -> None:
+    def write_chunks(self, chunks: Sequence[bytes | bytearray | memoryview]) -> None:
+        """Append the chunks with one ``writev`` and hash them as received (no copy to coalesce them first)."""
         assert self._fd is not None
-        view = memoryview(data)
-        while view:
-            written = os.write(self._fd, view)
-            view = view[written:]
-        self._builder.update(data)
+        views = [memoryview(chunk) for chunk in chunks if len(chunk)]
+        while views:
+            written = os.writev(self._fd, views[:_IOV_MAX])
+            while views and written >= len(views[0]):
+                written -= len(views[0])
+                views.pop(0)
+            if written:
+                views[0] = views[0][written:]
+        for chunk in chunks:
+            self._builder.update(chunk)
 
     def finish(self) -> MerkleTree:
         return self._builder.finish()
