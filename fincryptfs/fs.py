@@ -24,7 +24,7 @@ import sqlite3
 import stat
 import time
 from collections.abc import Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Any, TypeVar, cast
 
@@ -57,6 +57,7 @@ class _Dirty:
 
     size: int
     mtime_ns: int
+    attrs: dict[str, int] = field(default_factory=dict)  # mode/uid/gid/atime_ns set while open
 
 
 @dataclass
@@ -109,6 +110,10 @@ class FincryptOperations(pyfuse3.Operations):
         return inode
 
     def _attr(self, inode: meta.Inode) -> pyfuse3.EntryAttributes:
+        """What the kernel sees: the tree's row with the pending changes of a file open for writing."""
+        dirty = self._dirty.get(inode.ino)
+        if dirty is not None and dirty.attrs:
+            inode = replace(inode, **dirty.attrs)  # type: ignore[arg-type]  # only int columns (_Dirty.attrs)
         attr = pyfuse3.EntryAttributes()
         attr.st_ino = inode.ino
         attr.generation = 0
@@ -123,7 +128,6 @@ class FincryptOperations(pyfuse3.Operations):
         attr.st_gid = inode.gid
         attr.st_rdev = 0
         size, mtime_ns = inode.size, inode.mtime_ns
-        dirty = self._dirty.get(inode.ino)
         if dirty is not None:
             size, mtime_ns = dirty.size, dirty.mtime_ns
         attr.st_size = size
@@ -188,15 +192,22 @@ class FincryptOperations(pyfuse3.Operations):
             values["gid"] = attr.st_gid
         if fields.update_atime:
             values["atime_ns"] = attr.st_atime_ns
+        dirty = self._dirty.get(inode)
         if fields.update_mtime:
             values["mtime_ns"] = attr.st_mtime_ns
-            dirty = self._dirty.get(inode)
             if dirty is not None:
                 dirty.mtime_ns = attr.st_mtime_ns
+        if dirty is not None and inode in self._open and not fields.update_size:
+            # A file being written (cp -a: fchown, fchmod, futimens before close): the changes wait in memory
+            # for its close, which commits them with the size and the upload job in one transaction.
+            values.pop("mtime_ns", None)  # dirty.mtime_ns carries it
+            dirty.attrs.update(values)
+            return self._attr(self._inode(inode))
         if values or fields.update_size:
             values["ctime_ns"] = now
-            meta.set_attrs(self.db, inode, **values)
+            node = meta.set_attrs(self.db, inode, **values)
             self.wake(False)
+            return self._attr(node)
         return self._attr(self._inode(inode))
 
     async def _truncate(self, node: meta.Inode, size: int) -> None:
@@ -242,7 +253,7 @@ class FincryptOperations(pyfuse3.Operations):
         dirty = self._dirty.pop(ino, None)
         if dirty is None:
             return
-        meta.record_release(self.db, ino, dirty.size, dirty.mtime_ns)
+        meta.record_release(self.db, ino, dirty.size, dirty.mtime_ns, dirty.attrs)
         self.wake(True)
 
     def _new_handle(self, ino: int, fd: int, writable: bool) -> int:

@@ -289,11 +289,17 @@ def create(db: sqlite3.Connection, parent: int, name: bytes, kind: str, mode: in
     return Inode(*row)
 
 
+_SETTABLE = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size"})
+
+
+def _check_settable(values: dict[str, int]) -> None:
+    if not values.keys() <= _SETTABLE:
+        raise ValueError(f"not settable: {sorted(values.keys() - _SETTABLE)}")
+
+
 def set_attrs(db: sqlite3.Connection, ino: int, **values: int) -> Inode:
     """Change mode/uid/gid/atime_ns/mtime_ns/ctime_ns (names checked against the columns)."""
-    allowed = {"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size"}
-    if not values.keys() <= allowed:
-        raise ValueError(f"not settable: {sorted(values.keys() - allowed)}")
+    _check_settable(values)
     if values:
         with _tx(db):
             assignments = ", ".join(f"{k} = ?" for k in values)
@@ -312,8 +318,12 @@ def mark_dirty(db: sqlite3.Connection, ino: int) -> int:
     return int(row[0])
 
 
-def record_release(db: sqlite3.Connection, ino: int, size: int, mtime_ns: int) -> int | None:
+def record_release(db: sqlite3.Connection, ino: int, size: int, mtime_ns: int,
+                   attrs: dict[str, int] | None = None) -> int | None:
     """A written file was closed: its size and times, and an upload job for its version, in one transaction.
+
+    ``attrs``: mode/uid/gid/atime_ns changes made while the file was open (``fs`` keeps them in memory until
+    the close, saving a transaction per ``chmod``/``chown``/``utimes`` of a file being written).
 
     Older pending jobs of the inode are superseded (``done``). An empty file needs no object: it becomes
     ``stored`` at once, and the object of its previous version is queued for deletion. Returns the job id, or
@@ -328,6 +338,10 @@ def record_release(db: sqlite3.Connection, ino: int, size: int, mtime_ns: int) -
                    "state = 'pending'", (ino,))
         if parent is None:
             return None
+        if attrs:
+            _check_settable(attrs)
+            db.execute(f"UPDATE inodes SET {', '.join(f'{k} = ?' for k in attrs)} WHERE ino = ?",
+                       (*attrs.values(), ino))
         if size == 0:
             db.execute("UPDATE inodes SET size = 0, mtime_ns = ?, ctime_ns = ?, state = 'stored', object = NULL "
                        "WHERE ino = ?", (mtime_ns, mtime_ns, ino))
@@ -465,6 +479,15 @@ def recover(db: sqlite3.Connection, cache_sizes: dict[int, int]) -> None:
         if db.total_changes != before:
             _bump(db)
         db.execute("DELETE FROM upload_jobs WHERE state = 'done' AND created < ?", (time.time() - 86400,))
+
+
+def resume_uploads(db: sqlite3.Connection) -> None:
+    """At the upload worker's start: jobs a previous worker left ``uploading`` (it died) are pending again.
+
+    Only the worker that holds the data folder's upload lock may call this: a live worker's claims are its own.
+    """
+    with _tx(db):
+        db.execute("UPDATE upload_jobs SET state = 'pending' WHERE state = 'uploading'")
 
 
 def next_upload(db: sqlite3.Connection, now: float) -> UploadJob | None:

@@ -6,6 +6,11 @@ SIGINT/SIGTERM, after unmounting. Work left in the queue stays in the SQLite tre
 The first mount with an empty data folder looks for the account's latest snapshot at the mediator, so a
 restored key (``fincryptfs restore``) shows the whole tree; file contents are fetched on first open. That check
 must succeed: mounting an empty tree over an account that has one would publish the empty tree over it.
+
+Uploads, deletions and snapshot publishing run in a separate process (``fincryptfs.uploadworker``) that the
+mount starts, supervises (restarted with backoff if it dies) and stops at unmount, so the mount's event loop
+does only FUSE, SQLite and local files. The two share the SQLite tree; the mount pokes the worker through a
+pipe after each burst of changes (``WorkerLink``).
 """
 
 from __future__ import annotations
@@ -15,6 +20,9 @@ import json
 import logging
 import os
 import signal
+import sqlite3
+import subprocess
+import sys
 from collections.abc import Callable, Iterator
 from contextlib import AsyncExitStack, contextmanager
 from pathlib import Path
@@ -30,12 +38,17 @@ from .core.settings import ClientSettings
 from .fs import Capacity, FincryptOperations
 from .objectstore import ObjectStore, StoredObject
 from .packs import PackReader
-from .uploadqueue import UploadQueue
+from .uploadqueue import backoff
+from .uploadworker import encode_config
 
 log = logging.getLogger(__name__)
 
 CAPACITY_REFRESH = 60.0
 CPU_THREADS = 2
+EVICT_INTERVAL = 2.0
+WORKER_STOP_GRACE = 5.0
+WORKER_START_TIMEOUT = 10.0
+WORKER_STABLE = 30.0  # a worker that ran this long before dying is restarted without backoff
 
 
 def meta_path(settings: ClientSettings) -> Path:
@@ -92,6 +105,90 @@ async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:
             return
 
 
+class WorkerLink:
+    """The mount's side of the pipe to the upload worker: ``wake`` (called by FUSE handlers, never blocks)
+    notes what changed; one sender task writes a byte per burst (``j`` jobs changed, ``t`` only the tree)."""
+
+    def __init__(self) -> None:
+        self._jobs = False
+        self._pending = False
+        self._event = trio.Event()
+
+    def wake(self, jobs: bool = True) -> None:
+        self._jobs = self._jobs or jobs
+        if not self._pending:
+            self._pending = True
+            self._event.set()
+
+    async def send_wakes(self, stream: trio.abc.SendStream) -> None:
+        self.wake(True)  # a new worker looks at once
+        while True:
+            await self._event.wait()
+            self._event = trio.Event()
+            byte = b"j" if self._jobs else b"t"
+            self._jobs = self._pending = False
+            await stream.send_all(byte)
+
+
+async def supervise_worker(settings: ClientSettings, master_key: bytes, link: WorkerLink, flush_seen: int, *,
+                           task_status: trio.TaskStatus[None] = trio.TASK_STATUS_IGNORED) -> None:
+    """Run the upload worker process; restart it with backoff if it dies. Started once the first worker says
+    it is ready (or gave up, or WORKER_START_TIMEOUT passed). Cancelled (unmount): close its stdin so it
+    stops, and kill it by PID if it has not stopped after WORKER_STOP_GRACE seconds."""
+    failures = 0
+    config = encode_config(settings, master_key, flush_seen)
+    reported = False
+    while True:
+        started = trio.current_time()
+        process = await trio.lowlevel.open_process([sys.executable, "-m", "fincryptfs.uploadworker"],
+                                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+        assert process.stdin is not None and process.stdout is not None
+        try:
+            await process.stdin.send_all(config)
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(link.send_wakes, process.stdin)
+                if not reported:
+                    with trio.move_on_after(WORKER_START_TIMEOUT):
+                        await process.stdout.receive_some(64)  # its "ready" line, or b"" if it died
+                    reported = True
+                    task_status.started()
+                await process.wait()
+                nursery.cancel_scope.cancel()
+        except trio.BrokenResourceError:
+            await process.wait()  # it died before reading its config
+        finally:
+            with trio.CancelScope(shield=True):
+                await process.stdin.aclose()
+                await process.stdout.aclose()
+                with trio.move_on_after(WORKER_STOP_GRACE):
+                    await process.wait()
+                if process.returncode is None:
+                    log.warning("the upload worker (pid %d) did not stop: killing it", process.pid)
+                    process.kill()
+                    await process.wait()
+        failures = 1 if trio.current_time() - started > WORKER_STABLE else failures + 1
+        delay = backoff(failures)
+        log.warning("the upload worker (pid %d) exited with status %s; restarting it in %.0f s", process.pid,
+                    process.returncode, delay)
+        if not reported:
+            reported = True
+            task_status.started()  # the mount serves anyway; uploads wait for a worker that starts
+        await trio.sleep(delay)
+
+
+async def _evictor(db: sqlite3.Connection, cache: CacheDir, ops: FincryptOperations) -> None:
+    """Keep the cache within its limit: after the tree changed (uploads finish in the worker), every few
+    seconds (eviction lists the folder). Files open in the mount are never evicted."""
+    seen = -1
+    while True:
+        version = meta.counter(db, "meta_version")
+        if version != seen or cache.maybe_over_limit:
+            seen = version
+            cache.maybe_over_limit = False
+            cache.evict(meta.stored_inos(db), ops.open_inodes())
+        await trio.sleep(EVICT_INTERVAL)
+
+
 @contextmanager
 def _exclusive(data_dir: Path) -> Iterator[None]:
     """One mount per data folder: two would each believe they own the tree and its jobs."""
@@ -137,21 +234,18 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
             else:
                 await store.fetch_to_file(StoredObject.from_json(json.loads(object_json)), dest)
 
-        ops_ref: list[FincryptOperations] = []
-        queue = UploadQueue(db=db, store=store, cache=cache, master_key=master_key,
-                            spool_dir=settings.data_dir / "spool", workers=settings.upload_workers,
-                            publish_delay=settings.publish_delay, pack_threshold=settings.pack_threshold,
-                            pack_size=settings.pack_size, pack_max_files=settings.pack_max_files,
-                            in_use=lambda: ops_ref[0].open_inodes() if ops_ref else set())
-        ops = FincryptOperations(db=db, cache=cache, fetch=fetch, wake=queue.wake)
-        ops_ref.append(ops)
+        flush_seen = meta.counter(db, "flush_requested")
+        link = WorkerLink()
+        ops = FincryptOperations(db=db, cache=cache, fetch=fetch, wake=link.wake)
         options = set(pyfuse3.default_options) | {"fsname=fincryptfs", "default_permissions"}
         if os.geteuid() == 0:
             options.add("allow_other")
-        pyfuse3.init(ops, str(mountpoint), options)
-        try:
-            async with trio.open_nursery() as nursery:
-                await nursery.start(queue.run)
+        async with trio.open_nursery() as nursery:
+            # the worker first: a flush right after mounting should not wait for a Python process to start
+            await nursery.start(supervise_worker, settings, master_key, link, flush_seen)
+            pyfuse3.init(ops, str(mountpoint), options)
+            try:
+                nursery.start_soon(_evictor, db, cache, ops)
                 nursery.start_soon(_refresh_capacity, ops, settings, http)
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 log.info("mounted %s", mountpoint)
@@ -160,5 +254,5 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
                 await pyfuse3.main()
                 log.info("%s was unmounted", mountpoint)
                 nursery.cancel_scope.cancel()
-        finally:
-            pyfuse3.close(unmount=True)
+            finally:
+                pyfuse3.close(unmount=True)

@@ -3,7 +3,8 @@
 Everything the queue does is driven by rows in the local SQLite tree (``fincryptfs.meta``), never by memory
 alone, so a client killed at any moment resumes where it was: jobs left ``uploading`` are pending again at the
 next start, and a finished upload counts only if it commits in the same transaction that marks its inode
-stored. The FUSE side just commits a job and calls :meth:`UploadQueue.wake`.
+stored. The FUSE side just commits a job and wakes the queue. The queue runs in the upload worker process
+(``fincryptfs.uploadworker``), not in the mount's; the mount keeps the cache within its limit itself.
 
 Tasks, all in the caller's nursery:
 
@@ -27,7 +28,6 @@ import json
 import logging
 import sqlite3
 import time
-from collections.abc import Callable, Collection
 from pathlib import Path
 
 import trio
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 MAX_BACKOFF = 300.0
 MAX_PUBLISH_WAIT = 30.0
-EVICT_INTERVAL = 2.0
 PACK_LINGER = 0.2
 FLUSH_POLL = 0.1
 
@@ -56,8 +55,8 @@ def backoff(attempts: int) -> float:
 class UploadQueue:
     def __init__(self, *, db: sqlite3.Connection, store: ObjectStore, cache: CacheDir, master_key: bytes,
                  spool_dir: Path, workers: int = 2, publish_delay: float = 2.0,
-                 in_use: Callable[[], Collection[int]] = frozenset, pack_threshold: int = 2**20,
-                 pack_size: int = 16 * 2**20, pack_max_files: int = 1000) -> None:
+                 pack_threshold: int = 2**20,
+                 pack_size: int = 16 * 2**20, pack_max_files: int = 1000, flush_seen: int | None = None) -> None:
         self.db = db
         self.store = store
         self.cache = cache
@@ -65,19 +64,21 @@ class UploadQueue:
         self.spool_dir = spool_dir
         self.workers = workers
         self.publish_delay = publish_delay
-        self.in_use = in_use
         self.pack_threshold = pack_threshold
         self.pack_size = pack_size
         self.pack_max_files = pack_max_files
         self._jobs_changed = trio.Event()
         self._tree_changed = trio.Event()
         self.publish_error: str | None = None
-        self._flush_seen = meta.counter(db, "flush_requested")
+        # flush requests up to this count were made before the mount started: older ones need no answer
+        self._flush_seen = meta.counter(db, "flush_requested") if flush_seen is None else flush_seen
 
-    def wake(self, jobs: bool = True) -> None:
-        """The tree changed (``jobs``: and so did the jobs): the tasks concerned look again."""
-        self._tree_changed.set()
-        self._tree_changed = trio.Event()
+    def wake(self, jobs: bool = True, tree: bool = True) -> None:
+        """The tree changed (``jobs``: and so did the jobs): the tasks concerned look again. ``tree=False``:
+        only look for runnable jobs (a periodic poll must not restart the publisher's debounce)."""
+        if tree:
+            self._tree_changed.set()
+            self._tree_changed = trio.Event()
         if jobs:
             self._jobs_changed.set()
             self._jobs_changed = trio.Event()
@@ -103,7 +104,6 @@ class UploadQueue:
                 nursery.start_soon(self._upload_worker)
             nursery.start_soon(self._deleter)
             nursery.start_soon(self._publisher)
-            nursery.start_soon(self._evictor)
             task_status.started()
 
     # --- uploads --------------------------------------------------------------------------------------------
@@ -194,14 +194,6 @@ class UploadQueue:
                  "" if live == len(members) else f"; {len(members) - live} changed meanwhile")
         self.cache.maybe_over_limit = True
         self.wake()
-
-    async def _evictor(self) -> None:
-        """Keep the cache within its limit, checking every few seconds after it grew (eviction lists the folder)."""
-        while True:
-            if self.cache.maybe_over_limit:
-                self.cache.maybe_over_limit = False
-                self.cache.evict(meta.stored_inos(self.db), self.in_use())
-            await trio.sleep(EVICT_INTERVAL)
 
     # --- deletions ------------------------------------------------------------------------------------------
 

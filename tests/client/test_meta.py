@@ -228,3 +228,24 @@ def test_snapshot_carries_packs(db: sqlite3.Connection, tmp_path: Path) -> None:
         assert json.loads(meta.pack_object(copy, "s" * 64) or "{}")["object_id"] == "s" * 64
     finally:
         copy.close()
+
+
+def test_release_commits_attributes_set_while_open(db: sqlite3.Connection) -> None:
+    f = new_file(db)
+    meta.mark_dirty(db, f.ino)
+    assert meta.record_release(db, f.ino, 7, 99, {"mode": 0o100600, "uid": 5, "atime_ns": 42}) is not None
+    row = meta.get(db, f.ino)
+    assert (row.mode, row.uid, row.gid, row.atime_ns, row.size, row.mtime_ns) == (0o100600, 5, 0, 42, 7, 99)
+    with pytest.raises(ValueError):
+        meta.record_release(db, f.ino, 7, 99, {"version": 1})
+
+
+def test_resume_uploads_returns_claimed_jobs_to_pending(db: sqlite3.Connection) -> None:
+    f = new_file(db)
+    meta.mark_dirty(db, f.ino)
+    meta.record_release(db, f.ino, 10, 1)
+    job = claim(db)
+    assert meta.next_upload(db, now=1e12) is None
+    meta.resume_uploads(db)  # the worker that claimed it died; a new one starts
+    again = claim(db)
+    assert (again.id, again.attempts) == (job.id, job.attempts + 1)

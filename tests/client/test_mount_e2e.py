@@ -49,6 +49,9 @@ async def test_copy_flush_remount_without_cache_and_restore(tmp_path: Path, nurs
         await trio.to_thread.run_sync(lambda: subprocess.run(["cp", "-a", f"{src}/.", str(client.mountpoint)],
                                                              check=True))
         assert tree_of(client.mountpoint) == tree_of(src)
+        # chmod/utimes of a file open for writing: seen at once, kept through the close (and the remounts below)
+        assert await trio.to_thread.run_sync(_chmod_while_open, client.mountpoint / "held.txt") == (0o600, 2 * 10**9)
+        await trio.to_thread.run_sync(_chmod_while_open, src / "held.txt")
         await client.flush()
         status = json.loads((await trio.to_thread.run_sync(lambda: client.cli("status", "--json"))).stdout)
         assert status["pending_uploads"] == 0
@@ -89,3 +92,12 @@ async def test_copy_flush_remount_without_cache_and_restore(tmp_path: Path, nurs
     finally:
         await client.cleanup()
         await restored.cleanup()
+
+
+def _chmod_while_open(path: Path) -> tuple[int, int]:
+    with open(path, "wb") as f:
+        f.write(b"held open")
+        os.fchmod(f.fileno(), 0o600)
+        os.utime(f.fileno(), ns=(10**9, 2 * 10**9))
+        st = os.fstat(f.fileno())
+    return st.st_mode & 0o777, st.st_mtime_ns

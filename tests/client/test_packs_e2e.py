@@ -7,6 +7,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 from pathlib import Path
 
 import pytest
@@ -14,7 +15,7 @@ import trio
 from mountkit import Client, needs_fuse, tree_of
 from netfixtures import start_network
 
-from fincryptfs import meta
+from fincryptfs import meta, uploadworker
 
 pytestmark = [pytest.mark.e2e, needs_fuse]
 
@@ -149,3 +150,62 @@ async def test_kill_during_pack_upload_loses_nothing_closed(tmp_path: Path, nurs
         assert await trio.to_thread.run_sync(tree_of, mnt) == expected
     finally:
         await client.cleanup()
+
+
+async def test_kill_upload_worker_mid_upload_restarts_and_flush_completes(tmp_path: Path,
+                                                                          nursery: trio.Nursery) -> None:
+    """Uploads run in the mount's worker process: kill -9 it while a pack uploads; the mount restarts it, the
+    new worker resumes the claimed jobs, and flush completes with every file readable after a cold mount."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "c", net.mediator_url, extra_env=PACKING)
+    client.init()
+    mnt = client.mountpoint
+    try:
+        await client.mount()
+        first = uploadworker.worker_pid(client.data_dir)
+        with trio.fail_after(10):
+            while first is None:
+                await trio.sleep(0.05)
+                first = uploadworker.worker_pid(client.data_dir)
+        await trio.to_thread.run_sync(write_small, mnt, 60, 3)
+        expected = await trio.to_thread.run_sync(tree_of, mnt)
+        db = meta.connect_readonly(client.data_dir / "meta.db")
+        try:
+            with trio.fail_after(20):  # kill while a pack is uploading
+                while not any(state == "uploading" for _, _, state, _, _ in meta.pending_uploads(db)):
+                    await trio.sleep(0.01)
+            os.kill(first, signal.SIGKILL)
+            await trio.sleep(0.05)
+            claimed = sum(state == "uploading" for _, _, state, _, _ in meta.pending_uploads(db))
+        finally:
+            db.close()
+        assert claimed > 0, "the kill came after every upload finished: the test proves nothing"
+        await client.flush()
+        second = uploadworker.worker_pid(client.data_dir)
+        assert second is not None and second != first
+        assert client.process is not None and client.process.poll() is None, "the mount must survive"
+        report = await status(client)
+        assert report["pending_uploads"] == 0 and all(f["packed"] for f in report["files"])
+        assert sum(p["live_files"] for p in report["packs"]) == 60
+        await client.unmount()
+        with trio.fail_after(10):  # unmounting stops the worker too
+            while _alive(second):
+                await trio.sleep(0.05)
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        assert await trio.to_thread.run_sync(tree_of, mnt) == expected
+    finally:
+        await client.cleanup()
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ")[-1][:1] != "Z"
+    except FileNotFoundError:
+        return False
+    return True

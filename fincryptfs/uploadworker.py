@@ -1,0 +1,172 @@
+"""The upload worker: a mount's upload queue, pack building and snapshot publishing in their own OS process.
+
+Why a process: the mount's event loop serves FUSE. Hashing, encoding and HTTP for uploads on that same loop
+(and under the same GIL) made every ``create``/``write``/``close`` wait behind upload work. Here they run on the
+other core, and the two processes share nothing but the SQLite tree (WAL: one writer at a time, every write
+transaction short, ``busy_timeout`` to wait for the other) and the cache files.
+
+Started and supervised by the mount (``fincryptfs.mount``), never by hand::
+
+    python -m fincryptfs.uploadworker    # stdin: one JSON line (settings, master key), then wake bytes
+
+Once its queue runs, the worker writes ``ready`` on stdout (its logs go to stderr). After the JSON line, the
+mount writes one byte per burst of changes: ``j`` (jobs changed: look for uploads and deletions) or ``t``
+(only the tree changed: the publisher's debounce restarts). End of stdin means the mount is gone (unmounted
+or killed): the worker stops; unfinished jobs stay in SQLite and resume at the next start
+(``meta.resume_uploads``). The worker also polls the jobs every POLL_INTERVAL, so a lost wake-up only delays
+work. One worker per data folder (``upload.lock``, which holds the worker's PID).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import logging
+import os
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import trio
+
+from . import meta, rpc
+from .cache import CacheDir
+from .core.errors import ConfigError
+from .core.settings import ClientSettings
+from .uploadqueue import UploadQueue
+
+log = logging.getLogger(__name__)
+
+POLL_INTERVAL = 0.5
+CPU_THREADS = 2
+LOCK_NAME = "upload.lock"
+EXIT_LOCKED = 3
+
+_FIELDS = ("mediator_url", "data_dir", "cache_dir", "cache_limit_bytes", "k", "n", "happy", "segment_size",
+           "upload_workers", "publish_delay", "pack_threshold", "pack_size", "pack_max_files")
+
+
+def encode_config(settings: ClientSettings, master_key: bytes, flush_seen: int) -> bytes:
+    """The worker's first stdin line: what it needs of the settings, the master key (never on argv) and the
+    ``flush_requested`` counter when the mount started (a ``fincryptfs flush`` made after that, even before
+    the worker runs, skips the publish debounce)."""
+    values = {name: getattr(settings, name) for name in _FIELDS}
+    values["data_dir"], values["cache_dir"] = str(settings.data_dir), str(settings.cache_dir)
+    doc = {"settings": values, "master_key": master_key.hex(), "flush_seen": flush_seen}
+    return json.dumps(doc).encode() + b"\n"
+
+
+def decode_config(line: bytes) -> tuple[ClientSettings, bytes, int]:
+    doc = json.loads(line)
+    values = dict(doc["settings"])
+    data_dir = Path(values.pop("data_dir"))
+    settings = ClientSettings(data_dir=data_dir, key_file=data_dir / "master.key",
+                              cache_dir=Path(values.pop("cache_dir")), **values)
+    return settings, bytes.fromhex(doc["master_key"]), int(doc["flush_seen"])
+
+
+def lock_path(data_dir: Path) -> Path:
+    return data_dir / LOCK_NAME
+
+
+def worker_pid(data_dir: Path) -> int | None:
+    """The PID of the running worker of ``data_dir`` (for tests and diagnostics), or None."""
+    try:
+        text = lock_path(data_dir).read_text().strip()
+    except FileNotFoundError:
+        return None
+    return int(text) if text.isdigit() else None
+
+
+@contextmanager
+def exclusive(data_dir: Path) -> Iterator[None]:
+    """One worker per data folder: two would claim the same jobs and publish over each other."""
+    fd = os.open(lock_path(data_dir), os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        try:
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            raise ConfigError(f"another upload worker is using {data_dir}") from None
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+        yield
+    finally:
+        os.close(fd)
+
+
+async def _read_wakes(stdin: trio.lowlevel.FdStream, queue: UploadQueue, done: trio.CancelScope) -> None:
+    """Turn the mount's wake bytes into queue wake-ups; end of stdin (the mount is gone) stops the worker."""
+    while True:
+        data = await stdin.receive_some(4096)
+        if not data:
+            log.info("the mount closed the pipe: the upload worker stops")
+            done.cancel()
+            return
+        queue.wake(b"j" in data)
+
+
+async def _poll(queue: UploadQueue) -> None:
+    while True:
+        await trio.sleep(POLL_INTERVAL)
+        queue.wake(jobs=True, tree=False)
+
+
+async def run_worker(settings: ClientSettings, master_key: bytes, flush_seen: int,
+                     stdin: trio.lowlevel.FdStream) -> None:
+    from .mount import meta_path, open_store
+
+    with exclusive(settings.data_dir):
+        async with rpc.new_client() as http:
+            store = open_store(settings, master_key, http, trio.CapacityLimiter(CPU_THREADS))
+            db = meta.connect(meta_path(settings))
+            try:
+                meta.resume_uploads(db)
+                cache = CacheDir(settings.cache_dir, settings.cache_limit_bytes)
+                queue = UploadQueue(db=db, store=store, cache=cache, master_key=master_key,
+                                    spool_dir=settings.data_dir / "spool", workers=settings.upload_workers,
+                                    publish_delay=settings.publish_delay, pack_threshold=settings.pack_threshold,
+                                    pack_size=settings.pack_size, pack_max_files=settings.pack_max_files,
+                                    flush_seen=flush_seen)
+                async with trio.open_nursery() as nursery:
+                    await nursery.start(queue.run)
+                    os.write(1, b"ready\n")  # the mount waits for this before serving (stdout is its pipe)
+                    nursery.start_soon(_read_wakes, stdin, queue, nursery.cancel_scope)
+                    nursery.start_soon(_poll, queue)
+            finally:
+                db.close()
+
+
+def _read_line(fd: int) -> bytes:
+    """One line from ``fd``, byte by byte: a buffered reader would swallow the wake bytes that follow it."""
+    out = bytearray()
+    while not out.endswith(b"\n"):
+        byte = os.read(fd, 1)
+        if not byte:
+            return b""
+        out += byte
+    return bytes(out)
+
+
+def main() -> int:
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+    line = _read_line(0)
+    if not line:
+        return 0
+    settings, master_key, flush_seen = decode_config(line)
+
+    async def run() -> None:
+        stdin = trio.lowlevel.FdStream(os.dup(0))
+        async with stdin:
+            await run_worker(settings, master_key, flush_seen, stdin)
+
+    try:
+        trio.run(run)
+    except ConfigError as exc:
+        print(f"upload worker: {exc}", file=sys.stderr)
+        return EXIT_LOCKED
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
