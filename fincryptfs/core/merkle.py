@@ -163,7 +163,7 @@ class TreeBuilder:
     def size(self) -> int:
         return self._size
 
-    def update(self, data: bytes | memoryview) -> None:
+    def update(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         self._size += len(view)
         if self._pending:
@@ -243,7 +243,7 @@ class RootBuilder:
             height += 1
         self._stack.append((height, digest))
 
-    def update(self, data: bytes | memoryview) -> None:
+    def update(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
         self._size += len(view)
         if self._pending:
