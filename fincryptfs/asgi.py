@@ -29,6 +29,8 @@ from .core.wire import ReplayGuard, SignedRequest, canonical_json, decode_object
 log = logging.getLogger(__name__)
 
 MAX_HEADER_BYTES = 32 * 1024
+DRAIN_BYTES = 8 * 1024 * 1024  # an unread request body up to this size is read and dropped after an early answer
+DRAIN_SECONDS = 5.0
 RECEIVE_BYTES = 256 * 1024  # largest socket read hypercorn's trio worker makes (it hard-codes 64 KiB)
 Handler = Callable[["Request"], Awaitable["Response"]]
 
@@ -73,6 +75,7 @@ class Request:
         self.headers = headers
         self._receive = receive
         self._consumed = False
+        self._finished = False  # the whole body (possibly empty) has been received
 
     def query(self) -> dict[str, str]:
         result: dict[str, str] = {}
@@ -108,15 +111,40 @@ class Request:
             received += len(chunk)
             if received > limit:
                 raise TooLargeError(f"body exceeds the limit of {limit} bytes")
+            if not message.get("more_body", False):
+                self._finished = True
             if chunk:
                 yield chunk
-            if not message.get("more_body", False):
+            if self._finished:
                 break
         if length is not None and received != length:
             raise RemoteProtocolError(f"body has {received} bytes but content-length said {length}")
 
     async def body(self, limit: int) -> bytes:
         return b"".join([chunk async for chunk in self.stream(limit)])
+
+    async def discard_rest(self, limit: int = DRAIN_BYTES, timeout: float = DRAIN_SECONDS) -> None:
+        """Read and drop what is left of the body, so a client still sending it gets our (error) answer.
+
+        A server that answers early and closes makes the client fail with "server disconnected" instead of
+        reading, say, the 413 that explains why. Bodies beyond ``limit`` are not drained: the connection
+        closes, which is the right answer to a client pushing megabytes it was told not to send.
+        """
+        if self._finished:
+            return
+        length = self.content_length()
+        if length is not None and length > limit:
+            return
+        drained = 0
+        with trio.move_on_after(timeout):
+            while drained <= limit:
+                message = await self._receive()
+                if message["type"] == "http.disconnect":
+                    return
+                drained += len(message.get("body", b""))
+                if not message.get("more_body", False):
+                    self._finished = True
+                    return
 
     async def json(self, limit: int = 1 << 20) -> dict[str, Any]:
         return decode_object(await self.body(limit), max_bytes=limit)
@@ -180,11 +208,13 @@ class App:
         if scope["type"] != "http":
             return
         route_name = "unmatched"
+        request: Request | None = None
         try:
             route, params = self.router.match(scope["method"], scope.get("raw_path", b"").decode("latin-1")
                                               or scope["path"])
             route_name = route.name
-            response = await route.handler(Request(scope, receive, params))
+            request = Request(scope, receive, params)
+            response = await route.handler(request)
         except (ProtocolError, PolicyError) as exc:
             response = error_response(exc.status, str(exc))
         except trio.Cancelled:
@@ -194,6 +224,8 @@ class App:
             response = error_response(500, "internal error (logged on the server)")
         if self.on_response is not None:
             self.on_response(route_name, response.status)
+        if request is not None and response.status >= 400:
+            await request.discard_rest()
         await _send_response(send, response)
 
 
