@@ -50,7 +50,14 @@ async def test_nodes_leaving_and_joining(network: Network) -> None:
     await trio.sleep(0.05)
     newcomers = await network.grow(15, start=100, params=churn)
     for searcher in [newcomers[-1], network.nodes[5]]:
-        assert [r.id for r in await searcher.find_mediators()] == [mediator.identity.id]
+        # Right after churn a lookup can still spend its budget on departed contacts; like storaged's discovery
+        # loop, a searcher asks again, and each attempt prunes the dead contacts it ran into.
+        found: list[str] = []
+        for _attempt in range(4):
+            found = [r.id for r in await searcher.find_mediators()]
+            if found:
+                break
+        assert found == [mediator.identity.id]
     # a departed node is not reported as the nearest to its own id once the lookup has tried it
     gone = holders[0]
     result = await newcomers[0].lookup(gone.id)
