@@ -23,7 +23,9 @@ from fincryptfs.core.merkle import TreeBuilder
 from fincryptfs.core.padding import padded_length
 from fincryptfs.mediator_client import ObjectInfo, ShareLocation
 
-pytestmark = pytest.mark.e2e
+# Like every FUSE test: needs /dev/fuse and root (CI has both; the README says the tests run as root).
+pytestmark = [pytest.mark.e2e, pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
+                                                  reason="needs /dev/fuse and root")]
 
 K, N, HAPPY = 3, 6, 5  # the client's defaults (FINCRYPT_K, FINCRYPT_N, FINCRYPT_HAPPY)
 MARKER = b"FINCRYPT-E2E-PLAINTEXT-MARKER-5e1f"
