@@ -108,7 +108,13 @@ async def test_tools_crash_and_degraded_reads(tmp_path: Path, nursery: trio.Nurs
         await trio.to_thread.run_sync(tools_in_mount, mnt, work)
         expected = await trio.to_thread.run_sync(tree_of, mnt)
 
-        # A crash while uploads are in flight: every file closed before the kill survives.
+        # A crash while uploads are unfinished: every file closed before the kill survives. The nodes are stopped
+        # while the batch is written, so no upload can finish before the kill (on a fast machine a race with the
+        # upload worker would sometimes find nothing left to lose).
+        await client.flush()
+        for index in range(len(net.nodes)):
+            await net.stop_node(index)
+
         def write_batch() -> None:
             (mnt / "batch").mkdir()
             for i in range(40):
@@ -116,6 +122,9 @@ async def test_tools_crash_and_degraded_reads(tmp_path: Path, nursery: trio.Nurs
         await trio.to_thread.run_sync(write_batch)
         expected = await trio.to_thread.run_sync(tree_of, mnt)
         await client.kill()
+        for index in range(len(net.nodes)):
+            await net.restart_node(index)
+        await net.wait_listed()
         db = meta.connect_readonly(client.data_dir / "meta.db")
         try:
             unfinished = len(meta.pending_uploads(db))

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import random
+import time
 
 import trio
 from dht_netfixture import TEST_PARAMS, Network, loopback_host, total
@@ -41,9 +42,13 @@ async def test_nodes_leaving_and_joining(network: Network) -> None:
     nodes = await network.grow(60, params=churn)
     mediator = nodes[30]
     await mediator.announce_mediator("http://127.0.0.31:8700")
-    # half of the nodes holding the record, and 20 others, leave
-    holders = sorted((n for n in nodes if n is not mediator), key=lambda n: distance(n.id, MEDIATORS_KEY))[:8]
-    leaving = set(map(id, holders[:4])) | {id(n) for n in nodes[40:60]}
+    # half of the nodes that really hold the record (the nearest first), and 20 nodes that hold nothing, leave
+    now, rng = time.time(), random.Random(0)
+    by_distance = sorted((n for n in nodes if n is not mediator), key=lambda n: distance(n.id, MEDIATORS_KEY))
+    holders = [n for n in by_distance if n.store.get(MEDIATORS_KEY, now, 1, rng)]
+    assert len(holders) >= 4
+    others = [n for n in by_distance if id(n) not in set(map(id, holders))]
+    leaving = set(map(id, holders[:len(holders) // 2])) | {id(n) for n in others[-20:]}
     for node in list(network.nodes):
         if id(node) in leaving and node is not mediator:
             network.stop(node)
