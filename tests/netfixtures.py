@@ -8,6 +8,10 @@ Usage (under pytest-trio)::
         await net.stop_node(0)        # the node's task ends; its files stay
         await net.restart_node(0)     # same identity, same port, same files
 
+    net = await start_network(tmp_path, nursery, gated=True)
+        net.hold()                    # every node keeps its connections open and answers nothing ...
+        net.release()                 # ... until released: uploads stay unfinished for as long as a test needs
+
 Keyword overrides are environment variables for the role their prefix names (``MEDIATORD_*`` for the mediator,
 ``STORAGED_*`` for every node). Everything is cancelled with the nursery, so a failing test leaves nothing behind.
 """
@@ -24,6 +28,51 @@ import trio
 from fincryptfs.core.settings import MediatorSettings, StorageSettings
 
 DEFAULT_NODE_CAPACITY = "2G"
+RELAY_CHUNK = 256 * 1024
+
+
+class Gate:
+    """A TCP relay on 127.0.0.1 in front of one node (its public URL), which a test can hold shut.
+
+    While held, bytes stop flowing both ways on open connections and new ones are accepted but not forwarded, so
+    a transfer in progress stays in progress: a deterministic "upload still running" for crash tests, where
+    waiting for the right moment would race a fast machine.
+    """
+
+    def __init__(self) -> None:
+        self.port = 0
+        self.target: tuple[str, int] | None = None
+        self._open = trio.Event()
+        self._open.set()
+
+    def hold(self) -> None:
+        if self._open.is_set():
+            self._open = trio.Event()
+
+    def release(self) -> None:
+        self._open.set()
+
+    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
+        while data := await source.receive_some(RELAY_CHUNK):
+            await self._open.wait()
+            await sink.send_all(data)
+        await sink.send_eof()
+
+    async def _relay(self, client: trio.SocketStream) -> None:
+        await self._open.wait()
+        assert self.target is not None
+        try:
+            async with client, await trio.open_tcp_stream(*self.target) as upstream, trio.open_nursery() as pumps:
+                pumps.start_soon(self._pump, client, upstream)
+                pumps.start_soon(self._pump, upstream, client)
+        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # either side went away: so does the relayed connection
+
+    async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        self.port = listeners[0].socket.getsockname()[1]
+        task_status.started(self.port)
+        await trio.serve_listeners(self._relay, listeners)
 
 
 @dataclass
@@ -50,6 +99,18 @@ class Network:
     nodes: list[Node]
     nursery: trio.Nursery
     root: Path
+    gates: list[Gate] = field(default_factory=list)
+
+    def hold(self) -> None:
+        """Hold every node's gate shut (needs ``start_network(..., gated=True)``)."""
+        if not self.gates:
+            raise RuntimeError("this network was started without gates")
+        for gate in self.gates:
+            gate.hold()
+
+    def release(self) -> None:
+        for gate in self.gates:
+            gate.release()
 
     @property
     def node_urls(self) -> list[str]:
@@ -132,10 +193,12 @@ async def _run_mediator(settings: MediatorSettings, *,
 
 
 async def start_network(tmp_path: Path, nursery: trio.Nursery, nodes: int = 6, *,
-                        node_env: Mapping[int, Mapping[str, str]] | None = None, **overrides: str) -> Network:
+                        node_env: Mapping[int, Mapping[str, str]] | None = None, gated: bool = False,
+                        **overrides: str) -> Network:
     """Start a mediator and ``nodes`` storage nodes announcing to it; return once the mediator lists them all.
 
     ``node_env`` adds settings for single nodes by index (e.g. ``{0: {"STORAGED_PUBLIC_URL": proxy_url}}``).
+    ``gated`` puts a ``Gate`` in front of every node (its public URL), for ``Network.hold``/``release``.
     """
     unknown = [k for k in overrides if not k.startswith(("MEDIATORD_", "STORAGED_"))]
     if unknown:
@@ -147,6 +210,7 @@ async def start_network(tmp_path: Path, nursery: trio.Nursery, nodes: int = 6, *
     mediator_settings = MediatorSettings.from_env(mediator_env, home=root)
     mediator_url = (await nursery.start(_run_mediator, mediator_settings)).rstrip("/")
     started: list[Node] = []
+    gates: list[Gate] = []
     for index in range(nodes):
         node_root = root / f"node{index}"
         env = {"STORAGED_LISTEN": "127.0.0.1:0", "STORAGED_DATA_DIR": str(node_root),
@@ -154,8 +218,15 @@ async def start_network(tmp_path: Path, nursery: trio.Nursery, nodes: int = 6, *
                "STORAGED_RESERVE_BYTES": "0", "STORAGED_MEDIATORS": mediator_url,
                "STORAGED_ANNOUNCE_INTERVAL": "1", "STORAGED_OPERATOR": f"op{index}"}
         env.update({k: str(v) for k, v in overrides.items() if k.startswith("STORAGED_")})
+        if gated:
+            gate = Gate()
+            gates.append(gate)
+            env["STORAGED_PUBLIC_URL"] = f"http://127.0.0.1:{await nursery.start(gate.serve)}"
         env.update((node_env or {}).get(index, {}))
-        started.append(await _start_node(nursery, index, StorageSettings.from_env(env, home=node_root)))
-    net = Network(mediator_url, mediator_settings, started, nursery, root)
+        node = await _start_node(nursery, index, StorageSettings.from_env(env, home=node_root))
+        if gated:
+            gates[-1].target = node.settings.listen
+        started.append(node)
+    net = Network(mediator_url, mediator_settings, started, nursery, root, gates)
     await net.wait_listed(nodes)
     return net
