@@ -7,8 +7,9 @@ VENV   := .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.installed
 
-# Debian packages needed to build and run pyfuse3 (FUSE 3 + a C toolchain + Python headers).
-APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc
+# Debian packages needed to build and run pyfuse3 (FUSE 3 + a C toolchain + Python headers) and the leaf
+# hashing accelerator (OpenSSL headers).
+APT_PACKAGES := fuse3 libfuse3-dev pkg-config python3-venv python3-dev gcc libssl-dev
 
 .PHONY: help setup system-deps test lint bench run clean
 
@@ -36,7 +37,7 @@ system-deps:
 	fi
 
 # Rebuilt whenever the packaging metadata changes.
-$(STAMP): setup.cfg pyproject.toml
+$(STAMP): setup.cfg setup.py pyproject.toml fincryptfs/core/_leafhash.c
 	@$(MAKE) --no-print-directory system-deps
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	@echo "pip install -e '.[test]' into $(VENV)"

@@ -13,6 +13,10 @@ The tags keep leaves, inner nodes and roots in separate domains, so a leaf can n
 4 KiB leaves: a storage proof must carry raw leaves, so leaf size is what a challenge costs in bandwidth
 (10,000 shares = 40 MiB per round per node); smaller leaves would cost more tree storage and, below 2 KiB,
 forfeit hashlib's GIL release and double the hashing overhead of the write path.
+
+Runs of whole leaves (and levels of inner nodes) are hashed by ``hash_leaves``/``hash_pairs``: one call into the
+optional C accelerator ``_leafhash`` (OpenSSL's SHA-256 with the GIL released once per call, so two threads
+hash on two cores) when it was built, else the same hashes from hashlib, one leaf at a time.
 """
 
 from __future__ import annotations
@@ -39,6 +43,45 @@ def hash_leaf(data: bytes | bytearray | memoryview) -> bytes:
 
 def hash_node(left: bytes, right: bytes) -> bytes:
     return hashlib.sha256(_NODE + left + right).digest()
+
+
+def _split(digests: bytes) -> list[bytes]:
+    return [digests[i:i + HASH_BYTES] for i in range(0, len(digests), HASH_BYTES)]
+
+
+def _hash_leaves_py(data: bytes | bytearray | memoryview) -> list[bytes]:
+    view = memoryview(data)
+    return [hash_leaf(view[at:at + LEAF_SIZE]) for at in range(0, len(view), LEAF_SIZE)]
+
+
+def _hash_pairs_py(level: Sequence[bytes]) -> list[bytes]:
+    return [hash_node(level[i], level[i + 1]) for i in range(0, len(level) - 1, 2)]
+
+
+try:
+    from . import _leafhash  # type: ignore[attr-defined]  # C accelerator, built when a compiler is at hand
+except ImportError:  # pragma: no cover - depends on the build
+    _leafhash = None
+
+ACCELERATED = _leafhash is not None
+_C_MIN_PAIRS = 8  # below this, the call costs more than it saves
+
+
+def hash_leaves(data: bytes | bytearray | memoryview) -> list[bytes]:
+    """The leaf hashes of ``data``, a whole number of full leaves (each LEAF_SIZE bytes)."""
+    if len(data) % LEAF_SIZE:
+        raise ValueError(f"{len(data)} bytes is not a whole number of {LEAF_SIZE}-byte leaves")
+    if _leafhash is None or not len(data):
+        return _hash_leaves_py(data)
+    return _split(_leafhash.hash_leaves(data, LEAF_SIZE, _LEAF[0]))
+
+
+def hash_pairs(level: Sequence[bytes]) -> list[bytes]:
+    """``hash_node`` of each adjacent pair of ``level`` (a trailing odd hash is left to the caller)."""
+    if _leafhash is None or len(level) < 2 * _C_MIN_PAIRS:
+        return _hash_pairs_py(level)
+    pairs = len(level) // 2
+    return _split(_leafhash.hash_pairs(b"".join(level[:2 * pairs]), _NODE[0]))
 
 
 def hash_root(size: int, top: bytes) -> bytes:
@@ -121,7 +164,7 @@ class MerkleTree:
         levels = [tuple(leaf_hashes)]
         while len(levels[-1]) > 1:
             below = levels[-1]
-            above = [hash_node(below[i], below[i + 1]) for i in range(0, len(below) - 1, 2)]
+            above = hash_pairs(below)
             if len(below) % 2:
                 above.append(below[-1])
             levels.append(tuple(above))
@@ -129,7 +172,9 @@ class MerkleTree:
 
     @classmethod
     def from_data(cls, data: bytes | memoryview) -> MerkleTree:
-        return cls.from_leaf_hashes(len(data), [hash_leaf(leaf) for leaf in iter_leaves(data)])
+        whole = len(data) // LEAF_SIZE * LEAF_SIZE if len(data) % LEAF_SIZE else max(0, len(data) - LEAF_SIZE)
+        view = memoryview(data)
+        return cls.from_leaf_hashes(len(data), hash_leaves(view[:whole]) + [hash_leaf(view[whole:])])
 
     def range_proof(self, first: int, span: int = 1) -> list[bytes]:
         return [self.levels[lv][pos] for lv, pos in range_proof_positions(self.leaf_count, first, span)]
@@ -175,9 +220,7 @@ class TreeBuilder:
                 self._pending.clear()
         # keep the last (possibly full) leaf pending: only finish() knows whether more data follows
         full = (len(view) - 1) // LEAF_SIZE if view else 0
-        append = self._leaf_hashes.append
-        for i in range(full):
-            append(hash_leaf(view[i * LEAF_SIZE:(i + 1) * LEAF_SIZE]))
+        self._leaf_hashes += hash_leaves(view[:full * LEAF_SIZE])
         if view:
             self._pending += view[full * LEAF_SIZE:]
 
@@ -190,32 +233,66 @@ class TreeBuilder:
 
 @dataclass(frozen=True)
 class HashedChunk:
-    """Bytes at some offset of a share, with the hashes of the whole leaves inside already computed.
+    """Bytes at some offset of a share, with the whole leaves inside already hashed and folded.
 
     Lets a worker thread hash most of an encoder's block (``hash_chunk``) while the thread that feeds a
-    RootBuilder in share order handles only ``head`` (the end of the leaf that straddles the chunk's start) and
-    ``tail`` (the start of the leaf that straddles its end).
+    RootBuilder in share order handles only ``head`` (the end of the leaf that straddles the chunk's start),
+    ``tail`` (the start of the leaf that straddles its end) and a few ``subtrees``: (height, root) of the
+    perfect, aligned subtrees that tile the whole leaves in between, largest first where alignment allows (the
+    same pieces a binary counter of leaves is made of, so RootBuilder merges each in one step).
     """
 
     head: bytes
-    leaf_hashes: tuple[bytes, ...]
+    subtrees: tuple[tuple[int, bytes], ...]
     tail: bytes
 
     @property
+    def leaves(self) -> int:
+        return sum(1 << height for height, _ in self.subtrees)
+
+    @property
     def size(self) -> int:
-        return len(self.head) + LEAF_SIZE * len(self.leaf_hashes) + len(self.tail)
+        return len(self.head) + LEAF_SIZE * self.leaves + len(self.tail)
 
 
-def hash_chunk(offset: int, data: bytes | memoryview) -> HashedChunk:
-    """Split ``data`` (share bytes starting at ``offset``) at leaf boundaries and hash the whole leaves."""
+def _fold_perfect(level: bytes) -> bytes:
+    """The root of a perfect subtree from its 2**h concatenated leaf hashes."""
+    while len(level) > HASH_BYTES:
+        if _leafhash is not None and len(level) >= 4 * HASH_BYTES:
+            level = _leafhash.hash_pairs(level, _NODE[0])
+        else:
+            level = b"".join(_hash_pairs_py(_split(level)))
+    return level
+
+
+def aligned_subtrees(first: int, end: int) -> Iterator[tuple[int, int]]:
+    """(leaf index, height) of the maximal aligned perfect subtrees tiling leaves [first, end)."""
+    at = first
+    while at < end:
+        height = (at & -at).bit_length() - 1 if at else (end - at).bit_length()
+        while at + (1 << height) > end:
+            height -= 1
+        yield at, height
+        at += 1 << height
+
+
+def hash_chunk(offset: int, data: bytes | bytearray | memoryview) -> HashedChunk:
+    """Split ``data`` (share bytes starting at ``offset``) at leaf boundaries; hash and fold the whole leaves."""
     if offset < 0:
         raise ValueError("offset must be >= 0")
     view = memoryview(data)
     end = offset + len(view)
     first = min(-(-offset // LEAF_SIZE) * LEAF_SIZE, end)  # first leaf boundary at or after offset
     last = max(first, end // LEAF_SIZE * LEAF_SIZE)  # last leaf boundary at or before end
-    hashes = tuple(hash_leaf(view[at - offset:at - offset + LEAF_SIZE]) for at in range(first, last, LEAF_SIZE))
-    return HashedChunk(bytes(view[:first - offset]), hashes, bytes(view[last - offset:]))
+    whole = view[first - offset:last - offset]
+    if _leafhash is not None and len(whole):
+        digests = _leafhash.hash_leaves(whole, LEAF_SIZE, _LEAF[0])
+    else:
+        digests = b"".join(_hash_leaves_py(whole))
+    base = first // LEAF_SIZE
+    subtrees = tuple((height, _fold_perfect(digests[(at - base) * HASH_BYTES:(at - base + (1 << height)) * HASH_BYTES]))
+                     for at, height in aligned_subtrees(base, last // LEAF_SIZE))
+    return HashedChunk(bytes(view[:first - offset]), subtrees, bytes(view[last - offset:]))
 
 
 class RootBuilder:
@@ -236,8 +313,8 @@ class RootBuilder:
     def size(self) -> int:
         return self._size
 
-    def _push(self, digest: bytes) -> None:
-        height = 0
+    def _push(self, digest: bytes, height: int = 0) -> None:
+        """Add a perfect subtree of 2**height leaves; the leaves so far must be a multiple of 2**height."""
         while self._stack and self._stack[-1][0] == height:
             digest = hash_node(self._stack.pop()[1], digest)
             height += 1
@@ -255,19 +332,21 @@ class RootBuilder:
             self._push(hash_leaf(self._pending))
             self._pending.clear()
         full = len(view) // LEAF_SIZE
-        for i in range(full):
-            self._push(hash_leaf(view[i * LEAF_SIZE:(i + 1) * LEAF_SIZE]))
+        for digest in hash_leaves(view[:full * LEAF_SIZE]):
+            self._push(digest)
         self._pending += view[full * LEAF_SIZE:]
 
     def update_hashed(self, chunk: HashedChunk) -> None:
         """Same as ``update`` with the chunk's bytes, whose whole leaves were hashed elsewhere (``hash_chunk``)."""
-        if chunk.leaf_hashes:
+        if chunk.subtrees:
             if (self._size + len(chunk.head)) % LEAF_SIZE:
                 raise ValueError("chunk's leaf hashes do not start at a leaf boundary of this share")
             self.update(chunk.head)
-            for digest in chunk.leaf_hashes:
-                self._push(digest)
-            self._size += LEAF_SIZE * len(chunk.leaf_hashes)
+            for height, digest in chunk.subtrees:
+                if (self._size // LEAF_SIZE) % (1 << height):
+                    raise ValueError("chunk was hashed for another offset of the share")
+                self._push(digest, height)
+                self._size += LEAF_SIZE << height
         else:
             self.update(chunk.head)
         self.update(chunk.tail)
