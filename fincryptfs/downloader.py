@@ -23,7 +23,7 @@ import trio
 
 from .core.errors import FincryptError, IntegrityError, RemoteProtocolError
 from .core.layout import ObjectLayout
-from .core.merkle import HASH_BYTES, LEAF_SIZE, iter_leaves, verify_range
+from .core.merkle import HASH_BYTES, LEAF_SIZE, verify_run
 from .core.objectcodec import decode_segment_plaintext
 from .core.wire import b64decode, decode_object
 from .mediator_client import ObjectInfo
@@ -120,8 +120,8 @@ class ObjectReader:
         if len(proof_raw) % HASH_BYTES:
             raise IntegrityError(f"{source.describe()} sent a proof that is not a whole number of hashes")
         proof = [proof_raw[i:i + HASH_BYTES] for i in range(0, len(proof_raw), HASH_BYTES)]
-        await trio.to_thread.run_sync(verify_range, source.merkle_root, self.layout.share_size, run.first_leaf,
-                                      list(iter_leaves(memoryview(data))), proof, limiter=self.store.cpu)
+        await trio.to_thread.run_sync(verify_run, source.merkle_root, self.layout.share_size, run.first_leaf,
+                                      run.leaf_count, data, proof, limiter=self.store.cpu)
         return data
 
     async def _attempt(self, source: Source, run: Run, send: trio.MemorySendChannel[tuple[Source, object]]

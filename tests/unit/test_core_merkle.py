@@ -179,3 +179,22 @@ def test_helpers() -> None:
         merkle.leaf_count(-1)
     with pytest.raises(ValueError):
         MerkleTree.from_leaf_hashes(LEAF_SIZE + 1, [bytes(32)])
+
+
+@settings(max_examples=150, deadline=None)
+@given(tree_and_range(), st.integers(-LEAF_SIZE - 1, LEAF_SIZE + 1))
+def test_verify_run_on_contiguous_bytes_agrees_and_rejects_other_lengths(
+        case: tuple[bytes, MerkleTree, int, int], cut: int) -> None:
+    data, tree, first, span = case
+    proof = tree.range_proof(first, span)
+    run = data[first * LEAF_SIZE:(first + span) * LEAF_SIZE]
+    merkle.verify_run(tree.root, len(data), first, span, run, proof)
+    altered = run[:cut] if cut < 0 else run + bytes(cut)
+    if altered != run:  # a truncated or extended run (even a validly proven prefix) never passes for the whole run
+        with pytest.raises(IntegrityError):
+            merkle.verify_run(tree.root, len(data), first, span, altered, proof)
+    flipped = bytearray(run)
+    if flipped:
+        flipped[len(flipped) // 2] ^= 1
+        with pytest.raises(IntegrityError):
+            merkle.verify_run(tree.root, len(data), first, span, flipped, proof)
