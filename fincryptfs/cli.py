@@ -23,7 +23,7 @@ from dotenv import dotenv_values
 
 from fincryptfs import __version__
 
-from . import meta
+from . import logs, meta
 from .core.crypto import master_key_from_phrase, new_master_key, recovery_phrase
 from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings, read_env_file
@@ -525,8 +525,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.command is None:
         parser.print_help()
         return 2
-    logging.basicConfig(level=logging.INFO if args.command in ("mount", "devnet") else logging.WARNING,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(logging.INFO if args.command in ("mount", "devnet") else logging.WARNING)
     try:
         return int(args.func(args))
     except UsageError as exc:

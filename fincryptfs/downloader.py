@@ -266,15 +266,20 @@ async def get_leaf_range(store: ObjectStore, url: str, limit: int) -> tuple[byte
     so no httpx Response (which sits in a reference cycle) keeps a run's bytes alive until the next GC pass.
     """
     headers = signed_headers(store.account_key, "GET", url, b"")
-    body = bytearray()
     try:
         async with store.http.stream("GET", url, headers=headers) as response:
-            async for chunk in response.aiter_raw():
-                if len(body) + len(chunk) > (limit if response.status_code == 200 else 4096):
-                    if response.status_code == 200:
-                        raise IntegrityError(f"{_peer(url)} sent more than the {limit} bytes asked for")
-                    break
-                body += chunk
+            cap = limit if response.status_code == 200 else 4096
+            body = bytearray(cap)  # filled in place: growing it chunk by chunk cost a copy per reallocation
+            filled = 0
+            with memoryview(body) as view:
+                async for chunk in response.aiter_raw():
+                    if filled + len(chunk) > cap:
+                        if response.status_code == 200:
+                            raise IntegrityError(f"{_peer(url)} sent more than the {limit} bytes asked for")
+                        break
+                    view[filled:filled + len(chunk)] = chunk
+                    filled += len(chunk)
+            del body[filled:]
             status, proof = response.status_code, response.headers.get("fincrypt-proof", "")
     except httpx.HTTPError as exc:
         raise PeerError(f"{_peer(url)} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc

@@ -85,12 +85,14 @@ class FincryptOperations(pyfuse3.Operations):
     enable_writeback_cache = False
 
     def __init__(self, *, db: sqlite3.Connection, cache: CacheDir, fetch: Fetch,
-                 wake: Callable[[bool], None] = lambda jobs: None) -> None:
+                 wake: Callable[[bool], None] = lambda jobs: None,
+                 read_ahead: Callable[[list[tuple[int, str | None]]], None] = lambda members: None) -> None:
         super().__init__()
         self.db = db
         self.cache = cache
         self.fetch = fetch
         self.wake = wake
+        self.read_ahead = read_ahead  # offered a listed folder's stored files (packs.Prefetcher.offer)
         self.capacity: Capacity | None = None
         self._lookups: dict[int, int] = {}
         self._handles: dict[int, _Handle] = {}
@@ -426,6 +428,8 @@ class FincryptOperations(pyfuse3.Operations):
             batch = meta.children(self.db, fh, after)
             if not batch:
                 return
+            if start_id == 0:  # a folder being listed is likely read next: fetch its packs ahead
+                self.read_ahead([(c.ino, c.object) for c in batch if c.kind == meta.FILE and c.state == meta.STORED])
             for child in batch:
                 assert child.name is not None
                 if not pyfuse3.readdir_reply(token, child.name, self._attr(child), child.ino):

@@ -37,7 +37,7 @@ from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings
 from .fs import Capacity, FincryptOperations
 from .objectstore import ObjectStore, StoredObject
-from .packs import PackReader
+from .packs import PackReader, Prefetcher
 from .uploadqueue import backoff
 from .uploadworker import encode_config
 
@@ -236,7 +236,8 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
 
         flush_seen = meta.counter(db, "flush_requested")
         link = WorkerLink()
-        ops = FincryptOperations(db=db, cache=cache, fetch=fetch, wake=link.wake)
+        prefetcher = Prefetcher(pack_reader, cache.path, settings.prefetch_packs)
+        ops = FincryptOperations(db=db, cache=cache, fetch=fetch, wake=link.wake, read_ahead=prefetcher.offer)
         options = set(pyfuse3.default_options) | {"fsname=fincryptfs", "default_permissions"}
         if os.geteuid() == 0:
             options.add("allow_other")
@@ -246,6 +247,7 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
             pyfuse3.init(ops, str(mountpoint), options)
             try:
                 nursery.start_soon(_evictor, db, cache, ops)
+                nursery.start_soon(prefetcher.run)
                 nursery.start_soon(_refresh_capacity, ops, settings, http)
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 log.info("mounted %s", mountpoint)

@@ -11,6 +11,10 @@ Reading a packed file whose cache copy is missing fetches the *whole* pack once 
 every member still referencing it into the cache, so a cold read of a folder of small files costs one network
 read per pack, not per file. A pack larger than WHOLE_PACK_FETCH_MAX is read by range instead.
 
+Listing a folder reads ahead (``Prefetcher``, ``FINCRYPT_PREFETCH_PACKS``): the packs of its files that are not
+cached are fetched in the background, a few at a time, so reading a folder of small files (cp -r, tar, find
+-exec) overlaps the network with the FUSE round trips instead of stopping at every new pack.
+
 Trade-off: a pack stays in the network until its last member is overwritten or deleted (its dead bytes are
 still stored and paid for); nothing repacks yet.
 """
@@ -18,9 +22,10 @@ still stored and paid for); nothing repacks yet.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sqlite3
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
 
 import trio
@@ -31,6 +36,27 @@ from .uploader import pwrite_all
 
 WHOLE_PACK_FETCH_MAX = 64 * 2**20
 _COPY_CHUNK = 2**20
+PREFETCH_CONCURRENCY = 2
+PREFETCH_QUEUE = 256
+
+log = logging.getLogger(__name__)
+
+
+def packs_to_prefetch(members: Iterable[tuple[int, str | None]], cached: Callable[[int], bool], limit: int
+                      ) -> list[tuple[int, meta.PackRef]]:
+    """(ino, ref) of one uncached member per pack, for at most ``limit`` packs, in listing order.
+
+    ``members`` are (ino, object JSON) of a folder's stored files; only packed ones small enough to fetch whole
+    count (a larger pack is read by range when a member is opened).
+    """
+    chosen: dict[str, tuple[int, meta.PackRef]] = {}
+    for ino, object_json in members:
+        if len(chosen) >= limit:
+            break
+        ref = meta.pack_ref(object_json)
+        if ref is not None and ref.pack_id not in chosen and not cached(ino):
+            chosen[ref.pack_id] = (ino, ref)
+    return list(chosen.values())
 
 
 def build_pack(sources: Sequence[Path], dest: Path) -> list[tuple[int, int] | None]:
@@ -109,7 +135,24 @@ class PackReader:
         await trio.to_thread.run_sync(tmp.write_bytes, data)
         os.rename(tmp, dest)
 
-    async def _fetch_whole(self, pack: StoredObject, ref: meta.PackRef, dest: Path) -> None:
+    async def prefetch(self, ref: meta.PackRef, dest: Path) -> None:
+        """Read ahead: like ``fetch``, but nobody asked for ``dest`` yet, so it is carved only while still wanted
+        (no cache copy appeared, same content) like every other pack-mate; nothing if the pack is too large."""
+        lock = self._locks.setdefault(ref.pack_id, trio.Lock())
+        async with lock:
+            if dest.exists():
+                return
+            pack_json = meta.pack_object(self.db, ref.pack_id)
+            if pack_json is None:
+                return
+            pack = StoredObject.from_json(json.loads(pack_json))
+            if pack.size <= WHOLE_PACK_FETCH_MAX:
+                await self._fetch_whole(pack, ref, dest, requested=False)
+        if not lock.locked() and not lock.statistics().tasks_waiting:
+            self._locks.pop(ref.pack_id, None)
+
+    async def _fetch_whole(self, pack: StoredObject, ref: meta.PackRef, dest: Path, *, requested: bool = True
+                           ) -> None:
         pack_file = self.cache_root / f".fetch-pack-{ref.pack_id[:32]}"
         try:
             await self.store.fetch_to_file(pack, pack_file)
@@ -126,7 +169,7 @@ class PackReader:
             try:
                 await trio.to_thread.run_sync(_carve, pack_file, pieces)
                 for (path, member), (_, _, tmp) in zip(wanted.items(), pieces, strict=True):
-                    if path == dest or self._still_wanted(path, member):
+                    if (path == dest and requested) or self._still_wanted(path, member):
                         os.rename(tmp, path)
             finally:
                 for _, _, tmp in pieces:
@@ -140,3 +183,44 @@ class PackReader:
         inode = meta.find(self.db, ino)
         return (inode is not None and inode.state == meta.STORED and inode.parent is not None
                 and meta.pack_ref(inode.object) == member and not path.exists())
+
+
+class Prefetcher:
+    """Background whole-pack fetches asked for by folder listings: bounded queue, a few at a time, best effort.
+
+    ``offer`` never blocks the FUSE handler (a full queue drops the offer); a failed read-ahead is logged and
+    forgotten, as the open that really needs the file will fetch it and report any error.
+    """
+
+    def __init__(self, reader: PackReader, cache_path: Callable[[int], Path], limit: int) -> None:
+        self.reader = reader
+        self.cache_path = cache_path
+        self.limit = limit
+        self._send, self._receive = trio.open_memory_channel[tuple[int, meta.PackRef]](PREFETCH_QUEUE)
+        self._queued: set[str] = set()
+
+    def offer(self, members: Iterable[tuple[int, str | None]]) -> None:
+        if self.limit <= 0:
+            return
+        for ino, ref in packs_to_prefetch(members, lambda i: self.cache_path(i).exists(), self.limit):
+            if ref.pack_id in self._queued:
+                continue
+            try:
+                self._send.send_nowait((ino, ref))
+            except trio.WouldBlock:
+                return
+            self._queued.add(ref.pack_id)
+
+    async def run(self) -> None:
+        async with trio.open_nursery() as nursery:
+            for _ in range(PREFETCH_CONCURRENCY):
+                nursery.start_soon(self._work)
+
+    async def _work(self) -> None:
+        async for ino, ref in self._receive:
+            try:
+                await self.reader.prefetch(ref, self.cache_path(ino))
+            except Exception as exc:  # noqa: BLE001 - read-ahead is best effort; the real open reports errors
+                log.info("read-ahead of pack %s… failed: %s", ref.pack_id[:16], exc)
+            finally:
+                self._queued.discard(ref.pack_id)

@@ -30,7 +30,7 @@ from pathlib import Path
 
 import trio
 
-from . import meta, rpc
+from . import logs, meta, rpc
 from .cache import CacheDir
 from .core.errors import ConfigError
 from .core.settings import ClientSettings
@@ -149,7 +149,7 @@ def _read_line(fd: int) -> bytes:
 
 
 def main() -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s[worker]: %(message)s")
+    logs.configure(logging.INFO, tag="[worker]")
     line = _read_line(0)
     if not line:
         return 0

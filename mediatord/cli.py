@@ -14,6 +14,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
+from fincryptfs import logs
 from fincryptfs.asgi import dumps
 from fincryptfs.core.errors import FincryptError
 from fincryptfs.core.settings import MediatorSettings, read_env_file
@@ -175,7 +176,7 @@ def main(argv: list[str] | None = None) -> int:
         extra.add_argument("--env-file", type=Path, default=argparse.SUPPRESS,
                            help="settings file (default: ./.env if present)")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logs.configure(logging.INFO)
     try:
         settings = load_settings(args.env_file)
     except FincryptError as exc:

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import trio
 
+from fincryptfs import logs
 from fincryptfs.asgi import dumps
 from fincryptfs.core.errors import ConfigError, FincryptError
 from fincryptfs.core.settings import StorageSettings, read_env_file
@@ -65,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
     status.add_argument("--json", action="store_true")
     sub.add_parser("id", help="print this node's id")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=args.log_level, stream=sys.stderr,
-                        format="%(asctime)s %(levelname)s %(name)s %(message)s")
+    logs.configure(args.log_level)
     try:
         settings = load_settings(args.env_file)
         if args.command == "id":

@@ -39,8 +39,9 @@ class Gate:
     waiting for the right moment would race a fast machine.
     """
 
-    def __init__(self) -> None:
+    def __init__(self, delay: float = 0.0) -> None:
         self.port = 0
+        self.delay = delay  # seconds added to every forwarded read: a WAN-like round trip on loopback
         self.target: tuple[str, int] | None = None
         self._open = trio.Event()
         self._open.set()
@@ -55,6 +56,8 @@ class Gate:
     async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
         while data := await source.receive_some(RELAY_CHUNK):
             await self._open.wait()
+            if self.delay:
+                await trio.sleep(self.delay)
             await sink.send_all(data)
         await sink.send_eof()
 
@@ -194,11 +197,12 @@ async def _run_mediator(settings: MediatorSettings, *,
 
 async def start_network(tmp_path: Path, nursery: trio.Nursery, nodes: int = 6, *,
                         node_env: Mapping[int, Mapping[str, str]] | None = None, gated: bool = False,
-                        **overrides: str) -> Network:
+                        gate_delay: float = 0.0, **overrides: str) -> Network:
     """Start a mediator and ``nodes`` storage nodes announcing to it; return once the mediator lists them all.
 
     ``node_env`` adds settings for single nodes by index (e.g. ``{0: {"STORAGED_PUBLIC_URL": proxy_url}}``).
-    ``gated`` puts a ``Gate`` in front of every node (its public URL), for ``Network.hold``/``release``.
+    ``gated`` puts a ``Gate`` in front of every node (its public URL), for ``Network.hold``/``release``;
+    ``gate_delay`` makes each gate add that many seconds to every read it forwards (a slower network).
     """
     unknown = [k for k in overrides if not k.startswith(("MEDIATORD_", "STORAGED_"))]
     if unknown:
@@ -219,7 +223,7 @@ async def start_network(tmp_path: Path, nursery: trio.Nursery, nodes: int = 6, *
                "STORAGED_ANNOUNCE_INTERVAL": "1", "STORAGED_OPERATOR": f"op{index}"}
         env.update({k: str(v) for k, v in overrides.items() if k.startswith("STORAGED_")})
         if gated:
-            gate = Gate()
+            gate = Gate(gate_delay)
             gates.append(gate)
             env["STORAGED_PUBLIC_URL"] = f"http://127.0.0.1:{await nursery.start(gate.serve)}"
         env.update((node_env or {}).get(index, {}))

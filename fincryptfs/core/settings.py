@@ -203,6 +203,7 @@ class ClientSettings:
     pack_threshold: int = 2**20  # files up to this size are uploaded packed together (docs/client.md)
     pack_size: int = 16 * 2**20
     pack_max_files: int = 1000
+    prefetch_packs: int = 8  # packs read ahead when a folder is listed (docs/client.md); 0: none
 
     @classmethod
     def from_env(cls, env: Mapping[str, str], *, home: Path) -> ClientSettings:
@@ -228,6 +229,7 @@ class ClientSettings:
             pack_threshold=r.get("PACK_THRESHOLD", 2**20, _bytes_size, "a size in bytes (e.g. 1M; 0: no packing)"),
             pack_size=r.get("PACK_SIZE", 16 * 2**20, _bytes_size, "a size in bytes (e.g. 16M)"),
             pack_max_files=r.int("PACK_MAX_FILES", 1000, 1, 100_000),
+            prefetch_packs=r.int("PREFETCH_PACKS", 8, 0, 1000),
         )
         _check_happy(settings.k, settings.n, settings.happy)
         r.finish()

@@ -213,3 +213,43 @@ def _alive(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return True
+
+
+async def test_listing_a_folder_reads_its_packs_ahead(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """After a cold mount, listing a folder fetches the packs of its files in the background: once they are in
+    the cache, the files read back with every node stopped. A folder that is not listed is not fetched."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "c", net.mediator_url, extra_env=PACKING)
+    client.init()
+    mnt = client.mountpoint
+    try:
+        await client.mount()
+
+        def write(folder: str) -> None:
+            (mnt / folder).mkdir()
+            for i in range(20):  # 8 files per pack: three packs per folder
+                (mnt / folder / f"{i}.bin").write_bytes(os.urandom(1000 + i))
+        for folder in ("listed", "unlisted"):  # a flush between them: no pack holds files of both
+            await trio.to_thread.run_sync(write, folder)
+            await client.flush()
+        expected = await trio.to_thread.run_sync(tree_of, mnt / "listed")
+        await client.unmount()
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        db = meta.connect_readonly(client.data_dir / "meta.db")
+        try:
+            listed = [ino_of(db, f"listed/{i}.bin") for i in range(20)]
+            unlisted = [ino_of(db, f"unlisted/{i}.bin") for i in range(20)]
+        finally:
+            db.close()
+        assert sorted(await trio.to_thread.run_sync(os.listdir, mnt / "listed")) == sorted(f"{i}.bin"
+                                                                                           for i in range(20))
+        with trio.fail_after(20):
+            while not all((client.cache_dir / str(ino)).exists() for ino in listed):
+                await trio.sleep(0.05)
+        assert not any((client.cache_dir / str(ino)).exists() for ino in unlisted)
+        for index in range(len(net.nodes)):
+            await net.stop_node(index)
+        assert await trio.to_thread.run_sync(tree_of, mnt / "listed") == expected
+    finally:
+        await client.cleanup()
