@@ -196,17 +196,19 @@ class MerkleTree:
         return cls(size, tuple(levels))
 
 
-class TreeBuilder:
-    """Computes a share's Merkle tree from bytes fed in any chunking (streamed uploads, encoders)."""
+class _LeafFeeder:
+    """Bytes fed in any chunking, cut into leaves: whole leaves go to ``_add`` as hashes, a partial one waits."""
 
     def __init__(self) -> None:
         self._size = 0
         self._pending = bytearray()
-        self._leaf_hashes: list[bytes] = []
 
     @property
     def size(self) -> int:
         return self._size
+
+    def _add(self, hashes: list[bytes]) -> None:
+        raise NotImplementedError
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
         view = memoryview(data)
@@ -215,20 +217,34 @@ class TreeBuilder:
             take = min(LEAF_SIZE - len(self._pending), len(view))
             self._pending += view[:take]
             view = view[take:]
-            if len(self._pending) == LEAF_SIZE and view:
-                self._leaf_hashes.append(hash_leaf(self._pending))
-                self._pending.clear()
-        # keep the last (possibly full) leaf pending: only finish() knows whether more data follows
-        full = (len(view) - 1) // LEAF_SIZE if view else 0
-        self._leaf_hashes += hash_leaves(view[:full * LEAF_SIZE])
-        if view:
-            self._pending += view[full * LEAF_SIZE:]
+            if len(self._pending) < LEAF_SIZE:
+                return
+            self._add([hash_leaf(self._pending)])
+            self._pending.clear()
+        full = len(view) // LEAF_SIZE
+        if full:
+            self._add(hash_leaves(view[:full * LEAF_SIZE]))
+        self._pending += view[full * LEAF_SIZE:]
+
+    def _take_last_leaf(self) -> list[bytes]:
+        """The hash of the final partial leaf (or of an empty share's one empty leaf), if there is one."""
+        last = [hash_leaf(self._pending)] if self._pending or self._size == 0 else []
+        self._pending.clear()
+        return last
+
+
+class TreeBuilder(_LeafFeeder):
+    """Computes a share's Merkle tree from bytes fed in any chunking (streamed uploads, encoders)."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._leaf_hashes: list[bytes] = []
+
+    def _add(self, hashes: list[bytes]) -> None:
+        self._leaf_hashes += hashes
 
     def finish(self) -> MerkleTree:
-        hashes = self._leaf_hashes + [hash_leaf(self._pending)]
-        if self._size > 0 and not self._pending:
-            hashes.pop()
-        return MerkleTree.from_leaf_hashes(self._size, hashes)
+        return MerkleTree.from_leaf_hashes(self._size, self._leaf_hashes + self._take_last_leaf())
 
 
 @dataclass(frozen=True)
@@ -295,7 +311,7 @@ def hash_chunk(offset: int, data: bytes | bytearray | memoryview) -> HashedChunk
     return HashedChunk(bytes(view[:first - offset]), subtrees, bytes(view[last - offset:]))
 
 
-class RootBuilder:
+class RootBuilder(_LeafFeeder):
     """Just the root of a share's tree, from bytes fed in any chunking, in O(log size) memory.
 
     TreeBuilder keeps every leaf hash (about 2.5% of the share in Python objects), which a client encoding a
@@ -305,13 +321,8 @@ class RootBuilder:
     """
 
     def __init__(self) -> None:
-        self._size = 0
-        self._pending = bytearray()
+        super().__init__()
         self._stack: list[tuple[int, bytes]] = []  # (height, hash) of perfect subtrees, heights strictly falling
-
-    @property
-    def size(self) -> int:
-        return self._size
 
     def _push(self, digest: bytes, height: int = 0) -> None:
         """Add a perfect subtree of 2**height leaves; the leaves so far must be a multiple of 2**height."""
@@ -320,21 +331,9 @@ class RootBuilder:
             height += 1
         self._stack.append((height, digest))
 
-    def update(self, data: bytes | bytearray | memoryview) -> None:
-        view = memoryview(data)
-        self._size += len(view)
-        if self._pending:
-            take = min(LEAF_SIZE - len(self._pending), len(view))
-            self._pending += view[:take]
-            view = view[take:]
-            if len(self._pending) < LEAF_SIZE:
-                return
-            self._push(hash_leaf(self._pending))
-            self._pending.clear()
-        full = len(view) // LEAF_SIZE
-        for digest in hash_leaves(view[:full * LEAF_SIZE]):
+    def _add(self, hashes: list[bytes]) -> None:
+        for digest in hashes:
             self._push(digest)
-        self._pending += view[full * LEAF_SIZE:]
 
     def update_hashed(self, chunk: HashedChunk) -> None:
         """Same as ``update`` with the chunk's bytes, whose whole leaves were hashed elsewhere (``hash_chunk``)."""
@@ -353,9 +352,7 @@ class RootBuilder:
 
     def finish(self) -> bytes:
         """The root (as MerkleTree.root would give for the same bytes); the builder must not be used after."""
-        if self._pending or self._size == 0:
-            self._push(hash_leaf(self._pending))
-            self._pending.clear()
+        self._add(self._take_last_leaf())
         top = self._stack[-1][1]
         for _, left in reversed(self._stack[:-1]):
             top = hash_node(left, top)
