@@ -1,7 +1,8 @@
-"""Run a daemon's ``serve`` in the foreground until SIGINT or SIGTERM, then stop it cleanly.
+"""Run a daemon's ``serve`` in the foreground until SIGINT or SIGTERM, then stop it cleanly; load its settings.
 
 Both daemons' CLIs use this, so Ctrl-C and ``kill`` behave the same for every Fincrypt process: the signal
-cancels the one nursery, every task unwinds through its ``finally`` blocks, and the process exits 0.
+cancels the one nursery, every task unwinds through its ``finally`` blocks, and the process exits 0. They find
+their settings the same way too (``load_settings``).
 """
 
 from __future__ import annotations
@@ -9,9 +10,14 @@ from __future__ import annotations
 import logging
 import signal
 from collections.abc import Awaitable, Callable
-from typing import Any
+from pathlib import Path
+from typing import Any, TypeVar
 
 import trio
+
+from .core.settings import MediatorSettings, StorageSettings, read_env_file
+
+DaemonSettings = TypeVar("DaemonSettings", StorageSettings, MediatorSettings)
 
 log = logging.getLogger(__name__)
 
@@ -25,3 +31,10 @@ async def run_until_signalled(serve: Callable[..., Awaitable[Any]], settings: An
                 log.info("%s: stopping on %s", name, signal.Signals(signum).name)
                 nursery.cancel_scope.cancel()
                 break
+
+
+def load_settings(role: type[DaemonSettings], env_file: Path | None) -> DaemonSettings:
+    """``role``'s settings from ``env_file`` (default: ./.env when it exists) overlaid with the environment."""
+    if env_file is None and Path(".env").exists():
+        env_file = Path(".env")
+    return role.from_env(read_env_file(env_file), home=Path.home())

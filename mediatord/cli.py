@@ -14,10 +14,10 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from fincryptfs import logs
+from fincryptfs import logs, run_daemon
 from fincryptfs.asgi import dumps
 from fincryptfs.core.errors import FincryptError
-from fincryptfs.core.settings import MediatorSettings, read_env_file
+from fincryptfs.core.settings import MediatorSettings
 from fincryptfs.run_daemon import run_until_signalled
 from mediatord import __version__
 
@@ -26,9 +26,7 @@ if TYPE_CHECKING:
 
 
 def load_settings(env_file: Path | None) -> MediatorSettings:
-    if env_file is None and Path(".env").exists():
-        env_file = Path(".env")
-    return MediatorSettings.from_env(read_env_file(env_file), home=Path.home())
+    return run_daemon.load_settings(MediatorSettings, env_file)
 
 
 async def run(settings: MediatorSettings) -> None:

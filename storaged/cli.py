@@ -9,10 +9,10 @@ from pathlib import Path
 
 import trio
 
-from fincryptfs import logs
+from fincryptfs import logs, run_daemon
 from fincryptfs.asgi import dumps
 from fincryptfs.core.errors import ConfigError, FincryptError
-from fincryptfs.core.settings import StorageSettings, read_env_file
+from fincryptfs.core.settings import StorageSettings
 from fincryptfs.run_daemon import run_until_signalled
 from storaged import __version__
 
@@ -22,9 +22,7 @@ log = logging.getLogger("storaged")
 
 
 def load_settings(env_file: Path | None) -> StorageSettings:
-    if env_file is None and Path(".env").exists():
-        env_file = Path(".env")
-    return StorageSettings.from_env(read_env_file(env_file), home=Path.home())
+    return run_daemon.load_settings(StorageSettings, env_file)
 
 
 async def _run(settings: StorageSettings) -> None:
