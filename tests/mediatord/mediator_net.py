@@ -37,6 +37,20 @@ from mediatord.service import MediatorService
 
 
 @dataclass
+class Net:
+    """A mediator, its nodes, one HTTP client and one account key: what the mediator tests start from."""
+
+    mediator: Mediator
+    nodes: list[Node]
+    client: httpx.AsyncClient
+    account: SigningKey
+
+    @property
+    def url(self) -> str:
+        return self.mediator.url
+
+
+@dataclass
 class Mediator:
     service: MediatorService
     url: str

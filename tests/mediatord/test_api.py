@@ -4,15 +4,12 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
 import pytest
 import trio
 from mediator_net import (
-    Mediator,
-    Node,
+    Net,
     commit_body,
     make_object,
     object_status,
@@ -30,18 +27,6 @@ from fincryptfs.core.ids import new_object_id
 from fincryptfs.core.messages import ManifestPointer, StorageReceipt
 from fincryptfs.core.wire import sign_request
 from mediatord import upkeep
-
-
-@dataclass
-class Net:
-    mediator: Mediator
-    nodes: list[Node]
-    client: httpx.AsyncClient
-    account: SigningKey
-
-    @property
-    def url(self) -> str:
-        return self.mediator.url
 
 
 @pytest.fixture

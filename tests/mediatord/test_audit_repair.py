@@ -11,11 +11,10 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 from pathlib import Path
 
-import httpx
+import mediator_net
 import pytest
 import trio
 from mediator_net import (
-    Mediator,
     Node,
     SampleObject,
     make_object,
@@ -34,17 +33,9 @@ from mediatord import upkeep
 
 
 @dataclass
-class Net:
-    mediator: Mediator
-    nodes: list[Node]
-    client: httpx.AsyncClient
-    account: SigningKey
+class Net(mediator_net.Net):
     root: Path
     nursery: trio.Nursery
-
-    @property
-    def url(self) -> str:
-        return self.mediator.url
 
     @property
     def service(self):  # type: ignore[no-untyped-def]
