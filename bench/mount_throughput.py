@@ -31,7 +31,6 @@ import argparse
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import subprocess
@@ -39,6 +38,8 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+
+from benchkit import drop_caches, peak_rss, start_devnet, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -74,17 +75,6 @@ def read_all(root: Path) -> int:
     return total
 
 
-def timed(fn: object, *args: object, **kwargs: object) -> float:
-    start = time.perf_counter()
-    fn(*args, **kwargs)  # type: ignore[operator]
-    return time.perf_counter() - start
-
-
-def peak_rss(pid: int) -> int:
-    match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    return int(match.group(1)) * 1024 if match else 0
-
-
 def cli(env_file: Path, *args: str) -> None:
     subprocess.run([sys.executable, "-m", "fincryptfs.cli", *args, "--env-file", str(env_file)], check=True,
                    cwd=ROOT, stdout=subprocess.DEVNULL)
@@ -117,30 +107,6 @@ class Mount:
             self.process.wait()
         self.process = None
         return rss
-
-
-def start_network(home: Path) -> subprocess.Popen[bytes]:
-    code = ("import sys, trio; from pathlib import Path; from fincryptfs.devnet import run_devnet; "
-            "trio.run(lambda: run_devnet(Path(sys.argv[1]), nodes=6, node_capacity='8G'))")
-    log = open(home / "devnet.log", "ab")  # noqa: SIM115 - handed to the child
-    process = subprocess.Popen([sys.executable, "-c", code, str(home)], stdout=log, stderr=log, cwd=ROOT,
-                               start_new_session=True)
-    log.close()
-    deadline = time.monotonic() + 90
-    while not (home / "devnet.json").exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the network did not start; see {home / 'devnet.log'} and {home / 'logs'}")
-        time.sleep(0.2)
-    return process
-
-
-def drop_caches() -> None:
-    """Write back and drop the page cache so reads come from the disk (or the network), as the peers measure."""
-    os.sync()
-    try:
-        Path("/proc/sys/vm/drop_caches").write_text("3\n")
-    except OSError:
-        pass
 
 
 def ensure_peers(install: bool) -> None:
@@ -253,7 +219,7 @@ def main() -> int:
 
         home = work / "net"
         home.mkdir()
-        network = start_network(home)
+        network = start_devnet(home)
         info = json.loads((home / "devnet.json").read_text())
         env_file = Path(info["client_env"])
         with open(env_file, "a") as f:

@@ -33,6 +33,8 @@ from dotenv import dotenv_values
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 
+from benchkit import start_devnet  # noqa: E402
+
 from fincryptfs import rpc  # noqa: E402
 from fincryptfs.core.crypto import account_signing_key  # noqa: E402
 from fincryptfs.core.settings import ClientSettings  # noqa: E402
@@ -40,21 +42,6 @@ from fincryptfs.keystore import load_master_key  # noqa: E402
 from fincryptfs.objectstore import ObjectStore  # noqa: E402
 
 MB = 1e6
-
-
-def start_network(home: Path) -> subprocess.Popen[bytes]:
-    code = ("import sys, trio; from pathlib import Path; from fincryptfs.devnet import run_devnet; "
-            "trio.run(lambda: run_devnet(Path(sys.argv[1]), nodes=6, node_capacity='8G'))")
-    log = open(home / "devnet.log", "ab")  # noqa: SIM115 - handed to the child
-    process = subprocess.Popen([sys.executable, "-c", code, str(home)], stdout=log, stderr=log, cwd=ROOT,
-                               start_new_session=True)
-    log.close()
-    deadline = time.monotonic() + 90
-    while not (home / "devnet.json").exists():
-        if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the network did not start; see {home / 'devnet.log'}")
-        time.sleep(0.2)
-    return process
 
 
 def cpu_seconds() -> float:
@@ -103,7 +90,7 @@ def main() -> int:
                 f.write(os.urandom(2**20))
         home = work / "net"
         home.mkdir()
-        network = start_network(home)
+        network = start_devnet(home)
         info = json.loads((home / "devnet.json").read_text())
         env = {k: v for k, v in dotenv_values(info["client_env"]).items() if v is not None}
         settings = ClientSettings.from_env(env, home=home)

@@ -37,7 +37,6 @@ import filecmp
 import json
 import os
 import random
-import re
 import shutil
 import signal
 import statistics
@@ -50,6 +49,8 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from benchkit import drop_caches, peak_rss, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -137,18 +138,6 @@ def check_same(source: Path, copy: Path) -> None:
             raise RuntimeError(f"{copy / rel} differs from {source / rel}")
 
 
-def drop_caches() -> None:
-    """Write everything back and drop the page cache, so the next phase reads from the disk or the network."""
-    os.sync()
-    Path("/proc/sys/vm/drop_caches").write_text("3\n")
-
-
-def timed(fn: Callable[..., object], *args: object) -> float:
-    start = time.perf_counter()
-    fn(*args)
-    return time.perf_counter() - start
-
-
 def run(*argv: object, env: dict[str, str] | None = None, timeout: float = LONG) -> str:
     """Run a command to completion; on failure raise with the end of its output."""
     result = subprocess.run([str(a) for a in argv], env=env, capture_output=True, text=True, timeout=timeout)
@@ -165,15 +154,6 @@ def synced(*argv: object, env: dict[str, str] | None = None, sync: bool = True) 
         if sync:
             os.sync()
     return go
-
-
-def peak_rss(pid: int) -> int:
-    """VmHWM of a live process, in bytes (0 once it is gone)."""
-    try:
-        match = re.search(r"VmHWM:\s+(\d+) kB", Path(f"/proc/{pid}/status").read_text())
-    except OSError:
-        return 0
-    return int(match.group(1)) * 1024 if match else 0
 
 
 def free_port() -> int:
@@ -303,9 +283,9 @@ def bench_cp(data: Dataset, work: Path, reps: int, results: Results, owned: Owne
         for phase, source in (("big", data.big), ("small", data.small)):
             nbytes, files = (data.big_bytes, 1) if phase == "big" else (data.small_bytes, data.small_files)
             target = dest / source.name
-            drop_caches()
+            drop_caches(required=True)
             results.record("cp", f"upload_{phase}", timed(synced("cp", "-a", source, target)), nbytes, files)
-            drop_caches()
+            drop_caches(required=True)
             results.record("cp", f"read_{phase}", timed(read_all, target), nbytes, files)
             check_same(source, target)
         shutil.rmtree(dest)
@@ -320,11 +300,11 @@ def bench_restic(data: Dataset, work: Path, reps: int, results: Results, owned: 
             nbytes, files = (data.big_bytes, 1) if phase == "big" else (data.small_bytes, data.small_files)
             repo, target = work / f"restic-repo-{phase}-{rep}", work / f"restic-restore-{phase}-{rep}"
             run("restic", "init", "-q", "-r", repo, env=env)
-            drop_caches()
+            drop_caches(required=True)
             up = timed(synced("restic", "backup", "-q", "--host", "bench", "-r", repo, source, env=env))
             results.record("restic", f"upload_{phase}", up, nbytes, files)
             shutil.rmtree(cache, ignore_errors=True)  # cold, like Fincrypt's deleted cache
-            drop_caches()
+            drop_caches(required=True)
             down = timed(synced("restic", "restore", "-q", "latest", "-r", repo, "--target", target,
                                  env=env, sync=False))
             results.record("restic", f"read_{phase}", down, nbytes, files)
@@ -351,10 +331,10 @@ def bench_gocryptfs(data: Dataset, work: Path, reps: int, results: Results, owne
             for phase, source in (("big", data.big), ("small", data.small)):
                 nbytes, files = (data.big_bytes, 1) if phase == "big" else (data.small_bytes, data.small_files)
                 target = dest / source.name
-                drop_caches()
+                drop_caches(required=True)
                 results.record("gocryptfs", f"upload_{phase}", timed(synced("cp", "-a", source, target)), nbytes,
                                files)
-                drop_caches()
+                drop_caches(required=True)
                 results.record("gocryptfs", f"read_{phase}", timed(read_all, target), nbytes, files)
                 check_same(source, target)
     finally:
@@ -418,7 +398,7 @@ def bench_fincrypt(data: Dataset, work: Path, reps: int, results: Results, owned
                 dest.mkdir()
                 for phase, source in (("big", data.big), ("small", data.small)):
                     nbytes, files = (data.big_bytes, 1) if phase == "big" else (data.small_bytes, data.small_files)
-                    drop_caches()
+                    drop_caches(required=True)
                     results.record("fincrypt", f"upload_{phase}", timed(durable("cp", "-a", source, dest)), nbytes,
                                    files)
             finally:
@@ -429,7 +409,7 @@ def bench_fincrypt(data: Dataset, work: Path, reps: int, results: Results, owned
                 for phase, source in (("big", data.big), ("small", data.small)):
                     nbytes, files = (data.big_bytes, 1) if phase == "big" else (data.small_bytes, data.small_files)
                     target = dest / source.name
-                    drop_caches()
+                    drop_caches(required=True)
                     results.record("fincrypt", f"read_{phase}", timed(read_all, target), nbytes, files)
                     check_same(source, target)
             finally:
@@ -521,20 +501,20 @@ def bench_tahoe(data: Dataset, work: Path, reps: int, results: Results, owned: O
         cli = [tahoe, "-d", client]
         run(*cli, "create-alias", "bench")
         for rep in range(reps):
-            drop_caches()
+            drop_caches(required=True)
             results.record("tahoe", "upload_big", timed(synced(*cli, "put", data.big, f"bench:big-{rep}.bin")),
                            data.big_bytes, 1)
             target = out / f"big-{rep}.bin"
-            drop_caches()
+            drop_caches(required=True)
             results.record("tahoe", "read_big", timed(run, *cli, "get", f"bench:big-{rep}.bin", target),
                            data.big_bytes, 1)
             check_same(data.big, target)
             target.unlink()
             run(*cli, "mkdir", f"bench:r{rep}")
-            drop_caches()
+            drop_caches(required=True)
             results.record("tahoe", "upload_small", timed(synced(*cli, "cp", "-r", data.small, f"bench:r{rep}/")),
                            data.small_bytes, data.small_files)
-            drop_caches()
+            drop_caches(required=True)
             results.record("tahoe", "read_small",
                            timed(run, *cli, "cp", "-r", f"bench:r{rep}/small", out),
                            data.small_bytes, data.small_files)
