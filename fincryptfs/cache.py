@@ -8,6 +8,11 @@ pay the network once, and a partial fetch is never mistaken for the file.
 
 The size limit is soft: only files whose upload completed (state ``stored``) and that nobody has open may be
 evicted, least recently used first, so the cache can exceed the limit while uploads are pending.
+
+The disk's last few percent are not for file data (``has_room``): writes into the mount fail with ENOSPC, and
+uploads do not start encoding into the spool, while only ``reserve_for`` bytes are free, so the tree database
+can still record a deletion, a rename or an upload's result when the disk is otherwise full. Without that room,
+even deleting a file to make space failed.
 """
 
 from __future__ import annotations
@@ -18,6 +23,20 @@ from collections.abc import Awaitable, Callable, Collection
 from pathlib import Path
 
 import trio
+
+RESERVE_MAX = 64 * 2**20
+RESERVE_FRACTION = 20  # 1/20 of the file system, at most RESERVE_MAX
+
+
+def reserve_for(total_bytes: int) -> int:
+    """Bytes of a file system of ``total_bytes`` kept free of file data (for the tree database and logs)."""
+    return min(RESERVE_MAX, total_bytes // RESERVE_FRACTION)
+
+
+def has_room(path: Path, nbytes: int) -> bool:
+    """Whether ``nbytes`` more on the file system of ``path`` leave its reserve (``reserve_for``) untouched."""
+    disk = os.statvfs(path)
+    return disk.f_bavail * disk.f_frsize - nbytes >= reserve_for(disk.f_blocks * disk.f_frsize)
 
 
 class CacheDir:
@@ -31,6 +50,10 @@ class CacheDir:
         self.maybe_over_limit = True  # set when files were added; the upload queue's evictor resets it
         self._last_used: dict[int, float] = {}
         self._locks: dict[int, trio.Lock] = {}
+
+    def has_room(self, nbytes: int) -> bool:
+        """Whether ``nbytes`` more of file data leave the disk's reserve untouched."""
+        return has_room(self.root, nbytes)
 
     def path(self, ino: int) -> Path:
         return self.root / str(ino)

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import errno
 import functools
+import inspect
 import logging
 import os
 import sqlite3
@@ -68,15 +69,32 @@ class Capacity:
     free_bytes: int
 
 
-def _translate_oserror(method: F) -> F:
-    """Local I/O errors (a full disk, a damaged cache) reach the caller as their errno, not as a crash."""
+def _guarded(method: F) -> F:
+    """A handler whose failures reach the caller as an errno, never as a crash of the whole mount.
+
+    pyfuse3 ends its main loop on any exception other than FUSEError, which would unmount the user's folder
+    (writes in flight would then fail with ECONNABORTED). A full disk, for the cache files or for the tree
+    database, is ENOSPC; other local I/O errors keep their errno; anything else is logged with its traceback
+    and answered EIO.
+    """
     @functools.wraps(method)
     async def wrapper(*args: Any, **kwargs: Any) -> Any:
         try:
             return await method(*args, **kwargs)
+        except pyfuse3.FUSEError:
+            raise
         except OSError as exc:
             log.error("%s failed: %s", method.__name__, exc)
             raise pyfuse3.FUSEError(exc.errno or errno.EIO) from exc
+        except sqlite3.Error as exc:
+            if getattr(exc, "sqlite_errorcode", None) == sqlite3.SQLITE_FULL:
+                log.error("%s failed: the disk holding the tree database (meta.db) is full", method.__name__)
+                raise pyfuse3.FUSEError(errno.ENOSPC) from exc
+            log.exception("%s failed on the tree database", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+        except Exception as exc:
+            log.exception("%s failed unexpectedly", method.__name__)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
     return cast(F, wrapper)
 
 
@@ -176,7 +194,6 @@ class FincryptOperations(pyfuse3.Operations):
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._attr(self._inode(inode))
 
-    @_translate_oserror
     async def setattr(self, inode: int, attr: pyfuse3.EntryAttributes, fields: pyfuse3.SetattrFields,
                       fh: int | None, ctx: pyfuse3.RequestContext) -> pyfuse3.EntryAttributes:
         node = self._inode(inode)
@@ -251,11 +268,16 @@ class FincryptOperations(pyfuse3.Operations):
         return dirty
 
     def _commit_write(self, ino: int) -> None:
-        """Persist the size and record the upload job (committed before the queue hears of it)."""
-        dirty = self._dirty.pop(ino, None)
+        """Persist the size and record the upload job (committed before the queue hears of it).
+
+        If that fails (a full disk), the inode stays dirty in memory and in the tree, so the next flush or
+        release of it tries again, and a restart's recovery finds it.
+        """
+        dirty = self._dirty.get(ino)
         if dirty is None:
             return
         meta.record_release(self.db, ino, dirty.size, dirty.mtime_ns, dirty.attrs)
+        del self._dirty[ino]
         self.wake(True)
 
     def _new_handle(self, ino: int, fd: int, writable: bool) -> int:
@@ -266,7 +288,6 @@ class FincryptOperations(pyfuse3.Operations):
         self.cache.touch(ino)
         return fh
 
-    @_translate_oserror
     async def open(self, inode: int, flags: int, ctx: pyfuse3.RequestContext) -> pyfuse3.FileInfo:
         node = self._inode(inode)
         if node.kind != meta.FILE:
@@ -284,7 +305,6 @@ class FincryptOperations(pyfuse3.Operations):
         fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         return pyfuse3.FileInfo(fh=self._new_handle(inode, fd, writable))
 
-    @_translate_oserror
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self._create(parent_inode, name, meta.FILE, stat.S_IFREG | (mode & 0o7777), ctx, dirty=True)
@@ -308,32 +328,29 @@ class FincryptOperations(pyfuse3.Operations):
         self.wake(False)
         return node
 
-    @_translate_oserror
     async def read(self, fh: int, off: int, size: int) -> bytes:
         return os.pread(self._handles[fh].fd, size, off)
 
-    @_translate_oserror
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]
         dirty = self._dirty.get(handle.ino)
         if dirty is None:
             dirty = self._begin_write(self._inode(handle.ino))
+        if not self.cache.has_room(len(buf)):  # the last few percent stay free for the tree database
+            raise pyfuse3.FUSEError(errno.ENOSPC)
         written = os.pwrite(handle.fd, buf, off)
         dirty.size = max(dirty.size, off + written)
         dirty.mtime_ns = time.time_ns()
         return written
 
-    @_translate_oserror
     async def flush(self, fh: int) -> None:
         self._commit_write(self._handles[fh].ino)
 
-    @_translate_oserror
     async def fsync(self, fh: int, datasync: bool) -> None:
         handle = self._handles[fh]
         os.fsync(handle.fd)
         self._commit_write(handle.ino)
 
-    @_translate_oserror
     async def release(self, fh: int) -> None:
         handle = self._handles.pop(fh)
         os.close(handle.fd)
@@ -365,7 +382,6 @@ class FincryptOperations(pyfuse3.Operations):
                    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.ENOTSUP)
 
-    @_translate_oserror
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._child(parent_inode, name)
         if node.kind == meta.DIR:
@@ -475,3 +491,9 @@ class FincryptOperations(pyfuse3.Operations):
 
     async def removexattr(self, inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         raise pyfuse3.FUSEError(errno.ENOSYS)
+
+
+# Every request handler FincryptOperations defines is guarded (see _guarded), including ones added later.
+for _name, _handler in list(vars(FincryptOperations).items()):
+    if _name in vars(pyfuse3.Operations) and inspect.iscoroutinefunction(_handler):
+        setattr(FincryptOperations, _name, _guarded(_handler))

@@ -522,6 +522,14 @@ def next_small_uploads(db: sqlite3.Connection, now: float, *, max_size: int, max
     return jobs
 
 
+def retry_now(db: sqlite3.Connection) -> int:
+    """Make every backed-off upload and delete job runnable at once (a flush was asked for); returns how many."""
+    with _tx(db):
+        a = db.execute("UPDATE upload_jobs SET not_before = 0 WHERE state = 'pending' AND not_before > 0").rowcount
+        b = db.execute("UPDATE delete_jobs SET not_before = 0 WHERE not_before > 0").rowcount
+    return a + b
+
+
 def next_wakeup(db: sqlite3.Connection) -> float | None:
     """When the earliest backed-off job (upload or delete) becomes runnable, if any."""
     a = db.execute("SELECT min(not_before) FROM upload_jobs WHERE state = 'pending'").fetchone()[0]

@@ -24,8 +24,10 @@ Tasks, all in the caller's nursery:
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
+import shutil
 import sqlite3
 import time
 from pathlib import Path
@@ -33,7 +35,7 @@ from pathlib import Path
 import trio
 
 from . import meta
-from .cache import CacheDir
+from .cache import CacheDir, has_room
 from .core.errors import FincryptError
 from .objectstore import ObjectStore
 from .packs import build_pack
@@ -45,6 +47,19 @@ MAX_BACKOFF = 300.0
 MAX_PUBLISH_WAIT = 30.0
 PACK_LINGER = 0.2
 FLUSH_POLL = 0.1
+
+
+def describe_failure(exc: BaseException, spool_dir: Path, nbytes: int, expansion: float) -> str:
+    """The words ``fincryptfs status`` shows for a failed upload; a full local disk says what to do about it."""
+    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
+        try:
+            free = f"{shutil.disk_usage(spool_dir).free / 2**20:.0f} MiB free"
+        except OSError:
+            free = "free space unknown"
+        return (f"the local disk is full: encoding {nbytes / 2**20:.1f} MiB needs about "
+                f"{nbytes * expansion / 2**20:.0f} MiB of temporary space in {spool_dir} ({free}); make room "
+                f"there (or move FINCRYPT_DATA_DIR) and run 'fincryptfs flush' to retry at once")
+    return str(exc)[:1000]
 
 
 def backoff(attempts: int) -> float:
@@ -104,7 +119,20 @@ class UploadQueue:
                 nursery.start_soon(self._upload_worker)
             nursery.start_soon(self._deleter)
             nursery.start_soon(self._publisher)
+            nursery.start_soon(self._retry_on_flush)
             task_status.started()
+
+    async def _retry_on_flush(self) -> None:
+        """A ``fincryptfs flush`` means "now": jobs waiting out a backoff (say, after the disk was full and the
+        user made room) are retried at once instead of after up to five minutes."""
+        seen = self._flush_seen
+        while True:
+            await trio.sleep(FLUSH_POLL)
+            flush = meta.counter(self.db, "flush_requested")
+            if flush > seen:
+                seen = flush
+                if meta.retry_now(self.db):
+                    self.wake(jobs=True, tree=False)
 
     # --- uploads --------------------------------------------------------------------------------------------
 
@@ -119,6 +147,14 @@ class UploadQueue:
             else:
                 await self._upload(job)
 
+    def _check_spool_room(self, nbytes: int, *, staged: bool = False) -> None:
+        """Raise ENOSPC before encoding ``nbytes`` if its shares (and the staged pack) would eat the disk's
+        reserve, which the tree database needs (cache.reserve_for)."""
+        self.spool_dir.mkdir(parents=True, exist_ok=True)
+        need = int(nbytes * (self.store.n / self.store.k + staged)) + 2**20
+        if not has_room(self.spool_dir, need):
+            raise OSError(errno.ENOSPC, "No space left on device (kept free for the tree database)")
+
     async def _upload(self, job: meta.UploadJob) -> None:
         if not meta.job_current(self.db, job):
             meta.drop_upload(self.db, job, "superseded")
@@ -129,14 +165,16 @@ class UploadQueue:
                              None)
             return
         try:
+            self._check_spool_room(job.size)
             stored = await self.store.put_file(path)
         except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
             if not isinstance(exc, (FincryptError, OSError)):
                 log.exception("unexpected error uploading inode %d", job.ino)
             delay = backoff(job.attempts)
+            reason = describe_failure(exc, self.spool_dir, job.size, self.store.n / self.store.k)
             log.warning("upload of inode %d failed (attempt %d, retry in %.0f s): %s", job.ino, job.attempts,
-                        delay, exc)
-            meta.fail_upload(self.db, job, str(exc)[:1000], time.time() + delay)
+                        delay, reason)
+            meta.fail_upload(self.db, job, reason, time.time() + delay)
             self.wake()
             return
         became_current = meta.finish_upload(self.db, job, stored.object_id, json.dumps(stored.to_json()))
@@ -164,7 +202,18 @@ class UploadQueue:
         self.spool_dir.mkdir(parents=True, exist_ok=True)
         staging = self.spool_dir / f"pack-{jobs[0].id}"
         try:
-            placed = await trio.to_thread.run_sync(build_pack, [self.cache.path(job.ino) for job in jobs], staging)
+            try:
+                self._check_spool_room(sum(job.size for job in jobs), staged=True)
+                placed = await trio.to_thread.run_sync(build_pack, [self.cache.path(job.ino) for job in jobs],
+                                                       staging)
+            except OSError as exc:  # e.g. a full disk: the files stay pending, the reason is shown in status
+                reason = describe_failure(exc, self.spool_dir, sum(job.size for job in jobs),
+                                          1 + self.store.n / self.store.k)
+                log.warning("staging a pack of %d files failed: %s", len(jobs), reason)
+                for job in jobs:
+                    meta.fail_upload(self.db, job, reason, time.time() + backoff(job.attempts))
+                self.wake()
+                return
             members = []
             for job, where in zip(jobs, placed, strict=True):
                 if where is not None:
@@ -181,10 +230,11 @@ class UploadQueue:
             except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
                 if not isinstance(exc, (FincryptError, OSError)):
                     log.exception("unexpected error uploading a pack of %d files", len(members))
+                reason = describe_failure(exc, self.spool_dir, staging.stat().st_size, self.store.n / self.store.k)
                 log.warning("upload of a pack of %d files failed (attempt %d): %s", len(members), first.attempts,
-                            exc)
+                            reason)
                 for job, _, _ in members:
-                    meta.fail_upload(self.db, job, str(exc)[:1000], time.time() + backoff(job.attempts))
+                    meta.fail_upload(self.db, job, reason, time.time() + backoff(job.attempts))
                 self.wake()
                 return
         finally:

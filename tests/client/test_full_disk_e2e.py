@@ -1,0 +1,90 @@
+"""The client's own disk fills up: the writer gets ENOSPC, nothing already written is lost, the mount goes on,
+and an upload that cannot be encoded for lack of space says so and succeeds once space is back."""
+
+from __future__ import annotations
+
+import errno
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+from mountkit import Client, needs_fuse
+from netfixtures import start_network
+
+pytestmark = [pytest.mark.e2e, needs_fuse]
+
+MIB = 2**20
+DISK = 40 * MIB
+
+
+def fill(path: Path, size: int) -> int:
+    """Write ``size`` random bytes to ``path`` in 1 MiB writes; the bytes written before an OSError is raised."""
+    written = 0
+    with open(path, "wb") as f:
+        while written < size:
+            f.write(os.urandom(min(MIB, size - written)))
+            f.flush()
+            written += min(MIB, size - written)
+        os.fsync(f.fileno())
+    return written
+
+
+async def status(client: Client) -> dict:
+    return json.loads((await trio.to_thread.run_sync(lambda: client.cli("status", "--json"))).stdout)
+
+
+async def test_full_client_disk(tmp_path: Path, nursery: trio.Nursery) -> None:
+    net = await start_network(tmp_path, nursery, nodes=6)
+    home = tmp_path / "client"
+    home.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={DISK}", "tmpfs", str(home)], check=True)
+    client = Client(home, net.mediator_url)
+    try:
+        client.init()
+        await client.mount()
+        mnt = client.mountpoint
+        kept = os.urandom(12 * MIB)
+        await trio.to_thread.run_sync((mnt / "kept.bin").write_bytes, kept)
+        await client.flush()
+
+        # 1. A write larger than the disk: the writer is told the disk is full (while the disk's last few
+        # percent stay free, so the tree database can still record the deletion below); the mount stays up.
+        with pytest.raises(OSError) as info:
+            await trio.to_thread.run_sync(fill, mnt / "huge.bin", 2 * DISK)
+        assert info.value.errno == errno.ENOSPC
+        assert client.process is not None and client.process.poll() is None
+        assert await trio.to_thread.run_sync((mnt / "kept.bin").read_bytes) == kept
+        await trio.to_thread.run_sync((mnt / "huge.bin").unlink)
+
+        # 2. A file that fits in the cache, but whose six shares (twice its size) do not fit in the spool: the
+        # upload is retried, status says why in words, and the file stays whole in the cache.
+        tight = os.urandom(10 * MIB)
+        await trio.to_thread.run_sync((mnt / "tight.bin").write_bytes, tight)
+        with trio.fail_after(30):
+            while not (report := await status(client))["upload_errors"]:
+                await trio.sleep(0.2)
+        reason = report["upload_errors"][0]["error"]
+        assert reason.startswith("the local disk is full: encoding 10.0 MiB needs about 20 MiB"), reason
+        assert "fincryptfs flush" in reason
+        assert await trio.to_thread.run_sync((mnt / "tight.bin").read_bytes) == tight
+
+        # 3. The user makes room (deletes the stored file) and flushes: the backed-off upload is retried at once
+        # and succeeds; the file then reads back from the network alone.
+        await trio.to_thread.run_sync((mnt / "kept.bin").unlink)
+        with trio.fail_after(60):  # well under the backoff the job had reached
+            await client.flush(timeout=50)
+        report = await status(client)
+        assert report["pending_uploads"] == 0 and not report["failed_uploads"] and not report["upload_errors"]
+        await client.unmount()
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        assert await trio.to_thread.run_sync((mnt / "tight.bin").read_bytes) == tight
+    finally:
+        await client.cleanup()
+        if client.log_path.exists():  # keep the mount's log past the tmpfs, for a failure's post-mortem
+            shutil.copy(client.log_path, tmp_path / "mount.log")
+        subprocess.run(["umount", "-l", str(home)], capture_output=True)
