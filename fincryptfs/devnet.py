@@ -26,6 +26,7 @@ import trio
 
 from .core.crypto import account_signing_key, decode_key_file, encode_key_file, new_master_key, recovery_phrase
 from .core.errors import FincryptError
+from .run_daemon import PARENT_FD_ENV
 
 log = logging.getLogger(__name__)
 
@@ -76,12 +77,16 @@ def write_env(path: Path, values: dict[str, str]) -> None:
     path.chmod(0o600)
 
 
-async def _spawn(name: str, argv: list[str], log_dir: Path) -> Child:
+async def _spawn(name: str, argv: list[str], log_dir: Path, lifeline: int) -> Child:
+    """Start a child in its own session, holding the read end ``lifeline`` of the devnet's lifeline pipe: the
+    child stops by itself if the devnet dies without stopping it (run_daemon.exit_with_parent)."""
     log_path = log_dir / f"{name}.log"
     log_file = open(log_path, "ab")  # noqa: SIM115 - handed to the child, closed when we close
     try:
         process = await trio.lowlevel.open_process(argv, stdout=log_file, stderr=subprocess.STDOUT,
-                                                   stdin=subprocess.DEVNULL, start_new_session=True)
+                                                   stdin=subprocess.DEVNULL, start_new_session=True,
+                                                   pass_fds=(lifeline,),
+                                                   env={**os.environ, PARENT_FD_ENV: str(lifeline)})
     finally:
         log_file.close()
     return Child(name, process, log_path)
@@ -137,6 +142,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
     python = sys.executable
     children: list[Child] = []
     mounted: Path | None = None
+    lifeline, lifeline_end = os.pipe()  # only this process holds lifeline_end: it closes when we die
     try:
         async with httpx.AsyncClient(timeout=5.0, trust_env=False) as client:
             deadline = trio.current_time() + STARTUP_TIMEOUT
@@ -157,7 +163,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                 "MEDIATORD_DHT_LISTEN": mediator_dht,
             })
             mediator = await _spawn("mediatord", [python, "-m", "mediatord.cli", "--env-file", str(mediator_env)],
-                                    log_dir)
+                                    log_dir, lifeline)
             children.append(mediator)
             mediator.url = mediator_url
             await _wait_http(mediator, mediator_url + "/health", client, deadline)
@@ -186,7 +192,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                     "STORAGED_OPERATOR": f"devnet-operator-{i}",
                 })
                 child = await _spawn(f"storaged-{i}", [python, "-m", "storaged.cli", "--env-file", str(env_path)],
-                                     log_dir)
+                                     log_dir, lifeline)
                 child.url = f"http://127.0.0.1:{port}"
                 child.extra["share_dirs"] = [str(share_dir)]
                 child.extra["discovery"] = "dht" if via_dht else "configured"
@@ -212,7 +218,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                 mount = mount.resolve()
                 mount.mkdir(parents=True, exist_ok=True)
                 child = await _spawn("fincryptfs-mount", [python, "-m", "fincryptfs.cli", "mount", str(mount),
-                                                          "--env-file", str(client_env)], log_dir)
+                                                          "--env-file", str(client_env)], log_dir, lifeline)
                 children.append(child)
                 while not os.path.ismount(mount):
                     if child.process.poll() is not None:
@@ -231,6 +237,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                           for c in children[1:nodes + 1]],
                 "client_env": str(client_env),
                 "mount": str(mounted) if mounted else None,
+                "mount_pid": children[-1].process.pid if mounted else None,
                 "account_id": account_id,
                 "logs": str(log_dir),
             }
@@ -252,6 +259,8 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
             unmount(mounted)
         await stop_children(children)
         (home / "devnet.json").unlink(missing_ok=True)
+        os.close(lifeline)
+        os.close(lifeline_end)
 
 
 

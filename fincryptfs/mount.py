@@ -38,6 +38,7 @@ from .core.settings import ClientSettings
 from .fs import Capacity, FincryptOperations
 from .objectstore import ObjectStore, StoredObject
 from .packs import PackReader, Prefetcher
+from .run_daemon import exit_with_parent, take_parent_fd
 from .uploadqueue import backoff
 from .uploadworker import encode_config
 
@@ -205,7 +206,8 @@ def _exclusive(data_dir: Path) -> Iterator[None]:
 
 async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: bytes, *,
                     on_ready: Callable[[], None] | None = None) -> None:
-    """Mount and serve until unmounted or interrupted."""
+    """Mount and serve until unmounted or interrupted (or until a supervisor holding our lifeline pipe dies)."""
+    parent_fd = take_parent_fd()  # before the upload worker is started: it must not inherit the variable
     if not mountpoint.is_dir():
         raise ConfigError(f"mount point {mountpoint} is not a directory")
     if os.path.ismount(mountpoint):
@@ -250,6 +252,7 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
                 nursery.start_soon(prefetcher.run)
                 nursery.start_soon(_refresh_capacity, ops, settings, http)
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
+                nursery.start_soon(exit_with_parent, parent_fd, nursery.cancel_scope)
                 log.info("mounted %s", mountpoint)
                 if on_ready is not None:
                     on_ready()

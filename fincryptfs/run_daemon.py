@@ -3,11 +3,17 @@
 Both daemons' CLIs use this, so Ctrl-C and ``kill`` behave the same for every Fincrypt process: the signal
 cancels the one nursery, every task unwinds through its ``finally`` blocks, and the process exits 0. They find
 their settings the same way too (``load_settings``).
+
+A supervisor (``fincryptfs devnet``) may hand its children the read end of a pipe whose write end only it holds
+(``DEVNET_LIFELINE_FD``): when the supervisor dies, however (even ``kill -9``), the kernel closes that end and
+each child stops as if signalled (``exit_with_parent``). A parent-death signal (PR_SET_PDEATHSIG) would fire
+when the supervisor's *thread* that started the child exits, which trio's process-starting threads do.
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import signal
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -18,13 +24,48 @@ import trio
 from .core.settings import MediatorSettings, StorageSettings, read_env_file
 
 DaemonSettings = TypeVar("DaemonSettings", StorageSettings, MediatorSettings)
+PARENT_FD_ENV = "DEVNET_LIFELINE_FD"  # outside the settings prefixes, which reject unknown names
 
 log = logging.getLogger(__name__)
 
 
+def take_parent_fd() -> int | None:
+    """The lifeline pipe a supervisor passed us, if any. The variable is removed from the environment, so that
+    processes we start do not inherit a descriptor number that means nothing to them."""
+    value = os.environ.pop(PARENT_FD_ENV, None)
+    if not value:
+        return None
+    try:
+        fd = int(value)
+        os.fstat(fd)
+    except (ValueError, OSError):
+        log.warning("%s=%r is not an open descriptor: ignored", PARENT_FD_ENV, value)
+        return None
+    return fd
+
+
+async def exit_with_parent(fd: int | None, cancel_scope: trio.CancelScope) -> None:
+    """Cancel ``cancel_scope`` once the supervisor's end of the lifeline pipe ``fd`` closes (nothing if None)."""
+    if fd is None:
+        return
+    os.set_blocking(fd, False)
+    while True:
+        await trio.lowlevel.wait_readable(fd)
+        try:
+            if os.read(fd, 64):
+                continue  # nothing is ever written; ignore it if something is
+        except BlockingIOError:
+            continue
+        log.warning("the process that started this one is gone: stopping")
+        cancel_scope.cancel()
+        return
+
+
 async def run_until_signalled(serve: Callable[..., Awaitable[Any]], settings: Any, name: str) -> None:
+    parent_fd = take_parent_fd()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
         async with trio.open_nursery() as nursery:
+            nursery.start_soon(exit_with_parent, parent_fd, nursery.cancel_scope)
             url = await nursery.start(serve, settings)
             print(f"{name} listening on {url}", flush=True)
             async for signum in signals:
