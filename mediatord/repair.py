@@ -4,6 +4,12 @@ Erasure coding is over ciphertext, so the mediator rebuilds a lost share without
 take that segment's block from k surviving shares (``ObjectLayout`` gives every offset), run zfec, and cut out
 the missing blocks. A rebuilt share must hash to the Merkle root recorded at commit, or it is not stored.
 
+Repairs stream: ``segment_batches`` cuts the shares into runs of whole segments of at most a few MiB; for each
+run the mediator reads that byte range of k source shares (leaf ranges with Merkle proofs, checked against the
+recorded roots), ``rebuild_range`` rebuilds the missing shares' bytes for it, and they go straight into the
+PUT bodies to the new nodes, which check the whole share against its root before they store it. The
+mediator's memory per repair is a few runs, whatever the share size.
+
 Thresholds: an object is repaired when fewer than ``n - 1`` shares are healthy (see
 :func:`mediatord.service.repair_threshold`); with fewer than k left it is *irreparable*: no repair traffic is
 sent (it could not succeed), an alert is logged, and it recovers on its own if enough nodes come back.
@@ -15,9 +21,8 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 
 from fincryptfs.core.erasure import rebuild_blocks
-from fincryptfs.core.errors import ErasureError, IntegrityError
+from fincryptfs.core.errors import ErasureError
 from fincryptfs.core.layout import ObjectLayout
-from fincryptfs.core.merkle import TreeBuilder
 
 
 @dataclass(frozen=True)
@@ -43,33 +48,49 @@ def plan_repair(layout: ObjectLayout, healthy: Sequence[int], threshold: int, *,
     return RepairPlan("repair", have, missing)
 
 
-def rebuild_shares(layout: ObjectLayout, sources: Mapping[int, bytes], wanted: Sequence[int]) -> dict[int, bytes]:
-    """The shares numbered ``wanted``, rebuilt segment by segment from k source shares (index → bytes)."""
+def segment_batches(layout: ObjectLayout, max_bytes: int) -> list[range]:
+    """Consecutive runs of segments whose blocks total at most ``max_bytes`` per share (at least one segment)."""
+    batches: list[range] = []
+    start = 0
+    while start < layout.segment_count:
+        end, size = start + 1, layout.block_length(start)
+        while end < layout.segment_count and size + layout.block_length(end) <= max_bytes:
+            size += layout.block_length(end)
+            end += 1
+        batches.append(range(start, end))
+        start = end
+    return batches
+
+
+def share_range(layout: ObjectLayout, segments: range) -> tuple[int, int]:
+    """The byte range [start, end) that ``segments``' blocks occupy in every share."""
+    last = segments[-1]
+    return layout.block_offset(segments[0]), layout.block_offset(last) + layout.block_length(last)
+
+
+def rebuild_range(layout: ObjectLayout, sources: Mapping[int, bytes | memoryview], segments: range,
+                  wanted: Sequence[int]) -> dict[int, bytes]:
+    """The bytes of shares ``wanted`` over ``segments``, from k sources' bytes over the same range."""
     if len(sources) < layout.k:
         raise ErasureError(f"need {layout.k} shares to rebuild, have {len(sources)}")
+    start, end = share_range(layout, segments)
     use = dict(sorted(sources.items())[: layout.k])
     for index, data in use.items():
-        if len(data) != layout.share_size:
-            raise ErasureError(f"share {index} has {len(data)} bytes, the layout gives {layout.share_size}")
+        if len(data) != end - start:
+            raise ErasureError(f"share {index} gave {len(data)} bytes for a range of {end - start}")
     out = {i: bytearray() for i in wanted}
     views = {i: memoryview(d) for i, d in use.items()}
-    for seg in range(layout.segment_count):
-        start, length = layout.block_offset(seg), layout.block_length(seg)
-        blocks = {i: bytes(v[start:start + length]) for i, v in views.items()}
+    for seg in segments:
+        at, length = layout.block_offset(seg) - start, layout.block_length(seg)
+        blocks = {i: bytes(v[at:at + length]) for i, v in views.items()}
         for i, block in rebuild_blocks(layout.params, blocks, layout.sealed_length(seg), list(wanted)).items():
             out[i] += block
     return {i: bytes(b) for i, b in out.items()}
 
 
-def share_root(data: bytes) -> bytes:
-    builder = TreeBuilder()
-    builder.update(data)
-    return builder.finish().root
-
-
-def check_rebuilt(rebuilt: Mapping[int, bytes], roots: Mapping[int, bytes]) -> None:
-    """Raise IntegrityError unless every rebuilt share hashes to the root recorded for it."""
-    for index, data in rebuilt.items():
-        if share_root(data) != roots[index]:
-            raise IntegrityError(f"rebuilt share {index} does not match its recorded Merkle root: a source share "
-                                 "was corrupt")
+def rebuild_shares(layout: ObjectLayout, sources: Mapping[int, bytes], wanted: Sequence[int]) -> dict[int, bytes]:
+    """The shares numbered ``wanted`` in full, from k whole source shares (index → bytes)."""
+    for index, data in sources.items():
+        if len(data) != layout.share_size:
+            raise ErasureError(f"share {index} has {len(data)} bytes, the layout gives {layout.share_size}")
+    return rebuild_range(layout, sources, range(layout.segment_count), wanted)

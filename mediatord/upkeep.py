@@ -9,6 +9,7 @@ threads under one CapacityLimiter.
 from __future__ import annotations
 
 import logging
+from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import httpx
@@ -17,16 +18,16 @@ import trio
 from fincryptfs.core.errors import FincryptError, IntegrityError, ProtocolError
 from fincryptfs.core.identity import PublicKey
 from fincryptfs.core.layout import ObjectLayout
-from fincryptfs.core.merkle import HASH_BYTES, LEAF_SIZE
+from fincryptfs.core.merkle import HASH_BYTES, LEAF_SIZE, verify_run
 from fincryptfs.core.messages import ProofResponse, StorageReceipt
-from fincryptfs.core.wire import Envelope, Fields, decode_object
+from fincryptfs.core.wire import Envelope, Fields, b64decode, decode_object
 from fincryptfs.rpc import PeerError, call
 
 from . import audit as audit_logic
 from . import registry
 from .db import HEALTHY_SHARE_STATES, NodeRow, ShareRow
 from .placement import place_shares, subnet_of
-from .repair import check_rebuilt, plan_repair, rebuild_shares, share_root
+from .repair import plan_repair, rebuild_range, segment_batches, share_range
 from .service import MediatorService, object_health, repair_threshold
 
 log = logging.getLogger(__name__)
@@ -219,28 +220,113 @@ async def repair_pass(service: MediatorService, client: httpx.AsyncClient, now: 
     return actions
 
 
-async def _fetch_share(service: MediatorService, client: httpx.AsyncClient, share: ShareRow, now: float
-                       ) -> bytes | None:
+REPAIR_STEP_BYTES = 4 * 2**20  # bytes of each share per repair step: bounds a repair's memory, not its size
+
+
+class _RepairFailed(Exception):
+    """A repair attempt cannot finish (too few readable sources); the reason is recorded, the next pass retries."""
+
+
+async def _read_range(service: MediatorService, client: httpx.AsyncClient, share: ShareRow, start: int, end: int
+                      ) -> bytes:
+    """Bytes [start, end) of ``share``, read as whole leaves with their Merkle proof and checked against the
+    root recorded at commit (PeerError if the node cannot answer, IntegrityError if the bytes are wrong)."""
     node = service.db.node(share.node_id)
     if node is None:
-        return None
+        raise PeerError(f"node {share.node_id[:16]} is not registered")
+    first = start // LEAF_SIZE
+    count = max(1, -(-end // LEAF_SIZE) - first)
+    response = await call(client, "GET", f"{node.url}/v1/shares/{share.share_id}?first_leaf={first}&leaf_count="
+                          f"{count}", key=service.key, timeout=UpkeepSettings.from_service(service).request_timeout)
     try:
-        response = await call(client, "GET", f"{node.url}/v1/shares/{share.share_id}", key=service.key,
-                              timeout=UpkeepSettings.from_service(service).request_timeout)
-    except PeerError as exc:
-        log.info("repair: cannot fetch share %s: %s", share.share_id[:16], exc)
-        return None
+        proof_raw = b64decode(response.headers.get("fincrypt-proof", ""), field="fincrypt-proof header",
+                              max_length=128 * HASH_BYTES)
+    except ProtocolError as exc:
+        raise IntegrityError(f"node {share.node_id[:16]} sent a malformed proof: {exc}") from exc
+    if len(proof_raw) % HASH_BYTES:
+        raise IntegrityError(f"node {share.node_id[:16]} sent a proof that is not a whole number of hashes")
+    proof = [proof_raw[at:at + HASH_BYTES] for at in range(0, len(proof_raw), HASH_BYTES)]
     data = response.content
-    if len(data) != share.size or await trio.to_thread.run_sync(share_root, data, limiter=CPU) != share.root:
-        log.warning("repair: share %s from node %s does not match its root; marked lost", share.share_id[:16],
-                    share.node_id[:16])
-        service.db.set_share_states([share.share_id], "lost", now)
-        return None
-    return data
+    await trio.to_thread.run_sync(verify_run, share.root, share.size, first, count, data, proof, limiter=CPU)
+    return data[start - first * LEAF_SIZE:end - first * LEAF_SIZE]
+
+
+class _Sources:
+    """The k shares a repair reads from; one that fails is replaced by the next healthy candidate (any k shares
+    rebuild the same bytes, and each step reads a self-contained range, so a swap needs no rewind)."""
+
+    def __init__(self, service: MediatorService, client: httpx.AsyncClient, candidates: list[ShareRow], k: int,
+                 now: float) -> None:
+        self.service, self.client, self.k, self.now = service, client, k, now
+        self.waiting = list(candidates)
+        self.active: list[ShareRow] = []
+        self.failures: list[str] = []
+
+    async def read(self, start: int, end: int) -> dict[int, bytes]:
+        got: dict[int, bytes] = {}
+        while len(got) < self.k:
+            while len(self.active) < self.k and self.waiting:
+                self.active.append(self.waiting.pop(0))
+            pending = [s for s in self.active if s.idx not in got]
+            if not pending:
+                raise _RepairFailed(f"only {len(got)} of {self.k} shares could be read: "
+                                    + "; ".join(self.failures[-3:]))
+
+            async def one(share: ShareRow) -> None:
+                try:
+                    got[share.idx] = await _read_range(self.service, self.client, share, start, end)
+                except PeerError as exc:
+                    self._drop(share, f"share {share.idx}: {exc}")
+                except IntegrityError as exc:
+                    log.warning("repair: share %s on node %s does not match its root (%s); marked lost",
+                                share.share_id[:16], share.node_id[:16], exc)
+                    self.service.db.set_share_states([share.share_id], "lost", self.now)
+                    self._drop(share, f"share {share.idx} is corrupt")
+            async with trio.open_nursery() as nursery:
+                for share in pending:
+                    nursery.start_soon(one, share)
+        return got
+
+    def _drop(self, share: ShareRow, reason: str) -> None:
+        log.info("repair: %s", reason)
+        self.failures.append(reason)
+        self.active.remove(share)
+
+
+async def _put_stream(service: MediatorService, client: httpx.AsyncClient, url: str, node_id: str,
+                      grant_header: str, share: ShareRow, account_id: str, chunks: trio.MemoryReceiveChannel[bytes],
+                      receipts: dict[int, StorageReceipt], unmatched: list[tuple[str, str]]) -> None:
+    """One rebuilt share, streamed to its new node as the steps produce it; its receipt lands in ``receipts``.
+
+    A node that stored the share but whose receipt no longer matches a grant (the object was deleted meanwhile,
+    taking its grants along) goes to ``unmatched``: its copy is released rather than left unaccounted for.
+    """
+    async def body() -> AsyncIterator[bytes]:
+        async for chunk in chunks:
+            yield chunk
+
+    async with chunks:
+        try:
+            response = await client.put(url, content=body(), timeout=UpkeepSettings.from_service(service)
+                                        .request_timeout, headers={"fincrypt-grant": grant_header,
+                                                                   "content-length": str(share.size),
+                                                                   "content-type": "application/octet-stream"})
+            if response.status_code != 201:
+                raise PeerError(f"{response.status_code} {response.text[:200]}", response.status_code)
+        except (httpx.HTTPError, PeerError) as exc:
+            log.info("repair: node at %s refused share %s: %s", url, share.share_id[:16], exc)
+            return
+        try:
+            receipts[share.idx] = service.check_receipt(_receipt_envelope(response), share_id=share.share_id,
+                                                        account_id=account_id, size=share.size, root=share.root)
+        except (PeerError, ProtocolError) as exc:
+            log.info("repair: node at %s stored share %s but its receipt does not match (%s); releasing it", url,
+                     share.share_id[:16], exc)
+            unmatched.append((share.share_id, node_id))
 
 
 async def repair_object(service: MediatorService, client: httpx.AsyncClient, object_id: str, now: float) -> str:
-    """Rebuild an object's missing shares on new nodes; aborts cleanly if the object changes meanwhile."""
+    """Rebuild an object's missing shares on new nodes, streaming; aborts cleanly if the object changes."""
     db = service.db
     obj = db.object(object_id)
     if obj is None:
@@ -250,24 +336,11 @@ async def repair_object(service: MediatorService, client: httpx.AsyncClient, obj
     shares = db.shares_of(object_id)
     healthy = [s for s in shares if s.state in HEALTHY_SHARE_STATES and s.node_id in online]
     healthy.sort(key=lambda s: (s.state != "proven", s.idx))
-    sources: dict[int, bytes] = {}
-    for share in healthy:
-        if len(sources) == layout.k:
-            break
-        data = await _fetch_share(service, client, share, now)
-        if data is not None:
-            sources[share.idx] = data
-    if len(sources) < layout.k:
-        db.record_repair(object_id, "failed", 0, f"only {len(sources)} of {layout.k} shares could be fetched", now)
-        return "failed"
     by_index = {s.idx: s for s in shares}
     healthy_idx = {s.idx for s in healthy}
     wanted = [i for i in range(layout.n) if i not in healthy_idx and i in by_index]
-    try:
-        rebuilt = await trio.to_thread.run_sync(rebuild_shares, layout, sources, wanted, limiter=CPU)
-        await trio.to_thread.run_sync(check_rebuilt, rebuilt, {i: by_index[i].root for i in wanted}, limiter=CPU)
-    except (IntegrityError, FincryptError) as exc:
-        db.record_repair(object_id, "failed", 0, str(exc), now)
+    if len(healthy) < layout.k:
+        db.record_repair(object_id, "failed", 0, f"only {len(healthy)} of {layout.k} shares are reachable", now)
         return "failed"
     nodes = {n.node_id: n for n in db.nodes()}
     holding = {s.node_id for s in healthy}
@@ -281,22 +354,47 @@ async def repair_object(service: MediatorService, client: httpx.AsyncClient, obj
     except FincryptError as exc:
         db.record_repair(object_id, "failed", 0, str(exc), now)
         return "failed"
-    stored: list[tuple[ShareRow, str]] = []
-    for index, target in zip(wanted, chosen, strict=True):
-        share = by_index[index]
-        grant = service.issue_grant(target.node_id, obj.account_id, share.share_id, share.size, share.root, now)
+    sources = _Sources(service, client, healthy, layout.k, now)
+    receipts: dict[int, StorageReceipt] = {}
+    targets: dict[int, str] = {}
+    unmatched: list[tuple[str, str]] = []
+    failure: str | None = None
+    async with trio.open_nursery() as nursery:
+        senders: dict[int, trio.MemorySendChannel[bytes]] = {}
+        for index, target in zip(wanted, chosen, strict=True):
+            share = by_index[index]
+            grant = service.issue_grant(target.node_id, obj.account_id, share.share_id, share.size, share.root, now)
+            send, receive = trio.open_memory_channel[bytes](1)
+            senders[index], targets[index] = send, target.node_id
+            nursery.start_soon(_put_stream, service, client, f"{target.url}/v1/shares/{share.share_id}",
+                               target.node_id, grant.to_header(), share, obj.account_id, receive, receipts, unmatched)
         try:
-            response = await call(client, "PUT", f"{target.url}/v1/shares/{share.share_id}",
-                                  content=rebuilt[index], headers={"fincrypt-grant": grant.to_header()},
-                                  timeout=UpkeepSettings.from_service(service).request_timeout)
-            envelope = _receipt_envelope(response)
-            receipt = service.check_receipt(envelope, share_id=share.share_id, account_id=obj.account_id,
-                                            size=share.size, root=share.root)
-        except (PeerError, ProtocolError) as exc:
-            log.info("repair: node %s refused share %s: %s", target.node_id[:16], share.share_id[:16], exc)
-            continue
+            for segments in segment_batches(layout, REPAIR_STEP_BYTES):
+                start, end = share_range(layout, segments)
+                data = await sources.read(start, end)
+                rebuilt = await trio.to_thread.run_sync(rebuild_range, layout, data, segments, wanted, limiter=CPU)
+                for index in list(senders):
+                    try:
+                        await senders[index].send(rebuilt[index])
+                    except (trio.BrokenResourceError, trio.ClosedResourceError):
+                        del senders[index]  # that node gave up; the others go on
+                if not senders:
+                    break
+        except (_RepairFailed, FincryptError) as exc:
+            failure = str(exc)
+            nursery.cancel_scope.cancel()  # no half share is left uploading
+        finally:
+            for send in senders.values():
+                send.close()
+    for share_id, node_id in unmatched:
+        db.queue_release(share_id, node_id, now)
+    if failure is not None:
+        db.record_repair(object_id, "failed", 0, failure, now)
+        return "failed"
+    stored: list[tuple[ShareRow, str]] = []
+    for index, receipt in sorted(receipts.items()):
         db.mark_grants_used([receipt.grant_id])
-        stored.append((share, target.node_id))
+        stored.append((by_index[index], targets[index]))
     return _finish_repair(service, object_id, stored, len(wanted), now)
 
 

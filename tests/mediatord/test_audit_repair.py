@@ -259,3 +259,30 @@ async def test_client_report_triggers_an_audit_of_that_node(net: Net) -> None:
         await rpc.call_json(net.client, "POST", f"{net.url}/v1/objects/{obj.object_id}/report",
                             key=SigningKey.generate(), json=report)
     assert info.value.status == 403
+
+
+async def test_streamed_repair_swaps_a_source_found_corrupt_midway(net: Net,
+                                                                    monkeypatch: pytest.MonkeyPatch) -> None:
+    """Repair reads and writes one segment per step here: a source share whose last bytes are corrupt (the
+    audit had not sampled them) fails its Merkle proof at the last step, is marked lost and replaced by another
+    source, and the rebuilt shares still arrive byte for byte."""
+    monkeypatch.setattr(upkeep, "REPAIR_STEP_BYTES", 5000)
+    for index in (6, 7):  # 5 shares, 2 of them moving to nodes that held none: 7 nodes at least
+        net.nodes.append(await start_node(net.nursery, net.root, net.url, index))
+    await wait_online(net.mediator, 8)
+    obj = make_object(k=2, n=5, padded_size=10 * 8192 + 100)
+    assert obj.layout.segment_count == 11
+    placed = await net.upload(obj)
+    for index in (0, 1):
+        share_data_file(net.node(placed[index]), obj.specs[index].share_id).unlink()
+    await net.round()
+    path = share_data_file(net.node(placed[2]), obj.specs[2].share_id)
+    data = bytearray(path.read_bytes())
+    data[-1] ^= 1
+    path.write_bytes(bytes(data))
+    assert await net.repair() == {obj.object_id: "repaired"}
+    assert net.service.db.share(obj.specs[2].share_id).state == "lost"  # type: ignore[union-attr]
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    moved = {s["index"]: s["node_id"] for s in status["shares"]}
+    for index in (0, 1):
+        assert share_data_file(net.node(moved[index]), obj.specs[index].share_id).read_bytes() == obj.shares[index]
