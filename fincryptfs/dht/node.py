@@ -141,12 +141,13 @@ class DhtNode:
     async def find_values(self, key: bytes) -> list[PeerRecord]:
         """Every verified, unexpired record the nodes nearest ``key`` hold for it, newest per id.
 
-        A lookup that comes back empty is run once more: about 1 lookup in 100 misses every holder when replies
-        time out (bench/dht_lookup.py), and the first pass has refreshed the routing table the second one uses.
+        A lookup that comes back empty is run again, up to twice, each time waiting twice as long for every
+        reply: about 1 lookup in 100 misses every holder when replies time out (bench/dht_lookup.py), more on an
+        overloaded host whose replies come late, and each pass has refreshed the routing table the next one uses.
         """
         values: dict[str, PeerRecord] = {}
-        for _attempt in range(2):
-            _, values = await self._iterate(key, "get_peers")
+        for attempt in range(3):
+            _, values = await self._iterate(key, "get_peers", patience=2.0 ** attempt)
             if values:
                 break
         return sorted(values.values(), key=lambda r: r.id)
@@ -195,22 +196,23 @@ class DhtNode:
         return self.store.add(record, self.address[0], self._wall_clock()) is None
 
     async def _request(self, address: Address, name: str, *, target: bytes | None = None,
-                       token: bytes | None = None, record: PeerRecord | None = None) -> Response:
+                       token: bytes | None = None, record: PeerRecord | None = None,
+                       timeout: float | None = None) -> Response:
+        timeout = self.params.query_timeout if timeout is None else timeout
         txid = os.urandom(8).hex()
         data = codec.encode_query(self.identity, txid, name, target=target, token=token, record=record)
         pending = self._pending[txid] = _Pending(address)
         try:
             self.counters["queries_sent"] += 1
             await self._send(data, address)
-            with trio.move_on_after(self.params.query_timeout):
+            with trio.move_on_after(timeout):
                 await pending.event.wait()
         finally:
             del self._pending[txid]
         message = pending.message
         if message is None:
             self.counters["query_timeouts"] += 1
-            raise DhtTimeout(f"DHT peer {address[0]}:{address[1]} did not answer {name} within "
-                             f"{self.params.query_timeout} s")
+            raise DhtTimeout(f"DHT peer {address[0]}:{address[1]} did not answer {name} within {timeout} s")
         if isinstance(message, ErrorReply):
             raise DhtErrorReply(f"DHT peer {address[0]}:{address[1]} refused {name}: {message.message}")
         return message
@@ -228,7 +230,9 @@ class DhtNode:
         except (DhtTimeout, DhtErrorReply):
             pass
 
-    async def _iterate(self, target: bytes, name: str) -> tuple[Lookup, dict[str, PeerRecord]]:
+    async def _iterate(self, target: bytes, name: str, *, patience: float = 1.0
+                       ) -> tuple[Lookup, dict[str, PeerRecord]]:
+        """One iterative lookup; ``patience`` multiplies the time each query (and the whole lookup) may take."""
         p = self.params
         lookup = Lookup(target, self.table.closest(target, p.k), own_id=self.id, k=p.k, alpha=p.alpha,
                         max_per_ip=p.max_per_ip_bucket)
@@ -239,7 +243,8 @@ class DhtNode:
 
         async def query(contact: Contact) -> None:
             try:
-                response = await self._request(contact.address, name, target=target)
+                response = await self._request(contact.address, name, target=target,
+                                               timeout=p.query_timeout * patience)
             except (DhtTimeout, DhtErrorReply):
                 lookup.on_timeout(contact)
                 self.table.failed(contact.id)
@@ -253,7 +258,7 @@ class DhtNode:
             for contact in lookup.next_queries():
                 nursery.start_soon(query, contact)
 
-        with trio.move_on_after(p.lookup_timeout) as scope:
+        with trio.move_on_after(p.lookup_timeout * patience) as scope:
             async with trio.open_nursery() as nursery:
                 launch()
         if scope.cancelled_caught:
@@ -362,6 +367,11 @@ class DhtNode:
             return codec.encode_response(self.identity, query.txid, stored=False)
         self.counters["records_stored"] += 1
         return codec.encode_response(self.identity, query.txid, stored=True)
+
+    @property
+    def verifications_pending(self) -> int:
+        """Background pings still checking nodes that contacted us (they join the table once they answer)."""
+        return len(self._verifying)
 
     def _heard_query(self, sender: bytes, source: Address) -> None:
         known = self.table.get(sender)
