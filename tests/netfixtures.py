@@ -18,6 +18,7 @@ Keyword overrides are environment variables for the role their prefix names (``M
 
 from __future__ import annotations
 
+import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -28,6 +29,18 @@ import trio
 from fincryptfs.core.settings import MediatorSettings, StorageSettings
 
 DEFAULT_NODE_CAPACITY = "2G"
+
+
+def pid_alive(pid: int) -> bool:
+    """Whether process ``pid`` still runs (a zombie counts as dead: it only waits to be reaped)."""
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
+    except OSError:
+        return False
 RELAY_CHUNK = 256 * 1024
 
 

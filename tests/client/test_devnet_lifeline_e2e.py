@@ -13,19 +13,9 @@ from pathlib import Path
 
 import pytest
 from mountkit import ROOT, needs_fuse
+from netfixtures import pid_alive
 
 pytestmark = [pytest.mark.e2e, needs_fuse]
-
-
-def alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
 
 
 def test_children_stop_when_the_devnet_is_killed(tmp_path: Path) -> None:
@@ -43,15 +33,15 @@ def test_children_stop_when_the_devnet_is_killed(tmp_path: Path) -> None:
             time.sleep(0.2)
         info = json.loads((home / "devnet.json").read_text())
         pids = [info["mediator"]["pid"], *(n["pid"] for n in info["nodes"]), info["mount_pid"]]
-        assert os.path.ismount(mnt) and all(alive(p) for p in pids)
+        assert os.path.ismount(mnt) and all(pid_alive(p) for p in pids)
         (mnt / "note.txt").write_text("written before the crash\n")
 
         devnet.send_signal(signal.SIGKILL)
         devnet.wait(timeout=10)
         deadline = time.monotonic() + 30
-        while [p for p in pids if alive(p)] or os.path.ismount(mnt):
-            assert time.monotonic() < deadline, (f"still running 30 s after the devnet died: "
-                                                 f"{[p for p in pids if alive(p)]}, mounted: {os.path.ismount(mnt)}")
+        while (running := [p for p in pids if pid_alive(p)]) or os.path.ismount(mnt):
+            assert time.monotonic() < deadline, (f"still running 30 s after the devnet died: {running}, "
+                                                 f"mounted: {os.path.ismount(mnt)}")
             time.sleep(0.2)
         logs = Path(info["logs"])
         assert "the process that started this one is gone" in (logs / "storaged-0.log").read_text()
@@ -60,6 +50,6 @@ def test_children_stop_when_the_devnet_is_killed(tmp_path: Path) -> None:
             devnet.kill()
             devnet.wait()
         for pid in pids:  # a failed test must not leave daemons behind
-            if alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         subprocess.run(["fusermount3", "-u", "-z", str(mnt)], capture_output=True)

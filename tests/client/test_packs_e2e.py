@@ -8,12 +8,13 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 from pathlib import Path
 
 import pytest
 import trio
 from mountkit import Client, needs_fuse, tree_of
-from netfixtures import start_network
+from netfixtures import Network, start_network
 
 from fincryptfs import meta, uploadworker
 
@@ -35,6 +36,23 @@ def ino_of(db: object, path: str) -> int:
     for part in path.strip("/").split("/"):
         ino = meta.lookup(db, ino, part.encode()).ino  # type: ignore[arg-type]
     return ino
+
+
+async def mounted_with_nodes_held(tmp_path: Path, nursery: trio.Nursery) -> tuple[Network, Client]:
+    """A packing client, mounted, whose nodes answer nothing until ``net.release()``: an upload started now
+    is surely still in flight at a kill, however fast the machine."""
+    net = await start_network(tmp_path, nursery, nodes=6, gated=True)
+    client = Client(tmp_path / "c", net.mediator_url, extra_env=PACKING)
+    client.init()
+    await client.mount()
+    net.hold()
+    return net, client
+
+
+async def pack_upload_in_flight(db: sqlite3.Connection) -> None:
+    with trio.fail_after(20):
+        while not any(state == "uploading" for _, _, state, _, _ in meta.pending_uploads(db)):
+            await trio.sleep(0.01)
 
 
 async def status(client: Client) -> dict:
@@ -120,20 +138,14 @@ async def test_packed_round_trip_release_and_restore(tmp_path: Path, nursery: tr
 
 
 async def test_kill_during_pack_upload_loses_nothing_closed(tmp_path: Path, nursery: trio.Nursery) -> None:
-    net = await start_network(tmp_path, nursery, nodes=6, gated=True)
-    client = Client(tmp_path / "c", net.mediator_url, extra_env=PACKING)
-    client.init()
+    net, client = await mounted_with_nodes_held(tmp_path, nursery)
     mnt = client.mountpoint
     try:
-        await client.mount()
-        net.hold()  # the nodes answer nothing until released: the pack upload is surely in flight at the kill
         await trio.to_thread.run_sync(write_small, mnt, 60, 2)
         expected = await trio.to_thread.run_sync(tree_of, mnt)
         db = meta.connect_readonly(client.data_dir / "meta.db")
         try:
-            with trio.fail_after(20):  # kill while a pack is uploading
-                while not any(state == "uploading" for _, _, state, _, _ in meta.pending_uploads(db)):
-                    await trio.sleep(0.01)
+            await pack_upload_in_flight(db)
             await client.kill()
             unfinished = len(meta.pending_uploads(db))
         finally:
@@ -158,13 +170,9 @@ async def test_kill_upload_worker_mid_upload_restarts_and_flush_completes(tmp_pa
                                                                           nursery: trio.Nursery) -> None:
     """Uploads run in the mount's worker process: kill -9 it while a pack uploads; the mount restarts it, the
     new worker resumes the claimed jobs, and flush completes with every file readable after a cold mount."""
-    net = await start_network(tmp_path, nursery, nodes=6, gated=True)
-    client = Client(tmp_path / "c", net.mediator_url, extra_env=PACKING)
-    client.init()
+    net, client = await mounted_with_nodes_held(tmp_path, nursery)
     mnt = client.mountpoint
     try:
-        await client.mount()
-        net.hold()  # the nodes answer nothing until released: the pack upload is surely in flight at the kill
         first = uploadworker.worker_pid(client.data_dir)
         with trio.fail_after(10):
             while first is None:
@@ -174,9 +182,7 @@ async def test_kill_upload_worker_mid_upload_restarts_and_flush_completes(tmp_pa
         expected = await trio.to_thread.run_sync(tree_of, mnt)
         db = meta.connect_readonly(client.data_dir / "meta.db")
         try:
-            with trio.fail_after(20):  # kill while a pack is uploading
-                while not any(state == "uploading" for _, _, state, _, _ in meta.pending_uploads(db)):
-                    await trio.sleep(0.01)
+            await pack_upload_in_flight(db)
             os.kill(first, signal.SIGKILL)
             await trio.sleep(0.05)
             unfinished = len(meta.pending_uploads(db))

@@ -17,6 +17,7 @@ from pathlib import Path
 
 import pytest
 import trio
+from netfixtures import pid_alive
 
 from fincryptfs import rpc
 from fincryptfs.core.crypto import account_signing_key, decode_key_file
@@ -61,17 +62,6 @@ def test_processes_opening_a_fresh_wallet_together_share_one(tmp_path: Path) -> 
         assert conn.execute("SELECT COUNT(*) FROM wallets").fetchone()[0] == 1
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:  # a zombie is dead for our purposes
-        return Path(f"/proc/{pid}/stat").read_text().split(")")[-1].split()[0] != "Z"
-    except OSError:
-        return False
-
-
 async def _account(url: str, home: Path) -> dict[str, object]:
     master = decode_key_file((home / "client" / "master.key").read_bytes(), None)
     async with rpc.new_client() as http:
@@ -114,8 +104,8 @@ def test_devnet_account_is_funded_and_all_children_stop(tmp_path: Path) -> None:
             os.killpg(devnet.pid, signal.SIGKILL)
             devnet.wait()
         for pid in pids:  # a failed test must not leave daemons behind
-            if _alive(pid):
+            if pid_alive(pid):
                 os.kill(pid, signal.SIGKILL)
     assert devnet.returncode == 0
-    assert pids and not [p for p in pids if _alive(p)]
+    assert pids and not [p for p in pids if pid_alive(p)]
     assert not (home / "devnet.json").exists()
