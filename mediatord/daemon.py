@@ -53,11 +53,18 @@ async def audit_and_repair_loop(service: MediatorService, client: httpx.AsyncCli
         await upkeep.repair_pass(service, client, time.time())
 
 
+SWEEP_INTERVAL = 600.0  # abandoned uploads are a day old before they count: looking every 10 minutes suffices
+
+
 async def housekeeping_loop(service: MediatorService, client: httpx.AsyncClient) -> None:
     interval = min(5.0, service.settings.audit_period / 2, service.settings.node_offline_after / 4)
+    swept_at = 0.0
     while True:
         upkeep.offline_pass(service, time.time())
         await upkeep.requested_audits(service, client, time.time())
+        if time.time() - swept_at >= SWEEP_INTERVAL:
+            swept_at = time.time()
+            upkeep.sweep_stale_uploads(service, swept_at)
         await upkeep.release_pass(service, client, time.time())
         await trio.sleep(interval)
 

@@ -52,6 +52,8 @@ CREATE TABLE IF NOT EXISTS grants (
 );
 CREATE INDEX IF NOT EXISTS grants_by_node ON grants(node_id, used, expires_at);
 CREATE INDEX IF NOT EXISTS grants_by_share ON grants(share_id);
+CREATE INDEX IF NOT EXISTS grants_unused ON grants(used, expires_at);
+CREATE INDEX IF NOT EXISTS objects_by_state ON objects(state, created_at);
 CREATE TABLE IF NOT EXISTS audit_rounds (
     round_id INTEGER NOT NULL, node_id TEXT NOT NULL, nonce BLOB NOT NULL, started_at REAL NOT NULL,
     finished_at REAL, result TEXT NOT NULL DEFAULT 'pending', detail TEXT NOT NULL DEFAULT '',
@@ -336,6 +338,24 @@ class MediatorDB:
         if row is None:
             return None
         return GrantRow(row[0], row[1], row[2], row[3], row[4], row[5], row[6], bool(row[7]))
+
+    def sweep_stale_uploads(self, before: float, now: float) -> tuple[int, int]:
+        """Uploads abandoned before ``before``: grants that expired then unused, for a share not committed on
+        that node (the client died, or re-placed that share), are dropped and their (share, node) queued for
+        release, since the bytes may have landed; objects still ``pending`` since then are forgotten with
+        their ``placed`` share rows.
+        Returns (grants, objects) swept."""
+        with self.transaction() as conn:
+            stale = conn.execute(
+                "SELECT grant_id, share_id, node_id FROM grants g WHERE used=0 AND expires_at<? AND NOT EXISTS"
+                " (SELECT 1 FROM shares s WHERE s.share_id=g.share_id AND s.node_id=g.node_id AND"
+                " s.state!='placed')", (before,)).fetchall()
+            conn.executemany("INSERT OR IGNORE INTO releases VALUES (?,?,0,?)", [(s, n, now) for _, s, n in stale])
+            conn.executemany("DELETE FROM grants WHERE grant_id=?", [(g,) for g, _, _ in stale])
+            conn.execute("DELETE FROM shares WHERE object_id IN (SELECT object_id FROM objects WHERE"
+                         " state='pending' AND created_at<?)", (before,))
+            objects = conn.execute("DELETE FROM objects WHERE state='pending' AND created_at<?", (before,)).rowcount
+        return len(stale), objects
 
     def mark_grants_used(self, grant_ids: Sequence[str]) -> None:
         self._conn.executemany("UPDATE grants SET used=1 WHERE grant_id=?", [(g,) for g in grant_ids])

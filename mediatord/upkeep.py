@@ -164,6 +164,20 @@ def offline_pass(service: MediatorService, now: float) -> list[str]:
     return gone
 
 
+STALE_UPLOAD_AFTER = 86400.0  # an upload not committed a day after its grants expired is abandoned
+
+
+def sweep_stale_uploads(service: MediatorService, now: float) -> tuple[int, int]:
+    """Abandoned uploads (a client killed mid-upload, a share re-placed elsewhere): their possibly stored
+    shares are queued for release and their pending objects forgotten, so nodes do not keep unpaid bytes
+    forever. A day of margin after the grants expired lets a slow upload still commit."""
+    grants, objects = service.db.sweep_stale_uploads(now - STALE_UPLOAD_AFTER, now)
+    if grants or objects:
+        log.info("swept abandoned uploads: %d grants (shares queued for release), %d pending objects", grants,
+                 objects)
+    return grants, objects
+
+
 async def release_pass(service: MediatorService, client: httpx.AsyncClient, now: float) -> int:
     """Tell nodes to delete released shares; failures are retried with backoff. Returns releases done."""
     db = service.db
@@ -427,4 +441,4 @@ def _finish_repair(service: MediatorService, object_id: str, stored: list[tuple[
 
 
 __all__ = ["apply_outcome", "audit_round", "object_health", "offline_pass", "release_pass", "repair_object",
-           "repair_pass"]
+           "repair_pass", "sweep_stale_uploads"]

@@ -236,3 +236,32 @@ async def test_commits_never_put_two_shares_of_an_object_on_one_node(net: Net) -
     status = await object_status(net.client, net.url, net.account, obj.object_id)
     assert len({s["node_id"] for s in status["shares"] if s["state"] == "stored"}) == 3
     assert moved0.node_id != first[0].node_id
+
+
+async def test_an_abandoned_upload_is_swept_and_its_landed_shares_released(net: Net) -> None:
+    """A client placed an object, stored one share and died before committing: a day after the grants expired
+    the mediator queues every granted (share, node) for release and forgets the object, so the node does not
+    keep unpaid bytes forever; before that, nothing is touched (a slow upload may still commit)."""
+    from mediatord.service import GRANT_LIFETIME
+
+    kept = make_object()  # committed: none of its shares may be swept
+    await upload(net.client, net.url, net.account, kept)
+    obj = make_object()
+    placements = await place(net.client, net.url, net.account, obj)
+    landed = placements[0]
+    stored = {landed.index: (landed.node_id, await put_share(net.client, landed, obj))}
+    node = next(n for n in net.nodes if n.node_id == landed.node_id)
+    held = (await net.client.get(f"{node.url}/health")).json()["shares"]
+    service, now = net.mediator.service, time.time()
+    assert upkeep.sweep_stale_uploads(service, now + GRANT_LIFETIME + 60) == (0, 0)
+    later = now + GRANT_LIFETIME + upkeep.STALE_UPLOAD_AFTER + 60
+    assert upkeep.sweep_stale_uploads(service, later) == (len(placements), 1)
+    assert await upkeep.release_pass(service, net.client, later) == len(placements)
+    assert (await net.client.get(f"{node.url}/health")).json()["shares"] == held - 1
+    assert upkeep.sweep_stale_uploads(service, later) == (0, 0)
+    status = await object_status(net.client, net.url, net.account, kept.object_id)
+    assert status["health"]["healthy"] == kept.layout.n
+    with pytest.raises(rpc.PeerError) as info:  # too late to commit: the object is gone
+        await rpc.call(net.client, "POST", f"{net.url}/v1/objects/commit", key=net.account,
+                       json=commit_body(obj, stored))
+    assert info.value.status == 404
