@@ -82,6 +82,14 @@ class Client:
         assert len(words) == 1, out
         return words[0]
 
+    async def restore(self, phrase: str, mediator_url: str) -> None:
+        """``fincryptfs restore`` on this (new) machine from the recovery phrase alone."""
+        self.write_env()
+        phrase_file = self.home / "phrase.txt"
+        phrase_file.write_text(phrase + "\n")
+        await trio.to_thread.run_sync(lambda: self.cli("restore", "--phrase-file", str(phrase_file), "--mediator",
+                                                       mediator_url, "--no-passphrase"))
+
     def cli(self, *args: str, check: bool = True, timeout: float = 120) -> subprocess.CompletedProcess[str]:
         return fincryptfs(*args, "--env-file", str(self.env_file), check=check, timeout=timeout)
 

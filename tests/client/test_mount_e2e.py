@@ -82,11 +82,7 @@ async def test_copy_flush_remount_without_cache_and_restore(tmp_path: Path, nurs
         assert await trio.to_thread.run_sync(tree_of, client.mountpoint) == tree_of(src)
         await client.unmount()
 
-        restored.write_env()
-        phrase_file = tmp_path / "phrase.txt"
-        phrase_file.write_text(phrase + "\n")
-        await trio.to_thread.run_sync(lambda: restored.cli("restore", "--phrase-file", str(phrase_file),
-                                                           "--mediator", net.mediator_url, "--no-passphrase"))
+        await restored.restore(phrase, net.mediator_url)
         await restored.mount()
         assert await trio.to_thread.run_sync(tree_of, restored.mountpoint) == tree_of(src)
     finally:

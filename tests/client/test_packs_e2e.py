@@ -125,11 +125,7 @@ async def test_packed_round_trip_release_and_restore(tmp_path: Path, nursery: tr
         await client.unmount()
 
         # a new machine with only the phrase reads the packed files
-        restored.write_env()
-        phrase_file = tmp_path / "phrase.txt"
-        phrase_file.write_text(phrase + "\n")
-        await trio.to_thread.run_sync(lambda: restored.cli("restore", "--phrase-file", str(phrase_file),
-                                                           "--mediator", net.mediator_url, "--no-passphrase"))
+        await restored.restore(phrase, net.mediator_url)
         await restored.mount()
         assert await trio.to_thread.run_sync(tree_of, restored.mountpoint) == expected
     finally:
