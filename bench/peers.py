@@ -276,19 +276,24 @@ def rate_key(phase: str) -> str:
 # --- the systems ------------------------------------------------------------------------------------------------
 
 
+def copy_in_and_read_back(system: str, data: Dataset, dest: Path, results: Results) -> None:
+    """``cp -a`` both data sets into ``dest`` (+ sync), then read them back, each timed from a cold page cache:
+    the whole benchmark of a system that is just a folder (plain disk, a gocryptfs mount)."""
+    dest.mkdir()
+    for phase, source in (("big", data.big), ("small", data.small)):
+        nbytes, files = (data.big_bytes, 1) if phase == "big" else (data.small_bytes, data.small_files)
+        target = dest / source.name
+        drop_caches(required=True)
+        results.record(system, f"upload_{phase}", timed(synced("cp", "-a", source, target)), nbytes, files)
+        drop_caches(required=True)
+        results.record(system, f"read_{phase}", timed(read_all, target), nbytes, files)
+        check_same(source, target)
+
+
 def bench_cp(data: Dataset, work: Path, reps: int, results: Results, owned: Owned) -> None:
     for rep in range(reps):
-        dest = work / f"plain-{rep}"
-        dest.mkdir()
-        for phase, source in (("big", data.big), ("small", data.small)):
-            nbytes, files = (data.big_bytes, 1) if phase == "big" else (data.small_bytes, data.small_files)
-            target = dest / source.name
-            drop_caches(required=True)
-            results.record("cp", f"upload_{phase}", timed(synced("cp", "-a", source, target)), nbytes, files)
-            drop_caches(required=True)
-            results.record("cp", f"read_{phase}", timed(read_all, target), nbytes, files)
-            check_same(source, target)
-        shutil.rmtree(dest)
+        copy_in_and_read_back("cp", data, work / f"plain-{rep}", results)
+        shutil.rmtree(work / f"plain-{rep}")
 
 
 def bench_restic(data: Dataset, work: Path, reps: int, results: Results, owned: Owned) -> None:
@@ -326,17 +331,7 @@ def bench_gocryptfs(data: Dataset, work: Path, reps: int, results: Results, owne
     try:
         owned.mounted(mnt, process, log)
         for rep in range(reps):
-            dest = mnt / f"r{rep}"
-            dest.mkdir()
-            for phase, source in (("big", data.big), ("small", data.small)):
-                nbytes, files = (data.big_bytes, 1) if phase == "big" else (data.small_bytes, data.small_files)
-                target = dest / source.name
-                drop_caches(required=True)
-                results.record("gocryptfs", f"upload_{phase}", timed(synced("cp", "-a", source, target)), nbytes,
-                               files)
-                drop_caches(required=True)
-                results.record("gocryptfs", f"read_{phase}", timed(read_all, target), nbytes, files)
-                check_same(source, target)
+            copy_in_and_read_back("gocryptfs", data, mnt / f"r{rep}", results)
     finally:
         owned.unmount(mnt)
         owned.stop(process)
