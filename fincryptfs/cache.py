@@ -10,7 +10,7 @@ The size limit is soft: only files whose upload completed (state ``stored``) and
 evicted, least recently used first, so the cache can exceed the limit while uploads are pending.
 
 The disk's last few percent are not for file data (``has_room``): writes into the mount fail with ENOSPC, and
-uploads do not start encoding into the spool, while only ``reserve_for`` bytes are free, so the tree database
+small files are not staged into a pack, while only ``reserve_for`` bytes are free, so the tree database
 can still record a deletion, a rename or an upload's result when the disk is otherwise full. Without that room,
 even deleting a file to make space failed.
 """

@@ -31,7 +31,7 @@ class ShareLocation:
     share_id: ShareId
     node_id: NodeId
     node_url: str
-    merkle_root: bytes
+    merkle_root: bytes | None  # None for a share placed but not yet committed, whose root is still unknown
     share_size: int
     state: str
 
@@ -57,7 +57,7 @@ class ObjectInfo:
                 s.int("index", hi=255), parse_share_id(s.raw("share_id")), parse_node_id(s.raw("node_id")),
                 s.str("node_url", max_len=512, pattern=r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?"
                       ).rstrip("/"),
-                s.bytes("merkle_root", length=HASH_BYTES), s.int("share_size", hi=2**50),
+                s.bytes("merkle_root", length=HASH_BYTES, optional=True), s.int("share_size", hi=2**50),
                 s.str("state", max_len=32)))
         health = f.raw("health")
         if not isinstance(health, dict):

@@ -1,27 +1,31 @@
-"""The upload path: file → spooled shares → placed, stored, receipted, committed object.
+"""The upload path: file → shares streamed to their nodes while they are encoded → receipted, committed object.
 
-Ordering (docs/client-data-path.md): every share is encoded to a spool file and its Merkle root known *before*
-the mediator is asked for placements, because a grant names the exact size and root a node may accept; the
-object is committed only once ``happy`` nodes returned receipts that match their grants; spool files are
-removed whatever happens. Memory is bounded by ``ORDERED_WINDOW`` segments plus ``STREAM_CHUNK`` per share
-in flight, whatever the file size.
+Ordering (docs/client-data-path.md): the mediator places the n shares first, knowing their sizes but not their
+Merkle roots (open grants); one pass over the file then seals, erasure-codes and hashes each segment in worker
+threads while the event loop hands block i of every segment to the PUT of share i, so encoding and sending
+overlap and no encoded byte touches the local disk. Each node states the root of what it received in its
+receipt, which is accepted only if it is the root computed here. A share whose node failed is placed again,
+now with its root, and sent by another pass that re-encodes the file (sealing is deterministic for an
+object: its key is fresh and a segment's nonce is its index) but sends only the missing shares. The object
+is committed once ``happy`` receipts are in; if the upload fails, what landed is released. Memory is bounded
+by ``ORDERED_WINDOW`` segments plus ``SEND_QUEUE`` blocks per share, whatever the file size.
 """
 
 from __future__ import annotations
 
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypeVar
+from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 import trio
 
 from .core.crypto import new_file_key
 from .core.errors import FincryptError, RemoteProtocolError
-from .core.ids import NodeId, ObjectId, new_object_id, new_share_id
+from .core.ids import NodeId, ObjectId, ShareId, new_object_id, new_share_id
 from .core.layout import ObjectLayout
 from .core.merkle import HashedChunk, RootBuilder, hash_chunk
 from .core.messages import (
@@ -44,42 +48,10 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 ORDERED_WINDOW = 4  # segments in flight in run_ordered: both cores stay busy while the event loop catches up
-STREAM_CHUNK = 2**20  # large reads and sends: each costs a thread round trip and a few syscalls
+SEND_QUEUE = 6  # blocks queued per share between the encoder and that share's PUT
 T = TypeVar("T")
 
-
-async def run_in_threads(cpu: trio.CapacityLimiter, jobs: Sequence[Callable[[], T]]) -> list[T]:
-    """Run blocking jobs concurrently in worker threads; results in order, the first expected error raised."""
-    results: list[Any] = [None] * len(jobs)
-    errors: list[BaseException] = []
-
-    async def run(i: int, job: Callable[[], T]) -> None:
-        try:
-            results[i] = await trio.to_thread.run_sync(job, limiter=cpu)
-        except (OSError, ValueError, FincryptError) as exc:
-            errors.append(exc)
-
-    async with trio.open_nursery() as nursery:
-        for i, job in enumerate(jobs):
-            nursery.start_soon(run, i, job)
-    if errors:
-        raise errors[0]
-    return results
-
-
-# --- encoding to spool files ----------------------------------------------------------------------------------
-
-
-@dataclass(frozen=True)
-class EncodedObject:
-    """An object encoded to n spool files, ready to place."""
-
-    object_id: ObjectId
-    file_key: bytes
-    size: int
-    layout: ObjectLayout
-    specs: tuple[ShareSpec, ...]
-    spool_paths: tuple[Path, ...]
+Block = bytes | memoryview
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
@@ -89,16 +61,12 @@ def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
         view, offset = view[written:], offset + written
 
 
-def _open_spool(path: Path) -> int:
-    return os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
-
-
 async def run_ordered(cpu: trio.CapacityLimiter, count: int, job: Callable[[int], T],
                       consume: Callable[[int, T], Awaitable[None]], window: int = ORDERED_WINDOW) -> None:
     """``consume(i, job(i))`` for i in 0..count-1 in order, the jobs in worker threads, at most ``window`` ahead.
 
-    Unlike batches of ``run_in_threads``, no core idles while a batch's slowest job finishes or while the
-    consumer works; memory stays bounded by ``window`` results. The first expected error is raised as is.
+    Unlike batches of jobs, no core idles while a batch's slowest job finishes or while the consumer works;
+    memory stays bounded by ``window`` results. The first expected error is raised as is.
     """
     results: dict[int, T | BaseException] = {}
     done: dict[int, trio.Event] = {}
@@ -137,167 +105,213 @@ async def run_ordered(cpu: trio.CapacityLimiter, count: int, job: Callable[[int]
         raise failed
 
 
-async def encode_to_spool(path: Path, *, spool_dir: Path, segment_size: int, k: int, n: int,
-                          cpu: trio.CapacityLimiter, spool_paths: list[Path],
-                          progress: Callable[[int], None] | None = None) -> EncodedObject:
-    """Encode ``path`` into n spool files (appended to ``spool_paths`` as created, so the caller cleans up).
-
-    Each segment is one job in a worker thread: read, seal, erasure-code, write block i at its offset in
-    spool file i, and hash the whole leaves of every block (``merkle.hash_chunk``). The event loop only feeds
-    the n RootBuilders in segment order, where at most one leaf per block straddles a segment boundary.
-    """
-    fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    outs: list[int] = []
-    try:
-        before = os.fstat(fd)
-        size = before.st_size
-        layout = plan_object(size, segment_size, k, n)
-        object_id, file_key = new_object_id(), new_file_key()
-        share_ids = [new_share_id() for _ in range(n)]
-        for i in range(n):
-            spool = spool_dir / f"{object_id}.{i}.share"
-            outs.append(_open_spool(spool))
-            spool_paths.append(spool)
-        builders = [RootBuilder() for _ in range(n)]  # O(log size) memory each
-
-        def read(offset: int, length: int) -> bytes:
-            return os.pread(fd, length, offset)
-
-        def encode(index: int) -> list[HashedChunk]:
-            try:
-                plaintext = segment_plaintext(layout, size, index, read)
-            except OSError as exc:
-                raise FileChangedError(f"{path} changed while it was being backed up ({exc}); "
-                                       "it will be uploaded again once it is quiet") from exc
-            blocks = encode_segment_blocks(file_key, object_id, layout, index, plaintext)
-            del plaintext
-            offset = layout.block_offset(index)
-            hashed = []
-            for out, block in zip(outs, blocks, strict=True):
-                pwrite_all(out, block, offset)
-                hashed.append(hash_chunk(offset, block))
-            return hashed
-
-        async def feed(index: int, hashed: list[HashedChunk]) -> None:
-            for builder, chunk in zip(builders, hashed, strict=True):
-                builder.update_hashed(chunk)
-            if progress is not None:
-                progress(min(size, (index + 1) * segment_size))
-
-        await run_ordered(cpu, layout.segment_count, encode, feed)
-        after = os.fstat(fd)
-        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns):
-            raise FileChangedError(f"{path} changed while it was being backed up (size {before.st_size} → "
-                                   f"{after.st_size}); it will be uploaded again once it is quiet")
-        for i, builder in enumerate(builders):
-            if builder.size != layout.share_size:
-                raise AssertionError(f"share {i} has {builder.size} bytes, layout says {layout.share_size}")
-        specs = tuple(ShareSpec(i, share_ids[i], layout.share_size, builders[i].finish()) for i in range(n))
-        return EncodedObject(object_id, file_key, size, layout, specs, tuple(spool_paths))
-    finally:
-        os.close(fd)
-        for out in outs:
-            os.close(out)
+# --- encoding -------------------------------------------------------------------------------------------------
 
 
-# --- storing shares on nodes ----------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Source:
+    """A file being uploaded, open, and the object it becomes: ids, key and layout fixed once."""
+
+    path: Path
+    fd: int
+    size: int
+    mtime_ns: int
+    layout: ObjectLayout
+    object_id: ObjectId
+    file_key: bytes
+    share_ids: tuple[ShareId, ...]
+
+    @classmethod
+    def open(cls, path: Path, *, segment_size: int, k: int, n: int) -> Source:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        try:
+            st = os.fstat(fd)
+            return cls(path, fd, st.st_size, st.st_mtime_ns, plan_object(st.st_size, segment_size, k, n),
+                       new_object_id(), new_file_key(), tuple(new_share_id() for _ in range(n)))
+        except BaseException:
+            os.close(fd)
+            raise
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+    def encode(self, index: int, *, hashed: bool) -> tuple[list[Block], list[HashedChunk] | None]:
+        """Segment ``index`` as its n blocks (the same bytes on every pass), and their leaf hashes if asked."""
+        try:
+            plaintext = segment_plaintext(self.layout, self.size, index, lambda at, n: os.pread(self.fd, n, at))
+        except OSError as exc:
+            raise FileChangedError(f"{self.path} changed while it was being backed up ({exc}); it will be "
+                                   "uploaded again once it is quiet") from exc
+        blocks = encode_segment_blocks(self.file_key, self.object_id, self.layout, index, plaintext)
+        if not hashed:
+            return blocks, None
+        offset = self.layout.block_offset(index)
+        return blocks, [hash_chunk(offset, block) for block in blocks]
+
+    def check_unchanged(self) -> None:
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
+            raise FileChangedError(f"{self.path} changed while it was being backed up (size {self.size} → "
+                                   f"{st.st_size}); it will be uploaded again once it is quiet")
 
 
-async def _spool_chunks(path: Path) -> AsyncIterator[bytes]:
-    """The spool file in STREAM_CHUNK reads, each in a worker thread (a read from disk may block)."""
-    fd = await trio.to_thread.run_sync(os.open, path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-    try:
-        offset = 0
-        while chunk := await trio.to_thread.run_sync(os.pread, fd, STREAM_CHUNK, offset):
-            offset += len(chunk)
-            yield chunk
-    finally:
-        os.close(fd)
+# --- sending shares -------------------------------------------------------------------------------------------
 
 
-async def put_share(http: httpx.AsyncClient, placement: Placement, spec: ShareSpec, spool: Path) -> CommittedShare:
-    """Stream one spool file to its node and return the share with its verified receipt."""
+@dataclass(frozen=True)
+class Landed:
+    """A share a node says it stored: its receipt (checked against the grant, not yet against our root)."""
+
+    placement: Placement
+    receipt: StorageReceipt
+    envelope: Envelope
+
+
+async def put_share(http: httpx.AsyncClient, placement: Placement, share_id: ShareId, share_size: int,
+                    blocks: trio.MemoryReceiveChannel[Block]) -> Landed:
+    """Stream one share, block by block as the encoder produces them, to its node; its receipt."""
     grant = UploadGrant.open(placement.grant)
-    if (grant.node_id, grant.share_id, grant.share_size, grant.merkle_root) != (
-            placement.node_id, spec.share_id, spec.share_size, spec.merkle_root):
-        raise PeerError(f"mediator issued a grant for share {spec.index} that does not match what was asked")
-    url = f"{placement.node_url}/v1/shares/{spec.share_id}"
-    headers = {"fincrypt-grant": placement.grant.to_header(), "content-length": str(spec.share_size),
+    if (grant.node_id, grant.share_id, grant.share_size) != (placement.node_id, share_id, share_size):
+        raise PeerError(f"mediator issued a grant for share {placement.index} that does not match what was asked")
+    url = f"{placement.node_url}/v1/shares/{share_id}"
+    headers = {"fincrypt-grant": placement.grant.to_header(), "content-length": str(share_size),
                "content-type": "application/octet-stream"}
+
+    async def body() -> AsyncIterator[bytes]:
+        async for block in blocks:
+            yield block  # type: ignore[misc]  # h11 sends any bytes-like object
+
     try:
-        response = await http.put(url, content=_spool_chunks(spool), headers=headers)
+        response = await http.put(url, content=body(), headers=headers)
     except httpx.HTTPError as exc:
         raise PeerError(f"node {placement.node_url} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
     if response.status_code != 201:
-        raise PeerError(f"node {placement.node_url} refused share {spec.index}: {response.status_code} "
+        raise PeerError(f"node {placement.node_url} refused share {placement.index}: {response.status_code} "
                         f"{response.text[:300]}", response.status_code)
     try:
         envelope = Envelope.from_json(decode_object(response.content).get("receipt"), kind=StorageReceipt.KIND)
         receipt = StorageReceipt.open(envelope)
     except RemoteProtocolError as exc:
-        raise PeerError(f"node {placement.node_url} sent a bad receipt for share {spec.index}: {exc}") from exc
+        raise PeerError(f"node {placement.node_url} sent a bad receipt for share {placement.index}: {exc}") from exc
     if not receipt.matches(grant):
         raise PeerError(f"node {placement.node_url} sent a receipt that does not match its grant")
-    return CommittedShare(spec.index, spec.share_id, placement.node_id, spec.share_size, spec.merkle_root,
-                          envelope)
+    return Landed(placement, receipt, envelope)
 
 
-async def store_shares(store: ObjectStore, encoded: EncodedObject) -> dict[int, CommittedShare]:
-    """Place and store shares until all n are stored, placement runs out, or the rounds are used up."""
+async def send_pass(store: ObjectStore, source: Source, placements: dict[int, Placement],
+                    builders: list[RootBuilder] | None, progress: Callable[[int], None] | None = None
+                    ) -> dict[int, Landed | str]:
+    """One pass over the file: every segment encoded (and hashed into ``builders`` if given), block i streamed
+    to ``placements[i]``. Per placed share: what landed, or why not. A failing node does not stop the others;
+    an encoding error (the file changed) cancels every PUT and is raised."""
+    results: dict[int, Landed | str] = {}
+    hashed = builders is not None
+    failed: BaseException | None = None
+
+    async def send_one(index: int, placement: Placement, blocks: trio.MemoryReceiveChannel[Block]) -> None:
+        async with blocks:  # closing it tells the encoder to stop feeding this share
+            try:
+                results[index] = await put_share(store.http, placement, source.share_ids[index],
+                                                 source.layout.share_size, blocks)
+            except (PeerError, RemoteProtocolError, OSError) as exc:
+                results[index] = str(exc)
+
+    async with trio.open_nursery() as nursery:
+        senders: dict[int, trio.MemorySendChannel[Block]] = {}
+        for index, placement in placements.items():
+            send, receive = trio.open_memory_channel[Block](SEND_QUEUE)
+            senders[index] = send
+            nursery.start_soon(send_one, index, placement, receive)
+
+        async def feed(segment: int, encoded: tuple[list[Block], list[HashedChunk] | None]) -> None:
+            blocks, hashes = encoded
+            if builders is not None and hashes is not None:
+                for builder, chunk in zip(builders, hashes, strict=True):
+                    builder.update_hashed(chunk)
+            for index, send in list(senders.items()):
+                try:
+                    await send.send(blocks[index])
+                except trio.BrokenResourceError:  # that share's PUT failed; its reason is in results
+                    del senders[index]
+            if progress is not None:
+                progress(min(source.size, (segment + 1) * source.layout.segment_size))
+
+        try:
+            await run_ordered(store.cpu, source.layout.segment_count,
+                              lambda segment: source.encode(segment, hashed=hashed), feed)
+        except (OSError, ValueError, FincryptError) as exc:
+            failed = exc
+            nursery.cancel_scope.cancel()
+        for send in senders.values():
+            send.close()  # end of every body: the nodes now check, fsync and answer
+    if failed is not None:
+        raise failed
+    return results
+
+
+async def store_shares(store: ObjectStore, source: Source, progress: Callable[[int], None] | None = None
+                       ) -> dict[int, CommittedShare]:
+    """Place and stream shares until all n are stored, placement runs out, or the rounds are used up."""
+    n = source.layout.n
     stored: dict[int, CommittedShare] = {}
     failures: dict[int | str, str] = {}
     excluded: set[NodeId] = set()
-    todo = list(encoded.specs)
+    roots: list[bytes] | None = None
     for _round in range(store.place_rounds):
+        todo = [i for i in range(n) if i not in stored]
         if not todo:
             break
-        request = PlaceRequest(encoded.object_id, encoded.layout, tuple(todo),
+        specs = tuple(ShareSpec(i, source.share_ids[i], source.layout.share_size, roots[i] if roots else None)
+                      for i in todo)
+        request = PlaceRequest(source.object_id, source.layout, specs,
                                tuple(sorted(excluded | {c.node_id for c in stored.values()})))
         try:
-            placements = await store.mediator.place(request)
+            placements = {p.index: p for p in await store.mediator.place(request)}
         except PeerError as exc:
             if exc.status == 503 and stored:
-                for spec in todo:
-                    failures[spec.index] = f"{failures.get(spec.index, 'not placed')}; no other node to retry on"
+                for index in todo:
+                    failures[index] = f"{failures.get(index, 'not placed')}; no other node to retry on"
                 failures["mediator"] = str(exc)
                 break  # the mediator has no more nodes; maybe what is stored is enough
-            raise UploadError(f"could not place object {encoded.object_id[:16]}…: {exc}") from exc
-        by_index = {p.index: p for p in placements}
-        results: dict[int, CommittedShare | str] = {}
-
-        async def put_one(spec: ShareSpec, placement: Placement, results: dict[int, CommittedShare | str]) -> None:
-            try:
-                results[spec.index] = await put_share(store.http, placement, spec,
-                                                      encoded.spool_paths[spec.index])
-            except (PeerError, RemoteProtocolError, OSError) as exc:
-                results[spec.index] = str(exc)
-                excluded.add(placement.node_id)
-
-        async with trio.open_nursery() as nursery:
-            for spec in todo:
-                if spec.index in by_index:
-                    nursery.start_soon(put_one, spec, by_index[spec.index], results)
-                else:
-                    results[spec.index] = "the mediator placed it nowhere"
+            raise UploadError(f"could not place object {source.object_id[:16]}…: {exc}") from exc
+        for index in todo:
+            if index not in placements:
+                failures[index] = "the mediator placed it nowhere"
+        builders = [RootBuilder() for _ in range(n)] if roots is None else None  # O(log size) memory each
+        results = await send_pass(store, source, {i: placements[i] for i in todo if i in placements}, builders,
+                                  progress if roots is None else None)
+        await trio.to_thread.run_sync(source.check_unchanged)
+        if builders is not None:
+            roots = [builder.finish() for builder in builders]
+            for i, builder in enumerate(builders):
+                if builder.size != source.layout.share_size:
+                    raise AssertionError(f"share {i} has {builder.size} bytes, the layout says "
+                                         f"{source.layout.share_size}")
+        assert roots is not None
         for index, result in results.items():
-            if isinstance(result, CommittedShare):
-                stored[index] = result
+            if isinstance(result, Landed) and result.receipt.merkle_root != roots[index]:
+                result = (f"node {result.placement.node_url} stored share {index} with another Merkle root than "
+                          "the one sent (damaged on the way?)")
+            if isinstance(result, Landed):
+                stored[index] = CommittedShare(index, source.share_ids[index], result.placement.node_id,
+                                               source.layout.share_size, roots[index], result.envelope)
                 failures.pop(index, None)
             else:
                 failures[index] = result
-                log.info("share %d of object %s not stored: %s", index, encoded.object_id[:16], result)
-        todo = [s for s in encoded.specs if s.index not in stored]
+                excluded.add(placements[index].node_id)
+                log.info("share %d of object %s not stored: %s", index, source.object_id[:16], result)
     if len(stored) < store.happy:
         ordered = sorted(failures.items(), key=lambda item: (isinstance(item[0], str), str(item[0]).zfill(3)))
         reasons = "; ".join(f"share {i}: {why}" if isinstance(i, int) else f"{i}: {why}" for i, why in ordered)
-        raise UploadError(f"stored only {len(stored)} of {len(encoded.specs)} shares of object "
-                          f"{encoded.object_id[:16]}…, need {store.happy}: {reasons}")
+        raise UploadError(f"stored only {len(stored)} of {n} shares of object {source.object_id[:16]}…, need "
+                          f"{store.happy}: {reasons}")
     return stored
 
 
-async def _release_quietly(store: ObjectStore, object_id: str) -> None:
-    """Drop a half-stored object so the shares that did land are released instead of orphaned."""
-    with trio.move_on_after(10):
+async def _release_quietly(store: ObjectStore, object_id: str, timeout: float = 10) -> None:
+    """Drop a half-stored object so the shares that did land are released instead of orphaned (the mediator
+    sweeps what this misses a day after the grants expire)."""
+    with trio.move_on_after(timeout):
         try:
             await store.mediator.delete_object(object_id)
         except PeerError as exc:
@@ -307,30 +321,27 @@ async def _release_quietly(store: ObjectStore, object_id: str) -> None:
 
 async def upload_file(store: ObjectStore, path: Path, *, progress: Callable[[int], None] | None = None
                       ) -> StoredObject:
-    spool_paths: list[Path] = []
-    store.spool_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    source = await trio.to_thread.run_sync(lambda: Source.open(path, segment_size=store.segment_size, k=store.k,
+                                                               n=store.n))
     try:
-        encoded = await encode_to_spool(path, spool_dir=store.spool_dir, segment_size=store.segment_size,
-                                        k=store.k, n=store.n, cpu=store.cpu, spool_paths=spool_paths,
-                                        progress=progress)
         try:
-            stored = await store_shares(store, encoded)
+            stored = await store_shares(store, source, progress)
             shares = tuple(stored[i] for i in sorted(stored))
             try:
-                await store.mediator.commit(CommitRequest(encoded.object_id, encoded.layout, shares))
+                await store.mediator.commit(CommitRequest(source.object_id, source.layout, shares))
             except PeerError as exc:
-                raise UploadError(f"the mediator refused to commit object {encoded.object_id[:16]}…: {exc}"
+                raise UploadError(f"the mediator refused to commit object {source.object_id[:16]}…: {exc}"
                                   ) from exc
-        except UploadError:
-            await _release_quietly(store, encoded.object_id)
+        except (FincryptError, OSError):
+            await _release_quietly(store, source.object_id)
+            raise
+        except BaseException:  # cancelled (superseded, shutting down; maybe in a group): release what landed, quickly
+            with trio.CancelScope(shield=True):
+                await _release_quietly(store, source.object_id, timeout=2)
             raise
     finally:
-        for spool in spool_paths:
-            try:
-                spool.unlink()
-            except FileNotFoundError:
-                pass
+        source.close()
     if progress is not None:
-        progress(encoded.size)
-    return StoredObject(encoded.object_id, encoded.file_key, encoded.size, encoded.layout,
+        progress(source.size)
+    return StoredObject(source.object_id, source.file_key, source.size, source.layout,
                         tuple(ShareRef(c.index, c.share_id, c.merkle_root) for c in shares))

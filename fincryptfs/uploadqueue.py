@@ -30,7 +30,9 @@ import logging
 import shutil
 import sqlite3
 import time
+from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -47,17 +49,20 @@ MAX_BACKOFF = 300.0
 MAX_PUBLISH_WAIT = 30.0
 PACK_LINGER = 0.2
 FLUSH_POLL = 0.1
+STAGING_SLACK = 2**20  # room asked for beyond a pack's bytes when staging it
+SUPERSEDED_POLL = 0.5  # seconds between checks that a file being uploaded was not changed or deleted
+T = TypeVar("T")
 
 
-def describe_failure(exc: BaseException, spool_dir: Path, nbytes: int, expansion: float) -> str:
+def describe_failure(exc: BaseException, spool_dir: Path, nbytes: int) -> str:
     """The words ``fincryptfs status`` shows for a failed upload; a full local disk says what to do about it."""
     if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
         try:
             free = f"{shutil.disk_usage(spool_dir).free / 2**20:.0f} MiB free"
         except OSError:
             free = "free space unknown"
-        return (f"the local disk is full: encoding {nbytes / 2**20:.1f} MiB needs about "
-                f"{nbytes * expansion / 2**20:.0f} MiB of temporary space in {spool_dir} ({free}); make room "
+        return (f"the local disk is full: packing {nbytes / 2**20:.1f} MiB of small files needs about "
+                f"{(nbytes + STAGING_SLACK) / 2**20:.0f} MiB of temporary space in {spool_dir} ({free}); make room "
                 f"there (or move FINCRYPT_DATA_DIR) and run 'fincryptfs flush' to retry at once")
     return str(exc)[:1000]
 
@@ -147,12 +152,11 @@ class UploadQueue:
             else:
                 await self._upload(job)
 
-    def _check_spool_room(self, nbytes: int, *, staged: bool = False) -> None:
-        """Raise ENOSPC before encoding ``nbytes`` if its shares (and the staged pack) would eat the disk's
-        reserve, which the tree database needs (cache.reserve_for)."""
+    def _check_spool_room(self, nbytes: int) -> None:
+        """Raise ENOSPC before staging a pack of ``nbytes`` that would eat the disk's reserve, which the tree
+        database needs (cache.reserve_for). A large file needs no room: its shares stream from its cache file."""
         self.spool_dir.mkdir(parents=True, exist_ok=True)
-        need = int(nbytes * (self.store.n / self.store.k + staged)) + 2**20
-        if not has_room(self.spool_dir, need):
+        if not has_room(self.spool_dir, nbytes + STAGING_SLACK):
             raise OSError(errno.ENOSPC, "No space left on device (kept free for the tree database)")
 
     async def _upload(self, job: meta.UploadJob) -> None:
@@ -165,16 +169,21 @@ class UploadQueue:
                              None)
             return
         try:
-            self._check_spool_room(job.size)
-            stored = await self.store.put_file(path)
+            stored = await self._unless_superseded(job, lambda: self.store.put_file(path))
         except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
             if not isinstance(exc, (FincryptError, OSError)):
                 log.exception("unexpected error uploading inode %d", job.ino)
             delay = backoff(job.attempts)
-            reason = describe_failure(exc, self.spool_dir, job.size, self.store.n / self.store.k)
+            reason = str(exc)[:1000]
             log.warning("upload of inode %d failed (attempt %d, retry in %.0f s): %s", job.ino, job.attempts,
                         delay, reason)
             meta.fail_upload(self.db, job, reason, time.time() + delay)
+            self.wake()
+            return
+        if stored is None:
+            meta.drop_upload(self.db, job, "superseded")
+            log.info("upload of inode %d version %d stopped: the file was changed or deleted meanwhile", job.ino,
+                     job.version)
             self.wake()
             return
         became_current = meta.finish_upload(self.db, job, stored.object_id, json.dumps(stored.to_json()))
@@ -182,6 +191,29 @@ class UploadQueue:
             log.info("upload of inode %d version %d is stale; its object will be deleted", job.ino, job.version)
         self.cache.maybe_over_limit = True
         self.wake()
+
+    async def _unless_superseded(self, job: meta.UploadJob, upload: Callable[[], Awaitable[T]]) -> T | None:
+        """``upload()``, stopped (None) once the file is changed again or deleted: a deleted large file frees
+        its disk space and the network at once instead of when an upload nobody needs any more ends."""
+        outcome: list[T] = []
+        failure: Exception | None = None
+        async with trio.open_nursery() as nursery:
+            async def watch() -> None:
+                while True:
+                    await trio.sleep(SUPERSEDED_POLL)
+                    if not meta.job_current(self.db, job):
+                        nursery.cancel_scope.cancel()
+                        return
+
+            nursery.start_soon(watch)
+            try:
+                outcome.append(await upload())
+            except Exception as exc:  # noqa: BLE001 - raised as is below, not inside an exception group
+                failure = exc
+            nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+        return outcome[0] if outcome else None
 
     async def _upload_pack(self, first: meta.UploadJob) -> None:
         """Upload ``first`` with the other small files pending now, as one pack object."""
@@ -203,12 +235,11 @@ class UploadQueue:
         staging = self.spool_dir / f"pack-{jobs[0].id}"
         try:
             try:
-                self._check_spool_room(sum(job.size for job in jobs), staged=True)
+                self._check_spool_room(sum(job.size for job in jobs))
                 placed = await trio.to_thread.run_sync(build_pack, [self.cache.path(job.ino) for job in jobs],
                                                        staging)
             except OSError as exc:  # e.g. a full disk: the files stay pending, the reason is shown in status
-                reason = describe_failure(exc, self.spool_dir, sum(job.size for job in jobs),
-                                          1 + self.store.n / self.store.k)
+                reason = describe_failure(exc, self.spool_dir, sum(job.size for job in jobs))
                 log.warning("staging a pack of %d files failed: %s", len(jobs), reason)
                 for job in jobs:
                     meta.fail_upload(self.db, job, reason, time.time() + backoff(job.attempts))
@@ -230,7 +261,7 @@ class UploadQueue:
             except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
                 if not isinstance(exc, (FincryptError, OSError)):
                     log.exception("unexpected error uploading a pack of %d files", len(members))
-                reason = describe_failure(exc, self.spool_dir, staging.stat().st_size, self.store.n / self.store.k)
+                reason = str(exc)[:1000]
                 log.warning("upload of a pack of %d files failed (attempt %d): %s", len(members), first.attempts,
                             reason)
                 for job, _, _ in members:

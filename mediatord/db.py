@@ -113,6 +113,8 @@ CREATE TABLE IF NOT EXISTS payout_outputs (
 
 # share states: placed (granted, not yet committed) → stored (receipt verified) → proven / lost
 HEALTHY_SHARE_STATES = ("stored", "proven")
+# the root of a share placed before its client knew it (streamed while encoding), until its commit names it
+UNKNOWN_ROOT = b""
 
 
 @dataclass(frozen=True)
@@ -309,7 +311,8 @@ class MediatorDB:
     def put_share(self, share: ShareRow, now: float) -> None:
         self._conn.execute(
             "INSERT INTO shares VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(share_id) DO UPDATE SET"
-            " node_id=excluded.node_id, state=excluded.state, updated_at=excluded.updated_at",
+            " node_id=excluded.node_id, state=excluded.state, updated_at=excluded.updated_at,"
+            " root=CASE WHEN shares.root=x'' THEN excluded.root ELSE shares.root END",  # known once, then fixed
             (share.share_id, share.object_id, share.idx, share.node_id, share.root, share.size, share.state, now))
 
     def set_share_states(self, share_ids: Sequence[str], state: str, now: float) -> None:

@@ -32,12 +32,17 @@ from fincryptfs.core.settings import MediatorSettings
 from fincryptfs.core.wire import Envelope, Fields, b64encode, decode_object
 
 from . import billing, ledger, registry
-from .db import HEALTHY_SHARE_STATES, GrantRow, MediatorDB, ObjectRow, ShareRow
+from .db import HEALTHY_SHARE_STATES, UNKNOWN_ROOT, GrantRow, MediatorDB, ObjectRow, ShareRow
 from .payments import Payments
 from .placement import check_redundancy, place_shares, subnet_of
 from .policies import AcceptanceRule, PricingScheme, acceptance_rule, pricing_scheme
 
 GRANT_LIFETIME = 3600
+
+
+def _roots_differ(placed: bytes, given: bytes | None) -> bool:
+    """Both roots known and different (a share streamed by its client is placed before its root is known)."""
+    return placed != UNKNOWN_ROOT and given is not None and placed != given
 
 
 def happy_for(layout: ObjectLayout) -> int:
@@ -152,7 +157,7 @@ class MediatorService:
             if other is not None and other.object_id != req.object_id:
                 raise PolicyError(f"share id {spec.share_id[:16]}… belongs to another object", status=409)
             row = by_index.get(spec.index)
-            if row is not None and (row.share_id != spec.share_id or row.root != spec.merkle_root):
+            if row is not None and (row.share_id != spec.share_id or _roots_differ(row.root, spec.merkle_root)):
                 raise PolicyError(f"share {spec.index} of this object was placed with another id or root",
                                   status=409)
             if row is not None and row.state in HEALTHY_SHARE_STATES:
@@ -172,18 +177,21 @@ class MediatorService:
             if obj is None:
                 self.db.insert_object(req.object_id, account_id, req.layout, now)
             for spec, node in zip(req.shares, chosen, strict=True):
-                grant = self.issue_grant(node.node_id, account_id, spec.share_id, spec.share_size,
-                                         spec.merkle_root, now)
-                self.db.put_share(ShareRow(spec.share_id, req.object_id, spec.index, node.node_id,
-                                           spec.merkle_root, spec.share_size, "placed"), now)
+                known = by_index[spec.index].root if spec.index in by_index else UNKNOWN_ROOT
+                root = spec.merkle_root if spec.merkle_root is not None else known
+                grant = self.issue_grant(node.node_id, account_id, spec.share_id, spec.share_size, root, now)
+                self.db.put_share(ShareRow(spec.share_id, req.object_id, spec.index, node.node_id, root,
+                                           spec.share_size, "placed"), now)
                 placements.append(Placement(spec.index, NodeId(node.node_id), node.url, grant))
         return placements
 
     def issue_grant(self, node_id: str, account_id: str, share_id: str, size: int, root: bytes,
                     now: float) -> Envelope:
-        """Sign a single-use upload grant and remember it (its bytes count as promised to the node)."""
-        grant = UploadGrant(self.id, NodeId(node_id), AccountId(account_id), ShareId(share_id), size, root,
-                            int(now) + GRANT_LIFETIME, os.urandom(16).hex())
+        """Sign a single-use upload grant and remember it (its bytes count as promised to the node).
+
+        ``root`` may be UNKNOWN_ROOT: the grant then names none and the node's receipt states it."""
+        grant = UploadGrant(self.id, NodeId(node_id), AccountId(account_id), ShareId(share_id), size,
+                            None if root == UNKNOWN_ROOT else root, int(now) + GRANT_LIFETIME, os.urandom(16).hex())
         self.db.insert_grant(GrantRow(grant.grant_id, share_id, node_id, account_id, size, root,
                                       grant.expires_at, False))
         return grant.seal(self.key)
@@ -198,7 +206,7 @@ class MediatorService:
         if grant is None or grant.share_id != share_id or grant.node_id != receipt.node_id:
             raise AuthError(f"receipt for share {share_id[:16]}… answers no grant this mediator issued for that "
                             "share and node")
-        if (grant.account_id, grant.size, grant.root) != (account_id, size, root) or (
+        if (grant.account_id, grant.size) != (account_id, size) or grant.root not in (UNKNOWN_ROOT, root) or (
                 receipt.account_id, receipt.share_size, receipt.merkle_root) != (account_id, size, root):
             raise AuthError(f"receipt for share {share_id[:16]}… does not match its grant")
         node = self.db.node(receipt.node_id)
@@ -223,10 +231,10 @@ class MediatorService:
             row = rows.get(c.share_id)
             if row is None or row.idx != c.index:
                 raise RemoteProtocolError(f"share {c.index} ({c.share_id[:16]}…) was never placed for this object")
-            if row.root != c.merkle_root or row.size != c.share_size:
+            if _roots_differ(row.root, c.merkle_root) or row.size != c.share_size:
                 raise RemoteProtocolError(f"share {c.index}: root or size differs from the one placed")
             receipt = self.check_receipt(c.receipt, share_id=c.share_id, account_id=account_id, size=row.size,
-                                         root=row.root)
+                                         root=c.merkle_root)
             grants_used.append(receipt.grant_id)
         final = {row.idx: row.node_id for row in rows.values() if row.state in HEALTHY_SHARE_STATES}
         final.update({c.index: c.node_id for c in req.shares})
@@ -236,8 +244,8 @@ class MediatorService:
             for c in req.shares:
                 row = rows[c.share_id]
                 state = row.state if row.state in HEALTHY_SHARE_STATES and row.node_id == c.node_id else "stored"
-                self.db.put_share(ShareRow(row.share_id, row.object_id, row.idx, c.node_id, row.root, row.size,
-                                           state), now)
+                self.db.put_share(ShareRow(row.share_id, row.object_id, row.idx, c.node_id, c.merkle_root,
+                                           row.size, state), now)
             self.db.mark_grants_used(grants_used)
             if obj.state == "pending":
                 self.db.set_object_state(obj.object_id, "committed")
@@ -267,8 +275,8 @@ class MediatorService:
             state = s.state if node is None or node.state == "online" or s.state not in HEALTHY_SHARE_STATES \
                 else f"node_{node.state}"
             listed.append({"index": s.idx, "share_id": s.share_id, "node_id": s.node_id,
-                           "node_url": node.url if node else "", "merkle_root": b64encode(s.root),
-                           "share_size": s.size, "state": state})
+                           "node_url": node.url if node else "", "share_size": s.size, "state": state}
+                          | ({} if s.root == UNKNOWN_ROOT else {"merkle_root": b64encode(s.root)}))
         return {"object_id": obj.object_id, "layout": layout_to_json(obj.layout), "shares": listed,
                 "health": object_health(obj, shares, online).to_json()}
 

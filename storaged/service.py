@@ -254,7 +254,7 @@ class StorageService:
             try:
                 stored = False
                 try:
-                    await self._receive(folder, grant, body)
+                    root = await self._receive(folder, grant, body)
                     stored = True
                 finally:
                     self.store.release_reservation(folder, grant.share_size, stored=stored)
@@ -266,47 +266,79 @@ class StorageService:
         log.info("share stored share_id=%s size=%d mediator=%s", share_id, grant.share_size,
                  grant.mediator_id[:16])
         receipt = StorageReceipt(self.node_id, grant.mediator_id, grant.account_id, share_id, grant.share_size,
-                                 grant.merkle_root, grant.grant_id, int(self.clock()))
+                                 root, grant.grant_id, int(self.clock()))
         return receipt.seal(self.key)
 
     async def _receive(self, folder: ShareFolder, grant: UploadGrant,
-                       body: Callable[[int], AsyncIterator[bytes]]) -> None:
+                       body: Callable[[int], AsyncIterator[bytes]]) -> bytes:
+        """Receive, check and durably store the share; its Merkle root (the grant's, when it names one)."""
         writer = await trio.to_thread.run_sync(ShareWriter, folder, grant.share_id, grant.grant_id)
         done = False
         try:
-            pending: list[bytes] = []  # chunks as hypercorn delivered them: written with one writev, not joined
-            held = 0
-            async for chunk in body(grant.share_size):
-                pending.append(chunk)
-                held += len(chunk)
-                if held >= UPLOAD_FLUSH_BYTES:
-                    await trio.to_thread.run_sync(writer.write_chunks, pending, limiter=self._upload_threads)
-                    pending, held = [], 0
-            if pending:
-                await trio.to_thread.run_sync(writer.write_chunks, pending, limiter=self._upload_threads)
+            await self._write_while_receiving(writer, body(grant.share_size))
             if writer.size != grant.share_size:
                 raise RemoteProtocolError(f"body has {writer.size} bytes; the grant is for {grant.share_size}")
-            record = ShareRecord(grant.share_id, grant.mediator_id, grant.account_id, grant.share_size,
-                                 grant.merkle_root, folder.key, grant.grant_id, int(self.clock()), STATE_OK)
-            await trio.to_thread.run_sync(self._finish_upload, writer, record, grant.expires_at,
-                                          limiter=self._upload_threads)
+            root = await trio.to_thread.run_sync(self._finish_upload, writer, grant, folder.key,
+                                                 limiter=self._upload_threads)
             done = True
+            return root
         finally:
             if not done:
                 writer.abort()
 
-    def _finish_upload(self, writer: ShareWriter, record: ShareRecord, expires_at: int) -> None:
+    async def _write_while_receiving(self, writer: ShareWriter, chunks: AsyncIterator[bytes]) -> None:
+        """Receive the body while a worker thread writes and hashes the batch before (about a MiB each, in order):
+        an upload keeps the network and the disk busy at once instead of taking turns."""
+        batches, to_write = trio.open_memory_channel[list[bytes]](1)
+        failure: BaseException | None = None
+
+        async def write_batches() -> None:
+            nonlocal failure
+            async with to_write:  # closed on failure: the receiving side then stops at once
+                async for batch in to_write:
+                    try:
+                        await trio.to_thread.run_sync(writer.write_chunks, batch, limiter=self._upload_threads)
+                    except OSError as exc:  # e.g. the disk filled up
+                        failure = exc
+                        return
+
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(write_batches)
+            async with batches:
+                pending: list[bytes] = []  # chunks as hypercorn delivered them: one writev, never joined
+                held = 0
+                try:
+                    async for chunk in chunks:
+                        pending.append(chunk)
+                        held += len(chunk)
+                        if held >= UPLOAD_FLUSH_BYTES:
+                            await batches.send(pending)
+                            pending, held = [], 0
+                    if pending:
+                        await batches.send(pending)
+                except trio.BrokenResourceError:
+                    pass  # the writer failed: raised below
+                except Exception as exc:  # noqa: BLE001 - a bad body: raised as is below, not in a group
+                    failure = exc
+                    nursery.cancel_scope.cancel()
+        if failure is not None:
+            raise failure
+
+    def _finish_upload(self, writer: ShareWriter, grant: UploadGrant, folder_key: str) -> bytes:
         """Blocking and uncancellable: check the root, make the files durable, then commit the row."""
         tree = writer.finish()
-        if tree.root != record.root:
+        if grant.merkle_root is not None and tree.root != grant.merkle_root:
             raise RemoteProtocolError("share does not match its grant's Merkle root")
+        record = ShareRecord(grant.share_id, grant.mediator_id, grant.account_id, grant.share_size, tree.root,
+                             folder_key, grant.grant_id, int(self.clock()), STATE_OK)
         paths = writer.commit(tree)
         try:
-            self.db.add_share(record, expires_at)
+            self.db.add_share(record, grant.expires_at)
         except BaseException:
             for path in (paths.data, paths.tree):
                 path.unlink(missing_ok=True)
             raise
+        return tree.root
 
     # --- reads ----------------------------------------------------------------------------------------------
 

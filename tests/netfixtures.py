@@ -21,6 +21,7 @@ from __future__ import annotations
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -56,6 +57,8 @@ class Gate:
         self.port = 0
         self.delay = delay  # seconds added to every forwarded read: a WAN-like round trip on loopback
         self.target: tuple[str, int] | None = None
+        self.flip_at: int | None = None  # once: flip the byte this far into the next request stream to the node
+        self.flipped = False
         self._open = trio.Event()
         self._open.set()
 
@@ -66,11 +69,17 @@ class Gate:
     def release(self) -> None:
         self._open.set()
 
-    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream) -> None:
+    async def _pump(self, source: trio.SocketStream, sink: trio.SocketStream, *, to_node: bool = False) -> None:
+        seen = 0
         while data := await source.receive_some(RELAY_CHUNK):
             await self._open.wait()
             if self.delay:
                 await trio.sleep(self.delay)
+            if to_node and self.flip_at is not None and seen <= self.flip_at < seen + len(data):
+                damaged = bytearray(data)
+                damaged[self.flip_at - seen] ^= 0x01
+                data, self.flip_at, self.flipped = bytes(damaged), None, True
+            seen += len(data)
             await sink.send_all(data)
         await sink.send_eof()
 
@@ -79,10 +88,10 @@ class Gate:
         assert self.target is not None
         try:
             async with client, await trio.open_tcp_stream(*self.target) as upstream, trio.open_nursery() as pumps:
-                pumps.start_soon(self._pump, client, upstream)
+                pumps.start_soon(partial(self._pump, client, upstream, to_node=True))
                 pumps.start_soon(self._pump, upstream, client)
-        except (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
-            pass  # either side went away: so does the relayed connection
+        except* (OSError, trio.BrokenResourceError, trio.ClosedResourceError):
+            pass  # either side went away (alone, or in the pumps' group): so does the relayed connection
 
     async def serve(self, *, task_status: trio.TaskStatus[int] = trio.TASK_STATUS_IGNORED) -> None:
         listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")

@@ -53,7 +53,12 @@ def _check_signer(envelope: Envelope, expected: str, role: str) -> None:
 
 @dataclass(frozen=True)
 class UploadGrant:
-    """A mediator's permission for one node to store one share of exactly this size and root, once."""
+    """A mediator's permission for one node to store one share of exactly this size, once.
+
+    ``merkle_root`` is the root the bytes must have, or None for a share the client streams while it encodes
+    it (it cannot know the root before the last byte): the node then states the root of what it received in
+    its receipt, and the mediator commits the share only if that root is the one the client computed.
+    """
 
     KIND = "grant"
     mediator_id: NodeId
@@ -61,22 +66,25 @@ class UploadGrant:
     account_id: AccountId
     share_id: ShareId
     share_size: int
-    merkle_root: bytes
+    merkle_root: bytes | None
     expires_at: int
     grant_id: str
 
     def to_json(self) -> dict[str, Any]:
-        return {"mediator_id": self.mediator_id, "node_id": self.node_id, "account_id": self.account_id,
-                "share_id": self.share_id, "share_size": self.share_size,
-                "merkle_root": b64encode(self.merkle_root), "expires_at": self.expires_at,
-                "grant_id": self.grant_id}
+        body: dict[str, Any] = {
+            "mediator_id": self.mediator_id, "node_id": self.node_id, "account_id": self.account_id,
+            "share_id": self.share_id, "share_size": self.share_size, "expires_at": self.expires_at,
+            "grant_id": self.grant_id}
+        if self.merkle_root is not None:
+            body["merkle_root"] = b64encode(self.merkle_root)
+        return body
 
     @classmethod
     def from_json(cls, obj: object) -> UploadGrant:
         f = Fields(obj, "grant")
         grant = cls(parse_node_id(f.raw("mediator_id")), parse_node_id(f.raw("node_id")),
                     parse_account_id(f.raw("account_id")), parse_share_id(f.raw("share_id")),
-                    f.int("share_size", lo=0, hi=2**50), f.bytes("merkle_root", length=HASH_BYTES),
+                    f.int("share_size", lo=0, hi=2**50), f.bytes("merkle_root", length=HASH_BYTES, optional=True),
                     f.int("expires_at"), f.str("grant_id", pattern=r"[0-9a-f]{32}"))
         f.done()
         return grant
@@ -131,10 +139,11 @@ class StorageReceipt:
         return receipt
 
     def matches(self, grant: UploadGrant) -> bool:
+        """The receipt answers this grant (and, if the grant names a root, states that root)."""
         return (self.node_id, self.mediator_id, self.account_id, self.share_id, self.share_size,
-                self.merkle_root, self.grant_id) == (grant.node_id, grant.mediator_id, grant.account_id,
-                                                     grant.share_id, grant.share_size, grant.merkle_root,
-                                                     grant.grant_id)
+                self.grant_id) == (grant.node_id, grant.mediator_id, grant.account_id, grant.share_id,
+                                   grant.share_size, grant.grant_id) and (
+            grant.merkle_root is None or grant.merkle_root == self.merkle_root)
 
 
 # --- node announcements -------------------------------------------------------------------------------------
@@ -196,22 +205,25 @@ def layout_to_json(layout: ObjectLayout) -> dict[str, int]:
 
 @dataclass(frozen=True)
 class ShareSpec:
-    """One share as the client computed it: position, random id, exact size and Merkle root."""
+    """One share as the client computed it: position, random id, exact size and Merkle root (None while the
+    client has not encoded it yet: it streams the share and the node's receipt states the root)."""
 
     index: int
     share_id: ShareId
     share_size: int
-    merkle_root: bytes
+    merkle_root: bytes | None
 
     def to_json(self) -> dict[str, Any]:
-        return {"index": self.index, "share_id": self.share_id, "share_size": self.share_size,
-                "merkle_root": b64encode(self.merkle_root)}
+        body: dict[str, Any] = {"index": self.index, "share_id": self.share_id, "share_size": self.share_size}
+        if self.merkle_root is not None:
+            body["merkle_root"] = b64encode(self.merkle_root)
+        return body
 
     @classmethod
     def from_json(cls, obj: object) -> ShareSpec:
         f = Fields(obj, "share")
         spec = cls(f.int("index", hi=255), parse_share_id(f.raw("share_id")), f.int("share_size", hi=2**50),
-                   f.bytes("merkle_root", length=HASH_BYTES))
+                   f.bytes("merkle_root", length=HASH_BYTES, optional=True))
         f.done()
         return spec
 

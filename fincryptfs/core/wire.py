@@ -212,9 +212,12 @@ class Fields:
             raise RemoteProtocolError(f"{self._what}.{name} must be true or false")
         return value
 
-    def bytes(self, name: _Str, *, length: _Int | None = None, max_length: _Int = MAX_MESSAGE_BYTES) -> _Bytes:
-        return b64decode(self._get(name, False), field=f"{self._what}.{name}", length=length,
-                         max_length=max_length)
+    def bytes(self, name: _Str, *, length: _Int | None = None, max_length: _Int = MAX_MESSAGE_BYTES,
+              optional: _Bool = False) -> Any:
+        value = self._get(name, optional)
+        if value is None and optional:
+            return None
+        return b64decode(value, field=f"{self._what}.{name}", length=length, max_length=max_length)
 
     def hex(self, name: _Str, *, length: _Int) -> _Bytes:
         return hex_bytes(self._get(name, False), field=f"{self._what}.{name}", length=length)

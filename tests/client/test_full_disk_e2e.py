@@ -1,5 +1,6 @@
 """The client's own disk fills up: the writer gets ENOSPC, nothing already written is lost, the mount goes on,
-and an upload that cannot be encoded for lack of space says so and succeeds once space is back."""
+a large upload needs no local space (its shares stream to the nodes), and small files that cannot be packed for
+lack of space say so and are uploaded once space is back."""
 
 from __future__ import annotations
 
@@ -59,22 +60,46 @@ async def test_full_client_disk(tmp_path: Path, nursery: trio.Nursery) -> None:
         assert client.process is not None and client.process.poll() is None
         assert await trio.to_thread.run_sync((mnt / "kept.bin").read_bytes) == kept
         await trio.to_thread.run_sync((mnt / "huge.bin").unlink)
+        with trio.fail_after(10):  # its upload (it was closed, so it is backed up) stops and frees the space
+            while shutil.disk_usage(home).free < 24 * MIB:
+                await trio.sleep(0.1)
 
-        # 2. A file that fits in the cache, but whose six shares (twice its size) do not fit in the spool: the
-        # upload is retried, status says why in words, and the file stays whole in the cache.
+        # 2. A file whose six shares (twice its size) would not fit in the free space still uploads: shares
+        # stream from the cache file to the nodes and never touch the local disk.
         tight = os.urandom(10 * MIB)
         await trio.to_thread.run_sync((mnt / "tight.bin").write_bytes, tight)
+        assert shutil.disk_usage(home).free < 2 * len(tight)
+        filler = os.urandom(12 * MIB)
+        await trio.to_thread.run_sync((mnt / "filler.bin").write_bytes, filler)
+        with trio.fail_after(60):
+            await client.flush(timeout=50)
+
+        # 3. Small files that fit in the cache, but whose pack cannot be staged without eating the disk's
+        # reserve: the upload is retried, status says why in words, and the files stay whole in the cache.
+        small = {f"s{i}.txt": os.urandom(100_000) for i in range(int(shutil.disk_usage(home).free // 100_000))}
+        written = {}
+        for name, data in small.items():
+            try:
+                await trio.to_thread.run_sync((mnt / name).write_bytes, data)
+            except OSError as exc:
+                assert exc.errno == errno.ENOSPC
+                await trio.to_thread.run_sync((mnt / name).unlink)
+                break
+            written[name] = data
+        assert len(written) > 5
         with trio.fail_after(30):
             while not (report := await status(client))["upload_errors"]:
                 await trio.sleep(0.2)
         reason = report["upload_errors"][0]["error"]
-        assert reason.startswith("the local disk is full: encoding 10.0 MiB needs about 20 MiB"), reason
+        assert reason.startswith("the local disk is full: packing "), reason
         assert "fincryptfs flush" in reason
-        assert await trio.to_thread.run_sync((mnt / "tight.bin").read_bytes) == tight
+        for name, data in written.items():
+            assert await trio.to_thread.run_sync((mnt / name).read_bytes) == data
 
-        # 3. The user makes room (deletes the stored file) and flushes: the backed-off upload is retried at once
-        # and succeeds; the file then reads back from the network alone.
-        await trio.to_thread.run_sync((mnt / "kept.bin").unlink)
+        # 4. The user makes room (deletes stored files) and flushes: the backed-off upload is retried at once
+        # and succeeds; everything then reads back from the network alone.
+        for name in ("kept.bin", "filler.bin"):
+            await trio.to_thread.run_sync((mnt / name).unlink)
         with trio.fail_after(60):  # well under the backoff the job had reached
             await client.flush(timeout=50)
         report = await status(client)
@@ -83,6 +108,8 @@ async def test_full_client_disk(tmp_path: Path, nursery: trio.Nursery) -> None:
         shutil.rmtree(client.cache_dir)
         await client.mount()
         assert await trio.to_thread.run_sync((mnt / "tight.bin").read_bytes) == tight
+        for name, data in written.items():
+            assert await trio.to_thread.run_sync((mnt / name).read_bytes) == data
     finally:
         await client.cleanup()
         if client.log_path.exists():  # keep the mount's log past the tmpfs, for a failure's post-mortem

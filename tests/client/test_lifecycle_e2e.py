@@ -6,6 +6,7 @@ import os
 import re
 import shutil
 import signal
+import sqlite3
 from pathlib import Path
 
 import pytest
@@ -14,6 +15,7 @@ from mountkit import Client, needs_fuse
 from netfixtures import start_network
 
 from fincryptfs import meta
+from mediatord.daemon import DATABASE_FILE
 
 pytestmark = [pytest.mark.e2e, needs_fuse]
 
@@ -98,3 +100,42 @@ async def test_daemon_rewrite_statfs_and_large_file(tmp_path: Path, nursery: tri
         if daemon_pid is not None and os.path.exists(f"/proc/{daemon_pid}"):
             os.kill(daemon_pid, signal.SIGKILL)
         shutil.rmtree(client.cache_dir, ignore_errors=True)
+
+
+async def test_deleting_a_file_stops_its_upload_and_releases_what_landed(tmp_path: Path,
+                                                                          nursery: trio.Nursery) -> None:
+    """A large file deleted while its shares are on their way: the upload stops within a second (its
+    disk space and the network are free again) instead of running on for a file nobody has any more."""
+    net = await start_network(tmp_path, nursery, nodes=6, gated=True)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    mnt = client.mountpoint
+    try:
+        await client.mount()
+        net.hold()  # the nodes accept connections and answer nothing: the upload cannot finish by itself
+        await trio.to_thread.run_sync((mnt / "doomed.bin").write_bytes, os.urandom(8 * 2**20))
+        db = meta.connect_readonly(client.data_dir / "meta.db")
+        try:
+            with trio.fail_after(20):
+                while not any(state == "uploading" for _, _, state, _, _ in meta.pending_uploads(db)):
+                    await trio.sleep(0.05)
+            await trio.to_thread.run_sync((mnt / "doomed.bin").unlink)
+            with trio.fail_after(5):  # far below the 30 s a held node takes to time out
+                while meta.pending_uploads(db):
+                    await trio.sleep(0.05)
+        finally:
+            db.close()
+        assert "stopped: the file was changed or deleted meanwhile" in client.log_path.read_text()
+        mediator_db = sqlite3.connect(f"file:{net.mediator_settings.data_dir / DATABASE_FILE}?mode=ro", uri=True)
+        try:  # one client on this network: any pending object would be the half-sent one
+            assert mediator_db.execute("SELECT count(*) FROM objects WHERE state = 'pending'").fetchone()[0] == 0, \
+                "the half-sent object was not released"
+        finally:
+            mediator_db.close()
+        net.release()
+        kept = os.urandom(2 * 2**20)
+        await trio.to_thread.run_sync((mnt / "kept.bin").write_bytes, kept)
+        await client.flush()
+        assert await trio.to_thread.run_sync((mnt / "kept.bin").read_bytes) == kept
+    finally:
+        await client.cleanup()

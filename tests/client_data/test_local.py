@@ -1,23 +1,21 @@
-"""Data-path parts that need no network: run planning, StoredObject codec, encoding to spool files."""
+"""Data-path parts that need no network: run planning, StoredObject codec, encoding a file into shares."""
 
 from __future__ import annotations
 
 import os
+import tempfile
 from pathlib import Path
 
 import pytest
-import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fincryptfs import rpc
-from fincryptfs.core.crypto import account_signing_key, new_master_key
 from fincryptfs.core.errors import RemoteProtocolError
-from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree
+from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, RootBuilder
 from fincryptfs.core.objectcodec import decode_segment_plaintext, plan_object
 from fincryptfs.downloader import MAX_RUN_SHARE_BYTES, plan_runs
-from fincryptfs.objectstore import FileChangedError, ObjectStore, ShareRef, StoredObject
-from fincryptfs.uploader import encode_to_spool
+from fincryptfs.objectstore import FileChangedError, ShareRef, StoredObject
+from fincryptfs.uploader import Source
 
 
 @settings(max_examples=200, deadline=None)
@@ -53,50 +51,54 @@ def test_stored_object_json_round_trip_and_strictness() -> None:
         StoredObject.from_json(obj.to_json() | {"file_key": "AAAA"})
 
 
-async def test_spool_files_hold_the_shares(tmp_path: Path) -> None:
-    """What encode_to_spool writes decodes back to the file, its roots match the bytes, and files are 0600."""
-    src = tmp_path / "src"
-    content = os.urandom(5 * 4096 + 123)
-    src.write_bytes(content)
-    spool = tmp_path / "spool"
-    spool.mkdir()
-    paths: list[Path] = []
-    enc = await encode_to_spool(src, spool_dir=spool, segment_size=4096, k=3, n=6, cpu=trio.CapacityLimiter(2),
-                                spool_paths=paths)
-    shares = [p.read_bytes() for p in enc.spool_paths]
-    assert all(os.stat(p).st_mode & 0o777 == 0o600 for p in enc.spool_paths)
-    for spec, data in zip(enc.specs, shares, strict=True):
-        assert len(data) == enc.layout.share_size == spec.share_size
-        assert MerkleTree.from_data(data).root == spec.merkle_root
+@settings(max_examples=60, deadline=None)
+@given(st.integers(0, 9 * 4096), st.sampled_from([4096, 3 * 4096 + 16]), st.sampled_from([(1, 2), (3, 6), (4, 7)]))
+def test_source_encodes_the_same_shares_on_every_pass(size: int, segment_size: int, kn: tuple[int, int]) -> None:
+    """A retry re-encodes the file to resend a share whose node failed: every pass must give the same bytes,
+    the hashed pass's roots must be the shares' roots, and any k shares decode back to the file."""
+    k, n = kn
+    content = os.urandom(size)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = Path(tmp) / "src"
+        src.write_bytes(content)
+        source = Source.open(src, segment_size=segment_size, k=k, n=n)
+        try:
+            builders = [RootBuilder() for _ in range(n)]
+            shares = [bytearray() for _ in range(n)]
+            for index in range(source.layout.segment_count):
+                blocks, hashes = source.encode(index, hashed=True)
+                assert hashes is not None
+                again, none = source.encode(index, hashed=False)
+                assert none is None and [bytes(b) for b in again] == [bytes(b) for b in blocks]
+                for share, builder, block, chunk in zip(shares, builders, blocks, hashes, strict=True):
+                    share += block
+                    builder.update_hashed(chunk)
+            source.check_unchanged()
+        finally:
+            source.close()
+    layout = source.layout
+    for share, builder in zip(shares, builders, strict=True):
+        assert len(share) == layout.share_size
+        assert builder.finish() == MerkleTree.from_data(bytes(share)).root
+    chosen = list(range(n))[-k:]
     out = b""
-    for index in range(enc.layout.segment_count):
-        off, length = enc.layout.block_offset(index), enc.layout.block_length(index)
-        blocks = {i: shares[i][off:off + length] for i in (1, 3, 5)}
-        out += decode_segment_plaintext(enc.file_key, enc.object_id, enc.layout, index, blocks)
-    assert out[:len(content)] == content
+    for index in range(layout.segment_count):
+        off, length = layout.block_offset(index), layout.block_length(index)
+        out += decode_segment_plaintext(source.file_key, source.object_id, layout, index,
+                                        {i: bytes(shares[i][off:off + length]) for i in chosen})
+    assert out[:size] == content
+    assert len(set(source.share_ids)) == n
 
 
-async def test_file_changing_size_while_encoding_is_refused_and_spool_cleaned(tmp_path: Path) -> None:
+def test_source_notices_a_changed_file(tmp_path: Path) -> None:
     src = tmp_path / "src"
-    src.write_bytes(os.urandom(10 * 4096))
-    spool = tmp_path / "spool"  # created by put_file
-    master = new_master_key()
-    async with rpc.new_client() as http:
-        store = ObjectStore(mediator_url="http://127.0.0.1:9", account_key=account_signing_key(master), k=3, n=6,
-                            happy=5, segment_size=4096, spool_dir=spool, http=http, cpu=trio.CapacityLimiter(2))
-
-        def shrink(done: int) -> None:
-            if done < 10 * 4096:
-                os.truncate(src, 3 * 4096)
-
+    src.write_bytes(os.urandom(3 * 4096))
+    source = Source.open(src, segment_size=4096, k=3, n=6)
+    try:
+        os.truncate(src, 4096)
         with pytest.raises(FileChangedError, match="changed while"):
-            await store.put_file(src, progress=shrink)
-
-        def grow(done: int) -> None:
-            with open(src, "ab") as f:
-                f.write(b"x")
-
-        src.write_bytes(os.urandom(10 * 4096))
+            source.encode(2, hashed=True)  # its bytes are gone
         with pytest.raises(FileChangedError, match="changed while"):
-            await store.put_file(src, progress=grow)
-    assert list(spool.iterdir()) == []
+            source.check_unchanged()
+    finally:
+        source.close()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import random
 from pathlib import Path
 
@@ -13,7 +14,7 @@ from hypothesis import strategies as st
 from netfixtures import start_network
 
 from fincryptfs.downloader import ObjectReader
-from fincryptfs.objectstore import ObjectStore, ReadError, StoredObject, UploadError
+from fincryptfs.objectstore import FileChangedError, ObjectStore, ReadError, StoredObject, UploadError
 
 
 def make_file(path: Path, size: int, seed: int) -> bytes:
@@ -163,3 +164,52 @@ async def test_read_range_property(tmp_path: Path, nursery: trio.Nursery) -> Non
             assert got == data[offset:offset + length]
 
         await trio.to_thread.run_sync(check)
+
+
+async def test_file_changing_while_streamed_is_refused_and_released(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Shares leave while the file is encoded: a file that shrinks or grows meanwhile is refused, and what
+    its nodes already stored is released (nothing committed, nothing left billed)."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    src = tmp_path / "src"
+    async with open_store(net.mediator_url, tmp_path, segment_size=4096) as store:
+        def shrink(done: int) -> None:
+            if done < 10 * 4096:
+                os.truncate(src, 3 * 4096)
+
+        def grow(done: int) -> None:
+            with open(src, "ab") as f:
+                f.write(b"x")
+
+        for change in (shrink, grow):
+            src.write_bytes(os.urandom(10 * 4096))
+            with pytest.raises(FileChangedError, match="changed while"):
+                await store.put_file(src, progress=change)
+        account = await store.account()
+        assert account["objects"] == 0 and account["bytes_stored"] == 0
+        obj, data = await put(store, tmp_path, 10 * 4096, 7)  # the store still works
+        assert await store.read_range(obj, 0, len(data)) == data
+        assert list(store.spool_dir.iterdir()) == []
+
+
+async def test_share_damaged_on_the_way_is_caught_by_its_receipt_and_sent_again(tmp_path: Path,
+                                                                                nursery: trio.Nursery) -> None:
+    """A share is streamed before its root is known, so the node signs the root of whatever arrived: a byte
+    flipped on the wire shows as a receipt with another root; that share is placed on another node and sent
+    again (re-encoded: the same bytes), and what is committed reads back exactly."""
+    net = await start_network(tmp_path, nursery, nodes=7, gated=True)
+    net.gates[0].flip_at = 50_000  # inside the body of the first share sent through node 0 (headers are ~1 KB)
+    async with open_store(net.mediator_url, tmp_path, segment_size=16384) as store:
+        for seed in range(4):  # node 0 gets a share of one of these uploads (7 nodes, 6 shares each)
+            obj, data = await put(store, tmp_path, 400_000, 40 + seed)
+            assert len(obj.shares) == 6
+            assert await store.read_range(obj, 0, len(data)) == data
+            if net.gates[0].flipped:
+                break
+        assert net.gates[0].flipped, "no share went through the damaging relay"
+        info = await store.mediator.object_info(obj.object_id)
+        assert net.nodes[0].node_id not in {s.node_id for s in info.shares if s.state == "stored"}
+        dest = tmp_path / "back"
+        for gone in (1, 2, 3):  # only the committed shares count: any k of them still decode the file
+            await net.stop_node(gone)
+        await store.fetch_to_file(obj, dest)
+        assert dest.read_bytes() == data

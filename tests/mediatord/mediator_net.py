@@ -159,9 +159,14 @@ async def put_share(client: httpx.AsyncClient, placement: Placement, obj: Sample
     return Envelope.from_json(answer["receipt"], kind="receipt")
 
 
+def root_of(spec: ShareSpec) -> bytes:
+    assert spec.merkle_root is not None, "a sample object's specs name their roots"
+    return spec.merkle_root
+
+
 def commit_body(obj: SampleObject, stored: Mapping[int, tuple[str, Envelope]]) -> dict[str, Any]:
     shares = tuple(CommittedShare(i, obj.specs[i].share_id, node_id, obj.specs[i].share_size,  # type: ignore[arg-type]
-                                  obj.specs[i].merkle_root, receipt)
+                                  root_of(obj.specs[i]), receipt)
                    for i, (node_id, receipt) in sorted(stored.items()))
     return CommitRequest(obj.object_id, obj.layout, shares).to_json()  # type: ignore[arg-type]
 

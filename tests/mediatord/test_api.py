@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import AsyncIterator
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
@@ -24,8 +25,8 @@ from mediator_net import (
 from fincryptfs import rpc
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.ids import new_object_id
-from fincryptfs.core.messages import ManifestPointer, StorageReceipt
-from fincryptfs.core.wire import sign_request
+from fincryptfs.core.messages import ManifestPointer, StorageReceipt, UploadGrant
+from fincryptfs.core.wire import b64decode, sign_request
 from mediatord import upkeep
 
 
@@ -216,6 +217,35 @@ async def test_announce_must_be_signed_by_the_node(net: Net) -> None:
     await expect_error(net, "POST", "/v1/nodes/announce", 403, key=impostor, json=ann.to_json(),
                        fragment="signed by the node")
     assert net.mediator.service.db.node(net.nodes[0].node_id).url == net.nodes[0].url  # type: ignore[union-attr]
+
+
+async def test_streamed_upload_places_without_roots_and_commits_the_receipts_roots(net: Net) -> None:
+    """A client that streams shares while encoding them places them before it knows their roots: the grants
+    name none, the nodes' receipts state them, and the commit must name those very roots; a share re-placed
+    later with its root known gets a grant naming it."""
+    obj = make_object()
+    open_obj = replace(obj, specs=tuple(replace(spec, merkle_root=None) for spec in obj.specs))
+    placements = {p.index: p for p in await place(net.client, net.url, net.account, open_obj)}
+    assert all(UploadGrant.open(p.grant).merkle_root is None for p in placements.values())
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert all("merkle_root" not in s for s in status["shares"]), "a placed share's root is not known yet"
+    stored = {i: (p.node_id, await put_share(net.client, p, obj)) for i, p in placements.items() if i != 3}
+    for i, (_, receipt) in stored.items():
+        assert StorageReceipt.open(receipt).merkle_root == obj.specs[i].merkle_root
+    # a commit naming another root than the one the node received and signed is refused
+    wrong = replace(obj, specs=tuple(replace(s, merkle_root=bytes(32)) if s.index == 0 else s for s in obj.specs))
+    await expect_error(net, "POST", "/v1/objects/commit", 400, key=net.account, json=commit_body(wrong, stored),
+                       fragment="does not match the share it is attached to")
+    # share 3's node failed: re-placed, now with its root, which its grant names
+    again = (await place(net.client, net.url, net.account, obj, indices=[3], exclude=(placements[3].node_id,)))[0]
+    assert UploadGrant.open(again.grant).merkle_root == obj.specs[3].merkle_root
+    stored[3] = (again.node_id, await put_share(net.client, again, obj))
+    await rpc.call_json(net.client, "POST", f"{net.url}/v1/objects/commit", key=net.account,
+                        json=commit_body(obj, stored))
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert {s["state"] for s in status["shares"]} == {"stored"}
+    assert {s["index"]: b64decode(s["merkle_root"], field="root") for s in status["shares"]} == {
+        spec.index: spec.merkle_root for spec in obj.specs}
 
 
 async def test_commits_never_put_two_shares_of_an_object_on_one_node(net: Net) -> None:

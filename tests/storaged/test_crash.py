@@ -132,6 +132,7 @@ async def test_kill_9_never_loses_receipted_or_exposes_torn_shares(tmp_path: Pat
             print(f"attempted={len(attempted)} receipted={len(receipted)} proven={len(proven)}")
             for share_id, proof in proven.items():
                 grant = attempted[share_id][0]
+                assert grant.merkle_root is not None
                 verify_share_proof(challenge.nonce, share_id, grant.merkle_root, grant.share_size, 1, proof)
 
             # no leftovers: temp folders are empty and every share file belongs to a held share

@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import os
 import stat
+from dataclasses import replace
 
 import httpx
-from storaged_peers import ACCOUNT, MediatorPeer, RunningNode, store
+from storaged_peers import ACCOUNT, MediatorPeer, RunningNode, put_share, store
 
 from fincryptfs import rpc
 from fincryptfs.core.challenge import verify_share_proof
 from fincryptfs.core.merkle import HASH_BYTES, LEAF_SIZE, MerkleTree, verify_range
 from fincryptfs.core.messages import ProofResponse, StorageReceipt
-from fincryptfs.core.wire import b64decode
+from fincryptfs.core.wire import Envelope, b64decode
 
 
 async def test_first_start_creates_identity_and_database(node: RunningNode, mediator: MediatorPeer) -> None:
@@ -57,6 +58,28 @@ async def test_large_share_streams(node: RunningNode, mediator: MediatorPeer, cl
     grant, _ = await store(client, node, mediator, data)
     got = await rpc.call(client, "GET", f"{node.url}/v1/shares/{grant.share_id}", key=ACCOUNT)
     assert got.content == data
+
+
+async def test_open_grant_receipt_states_the_root_of_what_arrived(node: RunningNode, mediator: MediatorPeer,
+                                                                    client: httpx.AsyncClient) -> None:
+    """A share streamed while its client encodes it has a grant naming no root: the node takes any bytes of the
+    granted size and its receipt (and later proofs) state the root of what it stored."""
+    data = os.urandom(7 * LEAF_SIZE + 99)
+    grant = replace(mediator.grant(node.node_id, data), merkle_root=None)
+    response = await put_share(client, node, mediator.seal(grant), data, grant.share_id)
+    assert response.status_code == 201, response.text
+    receipt = StorageReceipt.open(Envelope.from_json(response.json()["receipt"], kind="receipt"))
+    root = MerkleTree.from_data(data).root
+    assert receipt.merkle_root == root and receipt.matches(grant)
+    challenge = mediator.challenge(node.node_id, [grant.share_id], leaves=2)
+    answer = await rpc.call(client, "POST", f"{node.url}/v1/challenges", key=mediator.key, json=challenge.to_json())
+    proof = ProofResponse.decode(answer.content, node.service.key.public, max_bytes=1 << 20).proofs[0]
+    verify_share_proof(challenge.nonce, grant.share_id, root, len(data), 2, proof)
+    # the size still binds: one byte short or long is refused and nothing is kept
+    for wrong in (data[:-1], data + b"x"):
+        again = replace(mediator.grant(node.node_id, data), merkle_root=None)
+        refused = await put_share(client, node, mediator.seal(again), wrong, again.share_id)
+        assert refused.status_code in (400, 413)
 
 
 async def test_challenge_proves_held_and_lists_missing(node: RunningNode, mediator: MediatorPeer,

@@ -50,13 +50,13 @@ def _json_round_trip(cls: type, obj: object, optional: tuple[str, ...] = ()) -> 
 @st.composite
 def grants(draw: st.DrawFn) -> m.UploadGrant:
     return m.UploadGrant(MEDIATOR_ID, draw(node_ids), draw(account_ids), draw(share_ids), draw(st.integers(0, 2**50)),
-                         draw(roots), draw(u63), draw(grant_ids))
+                         draw(st.none() | roots), draw(u63), draw(grant_ids))
 
 
 @settings(max_examples=40, deadline=None)
 @given(grants())
 def test_upload_grant(grant: m.UploadGrant) -> None:
-    _json_round_trip(m.UploadGrant, grant)
+    _json_round_trip(m.UploadGrant, grant, optional=("merkle_root",))
     env = grant.seal(MEDIATOR)
     assert m.UploadGrant.open(Envelope.from_bytes(env.to_bytes(), kind="grant")) == grant
     with pytest.raises(AuthError, match="not by the mediator"):
@@ -68,8 +68,9 @@ def test_upload_grant(grant: m.UploadGrant) -> None:
 @settings(max_examples=40, deadline=None)
 @given(grants(), u63)
 def test_storage_receipt(grant: m.UploadGrant, stored_at: int) -> None:
+    root = grant.merkle_root if grant.merkle_root is not None else bytes(range(32))
     receipt = m.StorageReceipt(NODE_ID, grant.mediator_id, grant.account_id, grant.share_id,
-                               grant.share_size, grant.merkle_root, grant.grant_id, stored_at)
+                               grant.share_size, root, grant.grant_id, stored_at)
     _json_round_trip(m.StorageReceipt, receipt)
     env = receipt.seal(NODE)
     assert m.StorageReceipt.open(Envelope.from_bytes(env.to_bytes(), kind="receipt")) == receipt
@@ -78,6 +79,10 @@ def test_storage_receipt(grant: m.UploadGrant, stored_at: int) -> None:
     assert receipt.matches(m.UploadGrant(**{**grant.__dict__, "node_id": NODE_ID}))
     assert not receipt.matches(m.UploadGrant(**{**grant.__dict__, "node_id": NODE_ID,
                                                "share_size": grant.share_size + 1}))
+    # an open grant (no root: the share was streamed) takes the receipt's root; a grant naming one must match
+    assert receipt.matches(m.UploadGrant(**{**grant.__dict__, "node_id": NODE_ID, "merkle_root": None}))
+    other = bytes(b ^ 1 for b in root)
+    assert not receipt.matches(m.UploadGrant(**{**grant.__dict__, "node_id": NODE_ID, "merkle_root": other}))
 
 
 @st.composite
@@ -116,7 +121,8 @@ def layouts(draw: st.DrawFn) -> ObjectLayout:
 def specs(draw: st.DrawFn, layout: ObjectLayout) -> tuple[m.ShareSpec, ...]:
     indices = draw(st.lists(st.integers(0, layout.n - 1), min_size=1, max_size=layout.n, unique=True))
     sids = draw(st.lists(share_ids, min_size=len(indices), max_size=len(indices), unique=True))
-    return tuple(m.ShareSpec(i, s, layout.share_size, draw(roots)) for i, s in zip(indices, sids, strict=True))
+    return tuple(m.ShareSpec(i, s, layout.share_size, draw(st.none() | roots))
+                 for i, s in zip(indices, sids, strict=True))
 
 
 @settings(max_examples=40, deadline=None)
