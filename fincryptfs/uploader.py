@@ -250,8 +250,9 @@ async def send_pass(store: ObjectStore, source: Source, placements: dict[int, Pl
 
 
 async def store_shares(store: ObjectStore, source: Source, progress: Callable[[int], None] | None = None
-                       ) -> dict[int, CommittedShare]:
-    """Place and stream shares until all n are stored, placement runs out, or the rounds are used up."""
+                       ) -> tuple[dict[int, CommittedShare], list[bytes]]:
+    """Place and stream shares until all n are stored, placement runs out, or the rounds are used up; the
+    stored shares and the roots of all n."""
     n = source.layout.n
     stored: dict[int, CommittedShare] = {}
     failures: dict[int | str, str] = {}
@@ -305,7 +306,8 @@ async def store_shares(store: ObjectStore, source: Source, progress: Callable[[i
         reasons = "; ".join(f"share {i}: {why}" if isinstance(i, int) else f"{i}: {why}" for i, why in ordered)
         raise UploadError(f"stored only {len(stored)} of {n} shares of object {source.object_id[:16]}…, need "
                           f"{store.happy}: {reasons}")
-    return stored
+    assert roots is not None
+    return stored, roots
 
 
 async def _release_quietly(store: ObjectStore, object_id: str, timeout: float = 10) -> None:
@@ -325,10 +327,10 @@ async def upload_file(store: ObjectStore, path: Path, *, progress: Callable[[int
                                                                n=store.n))
     try:
         try:
-            stored = await store_shares(store, source, progress)
+            stored, roots = await store_shares(store, source, progress)
             shares = tuple(stored[i] for i in sorted(stored))
-            try:
-                await store.mediator.commit(CommitRequest(source.object_id, source.layout, shares))
+            try:  # every root: a share that could not be stored is rebuilt by repair against it
+                await store.mediator.commit(CommitRequest(source.object_id, source.layout, shares, tuple(roots)))
             except PeerError as exc:
                 raise UploadError(f"the mediator refused to commit object {source.object_id[:16]}…: {exc}"
                                   ) from exc

@@ -164,22 +164,18 @@ class UploadQueue:
             meta.drop_upload(self.db, job, "superseded")
             return
         path = self.cache.path(job.ino)
-        if not path.exists():
-            meta.fail_upload(self.db, job, "the cache file is gone: this version of the file cannot be uploaded",
-                             None)
-            return
         try:
             stored = await self._unless_superseded(job, lambda: self.store.put_file(path))
         except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
-            if not isinstance(exc, (FincryptError, OSError)):
-                log.exception("unexpected error uploading inode %d", job.ino)
-            delay = backoff(job.attempts)
-            reason = str(exc)[:1000]
-            log.warning("upload of inode %d failed (attempt %d, retry in %.0f s): %s", job.ino, job.attempts,
-                        delay, reason)
-            meta.fail_upload(self.db, job, reason, time.time() + delay)
-            self.wake()
-            return
+            if not meta.job_current(self.db, job):  # e.g. deleted (with its cache file) before the upload began
+                stored = None
+            elif isinstance(exc, FileNotFoundError):
+                meta.fail_upload(self.db, job, "the cache file is gone: this version of the file cannot be "
+                                 "uploaded", None)
+                return
+            else:
+                self._retry_later(job, exc)
+                return
         if stored is None:
             meta.drop_upload(self.db, job, "superseded")
             log.info("upload of inode %d version %d stopped: the file was changed or deleted meanwhile", job.ino,
@@ -190,6 +186,16 @@ class UploadQueue:
         if not became_current:
             log.info("upload of inode %d version %d is stale; its object will be deleted", job.ino, job.version)
         self.cache.maybe_over_limit = True
+        self.wake()
+
+    def _retry_later(self, job: meta.UploadJob, exc: Exception) -> None:
+        if not isinstance(exc, (FincryptError, OSError)):
+            log.exception("unexpected error uploading inode %d", job.ino)
+        delay = backoff(job.attempts)
+        reason = str(exc)[:1000]
+        log.warning("upload of inode %d failed (attempt %d, retry in %.0f s): %s", job.ino, job.attempts, delay,
+                    reason)
+        meta.fail_upload(self.db, job, reason, time.time() + delay)
         self.wake()
 
     async def _unless_superseded(self, job: meta.UploadJob, upload: Callable[[], Awaitable[T]]) -> T | None:

@@ -11,7 +11,7 @@ one more node than the bare minimum before the client may forget its local copy.
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any
 
 from fincryptfs.core.errors import AuthError, ForbiddenError, PolicyError, RemoteProtocolError
@@ -236,6 +236,14 @@ class MediatorService:
             receipt = self.check_receipt(c.receipt, share_id=c.share_id, account_id=account_id, size=row.size,
                                          root=c.merkle_root)
             grants_used.append(receipt.grant_id)
+        committed = {c.share_id for c in req.shares}
+        unknown = [row for row in rows.values() if row.root == UNKNOWN_ROOT and row.share_id not in committed]
+        if unknown and req.roots is None:
+            raise PolicyError(f"share {unknown[0].idx} was placed without a root and is not committed: the commit "
+                              "must name every share's root (roots), so that repair can rebuild it", status=422)
+        for row in rows.values():
+            if req.roots is not None and _roots_differ(row.root, req.roots[row.idx]):
+                raise RemoteProtocolError(f"share {row.idx}: the root in roots differs from the one placed")
         final = {row.idx: row.node_id for row in rows.values() if row.state in HEALTHY_SHARE_STATES}
         final.update({c.index: c.node_id for c in req.shares})
         if len(set(final.values())) != len(final):
@@ -246,6 +254,9 @@ class MediatorService:
                 state = row.state if row.state in HEALTHY_SHARE_STATES and row.node_id == c.node_id else "stored"
                 self.db.put_share(ShareRow(row.share_id, row.object_id, row.idx, c.node_id, c.merkle_root,
                                            row.size, state), now)
+            for row in unknown:  # placed without a root, never stored: repair rebuilds it against this one
+                assert req.roots is not None
+                self.db.put_share(replace(row, root=req.roots[row.idx]), now)
             self.db.mark_grants_used(grants_used)
             if obj.state == "pending":
                 self.db.set_object_state(obj.object_id, "committed")

@@ -27,7 +27,7 @@ from .ids import (
 )
 from .layout import ObjectLayout
 from .merkle import HASH_BYTES, LEAF_SIZE
-from .wire import Envelope, Fields, b64encode
+from .wire import Envelope, Fields, b64decode, b64encode
 
 MAX_SHARES_PER_CHALLENGE = 100_000
 MAX_URL_LEN = 512
@@ -320,25 +320,42 @@ class CommittedShare:
 
 @dataclass(frozen=True)
 class CommitRequest:
-    """Client → mediator: the object is stored; here are at least ``happy`` receipts."""
+    """Client → mediator: the object is stored; here are at least ``happy`` receipts.
+
+    ``roots`` (optional): the Merkle roots of all n shares, by index. A client that streamed its shares placed
+    them without roots; a share it could not store is rebuilt later by repair, which needs that root.
+    """
 
     object_id: ObjectId
     layout: ObjectLayout
     shares: tuple[CommittedShare, ...]
+    roots: tuple[bytes, ...] | None = None
 
     def to_json(self) -> dict[str, Any]:
-        return {"object_id": self.object_id, "layout": _layout_json(self.layout),
-                "shares": [s.to_json() for s in self.shares]}
+        body: dict[str, Any] = {"object_id": self.object_id, "layout": _layout_json(self.layout),
+                                "shares": [s.to_json() for s in self.shares]}
+        if self.roots is not None:
+            body["roots"] = [b64encode(root) for root in self.roots]
+        return body
 
     @classmethod
     def from_json(cls, obj: object) -> CommitRequest:
         f = Fields(obj, "commit request")
-        req = cls(parse_object_id(f.raw("object_id")), layout_from_json(f.raw("layout")),
-                  tuple(CommittedShare.from_json(s) for s in f.list("shares", max_items=256)))
+        object_id, layout = parse_object_id(f.raw("object_id")), layout_from_json(f.raw("layout"))
+        shares = tuple(CommittedShare.from_json(s) for s in f.list("shares", max_items=256))
+        roots = None
+        if f.raw("roots", optional=True) is not None:
+            listed = f.list("roots", max_items=256)
+            if len(listed) != layout.n:
+                raise RemoteProtocolError(f"commit request: roots must list all n={layout.n} shares' roots")
+            roots = tuple(b64decode(r, field="commit request.roots", length=HASH_BYTES) for r in listed)
         f.done()
+        req = cls(object_id, layout, shares, roots)
         _check_share_set(req.layout, req.shares, complete=True)
         if len({s.node_id for s in req.shares}) != len(req.shares):
             raise RemoteProtocolError("two shares of one object on one node")
+        if roots is not None and any(roots[s.index] != s.merkle_root for s in shares):
+            raise RemoteProtocolError("commit request: a committed share's root differs from its entry in roots")
         return req
 
 

@@ -102,6 +102,19 @@ async def test_daemon_rewrite_statfs_and_large_file(tmp_path: Path, nursery: tri
         shutil.rmtree(client.cache_dir, ignore_errors=True)
 
 
+def opened_under(folder: Path) -> bool:
+    """Whether any process has a file in ``folder`` open (from /proc: we run as root)."""
+    prefix = f"{folder.resolve()}/"
+    for fd_dir in Path("/proc").glob("[0-9]*/fd"):
+        try:
+            links = [os.readlink(fd) for fd in fd_dir.iterdir()]
+        except OSError:  # the process ended, or is not ours to read
+            continue
+        if any(link.startswith(prefix) for link in links):
+            return True
+    return False
+
+
 async def test_deleting_a_file_stops_its_upload_and_releases_what_landed(tmp_path: Path,
                                                                           nursery: trio.Nursery) -> None:
     """A large file deleted while its shares are on their way: the upload stops within a second (its
@@ -116,8 +129,9 @@ async def test_deleting_a_file_stops_its_upload_and_releases_what_landed(tmp_pat
         await trio.to_thread.run_sync((mnt / "doomed.bin").write_bytes, os.urandom(8 * 2**20))
         db = meta.connect_readonly(client.data_dir / "meta.db")
         try:
-            with trio.fail_after(20):
-                while not any(state == "uploading" for _, _, state, _, _ in meta.pending_uploads(db)):
+            with trio.fail_after(20):  # the upload has begun: some process (the upload worker) reads the file
+                while not any(state == "uploading" for _, _, state, _, _ in meta.pending_uploads(db)) \
+                        or not opened_under(client.cache_dir):
                     await trio.sleep(0.05)
             await trio.to_thread.run_sync((mnt / "doomed.bin").unlink)
             with trio.fail_after(5):  # far below the 30 s a held node takes to time out

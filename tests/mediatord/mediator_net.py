@@ -164,11 +164,14 @@ def root_of(spec: ShareSpec) -> bytes:
     return spec.merkle_root
 
 
-def commit_body(obj: SampleObject, stored: Mapping[int, tuple[str, Envelope]]) -> dict[str, Any]:
+def commit_body(obj: SampleObject, stored: Mapping[int, tuple[str, Envelope]], *, roots: bool = False
+                ) -> dict[str, Any]:
+    """A commit of the ``stored`` shares; ``roots``: naming the roots of all n (as a streaming client does)."""
     shares = tuple(CommittedShare(i, obj.specs[i].share_id, node_id, obj.specs[i].share_size,  # type: ignore[arg-type]
                                   root_of(obj.specs[i]), receipt)
                    for i, (node_id, receipt) in sorted(stored.items()))
-    return CommitRequest(obj.object_id, obj.layout, shares).to_json()  # type: ignore[arg-type]
+    all_roots = tuple(root_of(spec) for spec in sorted(obj.specs, key=lambda s: s.index)) if roots else None
+    return CommitRequest(obj.object_id, obj.layout, shares, all_roots).to_json()  # type: ignore[arg-type]
 
 
 async def upload(client: httpx.AsyncClient, mediator_url: str, key: SigningKey, obj: SampleObject

@@ -236,7 +236,15 @@ async def test_streamed_upload_places_without_roots_and_commits_the_receipts_roo
     wrong = replace(obj, specs=tuple(replace(s, merkle_root=bytes(32)) if s.index == 0 else s for s in obj.specs))
     await expect_error(net, "POST", "/v1/objects/commit", 400, key=net.account, json=commit_body(wrong, stored),
                        fragment="does not match the share it is attached to")
-    # share 3's node failed: re-placed, now with its root, which its grant names
+    # share 3's node failed; committing without it must name its root, or repair could never rebuild it
+    await expect_error(net, "POST", "/v1/objects/commit", 422, key=net.account, json=commit_body(obj, stored),
+                       fragment="must name every share's root")
+    await rpc.call_json(net.client, "POST", f"{net.url}/v1/objects/commit", key=net.account,
+                        json=commit_body(obj, stored, roots=True))
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert {s["index"]: b64decode(s["merkle_root"], field="root") for s in status["shares"]} == {
+        spec.index: spec.merkle_root for spec in obj.specs}
+    # a share re-placed with its root known gets a grant naming it
     again = (await place(net.client, net.url, net.account, obj, indices=[3], exclude=(placements[3].node_id,)))[0]
     assert UploadGrant.open(again.grant).merkle_root == obj.specs[3].merkle_root
     stored[3] = (again.node_id, await put_share(net.client, again, obj))
@@ -244,8 +252,22 @@ async def test_streamed_upload_places_without_roots_and_commits_the_receipts_roo
                         json=commit_body(obj, stored))
     status = await object_status(net.client, net.url, net.account, obj.object_id)
     assert {s["state"] for s in status["shares"]} == {"stored"}
-    assert {s["index"]: b64decode(s["merkle_root"], field="root") for s in status["shares"]} == {
-        spec.index: spec.merkle_root for spec in obj.specs}
+
+
+async def test_repair_rebuilds_a_streamed_share_that_never_landed(net: Net) -> None:
+    """A streamed upload committed with n-1 shares: the missing one's root came with the commit, and repair
+    rebuilds that share on another node and verifies it against that root."""
+    obj = make_object()
+    open_obj = replace(obj, specs=tuple(replace(spec, merkle_root=None) for spec in obj.specs))
+    placements = {p.index: p for p in await place(net.client, net.url, net.account, open_obj)}
+    stored = {i: (p.node_id, await put_share(net.client, p, obj)) for i, p in placements.items() if i != 2}
+    await rpc.call_json(net.client, "POST", f"{net.url}/v1/objects/commit", key=net.account,
+                        json=commit_body(obj, stored, roots=True))
+    assert await upkeep.repair_object(net.mediator.service, net.client, obj.object_id, time.time()) == "repaired"
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert status["health"]["healthy"] == 4
+    rebuilt = next(s for s in status["shares"] if s["index"] == 2)
+    assert rebuilt["state"] == "stored" and b64decode(rebuilt["merkle_root"], field="root") == obj.specs[2].merkle_root
 
 
 async def test_commits_never_put_two_shares_of_an_object_on_one_node(net: Net) -> None:

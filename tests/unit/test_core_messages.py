@@ -146,22 +146,28 @@ def test_place_request(data: st.DataObject) -> None:
         m.PlaceRequest.from_json({**body, "layout": {**body["layout"], "k": body["layout"]["n"]}})
 
 
-def _commit_request(layout: ObjectLayout, count: int) -> m.CommitRequest:
+def _commit_request(layout: ObjectLayout, count: int, with_roots: bool = False) -> m.CommitRequest:
     shares = []
     for i in range(count):
         node = SigningKey(bytes([i + 10]) * 32)
         node_id, sid, root = NodeId(node.id), ShareId(f"{i:064x}"), bytes([i]) * 32
         receipt = m.StorageReceipt(node_id, MEDIATOR_ID, ACCOUNT_ID, sid, layout.share_size, root, "ab" * 16, 1)
         shares.append(m.CommittedShare(i, sid, node_id, layout.share_size, root, receipt.seal(node)))
-    return m.CommitRequest(ObjectId("cd" * 32), layout, tuple(shares))
+    roots = tuple(bytes([i]) * 32 for i in range(layout.n)) if with_roots else None
+    return m.CommitRequest(ObjectId("cd" * 32), layout, tuple(shares), roots)
 
 
 @settings(max_examples=15, deadline=None)
 @given(layouts(), st.data())
 def test_commit_request_and_placement(layout: ObjectLayout, data: st.DataObject) -> None:
-    req = _commit_request(layout, data.draw(st.integers(1, layout.n)))
-    _json_round_trip(m.CommitRequest, req)
+    req = _commit_request(layout, data.draw(st.integers(1, layout.n)), with_roots=data.draw(st.booleans()))
+    _json_round_trip(m.CommitRequest, req, optional=("roots",))
     body = req.to_json()
+    if req.roots is not None:  # all n roots, each committed share's the same as in its entry
+        with pytest.raises(RemoteProtocolError, match="all n"):
+            m.CommitRequest.from_json({**body, "roots": body["roots"][:-1]})
+        with pytest.raises(RemoteProtocolError, match="differs"):
+            m.CommitRequest.from_json({**body, "roots": [body["roots"][1]] + body["roots"][1:]})
     # a receipt that does not match its share, or two shares on one node, are refused
     tampered = dict(body["shares"][0], merkle_root="_" * 42 + "w")
     with pytest.raises(RemoteProtocolError):
