@@ -17,6 +17,8 @@ from hypothesis.stateful import RuleBasedStateMachine, initialize, invariant, ru
 from mountkit import Client, needs_fuse, tree_of
 from netfixtures import start_network
 
+from fincryptfs import meta
+
 pytestmark = [pytest.mark.e2e, needs_fuse]
 
 DIRS = ["", "d1", "d1/d2", "d3"]
@@ -99,6 +101,34 @@ def make_machine(mount_root: Path, oracle_root: Path) -> type[RuleBasedStateMach
     return MountVersusFolder
 
 
+def explain(client: Client, got: dict[str, tuple[str, object]], want: dict[str, tuple[str, object]]) -> str:
+    """For a failed comparison: each differing path's tree row and upload jobs, and the end of the mount's log
+    (which the mount and its upload worker share), so a rare failure leaves its evidence."""
+    lines = []
+    db = meta.connect_readonly(client.data_dir / "meta.db")
+    try:
+        for path in sorted(set(got) | set(want)):
+            if got.get(path) == want.get(path):
+                continue
+            lines.append(f"{path}: mount {str(got.get(path))[:120]} / folder {str(want.get(path))[:120]}")
+            try:
+                ino = meta.ROOT_INO
+                for part in path.split("/"):
+                    ino = meta.lookup(db, ino, part.encode()).ino
+            except meta.NotFound:
+                continue
+            inode = meta.get(db, ino)
+            lines.append(f"  inode {ino}: version {inode.version} state {inode.state} size {inode.size} "
+                         f"object {str(inode.object)[:160]}")
+            for row in db.execute("SELECT id, version, state, last_error FROM upload_jobs WHERE ino = ? ORDER BY id",
+                                  (ino,)):
+                lines.append(f"  job {row}")
+    finally:
+        db.close()
+    log = client.log_path.read_text().splitlines() if client.log_path.exists() else []
+    return "\n".join(lines + ["mount log (end):"] + log[-80:])
+
+
 async def test_mount_matches_plain_folder(tmp_path: Path, nursery: trio.Nursery) -> None:
     net = await start_network(tmp_path, nursery, nodes=6)
     client = Client(tmp_path / "c", net.mediator_url)
@@ -117,6 +147,7 @@ async def test_mount_matches_plain_folder(tmp_path: Path, nursery: trio.Nursery)
         await client.unmount()
         shutil.rmtree(client.cache_dir)
         await client.mount()
-        assert await trio.to_thread.run_sync(tree_of, client.mountpoint) == expected
+        cold = await trio.to_thread.run_sync(tree_of, client.mountpoint)
+        assert cold == expected, explain(client, cold, expected)
     finally:
         await client.cleanup()
