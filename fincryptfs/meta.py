@@ -279,14 +279,29 @@ def create(db: sqlite3.Connection, parent: int, name: bytes, kind: str, mode: in
     try:
         with _tx(db):
             row = db.execute(
-                f"INSERT INTO inodes (parent, name, kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, target, "
-                f"version, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_COLS}",
-                (parent, name, kind, mode, uid, gid, size, now, now, now, target, version, state)).fetchone()
+                f"INSERT INTO inodes (ino, parent, name, kind, mode, uid, gid, size, atime_ns, mtime_ns, ctime_ns, "
+                f"target, version, state) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?) RETURNING {_COLS}",
+                (_next_ino(db), parent, name, kind, mode, uid, gid, size, now, now, now, target, version, state)
+            ).fetchone()
             db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, parent))
             _bump(db)
     except sqlite3.IntegrityError as exc:
         raise Exists(name) from exc
     return Inode(*row)
+
+
+def _next_ino(db: sqlite3.Connection) -> int:
+    """A number no inode ever had. SQLite hands out max(ino) + 1, which reuses the number of the newest inode
+    once it is purged; then an upload still in flight for the deleted file (same ino, and versions restart at
+    1) could be taken for the new file's and stored as its content. Numbers come from a counter instead."""
+    row = db.execute("UPDATE counters SET value = value + 1 WHERE name = 'last_ino' RETURNING value").fetchone()
+    if row is not None:
+        return int(row[0])
+    highest = db.execute("SELECT max(m) FROM (SELECT max(ino) AS m FROM inodes UNION ALL "
+                         "SELECT max(ino) FROM upload_jobs)").fetchone()[0]  # a tree from before the counter
+    ino = max(int(highest or 0), ROOT_INO) + 1
+    db.execute("INSERT INTO counters VALUES ('last_ino', ?)", (ino,))
+    return ino
 
 
 _SETTABLE = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size"})

@@ -249,3 +249,26 @@ def test_resume_uploads_returns_claimed_jobs_to_pending(db: sqlite3.Connection) 
     meta.resume_uploads(db)  # the worker that claimed it died; a new one starts
     again = claim(db)
     assert (again.id, again.attempts) == (job.id, job.attempts + 1)
+
+
+def test_an_upload_for_a_deleted_file_never_lands_on_a_new_file(db: sqlite3.Connection) -> None:
+    """A file is deleted (and forgotten) while its upload is in flight, and a new file is created at once: the
+    new file must not get the old number (SQLite would hand out max(ino) + 1 again, versions restart at 1),
+    or the old upload would finish as the new file's content and the new file's own job be dropped."""
+    old = new_file(db, b"x")
+    meta.mark_dirty(db, old.ino)
+    meta.record_release(db, old.ino, 10, 1)
+    in_flight = claim(db)
+    meta.unlink(db, meta.ROOT_INO, b"x")
+    meta.purge(db, old.ino)
+    new = meta.create(db, meta.ROOT_INO, b"x", meta.FILE, 0o100644, 0, 0, dirty=True)
+    assert new.ino != old.ino
+    meta.record_release(db, new.ino, 20, 2)
+    assert not meta.finish_pack(db, "o" * 64, obj("o", 10), [(in_flight, 0, 10)])
+    own = claim(db)
+    assert own.ino == new.ino and meta.job_current(db, own)
+    assert meta.finish_upload(db, own, "n" * 64, obj("n", 20)) and object_of(db, new.ino) == "n" * 64
+    # numbers keep growing across a reopen, and a tree from before the counter starts above its highest
+    db.execute("DELETE FROM counters WHERE name = 'last_ino'")
+    newest = meta.create(db, meta.ROOT_INO, b"y", meta.FILE, 0o100644, 0, 0)
+    assert newest.ino == new.ino + 1
