@@ -50,6 +50,21 @@ class CacheDir:
         self.maybe_over_limit = True  # set when files were added; the upload queue's evictor resets it
         self._last_used: dict[int, float] = {}
         self._locks: dict[int, trio.Lock] = {}
+        # bytes in the cache at the last scan plus every byte added since (an upper bound), None if unknown:
+        # the evictor lists the folder only when this may exceed the limit, not every time the tree changes
+        self._used_bound: int | None = None
+
+    def added(self, nbytes: int) -> None:
+        """``nbytes`` of file data were written into the cache (overwrites count again: a bound is enough)."""
+        if self._used_bound is not None:
+            self._used_bound += nbytes
+
+    def forget_usage(self) -> None:
+        """Files appeared that ``added`` did not see (a fetch, carved pack-mates): the next check lists them."""
+        self._used_bound = None
+
+    def may_exceed_limit(self) -> bool:
+        return self._used_bound is None or self._used_bound > self.limit_bytes
 
     def has_room(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more of file data leave the disk's reserve untouched."""
@@ -99,6 +114,7 @@ class CacheDir:
                 break
             self.remove(ino)
             freed += size
+        self._used_bound = total - freed
         return freed
 
     async def ensure(self, ino: int, fetch: Callable[[Path], Awaitable[None]]) -> Path:
@@ -109,5 +125,6 @@ class CacheDir:
             if not path.exists():
                 await fetch(path)
                 self.maybe_over_limit = True
+                self.forget_usage()
             self.touch(ino)
             return path

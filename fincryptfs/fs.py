@@ -339,6 +339,7 @@ class FincryptOperations(pyfuse3.Operations):
         if not self.cache.has_room(len(buf)):  # the last few percent stay free for the tree database
             raise pyfuse3.FUSEError(errno.ENOSPC)
         written = os.pwrite(handle.fd, buf, off)
+        self.cache.added(written)
         dirty.size = max(dirty.size, off + written)
         dirty.mtime_ns = time.time_ns()
         return written

@@ -57,6 +57,7 @@ CREATE TABLE IF NOT EXISTS inodes (
     UNIQUE (parent, name)
 );
 CREATE INDEX IF NOT EXISTS inodes_state ON inodes (state);
+CREATE INDEX IF NOT EXISTS inodes_subdirs ON inodes (parent) WHERE kind = 'dir';
 CREATE TABLE IF NOT EXISTS upload_jobs (
     id INTEGER PRIMARY KEY,
     ino INTEGER NOT NULL,

@@ -179,11 +179,12 @@ async def supervise_worker(settings: ClientSettings, master_key: bytes, link: Wo
 
 async def _evictor(db: sqlite3.Connection, cache: CacheDir, ops: FincryptOperations) -> None:
     """Keep the cache within its limit: after the tree changed (uploads finish in the worker), every few
-    seconds (eviction lists the folder). Files open in the mount are never evicted."""
+    seconds, but only when the cache may be over its limit (listing a folder of 100,000 cache files stalls
+    every FUSE request for a good part of a second). Files open in the mount are never evicted."""
     seen = -1
     while True:
         version = meta.counter(db, "meta_version")
-        if version != seen or cache.maybe_over_limit:
+        if (version != seen or cache.maybe_over_limit) and cache.may_exceed_limit():
             seen = version
             cache.maybe_over_limit = False
             cache.evict(meta.stored_inos(db), ops.open_inodes())
@@ -238,7 +239,7 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
 
         flush_seen = meta.counter(db, "flush_requested")
         link = WorkerLink()
-        prefetcher = Prefetcher(pack_reader, cache.path, settings.prefetch_packs)
+        prefetcher = Prefetcher(pack_reader, cache.path, settings.prefetch_packs, on_fetched=cache.forget_usage)
         ops = FincryptOperations(db=db, cache=cache, fetch=fetch, wake=link.wake, read_ahead=prefetcher.offer)
         options = set(pyfuse3.default_options) | {"fsname=fincryptfs", "default_permissions"}
         if os.geteuid() == 0:

@@ -192,10 +192,12 @@ class Prefetcher:
     forgotten, as the open that really needs the file will fetch it and report any error.
     """
 
-    def __init__(self, reader: PackReader, cache_path: Callable[[int], Path], limit: int) -> None:
+    def __init__(self, reader: PackReader, cache_path: Callable[[int], Path], limit: int,
+                 on_fetched: Callable[[], None] = lambda: None) -> None:
         self.reader = reader
         self.cache_path = cache_path
         self.limit = limit
+        self.on_fetched = on_fetched  # files were carved into the cache
         self._send, self._receive = trio.open_memory_channel[tuple[int, meta.PackRef]](PREFETCH_QUEUE)
         self._queued: set[str] = set()
 
@@ -220,6 +222,7 @@ class Prefetcher:
         async for ino, ref in self._receive:
             try:
                 await self.reader.prefetch(ref, self.cache_path(ino))
+                self.on_fetched()
             except Exception as exc:  # noqa: BLE001 - read-ahead is best effort; the real open reports errors
                 log.info("read-ahead of pack %s… failed: %s", ref.pack_id[:16], exc)
             finally:

@@ -272,3 +272,16 @@ def test_an_upload_for_a_deleted_file_never_lands_on_a_new_file(db: sqlite3.Conn
     db.execute("DELETE FROM counters WHERE name = 'last_ino'")
     newest = meta.create(db, meta.ROOT_INO, b"y", meta.FILE, 0o100644, 0, 0)
     assert newest.ino == new.ino + 1
+
+
+def test_counting_subfolders_uses_an_index(db: sqlite3.Connection) -> None:
+    """A folder's link count (2 + its subfolders) is asked after every change in it: with thousands of files in
+    the folder it must not read them all."""
+    plan = db.execute("EXPLAIN QUERY PLAN SELECT count(*) FROM inodes WHERE parent = ? AND kind = 'dir'",
+                      (meta.ROOT_INO,)).fetchall()
+    assert any("inodes_subdirs" in str(row) for row in plan), plan
+    folder = meta.create(db, meta.ROOT_INO, b"d", meta.DIR, 0o40755, 0, 0)
+    for i in range(5):
+        new_file(db, f"f{i}".encode(), parent=folder.ino)
+    meta.create(db, folder.ino, b"sub", meta.DIR, 0o40755, 0, 0)
+    assert meta.subdir_count(db, folder.ino) == 1 and meta.subdir_count(db, meta.ROOT_INO) == 1
