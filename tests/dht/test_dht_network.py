@@ -80,6 +80,7 @@ async def test_a_poisoning_attempt_from_one_address_is_contained(network: Networ
     sybils = [await network.add(attacker_ip, bootstrap=[honest[i % 50].address]) for i in range(60)]
     for sybil in sybils[:20]:  # each announces itself as a mediator: validly signed, but from one host
         await sybil.announce_mediator(f"http://{attacker_ip}:9999")
+    await network.settle()  # the honest nodes have checked the newcomers, as they would have before long
     for node in honest:
         from_attacker = [c for c in node.table.contacts() if c.host == attacker_ip]
         assert len(from_attacker) <= 8
