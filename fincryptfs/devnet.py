@@ -26,6 +26,8 @@ import trio
 
 from .core.crypto import account_signing_key, decode_key_file, encode_key_file, new_master_key, recovery_phrase
 from .core.errors import FincryptError
+from .core.identity import SigningKey
+from .mediator_client import MediatorClient
 from .run_daemon import PARENT_FD_ENV
 
 log = logging.getLogger(__name__)
@@ -212,8 +214,10 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                                       f"mediator; see the logs in {log_dir}")
                 await trio.sleep(0.2)
 
-            client_env, account_id = _make_client(home, mediator_url)
+            client_env, account_key = _make_client(home, mediator_url)
+            account_id = account_key.id
             await _fund_account(python, mediator_env, account_id, log_dir)
+            await _wait_funded(mediator_url, account_key, client, deadline)
             if mount is not None:
                 mount = mount.resolve()
                 mount.mkdir(parents=True, exist_ok=True)
@@ -275,7 +279,18 @@ async def _fund_account(python: str, mediator_env: Path, account_id: str, log_di
         raise DevnetError(f"funding the devnet account failed; see {log_dir / 'funding.log'}")
 
 
-def _make_client(home: Path, mediator_url: str) -> tuple[Path, str]:
+async def _wait_funded(mediator_url: str, account_key: SigningKey, client: httpx.AsyncClient,
+                       deadline: float) -> None:
+    """Until the mediator has credited the deposit (its next scan): the network is announced ready with a
+    funded account, so a first ``fincryptfs status`` does not warn of an empty balance."""
+    account = MediatorClient(url=mediator_url, account_key=account_key, http=client)
+    while (await account.account()).get("balance_msat", 0) <= 0:
+        if trio.current_time() > deadline:
+            raise DevnetError("the mediator did not credit the devnet account's deposit in time; see its log")
+        await trio.sleep(0.2)
+
+
+def _make_client(home: Path, mediator_url: str) -> tuple[Path, SigningKey]:
     """The devnet client account: an unprotected key file (0600), its recovery phrase (0600), client.env."""
     client_dir = home / "client"
     client_dir.mkdir(parents=True, exist_ok=True)
@@ -297,7 +312,7 @@ def _make_client(home: Path, mediator_url: str) -> tuple[Path, str]:
         "FINCRYPT_KEY_FILE": str(key_file),
         "FINCRYPT_CACHE_DIR": str(client_dir / "cache"),
     })
-    return client_env, account_signing_key(master).id
+    return client_env, account_signing_key(master)
 
 
 def wait_for_devnet(home: Path, timeout: float = STARTUP_TIMEOUT) -> dict[str, object]:
