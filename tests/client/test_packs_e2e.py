@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 from mountkit import Client, needs_fuse, tree_of
-from netfixtures import Network, start_network
+from netfixtures import Network, pid_alive, start_network
 
 from fincryptfs import meta, uploadworker
 
@@ -195,26 +195,13 @@ async def test_kill_upload_worker_mid_upload_restarts_and_flush_completes(tmp_pa
         assert sum(p["live_files"] for p in report["packs"]) == 60
         await client.unmount()
         with trio.fail_after(10):  # unmounting stops the worker too
-            while _alive(second):
+            while pid_alive(second):
                 await trio.sleep(0.05)
         shutil.rmtree(client.cache_dir)
         await client.mount()
         assert await trio.to_thread.run_sync(tree_of, mnt) == expected
     finally:
         await client.cleanup()
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ")[-1][:1] != "Z"
-    except FileNotFoundError:
-        return False
-    return True
 
 
 async def test_listing_a_folder_reads_its_packs_ahead(tmp_path: Path, nursery: trio.Nursery) -> None:
