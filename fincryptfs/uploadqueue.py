@@ -30,7 +30,7 @@ import logging
 import shutil
 import sqlite3
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from pathlib import Path
 from typing import TypeVar
 
@@ -174,7 +174,7 @@ class UploadQueue:
                                  "uploaded", None)
                 return
             else:
-                self._retry_later(job, exc)
+                self._retry_later([job], exc, f"inode {job.ino}")
                 return
         if stored is None:
             meta.drop_upload(self.db, job, "superseded")
@@ -188,14 +188,15 @@ class UploadQueue:
         self.cache.maybe_over_limit = True
         self.wake()
 
-    def _retry_later(self, job: meta.UploadJob, exc: Exception) -> None:
+    def _retry_later(self, jobs: Sequence[meta.UploadJob], exc: Exception, what: str) -> None:
+        """A failed attempt at ``jobs`` (one file, or a pack's members): each is retried after its backoff."""
         if not isinstance(exc, (FincryptError, OSError)):
-            log.exception("unexpected error uploading inode %d", job.ino)
-        delay = backoff(job.attempts)
+            log.exception("unexpected error uploading %s", what)
         reason = str(exc)[:1000]
-        log.warning("upload of inode %d failed (attempt %d, retry in %.0f s): %s", job.ino, job.attempts, delay,
-                    reason)
-        meta.fail_upload(self.db, job, reason, time.time() + delay)
+        log.warning("upload of %s failed (attempt %d, retry in %.0f s): %s", what, jobs[0].attempts,
+                    backoff(jobs[0].attempts), reason)
+        for job in jobs:
+            meta.fail_upload(self.db, job, reason, time.time() + backoff(job.attempts))
         self.wake()
 
     async def _unless_superseded(self, job: meta.UploadJob, upload: Callable[[], Awaitable[T]]) -> T | None:
@@ -265,14 +266,7 @@ class UploadQueue:
             try:
                 stored = await self.store.put_file(staging)
             except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
-                if not isinstance(exc, (FincryptError, OSError)):
-                    log.exception("unexpected error uploading a pack of %d files", len(members))
-                reason = str(exc)[:1000]
-                log.warning("upload of a pack of %d files failed (attempt %d): %s", len(members), first.attempts,
-                            reason)
-                for job, _, _ in members:
-                    meta.fail_upload(self.db, job, reason, time.time() + backoff(job.attempts))
-                self.wake()
+                self._retry_later([job for job, _, _ in members], exc, f"a pack of {len(members)} files")
                 return
         finally:
             staging.unlink(missing_ok=True)
