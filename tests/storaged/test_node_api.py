@@ -14,6 +14,7 @@ from fincryptfs.core.challenge import verify_share_proof
 from fincryptfs.core.merkle import HASH_BYTES, LEAF_SIZE, MerkleTree, verify_range
 from fincryptfs.core.messages import ProofResponse, StorageReceipt
 from fincryptfs.core.wire import Envelope, b64decode
+from storaged.store import WRITEBACK_BYTES
 
 
 async def test_first_start_creates_identity_and_database(node: RunningNode, mediator: MediatorPeer) -> None:
@@ -54,7 +55,9 @@ async def test_store_then_read_whole_share_and_ranges(node: RunningNode, mediato
 
 
 async def test_large_share_streams(node: RunningNode, mediator: MediatorPeer, client: httpx.AsyncClient) -> None:
-    data = os.urandom(3 * 1024 * 1024 + 5)
+    # several times the node's writeback step (the disk starts writing every 8 MiB), plus a ragged end
+    data = os.urandom(5 * 2**22 + 5)
+    assert len(data) > 2 * WRITEBACK_BYTES
     grant, _ = await store(client, node, mediator, data)
     got = await rpc.call(client, "GET", f"{node.url}/v1/shares/{grant.share_id}", key=ACCOUNT)
     assert got.content == data
