@@ -16,7 +16,7 @@ from .errors import ErasureError, RemoteProtocolError
 
 MIN_SEGMENT_SIZE = 4096
 MAX_SEGMENT_SIZE = 64 * 2**20
-DEFAULT_SEGMENT_SIZE = 2**20
+DEFAULT_SEGMENT_SIZE = 2 * 2**20
 MAX_PADDED_SIZE = 2**50  # 1 PiB: far above any file, far below integer trouble
 
 

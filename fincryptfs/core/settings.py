@@ -20,7 +20,7 @@ from dotenv import dotenv_values
 
 from .erasure import ErasureParams
 from .errors import ConfigError, ErasureError
-from .layout import MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE
+from .layout import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE
 
 T = TypeVar("T")
 _URL_RE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?")
@@ -221,7 +221,7 @@ class ClientSettings:
             cache_dir=r.path("CACHE_DIR", data_dir / "cache"),
             cache_limit_bytes=r.get("CACHE_LIMIT_BYTES", 2**30, _bytes_size, "a size in bytes (e.g. 10G)"),
             k=k, n=n, happy=r.int("HAPPY", n - 1, 1, 256),
-            segment_size=r.int("SEGMENT_SIZE", 2**20, MIN_SEGMENT_SIZE, MAX_SEGMENT_SIZE),
+            segment_size=r.int("SEGMENT_SIZE", DEFAULT_SEGMENT_SIZE, MIN_SEGMENT_SIZE, MAX_SEGMENT_SIZE),
             passphrase_file=r.get("PASSPHRASE_FILE", None, lambda t: Path(t).expanduser(), "a path"),
             upload_workers=r.int("UPLOAD_WORKERS", 2, 1, 64),
             publish_delay=r.seconds("PUBLISH_DELAY", 2.0, 0.0),

@@ -23,7 +23,7 @@ def test_client_defaults() -> None:
     data = HOME / ".local/share/fincrypt"
     assert (s.mediator_url, s.data_dir, s.key_file, s.cache_dir) == (None, data, data / "master.key",
                                                                      data / "cache")
-    assert (s.cache_limit_bytes, s.k, s.n, s.happy, s.segment_size) == (2**30, 3, 6, 5, 2**20)
+    assert (s.cache_limit_bytes, s.k, s.n, s.happy, s.segment_size) == (2**30, 3, 6, 5, 2 * 2**20)
 
 
 def test_client_values() -> None:
