@@ -38,7 +38,8 @@ from .core.errors import FincryptError
 log = logging.getLogger(__name__)
 
 ATTR_TIMEOUT = 1.0
-BLOCK_SIZE = 128 * 1024
+BLOCK_SIZE = 128 * 1024  # statfs block size
+IO_SIZE = 1024 * 1024  # st_blksize: tools such as cp size their buffers by it, and FUSE passes 1 MiB writes whole
 NAME_MAX = 255
 
 Fetch = Callable[[str, Path], Awaitable[None]]  # (object JSON, destination) -> file written
@@ -151,7 +152,7 @@ class FincryptOperations(pyfuse3.Operations):
         if dirty is not None:
             size, mtime_ns = dirty.size, dirty.mtime_ns
         attr.st_size = size
-        attr.st_blksize = BLOCK_SIZE
+        attr.st_blksize = IO_SIZE
         attr.st_blocks = (size + 511) // 512
         attr.st_atime_ns = inode.atime_ns
         attr.st_mtime_ns = mtime_ns

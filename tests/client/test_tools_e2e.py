@@ -16,6 +16,7 @@ from mountkit import Client, needs_fuse, tree_of
 from netfixtures import start_network
 
 from fincryptfs import meta
+from fincryptfs.fs import IO_SIZE
 
 pytestmark = [pytest.mark.e2e, needs_fuse]
 
@@ -56,6 +57,8 @@ def tools_in_mount(mnt: Path, work: Path) -> None:
     subprocess.run(["cp", "-a", str(src), str(mnt / "cpa")], check=True)
     assert tree_of(mnt / "cpa") == tree_of(src)
     assert os.stat(mnt / "cpa" / "y.txt").st_mtime_ns == os.stat(src / "y.txt").st_mtime_ns
+    # tools size their buffers by st_blksize: cp into the mount then writes 1 MiB per FUSE request, not 128 KiB
+    assert os.stat(mnt / "cpa" / "y.txt").st_blksize == IO_SIZE == 2**20
     # rsync -a, twice (the second run rewrites a changed file through a temporary name and a rename)
     if shutil.which("rsync"):
         subprocess.run(["rsync", "-a", f"{src}/", str(mnt / "rs")], check=True)
