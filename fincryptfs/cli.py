@@ -31,6 +31,7 @@ from .keystore import ask_new_passphrase, load_master_key, read_passphrase_file,
 
 DEFAULT_ENV_FILE = Path("~/.config/fincrypt/client.env")
 DAEMON_START_TIMEOUT = 60.0
+FLUSH_POLL = 0.02  # seconds between looks at the queue: a cheap read, and a flush returns this much sooner
 
 
 class UsageError(FincryptError):
@@ -250,7 +251,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
                           file=sys.stderr)
                 print("Is the filesystem mounted (fincryptfs mount DIR) and the mediator reachable?", file=sys.stderr)
                 return 1
-            time.sleep(0.1)
+            time.sleep(FLUSH_POLL)
     finally:
         db.close()
 

@@ -164,6 +164,7 @@ class UploadQueue:
             meta.drop_upload(self.db, job, "superseded")
             return
         path = self.cache.path(job.ino)
+        started = trio.current_time()
         try:
             stored = await self._unless_superseded(job, lambda: self.store.put_file(path))
         except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
@@ -183,6 +184,8 @@ class UploadQueue:
             self.wake()
             return
         became_current = meta.finish_upload(self.db, job, stored.object_id, json.dumps(stored.to_json()))
+        log.info("stored inode %d version %d (%d bytes) in %.2f s", job.ino, job.version, stored.size,
+                 trio.current_time() - started)
         if not became_current:
             log.info("upload of inode %d version %d is stale; its object will be deleted", job.ino, job.version)
         self.cache.maybe_over_limit = True
@@ -316,6 +319,7 @@ class UploadQueue:
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             version = meta.snapshot_to(self.db, snapshot)
             pointer_version = meta.counter(self.db, "pointer_version")
+            started = trio.current_time()
             try:
                 stored_version = await publish_snapshot(self.store, self.master_key, snapshot, pointer_version)
             except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
@@ -330,7 +334,8 @@ class UploadQueue:
             failures = 0
             self.publish_error = None
             meta.set_published(self.db, version, stored_version)
-            log.info("published metadata snapshot %d (tree version %d)", stored_version, version)
+            log.info("published metadata snapshot %d (tree version %d) in %.2f s", stored_version, version,
+                     trio.current_time() - started)
             self.wake()
 
     async def _wait_until_quiet(self) -> None:
