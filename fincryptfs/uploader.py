@@ -49,15 +49,22 @@ log = logging.getLogger(__name__)
 
 ORDERED_WINDOW = 4  # segments in flight in run_ordered: both cores stay busy while the event loop catches up
 SEND_QUEUE = 6  # blocks queued per share between the encoder and that share's PUT
+WRITE_PIECE = 2**20  # largest single write to a local file (see pwrite_all)
 T = TypeVar("T")
 
 Block = bytes | memoryview
 
 
 def pwrite_all(fd: int, data: bytes | memoryview, offset: int) -> None:
+    """Write all of ``data`` at ``offset``, at most WRITE_PIECE bytes per call.
+
+    Why pieces: measured on Linux 6.18 / ext4, a 256 MiB fetch in 2 MiB segments took 1.0-1.3 s (and 40 %
+    more CPU) writing each segment with one call, 0.81-0.87 s writing it in 1 MiB pieces; the kernel's time
+    went to allocating page-cache memory, presumably larger folios for larger aligned writes.
+    """
     view = memoryview(data)
     while view:
-        written = os.pwrite(fd, view, offset)
+        written = os.pwrite(fd, view[:WRITE_PIECE], offset)
         view, offset = view[written:], offset + written
 
 
