@@ -38,7 +38,7 @@ from .core.settings import ClientSettings
 from .fs import Capacity, FincryptOperations
 from .objectstore import ObjectStore, StoredObject
 from .packs import PackReader, Prefetcher
-from .run_daemon import exit_with_parent, take_parent_fd
+from .run_daemon import exit_with_parent, freeze_startup_objects, take_parent_fd
 from .uploadqueue import backoff
 from .uploadworker import encode_config
 
@@ -255,6 +255,7 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 nursery.start_soon(exit_with_parent, parent_fd, nursery.cancel_scope)
                 log.info("mounted %s", mountpoint)
+                freeze_startup_objects()
                 if on_ready is not None:
                     on_ready()
                 await pyfuse3.main()

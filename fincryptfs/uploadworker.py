@@ -34,6 +34,7 @@ from . import logs, meta, rpc
 from .cache import CacheDir
 from .core.errors import ConfigError
 from .core.settings import ClientSettings
+from .run_daemon import freeze_startup_objects
 from .uploadqueue import UploadQueue
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,7 @@ async def run_worker(settings: ClientSettings, master_key: bytes, flush_seen: in
                                     flush_seen=flush_seen)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(queue.run)
+                    freeze_startup_objects()
                     os.write(1, b"ready\n")  # the mount waits for this before serving (stdout is its pipe)
                     nursery.start_soon(_read_wakes, stdin, queue, nursery.cancel_scope)
                     nursery.start_soon(_poll, queue)
