@@ -128,8 +128,9 @@ class ShareWriter:
 
         Otherwise every byte of a share is still dirty in the page cache when ``commit`` fsyncs it, and the
         receipt waits for the whole share to reach the disk while the CPU idles (measured: that fsync took
-        0.12-0.15 s for an 85 MiB share, 0.01-0.02 s with this). ``POSIX_FADV_DONTNEED`` starts asynchronous writeback of the range (and drops pages already clean: a
-        stored share is read again only by audits and fetches, so it need not crowd the cache).
+        0.12-0.15 s for an 85 MiB share, 0.01-0.02 s with this). ``POSIX_FADV_DONTNEED`` starts asynchronous
+        writeback of the range (and drops pages already clean: a stored share is read again only by audits and
+        fetches, so it need not crowd the cache).
         """
         assert self._fd is not None
         size = self._builder.size
