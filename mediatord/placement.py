@@ -69,6 +69,25 @@ def eligible(candidates: Sequence[Candidate], share_size: int, exclude: Collecti
             and c.free_bytes >= share_size]
 
 
+def why_ineligible(candidates: Sequence[Candidate], share_size: int, exclude: Collection[str],
+                   min_reputation: float) -> str:
+    """Why the known nodes cannot take a share, counted by first reason, in words (e.g. "6 full")."""
+    counts = {"offline": 0, "already used or failed for this object": 0, "reputation too low": 0,
+              f"full (less than {share_size / 2**20:.2f} MiB free)": 0}
+    reasons = list(counts)
+    for c in candidates:
+        if not c.online:
+            counts[reasons[0]] += 1
+        elif c.node_id in exclude:
+            counts[reasons[1]] += 1
+        elif c.reputation < min_reputation:
+            counts[reasons[2]] += 1
+        elif c.free_bytes < share_size:
+            counts[reasons[3]] += 1
+    said = [f"{count} {reason}" for reason, count in counts.items() if count]
+    return f"{len(candidates)} known" + (": " + ", ".join(said) if said else "")
+
+
 def place_shares(candidates: Sequence[Candidate], share_count: int, share_size: int, *,
                  exclude: Collection[str] = (), used_operators: Collection[str] = (),
                  used_subnets: Collection[str] = (), min_reputation: float = 0.0) -> list[Candidate]:
@@ -77,9 +96,10 @@ def place_shares(candidates: Sequence[Candidate], share_count: int, share_size: 
                   key=lambda c: (c.price, -c.reputation, c.node_id))
     if len(pool) < share_count:
         missing = share_count - len(pool)
-        raise PolicyError(f"not enough storage nodes: {share_count} shares need {share_count} distinct eligible "
-                          f"nodes, {len(pool)} available ({missing} missing); retry later or lower n",
-                          status=503)
+        raise PolicyError(f"not enough storage nodes: {share_count} shares need {share_count} distinct nodes, "
+                          f"{len(pool)} can take one ({missing} missing; "
+                          f"{why_ineligible(candidates, share_size, exclude, min_reputation)}); "
+                          "retry later or lower n", status=503)
     operators = {o for o in used_operators if o}
     subnets = set(used_subnets)
     chosen: list[Candidate] = []

@@ -161,6 +161,12 @@ def test_placement_cheapest_distinct_and_spread() -> None:
     with pytest.raises(PolicyError) as info:
         place_shares(pool, 6, 1000, min_reputation=0.2)
     assert info.value.status == 503 and "2 missing" in str(info.value)
+    # the message says why the other nodes could not take a share, in words an operator can act on
+    assert "7 known: 1 offline, 1 reputation too low, 1 full (less than 0.00 MiB free)" in str(info.value)
+    with pytest.raises(PolicyError) as info:
+        place_shares(pool, 3, 2**30, exclude={"a" * 64}, min_reputation=0.2)
+    assert ("7 known: 1 offline, 1 already used or failed for this object, 1 reputation too low, 4 full (less "
+            "than 1024.00 MiB free)") in str(info.value)
     # host names have no known subnet; empty operators never collide
     named = [cand(x, 5, "", f"{x}.example") for x in "xyz"]
     assert len(place_shares(named, 3, 1)) == 3
