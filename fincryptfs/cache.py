@@ -1,10 +1,11 @@
 """The local write-back cache: one plaintext file per inode in a 0700 folder.
 
 Writes land here and are uploaded from here; reads are served from here. A stored file whose cache copy is
-missing (evicted, or a tree restored on a new machine) is fetched *whole* on open with
-``ObjectStore.fetch_to_file`` (to a temporary name, renamed into place when complete), rather than range by
-range: the FUSE handlers then only ever touch local files, editors and tools that read a file several times
-pay the network once, and a partial fetch is never mistaken for the file.
+missing (evicted, or a tree restored on a new machine) is fetched *whole* from its first open with
+``ObjectStore.fetch_to_file`` (to a temporary name, renamed into place when complete; readers may use the
+front of that partial copy meanwhile, see ``fs._Filling``), rather than range by range: the FUSE handlers then
+only ever touch local files, editors and tools that read a file several times pay the network once, and a
+partial fetch is never mistaken for the file.
 
 The size limit is soft: only files whose upload completed (state ``stored``) and that nobody has open may be
 evicted, least recently used first, so the cache can exceed the limit while uploads are pending.
@@ -89,7 +90,7 @@ class CacheDir:
         for entry in os.scandir(self.root):
             if entry.name.isdigit():
                 result[int(entry.name)] = entry.stat().st_size
-            elif entry.name.startswith(".fetch-"):
+            elif entry.name.startswith(".fetch-") or entry.name.endswith(".part"):
                 os.unlink(entry.path)
         return result
 

@@ -54,12 +54,18 @@ class Run:
 
 
 def plan_runs(layout: ObjectLayout, segments: range, max_share_bytes: int = MAX_RUN_SHARE_BYTES) -> list[Run]:
-    """Cut ``segments`` into runs whose blocks span at most ``max_share_bytes`` of each share (at least one)."""
+    """Cut ``segments`` into runs whose blocks span at most ``max_share_bytes`` of each share (at least one).
+
+    The first runs ramp up (1, 2, 4 … segments): a reader streaming a cold file gets its first bytes after one
+    segment has been fetched and opened, not after a whole run of up to k × ``max_share_bytes``.
+    """
     full_block = layout.block_length(0)
     per_run = max(1, max_share_bytes // full_block)
     runs = []
-    for start in range(segments.start, segments.stop, per_run):
-        seg = range(start, min(start + per_run, segments.stop))
+    start, ramp = segments.start, 1
+    while start < segments.stop:
+        seg = range(start, min(start + min(ramp, per_run), segments.stop))
+        start, ramp = seg.stop, ramp * 2
         begin = layout.block_offset(seg[0])
         end = layout.block_offset(seg[-1]) + layout.block_length(seg[-1])
         first_leaf = begin // LEAF_SIZE
@@ -306,22 +312,40 @@ async def read_range(store: ObjectStore, obj: StoredObject, offset: int, length:
     return await reader.read(offset, length)
 
 
-async def fetch_to_file(store: ObjectStore, obj: StoredObject, dest: Path) -> None:
+Progress = Callable[[Path, int], None]  # (the partial file, how many bytes from its start are written)
+
+
+async def fetch_to_file(store: ObjectStore, obj: StoredObject, dest: Path, *, progress: Progress | None = None,
+                        clobber: bool = True) -> bool:
+    """Write the whole plaintext to a temporary file next to ``dest``, in file order, and rename it into place.
+
+    ``progress`` hears of the temporary file once it exists and after each segment lands, so a reader may use
+    the front of a file before its end has arrived. ``clobber=False``: if ``dest`` appeared meanwhile (a newer
+    version written by someone else), it is kept and the fetched copy dropped. True if ``dest`` is the fetched
+    copy.
+    """
     tmp = dest.with_name(f".{dest.name}.{os.urandom(4).hex()}.part")
     seg_size = obj.layout.segment_size
     try:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | getattr(os, "O_CLOEXEC", 0), 0o600)
         try:
+            if progress is not None:
+                progress(tmp, 0)
             if obj.size:
                 async def write(index: int, plaintext: bytes) -> None:
                     keep = memoryview(plaintext)[:max(0, obj.size - index * seg_size)]
                     await trio.to_thread.run_sync(pwrite_all, fd, keep, index * seg_size)
+                    if progress is not None:
+                        progress(tmp, index * seg_size + len(keep))
 
                 reader = await ObjectReader.open(store, obj)
                 await reader.each_segment(obj.layout.segments_for_range(0, obj.size), write)
         finally:
             os.close(fd)
+        if not clobber and dest.exists():  # no await between this check and the rename
+            return False
         os.replace(tmp, dest)
+        return True
     finally:
         try:
             tmp.unlink()

@@ -30,10 +30,12 @@ from pathlib import Path
 from typing import Any, TypeVar, cast
 
 import pyfuse3
+import trio
 
 from . import meta
 from .cache import CacheDir
 from .core.errors import FincryptError
+from .downloader import Progress
 
 log = logging.getLogger(__name__)
 
@@ -42,8 +44,43 @@ BLOCK_SIZE = 128 * 1024  # statfs block size
 IO_SIZE = 1024 * 1024  # st_blksize: tools such as cp size their buffers by it, and FUSE passes 1 MiB writes whole
 NAME_MAX = 255
 
-Fetch = Callable[[str, Path], Awaitable[None]]  # (object JSON, destination) -> file written
+Fetch = Callable[[str, Path, Progress | None], Awaitable[None]]  # (object JSON, destination, progress)
+Spawn = Callable[[Callable[[], Awaitable[None]]], None]  # runs a task in the mount's nursery
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
+
+
+@dataclass
+class _Filling:
+    """A file being fetched into the cache in the background. Its partial copy grows in file order, and a
+    reader is served from it as soon as the bytes it asks for have arrived, instead of waiting at ``open`` for
+    the whole file (a 2 GiB video starts playing after its first segments, not after 2 GiB)."""
+
+    size: int
+    partial: Path | None = None
+    filled: int = 0
+    failed: bool = False
+    done: bool = False
+    changed: trio.Event = field(default_factory=trio.Event)
+
+    def advance(self, partial: Path, filled: int) -> None:
+        self.partial, self.filled = partial, filled
+        self._notify()
+
+    def finish(self, ok: bool) -> None:
+        self.done, self.failed = ok, not ok
+        self._notify()
+
+    def _notify(self) -> None:
+        self.changed.set()
+        self.changed = trio.Event()
+
+    async def wait_for(self, end: int) -> bool:
+        """Wait until the first ``end`` bytes are readable (True) or the fetch ended without them (False)."""
+        while not self.done and (self.partial is None or self.filled < end):
+            if self.failed:
+                return False
+            await self.changed.wait()
+        return True
 
 
 @dataclass
@@ -51,6 +88,7 @@ class _Handle:
     ino: int
     fd: int
     writable: bool
+    filling: _Filling | None = None  # set while the file behind ``fd`` is still arriving
 
 
 @dataclass
@@ -105,11 +143,14 @@ class FincryptOperations(pyfuse3.Operations):
 
     def __init__(self, *, db: sqlite3.Connection, cache: CacheDir, fetch: Fetch,
                  wake: Callable[[bool], None] = lambda jobs: None,
-                 read_ahead: Callable[[list[tuple[int, str | None]]], None] = lambda members: None) -> None:
+                 read_ahead: Callable[[list[tuple[int, str | None]]], None] = lambda members: None,
+                 spawn: Spawn | None = None) -> None:
         super().__init__()
         self.db = db
         self.cache = cache
         self.fetch = fetch
+        self.spawn = spawn  # without it, opening an uncached file waits for all of it
+        self._filling: dict[int, _Filling] = {}
         self.wake = wake
         self.read_ahead = read_ahead  # offered a listed folder's stored files (packs.Prefetcher.offer)
         self.capacity: Capacity | None = None
@@ -245,7 +286,7 @@ class FincryptOperations(pyfuse3.Operations):
 
     # --- the cache and writes -------------------------------------------------------------------------------
 
-    async def _ensure_cached(self, node: meta.Inode) -> Path:
+    async def _ensure_cached(self, node: meta.Inode, progress: Progress | None = None) -> Path:
         async def fetch(dest: Path) -> None:
             if node.object is None:
                 if node.state != meta.STORED:
@@ -255,11 +296,37 @@ class FincryptOperations(pyfuse3.Operations):
                 dest.touch()
                 return
             try:
-                await self.fetch(node.object, dest)
+                await self.fetch(node.object, dest, progress)
             except (FincryptError, OSError) as exc:
                 log.error("cannot fetch %s: %s", meta.path_of(self.db, node.ino) or f"inode {node.ino}", exc)
                 raise pyfuse3.FUSEError(errno.EIO) from exc
         return await self.cache.ensure(node.ino, fetch)
+
+    def _start_filling(self, node: meta.Inode) -> _Filling | None:
+        """Fetch an uncached stored file in the background, unless it is cached, packed (small: fetched whole)
+        or already arriving; the filling to read from, if any."""
+        filling = self._filling.get(node.ino)
+        if filling is not None:
+            return filling
+        if (self.spawn is None or node.object is None or meta.pack_ref(node.object) is not None
+                or self.cache.has(node.ino)):
+            return None
+        filling = self._filling[node.ino] = _Filling(node.size)
+
+        async def fill() -> None:
+            ok = False
+            try:
+                await self._ensure_cached(node, filling.advance)
+                ok = True
+            except pyfuse3.FUSEError:
+                pass  # logged by _ensure_cached; readers past what arrived get EIO, the next open tries again
+            finally:
+                del self._filling[node.ino]
+                filling.finish(ok)
+                self._maybe_purge(node.ino)  # deleted while it arrived
+
+        self.spawn(fill)
+        return filling
 
     def _begin_write(self, node: meta.Inode) -> _Dirty:
         dirty = self._dirty.get(node.ino)
@@ -301,6 +368,16 @@ class FincryptOperations(pyfuse3.Operations):
                 pass
             dirty.size = 0
             dirty.mtime_ns = time.time_ns()
+        elif not writable and (filling := self._start_filling(node)) is not None:
+            if not await filling.wait_for(0):
+                raise pyfuse3.FUSEError(errno.EIO)
+            if not filling.done:  # read from the partial copy (renamed into the cache, same file, once complete)
+                assert filling.partial is not None
+                fd = os.open(filling.partial, os.O_RDONLY)
+                fh = self._new_handle(inode, fd, False)
+                self._handles[fh].filling = filling
+                return pyfuse3.FileInfo(fh=fh)
+            path = self.cache.path(inode)
         else:
             path = await self._ensure_cached(node)
         fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
@@ -330,7 +407,12 @@ class FincryptOperations(pyfuse3.Operations):
         return node
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
-        return os.pread(self._handles[fh].fd, size, off)
+        handle = self._handles[fh]
+        filling = handle.filling
+        if filling is not None and not filling.done:
+            if not await filling.wait_for(min(off + size, filling.size)):
+                raise pyfuse3.FUSEError(errno.EIO)  # the fetch failed before reaching these bytes
+        return os.pread(handle.fd, size, off)
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]

@@ -35,7 +35,7 @@ from .cache import CacheDir
 from .core.crypto import account_signing_key
 from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings
-from .fs import Capacity, FincryptOperations
+from .fs import Capacity, FincryptOperations, Progress
 from .objectstore import ObjectStore, StoredObject
 from .packs import PackReader, Prefetcher
 from .run_daemon import exit_with_parent, freeze_startup_objects, take_parent_fd
@@ -230,21 +230,23 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
 
         pack_reader = PackReader(db=db, store=store, cache_root=cache.root)
 
-        async def fetch(object_json: str, dest: Path) -> None:
+        async def fetch(object_json: str, dest: Path, progress: Progress | None) -> None:
             ref = meta.pack_ref(object_json)
             if ref is not None:
-                await pack_reader.fetch(ref, dest)
-            else:
-                await store.fetch_to_file(StoredObject.from_json(json.loads(object_json)), dest)
+                await pack_reader.fetch(ref, dest)  # small: whole packs, no partial reads
+            else:  # never over a newer cache copy written meanwhile (a truncate while the fetch ran)
+                await store.fetch_to_file(StoredObject.from_json(json.loads(object_json)), dest, progress=progress,
+                                          clobber=False)
 
         flush_seen = meta.counter(db, "flush_requested")
         link = WorkerLink()
         prefetcher = Prefetcher(pack_reader, cache.path, settings.prefetch_packs, on_fetched=cache.forget_usage)
-        ops = FincryptOperations(db=db, cache=cache, fetch=fetch, wake=link.wake, read_ahead=prefetcher.offer)
         options = set(pyfuse3.default_options) | {"fsname=fincryptfs", "default_permissions"}
         if os.geteuid() == 0:
             options.add("allow_other")
         async with trio.open_nursery() as nursery:
+            ops = FincryptOperations(db=db, cache=cache, fetch=fetch, wake=link.wake, read_ahead=prefetcher.offer,
+                                     spawn=nursery.start_soon)  # background fetches end with the mount
             # the worker first: a flush right after mounting should not wait for a Python process to start
             await nursery.start(supervise_worker, settings, master_key, link, flush_seen)
             pyfuse3.init(ops, str(mountpoint), options)

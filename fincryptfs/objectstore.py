@@ -143,11 +143,13 @@ class ObjectStore:
 
         return await read_range(self, obj, offset, length)
 
-    async def fetch_to_file(self, obj: StoredObject, dest: Path) -> None:
-        """Write the whole plaintext to ``dest`` (via a temporary file renamed into place when complete)."""
+    async def fetch_to_file(self, obj: StoredObject, dest: Path, *,
+                            progress: Callable[[Path, int], None] | None = None, clobber: bool = True) -> bool:
+        """Write the whole plaintext to ``dest`` (via a temporary file renamed into place when complete); see
+        ``downloader.fetch_to_file`` for ``progress`` and ``clobber``."""
         from .downloader import fetch_to_file
 
-        await fetch_to_file(self, obj, Path(dest))
+        return await fetch_to_file(self, obj, Path(dest), progress=progress, clobber=clobber)
 
     async def delete(self, object_id: str) -> None:
         """Release the object: the mediator tells the nodes to delete its shares and billing stops."""

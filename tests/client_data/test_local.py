@@ -33,6 +33,10 @@ def test_plan_runs_cover_segments_within_bound(size: int, segment_size: int, dat
         assert (run.first_leaf + run.leaf_count - 1) * LEAF_SIZE < layout.share_size
         if len(run.segments) > 1:
             assert run.leaf_count * LEAF_SIZE <= MAX_RUN_SHARE_BYTES + 2 * LEAF_SIZE
+    # the first bytes come after one segment; runs then double up to the bound (only the last may be shorter)
+    per_run = max(1, MAX_RUN_SHARE_BYTES // layout.block_length(0))
+    assert [len(r.segments) for r in runs[:-1]] == [min(2**i, per_run) for i in range(len(runs) - 1)]
+    assert len(runs[0].segments) == 1
 
 
 def test_stored_object_json_round_trip_and_strictness() -> None:
