@@ -24,7 +24,8 @@ def test_plan_runs_cover_segments_within_bound(size: int, segment_size: int, dat
     layout = plan_object(size, segment_size, 3, 6)
     first = data.draw(st.integers(0, layout.segment_count - 1))
     last = data.draw(st.integers(first, layout.segment_count - 1))
-    runs = plan_runs(layout, range(first, last + 1))
+    ramp = data.draw(st.booleans())
+    runs = plan_runs(layout, range(first, last + 1), ramp=ramp)
     assert [s for r in runs for s in r.segments] == list(range(first, last + 1))
     for run in runs:
         begin = layout.block_offset(run.segments[0])
@@ -33,10 +34,12 @@ def test_plan_runs_cover_segments_within_bound(size: int, segment_size: int, dat
         assert (run.first_leaf + run.leaf_count - 1) * LEAF_SIZE < layout.share_size
         if len(run.segments) > 1:
             assert run.leaf_count * LEAF_SIZE <= MAX_RUN_SHARE_BYTES + 2 * LEAF_SIZE
-    # the first bytes come after one segment; runs then double up to the bound (only the last may be shorter)
+    # ramped, the first bytes come after one segment and runs double up to the bound; otherwise every run is as
+    # long as the bound allows (only the last may be shorter)
     per_run = max(1, MAX_RUN_SHARE_BYTES // layout.block_length(0))
-    assert [len(r.segments) for r in runs[:-1]] == [min(2**i, per_run) for i in range(len(runs) - 1)]
-    assert len(runs[0].segments) == 1
+    sizes = [min(2**i if ramp else per_run, per_run) for i in range(len(runs) - 1)]
+    assert [len(r.segments) for r in runs[:-1]] == sizes
+    assert len(runs[0].segments) == 1 or not ramp
 
 
 def test_stored_object_json_round_trip_and_strictness() -> None:
