@@ -325,7 +325,11 @@ class FincryptOperations(pyfuse3.Operations):
                 filling.finish(ok)
                 self._maybe_purge(node.ino)  # deleted while it arrived
 
-        self.spawn(fill)
+        try:
+            self.spawn(fill)
+        except BaseException:  # e.g. the mount is shutting down: nobody must wait for a fetch that never runs
+            del self._filling[node.ino]
+            raise
         return filling
 
     def _begin_write(self, node: meta.Inode) -> _Dirty:
