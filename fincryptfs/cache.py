@@ -85,7 +85,8 @@ class CacheDir:
         self._last_used.pop(ino, None)
 
     def sizes(self) -> dict[int, int]:
-        """Size of every cached file by inode (temporary fetch files are removed: they are never complete)."""
+        """Size of every cached file by inode. Called at mount start, before any fetch: the temporary files of
+        fetches a crash interrupted are removed (they are never complete)."""
         result: dict[int, int] = {}
         for entry in os.scandir(self.root):
             if entry.name.isdigit():
@@ -93,9 +94,6 @@ class CacheDir:
             elif entry.name.startswith(".fetch-") or entry.name.endswith(".part"):
                 os.unlink(entry.path)
         return result
-
-    def used_bytes(self) -> int:
-        return sum(self.sizes().values())
 
     def evict(self, evictable: Collection[int], in_use: Collection[int]) -> int:
         """Remove least recently used evictable files until the cache fits its limit; returns bytes freed."""

@@ -44,3 +44,13 @@ def test_eviction_order_and_when_the_folder_is_listed(tmp_path: Path, monkeypatc
     assert not cache.may_exceed_limit()
     cache.forget_usage()  # e.g. a fetch carved pack-mates that ``added`` never saw
     assert cache.may_exceed_limit()
+
+
+def test_sizes_at_start_drop_what_interrupted_fetches_left(tmp_path: Path) -> None:
+    cache = CacheDir(tmp_path / "cache", 2**20)
+    cache.path(5).write_bytes(b"x" * 10)
+    leftovers = [cache.root / ".5.0a1b2c3d.part", cache.root / ".fetch-7", cache.root / ".fetch-pack-ab12"]
+    for path in leftovers:
+        path.write_bytes(b"partial")
+    assert cache.sizes() == {5: 10}
+    assert not any(path.exists() for path in leftovers) and cache.path(5).exists()
