@@ -7,8 +7,9 @@ then fetched back with ``fetch_to_file`` and compared byte for byte.
 
     python bench/objectstore_throughput.py [--mib 256] [--profile out.prof] [--repeat 1]
 
-``--profile`` writes cProfile stats of the client process (all phases). The last line printed is one JSON
-object with every figure.
+``--profile`` writes cProfile stats of the client process (all phases). Client settings are the devnet's,
+overlaid with the environment (``FINCRYPT_SEGMENT_SIZE=4194304 python bench/...`` compares segment sizes). The
+last line printed is one JSON object with every figure.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import time
 from pathlib import Path
 
 import trio
-from dotenv import dotenv_values
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
@@ -37,7 +37,7 @@ from benchkit import start_devnet  # noqa: E402
 
 from fincryptfs import rpc  # noqa: E402
 from fincryptfs.core.crypto import account_signing_key  # noqa: E402
-from fincryptfs.core.settings import ClientSettings  # noqa: E402
+from fincryptfs.core.settings import ClientSettings, read_env_file  # noqa: E402
 from fincryptfs.keystore import load_master_key  # noqa: E402
 from fincryptfs.objectstore import ObjectStore  # noqa: E402
 
@@ -92,8 +92,8 @@ def main() -> int:
         home.mkdir()
         network = start_devnet(home)
         info = json.loads((home / "devnet.json").read_text())
-        env = {k: v for k, v in dotenv_values(info["client_env"]).items() if v is not None}
-        settings = ClientSettings.from_env(env, home=home)
+        # the devnet's client settings, overlaid with the environment (e.g. FINCRYPT_SEGMENT_SIZE=4194304)
+        settings = ClientSettings.from_env(read_env_file(Path(info["client_env"])), home=home)
         master = load_master_key(settings.key_file, settings.passphrase_file, interactive=False)
         figures: dict[str, float] = {}
         profiler = cProfile.Profile() if args.profile else None
@@ -104,7 +104,7 @@ def main() -> int:
             profiler.disable()
             profiler.dump_stats(args.profile)
         print(json.dumps({"bench": "objectstore_throughput", "mib": args.mib, "k": settings.k, "n": settings.n,
-                          **{k: round(v, 2) for k, v in figures.items()}}))
+                          "segment_size": settings.segment_size, **{k: round(v, 2) for k, v in figures.items()}}))
         return 0
     finally:
         if network is not None and network.poll() is None:
