@@ -1,4 +1,4 @@
-"""The local write-back cache: one plaintext file per inode in a 0700 folder.
+"""The local write-back cache: one plaintext file per inode in a 0700 folder, and whole packs in ``packs/``.
 
 Writes land here and are uploaded from here; reads are served from here. A stored file whose cache copy is
 missing (evicted, or a tree restored on a new machine) is fetched *whole* from its first open with
@@ -9,6 +9,12 @@ partial fetch is never mistaken for the file.
 
 The size limit is soft: only files whose upload completed (state ``stored``) and that nobody has open may be
 evicted, least recently used first, so the cache can exceed the limit while uploads are pending.
+
+A small file that was stored packed (``fincryptfs.packs``) and is not cached is read straight from its pack's
+cached copy, ``packs/<pack id>`` (fetched whole once, complete or absent like every cache file): reading a
+folder of 2,000 small files then creates a few dozen files instead of 2,000, which the kernel spent a sixth of
+a cold read's CPU on. Pack copies are evicted like files, when no open file reads from them. A member is copied
+out into its own cache file only when it is opened for writing.
 
 The disk's last few percent are not for file data (``has_room``): writes into the mount fail with ENOSPC, and
 small files are not staged into a pack, while only ``reserve_for`` bytes are free, so the tree database
@@ -25,6 +31,7 @@ from pathlib import Path
 
 import trio
 
+PACKS = "packs"  # the folder of whole cached packs
 RESERVE_MAX = 64 * 2**20
 RESERVE_FRACTION = 20  # 1/20 of the file system, at most RESERVE_MAX
 
@@ -40,6 +47,15 @@ def has_room(path: Path, nbytes: int) -> bool:
     return disk.f_bavail * disk.f_frsize - nbytes >= reserve_for(disk.f_blocks * disk.f_frsize)
 
 
+def used_bytes(root: Path) -> int:
+    """Bytes of the cached files and packs under ``root`` (``fincryptfs status``; 0 if there is no cache)."""
+    total = 0
+    for folder in (root, root / PACKS):
+        if folder.is_dir():
+            total += sum(e.stat().st_size for e in os.scandir(folder) if e.is_file() and not e.name.startswith("."))
+    return total
+
+
 class CacheDir:
     """Paths, use times and eviction of the cached files; fetching is delegated to a callable."""
 
@@ -49,7 +65,10 @@ class CacheDir:
         self.root = root
         self.limit_bytes = limit_bytes
         self.maybe_over_limit = True  # set when files were added; the upload queue's evictor resets it
+        self.packs = root / PACKS
+        self.packs.mkdir(exist_ok=True)
         self._last_used: dict[int, float] = {}
+        self._pack_last_used: dict[str, float] = {}
         self._locks: dict[int, trio.Lock] = {}
         # bytes in the cache at the last scan plus every byte added since (an upper bound), None if unknown:
         # the evictor lists the folder only when this may exceed the limit, not every time the tree changes
@@ -80,25 +99,40 @@ class CacheDir:
     def touch(self, ino: int) -> None:
         self._last_used[ino] = time.monotonic()
 
+    def pack_path(self, pack_id: str) -> Path:
+        if not pack_id or pack_id.strip("0123456789abcdef"):
+            raise ValueError(f"not a pack id: {pack_id[:80]!r}")  # the tree names packs by hex ids only
+        return self.packs / pack_id
+
+    def has_pack(self, pack_id: str) -> bool:
+        return self.pack_path(pack_id).exists()
+
+    def touch_pack(self, pack_id: str) -> None:
+        self._pack_last_used[pack_id] = time.monotonic()
+
     def remove(self, ino: int) -> None:
         self.path(ino).unlink(missing_ok=True)
         self._last_used.pop(ino, None)
 
     def sizes(self) -> dict[int, int]:
         """Size of every cached file by inode. Called at mount start, before any fetch: the temporary files of
-        fetches a crash interrupted are removed (they are never complete)."""
+        fetches a crash interrupted are removed (they are never complete), here and among the packs."""
         result: dict[int, int] = {}
-        for entry in os.scandir(self.root):
-            if entry.name.isdigit():
-                result[int(entry.name)] = entry.stat().st_size
-            elif entry.name.startswith(".fetch-") or entry.name.endswith(".part"):
-                os.unlink(entry.path)
+        for folder in (self.root, self.packs):
+            for entry in os.scandir(folder):
+                if entry.name.startswith(".fetch-") or entry.name.endswith(".part"):
+                    os.unlink(entry.path)
+                elif folder == self.root and entry.name.isdigit():
+                    result[int(entry.name)] = entry.stat().st_size
         return result
 
-    def evict(self, evictable: Collection[int], in_use: Collection[int]) -> int:
-        """Remove least recently used evictable files until the cache fits its limit; returns bytes freed."""
-        entries = []
+    def evict(self, evictable: Collection[int], in_use: Collection[int], packs_in_use: Collection[str] = ()
+              ) -> int:
+        """Remove least recently used evictable files and packs until the cache fits its limit; returns bytes
+        freed. A pack copy is evictable whenever no open file reads from it (``packs_in_use``)."""
+        entries: list[tuple[float, int | str, int]] = []
         total = 0
+        now = time.time()
         for entry in os.scandir(self.root):
             if not entry.name.isdigit():
                 continue
@@ -106,12 +140,23 @@ class CacheDir:
             total += st.st_size
             ino = int(entry.name)
             if ino in evictable and ino not in in_use:
-                entries.append((self._last_used.get(ino, st.st_mtime - time.time()), ino, st.st_size))
+                entries.append((self._last_used.get(ino, st.st_mtime - now), ino, st.st_size))
+        for entry in os.scandir(self.packs):
+            if entry.name.startswith("."):
+                continue
+            st = entry.stat()
+            total += st.st_size
+            if entry.name not in packs_in_use:
+                entries.append((self._pack_last_used.get(entry.name, st.st_mtime - now), entry.name, st.st_size))
         freed = 0
-        for _, ino, size in sorted(entries):
+        for _, key, size in sorted(entries, key=lambda e: e[0]):
             if total - freed <= self.limit_bytes:
                 break
-            self.remove(ino)
+            if isinstance(key, int):
+                self.remove(key)
+            else:
+                (self.packs / key).unlink(missing_ok=True)
+                self._pack_last_used.pop(key, None)
             freed += size
         self._used_bound = total - freed
         return freed

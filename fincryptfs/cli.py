@@ -284,7 +284,9 @@ def cmd_status(args: argparse.Namespace) -> int:
         }
     finally:
         db.close()
-    cache_used = sum(p.stat().st_size for p in settings.cache_dir.glob("[0-9]*")) if settings.cache_dir.exists() else 0
+    from .cache import used_bytes
+
+    cache_used = used_bytes(settings.cache_dir)
     report["cache"] = {"bytes": cache_used, "limit_bytes": settings.cache_limit_bytes}
     report["mediator"] = trio.run(_add_health, settings, files)
     report["account"] = trio.run(_account_state, settings)

@@ -46,6 +46,7 @@ NAME_MAX = 255
 
 Fetch = Callable[[str, Path, Progress | None], Awaitable[None]]  # (object JSON, destination, progress)
 Spawn = Callable[[Callable[[], Awaitable[None]]], None]  # runs a task in the mount's nursery
+PackFile = Callable[[meta.PackRef], Awaitable[Path | None]]  # the cached whole pack (packs.PackReader.pack_file)
 F = TypeVar("F", bound=Callable[..., Awaitable[Any]])
 
 
@@ -89,6 +90,7 @@ class _Handle:
     fd: int
     writable: bool
     filling: _Filling | None = None  # set while the file behind ``fd`` is still arriving
+    pack: meta.PackRef | None = None  # ``fd`` is the cached copy of this pack: the file is ``size`` at ``offset``
 
 
 @dataclass
@@ -144,12 +146,13 @@ class FincryptOperations(pyfuse3.Operations):
     def __init__(self, *, db: sqlite3.Connection, cache: CacheDir, fetch: Fetch,
                  wake: Callable[[bool], None] = lambda jobs: None,
                  read_ahead: Callable[[list[tuple[int, str | None]]], None] = lambda members: None,
-                 spawn: Spawn | None = None) -> None:
+                 spawn: Spawn | None = None, pack_file: PackFile | None = None) -> None:
         super().__init__()
         self.db = db
         self.cache = cache
         self.fetch = fetch
         self.spawn = spawn  # without it, opening an uncached file waits for all of it
+        self.pack_file = pack_file  # without it, an uncached packed file is copied out of its pack to be read
         self._filling: dict[int, _Filling] = {}
         self.wake = wake
         self.read_ahead = read_ahead  # offered a listed folder's stored files (packs.Prefetcher.offer)
@@ -162,6 +165,10 @@ class FincryptOperations(pyfuse3.Operations):
 
     def open_inodes(self) -> set[int]:
         return set(self._open)
+
+    def open_packs(self) -> set[str]:
+        """Packs whose cached copy an open file reads from (not to be evicted)."""
+        return {h.pack.pack_id for h in self._handles.values() if h.pack is not None}
 
     # --- attributes -----------------------------------------------------------------------------------------
 
@@ -365,6 +372,13 @@ class FincryptOperations(pyfuse3.Operations):
         if node.kind != meta.FILE:
             raise pyfuse3.FUSEError(errno.EISDIR if node.kind == meta.DIR else errno.ELOOP)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
+        if not writable:  # most opens: a cached file, read
+            try:
+                fd = os.open(self.cache.path(inode), os.O_RDONLY)
+            except FileNotFoundError:
+                pass
+            else:
+                return pyfuse3.FileInfo(fh=self._new_handle(inode, fd, False))
         if writable and flags & os.O_TRUNC:
             path = self.cache.path(inode)
             dirty = self._begin_write(node)
@@ -382,10 +396,38 @@ class FincryptOperations(pyfuse3.Operations):
                 self._handles[fh].filling = filling
                 return pyfuse3.FileInfo(fh=fh)
             path = self.cache.path(inode)
+        elif not writable and (handle := await self._open_in_pack(node)) is not None:
+            return pyfuse3.FileInfo(fh=handle)
         else:
             path = await self._ensure_cached(node)
         fd = os.open(path, os.O_RDWR if writable else os.O_RDONLY)
         return pyfuse3.FileInfo(fh=self._new_handle(inode, fd, writable))
+
+    async def _open_in_pack(self, node: meta.Inode) -> int | None:
+        """A read-only handle on the cached copy of an uncached packed file's pack (fetched whole first if need
+        be), or None: the file is not packed, or its pack is too large to fetch whole. Its own cache copy is
+        known to be missing."""
+        ref = meta.pack_ref(node.object) if node.object is not None else None
+        if ref is None or self.pack_file is None:
+            return None
+        try:
+            path = await self.pack_file(ref)
+        except (FincryptError, OSError) as exc:
+            log.error("cannot fetch %s: %s", meta.path_of(self.db, node.ino) or f"inode {node.ino}", exc)
+            raise pyfuse3.FUSEError(errno.EIO) from exc
+        if path is None:
+            return None
+        fd = os.open(path, os.O_RDONLY)
+        if os.fstat(fd).st_size < ref.offset + ref.size:
+            os.close(fd)
+            os.unlink(path)  # not the pack it should be (a crash before the fetched copy reached the disk?)
+            log.error("the cached copy of pack %s… was short: removed; the next open fetches it again",
+                      ref.pack_id[:16])
+            raise pyfuse3.FUSEError(errno.EIO)
+        fh = self._new_handle(node.ino, fd, False)
+        self._handles[fh].pack = ref
+        self.cache.touch_pack(ref.pack_id)
+        return fh
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
@@ -412,11 +454,22 @@ class FincryptOperations(pyfuse3.Operations):
 
     async def read(self, fh: int, off: int, size: int) -> bytes:
         handle = self._handles[fh]
+        if handle.pack is not None:
+            if not self.cache.has(handle.ino):
+                if off >= handle.pack.size:
+                    return b""
+                return os.pread(handle.fd, min(size, handle.pack.size - off), handle.pack.offset + off)
+            self._leave_pack(handle)  # the file got a cache copy of its own (opened for writing): read that
         filling = handle.filling
         if filling is not None and not filling.done:
             if not await filling.wait_for(min(off + size, filling.size)):
                 raise pyfuse3.FUSEError(errno.EIO)  # the fetch failed before reaching these bytes
         return os.pread(handle.fd, size, off)
+
+    def _leave_pack(self, handle: _Handle) -> None:
+        fd = os.open(self.cache.path(handle.ino), os.O_RDONLY)
+        os.close(handle.fd)
+        handle.fd, handle.pack = fd, None
 
     async def write(self, fh: int, off: int, buf: bytes) -> int:
         handle = self._handles[fh]

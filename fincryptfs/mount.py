@@ -187,7 +187,7 @@ async def _evictor(db: sqlite3.Connection, cache: CacheDir, ops: FincryptOperati
         if (version != seen or cache.maybe_over_limit) and cache.may_exceed_limit():
             seen = version
             cache.maybe_over_limit = False
-            cache.evict(meta.stored_inos(db), ops.open_inodes())
+            cache.evict(meta.stored_inos(db), ops.open_inodes(), ops.open_packs())
         await trio.sleep(EVICT_INTERVAL)
 
 
@@ -228,7 +228,7 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
         cache = CacheDir(settings.cache_dir, settings.cache_limit_bytes)
         meta.recover(db, cache.sizes())
 
-        pack_reader = PackReader(db=db, store=store, cache_root=cache.root)
+        pack_reader = PackReader(db=db, store=store, pack_path=cache.pack_path)
 
         async def fetch(object_json: str, dest: Path, progress: Progress | None) -> None:
             ref = meta.pack_ref(object_json)
@@ -240,13 +240,15 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
 
         flush_seen = meta.counter(db, "flush_requested")
         link = WorkerLink()
-        prefetcher = Prefetcher(pack_reader, cache.path, settings.prefetch_packs, on_fetched=cache.forget_usage)
+        prefetcher = Prefetcher(pack_reader, lambda ino, ref: cache.has_pack(ref.pack_id) or cache.has(ino),
+                                settings.prefetch_packs, on_fetched=cache.forget_usage)
         options = set(pyfuse3.default_options) | {"fsname=fincryptfs", "default_permissions"}
         if os.geteuid() == 0:
             options.add("allow_other")
         async with trio.open_nursery() as nursery:
             ops = FincryptOperations(db=db, cache=cache, fetch=fetch, wake=link.wake, read_ahead=prefetcher.offer,
-                                     spawn=nursery.start_soon)  # background fetches end with the mount
+                                     spawn=nursery.start_soon,  # background fetches end with the mount
+                                     pack_file=pack_reader.pack_file)
             # the worker first: a flush right after mounting should not wait for a Python process to start
             await nursery.start(supervise_worker, settings, master_key, link, flush_seen)
             pyfuse3.init(ops, str(mountpoint), options)

@@ -39,18 +39,42 @@ def test_eviction_order_and_when_the_folder_is_listed(tmp_path: Path, monkeypatc
     cache.touch(5)
     # 1 is the least recently used but open, 4 is not evictable (not uploaded yet): 2 goes, which is enough
     assert cache.evict(evictable={1, 2, 3, 5}, in_use={1}) == 3_000
-    assert len(listed) == 1
-    assert sorted(int(p.name) for p in cache.root.iterdir()) == [1, 3, 4, 5]
+    assert listed == [cache.root, cache.packs]  # one listing: the files, and the whole packs
+    assert sorted(int(p.name) for p in cache.root.iterdir() if p.name.isdigit()) == [1, 3, 4, 5]
     assert not cache.may_exceed_limit()
-    cache.forget_usage()  # e.g. a fetch carved pack-mates that ``added`` never saw
+    cache.forget_usage()  # e.g. a fetched pack, which ``added`` never saw
     assert cache.may_exceed_limit()
 
 
 def test_sizes_at_start_drop_what_interrupted_fetches_left(tmp_path: Path) -> None:
     cache = CacheDir(tmp_path / "cache", 2**20)
     cache.path(5).write_bytes(b"x" * 10)
-    leftovers = [cache.root / ".5.0a1b2c3d.part", cache.root / ".fetch-7", cache.root / ".fetch-pack-ab12"]
+    cache.pack_path("ab12").write_bytes(b"whole pack")
+    leftovers = [cache.root / ".5.0a1b2c3d.part", cache.root / ".fetch-7", cache.packs / ".ab34.0a1b2c3d.part"]
     for path in leftovers:
         path.write_bytes(b"partial")
     assert cache.sizes() == {5: 10}
-    assert not any(path.exists() for path in leftovers) and cache.path(5).exists()
+    assert not any(path.exists() for path in leftovers)
+    assert cache.path(5).exists() and cache.has_pack("ab12")
+
+
+def test_whole_packs_are_evicted_like_files_unless_an_open_file_reads_them(tmp_path: Path) -> None:
+    cache = CacheDir(tmp_path / "cache", limit_bytes=10_000)
+    for pack_id in ("aa", "bb", "cc"):
+        cache.pack_path(pack_id).write_bytes(os.urandom(3_000))
+        cache.touch_pack(pack_id)
+    put(cache, 7, 3_000)
+    cache.touch(7)  # 12,000 bytes: 2,000 too many
+    # "aa" is the least recently used but an open file reads from it: "bb" goes
+    assert cache.evict(evictable={7}, in_use=set(), packs_in_use={"aa"}) == 3_000
+    assert sorted(p.name for p in cache.packs.iterdir()) == ["aa", "cc"] and cache.has(7)
+    cache.touch_pack("aa")
+    cache.limit_bytes = 3_000
+    assert cache.evict(evictable={7}, in_use=set()) == 6_000  # "cc", then 7: both older than "aa"'s use
+    assert [p.name for p in cache.packs.iterdir()] == ["aa"] and not cache.has(7)
+
+
+@pytest.mark.parametrize("pack_id", ["", "../x", "AB", "ab/cd", "ab\x00"])
+def test_pack_paths_are_only_hex_names_inside_the_cache(tmp_path: Path, pack_id: str) -> None:
+    with pytest.raises(ValueError):
+        CacheDir(tmp_path / "cache", 1).pack_path(pack_id)

@@ -1,5 +1,5 @@
 """Small files packed into shared objects, through a real mount over a real network: round trip, cold reads
-that carve a whole pack, overwrite and deletion of members until the pack is released, restore from the phrase
+served from a whole cached pack, overwrite and deletion of members until the pack is released, restore from the phrase
 on a new machine, and kill -9 while packs upload."""
 
 from __future__ import annotations
@@ -86,7 +86,8 @@ async def test_packed_round_trip_release_and_restore(tmp_path: Path, nursery: tr
         assert "(in pack " in text
         await client.unmount()
 
-        # cold: the first read of a packed file fetches its pack and carves every member into the cache
+        # cold: the first read of a packed file fetches its whole pack into the cache, and its pack-mates are
+        # read from that copy too: no member gets a cache file of its own
         shutil.rmtree(client.cache_dir)
         await client.mount()
         first = small[0]
@@ -100,8 +101,26 @@ async def test_packed_round_trip_release_and_restore(tmp_path: Path, nursery: tr
             inos = [ino_of(db, path) for path in mates]
         finally:
             db.close()
-        assert all((client.cache_dir / str(ino)).exists() for ino in inos)
+        assert (client.cache_dir / "packs" / first["object_id"]).exists()
         assert await trio.to_thread.run_sync(tree_of, mnt) == expected
+        assert not any((client.cache_dir / str(ino)).exists() for ino in inos)
+
+        # a member opened for writing gets its own cache copy; a reader that opened it from the pack sees the
+        # writes, as in any file system
+        appended = mates[1][1:]
+
+        def read_while_appended() -> tuple[bytes, bytes]:
+            with open(mnt / appended, "rb", buffering=0) as reader:
+                before = reader.read()
+                with open(mnt / appended, "ab") as writer:
+                    writer.write(b"+tail")
+                reader.seek(0)
+                return before, reader.read()
+        old_bytes = expected[appended][1][2]  # type: ignore[index]
+        assert await trio.to_thread.run_sync(read_while_appended) == (old_bytes, old_bytes + b"+tail")
+        expected[appended] = ("file", (expected[appended][1][0], len(old_bytes) + 5,  # type: ignore[index]
+                                       old_bytes + b"+tail"))
+        assert (client.cache_dir / str(inos[1])).exists()
 
         # overwrite and delete members: the pack lives while one member does, and is released after that
         victim = first["object_id"]
@@ -227,18 +246,25 @@ async def test_listing_a_folder_reads_its_packs_ahead(tmp_path: Path, nursery: t
         await client.mount()
         db = meta.connect_readonly(client.data_dir / "meta.db")
         try:
-            listed = [ino_of(db, f"listed/{i}.bin") for i in range(20)]
-            unlisted = [ino_of(db, f"unlisted/{i}.bin") for i in range(20)]
+            def packs_of(folder: str) -> set[str]:
+                refs = (meta.pack_ref(meta.get(db, ino_of(db, f"{folder}/{i}.bin")).object) for i in range(20))
+                return {ref.pack_id for ref in refs if ref is not None}
+            listed, unlisted = packs_of("listed"), packs_of("unlisted")
         finally:
             db.close()
+        assert len(listed) == 3 and len(unlisted) == 3
         assert sorted(await trio.to_thread.run_sync(os.listdir, mnt / "listed")) == sorted(f"{i}.bin"
                                                                                            for i in range(20))
+        packs = client.cache_dir / "packs"
         with trio.fail_after(20):
-            while not all((client.cache_dir / str(ino)).exists() for ino in listed):
+            while not all((packs / pack_id).exists() for pack_id in listed):
                 await trio.sleep(0.05)
-        assert not any((client.cache_dir / str(ino)).exists() for ino in unlisted)
+        assert not any((packs / pack_id).exists() for pack_id in unlisted)
+        # read from the cached packs: not one file is copied out of them
+        assert [p.name for p in client.cache_dir.iterdir()] == ["packs"]
         for index in range(len(net.nodes)):
             await net.stop_node(index)
         assert await trio.to_thread.run_sync(tree_of, mnt / "listed") == expected
+        assert [p.name for p in client.cache_dir.iterdir()] == ["packs"]
     finally:
         await client.cleanup()
