@@ -217,43 +217,81 @@ def _flush_state(db: Any) -> tuple[list[tuple[int, int, str, int, str | None]], 
     return meta.pending_uploads(db), meta.counter(db, "meta_version"), meta.counter(db, "published_version")
 
 
+def wait_flushed(db: Any, timeout: float | None, *, hint: str) -> bool:
+    """Wait until no upload is pending and the tree snapshot is published, printing progress every second;
+    False (with the failed or pending files named, and ``hint``) if an upload failed for good or on timeout."""
+    deadline = None if timeout is None else time.monotonic() + timeout
+    last_report = 0.0
+    while True:
+        pending, meta_version, published = _flush_state(db)
+        failed = meta.failed_uploads(db)
+        if failed:
+            for _, ino, error in failed:
+                path = meta.path_of(db, ino) or f"inode {ino}"
+                print(f"error: {path} cannot be uploaded: {error}", file=sys.stderr)
+            return False
+        if not pending and published >= meta_version:
+            return True
+        now = time.monotonic()
+        if now - last_report >= 1.0:
+            last_report = now
+            errors = [error for *_, error in pending if error]
+            print(f"{len(pending)} upload(s) pending; tree version {meta_version}, published {published}"
+                  + (f"; {len(errors)} retrying after an error, e.g.: {errors[0]}" if errors else ""),
+                  file=sys.stderr)
+        if deadline is not None and now > deadline:
+            print(f"error: timed out with {len(pending)} upload(s) pending and the tree snapshot "
+                  f"{'published' if published >= meta_version else 'not yet published'}:", file=sys.stderr)
+            for _, ino, state, attempts, error in pending[:20]:
+                path = meta.path_of(db, ino) or f"inode {ino}"
+                print(f"  {path}: {state}, {attempts} attempt(s)" + (f", last error: {error}" if error else ""),
+                      file=sys.stderr)
+            print(hint, file=sys.stderr)
+            return False
+        time.sleep(FLUSH_POLL)
+
+
 def cmd_flush(args: argparse.Namespace) -> int:
     settings = load_settings(args)
     db = _open_tree(settings)
     meta.request_flush(settings.data_dir / "meta.db")
-    deadline = None if args.timeout is None else time.monotonic() + args.timeout
-    last_report = 0.0
     try:
-        while True:
-            pending, meta_version, published = _flush_state(db)
-            failed = meta.failed_uploads(db)
-            if failed:
-                for _, ino, error in failed:
-                    path = meta.path_of(db, ino) or f"inode {ino}"
-                    print(f"error: {path} cannot be uploaded: {error}", file=sys.stderr)
-                return 1
-            if not pending and published >= meta_version:
-                print("flushed: every closed file is stored and the tree snapshot is published", file=sys.stderr)
-                return 0
-            now = time.monotonic()
-            if now - last_report >= 1.0:
-                last_report = now
-                errors = [error for *_, error in pending if error]
-                print(f"{len(pending)} upload(s) pending; tree version {meta_version}, published {published}"
-                      + (f"; {len(errors)} retrying after an error, e.g.: {errors[0]}" if errors else ""),
-                      file=sys.stderr)
-            if deadline is not None and now > deadline:
-                print(f"error: timed out with {len(pending)} upload(s) pending and the tree snapshot "
-                      f"{'published' if published >= meta_version else 'not yet published'}:", file=sys.stderr)
-                for _, ino, state, attempts, error in pending[:20]:
-                    path = meta.path_of(db, ino) or f"inode {ino}"
-                    print(f"  {path}: {state}, {attempts} attempt(s)" + (f", last error: {error}" if error else ""),
-                          file=sys.stderr)
-                print("Is the filesystem mounted (fincryptfs mount DIR) and the mediator reachable?", file=sys.stderr)
-                return 1
-            time.sleep(FLUSH_POLL)
+        if not wait_flushed(db, args.timeout, hint="Is the filesystem mounted (fincryptfs mount DIR) and the "
+                                                   "mediator reachable?"):
+            return 1
+        print("flushed: every closed file is stored and the tree snapshot is published", file=sys.stderr)
+        return 0
     finally:
         db.close()
+
+
+def cmd_put(args: argparse.Namespace) -> int:
+    import trio
+
+    from .put import run_put
+
+    settings = load_settings(args)
+    sources = [Path(p).expanduser() for p in args.sources]
+    started = time.monotonic()
+
+    def wait(db: Any) -> bool:
+        return wait_flushed(db, args.timeout, hint="What was copied stays queued: the next mount or put uploads it. "
+                                                   "Is the mediator reachable?")
+    try:
+        report, stored = trio.run(lambda: run_put(settings, sources, args.dest, load_key=lambda: _master_key(settings),
+                                                  wait=wait))
+    except OSError as exc:
+        raise FincryptError(f"put stopped: {exc.strerror or exc}"
+                            + (f": {exc.filename}" if exc.filename else "")) from exc
+    elapsed = time.monotonic() - started
+    for line in report.skipped:
+        print(f"skipped: {line}", file=sys.stderr)
+    for line in report.errors:
+        print(f"error: {line}", file=sys.stderr)
+    rate = f" ({report.files / elapsed:,.0f} files/s, {report.bytes / elapsed / 1e6:,.1f} MB/s)" if elapsed else ""
+    state = "stored" if stored else "copied, NOT all stored yet"
+    print(f"put: {report.summary()}; {state} in {elapsed:.2f} s{rate}", file=sys.stderr)
+    return 0 if stored and not report.errors else 1
 
 
 def cmd_status(args: argparse.Namespace) -> int:
@@ -515,6 +553,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--audit-period", type=float, default=10.0, metavar="S",
                    help="seconds between audits (default 10, so audits and repair show within a minute)")
     p.set_defaults(func=cmd_devnet)
+
+    p = command("put", "Copy local files and folders into the backup without the mount (like cp -a into DEST; "
+                       "unchanged files are skipped), and wait until they are stored.")
+    p.add_argument("sources", nargs="+", metavar="SOURCE", help="files or folders to copy (links are copied as links)")
+    p.add_argument("dest", metavar="DEST", help="folder in the backup, e.g. / or Photos/2024 (created if missing)")
+    p.add_argument("--timeout", type=float, metavar="S", help="stop waiting for uploads after S seconds (exit "
+                                                              "status 1; they resume at the next mount or put)")
+    p.set_defaults(func=cmd_put)
 
     p = command("status", "Show pending uploads, cache use and the health of every file's shares.")
     p.add_argument("--json", action="store_true", help="machine-readable output")

@@ -29,7 +29,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -69,6 +69,9 @@ CREATE TABLE IF NOT EXISTS upload_jobs (
     not_before REAL NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS upload_jobs_state ON upload_jobs (state, not_before);
+-- a file's close supersedes its pending jobs: without this, each close scanned every pending job (quadratic
+-- while thousands of small files wait for their pack)
+CREATE INDEX IF NOT EXISTS upload_jobs_ino ON upload_jobs (ino, state);
 CREATE TABLE IF NOT EXISTS delete_jobs (
     object_id TEXT PRIMARY KEY,
     after_version INTEGER NOT NULL,
@@ -177,25 +180,37 @@ def connect(path: Path) -> sqlite3.Connection:
     return db
 
 
-def connect_readonly(path: Path) -> sqlite3.Connection:
-    """A reader for ``status`` and ``flush`` while a mount writes (WAL lets both run)."""
-    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None)
+def connect_readonly(path: Path, *, threads: bool = False) -> sqlite3.Connection:
+    """A reader for ``status`` and ``flush`` while a mount writes (WAL lets both run); ``threads``: usable from
+    any thread (one at a time)."""
+    db = sqlite3.connect(f"file:{path}?mode=ro", uri=True, isolation_level=None, check_same_thread=not threads)
     db.execute("PRAGMA busy_timeout=5000")
     return db
 
 
 class _tx:
-    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): one short write transaction."""
+    """BEGIN IMMEDIATE ... COMMIT (ROLLBACK on error): one short write transaction, or a part of the ``batch``
+    already open on this connection (which then commits or rolls back the whole)."""
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self.db = db
+        self.joined = False
 
     def __enter__(self) -> sqlite3.Connection:
-        self.db.execute("BEGIN IMMEDIATE")
+        self.joined = self.db.in_transaction
+        if not self.joined:
+            self.db.execute("BEGIN IMMEDIATE")
         return self.db
 
     def __exit__(self, exc_type: object, exc: object, tb: object) -> None:
-        self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+        if not self.joined:
+            self.db.execute("COMMIT" if exc_type is None else "ROLLBACK")
+
+
+def batch(db: sqlite3.Connection) -> _tx:
+    """One write transaction around many changes (``fincryptfs put``: a commit per file cost a fifth of its
+    time). Keep it short: it holds the tree's write lock, which the mount and the upload worker wait for."""
+    return _tx(db)
 
 
 def _bump(db: sqlite3.Connection) -> int:
@@ -289,6 +304,58 @@ def create(db: sqlite3.Connection, parent: int, name: bytes, kind: str, mode: in
     except sqlite3.IntegrityError as exc:
         raise Exists(name) from exc
     return Inode(*row)
+
+
+@dataclass(frozen=True)
+class NewFile:
+    """A file ``add_files`` creates already written and closed (``fincryptfs put``)."""
+
+    name: bytes
+    mode: int
+    uid: int
+    gid: int
+    size: int
+    atime_ns: int
+    mtime_ns: int
+
+
+def allocate_inos(db: sqlite3.Connection, count: int) -> list[int]:
+    """``count`` fresh inode numbers (see ``_next_ino``), for ``add_files`` in the same transaction."""
+    with _tx(db):
+        first = _next_ino(db)
+        if count > 1:
+            db.execute("UPDATE counters SET value = value + ? WHERE name = 'last_ino'", (count - 1,))
+    return list(range(first, first + count))
+
+
+def add_files(db: sqlite3.Connection, parent: int, files: Sequence[tuple[int, NewFile]]) -> list[bool]:
+    """Insert closed files (ino from ``allocate_inos``, content already in the cache) with their upload jobs,
+    as ``create`` + ``record_release`` would, in a few statements per file instead of a dozen. A name taken
+    meanwhile is not inserted (False at its place)."""
+    now = time.time_ns()
+    added: list[bool] = []
+    with _tx(db):
+        for ino, f in files:
+            try:
+                db.execute(f"INSERT INTO inodes ({_COLS}) VALUES (?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, NULL, 1, "
+                           "NULL, ?)", (ino, parent, f.name, f.mode, f.uid, f.gid, f.size, f.atime_ns, f.mtime_ns,
+                                        f.mtime_ns, PENDING if f.size else STORED))
+            except sqlite3.IntegrityError:
+                added.append(False)
+                continue
+            if f.size:
+                db.execute("INSERT INTO upload_jobs (ino, version, state, created) VALUES (?, 1, 'pending', ?)",
+                           (ino, time.time()))
+            added.append(True)
+        if any(added):
+            db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, parent))
+            _bump(db)
+    return added
+
+
+def child_map(db: sqlite3.Connection, parent: int) -> dict[bytes, Inode]:
+    """Every entry of a folder by name (one query instead of a lookup per name)."""
+    return {row[2]: Inode(*row) for row in db.execute(f"SELECT {_COLS} FROM inodes WHERE parent = ?", (parent,))}
 
 
 def _next_ino(db: sqlite3.Connection) -> int:

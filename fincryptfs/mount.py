@@ -15,7 +15,6 @@ pipe after each burst of changes (``WorkerLink``).
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -23,8 +22,8 @@ import signal
 import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Iterator
-from contextlib import AsyncExitStack, contextmanager
+from collections.abc import Callable, Collection
+from contextlib import AbstractContextManager, AsyncExitStack
 from pathlib import Path
 
 import pyfuse3
@@ -36,6 +35,7 @@ from .core.crypto import account_signing_key
 from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings
 from .fs import Capacity, FincryptOperations, Progress
+from .lockfile import held
 from .objectstore import ObjectStore, StoredObject
 from .packs import PackReader, Prefetcher
 from .run_daemon import exit_with_parent, freeze_startup_objects, take_parent_fd
@@ -177,32 +177,26 @@ async def supervise_worker(settings: ClientSettings, master_key: bytes, link: Wo
         await trio.sleep(delay)
 
 
-async def _evictor(db: sqlite3.Connection, cache: CacheDir, ops: FincryptOperations) -> None:
+async def evictor(db: sqlite3.Connection, cache: CacheDir,
+                  in_use: Callable[[], tuple[Collection[int], Collection[str]]]) -> None:
     """Keep the cache within its limit: after the tree changed (uploads finish in the worker), every few
     seconds, but only when the cache may be over its limit (listing a folder of 100,000 cache files stalls
-    every FUSE request for a good part of a second). Files open in the mount are never evicted."""
+    every FUSE request for a good part of a second). Files open in the mount, and the packs they read from
+    (``in_use``), are never evicted."""
     seen = -1
     while True:
         version = meta.counter(db, "meta_version")
         if (version != seen or cache.maybe_over_limit) and cache.may_exceed_limit():
             seen = version
             cache.maybe_over_limit = False
-            cache.evict(meta.stored_inos(db), ops.open_inodes(), ops.open_packs())
+            cache.evict(meta.stored_inos(db), *in_use())
         await trio.sleep(EVICT_INTERVAL)
 
 
-@contextmanager
-def _exclusive(data_dir: Path) -> Iterator[None]:
-    """One mount per data folder: two would each believe they own the tree and its jobs."""
-    fd = os.open(data_dir / "mount.lock", os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another fincryptfs mount is using {data_dir}; unmount it first") from None
-        yield
-    finally:
-        os.close(fd)
+def exclusive_mount(data_dir: Path) -> AbstractContextManager[int]:
+    """One mount per data folder: two would each believe they own the tree and its jobs (``fincryptfs put``
+    takes it too when it runs without a mount)."""
+    return held(data_dir / "mount.lock", f"another fincryptfs mount is using {data_dir}; unmount it first")
 
 
 async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: bytes, *,
@@ -218,7 +212,7 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
     os.chmod(settings.data_dir, 0o700)
     (settings.data_dir / "spool").mkdir(exist_ok=True)
     async with AsyncExitStack() as stack:
-        stack.enter_context(_exclusive(settings.data_dir))
+        stack.enter_context(exclusive_mount(settings.data_dir))
         http = await stack.enter_async_context(rpc.new_client())
         store = open_store(settings, master_key, http, trio.CapacityLimiter(CPU_THREADS))
         db_path = meta_path(settings)
@@ -253,7 +247,7 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
             await nursery.start(supervise_worker, settings, master_key, link, flush_seen)
             pyfuse3.init(ops, str(mountpoint), options)
             try:
-                nursery.start_soon(_evictor, db, cache, ops)
+                nursery.start_soon(evictor, db, cache, lambda: (ops.open_inodes(), ops.open_packs()))
                 nursery.start_soon(prefetcher.run)
                 nursery.start_soon(_refresh_capacity, ops, settings, http)
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)

@@ -19,7 +19,6 @@ work. One worker per data folder (``upload.lock``, which holds the worker's PID)
 
 from __future__ import annotations
 
-import fcntl
 import json
 import logging
 import os
@@ -34,6 +33,7 @@ from . import logs, meta, rpc
 from .cache import CacheDir
 from .core.errors import ConfigError
 from .core.settings import ClientSettings
+from .lockfile import held
 from .run_daemon import freeze_startup_objects
 from .uploadqueue import UploadQueue
 
@@ -83,17 +83,10 @@ def worker_pid(data_dir: Path) -> int | None:
 @contextmanager
 def exclusive(data_dir: Path) -> Iterator[None]:
     """One worker per data folder: two would claim the same jobs and publish over each other."""
-    fd = os.open(lock_path(data_dir), os.O_RDWR | os.O_CREAT, 0o600)
-    try:
-        try:
-            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
-        except BlockingIOError:
-            raise ConfigError(f"another upload worker is using {data_dir}") from None
+    with held(lock_path(data_dir), f"another upload worker is using {data_dir}") as fd:
         os.ftruncate(fd, 0)
         os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
         yield
-    finally:
-        os.close(fd)
 
 
 async def _read_wakes(stdin: trio.lowlevel.FdStream, queue: UploadQueue, done: trio.CancelScope) -> None:
@@ -113,8 +106,10 @@ async def _poll(queue: UploadQueue) -> None:
         queue.wake(jobs=True, tree=False)
 
 
-async def run_worker(settings: ClientSettings, master_key: bytes, flush_seen: int,
-                     stdin: trio.lowlevel.FdStream) -> None:
+async def run_queue(settings: ClientSettings, master_key: bytes, flush_seen: int, *,
+                    task_status: trio.TaskStatus[UploadQueue] = trio.TASK_STATUS_IGNORED) -> None:
+    """The data folder's upload queue (holding its upload lock), polled every POLL_INTERVAL; reports the queue
+    once it runs. In this worker process for a mount; in its own process for ``fincryptfs put``."""
     from .mount import meta_path, open_store
 
     with exclusive(settings.data_dir):
@@ -131,12 +126,19 @@ async def run_worker(settings: ClientSettings, master_key: bytes, flush_seen: in
                                     flush_seen=flush_seen)
                 async with trio.open_nursery() as nursery:
                     await nursery.start(queue.run)
-                    freeze_startup_objects()
-                    os.write(1, b"ready\n")  # the mount waits for this before serving (stdout is its pipe)
-                    nursery.start_soon(_read_wakes, stdin, queue, nursery.cancel_scope)
                     nursery.start_soon(_poll, queue)
+                    task_status.started(queue)
             finally:
                 db.close()
+
+
+async def run_worker(settings: ClientSettings, master_key: bytes, flush_seen: int,
+                     stdin: trio.lowlevel.FdStream) -> None:
+    async with trio.open_nursery() as nursery:
+        queue = await nursery.start(run_queue, settings, master_key, flush_seen)
+        freeze_startup_objects()
+        os.write(1, b"ready\n")  # the mount waits for this before serving (stdout is its pipe)
+        nursery.start_soon(_read_wakes, stdin, queue, nursery.cancel_scope)
 
 
 def _read_line(fd: int) -> bytes:

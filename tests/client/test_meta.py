@@ -285,3 +285,43 @@ def test_counting_subfolders_uses_an_index(db: sqlite3.Connection) -> None:
         new_file(db, f"f{i}".encode(), parent=folder.ino)
     meta.create(db, folder.ino, b"sub", meta.DIR, 0o40755, 0, 0)
     assert meta.subdir_count(db, folder.ino) == 1 and meta.subdir_count(db, meta.ROOT_INO) == 1
+
+
+def test_added_files_match_what_create_and_release_leave(db: sqlite3.Connection) -> None:
+    """``fincryptfs put``'s batch insert leaves the rows and jobs of create + write + close through the mount."""
+    classic = meta.create(db, meta.ROOT_INO, b"classic", meta.FILE, 0o100640, 7, 8, dirty=True)
+    meta.record_release(db, classic.ino, 42, 1_000, {"mode": 0o100640, "uid": 7, "gid": 8, "atime_ns": 900})
+    with meta.batch(db):
+        inos = meta.allocate_inos(db, 3)
+        added = meta.add_files(db, meta.ROOT_INO, [
+            (inos[0], meta.NewFile(b"batched", 0o100640, 7, 8, 42, 900, 1_000)),
+            (inos[1], meta.NewFile(b"classic", 0o100600, 0, 0, 5, 1, 2)),  # the name is taken
+            (inos[2], meta.NewFile(b"empty", 0o100600, 0, 0, 0, 1, 2)),
+        ])
+    assert added == [True, False, True]
+    assert len(set(inos)) == 3 and classic.ino not in inos
+    assert meta.allocate_inos(db, 1)[0] > max(inos)  # numbers are never handed out twice
+
+    def shape(node: meta.Inode) -> tuple[object, ...]:
+        return (node.kind, node.mode, node.uid, node.gid, node.size, node.atime_ns, node.mtime_ns, node.version,
+                node.state, node.object)
+    assert shape(meta.get(db, inos[0])) == shape(meta.get(db, classic.ino))
+    empty = meta.get(db, inos[2])
+    assert empty.state == meta.STORED and empty.size == 0
+    assert meta.find(db, inos[1]) is None
+    jobs = dict(db.execute("SELECT ino, version FROM upload_jobs WHERE state = 'pending'").fetchall())
+    assert jobs == {classic.ino: 1, inos[0]: 1}  # no job for the empty file
+    assert set(meta.child_map(db, meta.ROOT_INO)) == {b"classic", b"batched", b"empty"}
+
+
+def test_a_batch_rolls_back_whole(db: sqlite3.Connection) -> None:
+    before = meta.counter(db, "meta_version")
+    with pytest.raises(RuntimeError):
+        with meta.batch(db):
+            inos = meta.allocate_inos(db, 2)
+            meta.add_files(db, meta.ROOT_INO, [(inos[0], meta.NewFile(b"a", 0o100600, 0, 0, 1, 1, 1))])
+            new_file(db, b"inner")  # joins the batch instead of committing on its own
+            raise RuntimeError("crash before the commit")
+    assert not db.in_transaction
+    assert meta.child_map(db, meta.ROOT_INO) == {} and meta.counter(db, "meta_version") == before
+    assert meta.pending_uploads(db) == []

@@ -1,0 +1,468 @@
+"""``fincryptfs put``: copy local files and folders into the tree without going through FUSE.
+
+Why: every file copied through the mount costs about eight FUSE round trips, and pyfuse3's own per-request
+cost alone caps ``cp -a`` of small files near 1,500-1,900 files/s on a two-core machine (docs/client-data-path.md),
+whatever the file system does. A backup of a folder of small files (what ``restic backup`` does) needs none of
+that: ``put`` writes the tree database and the cache files directly, leaving them as the mount's ``create``,
+``write`` and ``release`` would (the same rows, jobs and cache paths, in fewer transactions), and the upload
+queue stores them, packing small files. It also works where FUSE does not (containers, servers without
+``/dev/fuse``), and it is incremental: a file whose size and modification time match the tree's is skipped.
+
+``put`` returns when everything it copied is stored (like ``fincryptfs flush``). If the tree is not mounted it
+holds the mount lock (no mount can start meanwhile) and runs the upload queue and the evictor itself, in its
+own process (one Python process less to start than a mount's worker), until everything is stored. If it is
+mounted, the mount's worker uploads, and the running mount shows the new entries within a second (the kernel
+keeps names and attributes for ``fs.ATTR_TIMEOUT``).
+
+Semantics, like ``cp -a`` into an existing folder: each SOURCE becomes DEST/<its name>; folders merge into
+existing folders; a file is replaced in place (same inode, next version, as an ``O_TRUNC`` open through the
+mount would); symbolic links are copied as links, never followed; modes, times and (as root) owners are kept.
+Sockets, FIFOs and devices are skipped with a message (the mount does not store them either). A folder never
+replaces a file nor the reverse: that entry is reported and the rest goes on. An interrupted ``put`` leaves
+what it had copied (a file cut short shows a later modification time than its source, so running ``put``
+again replaces it).
+"""
+
+from __future__ import annotations
+
+import errno
+import logging
+import os
+import sqlite3
+import stat
+import sys
+import time
+from collections.abc import Callable, Sequence
+from concurrent.futures import Future, ThreadPoolExecutor, wait
+from contextlib import AbstractContextManager, AsyncExitStack
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import trio
+
+from . import meta, rpc
+from .cache import CacheDir
+from .core.errors import ConfigError, FincryptError
+from .core.settings import ClientSettings
+from .fs import NAME_MAX
+from .lockfile import held
+from .mount import evictor, exclusive_mount, load_or_restore_tree, meta_path, open_store
+from .uploadworker import run_queue
+
+log = logging.getLogger(__name__)
+
+ROOM_WAIT = 0.2  # seconds between checks while the cache disk is full and uploads are pending
+ROOM_PATIENCE = 600.0  # give up after this long without room
+COPY_THREADS = 4  # files read at once: a cold disk answers several reads faster than one after another
+COPY_BATCH = 128  # files copied together, then recorded in one transaction
+WAKE_INTERVAL = 0.1  # the upload worker hears of new files this often while files are copied
+PROGRESS_INTERVAL = 2.0
+
+
+class PutError(Exception):
+    """An entry that could not be copied (the message names it); the rest of the copy goes on."""
+
+
+@dataclass
+class PutReport:
+    files: int = 0
+    bytes: int = 0
+    unchanged: int = 0
+    folders: int = 0
+    links: int = 0
+    skipped: list[str] = field(default_factory=list)  # not storable (sockets, FIFOs, devices)
+    errors: list[str] = field(default_factory=list)
+
+    def summary(self) -> str:
+        parts = [f"{self.files:,} file(s) ({self.bytes / 2**20:,.1f} MiB) copied", f"{self.unchanged:,} unchanged",
+                 f"{self.folders:,} folder(s)", f"{self.links:,} link(s)"]
+        if self.skipped:
+            parts.append(f"{len(self.skipped):,} skipped")
+        if self.errors:
+            parts.append(f"{len(self.errors):,} error(s)")
+        return ", ".join(parts)
+
+
+def tree_path(text: str) -> list[bytes]:
+    """The components of a path in the tree (``/Photos/2024`` or ``Photos/2024``; ``/`` is the root)."""
+    parts = [os.fsencode(p) for p in text.split("/") if p not in ("", ".")]
+    for part in parts:
+        if part == b"..":
+            raise ConfigError(f"{text!r}: '..' is not allowed in a path in the tree")
+        if len(part) > NAME_MAX:
+            raise ConfigError(f"{text!r}: a name is longer than {NAME_MAX} bytes")
+    return parts
+
+
+def copy_file_to(source_fd: int, dest: Path) -> int:
+    """Copy an open file to ``dest`` (created 0600 or truncated) with ``sendfile``; bytes copied."""
+    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+    try:
+        offset = 0
+        while sent := os.sendfile(fd, source_fd, offset, 2**30):
+            offset += sent
+        return offset
+    finally:
+        os.close(fd)
+
+
+class Importer:
+    """Copies local entries into the tree and the cache. Blocking: run it in a worker thread.
+
+    A folder's files are copied COPY_BATCH at a time: their contents by COPY_THREADS threads at once (reading
+    many files from a cold disk is mostly waiting), each to a temporary file in the cache; then one transaction
+    creates the new files' inodes, renames their contents into place and queues their uploads. A crash before
+    that commit leaves only temporary files (removed at the next start) and cache files named after inode
+    numbers never committed (a later ``create`` of that number truncates its file first). A file that exists
+    already is replaced as the mount replaces it: marked dirty (committed), content renamed over its cache
+    copy, then queued; a crash in between queues whichever complete content the cache holds.
+
+    ``mounted``: a running mount may know the tree's inodes, so a replaced symbolic link's old inode is left
+    for the mount to purge (as after an ``unlink`` through it) instead of being purged here.
+    """
+
+    def __init__(self, db: sqlite3.Connection, cache: CacheDir, *, mounted: bool,
+                 uploads_pending: Callable[[], bool], on_progress: Callable[[PutReport], None] = lambda r: None
+                 ) -> None:
+        self.db = db
+        self.cache = cache
+        self.mounted = mounted
+        self.uploads_pending = uploads_pending
+        self.on_progress = on_progress
+        self.report = PutReport()
+        self.keep_owner = os.geteuid() == 0
+        self._last_progress = time.monotonic()
+        self._pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="put-copy")
+
+    def close(self) -> None:
+        self._pool.shutdown()
+
+    # --- entry points ---------------------------------------------------------------------------------------
+
+    def folder(self, parts: list[bytes]) -> int:
+        """The inode of the tree folder ``parts``, created (like ``mkdir -p``) where missing."""
+        ino = meta.ROOT_INO
+        for i, part in enumerate(parts):
+            try:
+                node = meta.lookup(self.db, ino, part)
+            except meta.NotFound:
+                node = meta.create(self.db, ino, part, meta.DIR, stat.S_IFDIR | 0o755, os.getuid(), os.getgid())
+            if node.kind != meta.DIR:
+                shown = "/" + b"/".join(parts[:i + 1]).decode(errors="replace")
+                raise ConfigError(f"{shown} in the tree is a {node.kind}, not a folder")
+            ino = node.ino
+        return ino
+
+    def put(self, source: Path, parent: int) -> None:
+        """Copy ``source`` (file, folder or link) to ``parent``/its name; problems land in the report."""
+        name = os.fsencode(source.name)
+        if not name or name in (b".", b".."):
+            raise ConfigError(f"{source}: name the folder itself (e.g. {source.resolve().name or 'a folder'})")
+        self._entry(source, parent, name)
+
+    # --- the walk -------------------------------------------------------------------------------------------
+
+    def _entry(self, source: Path, parent: int, name: bytes) -> None:
+        try:
+            st = os.lstat(source)
+            if stat.S_ISREG(st.st_mode):
+                self._files([(source, st, name)], parent)
+            elif len(name) > NAME_MAX:
+                raise PutError(f"{source}: the name is longer than {NAME_MAX} bytes")
+            elif stat.S_ISDIR(st.st_mode):
+                self._folder(source, st, parent, name)
+            elif stat.S_ISLNK(st.st_mode):
+                self._link(source, parent, name)
+            else:
+                self.report.skipped.append(f"{source}: not a file, folder or link (sockets, FIFOs and devices "
+                                           "are not stored)")
+        except PutError as exc:
+            self.report.errors.append(str(exc))
+        except OSError as exc:
+            self._failed(source, exc)
+
+    def _failed(self, source: Path, exc: OSError) -> None:
+        if exc.errno == errno.ENOSPC:
+            raise exc  # the disk holding the cache or the tree is full: nothing further can succeed
+        self.report.errors.append(f"{source}: {exc.strerror or exc}")
+
+    def _progress(self) -> None:
+        now = time.monotonic()
+        if now - self._last_progress >= PROGRESS_INTERVAL:
+            self._last_progress = now
+            self.on_progress(self.report)
+
+    def _owner(self, st: os.stat_result) -> tuple[int, int]:
+        return (st.st_uid, st.st_gid) if self.keep_owner else (os.getuid(), os.getgid())
+
+    def _existing(self, parent: int, name: bytes) -> meta.Inode | None:
+        try:
+            return meta.lookup(self.db, parent, name)
+        except meta.NotFound:
+            return None
+
+    def _folder(self, source: Path, st: os.stat_result, parent: int, name: bytes) -> None:
+        node = self._existing(parent, name)
+        uid, gid = self._owner(st)
+        if node is None:
+            node = meta.create(self.db, parent, name, meta.DIR, stat.S_IFDIR | stat.S_IMODE(st.st_mode), uid, gid)
+            self.report.folders += 1
+        elif node.kind != meta.DIR:
+            raise PutError(f"{source}: the tree has a {node.kind} by that name, not a folder; remove it first")
+        with os.scandir(source) as entries:
+            children = sorted(entries, key=lambda e: e.name)
+        files: list[tuple[Path, os.stat_result, bytes]] = []
+        for child in children:
+            path = Path(child.path)
+            try:
+                child_st = child.stat(follow_symlinks=False)
+            except OSError as exc:
+                self._failed(path, exc)
+                continue
+            if stat.S_ISREG(child_st.st_mode):
+                files.append((path, child_st, os.fsencode(child.name)))
+            else:
+                self._entry(path, node.ino, os.fsencode(child.name))
+        self._files(files, node.ino)
+        # last, as cp -a does: adding the children changed the folder's times
+        meta.set_attrs(self.db, node.ino, mode=stat.S_IFDIR | stat.S_IMODE(st.st_mode), uid=uid, gid=gid,
+                       atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns)
+
+    def _files(self, files: list[tuple[Path, os.stat_result, bytes]], parent: int) -> None:
+        """Copy files COPY_BATCH at a time; the next batch is read while the last one is recorded."""
+        previous: _Batch | None = None
+        try:
+            for start in range(0, len(files), COPY_BATCH):
+                batch = self._start_batch(files[start:start + COPY_BATCH], parent)
+                if previous is not None:
+                    self._finish_batch(previous, parent)
+                previous = batch
+            if previous is not None:
+                self._finish_batch(previous, parent)
+                previous = None
+        finally:
+            if previous is not None:  # an error stopped the copy: nothing of the batch in flight is kept
+                wait(previous.copies)
+                _remove_temps(previous.temps)
+
+    def _start_batch(self, files: list[tuple[Path, os.stat_result, bytes]], parent: int) -> _Batch:
+        existing = meta.child_map(self.db, parent)
+        todo: list[tuple[Path, os.stat_result, bytes, meta.Inode | None]] = []
+        for source, st, name in files:
+            node = existing.get(name)
+            uid, gid = self._owner(st)
+            mode = stat.S_IFREG | stat.S_IMODE(st.st_mode)
+            if len(name) > NAME_MAX:
+                self.report.errors.append(f"{source}: the name is longer than {NAME_MAX} bytes")
+            elif node is not None and node.kind != meta.FILE:
+                self.report.errors.append(f"{source}: the tree has a {node.kind} by that name, not a file; "
+                                          "remove it first")
+            elif (node is not None and node.state != meta.DIRTY and node.size == st.st_size
+                  and node.mtime_ns == st.st_mtime_ns):
+                self.report.unchanged += 1
+                if (node.mode, node.uid, node.gid) != (mode, uid, gid):
+                    meta.set_attrs(self.db, node.ino, mode=mode, uid=uid, gid=gid)
+            else:
+                todo.append((source, st, name, node))
+        if todo:
+            self._wait_for_room(sum(st.st_size for _, st, _, _ in todo), todo[0][0])
+        temps = [self.cache.root / f".put-{os.urandom(8).hex()}.part" for _ in todo]
+        copies = [self._pool.submit(_copy_or_error, source, tmp) for (source, *_), tmp in zip(todo, temps, strict=True)]
+        return _Batch(todo, temps, copies)
+
+    def _finish_batch(self, batch: _Batch, parent: int) -> None:
+        try:
+            results = [future.result() for future in batch.copies]
+            full = next((r for r in results if isinstance(r, OSError) and r.errno == errno.ENOSPC), None)
+            if full is not None:
+                raise full
+            new: list[tuple[Path, Path, meta.NewFile]] = []
+            replaced: list[tuple[meta.Inode, os.stat_result, Path, int]] = []
+            for (source, st, name, node), tmp, result in zip(batch.todo, batch.temps, results, strict=True):
+                if isinstance(result, OSError):
+                    self._failed(source, result)
+                elif node is not None:
+                    replaced.append((node, st, tmp, result))
+                else:
+                    uid, gid = self._owner(st)
+                    new.append((source, tmp, meta.NewFile(name, stat.S_IFREG | stat.S_IMODE(st.st_mode), uid, gid,
+                                                          result, st.st_atime_ns, st.st_mtime_ns)))
+            if new:
+                self._add_new(parent, new)
+            for node, st, tmp, size in replaced:
+                meta.mark_dirty(self.db, node.ino)  # an upload of the old version in flight turns stale
+                os.rename(tmp, self.cache.path(node.ino))
+                uid, gid = self._owner(st)
+                meta.record_release(self.db, node.ino, size, st.st_mtime_ns,
+                                    {"mode": stat.S_IFREG | stat.S_IMODE(st.st_mode), "uid": uid, "gid": gid,
+                                     "atime_ns": st.st_atime_ns})
+                self._counted(size)
+        finally:
+            _remove_temps(batch.temps)
+        self._progress()
+
+    def _add_new(self, parent: int, new: list[tuple[Path, Path, meta.NewFile]]) -> None:
+        """One transaction: inode numbers, contents renamed into place, rows and upload jobs."""
+        with meta.batch(self.db):
+            inos = meta.allocate_inos(self.db, len(new))
+            for ino, (_, tmp, _) in zip(inos, new, strict=True):
+                os.rename(tmp, self.cache.path(ino))
+            added = meta.add_files(self.db, parent, [(ino, f) for ino, (_, _, f) in zip(inos, new, strict=True)])
+        for ino, (source, _, f), ok in zip(inos, new, added, strict=True):
+            if ok:
+                self._counted(f.size)
+            else:  # created through the mount meanwhile
+                self.cache.remove(ino)
+                self.report.errors.append(f"{source}: a file by that name appeared in the tree meanwhile; run "
+                                          "put again to replace it")
+
+    def _counted(self, size: int) -> None:
+        self.cache.added(size)
+        self.report.files += 1
+        self.report.bytes += size
+
+    def _link(self, source: Path, parent: int, name: bytes) -> None:
+        st = os.lstat(source)
+        target = os.fsencode(os.readlink(source))
+        node = self._existing(parent, name)
+        if node is not None:
+            if node.kind == meta.DIR:
+                raise PutError(f"{source}: the tree has a folder by that name, not a link; remove it first")
+            if node.kind == meta.SYMLINK and node.target == target:
+                self.report.unchanged += 1
+                return
+            old = meta.unlink(self.db, parent, name)
+            if not self.mounted:
+                meta.purge(self.db, old.ino)
+                self.cache.remove(old.ino)
+        uid, gid = self._owner(st)
+        link = meta.create(self.db, parent, name, meta.SYMLINK, stat.S_IFLNK | 0o777, uid, gid, target)
+        meta.set_attrs(self.db, link.ino, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns)
+        self.report.links += 1
+
+    def _wait_for_room(self, size: int, source: Path) -> None:
+        """Copying faster than uploading must not fill the disk: wait while uploads can still free room."""
+        deadline = time.monotonic() + ROOM_PATIENCE
+        while not self.cache.has_room(size):
+            self.cache.maybe_over_limit = True  # the evictor looks again
+            if not self.uploads_pending() or time.monotonic() > deadline:
+                raise OSError(errno.ENOSPC, f"no room in the cache folder {self.cache.root} for {source} and "
+                              f"the files copied with it ({size / 2**20:,.1f} MiB), and no upload can free any: "
+                              "free some space or set FINCRYPT_CACHE_DIR to a larger disk")
+            time.sleep(ROOM_WAIT)
+
+
+@dataclass
+class _Batch:
+    """Files being copied to temporary files in the cache (``Importer._start_batch``)."""
+
+    todo: list[tuple[Path, os.stat_result, bytes, meta.Inode | None]]
+    temps: list[Path]
+    copies: list[Future[int | OSError]]
+
+
+def _remove_temps(temps: list[Path]) -> None:
+    for tmp in temps:
+        if os.path.lexists(tmp):  # not renamed into the cache: a failed copy or record
+            tmp.unlink()
+
+
+def _copy_or_error(source: Path, dest: Path) -> int | OSError:
+    """``copy_file_to`` from ``source`` (never through a link), the error instead of raising it."""
+    try:
+        fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
+        try:
+            return copy_file_to(fd, dest)
+        finally:
+            os.close(fd)
+    except OSError as exc:
+        return exc
+
+
+def print_progress(report: PutReport) -> None:
+    print(f"put: {report.summary()} so far", file=sys.stderr)
+
+
+async def wake_while(wake: Callable[[bool], None], done: trio.Event) -> None:
+    """Tell the upload worker about new files every WAKE_INTERVAL while the copy runs."""
+    while not done.is_set():
+        wake(True)
+        with trio.move_on_after(WAKE_INTERVAL):
+            await done.wait()
+    wake(True)
+
+
+def _one_put(data_dir: Path) -> AbstractContextManager[int]:
+    """One ``put`` at a time per data folder (then a held mount lock means a mount, not another put)."""
+    return held(data_dir / "put.lock", f"another fincryptfs put is copying into {data_dir}; wait for it to finish")
+
+
+def _check_sources(sources: Sequence[Path]) -> None:
+    for source in sources:
+        if not os.path.lexists(source):
+            raise ConfigError(f"{source}: no such file or folder")
+
+
+async def run_put(settings: ClientSettings, sources: Sequence[Path], dest: str, *, load_key: Callable[[], bytes],
+                  wait: Callable[[sqlite3.Connection], bool]) -> tuple[PutReport, bool]:
+    """Copy ``sources`` into the tree folder ``dest`` and wait until they are stored (``wait``, given a
+    read-only connection to the tree, returns whether everything was). Returns (report, stored)."""
+    _check_sources(sources)
+    parts = tree_path(dest)
+    settings.data_dir.mkdir(parents=True, exist_ok=True)
+    os.chmod(settings.data_dir, 0o700)
+    (settings.data_dir / "spool").mkdir(exist_ok=True)
+    db_path = meta_path(settings)
+    failure: OSError | FincryptError | None = None
+    stored = False
+    async with AsyncExitStack() as stack:
+        stack.enter_context(_one_put(settings.data_dir))
+        try:
+            stack.enter_context(exclusive_mount(settings.data_dir))
+            mounted = False
+        except ConfigError:
+            mounted = True  # the mount's upload worker stores what we copy
+        if not mounted:
+            master_key = load_key()
+            http = await stack.enter_async_context(rpc.new_client())
+            await load_or_restore_tree(open_store(settings, master_key, http, trio.CapacityLimiter(1)), master_key,
+                                       db_path)
+        db = meta.connect(db_path)
+        stack.callback(db.close)
+        reader = meta.connect_readonly(db_path, threads=True)
+        stack.callback(reader.close)
+        cache = CacheDir(settings.cache_dir, settings.cache_limit_bytes)
+        if not mounted:
+            meta.recover(db, cache.sizes())
+        importer = Importer(db, cache, mounted=mounted, uploads_pending=lambda: meta.has_pending_uploads(reader),
+                            on_progress=print_progress)
+
+        def copy_all() -> None:
+            try:
+                parent = importer.folder(parts)
+                for source in sources:
+                    importer.put(source, parent)
+            finally:
+                importer.close()
+
+        async with trio.open_nursery() as nursery:  # nothing in here raises: errors leave through ``failure``
+            copied = trio.Event()
+            try:
+                if not mounted:  # the upload queue in this process: no second Python to start
+                    queue = await nursery.start(run_queue, settings, master_key, meta.counter(db, "flush_requested"))
+                    evictions = meta.connect_readonly(db_path)  # the evictor's own: the other two are in threads
+                    stack.callback(evictions.close)
+                    nursery.start_soon(evictor, evictions, cache, lambda: ((), ()))
+                    nursery.start_soon(wake_while, queue.wake, copied)
+                await trio.to_thread.run_sync(copy_all)
+            except (OSError, FincryptError) as exc:
+                failure = exc
+            finally:
+                copied.set()
+            if failure is None:
+                meta.request_flush(db_path)
+                stored = await trio.to_thread.run_sync(wait, reader)
+            nursery.cancel_scope.cancel()  # the worker and the evictor
+    if failure is not None:
+        raise failure
+    return importer.report, stored

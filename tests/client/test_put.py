@@ -1,0 +1,92 @@
+"""``fincryptfs put`` without a network: paths in the tree, and the copy into a real tree and cache."""
+
+from __future__ import annotations
+
+import os
+import shutil
+from pathlib import Path
+
+import pytest
+from hypothesis import given
+from hypothesis import strategies as st
+
+from fincryptfs import meta
+from fincryptfs.cache import CacheDir
+from fincryptfs.core.errors import ConfigError
+from fincryptfs.put import Importer, tree_path
+
+names = st.text(st.characters(codec="utf-8", exclude_characters="/\x00"), min_size=1,
+                max_size=40).filter(lambda n: n not in (".", ".."))
+
+
+@given(st.lists(names, max_size=6), st.booleans())
+def test_tree_paths_split_into_names(parts: list[str], leading_slash: bool) -> None:
+    text = ("/" if leading_slash else "") + "/".join(parts)
+    assert tree_path(text) == [os.fsencode(p) for p in parts]
+    assert tree_path(text + "/") == tree_path(text) == tree_path(text.replace("/", "//"))
+
+
+@pytest.mark.parametrize("text", ["../x", "a/../../b", "/a/..", "a/" + "n" * 256])
+def test_tree_paths_refuse_escapes_and_long_names(text: str) -> None:
+    with pytest.raises(ConfigError):
+        tree_path(text)
+
+
+def test_copy_into_a_real_tree_and_cache(tmp_path: Path) -> None:
+    """Every kind of entry, a second incremental run, and the conflicts that are reported, not guessed."""
+    src = tmp_path / "src"
+    (src / "sub").mkdir(parents=True)
+    (src / "a.bin").write_bytes(os.urandom(5000))
+    (src / "empty").write_bytes(b"")
+    (src / "sub" / "b.txt").write_bytes(b"bee")
+    os.chmod(src / "sub" / "b.txt", 0o640)
+    os.utime(src / "sub" / "b.txt", ns=(1_000_000_000, 2_000_000_000))
+    os.symlink("sub/b.txt", src / "link")
+    os.mkfifo(src / "fifo")
+    db = meta.connect(tmp_path / "meta.db")
+    cache = CacheDir(tmp_path / "cache", 2**30)
+
+    def run() -> Importer:
+        importer = Importer(db, cache, mounted=False, uploads_pending=lambda: False)
+        try:
+            importer.put(src, importer.folder(tree_path("/backup/2026")))
+        finally:
+            importer.close()
+        return importer
+
+    first = run().report
+    assert (first.files, first.folders, first.links, first.unchanged, first.errors) == (3, 2, 1, 0, [])
+    assert len(first.skipped) == 1 and "fifo" in first.skipped[0]
+    root = meta.lookup(db, meta.lookup(db, meta.lookup(db, meta.ROOT_INO, b"backup").ino, b"2026").ino, b"src")
+    entries = meta.child_map(db, root.ino)
+    assert set(entries) == {b"a.bin", b"empty", b"sub", b"link"}
+    b = meta.lookup(db, entries[b"sub"].ino, b"b.txt")
+    assert (b.mode, b.size, b.mtime_ns, b.state) == (0o100640, 3, 2_000_000_000, meta.PENDING)
+    assert cache.path(b.ino).read_bytes() == b"bee"
+    assert cache.path(entries[b"a.bin"].ino).read_bytes() == (src / "a.bin").read_bytes()
+    assert entries[b"empty"].state == meta.STORED and entries[b"link"].target == b"sub/b.txt"
+    assert root.mtime_ns == os.stat(src).st_mtime_ns
+    assert not [p for p in cache.root.iterdir() if p.name.startswith(".")]  # no temporary file left
+    assert {ino for _, ino, *_ in meta.pending_uploads(db)} == {b.ino, entries[b"a.bin"].ino}
+
+    (src / "a.bin").write_bytes(b"changed")
+    os.unlink(src / "link")
+    os.symlink("a.bin", src / "link")
+    (src / "sub" / "new").write_bytes(b"new")
+    second = run().report
+    assert (second.files, second.links, second.unchanged, second.errors) == (2, 1, 2, [])  # a.bin and new
+    a = meta.lookup(db, root.ino, b"a.bin")
+    assert a.ino == entries[b"a.bin"].ino and a.version == 2 and cache.path(a.ino).read_bytes() == b"changed"
+    assert meta.lookup(db, root.ino, b"link").target == b"a.bin"
+
+    # a file where the tree has a folder, and a folder where it has a file: reported, the rest still copied
+    shutil.rmtree(src / "sub")
+    (src / "sub").write_bytes(b"now a file")
+    os.unlink(src / "a.bin")
+    (src / "a.bin").mkdir()
+    (src / "later").write_bytes(b"later")
+    third = run().report
+    assert len(third.errors) == 2 and all("remove it first" in e for e in third.errors)
+    assert meta.lookup(db, root.ino, b"later").size == 5
+    assert meta.lookup(db, root.ino, b"sub").kind == meta.DIR and meta.lookup(db, root.ino, b"a.bin").size == 7
+    db.close()

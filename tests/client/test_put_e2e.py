@@ -1,0 +1,117 @@
+"""``fincryptfs put`` end to end: real mediator and storage nodes on loopback, the real CLI in a subprocess,
+and a real mount to read back what it stored (from the network: the cache is deleted first)."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+from pathlib import Path
+
+import pytest
+import trio
+from mountkit import Client, needs_fuse, tree_of
+from netfixtures import start_network
+
+pytestmark = [pytest.mark.e2e, needs_fuse]
+
+
+def make_source(root: Path) -> None:
+    rng = __import__("random").Random(7)
+    (root / "photos" / "2026").mkdir(parents=True)
+    for i in range(40):
+        (root / "photos" / "2026" / f"img{i:02}.jpg").write_bytes(rng.randbytes(rng.randrange(1, 30_000)))
+    (root / "photos" / "video.mp4").write_bytes(rng.randbytes(3 * 2**20 + 17))  # above the pack threshold
+    (root / "photos" / "empty").write_bytes(b"")
+    os.chmod(root / "photos" / "2026" / "img00.jpg", 0o600)
+    os.utime(root / "photos" / "video.mp4", ns=(1_500_000_000_000_000_000, 1_600_000_000_123_456_789))
+    os.symlink("2026/img01.jpg", root / "photos" / "latest")
+
+
+async def put(client: Client, *args: str) -> subprocess.CompletedProcess[str]:
+    return await trio.to_thread.run_sync(lambda: client.cli("put", *args, check=False))
+
+
+async def status(client: Client) -> dict:
+    return json.loads((await trio.to_thread.run_sync(lambda: client.cli("status", "--json"))).stdout)
+
+
+def mtimes(root: Path) -> dict[str, int]:
+    return {str(p.relative_to(root)): p.lstat().st_mtime_ns for p in root.rglob("*")}
+
+
+async def test_put_stores_a_tree_incrementally_and_a_cold_mount_reads_it(tmp_path: Path,
+                                                                         nursery: trio.Nursery) -> None:
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    src = tmp_path / "src"
+    await trio.to_thread.run_sync(make_source, src)
+    try:
+        result = await put(client, str(src / "photos"), "/backup")
+        assert result.returncode == 0, result.stderr
+        assert "42 file(s)" in result.stderr and "stored in" in result.stderr
+        report = await status(client)
+        assert report["pending_uploads"] == 0
+        stored = {f["path"]: f for f in report["files"]}
+        assert stored["/backup/photos/video.mp4"]["state"] == "stored" and len(stored) == 42  # + the empty file
+        assert all(f["state"] == "stored" for f in report["files"])
+
+        # everything from the network: no cache
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        copy = client.mountpoint / "backup" / "photos"
+        assert await trio.to_thread.run_sync(tree_of, copy) == await trio.to_thread.run_sync(tree_of, src / "photos")
+        assert await trio.to_thread.run_sync(mtimes, copy) == await trio.to_thread.run_sync(mtimes, src / "photos")
+
+        # while mounted: only what changed is copied, the mount's worker stores it, the mount shows it
+        (src / "photos" / "2026" / "img05.jpg").write_bytes(b"edited")
+        (src / "photos" / "new.txt").write_bytes(b"new")
+        result = await put(client, str(src / "photos"), "backup")
+        assert result.returncode == 0, result.stderr
+        assert "2 file(s)" in result.stderr and "42 unchanged" in result.stderr  # 41 files and the link
+        with trio.fail_after(5):  # the kernel keeps names and attributes for a second
+            while (await trio.to_thread.run_sync(tree_of, copy)
+                   != await trio.to_thread.run_sync(tree_of, src / "photos")):
+                await trio.sleep(0.2)
+        await client.unmount()
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        assert await trio.to_thread.run_sync(tree_of, copy) == await trio.to_thread.run_sync(tree_of, src / "photos")
+    finally:
+        await client.cleanup()
+
+
+async def test_put_explains_what_it_cannot_do(tmp_path: Path, nursery: trio.Nursery) -> None:
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    src = tmp_path / "src"
+    await trio.to_thread.run_sync(make_source, src)
+    os.mkfifo(src / "photos" / "pipe")
+    try:
+        result = await put(client, str(tmp_path / "missing"), "/")
+        assert result.returncode == 1 and "missing: no such file or folder" in result.stderr
+        result = await put(client, str(src / "photos"), "/a/../b")
+        assert result.returncode == 1 and "'..' is not allowed" in result.stderr
+
+        result = await put(client, str(src / "photos"), "/")
+        assert result.returncode == 0, result.stderr  # a FIFO is skipped, not an error
+        assert "skipped:" in result.stderr and "pipe: not a file, folder or link" in result.stderr
+        result = await put(client, str(src / "photos"), "/photos/video.mp4")
+        assert result.returncode == 1 and "/photos/video.mp4 in the tree is a file, not a folder" in result.stderr
+
+        # a folder where the tree has a file: that entry fails, the rest is stored, the status is 1
+        os.unlink(src / "photos" / "empty")
+        (src / "photos" / "empty").mkdir()
+        (src / "photos" / "after.txt").write_bytes(b"still copied")
+        result = await put(client, str(src / "photos"), "/")
+        assert result.returncode == 1
+        assert "error:" in result.stderr and "photos/empty: the tree has a file by that name" in result.stderr
+        assert "1 file(s)" in result.stderr
+        report = await status(client)
+        assert {f["path"] for f in report["files"]} >= {"/photos/after.txt", "/photos/empty"}
+        assert report["pending_uploads"] == 0
+    finally:
+        await client.cleanup()
