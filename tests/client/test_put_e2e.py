@@ -7,12 +7,15 @@ import json
 import os
 import shutil
 import subprocess
+import sys
 from pathlib import Path
 
 import pytest
 import trio
 from mountkit import Client, needs_fuse, tree_of
 from netfixtures import start_network
+
+from fincryptfs import meta
 
 pytestmark = [pytest.mark.e2e, needs_fuse]
 
@@ -115,3 +118,49 @@ async def test_put_explains_what_it_cannot_do(tmp_path: Path, nursery: trio.Nurs
         assert report["pending_uploads"] == 0
     finally:
         await client.cleanup()
+
+
+async def test_kill_9_during_put_then_put_again_stores_everything(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A put killed while its uploads hang (the nodes answer nothing) leaves a tree that the next put completes:
+    every byte of the source is then read back from the network, and no temporary file stays in the cache."""
+    net = await start_network(tmp_path, nursery, nodes=6, gated=True)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    src = tmp_path / "src"
+    await trio.to_thread.run_sync(make_source, src)
+    process = None
+    try:
+        await put(client, str(src / "photos"), "/")  # the account's tree exists (the first put asks the mediator)
+        for i in range(300):  # more small files, and a changed large one: new files and a replaced one
+            (src / "photos" / "more").mkdir(exist_ok=True)
+            (src / "photos" / "more" / f"{i:03}").write_bytes(os.urandom(1 + i * 37))
+        (src / "photos" / "video.mp4").write_bytes(os.urandom(2 * 2**20))
+        net.hold()
+        process = subprocess.Popen([sys.executable, "-m", "fincryptfs.cli", "put", str(src / "photos"), "/",
+                                    "--env-file", str(client.env_file)], stdout=subprocess.DEVNULL,
+                                   stderr=subprocess.DEVNULL)
+        with trio.fail_after(30):  # files recorded, their uploads stuck at the held nodes
+            while not (client.data_dir / "meta.db").exists() or len(pending_jobs(client)) < 100:
+                await trio.sleep(0.05)
+        process.kill()
+        await trio.to_thread.run_sync(process.wait)
+        net.release()
+        result = await put(client, str(src / "photos"), "/")
+        assert result.returncode == 0, result.stderr
+        assert not [p for p in client.cache_dir.iterdir() if p.name.startswith(".")]
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        assert (await trio.to_thread.run_sync(tree_of, client.mountpoint / "photos")
+                == await trio.to_thread.run_sync(tree_of, src / "photos"))
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+        await client.cleanup()
+
+
+def pending_jobs(client: Client) -> list[object]:
+    db = meta.connect_readonly(client.data_dir / "meta.db")
+    try:
+        return list(meta.pending_uploads(db))
+    finally:
+        db.close()
