@@ -605,6 +605,15 @@ def next_small_uploads(db: sqlite3.Connection, now: float, *, max_size: int, max
     return jobs
 
 
+def small_pending(db: sqlite3.Connection, now: float, max_size: int) -> tuple[int, float]:
+    """(bytes, creation time of the newest job) of the runnable pending jobs of files of at most ``max_size``
+    bytes: whether a pack would be full, and whether files are still arriving."""
+    row = db.execute("SELECT coalesce(sum(i.size), 0), coalesce(max(j.created), 0) FROM upload_jobs j JOIN inodes i "
+                     "ON i.ino = j.ino WHERE j.state = 'pending' AND j.not_before <= ? AND i.size <= ?",
+                     (now, max_size)).fetchone()
+    return int(row[0]), float(row[1])
+
+
 def retry_now(db: sqlite3.Connection) -> int:
     """Make every backed-off upload and delete job runnable at once (a flush was asked for); returns how many."""
     with _tx(db):

@@ -10,9 +10,9 @@ Tasks, all in the caller's nursery:
 
 * ``workers`` upload workers: claim the oldest runnable job, ``ObjectStore.put_file`` the cache file, then
   ``meta.finish_upload`` (a stale result — the file changed meanwhile — is queued for deletion instead).
-  A file of at most ``pack_threshold`` bytes is not uploaded alone: the worker waits until its job is
-  PACK_LINGER old (so a burst of files gathers), claims more small jobs and uploads them as one pack
-  (``fincryptfs.packs``, ``meta.finish_pack``).
+  A file of at most ``pack_threshold`` bytes is not uploaded alone: the worker waits until small files stop
+  arriving (the newest job is PACK_LINGER old; at most PACK_LINGER_MAX) or a pack would be full, claims more
+  small jobs and uploads them as one pack (``fincryptfs.packs``, ``meta.finish_pack``).
   Failures are retried with exponential backoff (1 s doubling to 5 min); the error is kept in the job row
   for ``fincryptfs status``.
 * one deleter: releases objects nobody references any more, but only once a snapshot without them was
@@ -48,6 +48,7 @@ log = logging.getLogger(__name__)
 MAX_BACKOFF = 300.0
 MAX_PUBLISH_WAIT = 30.0
 PACK_LINGER = 0.2
+PACK_LINGER_MAX = 1.0  # a pack waits at most this long after its first file while more keep arriving
 FLUSH_POLL = 0.1
 STAGING_SLACK = 2**20  # room asked for beyond a pack's bytes when staging it
 SUPERSEDED_POLL = 0.5  # seconds between checks that a file being uploaded was not changed or deleted
@@ -225,11 +226,22 @@ class UploadQueue:
             raise failure
         return outcome[0] if outcome else None
 
+    async def _gather(self, first: meta.UploadJob) -> None:
+        """Wait until small files stop arriving (the newest is PACK_LINGER old), the pack would be full, or
+        PACK_LINGER_MAX after ``first``. Waiting only for ``first`` to be PACK_LINGER old sent the tail of a
+        burst that a full pack left behind as a pack of one or two files (an object each: placement, n shares,
+        commit)."""
+        while True:
+            now = time.time()
+            pending, newest = meta.small_pending(self.db, now, self.pack_threshold)
+            wait = min(max(newest, first.created) + PACK_LINGER, first.created + PACK_LINGER_MAX) - now
+            if wait <= 0 or first.size + pending >= self.pack_size:
+                return
+            await trio.sleep(min(wait, PACK_LINGER))
+
     async def _upload_pack(self, first: meta.UploadJob) -> None:
         """Upload ``first`` with the other small files pending now, as one pack object."""
-        linger = first.created + PACK_LINGER - time.time()
-        if linger > 0:
-            await trio.sleep(min(linger, PACK_LINGER))
+        await self._gather(first)
         claimed = [first] + meta.next_small_uploads(self.db, time.time(), max_size=self.pack_threshold,
                                                     max_bytes=max(0, self.pack_size - first.size),
                                                     max_files=self.pack_max_files - 1)

@@ -325,3 +325,19 @@ def test_a_batch_rolls_back_whole(db: sqlite3.Connection) -> None:
     assert not db.in_transaction
     assert meta.child_map(db, meta.ROOT_INO) == {} and meta.counter(db, "meta_version") == before
     assert meta.pending_uploads(db) == []
+
+
+def test_small_pending_counts_runnable_small_jobs_and_the_newest(db: sqlite3.Connection) -> None:
+    assert meta.small_pending(db, 1e12, 100) == (0, 0.0)
+    sizes = {b"big": 500, b"a": 10, b"b": 50}  # the large one first: the newest job is a small one
+    for name, size in sizes.items():
+        f = new_file(db, name)
+        meta.mark_dirty(db, f.ino)
+        meta.record_release(db, f.ino, size, 1)
+    pending, newest = meta.small_pending(db, 1e12, 100)
+    assert pending == 60 and newest == max(created for (created,) in db.execute("SELECT created FROM upload_jobs"))
+    claim(db)  # the oldest, "big", uploading now
+    job = claim(db)  # "a"
+    assert meta.small_pending(db, 1e12, 100)[0] == 50
+    meta.fail_upload(db, job, "later", 2e12)  # backed off: not runnable yet
+    assert meta.small_pending(db, 1e12, 100)[0] == 50 and meta.small_pending(db, 3e12, 100)[0] == 60
