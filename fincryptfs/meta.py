@@ -84,7 +84,8 @@ CREATE TABLE IF NOT EXISTS packs (
     object TEXT NOT NULL,
     live INTEGER NOT NULL
 );
-CREATE INDEX IF NOT EXISTS inodes_pack ON inodes (json_extract(object, '$.pack'));
+-- an index on json_extract(object, '$.pack') found a pack's members to copy them out; packs are read in place now
+DROP INDEX IF EXISTS inodes_pack;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('meta_version', 0), ('published_version', 0), ('pointer_version', 0);
 INSERT OR IGNORE INTO counters VALUES ('flush_requested', 0);
@@ -810,13 +811,6 @@ def pack_object(db: sqlite3.Connection, pack_id: str) -> str | None:
     """The StoredObject JSON of a live pack."""
     row = db.execute("SELECT object FROM packs WHERE pack_id = ?", (pack_id,)).fetchone()
     return None if row is None else str(row[0])
-
-
-def packed_files(db: sqlite3.Connection, pack_id: str) -> list[tuple[int, str]]:
-    """(ino, object column) of every stored, named file whose content is in the pack."""
-    return [(r[0], r[1]) for r in db.execute(
-        "SELECT ino, object FROM inodes WHERE json_extract(object, '$.pack') = ? AND state = 'stored' AND "
-        "parent IS NOT NULL", (pack_id,))]
 
 
 def packs(db: sqlite3.Connection) -> list[tuple[str, int]]:

@@ -29,7 +29,14 @@ async def test_lookups_find_announced_mediators(network: Network) -> None:
         assert {(r.id, r.url) for r in found} == {(m1.identity.id, "http://127.0.0.11:8700"),
                                                   (m2.identity.id, "http://127.0.0.61:8700")}
         assert all(r.role == "mediator" for r in found)
-    assert [r.id for r in await nodes[3].find_mediators(key=mediators_key("eu"))] == [nodes[20].identity.id]
+    # (on a host running two test suites at once, all three passes of one search once came back empty, every
+    # reply late; storaged's discovery loop searches again, and so does this)
+    eu_found: list[str] = []
+    for _attempt in range(3):
+        eu_found = [r.id for r in await nodes[3].find_mediators(key=mediators_key("eu"))]
+        if eu_found:
+            break
+    assert eu_found == [nodes[20].identity.id]
     # an iterative lookup for a node's own id finds that node first, in a few hops
     result = await nodes[0].lookup(nodes[77].id)
     assert result.contacts[0].id == nodes[77].id and result.contacts[0].address == nodes[77].address
