@@ -14,6 +14,7 @@ import logging
 import os
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import replace
 from pathlib import Path
@@ -217,12 +218,13 @@ def _flush_state(db: Any) -> tuple[list[tuple[int, int, str, int, str | None]], 
     return meta.pending_uploads(db), meta.counter(db, "meta_version"), meta.counter(db, "published_version")
 
 
-def wait_flushed(db: Any, timeout: float | None, *, hint: str) -> bool:
+def wait_flushed(db: Any, timeout: float | None, *, hint: str, stop: threading.Event | None = None) -> bool:
     """Wait until no upload is pending and the tree snapshot is published, printing progress every second;
-    False (with the failed or pending files named, and ``hint``) if an upload failed for good or on timeout."""
+    False (with the failed or pending files named, and ``hint``) if an upload failed for good, on timeout, or
+    once ``stop`` is set (from another thread)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     last_report = 0.0
-    while True:
+    while stop is None or not stop.is_set():
         pending, meta_version, published = _flush_state(db)
         failed = meta.failed_uploads(db)
         if failed:
@@ -249,6 +251,7 @@ def wait_flushed(db: Any, timeout: float | None, *, hint: str) -> bool:
             print(hint, file=sys.stderr)
             return False
         time.sleep(FLUSH_POLL)
+    return False
 
 
 def cmd_flush(args: argparse.Namespace) -> int:
@@ -274,15 +277,23 @@ def cmd_put(args: argparse.Namespace) -> int:
     sources = [Path(p).expanduser() for p in args.sources]
     started = time.monotonic()
 
-    def wait(db: Any) -> bool:
-        return wait_flushed(db, args.timeout, hint="What was copied stays queued: the next mount or put uploads it. "
-                                                   "Is the mediator reachable?")
+    def wait(db: Any, stop: threading.Event) -> bool:
+        return wait_flushed(db, args.timeout, stop=stop, hint="What was copied stays queued: the next mount or put "
+                                                              "uploads it. Is the mediator reachable?")
+    interrupted = False
     try:
-        report, stored = trio.run(lambda: run_put(settings, sources, args.dest, load_key=lambda: _master_key(settings),
-                                                  wait=wait))
+        try:
+            report, stored = trio.run(lambda: run_put(settings, sources, args.dest,
+                                                      load_key=lambda: _master_key(settings), wait=wait))
+        except* KeyboardInterrupt:  # raised in whichever task ran when Ctrl-C came, so possibly in a group
+            interrupted = True
     except OSError as exc:
         raise FincryptError(f"put stopped: {exc.strerror or exc}"
                             + (f": {exc.filename}" if exc.filename else "")) from exc
+    if interrupted:
+        print("put interrupted: what it had recorded stays in the backup and its uploads stay queued (the next "
+              "mount or put stores them); run the same put again to finish", file=sys.stderr)
+        return 1
     elapsed = time.monotonic() - started
     for line in report.skipped:
         print(f"skipped: {line}", file=sys.stderr)

@@ -31,12 +31,14 @@ import os
 import sqlite3
 import stat
 import sys
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, AsyncExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TypeVar
 
 import trio
 
@@ -50,17 +52,23 @@ from .mount import evictor, exclusive_mount, load_or_restore_tree, meta_path, op
 from .uploadworker import run_queue
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 
 ROOM_WAIT = 0.2  # seconds between checks while the cache disk is full and uploads are pending
 ROOM_PATIENCE = 600.0  # give up after this long without room
 COPY_THREADS = 4  # files read at once: a cold disk answers several reads faster than one after another
 COPY_BATCH = 128  # files copied together, then recorded in one transaction
+SENDFILE_CHUNK = 64 * 2**20  # a large file's copy looks at the stop flag this often
 WAKE_INTERVAL = 0.1  # the upload worker hears of new files this often while files are copied
 PROGRESS_INTERVAL = 2.0
 
 
 class PutError(Exception):
     """An entry that could not be copied (the message names it); the rest of the copy goes on."""
+
+
+class Stopped(Exception):
+    """The user interrupted ``put``: the copy stops between files (or chunks of a large one)."""
 
 
 @dataclass
@@ -94,13 +102,16 @@ def tree_path(text: str) -> list[bytes]:
     return parts
 
 
-def copy_file_to(source_fd: int, dest: Path) -> int:
-    """Copy an open file to ``dest`` (created 0600 or truncated) with ``sendfile``; bytes copied."""
+def copy_file_to(source_fd: int, dest: Path, stop: threading.Event | None = None) -> int:
+    """Copy an open file to ``dest`` (created 0600 or truncated) with ``sendfile``; bytes copied. Stops with
+    Stopped between chunks of SENDFILE_CHUNK once ``stop`` is set (Ctrl-C during a large file)."""
     fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
     try:
         offset = 0
-        while sent := os.sendfile(fd, source_fd, offset, 2**30):
+        while sent := os.sendfile(fd, source_fd, offset, SENDFILE_CHUNK):
             offset += sent
+            if stop is not None and stop.is_set():
+                raise Stopped()
         return offset
     finally:
         os.close(fd)
@@ -131,6 +142,7 @@ class Importer:
         self.on_progress = on_progress
         self.report = PutReport()
         self.keep_owner = os.geteuid() == 0
+        self.stop = threading.Event()  # set from another thread: the copy ends with Stopped
         self._last_progress = time.monotonic()
         self._pool = ThreadPoolExecutor(COPY_THREADS, thread_name_prefix="put-copy")
 
@@ -163,6 +175,8 @@ class Importer:
     # --- the walk -------------------------------------------------------------------------------------------
 
     def _entry(self, source: Path, parent: int, name: bytes) -> None:
+        if self.stop.is_set():
+            raise Stopped()
         try:
             st = os.lstat(source)
             if stat.S_ISREG(st.st_mode):
@@ -233,6 +247,8 @@ class Importer:
         previous: _Batch | None = None
         try:
             for start in range(0, len(files), COPY_BATCH):
+                if self.stop.is_set():
+                    raise Stopped()
                 batch = self._start_batch(files[start:start + COPY_BATCH], parent)
                 if previous is not None:
                     self._finish_batch(previous, parent)
@@ -267,18 +283,23 @@ class Importer:
         if todo:
             self._wait_for_room(sum(st.st_size for _, st, _, _ in todo), todo[0][0])
         temps = [self.cache.root / f".put-{os.urandom(8).hex()}.part" for _ in todo]
-        copies = [self._pool.submit(_copy_or_error, source, tmp) for (source, *_), tmp in zip(todo, temps, strict=True)]
+        copies = [self._pool.submit(_copy_or_error, source, tmp, self.stop)
+                  for (source, *_), tmp in zip(todo, temps, strict=True)]
         return _Batch(todo, temps, copies)
 
     def _finish_batch(self, batch: _Batch, parent: int) -> None:
         try:
             results = [future.result() for future in batch.copies]
+            if self.stop.is_set():
+                raise Stopped()  # some copies may have stopped half way: record none of this batch
             full = next((r for r in results if isinstance(r, OSError) and r.errno == errno.ENOSPC), None)
             if full is not None:
                 raise full
             new: list[tuple[Path, Path, meta.NewFile]] = []
             replaced: list[tuple[meta.Inode, os.stat_result, Path, int]] = []
             for (source, st, name, node), tmp, result in zip(batch.todo, batch.temps, results, strict=True):
+                if isinstance(result, Stopped):
+                    raise result
                 if isinstance(result, OSError):
                     self._failed(source, result)
                 elif node is not None:
@@ -358,7 +379,7 @@ class _Batch:
 
     todo: list[tuple[Path, os.stat_result, bytes, meta.Inode | None]]
     temps: list[Path]
-    copies: list[Future[int | OSError]]
+    copies: list[Future[int | OSError | Stopped]]
 
 
 def _remove_temps(temps: list[Path]) -> None:
@@ -367,15 +388,15 @@ def _remove_temps(temps: list[Path]) -> None:
             tmp.unlink()
 
 
-def _copy_or_error(source: Path, dest: Path) -> int | OSError:
+def _copy_or_error(source: Path, dest: Path, stop: threading.Event) -> int | OSError | Stopped:
     """``copy_file_to`` from ``source`` (never through a link), the error instead of raising it."""
     try:
         fd = os.open(source, os.O_RDONLY | os.O_CLOEXEC | os.O_NOFOLLOW)
         try:
-            return copy_file_to(fd, dest)
+            return copy_file_to(fd, dest, stop)
         finally:
             os.close(fd)
-    except OSError as exc:
+    except (OSError, Stopped) as exc:
         return exc
 
 
@@ -404,16 +425,17 @@ def _check_sources(sources: Sequence[Path]) -> None:
 
 
 async def run_put(settings: ClientSettings, sources: Sequence[Path], dest: str, *, load_key: Callable[[], bytes],
-                  wait: Callable[[sqlite3.Connection], bool]) -> tuple[PutReport, bool]:
+                  wait: Callable[[sqlite3.Connection, threading.Event], bool]) -> tuple[PutReport, bool]:
     """Copy ``sources`` into the tree folder ``dest`` and wait until they are stored (``wait``, given a
-    read-only connection to the tree, returns whether everything was). Returns (report, stored)."""
+    read-only connection to the tree and the stop flag, returns whether everything was). Returns (report,
+    stored). Ctrl-C stops the copy between files and the wait at its next look (KeyboardInterrupt)."""
     _check_sources(sources)
     parts = tree_path(dest)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.data_dir, 0o700)
     (settings.data_dir / "spool").mkdir(exist_ok=True)
     db_path = meta_path(settings)
-    failure: OSError | FincryptError | None = None
+    failure: BaseException | None = None
     stored = False
     async with AsyncExitStack() as stack:
         stack.enter_context(_one_put(settings.data_dir))
@@ -455,15 +477,38 @@ async def run_put(settings: ClientSettings, sources: Sequence[Path], dest: str, 
                     stack.callback(evictions.close)
                     nursery.start_soon(evictor, evictions, cache, lambda: ((), ()))
                     nursery.start_soon(wake_while, queue.wake, copied)
-                await trio.to_thread.run_sync(copy_all)
-            except (OSError, FincryptError) as exc:
+                await _stoppable(copy_all, importer.stop)
+            except (OSError, FincryptError, KeyboardInterrupt) as exc:
                 failure = exc
             finally:
                 copied.set()
             if failure is None:
                 meta.request_flush(db_path)
-                stored = await trio.to_thread.run_sync(wait, reader)
+                try:
+                    stored = await _stoppable(lambda: wait(reader, importer.stop), importer.stop)
+                except KeyboardInterrupt as exc:
+                    failure = exc
             nursery.cancel_scope.cancel()  # the worker and the evictor
     if failure is not None:
         raise failure
     return importer.report, stored
+
+
+async def _stoppable(fn: Callable[[], T], stop: threading.Event) -> T:
+    """``fn()`` in a worker thread that Ctrl-C can interrupt: ``stop`` is set, and the thread is waited for
+    (it ends within a file, a SENDFILE_CHUNK or a poll), so nothing still uses the tree once it is closed."""
+    finished = trio.Event()
+    token = trio.lowlevel.current_trio_token()
+
+    def run() -> T:
+        try:
+            return fn()
+        finally:
+            token.run_sync_soon(finished.set)
+    try:
+        return await trio.to_thread.run_sync(run, abandon_on_cancel=True)
+    except BaseException:
+        stop.set()
+        with trio.CancelScope(shield=True):
+            await finished.wait()
+        raise

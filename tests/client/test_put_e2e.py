@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -164,3 +165,40 @@ def pending_jobs(client: Client) -> list[object]:
         return list(meta.pending_uploads(db))
     finally:
         db.close()
+
+
+async def test_ctrl_c_stops_put_at_once_and_the_next_put_finishes(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Ctrl-C while put waits for uploads that cannot finish (the nodes answer nothing): it stops within a few
+    seconds with a message saying what is kept, and a later put stores everything."""
+    net = await start_network(tmp_path, nursery, nodes=6, gated=True)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    src = tmp_path / "src"
+    await trio.to_thread.run_sync(make_source, src)
+    process = None
+    try:
+        await put(client, str(src / "photos" / "empty"), "/")  # the account's tree exists
+        net.hold()
+        process = subprocess.Popen([sys.executable, "-m", "fincryptfs.cli", "put", str(src / "photos"), "/",
+                                    "--env-file", str(client.env_file)], stderr=subprocess.PIPE, text=True,
+                                   preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+        with trio.fail_after(30):  # copied and recorded; the uploads hang at the held nodes
+            while len(pending_jobs(client)) < 40:
+                await trio.sleep(0.05)
+        await trio.sleep(0.5)
+        process.send_signal(signal.SIGINT)
+        with trio.fail_after(10):
+            _, err = await trio.to_thread.run_sync(process.communicate)
+        assert process.returncode == 1 and "put interrupted" in err and "Traceback" not in err
+        net.release()
+        result = await put(client, str(src / "photos"), "/")
+        assert result.returncode == 0, result.stderr
+        assert "43 unchanged" in result.stderr  # 42 files and the link, all recorded before the interruption
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        assert (await trio.to_thread.run_sync(tree_of, client.mountpoint / "photos")
+                == await trio.to_thread.run_sync(tree_of, src / "photos"))
+    finally:
+        if process is not None and process.poll() is None:
+            process.kill()
+        await client.cleanup()
