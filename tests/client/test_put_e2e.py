@@ -149,14 +149,19 @@ async def test_kill_9_during_put_then_put_again_stores_everything(tmp_path: Path
         result = await put(client, str(src / "photos"), "/")
         assert result.returncode == 0, result.stderr
         assert not [p for p in client.cache_dir.iterdir() if p.name.startswith(".")]
-        shutil.rmtree(client.cache_dir)
-        await client.mount()
-        assert (await trio.to_thread.run_sync(tree_of, client.mountpoint / "photos")
-                == await trio.to_thread.run_sync(tree_of, src / "photos"))
+        await assert_stored(client, src)
     finally:
         if process is not None and process.poll() is None:
             process.kill()
         await client.cleanup()
+
+
+async def assert_stored(client: Client, src: Path) -> None:
+    """Mount with an empty cache: the backup's /photos is the source's, byte for byte, from the network."""
+    shutil.rmtree(client.cache_dir)
+    await client.mount()
+    assert (await trio.to_thread.run_sync(tree_of, client.mountpoint / "photos")
+            == await trio.to_thread.run_sync(tree_of, src / "photos"))
 
 
 def pending_jobs(client: Client) -> list[object]:
@@ -194,10 +199,7 @@ async def test_ctrl_c_stops_put_at_once_and_the_next_put_finishes(tmp_path: Path
         result = await put(client, str(src / "photos"), "/")
         assert result.returncode == 0, result.stderr
         assert "43 unchanged" in result.stderr  # 42 files and the link, all recorded before the interruption
-        shutil.rmtree(client.cache_dir)
-        await client.mount()
-        assert (await trio.to_thread.run_sync(tree_of, client.mountpoint / "photos")
-                == await trio.to_thread.run_sync(tree_of, src / "photos"))
+        await assert_stored(client, src)
     finally:
         if process is not None and process.poll() is None:
             process.kill()
