@@ -117,6 +117,23 @@ async def test_put_explains_what_it_cannot_do(tmp_path: Path, nursery: trio.Nurs
         report = await status(client)
         assert {f["path"] for f in report["files"]} >= {"/photos/after.txt", "/photos/empty"}
         assert report["pending_uploads"] == 0
+
+        # `fincryptfs status | head -1`: the reader goes away while status still writes; no traceback
+        (src / "many").mkdir()
+        for i in range(1500):  # empty files: nothing to upload, and more than a pipe's 64 KiB of status lines
+            (src / "many" / f"empty-file-{i:04}").touch()
+        assert (await put(client, str(src / "many"), "/")).returncode == 0
+
+        def status_head() -> str:
+            process = subprocess.Popen([sys.executable, "-m", "fincryptfs.cli", "status", "--env-file",
+                                        str(client.env_file)], stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+            assert process.stdout is not None and process.stderr is not None
+            process.stdout.readline()
+            process.stdout.close()
+            errors = process.stderr.read().decode()
+            process.wait(timeout=60)
+            return errors
+        assert "Traceback" not in await trio.to_thread.run_sync(status_head)
     finally:
         await client.cleanup()
 
