@@ -14,7 +14,7 @@ from pathlib import Path
 import pytest
 import trio
 from mountkit import Client, needs_fuse, tree_of
-from netfixtures import start_network
+from netfixtures import Network, start_network
 
 from fincryptfs import meta
 
@@ -33,6 +33,17 @@ def make_source(root: Path) -> None:
     os.symlink("2026/img01.jpg", root / "photos" / "latest")
 
 
+async def account_and_source(tmp_path: Path, nursery: trio.Nursery, *, gated: bool = False
+                             ) -> tuple[Network, Client, Path]:
+    """Six nodes on loopback (behind gates that can hold them, if ``gated``), a new account, and a source tree."""
+    net = await start_network(tmp_path, nursery, nodes=6, gated=gated)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    src = tmp_path / "src"
+    await trio.to_thread.run_sync(make_source, src)
+    return net, client, src
+
+
 async def put(client: Client, *args: str) -> subprocess.CompletedProcess[str]:
     return await trio.to_thread.run_sync(lambda: client.cli("put", *args, check=False))
 
@@ -47,11 +58,7 @@ def mtimes(root: Path) -> dict[str, int]:
 
 async def test_put_stores_a_tree_incrementally_and_a_cold_mount_reads_it(tmp_path: Path,
                                                                          nursery: trio.Nursery) -> None:
-    net = await start_network(tmp_path, nursery, nodes=6)
-    client = Client(tmp_path / "c", net.mediator_url)
-    client.init()
-    src = tmp_path / "src"
-    await trio.to_thread.run_sync(make_source, src)
+    net, client, src = await account_and_source(tmp_path, nursery)
     try:
         result = await put(client, str(src / "photos"), "/backup")
         assert result.returncode == 0, result.stderr
@@ -88,11 +95,7 @@ async def test_put_stores_a_tree_incrementally_and_a_cold_mount_reads_it(tmp_pat
 
 
 async def test_put_explains_what_it_cannot_do(tmp_path: Path, nursery: trio.Nursery) -> None:
-    net = await start_network(tmp_path, nursery, nodes=6)
-    client = Client(tmp_path / "c", net.mediator_url)
-    client.init()
-    src = tmp_path / "src"
-    await trio.to_thread.run_sync(make_source, src)
+    net, client, src = await account_and_source(tmp_path, nursery)
     os.mkfifo(src / "photos" / "pipe")
     try:
         result = await put(client, str(tmp_path / "missing"), "/")
@@ -141,11 +144,7 @@ async def test_put_explains_what_it_cannot_do(tmp_path: Path, nursery: trio.Nurs
 async def test_kill_9_during_put_then_put_again_stores_everything(tmp_path: Path, nursery: trio.Nursery) -> None:
     """A put killed while its uploads hang (the nodes answer nothing) leaves a tree that the next put completes:
     every byte of the source is then read back from the network, and no temporary file stays in the cache."""
-    net = await start_network(tmp_path, nursery, nodes=6, gated=True)
-    client = Client(tmp_path / "c", net.mediator_url)
-    client.init()
-    src = tmp_path / "src"
-    await trio.to_thread.run_sync(make_source, src)
+    net, client, src = await account_and_source(tmp_path, nursery, gated=True)
     process = None
     try:
         await put(client, str(src / "photos"), "/")  # the account's tree exists (the first put asks the mediator)
@@ -192,11 +191,7 @@ def pending_jobs(client: Client) -> list[object]:
 async def test_ctrl_c_stops_put_at_once_and_the_next_put_finishes(tmp_path: Path, nursery: trio.Nursery) -> None:
     """Ctrl-C while put waits for uploads that cannot finish (the nodes answer nothing): it stops within a few
     seconds with a message saying what is kept, and a later put stores everything."""
-    net = await start_network(tmp_path, nursery, nodes=6, gated=True)
-    client = Client(tmp_path / "c", net.mediator_url)
-    client.init()
-    src = tmp_path / "src"
-    await trio.to_thread.run_sync(make_source, src)
+    net, client, src = await account_and_source(tmp_path, nursery, gated=True)
     process = None
     try:
         await put(client, str(src / "photos" / "empty"), "/")  # the account's tree exists
