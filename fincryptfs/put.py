@@ -17,7 +17,8 @@ keeps names and attributes for ``fs.ATTR_TIMEOUT``).
 Semantics, like ``cp -a`` into an existing folder: each SOURCE becomes DEST/<its name>; folders merge into
 existing folders; a file is replaced in place (same inode, next version, as an ``O_TRUNC`` open through the
 mount would); symbolic links are copied as links, never followed; modes, times and (as root) owners are kept.
-Sockets, FIFOs and devices are skipped with a message (the mount does not store them either). A folder never
+Sockets, FIFOs and devices are skipped with a message (the mount does not store them either), and so are
+Fincrypt's own data and cache folders and any mounted backup found in the source (``own_folders``). A folder never
 replaces a file nor the reverse: that entry is reported and the rest goes on. An interrupted ``put`` leaves
 what it had copied (a file cut short shows a later modification time than its source, so running ``put``
 again replaces it).
@@ -28,12 +29,13 @@ from __future__ import annotations
 import errno
 import logging
 import os
+import re
 import sqlite3
 import stat
 import sys
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Collection, Iterable, Sequence
 from concurrent.futures import Future, ThreadPoolExecutor, wait
 from contextlib import AbstractContextManager, AsyncExitStack
 from dataclasses import dataclass, field
@@ -133,9 +135,10 @@ class Importer:
     """
 
     def __init__(self, db: sqlite3.Connection, cache: CacheDir, *, mounted: bool,
-                 uploads_pending: Callable[[], bool], on_progress: Callable[[PutReport], None] = lambda r: None
-                 ) -> None:
+                 uploads_pending: Callable[[], bool], on_progress: Callable[[PutReport], None] = lambda r: None,
+                 exclude: Collection[tuple[int, int]] = ()) -> None:
         self.db = db
+        self.exclude = exclude  # (st_dev, st_ino) of folders never copied (``own_folders``)
         self.cache = cache
         self.mounted = mounted
         self.uploads_pending = uploads_pending
@@ -183,6 +186,9 @@ class Importer:
                 self._files([(source, st, name)], parent)
             elif len(name) > NAME_MAX:
                 raise PutError(f"{source}: the name is longer than {NAME_MAX} bytes")
+            elif stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) in self.exclude:
+                self.report.skipped.append(f"{source}: Fincrypt's own folder (its data, its cache or a mounted "
+                                           "backup): not copied into the backup")
             elif stat.S_ISDIR(st.st_mode):
                 self._folder(source, st, parent, name)
             elif stat.S_ISLNK(st.st_mode):
@@ -418,6 +424,33 @@ def _one_put(data_dir: Path) -> AbstractContextManager[int]:
     return held(data_dir / "put.lock", f"another fincryptfs put is copying into {data_dir}; wait for it to finish")
 
 
+def own_folders(folders: Iterable[Path], mounts: str) -> set[tuple[int, int]]:
+    """(st_dev, st_ino) of the folders ``put`` never copies: ``folders`` (the data and cache folders: a copy of
+    the cache would store every file twice) and every mounted Fincrypt backup listed in ``mounts`` (the text of
+    /proc/self/mounts: copying a home folder that holds the mount would fetch the whole backup and store it
+    inside itself)."""
+    paths = list(folders)
+    for line in mounts.splitlines():
+        fields = line.split()
+        if len(fields) >= 3 and fields[0] == "fincryptfs" and fields[2].startswith("fuse"):
+            paths.append(Path(re.sub(r"\\([0-7]{3})", lambda m: chr(int(m.group(1), 8)), fields[1])))
+    found = set()
+    for path in paths:
+        try:
+            st = os.stat(path)
+        except OSError:  # not there, or another user's mount
+            continue
+        found.add((st.st_dev, st.st_ino))
+    return found
+
+
+def _mounts() -> str:
+    try:
+        return Path("/proc/self/mounts").read_text()
+    except OSError:
+        return ""
+
+
 def _check_sources(sources: Sequence[Path]) -> None:
     for source in sources:
         if not os.path.lexists(source):
@@ -458,7 +491,8 @@ async def run_put(settings: ClientSettings, sources: Sequence[Path], dest: str, 
         if not mounted:
             meta.recover(db, cache.sizes())
         importer = Importer(db, cache, mounted=mounted, uploads_pending=lambda: meta.has_pending_uploads(reader),
-                            on_progress=print_progress)
+                            on_progress=print_progress,
+                            exclude=own_folders([settings.data_dir, settings.cache_dir], _mounts()))
 
         def copy_all() -> None:
             try:

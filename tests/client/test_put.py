@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 from fincryptfs import meta
 from fincryptfs.cache import CacheDir
 from fincryptfs.core.errors import ConfigError
-from fincryptfs.put import Importer, tree_path
+from fincryptfs.put import Importer, own_folders, tree_path
 
 names = st.text(st.characters(codec="utf-8", exclude_characters="/\x00"), min_size=1,
                 max_size=40).filter(lambda n: n not in (".", ".."))
@@ -89,4 +89,33 @@ def test_copy_into_a_real_tree_and_cache(tmp_path: Path) -> None:
     assert len(third.errors) == 2 and all("remove it first" in e for e in third.errors)
     assert meta.lookup(db, root.ino, b"later").size == 5
     assert meta.lookup(db, root.ino, b"sub").kind == meta.DIR and meta.lookup(db, root.ino, b"a.bin").size == 7
+    db.close()
+
+
+def test_own_folders_and_mounted_backups_are_never_copied(tmp_path: Path) -> None:
+    """The data and cache folders, and a mounted backup (/proc/self/mounts escapes a space as \\040), are
+    skipped with a message wherever they sit in the source; everything else is copied."""
+    home = tmp_path / "home"
+    (home / "docs").mkdir(parents=True)
+    (home / "docs" / "cv.txt").write_bytes(b"cv")
+    data, cache_dir, mounted = home / ".fincrypt", home / ".cache" / "fincrypt", home / "My Backup"
+    for folder in (data, cache_dir, mounted):
+        folder.mkdir(parents=True)
+        (folder / "inside").write_bytes(b"not to be copied")
+    mounts = (f"proc /proc proc rw 0 0\n"
+              f"fincryptfs {str(mounted).replace(' ', chr(92) + '040')} fuse rw,user_id=0 0 0\n"
+              f"other {home / 'docs'} fuse rw 0 0\n")  # another FUSE file system is copied like any folder
+    exclude = own_folders([data, cache_dir, tmp_path / "missing"], mounts)
+    assert len(exclude) == 3
+    db = meta.connect(tmp_path / "meta.db")
+    importer = Importer(db, CacheDir(tmp_path / "cache", 2**30), mounted=False, uploads_pending=lambda: False,
+                        exclude=exclude)
+    try:
+        importer.put(home, meta.ROOT_INO)
+    finally:
+        importer.close()
+    copied = {meta.path_of(db, node.ino) for node in meta.files(db)}
+    assert copied == {"/home/docs/cv.txt"}
+    assert len(importer.report.skipped) == 3
+    assert all("Fincrypt's own folder" in line for line in importer.report.skipped)
     db.close()
