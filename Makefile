@@ -42,6 +42,7 @@ $(STAMP): setup.cfg setup.py pyproject.toml fincryptfs/core/_leafhash.c
 	@[ -x $(PY) ] || $(PYTHON) -m venv $(VENV)
 	@echo "pip install -e '.[test]' into $(VENV)"
 	@$(PY) -m pip install -q --disable-pip-version-check -e '.[test]'
+	@$(PY) -m compileall -q fincryptfs storaged mediatord >/dev/null  # as an install does: commands start faster
 	@touch $@
 
 test: $(STAMP)

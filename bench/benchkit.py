@@ -15,6 +15,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+PACKAGES = ("fincryptfs", "storaged", "mediatord")
+
+
+def compile_sources() -> None:
+    """Byte-compile Fincrypt's modules as an install does, so each command starts as it does for a user: with
+    PYTHONDONTWRITEBYTECODE set (or a read-only tree) Python would compile ~30 modules at every start (~70 ms)."""
+    subprocess.run([sys.executable, "-m", "compileall", "-q", *(str(ROOT / p) for p in PACKAGES)], check=True,
+                   stdout=subprocess.DEVNULL)
 
 
 def timed(fn: Callable[..., object], *args: object, **kwargs: object) -> float:

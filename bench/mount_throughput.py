@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchkit import drop_caches, peak_rss, start_devnet, timed
+from benchkit import compile_sources, drop_caches, peak_rss, start_devnet, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -204,6 +204,7 @@ def main() -> int:
         print("mount_throughput: skipped (needs root and /dev/fuse)")
         print(json.dumps({"bench": "mount_throughput", "skipped": "needs root and /dev/fuse"}))
         return 0
+    compile_sources()
     work = Path(tempfile.mkdtemp(prefix="fincrypt-bench-"))
     network = None
     mount = None

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchkit import drop_caches, peak_rss, timed
+from benchkit import compile_sources, drop_caches, peak_rss, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -629,6 +629,7 @@ def main() -> int:
         print("peers: skipped (needs root and /dev/fuse)")
         print(json.dumps({"bench": "peers", "skipped": "needs root and /dev/fuse"}))
         return 0
+    compile_sources()
     owned = Owned()
     signal.signal(signal.SIGTERM, owned.on_signal)
     signal.signal(signal.SIGINT, owned.on_signal)

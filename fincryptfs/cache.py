@@ -114,17 +114,20 @@ class CacheDir:
         self.path(ino).unlink(missing_ok=True)
         self._last_used.pop(ino, None)
 
-    def sizes(self) -> dict[int, int]:
-        """Size of every cached file by inode. Called at mount start, before any fetch: the temporary files of
-        fetches a crash interrupted are removed (they are never complete), here and among the packs."""
-        result: dict[int, int] = {}
+    def remove_leftovers(self) -> None:
+        """Remove the temporary files of fetches and copies a crash interrupted (they are never complete), here
+        and among the packs. Called at start, before any fetch; lists names only (no ``stat`` per file)."""
         for folder in (self.root, self.packs):
             for entry in os.scandir(folder):
                 if entry.name.startswith(".fetch-") or entry.name.endswith(".part"):
                     os.unlink(entry.path)
-                elif folder == self.root and entry.name.isdigit():
-                    result[int(entry.name)] = entry.stat().st_size
-        return result
+
+    def size(self, ino: int) -> int | None:
+        """Size of the inode's cache file, None if it has none."""
+        try:
+            return os.stat(self.path(ino)).st_size
+        except FileNotFoundError:
+            return None
 
     def evict(self, evictable: Collection[int], in_use: Collection[int], packs_in_use: Collection[str] = ()
               ) -> int:

@@ -364,7 +364,7 @@ async def _add_health(settings: ClientSettings, files: list[dict[str, Any]]) -> 
     import trio
 
     from . import rpc
-    from .mount import open_store
+    from .datadir import open_store
 
     if settings.mediator_url is None:
         return "not configured"

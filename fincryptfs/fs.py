@@ -42,7 +42,7 @@ log = logging.getLogger(__name__)
 ATTR_TIMEOUT = 1.0
 BLOCK_SIZE = 128 * 1024  # statfs block size
 IO_SIZE = 1024 * 1024  # st_blksize: tools such as cp size their buffers by it, and FUSE passes 1 MiB writes whole
-NAME_MAX = 255
+NAME_MAX = meta.NAME_MAX
 
 Fetch = Callable[[str, Path, Progress | None], Awaitable[None]]  # (object JSON, destination, progress)
 Spawn = Callable[[Callable[[], Awaitable[None]]], None]  # runs a task in the mount's nursery

@@ -29,11 +29,12 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
-from collections.abc import Iterator, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
 ROOT_INO = 1
+NAME_MAX = 255  # bytes in one name, as on Linux file systems (the mount and put both refuse longer)
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 DIRTY, PENDING, STORED = "dirty", "pending", "stored"
 
@@ -534,23 +535,25 @@ def _is_ancestor(db: sqlite3.Connection, ancestor: int, ino: int) -> bool:
 # --- upload and delete jobs ---------------------------------------------------------------------------------
 
 
-def recover(db: sqlite3.Connection, cache_sizes: dict[int, int]) -> None:
+def recover(db: sqlite3.Connection, cache_size: Callable[[int], int | None]) -> None:
     """At mount: resume interrupted uploads; queue files written but never closed; drop unlinked inodes.
 
-    ``cache_sizes`` maps inode to the size of its cache file (a file that was open for writing when the client
-    died has whatever reached the cache, and its size in the tree may lag).
+    ``cache_size(ino)`` is the size of the inode's cache file, None if it has none (a file that was open for
+    writing when the client died has whatever reached the cache, and its size in the tree may lag). Asked only
+    for such files: listing the whole cache made every start cost one ``stat`` per cached file.
     """
     with _tx(db):
         before = db.total_changes
         db.execute("UPDATE upload_jobs SET state = 'pending' WHERE state = 'uploading'")
         for ino, version, old in db.execute("SELECT ino, version, object FROM inodes WHERE state = 'dirty'"
                                             ).fetchall():
-            if cache_sizes.get(ino) == 0:  # created or truncated, nothing written: empty needs no object
+            size = cache_size(ino)
+            if size == 0:  # created or truncated, nothing written: empty needs no object
                 db.execute("UPDATE inodes SET state = 'stored', size = 0, object = NULL WHERE ino = ?", (ino,))
                 if old is not None:
                     _release(db, old, counter(db, "meta_version") + 1)
-            elif ino in cache_sizes:
-                db.execute("UPDATE inodes SET state = 'pending', size = ? WHERE ino = ?", (cache_sizes[ino], ino))
+            elif size is not None:
+                db.execute("UPDATE inodes SET state = 'pending', size = ? WHERE ino = ?", (size, ino))
                 db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'superseded' WHERE ino = ? AND "
                            "state = 'pending'", (ino,))
                 db.execute("INSERT INTO upload_jobs (ino, version, state, created) VALUES (?, ?, 'pending', ?)",

@@ -19,11 +19,10 @@ import json
 import logging
 import os
 import signal
-import sqlite3
 import subprocess
 import sys
-from collections.abc import Callable, Collection
-from contextlib import AbstractContextManager, AsyncExitStack
+from collections.abc import Callable
+from contextlib import AsyncExitStack
 from pathlib import Path
 
 import pyfuse3
@@ -31,12 +30,11 @@ import trio
 
 from . import meta, rpc
 from .cache import CacheDir
-from .core.crypto import account_signing_key
 from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings
+from .datadir import evictor, exclusive_mount, load_or_restore_tree, meta_path, open_store
 from .fs import Capacity, FincryptOperations, Progress
-from .lockfile import held
-from .objectstore import ObjectStore, StoredObject
+from .objectstore import StoredObject
 from .packs import PackReader, Prefetcher
 from .run_daemon import exit_with_parent, freeze_startup_objects, take_parent_fd
 from .uploadqueue import backoff
@@ -46,45 +44,9 @@ log = logging.getLogger(__name__)
 
 CAPACITY_REFRESH = 60.0
 CPU_THREADS = 2
-EVICT_INTERVAL = 2.0
 WORKER_STOP_GRACE = 5.0
 WORKER_START_TIMEOUT = 10.0
 WORKER_STABLE = 30.0  # a worker that ran this long before dying is restarted without backoff
-
-
-def meta_path(settings: ClientSettings) -> Path:
-    return settings.data_dir / "meta.db"
-
-
-def open_store(settings: ClientSettings, master_key: bytes, http: object, cpu: trio.CapacityLimiter
-               ) -> ObjectStore:
-    if settings.mediator_url is None:
-        raise ConfigError("FINCRYPT_MEDIATOR_URL is not set: name the mediator to store through (fincryptfs init "
-                          "--mediator URL writes it)")
-    return ObjectStore(mediator_url=settings.mediator_url, account_key=account_signing_key(master_key),
-                       k=settings.k, n=settings.n, happy=settings.happy, segment_size=settings.segment_size,
-                       spool_dir=settings.data_dir / "spool", http=http, cpu=cpu)  # type: ignore[arg-type]
-
-
-async def load_or_restore_tree(store: ObjectStore, master_key: bytes, db_path: Path) -> None:
-    """Create the local tree from the account's latest snapshot if there is one (first mount only)."""
-    if db_path.exists():
-        return
-    from .manifest import fetch_latest_snapshot
-
-    tmp = db_path.with_name(db_path.name + ".restoring")
-    tmp.unlink(missing_ok=True)
-    try:
-        version = await fetch_latest_snapshot(store, master_key, tmp)
-    except FincryptError as exc:
-        raise FincryptError(f"cannot look for this account's existing tree at the mediator: {exc}. The first "
-                            "mount needs the mediator; try again once it is reachable") from exc
-    if version is None:
-        log.info("no snapshot at the mediator: starting an empty tree")
-        return
-    meta.adopt_snapshot(tmp, version)
-    os.rename(tmp, db_path)
-    log.info("restored the tree from snapshot %d", version)
 
 
 async def _refresh_capacity(ops: FincryptOperations, settings: ClientSettings, http: object) -> None:
@@ -177,28 +139,6 @@ async def supervise_worker(settings: ClientSettings, master_key: bytes, link: Wo
         await trio.sleep(delay)
 
 
-async def evictor(db: sqlite3.Connection, cache: CacheDir,
-                  in_use: Callable[[], tuple[Collection[int], Collection[str]]]) -> None:
-    """Keep the cache within its limit: after the tree changed (uploads finish in the worker), every few
-    seconds, but only when the cache may be over its limit (listing a folder of 100,000 cache files stalls
-    every FUSE request for a good part of a second). Files open in the mount, and the packs they read from
-    (``in_use``), are never evicted."""
-    seen = -1
-    while True:
-        version = meta.counter(db, "meta_version")
-        if (version != seen or cache.maybe_over_limit) and cache.may_exceed_limit():
-            seen = version
-            cache.maybe_over_limit = False
-            cache.evict(meta.stored_inos(db), *in_use())
-        await trio.sleep(EVICT_INTERVAL)
-
-
-def exclusive_mount(data_dir: Path) -> AbstractContextManager[int]:
-    """One mount per data folder: two would each believe they own the tree and its jobs (``fincryptfs put``
-    takes it too when it runs without a mount)."""
-    return held(data_dir / "mount.lock", f"another fincryptfs mount is using {data_dir}; unmount it first")
-
-
 async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: bytes, *,
                     on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or interrupted (or until a supervisor holding our lifeline pipe dies)."""
@@ -220,7 +160,8 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
         db = meta.connect(db_path)
         stack.callback(db.close)
         cache = CacheDir(settings.cache_dir, settings.cache_limit_bytes)
-        meta.recover(db, cache.sizes())
+        cache.remove_leftovers()
+        meta.recover(db, cache.size)
 
         pack_reader = PackReader(db=db, store=store, pack_path=cache.pack_path)
 

@@ -48,9 +48,8 @@ from . import meta, rpc
 from .cache import CacheDir
 from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings
-from .fs import NAME_MAX
+from .datadir import evictor, exclusive_mount, load_or_restore_tree, meta_path, open_store
 from .lockfile import held
-from .mount import evictor, exclusive_mount, load_or_restore_tree, meta_path, open_store
 from .uploadworker import run_queue
 
 log = logging.getLogger(__name__)
@@ -99,8 +98,8 @@ def tree_path(text: str) -> list[bytes]:
     for part in parts:
         if part == b"..":
             raise ConfigError(f"{text!r}: '..' is not allowed in a path in the tree")
-        if len(part) > NAME_MAX:
-            raise ConfigError(f"{text!r}: a name is longer than {NAME_MAX} bytes")
+        if len(part) > meta.NAME_MAX:
+            raise ConfigError(f"{text!r}: a name is longer than {meta.NAME_MAX} bytes")
     return parts
 
 
@@ -184,8 +183,8 @@ class Importer:
             st = os.lstat(source)
             if stat.S_ISREG(st.st_mode):
                 self._files([(source, st, name)], parent)
-            elif len(name) > NAME_MAX:
-                raise PutError(f"{source}: the name is longer than {NAME_MAX} bytes")
+            elif len(name) > meta.NAME_MAX:
+                raise PutError(f"{source}: the name is longer than {meta.NAME_MAX} bytes")
             elif stat.S_ISDIR(st.st_mode) and (st.st_dev, st.st_ino) in self.exclude:
                 self.report.skipped.append(f"{source}: Fincrypt's own folder (its data, its cache or a mounted "
                                            "backup): not copied into the backup")
@@ -274,8 +273,8 @@ class Importer:
             node = existing.get(name)
             uid, gid = self._owner(st)
             mode = stat.S_IFREG | stat.S_IMODE(st.st_mode)
-            if len(name) > NAME_MAX:
-                self.report.errors.append(f"{source}: the name is longer than {NAME_MAX} bytes")
+            if len(name) > meta.NAME_MAX:
+                self.report.errors.append(f"{source}: the name is longer than {meta.NAME_MAX} bytes")
             elif node is not None and node.kind != meta.FILE:
                 self.report.errors.append(f"{source}: the tree has a {node.kind} by that name, not a file; "
                                           "remove it first")
@@ -489,7 +488,8 @@ async def run_put(settings: ClientSettings, sources: Sequence[Path], dest: str, 
         stack.callback(reader.close)
         cache = CacheDir(settings.cache_dir, settings.cache_limit_bytes)
         if not mounted:
-            meta.recover(db, cache.sizes())
+            cache.remove_leftovers()
+            meta.recover(db, cache.size)
         importer = Importer(db, cache, mounted=mounted, uploads_pending=lambda: meta.has_pending_uploads(reader),
                             on_progress=print_progress,
                             exclude=own_folders([settings.data_dir, settings.cache_dir], _mounts()))

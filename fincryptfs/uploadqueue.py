@@ -93,6 +93,8 @@ class UploadQueue:
         self.publish_error: str | None = None
         # flush requests up to this count were made before the mount started: older ones need no answer
         self._flush_seen = meta.counter(db, "flush_requested") if flush_seen is None else flush_seen
+        self._flush_asked = self._flush_seen  # the latest request _retry_on_flush saw
+        self._flush_came = trio.Event()  # set (and replaced) at each new request
 
     def wake(self, jobs: bool = True, tree: bool = True) -> None:
         """The tree changed (``jobs``: and so did the jobs): the tasks concerned look again. ``tree=False``:
@@ -130,15 +132,21 @@ class UploadQueue:
 
     async def _retry_on_flush(self) -> None:
         """A ``fincryptfs flush`` means "now": jobs waiting out a backoff (say, after the disk was full and the
-        user made room) are retried at once instead of after up to five minutes."""
-        seen = self._flush_seen
+        user made room) are retried at once instead of after up to five minutes, and a pack being gathered
+        goes without waiting for more files (``_gather``)."""
         while True:
             await trio.sleep(FLUSH_POLL)
             flush = meta.counter(self.db, "flush_requested")
-            if flush > seen:
-                seen = flush
+            if flush > self._flush_asked:
+                self._flush_asked = flush
+                self._flush_came.set()
+                self._flush_came = trio.Event()
                 if meta.retry_now(self.db):
                     self.wake(jobs=True, tree=False)
+
+    def _flush_waiting(self) -> bool:
+        """A flush (or a put, which asks for one once it has copied everything) waits for a snapshot."""
+        return self._flush_asked > self._flush_seen
 
     # --- uploads --------------------------------------------------------------------------------------------
 
@@ -230,14 +238,16 @@ class UploadQueue:
         """Wait until small files stop arriving (the newest is PACK_LINGER old), the pack would be full, or
         PACK_LINGER_MAX after ``first``. Waiting only for ``first`` to be PACK_LINGER old sent the tail of a
         burst that a full pack left behind as a pack of one or two files (an object each: placement, n shares,
-        commit)."""
-        while True:
+        commit). A waiting flush ends the wait: whoever asked for it has written what they meant to (a put
+        asks once it has copied everything), so lingering would only delay its answer (by 0.2 s a put)."""
+        while not self._flush_waiting():
             now = time.time()
             pending, newest = meta.small_pending(self.db, now, self.pack_threshold)
             wait = min(max(newest, first.created) + PACK_LINGER, first.created + PACK_LINGER_MAX) - now
             if wait <= 0 or first.size + pending >= self.pack_size:
                 return
-            await trio.sleep(min(wait, PACK_LINGER))
+            with trio.move_on_after(min(wait, PACK_LINGER)):
+                await self._flush_came.wait()
 
     async def _upload_pack(self, first: meta.UploadJob) -> None:
         """Upload ``first`` with the other small files pending now, as one pack object."""

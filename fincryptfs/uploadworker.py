@@ -33,6 +33,7 @@ from . import logs, meta, rpc
 from .cache import CacheDir
 from .core.errors import ConfigError
 from .core.settings import ClientSettings
+from .datadir import meta_path, open_store
 from .lockfile import held
 from .run_daemon import freeze_startup_objects
 from .uploadqueue import UploadQueue
@@ -110,8 +111,6 @@ async def run_queue(settings: ClientSettings, master_key: bytes, flush_seen: int
                     task_status: trio.TaskStatus[UploadQueue] = trio.TASK_STATUS_IGNORED) -> None:
     """The data folder's upload queue (holding its upload lock), polled every POLL_INTERVAL; reports the queue
     once it runs. In this worker process for a mount; in its own process for ``fincryptfs put``."""
-    from .mount import meta_path, open_store
-
     with exclusive(settings.data_dir):
         async with rpc.new_client() as http:
             store = open_store(settings, master_key, http, trio.CapacityLimiter(CPU_THREADS))

@@ -410,7 +410,7 @@ class Devnet:
         from fincryptfs import rpc
         from fincryptfs.core.crypto import decode_key_file
         from fincryptfs.core.settings import ClientSettings, read_env_file
-        from fincryptfs.mount import open_store
+        from fincryptfs.datadir import open_store
         from fincryptfs.objectstore import StoredObject
 
         settings = ClientSettings.from_env(read_env_file(self.client_env, {}), home=self.home)
