@@ -11,6 +11,11 @@ Crash ordering (what makes ``kill -9`` lose nothing that was closed):
   the new object is stale and is queued for deletion.
 * A superseded object is deleted only after a snapshot that no longer references it was published
   (``delete_jobs.after_version``), so a restore from the latest snapshot never points at a deleted object.
+* An object about to be committed at the mediator is first recorded as a deletion that cannot run yet
+  (``note_commit``, ``after_version`` = COMMITTING); the transaction that makes it a file's content
+  (``finish_upload``, ``finish_pack``) removes that row. A client killed in between, or an upload that failed
+  after the mediator may have committed it, leaves the row, which ``resume_uploads`` / ``abandon_commit`` turn
+  into a deletion that runs at once: no object the tree never recorded stays stored (and paid for).
 
 Packs: small files are uploaded together as one object (a *pack*, ``fincryptfs.packs``). A packed file's
 ``object`` column holds a :class:`PackRef` (``{"pack", "offset", "size"}``) instead of a StoredObject; the
@@ -34,6 +39,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 ROOT_INO = 1
+COMMITTING = 2**62  # after_version of the deletion kept for an object being committed (no snapshot reaches it)
 NAME_MAX = 255  # bytes in one name, as on Linux file systems (the mount and put both refuse longer)
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 DIRTY, PENDING, STORED = "dirty", "pending", "stored"
@@ -569,12 +575,14 @@ def recover(db: sqlite3.Connection, cache_size: Callable[[int], int | None]) -> 
 
 
 def resume_uploads(db: sqlite3.Connection) -> None:
-    """At the upload worker's start: jobs a previous worker left ``uploading`` (it died) are pending again.
+    """At the upload worker's start: jobs a previous worker left ``uploading`` (it died) are pending again, and
+    the objects it was committing when it died are deleted (``note_commit``).
 
     Only the worker that holds the data folder's upload lock may call this: a live worker's claims are its own.
     """
     with _tx(db):
         db.execute("UPDATE upload_jobs SET state = 'pending' WHERE state = 'uploading'")
+        db.execute("UPDATE delete_jobs SET after_version = 0 WHERE after_version = ?", (COMMITTING,))
 
 
 def next_upload(db: sqlite3.Connection, now: float) -> UploadJob | None:
@@ -647,6 +655,7 @@ def finish_upload(db: sqlite3.Connection, job: UploadJob, object_id: str, object
     Returns True if the object became the inode's content.
     """
     with _tx(db):
+        _committed(db, object_id)
         db.execute("UPDATE upload_jobs SET state = 'done', last_error = NULL WHERE id = ?", (job.id,))
         row = db.execute("SELECT version, parent, state, object FROM inodes WHERE ino = ?", (job.ino,)).fetchone()
         if row is None or row[0] != job.version or row[1] is None or row[2] != PENDING:
@@ -665,6 +674,7 @@ def finish_pack(db: sqlite3.Connection, pack_id: str, pack_json: str,
     version; the others are stale and simply not referenced. Returns how many members became current (a pack
     with none is queued for deletion at once)."""
     with _tx(db):
+        _committed(db, pack_id)
         live = 0
         released: list[str] = []
         for job, offset, size in members:
@@ -714,6 +724,25 @@ def _release(db: sqlite3.Connection, object_json: str, after_version: int) -> No
     if row is not None and row[0] <= 0:
         db.execute("DELETE FROM packs WHERE pack_id = ?", (ref.pack_id,))
         _queue_delete(db, ref.pack_id, after_version)
+
+
+def note_commit(db: sqlite3.Connection, object_id: str) -> None:
+    """The object is about to be committed at the mediator: keep a deletion of it that cannot run until
+    ``abandon_commit`` or ``resume_uploads`` releases it, or ``finish_upload``/``finish_pack`` drops it."""
+    with _tx(db):
+        _queue_delete(db, object_id, COMMITTING)
+
+
+def abandon_commit(db: sqlite3.Connection, object_id: str) -> None:
+    """The upload of ``object_id`` failed or was stopped after ``note_commit``: the mediator may have committed
+    it anyway (say, its answer was lost), and nothing references it, so delete it (a 404 ends the job)."""
+    with _tx(db):
+        db.execute("UPDATE delete_jobs SET after_version = 0 WHERE object_id = ? AND after_version = ?",
+                   (object_id, COMMITTING))
+
+
+def _committed(db: sqlite3.Connection, object_id: str) -> None:
+    db.execute("DELETE FROM delete_jobs WHERE object_id = ? AND after_version = ?", (object_id, COMMITTING))
 
 
 def _queue_delete(db: sqlite3.Connection, object_id: str, after_version: int) -> None:
@@ -834,7 +863,8 @@ def failed_uploads(db: sqlite3.Connection) -> list[tuple[int, int, str | None]]:
 
 
 def pending_deletes(db: sqlite3.Connection) -> int:
-    return int(db.execute("SELECT count(*) FROM delete_jobs").fetchone()[0])
+    """Objects waiting to be released (not counting those of uploads being committed right now)."""
+    return int(db.execute("SELECT count(*) FROM delete_jobs WHERE after_version != ?", (COMMITTING,)).fetchone()[0])
 
 
 def dirty_count(db: sqlite3.Connection) -> int:

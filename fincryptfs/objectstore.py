@@ -127,15 +127,18 @@ class ObjectStore:
         self.place_rounds = place_rounds
         self.run_share_bytes = run_share_bytes  # share bytes fetched per node per request (bounds read memory)
 
-    async def put_file(self, path: Path, *, progress: Callable[[int], None] | None = None) -> StoredObject:
+    async def put_file(self, path: Path, *, progress: Callable[[int], None] | None = None,
+                       before_commit: Callable[[str], None] | None = None) -> StoredObject:
         """Encode, place, store and commit ``path``; UploadError if fewer than ``happy`` shares were stored.
 
         ``progress`` is called with the number of file bytes encoded so far, then with the file size once the
-        object is committed.
+        object is committed. ``before_commit(object_id)`` is called just before the commit request, so that a
+        caller can record the object durably (a client killed after the commit would otherwise never learn
+        of an object it pays for).
         """
         from .uploader import upload_file
 
-        return await upload_file(self, Path(path), progress=progress)
+        return await upload_file(self, Path(path), progress=progress, before_commit=before_commit)
 
     async def read_range(self, obj: StoredObject, offset: int, length: int) -> bytes:
         """Plaintext bytes [offset, offset + length) of the object (short at end of file, as read(2) is)."""

@@ -328,14 +328,16 @@ async def _release_quietly(store: ObjectStore, object_id: str, timeout: float = 
                 log.warning("could not release the half-stored object %s: %s", object_id[:16], exc)
 
 
-async def upload_file(store: ObjectStore, path: Path, *, progress: Callable[[int], None] | None = None
-                      ) -> StoredObject:
+async def upload_file(store: ObjectStore, path: Path, *, progress: Callable[[int], None] | None = None,
+                      before_commit: Callable[[str], None] | None = None) -> StoredObject:
     source = await trio.to_thread.run_sync(lambda: Source.open(path, segment_size=store.segment_size, k=store.k,
                                                                n=store.n))
     try:
         try:
             stored, roots = await store_shares(store, source, progress)
             shares = tuple(stored[i] for i in sorted(stored))
+            if before_commit is not None:
+                before_commit(source.object_id)
             try:  # every root: a share that could not be stored is rebuilt by repair against it
                 await store.mediator.commit(CommitRequest(source.object_id, source.layout, shares, tuple(roots)))
             except PeerError as exc:

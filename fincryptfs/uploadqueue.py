@@ -9,7 +9,9 @@ stored. The FUSE side just commits a job and wakes the queue. The queue runs in 
 Tasks, all in the caller's nursery:
 
 * ``workers`` upload workers: claim the oldest runnable job, ``ObjectStore.put_file`` the cache file, then
-  ``meta.finish_upload`` (a stale result — the file changed meanwhile — is queued for deletion instead).
+  ``meta.finish_upload`` (a stale result — the file changed meanwhile — is queued for deletion instead). Just
+  before the mediator commits the object, its id is recorded (``meta.note_commit``): an upload that fails,
+  is superseded or is killed after that point leaves a deletion behind instead of an object nobody knows of.
   A file of at most ``pack_threshold`` bytes is not uploaded alone: the worker waits until small files stop
   arriving (the newest job is PACK_LINGER old; at most PACK_LINGER_MAX) or a pack would be full, claims more
   small jobs and uploads them as one pack (``fincryptfs.packs``, ``meta.finish_pack``).
@@ -156,10 +158,24 @@ class UploadQueue:
             if job is None:
                 await self._wait(self._until_next())
                 continue
+            await self._upload_job(job)
+
+    async def _upload_job(self, job: meta.UploadJob) -> None:
+        """Upload one file, or a pack starting with it. An object committed at the mediator but not recorded as
+        a file's content (the upload failed after the commit request, was superseded or stopped) is deleted."""
+        noted: list[str] = []
+
+        def note_commit(object_id: str) -> None:
+            meta.note_commit(self.db, object_id)
+            noted.append(object_id)
+        try:
             if job.size <= self.pack_threshold:
-                await self._upload_pack(job)
+                await self._upload_pack(job, note_commit)
             else:
-                await self._upload(job)
+                await self._upload(job, note_commit)
+        finally:
+            for object_id in noted:
+                meta.abandon_commit(self.db, object_id)
 
     def _check_spool_room(self, nbytes: int) -> None:
         """Raise ENOSPC before staging a pack of ``nbytes`` that would eat the disk's reserve, which the tree
@@ -168,14 +184,14 @@ class UploadQueue:
         if not has_room(self.spool_dir, nbytes + STAGING_SLACK):
             raise OSError(errno.ENOSPC, "No space left on device (kept free for the tree database)")
 
-    async def _upload(self, job: meta.UploadJob) -> None:
+    async def _upload(self, job: meta.UploadJob, note_commit: Callable[[str], None]) -> None:
         if not meta.job_current(self.db, job):
             meta.drop_upload(self.db, job, "superseded")
             return
         path = self.cache.path(job.ino)
         started = trio.current_time()
         try:
-            stored = await self._unless_superseded(job, lambda: self.store.put_file(path))
+            stored = await self._unless_superseded(job, lambda: self.store.put_file(path, before_commit=note_commit))
         except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
             if not meta.job_current(self.db, job):  # e.g. deleted (with its cache file) before the upload began
                 stored = None
@@ -249,7 +265,7 @@ class UploadQueue:
             with trio.move_on_after(min(wait, PACK_LINGER)):
                 await self._flush_came.wait()
 
-    async def _upload_pack(self, first: meta.UploadJob) -> None:
+    async def _upload_pack(self, first: meta.UploadJob, note_commit: Callable[[str], None]) -> None:
         """Upload ``first`` with the other small files pending now, as one pack object."""
         await self._gather(first)
         claimed = [first] + meta.next_small_uploads(self.db, time.time(), max_size=self.pack_threshold,
@@ -289,7 +305,7 @@ class UploadQueue:
             if not members:
                 return
             try:
-                stored = await self.store.put_file(staging)
+                stored = await self.store.put_file(staging, before_commit=note_commit)
             except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
                 self._retry_later([job for job, _, _ in members], exc, f"a pack of {len(members)} files")
                 return

@@ -251,6 +251,41 @@ def test_resume_uploads_returns_claimed_jobs_to_pending(db: sqlite3.Connection) 
     assert (again.id, again.attempts) == (job.id, job.attempts + 1)
 
 
+def test_an_object_being_committed_is_deleted_unless_the_tree_records_it(db: sqlite3.Connection) -> None:
+    """note_commit before the mediator's commit: recorded content drops the note; a failed or stopped upload
+    (abandon_commit) and a worker that died in between (resume_uploads) leave a deletion that runs at once."""
+    files = [new_file(db, name) for name in (b"ok", b"failed", b"killed")]
+    jobs = []
+    for f in files:
+        meta.mark_dirty(db, f.ino)
+        meta.record_release(db, f.ino, 10, 1)
+        jobs.append(claim(db))
+    for letter in "abc":
+        meta.note_commit(db, letter * 64)
+    assert deletable(db) is None and meta.pending_deletes(db) == 0  # in flight: neither runnable nor counted
+    assert meta.finish_upload(db, jobs[0], "a" * 64, obj("a", 10))
+    meta.abandon_commit(db, "b" * 64)
+    assert deletable(db) == "b" * 64
+    meta.finish_delete(db, "b" * 64)
+    meta.abandon_commit(db, "a" * 64)  # after the content was recorded: nothing to abandon
+    assert deletable(db) is None
+    meta.resume_uploads(db)  # the worker that was committing "c" died; a new one starts
+    assert deletable(db) == "c" * 64
+    meta.finish_delete(db, "c" * 64)
+    assert meta.pending_deletes(db) == 0 and object_of(db, files[0].ino) == "a" * 64
+
+
+def test_a_pack_being_committed_is_deleted_unless_the_tree_records_it(db: sqlite3.Connection) -> None:
+    f = new_file(db)
+    meta.mark_dirty(db, f.ino)
+    meta.record_release(db, f.ino, 10, 1)
+    job = claim(db)
+    meta.note_commit(db, "p" * 64)
+    assert meta.finish_pack(db, "p" * 64, obj("p", 10), [(job, 0, 10)]) == 1
+    meta.resume_uploads(db)
+    assert deletable(db) is None and meta.pending_deletes(db) == 0
+
+
 def test_an_upload_for_a_deleted_file_never_lands_on_a_new_file(db: sqlite3.Connection) -> None:
     """A file is deleted (and forgotten) while its upload is in flight, and a new file is created at once: the
     new file must not get the old number (SQLite would hand out max(ino) + 1 again, versions restart at 1),
