@@ -16,6 +16,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import trio
@@ -81,14 +82,22 @@ async def current_pointer(store: ObjectStore) -> ManifestPointer | None:
     return pointer
 
 
-async def publish_snapshot(store: ObjectStore, master_key: bytes, db_path: Path, version: int) -> int:
+async def publish_snapshot(store: ObjectStore, master_key: bytes, db_path: Path, version: int, *,
+                           before_commit: Callable[[str], None] | None = None,
+                           on_replaced: Callable[[str], None] | None = None) -> int:
     """Upload the snapshot file ``db_path`` and point the account at it; returns the new pointer version.
 
     ``version`` is the newest pointer version this client has seen (0 if none); a mediator offering an older
     one is refused (SnapshotRollbackError). Concurrent publishers are ordered by the mediator's
     compare-and-swap: on a conflict this re-reads the pointer and tries the next version.
+
+    ``before_commit(object_id)`` is called before the snapshot object is committed; a caller that notes it
+    settles a failed publish itself against the pointer (right even when the pointer update's answer was lost,
+    where deleting the object here would leave the pointer naming a deleted snapshot). Without it, a failed
+    publish deletes the object here, best effort. The snapshot the pointer named before is handed to
+    ``on_replaced`` (to be deleted durably) or deleted here, best effort.
     """
-    stored = await store.put_file(Path(db_path))
+    stored = await store.put_file(Path(db_path), before_commit=before_commit)
     account_id = AccountId(store.account_key.id)
     try:
         for _attempt in range(PUBLISH_ATTEMPTS):
@@ -110,13 +119,17 @@ async def publish_snapshot(store: ObjectStore, master_key: bytes, db_path: Path,
                     continue
                 raise
             if old is not None and old.object_id != stored.object_id:
-                await _delete_quietly(store, old.object_id)
+                if on_replaced is not None:
+                    on_replaced(old.object_id)
+                else:
+                    await _delete_quietly(store, old.object_id)
             return new_version
         raise FincryptError(f"could not publish the snapshot: the pointer changed under us {PUBLISH_ATTEMPTS} "
                             "times in a row; try again")
     except BaseException:
-        with trio.CancelScope(shield=True), trio.move_on_after(30):
-            await _delete_quietly(store, stored.object_id)  # nothing points at it
+        if before_commit is None:
+            with trio.CancelScope(shield=True), trio.move_on_after(30):
+                await _delete_quietly(store, stored.object_id)  # nothing points at it
         raise
 
 

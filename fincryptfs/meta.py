@@ -15,7 +15,9 @@ Crash ordering (what makes ``kill -9`` lose nothing that was closed):
   (``note_commit``, ``after_version`` = COMMITTING); the transaction that makes it a file's content
   (``finish_upload``, ``finish_pack``) removes that row. A client killed in between, or an upload that failed
   after the mediator may have committed it, leaves the row, which ``resume_uploads`` / ``abandon_commit`` turn
-  into a deletion that runs at once: no object the tree never recorded stays stored (and paid for).
+  into a deletion that runs at once: no object the tree never recorded stays stored (and paid for). A tree
+  snapshot's note (SNAPSHOT_COMMITTING) is settled against the account's pointer instead: deleted unless the
+  pointer names it (``snapshot_commits``, ``settle_snapshot_commit``).
 
 Packs: small files are uploaded together as one object (a *pack*, ``fincryptfs.packs``). A packed file's
 ``object`` column holds a :class:`PackRef` (``{"pack", "offset", "size"}``) instead of a StoredObject; the
@@ -40,6 +42,7 @@ from pathlib import Path
 
 ROOT_INO = 1
 COMMITTING = 2**62  # after_version of the deletion kept for an object being committed (no snapshot reaches it)
+SNAPSHOT_COMMITTING = COMMITTING + 1  # the same for a tree snapshot, settled against the account's pointer
 NAME_MAX = 255  # bytes in one name, as on Linux file systems (the mount and put both refuse longer)
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 DIRTY, PENDING, STORED = "dirty", "pending", "stored"
@@ -726,11 +729,37 @@ def _release(db: sqlite3.Connection, object_json: str, after_version: int) -> No
         _queue_delete(db, ref.pack_id, after_version)
 
 
-def note_commit(db: sqlite3.Connection, object_id: str) -> None:
+def note_commit(db: sqlite3.Connection, object_id: str, *, snapshot: bool = False) -> None:
     """The object is about to be committed at the mediator: keep a deletion of it that cannot run until
-    ``abandon_commit`` or ``resume_uploads`` releases it, or ``finish_upload``/``finish_pack`` drops it."""
+    ``abandon_commit`` or ``resume_uploads`` releases it, or ``finish_upload``/``finish_pack`` drops it (a
+    ``snapshot``: until ``settle_snapshot_commit``)."""
     with _tx(db):
-        _queue_delete(db, object_id, COMMITTING)
+        _queue_delete(db, object_id, SNAPSHOT_COMMITTING if snapshot else COMMITTING)
+
+
+def snapshot_commits(db: sqlite3.Connection) -> list[str]:
+    """Snapshot objects noted before their commit and not settled yet (a publish that failed or was killed)."""
+    return [row[0] for row in db.execute("SELECT object_id FROM delete_jobs WHERE after_version = ?",
+                                         (SNAPSHOT_COMMITTING,))]
+
+
+def settle_snapshot_commit(db: sqlite3.Connection, object_id: str, *, named: bool) -> None:
+    """The account's pointer names the noted snapshot (``named``: it is the published tree, keep it) or not
+    (nobody will ever read it: delete it)."""
+    with _tx(db):
+        if named:
+            db.execute("DELETE FROM delete_jobs WHERE object_id = ? AND after_version = ?",
+                       (object_id, SNAPSHOT_COMMITTING))
+        else:
+            db.execute("UPDATE delete_jobs SET after_version = 0 WHERE object_id = ? AND after_version = ?",
+                       (object_id, SNAPSHOT_COMMITTING))
+
+
+def queue_delete(db: sqlite3.Connection, object_id: str) -> None:
+    """Delete an object nothing in the tree references (e.g. the snapshot a newer one replaced), retried until
+    it is done."""
+    with _tx(db):
+        _queue_delete(db, object_id, 0)
 
 
 def abandon_commit(db: sqlite3.Connection, object_id: str) -> None:
@@ -864,7 +893,7 @@ def failed_uploads(db: sqlite3.Connection) -> list[tuple[int, int, str | None]]:
 
 def pending_deletes(db: sqlite3.Connection) -> int:
     """Objects waiting to be released (not counting those of uploads being committed right now)."""
-    return int(db.execute("SELECT count(*) FROM delete_jobs WHERE after_version != ?", (COMMITTING,)).fetchone()[0])
+    return int(db.execute("SELECT count(*) FROM delete_jobs WHERE after_version < ?", (COMMITTING,)).fetchone()[0])
 
 
 def dirty_count(db: sqlite3.Connection) -> int:

@@ -518,6 +518,8 @@ async def run_put(settings: ClientSettings, sources: Sequence[Path], dest: str, 
                 copied.set()
             if failure is None:
                 meta.request_flush(db_path)
+                if not mounted:
+                    queue.look_for_flush()
                 try:
                     stored = await _stoppable(lambda: wait(reader, importer.stop), importer.stop)
                 except KeyboardInterrupt as exc:

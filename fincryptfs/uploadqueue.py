@@ -97,6 +97,7 @@ class UploadQueue:
         self._flush_seen = meta.counter(db, "flush_requested") if flush_seen is None else flush_seen
         self._flush_asked = self._flush_seen  # the latest request _retry_on_flush saw
         self._flush_came = trio.Event()  # set (and replaced) at each new request
+        self._flush_time = 0.0  # when look_for_flush saw the latest request
 
     def wake(self, jobs: bool = True, tree: bool = True) -> None:
         """The tree changed (``jobs``: and so did the jobs): the tasks concerned look again. ``tree=False``:
@@ -138,13 +139,20 @@ class UploadQueue:
         goes without waiting for more files (``_gather``)."""
         while True:
             await trio.sleep(FLUSH_POLL)
-            flush = meta.counter(self.db, "flush_requested")
-            if flush > self._flush_asked:
-                self._flush_asked = flush
-                self._flush_came.set()
-                self._flush_came = trio.Event()
-                if meta.retry_now(self.db):
-                    self.wake(jobs=True, tree=False)
+            self.look_for_flush()
+
+    def look_for_flush(self) -> None:
+        """Act on a flush request now (``fincryptfs put`` calls this after asking for one in its own process,
+        rather than wait for the next poll)."""
+        flush = meta.counter(self.db, "flush_requested")
+        if flush > self._flush_asked:
+            self._flush_asked = flush
+            self._flush_time = time.time()
+            self._flush_came.set()
+            self._flush_came = trio.Event()
+            if meta.retry_now(self.db):
+                self.wake(jobs=True, tree=False)
+            self.wake(jobs=False, tree=True)  # the publisher looks again (it polls too)
 
     def _flush_waiting(self) -> bool:
         """A flush (or a put, which asks for one once it has copied everything) waits for a snapshot."""
@@ -254,11 +262,14 @@ class UploadQueue:
         """Wait until small files stop arriving (the newest is PACK_LINGER old), the pack would be full, or
         PACK_LINGER_MAX after ``first``. Waiting only for ``first`` to be PACK_LINGER old sent the tail of a
         burst that a full pack left behind as a pack of one or two files (an object each: placement, n shares,
-        commit). A waiting flush ends the wait: whoever asked for it has written what they meant to (a put
-        asks once it has copied everything), so lingering would only delay its answer (by 0.2 s a put)."""
-        while not self._flush_waiting():
+        commit). A waiting flush ends the wait unless files kept arriving after it was asked for: whoever
+        asked has written what they meant to (a put asks once it has copied everything), so lingering would
+        only delay the answer (by 0.2 s a put)."""
+        while True:
             now = time.time()
             pending, newest = meta.small_pending(self.db, now, self.pack_threshold)
+            if self._flush_waiting() and max(newest, first.created) <= self._flush_time:
+                return
             wait = min(max(newest, first.created) + PACK_LINGER, first.created + PACK_LINGER_MAX) - now
             if wait <= 0 or first.size + pending >= self.pack_size:
                 return
@@ -342,9 +353,40 @@ class UploadQueue:
 
     # --- snapshots ------------------------------------------------------------------------------------------
 
-    async def _publisher(self) -> None:
+    async def _settle_snapshots(self) -> None:
+        """Snapshots noted before their commit by a publish that failed or was killed: kept if the account's
+        pointer names one (the pointer update landed), deleted otherwise (``meta.note_commit``)."""
+        from .manifest import current_pointer
+
+        noted = meta.snapshot_commits(self.db)
+        if noted:
+            pointer = await current_pointer(self.store)
+            for object_id in noted:
+                meta.settle_snapshot_commit(self.db, object_id,
+                                            named=pointer is not None and pointer.object_id == object_id)
+            self.wake(jobs=True, tree=False)
+
+    async def _publish(self, snapshot: Path, version: int, pointer_version: int) -> int:
+        """Publish ``snapshot`` (tree ``version``) and record it; returns the pointer's new version. The
+        snapshot object is noted before its commit and the one it replaces is deleted through the queue, so
+        neither stays stored unreferenced after a failure or a crash."""
         from .manifest import publish_snapshot
 
+        noted: list[str] = []
+
+        def note_commit(object_id: str) -> None:
+            meta.note_commit(self.db, object_id, snapshot=True)
+            noted.append(object_id)
+        await self._settle_snapshots()
+        stored_version = await publish_snapshot(self.store, self.master_key, snapshot, pointer_version,
+                                                before_commit=note_commit,
+                                                on_replaced=lambda object_id: meta.queue_delete(self.db, object_id))
+        meta.set_published(self.db, version, stored_version)
+        for object_id in noted:  # the pointer names it now
+            meta.settle_snapshot_commit(self.db, object_id, named=True)
+        return stored_version
+
+    async def _publisher(self) -> None:
         failures = 0
         while True:
             if meta.counter(self.db, "meta_version") <= meta.counter(self.db, "published_version"):
@@ -359,7 +401,7 @@ class UploadQueue:
             pointer_version = meta.counter(self.db, "pointer_version")
             started = trio.current_time()
             try:
-                stored_version = await publish_snapshot(self.store, self.master_key, snapshot, pointer_version)
+                stored_version = await self._publish(snapshot, version, pointer_version)
             except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
                 if not isinstance(exc, (FincryptError, OSError)):
                     log.exception("unexpected error publishing the snapshot")
@@ -371,7 +413,6 @@ class UploadQueue:
                 snapshot.unlink(missing_ok=True)
             failures = 0
             self.publish_error = None
-            meta.set_published(self.db, version, stored_version)
             log.info("published metadata snapshot %d (tree version %d) in %.2f s", stored_version, version,
                      trio.current_time() - started)
             self.wake()

@@ -11,10 +11,10 @@ from typing import cast
 import pytest
 import trio
 
-from fincryptfs import meta
+from fincryptfs import meta, uploadqueue
 from fincryptfs.cache import CacheDir
 from fincryptfs.objectstore import ObjectStore
-from fincryptfs.uploadqueue import PACK_LINGER, PACK_LINGER_MAX, UploadQueue
+from fincryptfs.uploadqueue import PACK_LINGER_MAX, UploadQueue
 
 
 @pytest.fixture
@@ -36,26 +36,30 @@ def close_small_file(db: sqlite3.Connection, name: str) -> None:
     meta.record_release(db, f.ino, 1000, time.time_ns())
 
 
-async def gather_while_files_keep_coming(db: sqlite3.Connection, queue: UploadQueue,
-                                         flush_after: float | None) -> float:
-    """Seconds ``_gather`` waited for its first job while a small file is closed every 50 ms."""
+async def gather_while_files_keep_coming(db: sqlite3.Connection, queue: UploadQueue, flush_after: float | None
+                                         ) -> float:
+    """Seconds ``_gather`` waited for its first job while a small file is closed every 50 ms (until a flush
+    is asked for ``flush_after`` seconds in)."""
     close_small_file(db, "first")
     first = meta.next_upload(db, time.time())
     assert first is not None
+    started = time.monotonic()
     async with trio.open_nursery() as nursery:
         nursery.start_soon(queue._retry_on_flush)
 
         async def keep_writing() -> None:
             for i in range(100):
                 await trio.sleep(0.05)
+                if flush_after is not None and time.monotonic() - started >= flush_after - 0.02:
+                    return
                 close_small_file(db, f"f{i}")
         nursery.start_soon(keep_writing)
         if flush_after is not None:
             async def flush() -> None:
                 await trio.sleep(flush_after)
-                meta.request_flush(Path(db.execute("PRAGMA database_list").fetchone()[2]))  # the mount's way
+                meta.request_flush(Path(db.execute("PRAGMA database_list").fetchone()[2]))
+                queue.look_for_flush()  # as put does; the mount's queue polls for it every FLUSH_POLL
             nursery.start_soon(flush)
-        started = time.monotonic()
         await queue._gather(first)
         waited = time.monotonic() - started
         nursery.cancel_scope.cancel()
@@ -67,7 +71,18 @@ async def test_a_pack_waits_while_small_files_keep_arriving(db: sqlite3.Connecti
     assert PACK_LINGER_MAX - 0.1 <= waited < PACK_LINGER_MAX + 0.5
 
 
-async def test_a_waiting_flush_sends_the_pack_at_once(db: sqlite3.Connection, tmp_path: Path) -> None:
+async def test_a_flush_asked_once_writing_stopped_sends_the_pack_at_once(
+        db: sqlite3.Connection, tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     # a flush (or a put that has copied everything) asks for the snapshot: lingering only delays the answer
+    monkeypatch.setattr(uploadqueue, "PACK_LINGER", 1.0)  # without the flush: 1 s after the last file
     waited = await gather_while_files_keep_coming(db, queue_on(db, tmp_path), flush_after=0.3)
-    assert 0.3 <= waited < 0.3 + PACK_LINGER
+    assert 0.3 <= waited < 0.8
+
+
+async def test_files_written_after_a_flush_are_gathered_as_usual(db: sqlite3.Connection, tmp_path: Path) -> None:
+    # a flush asked while a copy goes on: packs gathered after it still wait for the files that keep coming
+    queue = queue_on(db, tmp_path)
+    meta.request_flush(tmp_path / "meta.db")
+    queue.look_for_flush()
+    waited = await gather_while_files_keep_coming(db, queue, flush_after=None)
+    assert PACK_LINGER_MAX - 0.1 <= waited < PACK_LINGER_MAX + 0.5

@@ -8,6 +8,9 @@ commit into a deletion, and the queue's deleter releases the object at the media
 from __future__ import annotations
 
 import os
+import sqlite3
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 import pytest
@@ -17,34 +20,83 @@ from netfixtures import start_network
 
 from fincryptfs import meta
 from fincryptfs.cache import CacheDir
+from fincryptfs.objectstore import ObjectStore
 from fincryptfs.rpc import PeerError
 from fincryptfs.uploadqueue import UploadQueue
 
 
-async def test_an_object_committed_before_a_crash_is_released_at_the_next_start(
-        tmp_path: Path, nursery: trio.Nursery) -> None:
+def queue_for(db: sqlite3.Connection, store: ObjectStore, tmp_path: Path) -> UploadQueue:
+    return UploadQueue(db=db, store=store, cache=CacheDir(tmp_path / "cache", 2**30), master_key=bytes(32),
+                       spool_dir=tmp_path / "spool")
+
+
+async def run_deletions(queue: UploadQueue) -> None:
+    """The queue's deleter, until no deletion is left."""
+    async with trio.open_nursery() as inner:
+        inner.start_soon(queue._deleter)
+        with trio.fail_after(20):
+            while meta.pending_deletes(queue.db):
+                await trio.sleep(0.1)
+        inner.cancel_scope.cancel()
+
+
+@asynccontextmanager
+async def tree_and_store(tmp_path: Path, nursery: trio.Nursery) -> AsyncIterator[tuple[sqlite3.Connection,
+                                                                                     ObjectStore]]:
+    """A client's tree database and object store on a fresh network of six nodes."""
     net = await start_network(tmp_path, nursery, nodes=6)
     db = meta.connect(tmp_path / "meta.db")
     try:
         async with open_store(net.mediator_url, tmp_path) as store:
-            src = tmp_path / "file"
-            src.write_bytes(os.urandom(200_000))
-            obj = await store.put_file(src, before_commit=lambda object_id: meta.note_commit(db, object_id))
-            assert (await store.health(obj.object_id))["total"] == 6  # committed and stored
-            # ... and the client is killed here: the tree never records the object
-
-            meta.resume_uploads(db)  # the next upload worker's start
-            assert meta.pending_deletes(db) == 1
-            queue = UploadQueue(db=db, store=store, cache=CacheDir(tmp_path / "cache", 2**30),
-                                master_key=bytes(32), spool_dir=tmp_path / "spool")
-            async with trio.open_nursery() as inner:
-                inner.start_soon(queue._deleter)
-                with trio.fail_after(20):
-                    while meta.pending_deletes(db):
-                        await trio.sleep(0.1)
-                inner.cancel_scope.cancel()
-            with pytest.raises(PeerError) as gone:
-                await store.health(obj.object_id)
-            assert gone.value.status == 404
+            yield db, store
     finally:
         db.close()
+
+
+async def test_an_object_committed_before_a_crash_is_released_at_the_next_start(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    async with tree_and_store(tmp_path, nursery) as (db, store):
+        src = tmp_path / "file"
+        src.write_bytes(os.urandom(200_000))
+        obj = await store.put_file(src, before_commit=lambda object_id: meta.note_commit(db, object_id))
+        assert (await store.health(obj.object_id))["total"] == 6  # committed and stored
+        # ... and the client is killed here: the tree never records the object
+
+        meta.resume_uploads(db)  # the next upload worker's start
+        assert meta.pending_deletes(db) == 1
+        await run_deletions(queue_for(db, store, tmp_path))
+        with pytest.raises(PeerError) as gone:
+            await store.health(obj.object_id)
+        assert gone.value.status == 404
+
+
+async def test_snapshots_noted_before_a_crash_are_kept_if_the_pointer_names_them(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    from fincryptfs.manifest import current_pointer, publish_snapshot
+
+    async with tree_and_store(tmp_path, nursery) as (db, store):
+        snap = tmp_path / "snapshot.db"
+        snap.write_bytes(os.urandom(50_000))
+        master = bytes(32)
+
+        def note(object_id: str) -> None:
+            meta.note_commit(db, object_id, snapshot=True)
+        # killed after the pointer update, before the note was settled: the pointer names it
+        assert await publish_snapshot(store, master, snap, 0, before_commit=note) == 1
+        named = meta.snapshot_commits(db)
+        # killed after the commit, before the pointer update: nobody will ever read this one
+        orphan = await store.put_file(snap, before_commit=note)
+        assert len(named) == 1 and meta.snapshot_commits(db) == [*named, orphan.object_id]
+        meta.resume_uploads(db)  # file uploads' notes only: snapshots are settled against the pointer
+        assert meta.pending_deletes(db) == 0
+
+        queue = queue_for(db, store, tmp_path)
+        await queue._settle_snapshots()
+        assert meta.snapshot_commits(db) == [] and meta.pending_deletes(db) == 1
+        await run_deletions(queue)
+        with pytest.raises(PeerError) as gone:
+            await store.health(orphan.object_id)
+        assert gone.value.status == 404
+        pointer = await current_pointer(store)
+        assert pointer is not None and pointer.object_id == named[0]
+        assert (await store.health(named[0]))["total"] == 6
