@@ -600,6 +600,13 @@ def next_upload(db: sqlite3.Connection, now: float) -> UploadJob | None:
     return UploadJob(row[0], row[1], row[2], row[3] + 1, row[4], row[5])
 
 
+def unclaim(db: sqlite3.Connection, job: UploadJob) -> None:
+    """Give a claimed job back, as if it had never been claimed (another worker is gathering a pack for it)."""
+    with _tx(db):
+        db.execute("UPDATE upload_jobs SET state = 'pending', attempts = attempts - 1 WHERE id = ? AND "
+                   "state = 'uploading'", (job.id,))
+
+
 def next_small_uploads(db: sqlite3.Connection, now: float, *, max_size: int, max_bytes: int, max_files: int
                        ) -> list[UploadJob]:
     """Claim runnable pending jobs of files of at most ``max_size`` bytes, oldest first, until ``max_files``

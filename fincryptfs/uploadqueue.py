@@ -98,6 +98,7 @@ class UploadQueue:
         self._flush_asked = self._flush_seen  # the latest request _retry_on_flush saw
         self._flush_came = trio.Event()  # set (and replaced) at each new request
         self._flush_time = 0.0  # when look_for_flush saw the latest request
+        self._gathering = trio.Lock()  # held by the worker gathering a pack, until it has claimed its members
 
     def wake(self, jobs: bool = True, tree: bool = True) -> None:
         """The tree changed (``jobs``: and so did the jobs): the tasks concerned look again. ``tree=False``:
@@ -165,6 +166,13 @@ class UploadQueue:
             job = meta.next_upload(self.db, time.time())
             if job is None:
                 await self._wait(self._until_next())
+                continue
+            if job.size <= self.pack_threshold and self._gathering.locked():
+                # it belongs in the pack being gathered (or the next), not in a pack of its own: a burst of ten
+                # files used to leave as a pack of nine and a pack of one
+                meta.unclaim(self.db, job)
+                async with self._gathering:
+                    pass
                 continue
             await self._upload_job(job)
 
@@ -277,11 +285,13 @@ class UploadQueue:
                 await self._flush_came.wait()
 
     async def _upload_pack(self, first: meta.UploadJob, note_commit: Callable[[str], None]) -> None:
-        """Upload ``first`` with the other small files pending now, as one pack object."""
-        await self._gather(first)
-        claimed = [first] + meta.next_small_uploads(self.db, time.time(), max_size=self.pack_threshold,
-                                                    max_bytes=max(0, self.pack_size - first.size),
-                                                    max_files=self.pack_max_files - 1)
+        """Upload ``first`` with the other small files pending now, as one pack object. One worker gathers at a
+        time; the others upload large files or wait (``_upload_worker``)."""
+        async with self._gathering:
+            await self._gather(first)
+            claimed = [first] + meta.next_small_uploads(self.db, time.time(), max_size=self.pack_threshold,
+                                                        max_bytes=max(0, self.pack_size - first.size),
+                                                        max_files=self.pack_max_files - 1)
         jobs = []
         for job in claimed:
             if meta.job_current(self.db, job):

@@ -286,6 +286,16 @@ def test_a_pack_being_committed_is_deleted_unless_the_tree_records_it(db: sqlite
     assert deletable(db) is None and meta.pending_deletes(db) == 0
 
 
+def test_an_unclaimed_job_is_as_if_never_claimed(db: sqlite3.Connection) -> None:
+    f = new_file(db)
+    meta.mark_dirty(db, f.ino)
+    meta.record_release(db, f.ino, 10, 1)
+    job = claim(db)
+    meta.unclaim(db, job)
+    again = claim(db)
+    assert (again.id, again.attempts) == (job.id, job.attempts)
+
+
 def test_an_upload_for_a_deleted_file_never_lands_on_a_new_file(db: sqlite3.Connection) -> None:
     """A file is deleted (and forgotten) while its upload is in flight, and a new file is created at once: the
     new file must not get the old number (SQLite would hand out max(ino) + 1 again, versions restart at 1),

@@ -1,0 +1,44 @@
+"""Packing small files with the upload queue's real workers, against real daemons."""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+
+import trio
+from clientdata_support import open_store
+from netfixtures import start_network
+
+from fincryptfs import meta
+from fincryptfs.cache import CacheDir
+from fincryptfs.core.crypto import new_master_key
+from fincryptfs.uploadqueue import UploadQueue
+
+
+async def test_a_burst_of_small_files_goes_as_one_pack_whatever_the_workers(tmp_path: Path,
+                                                                           nursery: trio.Nursery) -> None:
+    # both workers wake at the first file; the second used to claim the next file and gather a pack of its
+    # own, so a burst of ten files left as a pack of nine and a pack of one (an object each)
+    net = await start_network(tmp_path, nursery, nodes=6)
+    db = meta.connect(tmp_path / "meta.db")
+    cache = CacheDir(tmp_path / "cache", 2**30)
+    try:
+        async with open_store(net.mediator_url, tmp_path) as store, trio.open_nursery() as inner:
+            queue = UploadQueue(db=db, store=store, cache=cache, master_key=new_master_key(),
+                                spool_dir=tmp_path / "spool", workers=2)
+            await inner.start(queue.run)
+            for i in range(10):
+                f = meta.create(db, meta.ROOT_INO, f"f{i}".encode(), meta.FILE, 0o100644, 0, 0)
+                meta.mark_dirty(db, f.ino)
+                cache.path(f.ino).write_bytes(os.urandom(1000 + i))
+                meta.record_release(db, f.ino, 1000 + i, time.time_ns())
+                queue.wake()
+                await trio.sleep(0.02)
+            with trio.fail_after(30):
+                while meta.has_pending_uploads(db):
+                    await trio.sleep(0.05)
+            inner.cancel_scope.cancel()
+        assert [live for _, live in meta.packs(db)] == [10]
+    finally:
+        db.close()
