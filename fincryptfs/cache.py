@@ -14,7 +14,9 @@ A small file that was stored packed (``fincryptfs.packs``) and is not cached is 
 cached copy, ``packs/<pack id>`` (fetched whole once, complete or absent like every cache file): reading a
 folder of 2,000 small files then creates a few dozen files instead of 2,000, which the kernel spent a sixth of
 a cold read's CPU on. Pack copies are evicted like files, when no open file reads from them. A member is copied
-out into its own cache file only when it is opened for writing.
+out into its own cache file only when it is opened for writing. A deleted member's bytes are zeroed in the copy
+(``scrub_member``), and the copy of a pack no file references is removed (``drop_dead_packs``), so deleted
+files' plaintext does not linger in the cache.
 
 The disk's last few percent are not for file data (``has_room``): writes into the mount fail with ENOSPC, and
 small files are not staged into a pack, while only ``reserve_for`` bytes are free, so the tree database
@@ -109,6 +111,33 @@ class CacheDir:
 
     def touch_pack(self, pack_id: str) -> None:
         self._pack_last_used[pack_id] = time.monotonic()
+
+    def scrub_member(self, pack_id: str, offset: int, size: int) -> None:
+        """Overwrite a deleted file's bytes in the cached copy of its pack with zeros: its plaintext must not
+        outlive it in the cache while its pack-mates are still read from that copy."""
+        try:
+            fd = os.open(self.pack_path(pack_id), os.O_WRONLY | os.O_CLOEXEC)
+        except FileNotFoundError:
+            return
+        try:
+            end = min(offset + size, os.fstat(fd).st_size)
+            zeros = bytes(min(size, 2**20))
+            while offset < end:
+                offset += os.pwrite(fd, zeros[:end - offset], offset)
+        finally:
+            os.close(fd)
+
+    def drop_dead_packs(self, live: Collection[str], in_use: Collection[str]) -> int:
+        """Remove the cached copies of packs no file references any more (``live`` are those some file does),
+        unless an open file still reads one; returns how many. Lists ``packs/`` only: a few dozen names."""
+        dropped = 0
+        for entry in os.scandir(self.packs):
+            name = entry.name
+            if not name.startswith(".") and name not in live and name not in in_use:
+                os.unlink(entry.path)
+                self._pack_last_used.pop(name, None)
+                dropped += 1
+        return dropped
 
     def remove(self, ino: int) -> None:
         self.path(ino).unlink(missing_ok=True)

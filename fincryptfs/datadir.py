@@ -73,16 +73,24 @@ async def evictor(db: sqlite3.Connection, cache: CacheDir,
     every FUSE request for a good part of a second). Files open in the mount, and the packs they read from
     (``in_use``), are never evicted. The first look is EVICT_FIRST after the start, not at it: it lists and
     ``stat``s every cached file (0.4 s of a 2 s ``put`` with 20,000 files cached), and nothing is lost by
-    leaving a cache that was over its soft limit there a few seconds longer."""
-    seen = -1
-    await trio.sleep(EVICT_FIRST)
+    leaving a cache that was over its soft limit there a few seconds longer.
+
+    Whenever the tree changed, cached copies of packs that no file references any more are removed at once
+    (only ``packs/`` is listed): they hold nothing but the plaintext of deleted or replaced files."""
+    seen = swept = -1
+    started = trio.current_time()
     while True:
+        await trio.sleep(EVICT_INTERVAL)
         version = meta.counter(db, "meta_version")
+        if version != swept:
+            swept = version
+            cache.drop_dead_packs(meta.live_packs(db), in_use()[1])
+        if trio.current_time() - started < EVICT_FIRST:
+            continue
         if (version != seen or cache.maybe_over_limit) and cache.may_exceed_limit():
             seen = version
             cache.maybe_over_limit = False
             cache.evict(meta.stored_inos(db), *in_use())
-        await trio.sleep(EVICT_INTERVAL)
 
 
 def exclusive_mount(data_dir: Path) -> AbstractContextManager[int]:

@@ -153,6 +153,11 @@ def pack_ref(object_json: str | None) -> PackRef | None:
     return PackRef(str(value["pack"]), int(value["offset"]), int(value["size"]))
 
 
+def live_packs(db: sqlite3.Connection) -> set[str]:
+    """The packs some file still references."""
+    return {row[0] for row in db.execute("SELECT pack_id FROM packs")}
+
+
 def content_object_id(object_json: str) -> str:
     """The network object holding this content: the object itself, or the pack it is in."""
     ref = pack_ref(object_json)

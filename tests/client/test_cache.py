@@ -79,3 +79,18 @@ def test_whole_packs_are_evicted_like_files_unless_an_open_file_reads_them(tmp_p
 def test_pack_paths_are_only_hex_names_inside_the_cache(tmp_path: Path, pack_id: str) -> None:
     with pytest.raises(ValueError):
         CacheDir(tmp_path / "cache", 1).pack_path(pack_id)
+
+
+def test_deleted_members_are_zeroed_and_dead_packs_dropped(tmp_path: Path) -> None:
+    cache = CacheDir(tmp_path / "cache", 2**20)
+    pack = os.urandom(3_000)
+    for pack_id in ("aa", "bb", "cc"):
+        cache.pack_path(pack_id).write_bytes(pack)
+    cache.scrub_member("aa", 1_000, 500)
+    assert cache.pack_path("aa").read_bytes() == pack[:1_000] + bytes(500) + pack[1_500:]
+    cache.scrub_member("aa", 2_900, 500)  # never grows the copy
+    assert cache.pack_path("aa").read_bytes() == pack[:1_000] + bytes(500) + pack[1_500:2_900] + bytes(100)
+    cache.scrub_member("dd", 0, 10)  # not cached: nothing to do
+    (cache.packs / ".ee.0a1b.part").write_bytes(b"being fetched")
+    assert cache.drop_dead_packs(live={"aa"}, in_use={"bb"}) == 1
+    assert sorted(p.name for p in cache.packs.iterdir()) == [".ee.0a1b.part", "aa", "bb"]

@@ -122,11 +122,23 @@ async def test_packed_round_trip_release_and_restore(tmp_path: Path, nursery: tr
                                        old_bytes + b"+tail"))
         assert (client.cache_dir / str(inos[1])).exists()
 
-        # overwrite and delete members: the pack lives while one member does, and is released after that
+        # overwrite and delete members: the pack lives while one member does, and is released after that;
+        # a deleted member's bytes are zeroed in the cached pack copy, and the copy goes with the pack
         victim = first["object_id"]
+        pack_copy = client.cache_dir / "packs" / victim
+        db = meta.connect_readonly(client.data_dir / "meta.db")
+        try:
+            deleted = [meta.pack_ref(meta.get(db, ino_of(db, path)).object) for path in [mates[0], *mates[2:-1]]]
+        finally:
+            db.close()
+        assert all(ref is not None and ref.size for ref in deleted)
         for path in mates[:-1]:
             await trio.to_thread.run_sync((mnt / path[1:]).unlink)
             del expected[path[1:]]
+        with trio.fail_after(10):  # once the kernel has forgotten the inodes
+            while any(pack_copy.read_bytes()[ref.offset:ref.offset + ref.size] != bytes(ref.size)
+                      for ref in deleted if ref is not None):
+                await trio.sleep(0.1)
         await client.flush()
         report = await status(client)
         assert {p["pack_id"]: p["live_files"] for p in report["packs"]}[victim] == 1
@@ -137,6 +149,9 @@ async def test_packed_round_trip_release_and_restore(tmp_path: Path, nursery: tr
         report = await status(client)
         assert victim not in {p["pack_id"] for p in report["packs"]}
         assert victim not in {f["object_id"] for f in report["files"]}
+        with trio.fail_after(10):
+            while pack_copy.exists():
+                await trio.sleep(0.1)
         with trio.fail_after(30):  # the deleter runs once a snapshot without the pack is published
             while (await status(client))["pending_deletes"]:
                 await trio.sleep(0.3)
