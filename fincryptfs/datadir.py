@@ -76,11 +76,18 @@ async def evictor(db: sqlite3.Connection, cache: CacheDir,
     leaving a cache that was over its soft limit there a few seconds longer.
 
     Whenever the tree changed, cached copies of packs that no file references any more are removed at once
-    (only ``packs/`` is listed): they hold nothing but the plaintext of deleted or replaced files."""
+    (only ``packs/`` is listed): they hold nothing but the plaintext of deleted or replaced files. Bytes that
+    ``fincryptfs put`` wrote into the cache meanwhile (``meta.add_cache_bytes``) count as if written here."""
     seen = swept = -1
+    added = meta.counter(db, "cache_added")
     started = trio.current_time()
     while True:
         await trio.sleep(EVICT_INTERVAL)
+        now_added = meta.counter(db, "cache_added")
+        if now_added != added:
+            cache.added(now_added - added)
+            cache.maybe_over_limit = True
+            added = now_added
         version = meta.counter(db, "meta_version")
         if version != swept:
             swept = version

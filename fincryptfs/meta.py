@@ -99,6 +99,8 @@ DROP INDEX IF EXISTS inodes_pack;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
 INSERT OR IGNORE INTO counters VALUES ('meta_version', 0), ('published_version', 0), ('pointer_version', 0);
 INSERT OR IGNORE INTO counters VALUES ('flush_requested', 0);
+-- bytes ``fincryptfs put`` wrote into the cache of a running mount, whose evictor adds them to its count
+INSERT OR IGNORE INTO counters VALUES ('cache_added', 0);
 """
 
 
@@ -232,6 +234,12 @@ def batch(db: sqlite3.Connection) -> _tx:
 def _bump(db: sqlite3.Connection) -> int:
     db.execute("UPDATE counters SET value = value + 1 WHERE name = 'meta_version'")
     return counter(db, "meta_version")
+
+
+def add_cache_bytes(db: sqlite3.Connection, nbytes: int) -> None:
+    """Tell a running mount's evictor that another process (``put``) wrote ``nbytes`` into the cache."""
+    with _tx(db):
+        db.execute("UPDATE counters SET value = value + ? WHERE name = 'cache_added'", (nbytes,))
 
 
 def counter(db: sqlite3.Connection, name: str) -> int:

@@ -293,6 +293,7 @@ class Importer:
         return _Batch(todo, temps, copies)
 
     def _finish_batch(self, batch: _Batch, parent: int) -> None:
+        before = self.report.bytes
         try:
             results = [future.result() for future in batch.copies]
             if self.stop.is_set():
@@ -325,6 +326,8 @@ class Importer:
                 self._counted(size)
         finally:
             _remove_temps(batch.temps)
+            if self.mounted and self.report.bytes > before:  # the mount's evictor counts them too
+                meta.add_cache_bytes(self.db, self.report.bytes - before)
         self._progress()
 
     def _add_new(self, parent: int, new: list[tuple[Path, Path, meta.NewFile]]) -> None:
