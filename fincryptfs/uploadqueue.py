@@ -431,16 +431,15 @@ class UploadQueue:
         """Debounce: wait until the tree has been still for ``publish_delay`` and no upload is pending, but
         no longer than MAX_PUBLISH_WAIT (a snapshot costs as much as a file upload: one per burst is enough).
 
-        A ``fincryptfs flush`` waiting (``meta.request_flush``, polled every FLUSH_POLL) skips the debounce:
+        A ``fincryptfs flush`` waiting (``meta.request_flush``, seen by ``look_for_flush``) skips the debounce:
         the snapshot goes as soon as no upload is pending.
         """
         now = trio.current_time()
         deadline = now + MAX_PUBLISH_WAIT
         still_since = now
         while now < deadline:
-            flush = meta.counter(self.db, "flush_requested")
-            if flush > self._flush_seen and not meta.has_pending_uploads(self.db):
-                self._flush_seen = flush
+            if self._flush_waiting() and not meta.has_pending_uploads(self.db):
+                self._flush_seen = self._flush_asked
                 return
             if await self._wait_tree(min(FLUSH_POLL, deadline - now)):
                 still_since = trio.current_time()
