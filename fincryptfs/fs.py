@@ -282,13 +282,13 @@ class FincryptOperations(pyfuse3.Operations):
             # for its close, which commits them with the size and the upload job in one transaction.
             values.pop("mtime_ns", None)  # dirty.mtime_ns carries it
             dirty.attrs.update(values)
-            return self._attr(self._inode(inode))
+            return self._attr(node)  # the row is as read above; _attr adds the pending changes
         if values or fields.update_size:
             values["ctime_ns"] = now
             node = meta.set_attrs(self.db, inode, **values)
             self.wake(False)
             return self._attr(node)
-        return self._attr(self._inode(inode))
+        return self._attr(node)
 
     async def _truncate(self, node: meta.Inode, size: int) -> None:
         if size == 0:
