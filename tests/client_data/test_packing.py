@@ -6,26 +6,28 @@ import os
 import time
 from pathlib import Path
 
+import pytest
 import trio
 from clientdata_support import open_store
 from netfixtures import start_network
 
-from fincryptfs import meta
+from fincryptfs import meta, uploadqueue
 from fincryptfs.cache import CacheDir
 from fincryptfs.core.crypto import new_master_key
-from fincryptfs.uploadqueue import UploadQueue
 
 
-async def test_a_burst_of_small_files_goes_as_one_pack_whatever_the_workers(tmp_path: Path,
-                                                                           nursery: trio.Nursery) -> None:
+async def test_a_burst_of_small_files_goes_as_one_pack_whatever_the_workers(
+        tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
     # both workers wake at the first file; the second used to claim the next file and gather a pack of its
     # own, so a burst of ten files left as a pack of nine and a pack of one (an object each)
+    monkeypatch.setattr(uploadqueue, "PACK_LINGER", 1.0)  # a slow machine's pauses must not end the burst
+    monkeypatch.setattr(uploadqueue, "PACK_LINGER_MAX", 3.0)
     net = await start_network(tmp_path, nursery, nodes=6)
     db = meta.connect(tmp_path / "meta.db")
     cache = CacheDir(tmp_path / "cache", 2**30)
     try:
         async with open_store(net.mediator_url, tmp_path) as store, trio.open_nursery() as inner:
-            queue = UploadQueue(db=db, store=store, cache=cache, master_key=new_master_key(),
+            queue = uploadqueue.UploadQueue(db=db, store=store, cache=cache, master_key=new_master_key(),
                                 spool_dir=tmp_path / "spool", workers=2)
             await inner.start(queue.run)
             for i in range(10):
