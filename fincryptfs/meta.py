@@ -377,6 +377,45 @@ def add_files(db: sqlite3.Connection, parent: int, files: Sequence[tuple[int, Ne
     return added
 
 
+def add_stored_file(db: sqlite3.Connection, parent: int, ino: int, f: NewFile, object_id: str, object_json: str
+                    ) -> bool:
+    """Insert a closed file whose content is already stored as ``object_id`` (``fincryptfs put`` uploads
+    large files straight from their source, without a cache copy) and drop the object's commit note. False if
+    the name was taken meanwhile (the note stays: ``abandon_commit`` it)."""
+    now = time.time_ns()
+    with _tx(db):
+        try:
+            db.execute(f"INSERT INTO inodes ({_COLS}) VALUES (?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, NULL, 1, ?, ?)",
+                       (ino, parent, f.name, f.mode, f.uid, f.gid, f.size, f.atime_ns, f.mtime_ns, f.mtime_ns,
+                        object_json, STORED))
+        except sqlite3.IntegrityError:
+            return False
+        _committed(db, object_id)
+        db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, parent))
+        _bump(db)
+    return True
+
+
+def replace_with_stored(db: sqlite3.Connection, ino: int, f: NewFile, object_id: str, object_json: str) -> bool:
+    """Make the stored object ``object_id`` the content (and ``f`` the attributes) of the existing file ``ino``
+    (``put`` replacing a file with a large one): a new version, so an upload of the old one in flight turns
+    stale; the old content is released. False if the file is gone or is no file any more."""
+    with _tx(db):
+        row = db.execute("SELECT parent, kind, object FROM inodes WHERE ino = ?", (ino,)).fetchone()
+        if row is None or row[0] is None or row[1] != FILE:
+            return False
+        db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'superseded' WHERE ino = ? AND "
+                   "state = 'pending'", (ino,))
+        db.execute("UPDATE inodes SET mode = ?, uid = ?, gid = ?, size = ?, atime_ns = ?, mtime_ns = ?, ctime_ns = ?, "
+                   "object = ?, state = ?, version = version + 1 WHERE ino = ?",
+                   (f.mode, f.uid, f.gid, f.size, f.atime_ns, f.mtime_ns, time.time_ns(), object_json, STORED, ino))
+        _committed(db, object_id)
+        meta_version = _bump(db)
+        if row[2] is not None:
+            _release(db, row[2], meta_version)
+    return True
+
+
 def child_map(db: sqlite3.Connection, parent: int) -> dict[bytes, Inode]:
     """Every entry of a folder by name (one query instead of a lookup per name)."""
     return {row[2]: Inode(*row) for row in db.execute(f"SELECT {_COLS} FROM inodes WHERE parent = ?", (parent,))}

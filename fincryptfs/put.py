@@ -14,6 +14,11 @@ own process (one Python process less to start than a mount's worker), until ever
 mounted, the mount's worker uploads, and the running mount shows the new entries within a second (the kernel
 keeps names and attributes for ``fs.ATTR_TIMEOUT``).
 
+Not mounted, a file too large to be packed is not copied into the cache at all: it is uploaded straight from
+its source (``DIRECT_UPLOADS`` at a time, while the walk goes on) and recorded as stored once the mediator has
+committed it, if the source did not change meanwhile. A backup of large files then needs no cache room, and
+its upload starts at once instead of after a copy of the whole file. Reading it later fetches it.
+
 Semantics, like ``cp -a`` into an existing folder: each SOURCE becomes DEST/<its name>; folders merge into
 existing folders; a file is replaced in place (same inode, next version, as an ``O_TRUNC`` open through the
 mount would); symbolic links are copied as links, never followed; modes, times and (as root) owners are kept.
@@ -27,6 +32,7 @@ again replaces it).
 from __future__ import annotations
 
 import errno
+import json
 import logging
 import os
 import re
@@ -50,7 +56,8 @@ from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings
 from .datadir import evictor, exclusive_mount, load_or_restore_tree, meta_path, open_store
 from .lockfile import held
-from .uploadworker import run_queue
+from .objectstore import ObjectStore
+from .uploadworker import CPU_THREADS, run_queue
 
 log = logging.getLogger(__name__)
 T = TypeVar("T")
@@ -62,6 +69,8 @@ COPY_BATCH = 128  # files copied together, then recorded in one transaction
 SENDFILE_CHUNK = 64 * 2**20  # a large file's copy looks at the stop flag this often
 WAKE_INTERVAL = 0.1  # the upload worker hears of new files this often while files are copied
 PROGRESS_INTERVAL = 2.0
+DIRECT_UPLOADS = 2  # large files uploaded from their source at once (as many as the queue's workers)
+DIRECT_QUEUE = 64  # large files the walk may find ahead of their uploads
 
 
 class PutError(Exception):
@@ -118,6 +127,17 @@ def copy_file_to(source_fd: int, dest: Path, stop: threading.Event | None = None
         os.close(fd)
 
 
+@dataclass(frozen=True)
+class DirectFile:
+    """A large file to upload straight from its source: where it goes, and the stat it was seen with."""
+
+    source: Path
+    st: os.stat_result
+    parent: int
+    name: bytes
+    node: meta.Inode | None  # the file it replaces
+
+
 class Importer:
     """Copies local entries into the tree and the cache. Blocking: run it in a worker thread.
 
@@ -135,8 +155,11 @@ class Importer:
 
     def __init__(self, db: sqlite3.Connection, cache: CacheDir, *, mounted: bool,
                  uploads_pending: Callable[[], bool], on_progress: Callable[[PutReport], None] = lambda r: None,
-                 exclude: Collection[tuple[int, int]] = ()) -> None:
+                 exclude: Collection[tuple[int, int]] = (), direct: Callable[[DirectFile], None] | None = None,
+                 direct_min: int = 0) -> None:
         self.db = db
+        self.direct = direct  # given a file larger than ``direct_min`` instead of copying it (not mounted)
+        self.direct_min = direct_min
         self.exclude = exclude  # (st_dev, st_ino) of folders never copied (``own_folders``)
         self.cache = cache
         self.mounted = mounted
@@ -211,7 +234,7 @@ class Importer:
             self._last_progress = now
             self.on_progress(self.report)
 
-    def _owner(self, st: os.stat_result) -> tuple[int, int]:
+    def owner(self, st: os.stat_result) -> tuple[int, int]:
         return (st.st_uid, st.st_gid) if self.keep_owner else (os.getuid(), os.getgid())
 
     def _existing(self, parent: int, name: bytes) -> meta.Inode | None:
@@ -222,7 +245,7 @@ class Importer:
 
     def _folder(self, source: Path, st: os.stat_result, parent: int, name: bytes) -> None:
         node = self._existing(parent, name)
-        uid, gid = self._owner(st)
+        uid, gid = self.owner(st)
         if node is None:
             node = meta.create(self.db, parent, name, meta.DIR, stat.S_IFDIR | stat.S_IMODE(st.st_mode), uid, gid)
             self.report.folders += 1
@@ -271,7 +294,7 @@ class Importer:
         todo: list[tuple[Path, os.stat_result, bytes, meta.Inode | None]] = []
         for source, st, name in files:
             node = existing.get(name)
-            uid, gid = self._owner(st)
+            uid, gid = self.owner(st)
             mode = stat.S_IFREG | stat.S_IMODE(st.st_mode)
             if len(name) > meta.NAME_MAX:
                 self.report.errors.append(f"{source}: the name is longer than {meta.NAME_MAX} bytes")
@@ -283,6 +306,8 @@ class Importer:
                 self.report.unchanged += 1
                 if (node.mode, node.uid, node.gid) != (mode, uid, gid):
                     meta.set_attrs(self.db, node.ino, mode=mode, uid=uid, gid=gid)
+            elif self.direct is not None and st.st_size > self.direct_min:
+                self.direct(DirectFile(source, st, parent, name, node))
             else:
                 todo.append((source, st, name, node))
         if todo:
@@ -311,7 +336,7 @@ class Importer:
                 elif node is not None:
                     replaced.append((node, st, tmp, result))
                 else:
-                    uid, gid = self._owner(st)
+                    uid, gid = self.owner(st)
                     new.append((source, tmp, meta.NewFile(name, stat.S_IFREG | stat.S_IMODE(st.st_mode), uid, gid,
                                                           result, st.st_atime_ns, st.st_mtime_ns)))
             if new:
@@ -319,7 +344,7 @@ class Importer:
             for node, st, tmp, size in replaced:
                 meta.mark_dirty(self.db, node.ino)  # an upload of the old version in flight turns stale
                 os.rename(tmp, self.cache.path(node.ino))
-                uid, gid = self._owner(st)
+                uid, gid = self.owner(st)
                 meta.record_release(self.db, node.ino, size, st.st_mtime_ns,
                                     {"mode": stat.S_IFREG | stat.S_IMODE(st.st_mode), "uid": uid, "gid": gid,
                                      "atime_ns": st.st_atime_ns})
@@ -364,7 +389,7 @@ class Importer:
             if not self.mounted:
                 meta.purge(self.db, old.ino)
                 self.cache.remove(old.ino)
-        uid, gid = self._owner(st)
+        uid, gid = self.owner(st)
         link = meta.create(self.db, parent, name, meta.SYMLINK, stat.S_IFLNK | 0o777, uid, gid, target)
         meta.set_attrs(self.db, link.ino, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns)
         self.report.links += 1
@@ -388,6 +413,81 @@ class _Batch:
     todo: list[tuple[Path, os.stat_result, bytes, meta.Inode | None]]
     temps: list[Path]
     copies: list[Future[int | OSError | Stopped]]
+
+
+class DirectUploads:
+    """Large files uploaded straight from their source while the walk goes on (``put`` when not mounted).
+
+    The walk's thread hands files over (``offer``); DIRECT_UPLOADS tasks upload them and record each as stored
+    in one transaction, if its source still has the size and modification time the walk saw. The object's id
+    is noted before the mediator commits it (``meta.note_commit``), so an upload cut short by a crash leaves a
+    deletion, not an object nobody knows of; the file is then simply copied again by the next ``put``.
+    """
+
+    def __init__(self, store: ObjectStore, db: sqlite3.Connection, cache: CacheDir,
+                 owner: Callable[[os.stat_result], tuple[int, int]]) -> None:
+        self.store, self.db, self.cache, self.owner = store, db, cache, owner
+        self.files = 0
+        self.bytes = 0
+        self.errors: list[str] = []
+        self._send, self._receive = trio.open_memory_channel[DirectFile](DIRECT_QUEUE)
+        self._token = trio.lowlevel.current_trio_token()
+
+    def offer(self, item: DirectFile) -> None:
+        """From the walk's thread: queue a file (waits while DIRECT_QUEUE files wait)."""
+        trio.from_thread.run(self._send.send, item, trio_token=self._token)
+
+    def close(self) -> None:
+        """The walk is over: the uploaders end once the queued files are stored."""
+        self._send.close()
+
+    async def run(self) -> None:
+        async with self._receive, trio.open_nursery() as nursery:
+            for _ in range(DIRECT_UPLOADS):
+                nursery.start_soon(self._uploader, self._receive.clone())
+
+    async def _uploader(self, files: trio.MemoryReceiveChannel[DirectFile]) -> None:
+        async with files:
+            async for item in files:
+                error = await self._store(item)
+                if error is not None:
+                    self.errors.append(f"{item.source}: {error}")
+
+    async def _store(self, item: DirectFile) -> str | None:
+        """Upload and record one file; what went wrong, in words, or None."""
+        noted: list[str] = []
+
+        def note_commit(object_id: str) -> None:
+            meta.note_commit(self.db, object_id)
+            noted.append(object_id)
+        try:
+            try:
+                stored = await self.store.put_file(item.source, before_commit=note_commit)
+                now = os.lstat(item.source)
+            except (FincryptError, OSError) as exc:
+                return f"not stored: {exc}"
+            if (stored.size, now.st_size, now.st_mtime_ns) != (item.st.st_size, item.st.st_size,
+                                                                  item.st.st_mtime_ns):
+                return "changed while it was being stored; run put again to store the new version"
+            uid, gid = self.owner(item.st)
+            f = meta.NewFile(item.name, stat.S_IFREG | stat.S_IMODE(item.st.st_mode), uid, gid, stored.size,
+                             item.st.st_atime_ns, item.st.st_mtime_ns)
+            object_json = json.dumps(stored.to_json())
+            if item.node is None:
+                ino = meta.allocate_inos(self.db, 1)[0]
+                recorded = meta.add_stored_file(self.db, item.parent, ino, f, stored.object_id, object_json)
+            else:
+                recorded = meta.replace_with_stored(self.db, item.node.ino, f, stored.object_id, object_json)
+                if recorded:
+                    self.cache.remove(item.node.ino)  # the old content's copy
+            if not recorded:
+                return "the tree changed there meanwhile (that name was taken or removed); run put again"
+            self.files += 1
+            self.bytes += stored.size
+            return None
+        finally:  # after a recorded upload there is nothing left to abandon
+            for object_id in noted:
+                meta.abandon_commit(self.db, object_id)
 
 
 def _remove_temps(temps: list[Path]) -> None:
@@ -514,7 +614,15 @@ async def run_put(settings: ClientSettings, sources: Sequence[Path], dest: str, 
                     stack.callback(evictions.close)
                     nursery.start_soon(evictor, evictions, cache, lambda: ((), ()))
                     nursery.start_soon(wake_while, queue.wake, copied)
-                await _stoppable(copy_all, importer.stop)
+                    http = await stack.enter_async_context(rpc.new_client())
+                    direct_db = meta.connect(db_path)
+                    stack.callback(direct_db.close)
+                    direct = DirectUploads(open_store(settings, master_key, http, trio.CapacityLimiter(CPU_THREADS)),
+                                           direct_db, cache, importer.owner)
+                    importer.direct, importer.direct_min = direct.offer, settings.pack_threshold
+                    await _walk_with(direct, copy_all, importer)
+                else:
+                    await _stoppable(copy_all, importer.stop)
             except (OSError, FincryptError, KeyboardInterrupt) as exc:
                 failure = exc
             finally:
@@ -531,6 +639,26 @@ async def run_put(settings: ClientSettings, sources: Sequence[Path], dest: str, 
     if failure is not None:
         raise failure
     return importer.report, stored
+
+
+async def _walk_with(direct: DirectUploads, copy_all: Callable[[], None], importer: Importer) -> None:
+    """Run the walk while ``direct`` uploads the large files it finds; return once both are done. Their
+    results join the walk's report."""
+    walk_error: BaseException | None = None
+    async with trio.open_nursery() as uploads:
+        uploads.start_soon(direct.run)
+        try:
+            await _stoppable(copy_all, importer.stop)
+        except (OSError, FincryptError, KeyboardInterrupt) as exc:
+            walk_error = exc
+            uploads.cancel_scope.cancel()
+        finally:
+            direct.close()
+    importer.report.files += direct.files
+    importer.report.bytes += direct.bytes
+    importer.report.errors.extend(direct.errors)
+    if walk_error is not None:
+        raise walk_error
 
 
 async def _stoppable(fn: Callable[[], T], stop: threading.Event) -> T:

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 import trio
 
+from fincryptfs import meta
+
 ROOT = Path(__file__).resolve().parents[2]
 
 needs_fuse = pytest.mark.skipif(not os.path.exists("/dev/fuse") or os.geteuid() != 0,
@@ -166,3 +168,11 @@ def tree_of(root: Path) -> dict[str, tuple[str, object]]:
             else:
                 result[rel] = ("file", (st.st_mode & 0o7777, st.st_size, path.read_bytes()))
     return result
+
+
+def ino_of(db: object, path: str) -> int:
+    """The inode of ``path`` in the tree (a connection to the client's database)."""
+    ino = meta.ROOT_INO
+    for part in path.strip("/").split("/"):
+        ino = meta.lookup(db, ino, part.encode()).ino  # type: ignore[arg-type]
+    return ino

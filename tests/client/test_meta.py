@@ -286,6 +286,32 @@ def test_a_pack_being_committed_is_deleted_unless_the_tree_records_it(db: sqlite
     assert deletable(db) is None and meta.pending_deletes(db) == 0
 
 
+def test_files_recorded_as_already_stored(db: sqlite3.Connection) -> None:
+    """put's large files: inserted stored (or replacing a file's content), their commit notes dropped."""
+    new = meta.NewFile(b"big", 0o100644, 0, 0, 5, 1, 2)
+    ino = meta.allocate_inos(db, 1)[0]
+    meta.note_commit(db, "a" * 64)
+    assert meta.add_stored_file(db, meta.ROOT_INO, ino, new, "a" * 64, obj("a", 5))
+    assert not meta.add_stored_file(db, meta.ROOT_INO, ino + 1, new, "b" * 64, obj("b", 5))  # name taken
+    f = meta.get(db, ino)
+    assert (f.state, f.size, f.version, object_of(db, ino)) == (meta.STORED, 5, 1, "a" * 64)
+    assert meta.pending_uploads(db) == [] and meta.pending_deletes(db) == 0
+    meta.resume_uploads(db)
+    assert deletable(db) is None  # the note went with the record
+
+    meta.mark_dirty(db, ino)  # a version of it was being written: its job turns stale
+    meta.record_release(db, ino, 9, 3)
+    meta.note_commit(db, "c" * 64)
+    assert meta.replace_with_stored(db, ino, meta.NewFile(b"big", 0o100600, 0, 0, 7, 4, 5), "c" * 64, obj("c", 7))
+    f = meta.get(db, ino)
+    assert (f.state, f.size, f.mode, f.mtime_ns, object_of(db, ino)) == (meta.STORED, 7, 0o100600, 5, "c" * 64)
+    assert meta.pending_uploads(db) == []
+    meta.set_published(db, meta.counter(db, "meta_version"), 1)
+    assert deletable(db) == "a" * 64  # the replaced content, once a snapshot without it is out
+    meta.unlink(db, meta.ROOT_INO, b"big")
+    assert not meta.replace_with_stored(db, ino, new, "d" * 64, obj("d", 5))  # gone meanwhile
+
+
 def test_an_unclaimed_job_is_as_if_never_claimed(db: sqlite3.Connection) -> None:
     f = new_file(db)
     meta.mark_dirty(db, f.ino)

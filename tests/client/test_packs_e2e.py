@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from mountkit import Client, needs_fuse, tree_of
+from mountkit import Client, ino_of, needs_fuse, tree_of
 from netfixtures import Network, pid_alive, start_network
 
 from fincryptfs import meta, uploadworker
@@ -30,12 +30,6 @@ def write_small(root: Path, count: int, seed: int) -> None:
         sub.mkdir(exist_ok=True)
         (sub / f"f{i:03}").write_bytes(rng.randbytes(rng.randrange(1, 40_000)))
 
-
-def ino_of(db: object, path: str) -> int:
-    ino = meta.ROOT_INO
-    for part in path.strip("/").split("/"):
-        ino = meta.lookup(db, ino, part.encode()).ino  # type: ignore[arg-type]
-    return ino
 
 
 async def mounted_with_nodes_held(tmp_path: Path, nursery: trio.Nursery) -> tuple[Network, Client]:

@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import trio
-from mountkit import Client, needs_fuse, tree_of
+from mountkit import Client, ino_of, needs_fuse, tree_of
 from netfixtures import Network, start_network
 
 from fincryptfs import meta
@@ -92,6 +92,44 @@ async def test_put_stores_a_tree_incrementally_and_a_cold_mount_reads_it(tmp_pat
         assert await trio.to_thread.run_sync(tree_of, copy) == await trio.to_thread.run_sync(tree_of, src / "photos")
     finally:
         await client.cleanup()
+
+
+async def test_large_files_go_from_their_source_without_a_cache_copy(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Not mounted, a file too large to pack is uploaded straight from its source and recorded once stored:
+    no cache room needed. Replacing it releases the old object; a cold mount reads the new one."""
+    net, client, src = await account_and_source(tmp_path, nursery)
+    video = src / "photos" / "video.mp4"
+    try:
+        result = await put(client, str(src / "photos"), "/")
+        assert result.returncode == 0, result.stderr
+        db = meta.connect_readonly(client.data_dir / "meta.db")
+        try:
+            first = meta.lookup(db, ino_of(db, "/photos"), b"video.mp4")
+        finally:
+            db.close()
+        assert first.state == meta.STORED and first.size == video.stat().st_size
+        assert not (client.cache_dir / str(first.ino)).exists()  # never copied into the cache
+        assert (await status(client))["pending_deletes"] == 0  # its commit note went with the record
+
+        new_video = os.urandom(5 * 2**20 + 3)
+        video.write_bytes(new_video)
+        result = await put(client, str(src / "photos"), "/")
+        assert result.returncode == 0, result.stderr
+        assert "1 file(s) (5.0 MiB) copied, 42 unchanged" in result.stderr
+        db = meta.connect_readonly(client.data_dir / "meta.db")
+        try:
+            second = meta.get(db, first.ino)
+        finally:
+            db.close()
+        assert (second.version, second.size) == (first.version + 1, len(new_video))
+        assert meta.content_object_id(second.object or "") != meta.content_object_id(first.object or "")
+        with trio.fail_after(30):  # the old object is released once a snapshot without it is published
+            while (await status(client))["pending_deletes"]:
+                await trio.sleep(0.3)
+        await assert_stored(client, src)
+    finally:
+        await client.cleanup()
+
 
 
 async def test_put_explains_what_it_cannot_do(tmp_path: Path, nursery: trio.Nursery) -> None:
@@ -210,7 +248,9 @@ async def test_ctrl_c_stops_put_at_once_and_the_next_put_finishes(tmp_path: Path
         net.release()
         result = await put(client, str(src / "photos"), "/")
         assert result.returncode == 0, result.stderr
-        assert "43 unchanged" in result.stderr  # 42 files and the link, all recorded before the interruption
+        # 41 files and the link were recorded before the interruption; the large video is uploaded straight from
+        # its source and recorded only once stored, so this put stores it
+        assert "1 file(s) (3.0 MiB) copied, 42 unchanged" in result.stderr
         await assert_stored(client, src)
     finally:
         if process is not None and process.poll() is None:
