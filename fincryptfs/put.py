@@ -430,6 +430,7 @@ class DirectUploads:
         self.files = 0
         self.bytes = 0
         self.errors: list[str] = []
+        self.in_flight: dict[Path, tuple[int, int]] = {}  # source -> (bytes encoded, size): progress lines
         self._send, self._receive = trio.open_memory_channel[DirectFile](DIRECT_QUEUE)
         self._token = trio.lowlevel.current_trio_token()
 
@@ -443,8 +444,18 @@ class DirectUploads:
 
     async def run(self) -> None:
         async with self._receive, trio.open_nursery() as nursery:
-            for _ in range(DIRECT_UPLOADS):
-                nursery.start_soon(self._uploader, self._receive.clone())
+            async with trio.open_nursery() as uploaders:
+                for _ in range(DIRECT_UPLOADS):
+                    uploaders.start_soon(self._uploader, self._receive.clone())
+                nursery.start_soon(self._report_progress)
+            nursery.cancel_scope.cancel()
+
+    async def _report_progress(self) -> None:
+        """A line every PROGRESS_INTERVAL while large files upload (one can take minutes)."""
+        while True:
+            await trio.sleep(PROGRESS_INTERVAL)
+            for source, (done, size) in list(self.in_flight.items()):
+                print(f"put: storing {source}: {done / 2**20:,.1f} of {size / 2**20:,.1f} MiB", file=sys.stderr)
 
     async def _uploader(self, files: trio.MemoryReceiveChannel[DirectFile]) -> None:
         async with files:
@@ -460,12 +471,16 @@ class DirectUploads:
         def note_commit(object_id: str) -> None:
             meta.note_commit(self.db, object_id)
             noted.append(object_id)
+        def progress(done: int) -> None:
+            self.in_flight[item.source] = (done, item.st.st_size)
         try:
             try:
-                stored = await self.store.put_file(item.source, before_commit=note_commit)
+                stored = await self.store.put_file(item.source, progress=progress, before_commit=note_commit)
                 now = os.lstat(item.source)
             except (FincryptError, OSError) as exc:
                 return f"not stored: {exc}"
+            finally:
+                self.in_flight.pop(item.source, None)
             if (stored.size, now.st_size, now.st_mtime_ns) != (item.st.st_size, item.st.st_size,
                                                                   item.st.st_mtime_ns):
                 return "changed while it was being stored; run put again to store the new version"
