@@ -50,6 +50,7 @@ log = logging.getLogger(__name__)
 ORDERED_WINDOW = 4  # segments in flight in run_ordered: both cores stay busy while the event loop catches up
 SEND_QUEUE = 6  # blocks queued per share between the encoder and that share's PUT
 WRITE_PIECE = 2**20  # largest single write to a local file (see pwrite_all)
+RELEASE_RETRY = 0.2  # seconds between releases of an object whose place request was cut short
 T = TypeVar("T")
 
 Block = bytes | memoryview
@@ -256,10 +257,19 @@ async def send_pass(store: ObjectStore, source: Source, placements: dict[int, Pl
     return results
 
 
-async def store_shares(store: ObjectStore, source: Source, progress: Callable[[int], None] | None = None
-                       ) -> tuple[dict[int, CommittedShare], list[bytes]]:
+@dataclass
+class PlaceState:
+    """Whether the mediator may hold the object being uploaded (what releasing it after a failure needs)."""
+
+    answered: bool = False  # a place request was granted: the mediator holds the object
+    unanswered: bool = False  # a place request went out and its answer never came (cancelled, cut off)
+
+
+async def store_shares(store: ObjectStore, source: Source, progress: Callable[[int], None] | None = None,
+                       placing: PlaceState | None = None) -> tuple[dict[int, CommittedShare], list[bytes]]:
     """Place and stream shares until all n are stored, placement runs out, or the rounds are used up; the
     stored shares and the roots of all n."""
+    placing = PlaceState() if placing is None else placing
     n = source.layout.n
     stored: dict[int, CommittedShare] = {}
     failures: dict[int | str, str] = {}
@@ -273,15 +283,18 @@ async def store_shares(store: ObjectStore, source: Source, progress: Callable[[i
                       for i in todo)
         request = PlaceRequest(source.object_id, source.layout, specs,
                                tuple(sorted(excluded | {c.node_id for c in stored.values()})))
+        placing.unanswered = True
         try:
             placements = {p.index: p for p in await store.mediator.place(request)}
         except PeerError as exc:
+            placing.unanswered = exc.unreachable  # refused: the answer came; unreachable: it may have landed
             if exc.status == 503 and stored:
                 for index in todo:
                     failures[index] = f"{failures.get(index, 'not placed')}; no other node to retry on"
                 failures["mediator"] = str(exc)
                 break  # the mediator has no more nodes; maybe what is stored is enough
             raise UploadError(f"could not place object {source.object_id[:16]}…: {exc}") from exc
+        placing.unanswered, placing.answered = False, True
         for index in todo:
             if index not in placements:
                 failures[index] = "the mediator placed it nowhere"
@@ -317,24 +330,34 @@ async def store_shares(store: ObjectStore, source: Source, progress: Callable[[i
     return stored, roots
 
 
-async def _release_quietly(store: ObjectStore, object_id: str, timeout: float = 10) -> None:
+async def _release_quietly(store: ObjectStore, object_id: str, placing: PlaceState, timeout: float = 10) -> None:
     """Drop a half-stored object so the shares that did land are released instead of orphaned (the mediator
-    sweeps what this misses a day after the grants expire)."""
+    sweeps what this misses a day after the grants expire). Nothing to drop if it was never placed. A place
+    request cut short may reach the mediator's database after this release does (another connection): a
+    "no such object" is then asked again until ``timeout`` (a fresh-clone CI run left such an object pending)."""
+    if not (placing.answered or placing.unanswered):
+        return
     with trio.move_on_after(timeout):
-        try:
-            await store.mediator.delete_object(object_id)
-        except PeerError as exc:
-            if exc.status != 404:
-                log.warning("could not release the half-stored object %s: %s", object_id[:16], exc)
+        while True:
+            try:
+                await store.mediator.delete_object(object_id)
+            except PeerError as exc:
+                if exc.status == 404 and placing.unanswered and not placing.answered:
+                    await trio.sleep(RELEASE_RETRY)
+                    continue
+                if exc.status != 404:
+                    log.warning("could not release the half-stored object %s: %s", object_id[:16], exc)
+            return
 
 
 async def upload_file(store: ObjectStore, path: Path, *, progress: Callable[[int], None] | None = None,
                       before_commit: Callable[[str], None] | None = None) -> StoredObject:
     source = await trio.to_thread.run_sync(lambda: Source.open(path, segment_size=store.segment_size, k=store.k,
                                                                n=store.n))
+    placing = PlaceState()
     try:
         try:
-            stored, roots = await store_shares(store, source, progress)
+            stored, roots = await store_shares(store, source, progress, placing)
             shares = tuple(stored[i] for i in sorted(stored))
             if before_commit is not None:
                 before_commit(source.object_id)
@@ -344,11 +367,11 @@ async def upload_file(store: ObjectStore, path: Path, *, progress: Callable[[int
                 raise UploadError(f"the mediator refused to commit object {source.object_id[:16]}…: {exc}"
                                   ) from exc
         except (FincryptError, OSError):
-            await _release_quietly(store, source.object_id)
+            await _release_quietly(store, source.object_id, placing)
             raise
         except BaseException:  # cancelled (superseded, shutting down; maybe in a group): release what landed, quickly
             with trio.CancelScope(shield=True):
-                await _release_quietly(store, source.object_id, timeout=2)
+                await _release_quietly(store, source.object_id, placing, timeout=2)
             raise
     finally:
         source.close()

@@ -100,3 +100,30 @@ async def test_snapshots_noted_before_a_crash_are_kept_if_the_pointer_names_them
         pointer = await current_pointer(store)
         assert pointer is not None and pointer.object_id == named[0]
         assert (await store.health(named[0]))["total"] == 6
+
+
+async def test_an_object_whose_placement_lands_after_its_release_is_released_anyway(
+        tmp_path: Path, nursery: trio.Nursery) -> None:
+    """An upload cancelled while its place request is in flight releases the object at once; the mediator may
+    handle that release before the place request (two connections). The release asks again meanwhile."""
+    from fincryptfs.core.messages import PlaceRequest, ShareSpec
+    from fincryptfs.uploader import PlaceState, Source, _release_quietly
+
+    async with tree_and_store(tmp_path, nursery) as (_, store):
+        src = tmp_path / "file"
+        src.write_bytes(os.urandom(100_000))
+        source = Source.open(src, segment_size=store.segment_size, k=store.k, n=store.n)
+        try:
+            with trio.fail_after(1):  # never placed: nothing to release, no request made
+                await _release_quietly(store, source.object_id, PlaceState(), timeout=30)
+            request = PlaceRequest(source.object_id, source.layout, tuple(
+                ShareSpec(i, source.share_ids[i], source.layout.share_size, None) for i in range(store.n)))
+            async with trio.open_nursery() as inner:
+                inner.start_soon(_release_quietly, store, source.object_id, PlaceState(unanswered=True), 10)
+                await trio.sleep(0.5)  # the release was answered "no such object" by now
+                await store.mediator.place(request)  # ... and the place request lands only now
+            with pytest.raises(PeerError) as gone:
+                await store.health(source.object_id)
+            assert gone.value.status == 404
+        finally:
+            source.close()
