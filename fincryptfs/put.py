@@ -435,8 +435,12 @@ class DirectUploads:
         self._token = trio.lowlevel.current_trio_token()
 
     def offer(self, item: DirectFile) -> None:
-        """From the walk's thread: queue a file (waits while DIRECT_QUEUE files wait)."""
-        trio.from_thread.run(self._send.send, item, trio_token=self._token)
+        """From the walk's thread: queue a file (waits while DIRECT_QUEUE files wait). Stopped once the uploads
+        were stopped (Ctrl-C): the walk stops too, as between any two files."""
+        try:
+            trio.from_thread.run(self._send.send, item, trio_token=self._token)
+        except (trio.BrokenResourceError, trio.ClosedResourceError, trio.RunFinishedError, trio.Cancelled):
+            raise Stopped() from None
 
     def close(self) -> None:
         """The walk is over: the uploaders end once the queued files are stored."""

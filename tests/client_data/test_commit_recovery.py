@@ -127,3 +127,31 @@ async def test_an_object_whose_placement_lands_after_its_release_is_released_any
             assert gone.value.status == 404
         finally:
             source.close()
+
+
+async def test_put_records_a_large_file_only_if_its_source_did_not_change(tmp_path: Path,
+                                                                          nursery: trio.Nursery) -> None:
+    """``put``'s uploads straight from the source: a file changed or removed after the walk saw it is reported
+    in words and not recorded, and its object (committed anyway) is deleted."""
+    from fincryptfs.put import DirectFile, DirectUploads
+
+    async with tree_and_store(tmp_path, nursery) as (db, store):
+        direct = DirectUploads(store, db, CacheDir(tmp_path / "cache", 2**30), lambda st: (0, 0))
+        src = tmp_path / "big"
+        src.write_bytes(os.urandom(300_000))
+        seen = os.lstat(src)
+        src.write_bytes(os.urandom(300_001))  # changed after the walk saw it
+        error = await direct._store(DirectFile(src, seen, meta.ROOT_INO, b"big", None))
+        assert error is not None and "changed while it was being stored; run put again" in error
+        assert list(meta.files(db)) == [] and meta.pending_deletes(db) == 1  # the object it stored goes
+        await run_deletions(queue_for(db, store, tmp_path))
+
+        gone = tmp_path / "gone"
+        error = await direct._store(DirectFile(gone, seen, meta.ROOT_INO, b"gone", None))
+        assert error is not None and error.startswith("not stored:") and "No such file" in error
+
+        same = os.lstat(src)
+        assert await direct._store(DirectFile(src, same, meta.ROOT_INO, b"big", None)) is None
+        [recorded] = list(meta.files(db))
+        assert (recorded.state, recorded.size, direct.files) == (meta.STORED, 300_001, 1)
+        assert meta.pending_deletes(db) == 0
