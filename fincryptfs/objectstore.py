@@ -17,7 +17,7 @@ import base64
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import httpx
 import trio
@@ -31,6 +31,9 @@ from .core.merkle import HASH_BYTES
 from .core.messages import layout_from_json, layout_to_json
 from .core.wire import Fields, b64encode
 from .mediator_client import MediatorClient
+
+if TYPE_CHECKING:
+    from .uploader import MembersReader
 
 
 class UploadError(FincryptError):
@@ -139,6 +142,15 @@ class ObjectStore:
         from .uploader import upload_file
 
         return await upload_file(self, Path(path), progress=progress, before_commit=before_commit)
+
+    async def put_members(self, members: MembersReader, *, before_commit: Callable[[str], None] | None = None
+                          ) -> StoredObject:
+        """``put_file`` of the concatenation ``members`` reads (a pack, without a staging copy); afterwards
+        ``members.damaged`` lists the members whose range must not be referenced."""
+        from .uploader import Source, upload_source
+
+        source = Source.of(members, segment_size=self.segment_size, k=self.k, n=self.n)
+        return await upload_source(self, source, before_commit=before_commit)
 
     async def read_range(self, obj: StoredObject, offset: int, length: int) -> bytes:
         """Plaintext bytes [offset, offset + length) of the object (short at end of file, as read(2) is)."""

@@ -2,10 +2,13 @@
 
 Each object costs a placement, n share uploads and a commit, whatever its size, so a tree of small files spent
 all its time in round trips (about 20 files/s). The upload queue therefore gathers pending files of at most
-``pack_threshold`` bytes into a *pack*: a staging file that concatenates their cache copies (up to
-``pack_size`` bytes or ``pack_max_files`` files), stored with ``ObjectStore.put_file`` like any file. Each
-member's inode then references (pack id, offset, size) (``meta.PackRef``); a member whose file changed while
-the pack was uploading is simply not referenced (``meta.finish_pack`` checks versions).
+``pack_threshold`` bytes into a *pack*: one object whose plaintext is the concatenation of their cache copies
+(up to ``pack_size`` bytes or ``pack_max_files`` files), read straight from those files as it is encoded
+(``ObjectStore.put_members``; packs used to be staged in a spool file first, which cost a copy of every byte,
+50-70 ms per 16 MiB pack on the worker's critical path, and temporary disk space a full disk did not have).
+Each member's inode then references (pack id, offset, size) (``meta.PackRef``); a member whose file changed
+while the pack was uploading is simply not referenced (``meta.finish_pack`` checks versions), nor is one whose
+cache file was gone or short when read (``MembersReader.damaged``).
 
 Reading a packed file whose cache copy is missing fetches the *whole* pack once (packs are small) into the
 cache's ``packs/`` folder, and the file is read from there (``fs``: a handle on the pack copy, at the member's
@@ -27,17 +30,15 @@ import json
 import logging
 import os
 import sqlite3
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable
 from pathlib import Path
 
 import trio
 
 from . import meta
 from .objectstore import ObjectStore, StoredObject
-from .uploader import pwrite_all
 
 WHOLE_PACK_FETCH_MAX = 64 * 2**20
-_COPY_CHUNK = 2**20
 PREFETCH_CONCURRENCY = 2
 PREFETCH_QUEUE = 256
 
@@ -65,34 +66,6 @@ def packs_to_prefetch(members: Iterable[tuple[int, str | None]], cached: Callabl
         if not cached(ino, ref):
             chosen.append(ref)
     return chosen
-
-
-def build_pack(sources: Sequence[Path], dest: Path) -> list[tuple[int, int] | None]:
-    """Concatenate ``sources`` into ``dest`` (mode 0600); (offset, size) of each, None for a missing source.
-
-    Blocking: run it in a worker thread.
-    """
-    placed: list[tuple[int, int] | None] = []
-    fd = os.open(dest, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        offset = 0
-        for source in sources:
-            try:
-                src = os.open(source, os.O_RDONLY)
-            except FileNotFoundError:
-                placed.append(None)
-                continue
-            try:
-                start = offset
-                while chunk := os.read(src, _COPY_CHUNK):
-                    pwrite_all(fd, chunk, offset)
-                    offset += len(chunk)
-            finally:
-                os.close(src)
-            placed.append((start, offset - start))
-    finally:
-        os.close(fd)
-    return placed
 
 
 def _copy_member(pack_file: Path, offset: int, size: int, dest: Path) -> None:

@@ -13,9 +13,11 @@ by ``ORDERED_WINDOW`` segments plus ``SEND_QUEUE`` blocks per share, whatever th
 
 from __future__ import annotations
 
+import bisect
+import itertools
 import logging
 import os
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
@@ -116,40 +118,126 @@ async def run_ordered(cpu: trio.CapacityLimiter, count: int, job: Callable[[int]
 # --- encoding -------------------------------------------------------------------------------------------------
 
 
+class FileReader:
+    """The bytes of one open file, which must not change while they are read (size and mtime are checked)."""
+
+    def __init__(self, path: Path) -> None:
+        self.path = path
+        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        st = os.fstat(self.fd)
+        self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
+
+    def read(self, at: int, length: int) -> bytes:
+        return os.pread(self.fd, length, at)
+
+    def check_unchanged(self) -> None:
+        st = os.fstat(self.fd)
+        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
+            raise FileChangedError(f"{self.path} changed while it was being backed up (size {self.size} → "
+                                   f"{st.st_size}); it will be uploaded again once it is quiet")
+
+    def close(self) -> None:
+        os.close(self.fd)
+
+
+class MembersReader:
+    """Files read as one concatenation, each for the size it was given: a pack read straight from the cache
+    copies of its members, without staging it in a file first.
+
+    A member that is missing or shorter than its size reads as zeros and is listed in ``damaged``: its range
+    of the object is garbage and must not be referenced (it was deleted or rewritten meanwhile; the caller's
+    version check catches the usual cases, this one catches the rest). Members are opened per read, so a pack
+    of many files holds no descriptors between segments; reads may run in several threads at once.
+    """
+
+    def __init__(self, members: Sequence[tuple[Path, int]]) -> None:
+        self.paths = [path for path, _ in members]
+        self.offsets = list(itertools.accumulate((size for _, size in members), initial=0))
+        self.size = self.offsets[-1]
+        self.damaged: set[int] = set()
+
+    def placement(self, index: int) -> tuple[int, int]:
+        """(offset, size) of member ``index`` in the object."""
+        return self.offsets[index], self.offsets[index + 1] - self.offsets[index]
+
+    def read(self, at: int, length: int) -> bytes:
+        end = min(at + length, self.size)
+        parts: list[bytes] = []
+        index = bisect.bisect_right(self.offsets, at) - 1
+        while at < end:
+            start, stop = self.offsets[index], self.offsets[index + 1]
+            want = min(end, stop) - at
+            if want > 0:
+                parts.append(self._read_member(index, at - start, want))
+                at += want
+            index += 1
+        return b"".join(parts)
+
+    def _read_member(self, index: int, offset: int, length: int) -> bytes:
+        try:
+            fd = os.open(self.paths[index], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        except FileNotFoundError:
+            data = b""
+        else:
+            try:
+                data = os.pread(fd, length, offset)
+            finally:
+                os.close(fd)
+        if len(data) < length:
+            self.damaged.add(index)
+            data += bytes(length - len(data))
+        return data
+
+    def check_unchanged(self) -> None:
+        pass  # per member: ``damaged``, and the caller's version check
+
+    def close(self) -> None:
+        pass
+
+
+PlainReader = FileReader | MembersReader
+
+
 @dataclass(frozen=True)
 class Source:
-    """A file being uploaded, open, and the object it becomes: ids, key and layout fixed once."""
+    """What is being uploaded, open, and the object it becomes: ids, key and layout fixed once."""
 
-    path: Path
-    fd: int
-    size: int
-    mtime_ns: int
+    reader: PlainReader
     layout: ObjectLayout
     object_id: ObjectId
     file_key: bytes
     share_ids: tuple[ShareId, ...]
 
     @classmethod
+    def of(cls, reader: PlainReader, *, segment_size: int, k: int, n: int) -> Source:
+        return cls(reader, plan_object(reader.size, segment_size, k, n), new_object_id(), new_file_key(),
+                   tuple(new_share_id() for _ in range(n)))
+
+    @classmethod
     def open(cls, path: Path, *, segment_size: int, k: int, n: int) -> Source:
-        fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        reader = FileReader(path)
         try:
-            st = os.fstat(fd)
-            return cls(path, fd, st.st_size, st.st_mtime_ns, plan_object(st.st_size, segment_size, k, n),
-                       new_object_id(), new_file_key(), tuple(new_share_id() for _ in range(n)))
+            return cls.of(reader, segment_size=segment_size, k=k, n=n)
         except BaseException:
-            os.close(fd)
+            reader.close()
             raise
 
+    @property
+    def size(self) -> int:
+        return self.reader.size
+
     def close(self) -> None:
-        os.close(self.fd)
+        self.reader.close()
 
     def encode(self, index: int, *, hashed: bool) -> tuple[list[Block], list[HashedChunk] | None]:
         """Segment ``index`` as its n blocks (the same bytes on every pass), and their leaf hashes if asked."""
         try:
-            plaintext = segment_plaintext(self.layout, self.size, index, lambda at, n: os.pread(self.fd, n, at))
+            plaintext = segment_plaintext(self.layout, self.size, index, self.reader.read)
         except OSError as exc:
-            raise FileChangedError(f"{self.path} changed while it was being backed up ({exc}); it will be "
-                                   "uploaded again once it is quiet") from exc
+            if not isinstance(self.reader, FileReader):
+                raise  # members are padded, never short: this is the disk failing
+            raise FileChangedError(f"{self.reader.path} changed while it was being backed up ({exc}); it will "
+                                   "be uploaded again once it is quiet") from exc
         blocks = encode_segment_blocks(self.file_key, self.object_id, self.layout, index, plaintext)
         if not hashed:
             return blocks, None
@@ -157,10 +245,7 @@ class Source:
         return blocks, [hash_chunk(offset, block) for block in blocks]
 
     def check_unchanged(self) -> None:
-        st = os.fstat(self.fd)
-        if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
-            raise FileChangedError(f"{self.path} changed while it was being backed up (size {self.size} → "
-                                   f"{st.st_size}); it will be uploaded again once it is quiet")
+        self.reader.check_unchanged()
 
 
 # --- sending shares -------------------------------------------------------------------------------------------
@@ -354,6 +439,12 @@ async def upload_file(store: ObjectStore, path: Path, *, progress: Callable[[int
                       before_commit: Callable[[str], None] | None = None) -> StoredObject:
     source = await trio.to_thread.run_sync(lambda: Source.open(path, segment_size=store.segment_size, k=store.k,
                                                                n=store.n))
+    return await upload_source(store, source, progress=progress, before_commit=before_commit)
+
+
+async def upload_source(store: ObjectStore, source: Source, *, progress: Callable[[int], None] | None = None,
+                        before_commit: Callable[[str], None] | None = None) -> StoredObject:
+    """Store and commit ``source`` (closed on return); see ``ObjectStore.put_file``."""
     placing = PlaceState()
     try:
         try:

@@ -14,7 +14,8 @@ Tasks, all in the caller's nursery:
   is superseded or is killed after that point leaves a deletion behind instead of an object nobody knows of.
   A file of at most ``pack_threshold`` bytes is not uploaded alone: the worker waits until small files stop
   arriving (the newest job is PACK_LINGER old; at most PACK_LINGER_MAX) or a pack would be full, claims more
-  small jobs and uploads them as one pack (``fincryptfs.packs``, ``meta.finish_pack``).
+  small jobs and uploads them as one pack (``fincryptfs.packs``, ``meta.finish_pack``), read straight from
+  the members' cache files (``uploader.MembersReader``).
   Failures are retried with exponential backoff (1 s doubling to 5 min); the error is kept in the job row
   for ``fincryptfs status``.
 * one deleter: releases objects nobody references any more, but only once a snapshot without them was
@@ -26,10 +27,8 @@ Tasks, all in the caller's nursery:
 
 from __future__ import annotations
 
-import errno
 import json
 import logging
-import shutil
 import sqlite3
 import time
 from collections.abc import Awaitable, Callable, Sequence
@@ -39,11 +38,11 @@ from typing import TypeVar
 import trio
 
 from . import meta
-from .cache import CacheDir, has_room
+from .cache import CacheDir
 from .core.errors import FincryptError
 from .objectstore import ObjectStore
-from .packs import build_pack
 from .rpc import PeerError
+from .uploader import MembersReader
 
 log = logging.getLogger(__name__)
 
@@ -52,22 +51,8 @@ MAX_PUBLISH_WAIT = 30.0
 PACK_LINGER = 0.2
 PACK_LINGER_MAX = 1.0  # a pack waits at most this long after its first file while more keep arriving
 FLUSH_POLL = 0.1
-STAGING_SLACK = 2**20  # room asked for beyond a pack's bytes when staging it
 SUPERSEDED_POLL = 0.5  # seconds between checks that a file being uploaded was not changed or deleted
 T = TypeVar("T")
-
-
-def describe_failure(exc: BaseException, spool_dir: Path, nbytes: int) -> str:
-    """The words ``fincryptfs status`` shows for a failed upload; a full local disk says what to do about it."""
-    if isinstance(exc, OSError) and exc.errno == errno.ENOSPC:
-        try:
-            free = f"{shutil.disk_usage(spool_dir).free / 2**20:.0f} MiB free"
-        except OSError:
-            free = "free space unknown"
-        return (f"the local disk is full: packing {nbytes / 2**20:.1f} MiB of small files needs about "
-                f"{(nbytes + STAGING_SLACK) / 2**20:.0f} MiB of temporary space in {spool_dir} ({free}); make room "
-                f"there (or move FINCRYPT_DATA_DIR) and run 'fincryptfs flush' to retry at once")
-    return str(exc)[:1000]
 
 
 def backoff(attempts: int) -> float:
@@ -193,13 +178,6 @@ class UploadQueue:
             for object_id in noted:
                 meta.abandon_commit(self.db, object_id)
 
-    def _check_spool_room(self, nbytes: int) -> None:
-        """Raise ENOSPC before staging a pack of ``nbytes`` that would eat the disk's reserve, which the tree
-        database needs (cache.reserve_for). A large file needs no room: its shares stream from its cache file."""
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        if not has_room(self.spool_dir, nbytes + STAGING_SLACK):
-            raise OSError(errno.ENOSPC, "No space left on device (kept free for the tree database)")
-
     async def _upload(self, job: meta.UploadJob, note_commit: Callable[[str], None]) -> None:
         if not meta.job_current(self.db, job):
             meta.drop_upload(self.db, job, "superseded")
@@ -300,38 +278,21 @@ class UploadQueue:
                 meta.drop_upload(self.db, job, "superseded")
         if not jobs:
             return
-        self.spool_dir.mkdir(parents=True, exist_ok=True)
-        staging = self.spool_dir / f"pack-{jobs[0].id}"
+        reader = MembersReader([(self.cache.path(job.ino), job.size) for job in jobs])
         try:
-            try:
-                self._check_spool_room(sum(job.size for job in jobs))
-                placed = await trio.to_thread.run_sync(build_pack, [self.cache.path(job.ino) for job in jobs],
-                                                       staging)
-            except OSError as exc:  # e.g. a full disk: the files stay pending, the reason is shown in status
-                reason = describe_failure(exc, self.spool_dir, sum(job.size for job in jobs))
-                log.warning("staging a pack of %d files failed: %s", len(jobs), reason)
-                for job in jobs:
-                    meta.fail_upload(self.db, job, reason, time.time() + backoff(job.attempts))
-                self.wake()
-                return
-            members = []
-            for job, where in zip(jobs, placed, strict=True):
-                if where is not None:
-                    members.append((job, *where))
-                elif meta.job_current(self.db, job):
-                    meta.fail_upload(self.db, job, "the cache file is gone: this version of the file cannot be "
-                                     "uploaded", None)
-                else:
-                    meta.drop_upload(self.db, job, "superseded")
-            if not members:
-                return
-            try:
-                stored = await self.store.put_file(staging, before_commit=note_commit)
-            except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
-                self._retry_later([job for job, _, _ in members], exc, f"a pack of {len(members)} files")
-                return
-        finally:
-            staging.unlink(missing_ok=True)
+            stored = await self.store.put_members(reader, before_commit=note_commit)
+        except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
+            self._retry_later(jobs, exc, f"a pack of {len(jobs)} files")
+            return
+        members = []
+        for index, job in enumerate(jobs):
+            if index not in reader.damaged:
+                members.append((job, *reader.placement(index)))
+            elif meta.job_current(self.db, job):  # gone or cut short, yet not changed through the mount
+                meta.fail_upload(self.db, job, "the cache file is gone or shorter than recorded: this version "
+                                 "of the file cannot be uploaded", None)
+            else:
+                meta.drop_upload(self.db, job, "superseded")
         live = meta.finish_pack(self.db, stored.object_id, json.dumps(stored.to_json()), members)
         log.info("stored a pack of %d files (%d bytes)%s", len(members), stored.size,
                  "" if live == len(members) else f"; {len(members) - live} changed meanwhile")

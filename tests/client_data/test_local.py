@@ -15,7 +15,7 @@ from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, RootBuilder
 from fincryptfs.core.objectcodec import decode_segment_plaintext, plan_object
 from fincryptfs.downloader import MAX_RUN_SHARE_BYTES, plan_runs
 from fincryptfs.objectstore import FileChangedError, ShareRef, StoredObject
-from fincryptfs.uploader import Source
+from fincryptfs.uploader import MembersReader, Source
 
 
 @settings(max_examples=200, deadline=None)
@@ -109,3 +109,66 @@ def test_source_notices_a_changed_file(tmp_path: Path) -> None:
             source.check_unchanged()
     finally:
         source.close()
+
+
+@settings(max_examples=150, deadline=None)
+@given(st.lists(st.integers(0, 3000), min_size=1, max_size=12), st.data())
+def test_members_read_as_their_concatenation(sizes: list[int], data: st.DataObject) -> None:
+    """A pack is read straight from its members' files: any range reads as the concatenation would, each
+    member at the placement it is recorded with, and an intact member is never called damaged."""
+    with tempfile.TemporaryDirectory() as tmp:
+        contents = [os.urandom(size) for size in sizes]
+        paths = []
+        for i, content in enumerate(contents):
+            path = Path(tmp) / f"m{i}"
+            path.write_bytes(content)
+            paths.append(path)
+        reader = MembersReader(list(zip(paths, sizes, strict=True)))
+        whole = b"".join(contents)
+        assert reader.size == len(whole)
+        at = data.draw(st.integers(0, len(whole)))
+        length = data.draw(st.integers(0, len(whole) - at + 10))
+        assert reader.read(at, length) == whole[at:at + length]
+        for i, content in enumerate(contents):
+            offset, size = reader.placement(i)
+            assert whole[offset:offset + size] == content
+        assert reader.damaged == set()
+
+
+def test_members_missing_or_short_read_as_zeros_and_are_damaged(tmp_path: Path) -> None:
+    """A member deleted or cut short after it was claimed must not make the pack fail or shift the others:
+    its range reads as zeros and it is listed as damaged (never referenced); a longer file is read only for
+    its recorded size."""
+    sizes = [100, 200, 300, 400]
+    contents = [os.urandom(size) for size in sizes]
+    paths = [tmp_path / f"m{i}" for i in range(4)]
+    for path, content in zip(paths, contents, strict=True):
+        path.write_bytes(content)
+    paths[1].unlink()
+    os.truncate(paths[2], 50)
+    paths[3].write_bytes(contents[3] + b"appended")
+    reader = MembersReader(list(zip(paths, sizes, strict=True)))
+    data = reader.read(0, reader.size)
+    assert data == contents[0] + bytes(200) + contents[2][:50] + bytes(250) + contents[3]
+    assert reader.damaged == {1, 2}
+
+
+def test_a_pack_encodes_into_shares_that_decode_to_its_members(tmp_path: Path) -> None:
+    sizes = [5000, 0, 70_000, 1]
+    contents = [os.urandom(size) for size in sizes]
+    paths = [tmp_path / f"m{i}" for i in range(len(sizes))]
+    for path, content in zip(paths, contents, strict=True):
+        path.write_bytes(content)
+    source = Source.of(MembersReader(list(zip(paths, sizes, strict=True))), segment_size=16384, k=3, n=6)
+    layout = source.layout
+    shares = [bytearray() for _ in range(6)]
+    for index in range(layout.segment_count):
+        blocks, _ = source.encode(index, hashed=False)
+        for share, block in zip(shares, blocks, strict=True):
+            share += block
+    out = b""
+    for index in range(layout.segment_count):
+        off, length = layout.block_offset(index), layout.block_length(index)
+        out += decode_segment_plaintext(source.file_key, source.object_id, layout, index,
+                                        {i: bytes(shares[i][off:off + length]) for i in (1, 3, 5)})
+    assert out[:source.size] == b"".join(contents)
