@@ -9,13 +9,23 @@ fetches the snapshot: nothing else needs to be carried over.
 
 Ordering: the new snapshot object is committed *before* the pointer names it, and the old one is deleted only
 *after* the new pointer is stored, so at every moment the pointer names a readable snapshot.
+
+Snapshots are compressed (zlib level 1, streamed) before they are encrypted: a tree's rows are names, JSON and
+hex ids that compress 4-5× (a real tree of 80,881 entries: 17.5 MiB, 3.6 MiB compressed, in 0.07 s), and the
+whole snapshot goes out again after every burst of changes, so this is most of what a large tree costs to keep
+published. Level 1 compressed that 6.3× faster than level 6 for 7 % more bytes. A compressed snapshot starts
+with SNAPSHOT_MAGIC; one without it (published before compression) is used as it is. Sizes stay padded by the
+object layer; the content is the account's own, so nothing is learned from how well it compresses that its
+padded size did not already bound.
 """
 
 from __future__ import annotations
 
 import logging
 import os
+import shutil
 import time
+import zlib
 from collections.abc import Callable
 from pathlib import Path
 
@@ -34,6 +44,9 @@ from .rpc import PeerError
 log = logging.getLogger(__name__)
 
 POINTER_KEY_PURPOSE = "manifest-pointer-v1"
+SNAPSHOT_MAGIC = b"FCSNAPZ1"  # a zlib stream of the SQLite snapshot follows
+SNAPSHOT_LEVEL = 1
+_CHUNK = 2**20
 _POINTER_AD_TAG = b"fincrypt-manifest-pointer-v1\x00"
 PUBLISH_ATTEMPTS = 5
 
@@ -97,7 +110,12 @@ async def publish_snapshot(store: ObjectStore, master_key: bytes, db_path: Path,
     publish deletes the object here, best effort. The snapshot the pointer named before is handed to
     ``on_replaced`` (to be deleted durably) or deleted here, best effort.
     """
-    stored = await store.put_file(Path(db_path), before_commit=before_commit)
+    packed = Path(db_path).with_name(Path(db_path).name + ".z")
+    try:
+        await trio.to_thread.run_sync(compress_snapshot, Path(db_path), packed)
+        stored = await store.put_file(packed, before_commit=before_commit)
+    finally:
+        packed.unlink(missing_ok=True)
     account_id = AccountId(store.account_key.id)
     try:
         for _attempt in range(PUBLISH_ATTEMPTS):
@@ -146,5 +164,41 @@ async def fetch_latest_snapshot(store: ObjectStore, master_key: bytes, dest: Pat
     if pointer is None:
         return None
     stored = unseal_stored_object(master_key, pointer)
-    await store.fetch_to_file(stored, Path(dest))
+    fetched = Path(dest).with_name(Path(dest).name + ".fetched")
+    try:
+        await store.fetch_to_file(stored, fetched)
+        await trio.to_thread.run_sync(decompress_snapshot, fetched, Path(dest))
+    finally:
+        fetched.unlink(missing_ok=True)
     return pointer.version
+
+
+def compress_snapshot(src: Path, dest: Path) -> None:
+    """``dest`` = SNAPSHOT_MAGIC + zlib(``src``), streamed (memory bounded whatever the tree's size)."""
+    packer = zlib.compressobj(SNAPSHOT_LEVEL)
+    with open(src, "rb") as inp, open(dest, "wb") as out:
+        out.write(SNAPSHOT_MAGIC)
+        while chunk := inp.read(_CHUNK):
+            out.write(packer.compress(chunk))
+        out.write(packer.flush())
+
+
+def decompress_snapshot(src: Path, dest: Path) -> None:
+    """The SQLite file in a fetched snapshot ``src`` (compressed or, if published before compression, as is)
+    written to ``dest``; IntegrityError if the compressed stream is damaged or cut short."""
+    with open(src, "rb") as inp, open(dest, "wb") as out:
+        if inp.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
+            inp.seek(0)
+            shutil.copyfileobj(inp, out, _CHUNK)
+            return
+        unpacker = zlib.decompressobj()
+        try:
+            while chunk := inp.read(_CHUNK):
+                while chunk:  # at most _CHUNK out per call: a highly compressed chunk does not balloon memory
+                    out.write(unpacker.decompress(chunk, _CHUNK))
+                    chunk = unpacker.unconsumed_tail
+            out.write(unpacker.flush())
+        except zlib.error as exc:
+            raise IntegrityError(f"the tree snapshot does not decompress: {exc}") from exc
+        if not unpacker.eof or unpacker.unused_data:
+            raise IntegrityError("the tree snapshot is cut short or has trailing bytes")

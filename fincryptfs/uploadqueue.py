@@ -50,6 +50,7 @@ MAX_BACKOFF = 300.0
 MAX_PUBLISH_WAIT = 30.0
 PACK_LINGER = 0.2
 PACK_LINGER_MAX = 1.0  # a pack waits at most this long after its first file while more keep arriving
+GATHER_CHECK = 0.05  # a gathering worker looks whether its pack is full at most this often as files arrive
 FLUSH_POLL = 0.1
 SUPERSEDED_POLL = 0.5  # seconds between checks that a file being uploaded was not changed or deleted
 T = TypeVar("T")
@@ -136,9 +137,8 @@ class UploadQueue:
             self._flush_time = time.time()
             self._flush_came.set()
             self._flush_came = trio.Event()
-            if meta.retry_now(self.db):
-                self.wake(jobs=True, tree=False)
-            self.wake(jobs=False, tree=True)  # the publisher looks again (it polls too)
+            meta.retry_now(self.db)
+            self.wake(jobs=True, tree=True)  # workers (and a gathering one) and the publisher look again
 
     def _flush_waiting(self) -> bool:
         """A flush (or a put, which asks for one once it has copied everything) waits for a snapshot."""
@@ -250,7 +250,8 @@ class UploadQueue:
         burst that a full pack left behind as a pack of one or two files (an object each: placement, n shares,
         commit). A waiting flush ends the wait unless files kept arriving after it was asked for: whoever
         asked has written what they meant to (a put asks once it has copied everything), so lingering would
-        only delay the answer (by 0.2 s a put)."""
+        only delay the answer (by 0.2 s a put). New files wake the wait: a pack that fills up goes at once
+        (looking only every PACK_LINGER held the first pack of a put back by up to 0.2 s)."""
         while True:
             now = time.time()
             pending, newest = meta.small_pending(self.db, now, self.pack_threshold)
@@ -259,8 +260,11 @@ class UploadQueue:
             wait = min(max(newest, first.created) + PACK_LINGER, first.created + PACK_LINGER_MAX) - now
             if wait <= 0 or first.size + pending >= self.pack_size:
                 return
+            changed, flush_came = self._jobs_changed, self._flush_came
             with trio.move_on_after(min(wait, PACK_LINGER)):
-                await self._flush_came.wait()
+                await changed.wait()  # new files (or a flush): the pack may be full now
+                with trio.move_on_after(GATHER_CHECK):  # files arrive by the hundred per second
+                    await flush_came.wait()
 
     async def _upload_pack(self, first: meta.UploadJob, note_commit: Callable[[str], None]) -> None:
         """Upload ``first`` with the other small files pending now, as one pack object. One worker gathers at a
