@@ -92,3 +92,27 @@ async def test_files_written_after_a_flush_are_gathered_as_usual(db: sqlite3.Con
     queue.look_for_flush()
     waited = await gather_while_files_keep_coming(db, queue, flush_after=None)
     assert PACK_LINGER_MAX - 0.1 <= waited < PACK_LINGER_MAX + 0.5
+
+
+async def test_a_pack_that_fills_up_goes_at_once(db: sqlite3.Connection, tmp_path: Path,
+                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    # new files wake the gathering worker: it used to look only every PACK_LINGER, so a full pack waited
+    monkeypatch.setattr(uploadqueue, "PACK_LINGER", 1.0)
+    queue = UploadQueue(db=db, store=cast(ObjectStore, None), cache=CacheDir(tmp_path / "cache", 2**30),
+                        master_key=bytes(32), spool_dir=tmp_path / "spool", pack_size=5000)
+    close_small_file(db, "first")
+    first = meta.next_upload(db, time.time())
+    assert first is not None
+    started = time.monotonic()
+    async with trio.open_nursery() as nursery:
+        async def keep_writing() -> None:
+            for i in range(40):  # the pack is full at the fourth of these (five files of 1,000 bytes)
+                await trio.sleep(0.05)
+                close_small_file(db, f"f{i}")
+                queue.wake()  # as the mount's pipe (or put) does for every file closed
+        nursery.start_soon(keep_writing)
+        await queue._gather(first)
+        waited = time.monotonic() - started
+        nursery.cancel_scope.cancel()
+    assert 0.18 <= waited < 0.6, waited
+    assert meta.small_pending(db, time.time(), 2**20)[0] + first.size >= 5000
