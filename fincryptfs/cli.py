@@ -24,7 +24,7 @@ from dotenv import dotenv_values
 
 from fincryptfs import __version__
 
-from . import logs, meta
+from . import allocator, logs, meta
 from .core.crypto import master_key_from_phrase, new_master_key, recovery_phrase
 from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings, read_env_file
@@ -586,6 +586,7 @@ def main(argv: list[str] | None = None) -> int:
         parser.print_help()
         return 2
     logs.configure(logging.INFO if args.command in ("mount", "devnet") else logging.WARNING)
+    allocator.keep_freed_memory()
     try:
         return int(args.func(args))
     except UsageError as exc:

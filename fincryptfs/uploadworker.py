@@ -29,7 +29,7 @@ from pathlib import Path
 
 import trio
 
-from . import logs, meta, rpc
+from . import allocator, logs, meta, rpc
 from .cache import CacheDir
 from .core.errors import ConfigError
 from .core.settings import ClientSettings
@@ -153,6 +153,7 @@ def _read_line(fd: int) -> bytes:
 
 def main() -> int:
     logs.configure(logging.INFO, tag="[worker]")
+    allocator.keep_freed_memory()
     line = _read_line(0)
     if not line:
         return 0

@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 import httpx
 import trio
 
-from fincryptfs import logs, run_daemon
+from fincryptfs import allocator, logs, run_daemon
 from fincryptfs.asgi import dumps
 from fincryptfs.core.errors import FincryptError
 from fincryptfs.core.settings import MediatorSettings
@@ -175,6 +175,7 @@ def main(argv: list[str] | None = None) -> int:
                            help="settings file (default: ./.env if present)")
     args = parser.parse_args(argv)
     logs.configure(logging.INFO)
+    allocator.keep_freed_memory()
     try:
         settings = load_settings(args.env_file)
     except FincryptError as exc:

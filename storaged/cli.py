@@ -9,7 +9,7 @@ from pathlib import Path
 
 import trio
 
-from fincryptfs import logs, run_daemon
+from fincryptfs import allocator, logs, run_daemon
 from fincryptfs.asgi import dumps
 from fincryptfs.core.errors import ConfigError, FincryptError
 from fincryptfs.core.settings import StorageSettings
@@ -65,6 +65,7 @@ def main(argv: list[str] | None = None) -> int:
     sub.add_parser("id", help="print this node's id")
     args = parser.parse_args(argv)
     logs.configure(args.log_level)
+    allocator.keep_freed_memory()
     try:
         settings = load_settings(args.env_file)
         if args.command == "id":

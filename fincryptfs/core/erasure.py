@@ -6,6 +6,12 @@ fixed, which lets a mediator rebuild a lost share byte for byte without the key.
 
 A sealed segment of length C is cut into k primary blocks of ``ceil(C / k)`` bytes (the last zero-filled);
 zfec adds n - k parity blocks. Block i of every segment, concatenated, is share i of the object.
+
+Speed: zfec multiplies one byte at a time through a table (~500-600 MB/s of segment here): a quarter of an
+upload's CPU on two cores. Where the optional C module ``_gf256`` is built and the CPU has AVX2, parity and
+decoding are computed with it instead (~3.3 GB/s: 32 bytes per pair of table shuffles), using coefficients
+read off zfec itself (its parity for unit inputs; coding is linear), so every block is zfec's byte for byte;
+property tests compare the two on random data. zfec stays the reference and the fallback.
 """
 
 from __future__ import annotations
@@ -17,6 +23,11 @@ from functools import lru_cache
 import zfec
 
 from .errors import ErasureError, PolicyError
+
+try:
+    from . import _gf256
+except ImportError:  # not built: zfec does all the coding
+    _gf256 = None  # type: ignore[assignment]  # (typed by _gf256.pyi)
 
 MAX_SHARES = 256
 DEFAULT_MIN_EXPANSION = 2.0
@@ -69,6 +80,73 @@ def _decoder(k: int, n: int) -> zfec.Decoder:
     return zfec.Decoder(k, n)
 
 
+def accelerated() -> bool:
+    """Whether coding uses the AVX2 module (else zfec)."""
+    return _gf256 is not None and _gf256.accelerated()
+
+
+_FAST = accelerated()
+
+
+def _gf_tables() -> tuple[list[int], list[int]]:
+    """exp and log tables of GF(2^8) with zfec's polynomial x^8 + x^4 + x^3 + x^2 + 1 (0x11d)."""
+    exp, log = [0] * 510, [0] * 256
+    x = 1
+    for i in range(255):
+        exp[i] = exp[i + 255] = x
+        log[x] = i
+        x = (x << 1) ^ (0x11D if x & 0x80 else 0)
+    return exp, log
+
+
+_EXP, _LOG = _gf_tables()
+
+
+def _mul(a: int, b: int) -> int:
+    return 0 if a == 0 or b == 0 else _EXP[_LOG[a] + _LOG[b]]
+
+
+@lru_cache(maxsize=64)
+def _parity_rows(k: int, n: int) -> tuple[bytes, ...]:
+    """Row r: the coefficients of parity block k + r over the k primary blocks, as zfec computes them."""
+    out = [_encoder(k, n).encode([bytes([int(i == j)]) for i in range(k)], list(range(k, n))) for j in range(k)]
+    return tuple(bytes(out[j][r][0] for j in range(k)) for r in range(n - k))
+
+
+def _invert(matrix: list[list[int]]) -> list[list[int]]:
+    """The inverse of a square matrix over GF(2^8) (Gauss-Jordan); ErasureError if it is singular."""
+    size = len(matrix)
+    rows = [list(row) + [int(i == j) for j in range(size)] for i, row in enumerate(matrix)]
+    for col in range(size):
+        pivot = next((r for r in range(col, size) if rows[r][col]), None)
+        if pivot is None:
+            raise ErasureError("these blocks do not determine the segment")
+        rows[col], rows[pivot] = rows[pivot], rows[col]
+        inverse = _EXP[255 - _LOG[rows[col][col]]]
+        rows[col] = [_mul(inverse, v) for v in rows[col]]
+        for r in range(size):
+            if r != col and rows[r][col]:
+                factor = rows[r][col]
+                rows[r] = [v ^ _mul(factor, p) for v, p in zip(rows[r], rows[col], strict=True)]
+    return [row[size:] for row in rows]
+
+
+@lru_cache(maxsize=256)
+def _recovery_rows(k: int, n: int, nums: tuple[int, ...]) -> tuple[tuple[int, ...], bytes]:
+    """(primary blocks missing from ``nums``, the rows that rebuild them from the blocks ``nums``)."""
+    parity = _parity_rows(k, n)
+    coding = [[int(num == j) for j in range(k)] if num < k else list(parity[num - k]) for num in nums]
+    inverse = _invert(coding)
+    missing = tuple(i for i in range(k) if i not in nums)
+    return missing, bytes(v for i in missing for v in inverse[i])
+
+
+def _decode_fast(k: int, n: int, blocks: Mapping[int, bytes], nums: list[int]) -> list[bytes]:
+    missing, rows = _recovery_rows(k, n, tuple(nums))
+    rebuilt = dict(zip(missing, _gf256.combine(rows, [blocks[num] for num in nums]), strict=True))
+    return [blocks[i] if i in blocks else rebuilt[i] for i in range(k)]
+
+
 def encode_segment(params: ErasureParams, sealed: bytes) -> list[bytes]:
     """The n blocks of one sealed segment, block i for share i."""
     return [bytes(b) for b in encode_segment_views(params, sealed)]
@@ -89,7 +167,10 @@ def encode_segment_views(params: ErasureParams, sealed: bytes | memoryview) -> l
         rest = bytes(view[whole * size:])
         blocks.append(rest + bytes(size - len(rest)))
         blocks.extend(bytes(size) for _ in range(k - whole - 1))
-    blocks.extend(_encoder(k, n).encode(blocks, list(range(k, n))))
+    if _FAST:
+        blocks.extend(_gf256.combine(b"".join(_parity_rows(k, n)), blocks))
+    else:
+        blocks.extend(_encoder(k, n).encode(blocks, list(range(k, n))))
     return blocks
 
 
@@ -106,9 +187,15 @@ def decode_segment(params: ErasureParams, blocks: Mapping[int, bytes], sealed_le
             raise ErasureError(f"block {num} has {len(blocks[num])} bytes, expected {size}")
     if nums == list(range(params.k)):
         primary: Sequence[bytes] = [blocks[i] for i in nums]
+    elif _FAST:
+        primary = _decode_fast(params.k, params.n, {i: blocks[i] for i in nums}, nums)
     else:
         primary = _decoder(params.k, params.n).decode(tuple(blocks[i] for i in nums), tuple(nums))
-    return b"".join(primary)[:sealed_length]
+    # one copy, of exactly the segment: joining then slicing made two fresh 1 MiB objects, and fresh memory
+    # costs a page fault per 4 KiB (join and slice took 1 ms per segment here, 7x the decoding)
+    parts: list[bytes | memoryview] = list(primary[:-1])
+    parts.append(memoryview(primary[-1])[:max(0, sealed_length - size * (params.k - 1))])
+    return b"".join(parts)[:sealed_length] if sealed_length < size * (params.k - 1) else b"".join(parts)
 
 
 def rebuild_blocks(params: ErasureParams, blocks: Mapping[int, bytes], sealed_length: int,

@@ -110,3 +110,48 @@ def test_views_equal_copies(p: ErasureParams, sealed: bytes) -> None:
     views = erasure.encode_segment_views(p, sealed)
     assert [bytes(v) for v in views] == erasure.encode_segment(p, sealed)
     assert all(len(v) == erasure.block_length(len(sealed), p.k) for v in views)
+
+
+needs_fast = pytest.mark.skipif(not erasure.accelerated(), reason="the AVX2 coder is not built or not usable here")
+
+
+@needs_fast
+@settings(max_examples=200, deadline=None)
+@given(params(max_n=40), st.binary(max_size=5000), st.data())
+def test_fast_coder_is_zfec_byte_for_byte(p: ErasureParams, sealed: bytes, data: st.DataObject) -> None:
+    """Shares stored by one client are decoded and repaired by others (and by mediators, with zfec or not):
+    the AVX2 coder's parity and decoding must be zfec's exactly."""
+    import zfec
+
+    fast = erasure.encode_segment(p, sealed)
+    size = erasure.block_length(len(sealed), p.k)
+    primary = [bytes(fast[i]) for i in range(p.k)]
+    assert fast[p.k:] == [bytes(b) for b in zfec.Encoder(p.k, p.n).encode(primary, list(range(p.k, p.n)))]
+    nums = sorted(data.draw(st.lists(st.integers(0, p.n - 1), min_size=p.k, max_size=p.k, unique=True)))
+    reference = zfec.Decoder(p.k, p.n).decode(tuple(fast[i] for i in nums), tuple(nums))
+    assert erasure.decode_segment(p, {i: fast[i] for i in nums}, p.k * size) == b"".join(reference)
+
+
+def test_zfec_path_gives_the_same_blocks(monkeypatch: pytest.MonkeyPatch) -> None:
+    p = ErasureParams(3, 6)
+    sealed = bytes(range(256)) * 41 + b"tail"
+    fast = erasure.encode_segment(p, sealed)
+    fast_decoded = erasure.decode_segment(p, {1: fast[1], 4: fast[4], 5: fast[5]}, len(sealed))
+    monkeypatch.setattr(erasure, "_FAST", False)
+    assert erasure.encode_segment(p, sealed) == fast
+    assert erasure.decode_segment(p, {1: fast[1], 4: fast[4], 5: fast[5]}, len(sealed)) == fast_decoded == sealed
+
+
+@needs_fast
+def test_fast_coder_rejects_bad_input() -> None:
+    from fincryptfs.core import _gf256
+
+    with pytest.raises(ValueError, match="same length"):
+        _gf256.combine(b"\x01\x02", [b"abc", b"ab"])
+    with pytest.raises(ValueError, match="whole rows"):
+        _gf256.combine(b"\x01\x02\x03", [b"abc", b"abc"])
+    with pytest.raises(ValueError, match="1 to 256 inputs"):
+        _gf256.combine(b"", [])
+    assert _gf256.combine(b"\x01\x00\x00\x01", [b"xy", b"zw"]) == [b"xy", b"zw"]
+    assert all(_gf256.mul(a, 1) == a and _gf256.mul(a, 0) == 0 for a in range(256))
+    assert all(_gf256.mul(a, b) == erasure._mul(a, b) for a in range(0, 256, 7) for b in range(256))
