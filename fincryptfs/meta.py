@@ -382,7 +382,6 @@ def add_stored_file(db: sqlite3.Connection, parent: int, ino: int, f: NewFile, o
     """Insert a closed file whose content is already stored as ``object_id`` (``fincryptfs put`` uploads
     large files straight from their source, without a cache copy) and drop the object's commit note. False if
     the name was taken meanwhile (the note stays: ``abandon_commit`` it)."""
-    now = time.time_ns()
     with _tx(db):
         try:
             db.execute(f"INSERT INTO inodes ({_COLS}) VALUES (?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, NULL, 1, ?, ?)",
@@ -391,9 +390,8 @@ def add_stored_file(db: sqlite3.Connection, parent: int, ino: int, f: NewFile, o
         except sqlite3.IntegrityError:
             return False
         _committed(db, object_id)
-        db.execute("UPDATE inodes SET mtime_ns = ?, ctime_ns = ? WHERE ino = ?", (now, now, parent))
-        _bump(db)
-    return True
+        _bump(db)  # the folder's times are left alone: put gives it its source's once its walk is over, which
+    return True  # may be before this upload is recorded
 
 
 def replace_with_stored(db: sqlite3.Connection, ino: int, f: NewFile, object_id: str, object_json: str) -> bool:
@@ -414,6 +412,64 @@ def replace_with_stored(db: sqlite3.Connection, ino: int, f: NewFile, object_id:
         if row[2] is not None:
             _release(db, row[2], meta_version)
     return True
+
+
+@dataclass(frozen=True)
+class StoredMember:
+    """A file ``put`` stored in a pack straight from its source: where it goes (``node``: the file it
+    replaces, or None for a new one named ``f.name`` in ``parent``) and its range of the pack."""
+
+    parent: int
+    node: Inode | None
+    f: NewFile
+    offset: int
+    size: int
+
+
+def add_stored_pack(db: sqlite3.Connection, pack_id: str, pack_json: str, members: Sequence[StoredMember]
+                    ) -> list[bool]:
+    """Record files whose contents ``put`` stored together as the pack ``pack_id``, in one transaction (as
+    ``finish_pack`` does for the upload queue's packs, ``add_stored_file``/``replace_with_stored`` for one
+    file), and drop the pack's commit note. Per member, whether it was recorded: a new name taken meanwhile, or
+    a replaced file gone, is not. A pack no member references is queued for deletion."""
+    recorded: list[bool] = []
+    now = time.time_ns()
+    with _tx(db):
+        _committed(db, pack_id)
+        released: list[str] = []
+        for m in members:
+            ref = PackRef(pack_id, m.offset, m.size).to_json()
+            if m.node is None:
+                try:
+                    db.execute(f"INSERT INTO inodes ({_COLS}) VALUES (?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, NULL, 1, "
+                               "?, ?)", (_next_ino(db), m.parent, m.f.name, m.f.mode, m.f.uid, m.f.gid, m.f.size,
+                                         m.f.atime_ns, m.f.mtime_ns, m.f.mtime_ns, ref, STORED))
+                except sqlite3.IntegrityError:
+                    recorded.append(False)
+                    continue
+            else:
+                row = db.execute("SELECT parent, kind, object FROM inodes WHERE ino = ?", (m.node.ino,)).fetchone()
+                if row is None or row[0] is None or row[1] != FILE:
+                    recorded.append(False)
+                    continue
+                db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'superseded' WHERE ino = ? AND "
+                           "state = 'pending'", (m.node.ino,))
+                db.execute("UPDATE inodes SET mode = ?, uid = ?, gid = ?, size = ?, atime_ns = ?, mtime_ns = ?, "
+                           "ctime_ns = ?, object = ?, state = ?, version = version + 1 WHERE ino = ?",
+                           (m.f.mode, m.f.uid, m.f.gid, m.f.size, m.f.atime_ns, m.f.mtime_ns, now, ref, STORED,
+                            m.node.ino))
+                if row[2] is not None:
+                    released.append(row[2])
+            recorded.append(True)  # the folder's times: as in add_stored_file
+        live = sum(recorded)
+        if not live:
+            _queue_delete(db, pack_id, 0)
+            return recorded
+        db.execute("INSERT INTO packs (pack_id, object, live) VALUES (?, ?, ?)", (pack_id, pack_json, live))
+        meta_version = _bump(db)
+        for old in released:
+            _release(db, old, meta_version)
+    return recorded
 
 
 def child_map(db: sqlite3.Connection, parent: int) -> dict[bytes, Inode]:

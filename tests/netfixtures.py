@@ -59,6 +59,7 @@ class Gate:
         self.target: tuple[str, int] | None = None
         self.flip_at: int | None = None  # once: flip the byte this far into the next request stream to the node
         self.flipped = False
+        self.accepted = 0  # connections accepted so far (forwarded or held)
         self._open = trio.Event()
         self._open.set()
 
@@ -84,6 +85,7 @@ class Gate:
         await sink.send_eof()
 
     async def _relay(self, client: trio.SocketStream) -> None:
+        self.accepted += 1
         await self._open.wait()
         assert self.target is not None
         try:

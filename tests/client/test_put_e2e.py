@@ -7,9 +7,12 @@ import json
 import os
 import shutil
 import signal
+import sqlite3
 import subprocess
 import sys
+from collections.abc import Callable
 from pathlib import Path
+from typing import TypeVar
 
 import pytest
 import trio
@@ -19,6 +22,7 @@ from netfixtures import Network, start_network
 from fincryptfs import meta
 
 pytestmark = [pytest.mark.e2e, needs_fuse]
+T = TypeVar("T")
 
 
 def make_source(root: Path) -> None:
@@ -50,6 +54,23 @@ async def put(client: Client, *args: str) -> subprocess.CompletedProcess[str]:
 
 async def status(client: Client) -> dict:
     return json.loads((await trio.to_thread.run_sync(lambda: client.cli("status", "--json"))).stdout)
+
+
+async def put_changed(client: Client, src: Path, changed: Path, data: bytes, summary: str) -> None:
+    """Change one source file and put /photos again: only that file is copied."""
+    changed.write_bytes(data)
+    result = await put(client, str(src / "photos"), "/")
+    assert result.returncode == 0, result.stderr
+    assert summary in result.stderr
+
+
+def tree(client: Client, read: Callable[[sqlite3.Connection], T]) -> T:
+    """``read`` on a read-only connection to the client's tree."""
+    db = meta.connect_readonly(client.data_dir / "meta.db")
+    try:
+        return read(db)
+    finally:
+        db.close()
 
 
 def mtimes(root: Path) -> dict[str, int]:
@@ -112,15 +133,8 @@ async def test_large_files_go_from_their_source_without_a_cache_copy(tmp_path: P
         assert (await status(client))["pending_deletes"] == 0  # its commit note went with the record
 
         new_video = os.urandom(5 * 2**20 + 3)
-        video.write_bytes(new_video)
-        result = await put(client, str(src / "photos"), "/")
-        assert result.returncode == 0, result.stderr
-        assert "1 file(s) (5.0 MiB) copied, 42 unchanged" in result.stderr
-        db = meta.connect_readonly(client.data_dir / "meta.db")
-        try:
-            second = meta.get(db, first.ino)
-        finally:
-            db.close()
+        await put_changed(client, src, video, new_video, "1 file(s) (5.0 MiB) copied, 42 unchanged")
+        second = tree(client, lambda db: meta.get(db, first.ino))
         assert (second.version, second.size) == (first.version + 1, len(new_video))
         assert meta.content_object_id(second.object or "") != meta.content_object_id(first.object or "")
         # the old object is released once a snapshot without it is published: by put itself if its queue gets
@@ -133,6 +147,41 @@ async def test_large_files_go_from_their_source_without_a_cache_copy(tmp_path: P
     finally:
         await client.cleanup()
 
+
+
+async def test_small_files_go_in_packs_from_their_sources_without_cache_copies(tmp_path: Path,
+                                                                                nursery: trio.Nursery) -> None:
+    """Not mounted, small files are packed straight from their sources: no cache file per file. Replacing one
+    moves it to a new pack and drops its reference to the old one; a cold mount reads the new content."""
+    net, client, src = await account_and_source(tmp_path, nursery)
+    image = src / "photos" / "2026" / "img05.jpg"
+    try:
+        result = await put(client, str(src / "photos"), "/")
+        assert result.returncode == 0, result.stderr
+        db = meta.connect_readonly(client.data_dir / "meta.db")
+        try:
+            folder = ino_of(db, "/photos/2026")
+            first = meta.lookup(db, folder, b"img05.jpg")
+            empty = meta.lookup(db, ino_of(db, "/photos"), b"empty")
+            packs = dict(meta.packs(db))
+        finally:
+            db.close()
+        ref = meta.pack_ref(first.object)
+        assert first.state == meta.STORED and ref is not None and packs[ref.pack_id] == 40
+        cached = [p.name for p in client.cache_dir.iterdir() if p.name.isdigit()]
+        assert cached == [str(empty.ino)]  # nothing copied but the empty file (nothing to upload)
+
+        new_image = os.urandom(12_345)
+        await put_changed(client, src, image, new_image, "1 file(s) (0.0 MiB) copied, 42 unchanged")
+        second = tree(client, lambda db: meta.get(db, first.ino))
+        packs = tree(client, lambda db: dict(meta.packs(db)))
+        new_ref = meta.pack_ref(second.object)
+        assert (second.version, second.size) == (first.version + 1, len(new_image))
+        assert new_ref is not None and new_ref.pack_id != ref.pack_id
+        assert (packs[ref.pack_id], packs[new_ref.pack_id]) == (39, 1)
+        await assert_stored(client, src)
+    finally:
+        await client.cleanup()
 
 
 async def test_put_explains_what_it_cannot_do(tmp_path: Path, nursery: trio.Nursery) -> None:
@@ -184,7 +233,8 @@ async def test_put_explains_what_it_cannot_do(tmp_path: Path, nursery: trio.Nurs
 
 async def test_kill_9_during_put_then_put_again_stores_everything(tmp_path: Path, nursery: trio.Nursery) -> None:
     """A put killed while its uploads hang (the nodes answer nothing) leaves a tree that the next put completes:
-    every byte of the source is then read back from the network, and no temporary file stays in the cache."""
+    every byte of the source is then read back from the network, and no temporary file stays in the cache.
+    (Not mounted, put uploads straight from the sources: nothing it had not recorded as stored is kept.)"""
     net, client, src = await account_and_source(tmp_path, nursery, gated=True)
     process = None
     try:
@@ -194,11 +244,12 @@ async def test_kill_9_during_put_then_put_again_stores_everything(tmp_path: Path
             (src / "photos" / "more" / f"{i:03}").write_bytes(os.urandom(1 + i * 37))
         (src / "photos" / "video.mp4").write_bytes(os.urandom(2 * 2**20))
         net.hold()
+        connected = sum(gate.accepted for gate in net.gates)
         process = subprocess.Popen([sys.executable, "-m", "fincryptfs.cli", "put", str(src / "photos"), "/",
                                     "--env-file", str(client.env_file)], stdout=subprocess.DEVNULL,
                                    stderr=subprocess.DEVNULL)
-        with trio.fail_after(30):  # files recorded, their uploads stuck at the held nodes
-            while not (client.data_dir / "meta.db").exists() or len(pending_jobs(client)) < 100:
+        with trio.fail_after(30):  # the walk has reached the new folder; uploads are stuck at the held nodes
+            while not in_tree(client, b"photos", b"more") or sum(g.accepted for g in net.gates) < connected + 6:
                 await trio.sleep(0.05)
         process.kill()
         await trio.to_thread.run_sync(process.wait)
@@ -221,6 +272,20 @@ async def assert_stored(client: Client, src: Path) -> None:
             == await trio.to_thread.run_sync(tree_of, src / "photos"))
 
 
+def in_tree(client: Client, *names: bytes) -> bool:
+    """Whether the path ``names`` (from the root) is in the client's tree."""
+    db = meta.connect_readonly(client.data_dir / "meta.db")
+    try:
+        ino = meta.ROOT_INO
+        for name in names:
+            ino = meta.lookup(db, ino, name).ino
+        return True
+    except meta.NotFound:
+        return False
+    finally:
+        db.close()
+
+
 def pending_jobs(client: Client) -> list[object]:
     db = meta.connect_readonly(client.data_dir / "meta.db")
     try:
@@ -240,8 +305,9 @@ async def test_ctrl_c_stops_put_at_once_and_the_next_put_finishes(tmp_path: Path
         process = subprocess.Popen([sys.executable, "-m", "fincryptfs.cli", "put", str(src / "photos"), "/",
                                     "--env-file", str(client.env_file)], stderr=subprocess.PIPE, text=True,
                                    preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
-        with trio.fail_after(30):  # copied and recorded; the uploads hang at the held nodes
-            while len(pending_jobs(client)) < 40:
+        connected = sum(gate.accepted for gate in net.gates)
+        with trio.fail_after(30):  # the walk is over; the uploads hang at the held nodes
+            while not in_tree(client, b"photos", b"latest") or sum(g.accepted for g in net.gates) < connected + 6:
                 await trio.sleep(0.05)
         await trio.sleep(0.5)
         process.send_signal(signal.SIGINT)
@@ -251,9 +317,10 @@ async def test_ctrl_c_stops_put_at_once_and_the_next_put_finishes(tmp_path: Path
         net.release()
         result = await put(client, str(src / "photos"), "/")
         assert result.returncode == 0, result.stderr
-        # 41 files and the link were recorded before the interruption; the large video is uploaded straight from
-        # its source and recorded only once stored, so this put stores it
-        assert "1 file(s) (3.0 MiB) copied, 42 unchanged" in result.stderr
+        # the folders, the link and the empty file were recorded before the interruption; the 40 small files
+        # (one pack) and the large video are uploaded straight from their sources and recorded only once stored,
+        # so this put stores them
+        assert "41 file(s) (3.7 MiB) copied, 2 unchanged" in result.stderr
         await assert_stored(client, src)
     finally:
         if process is not None and process.poll() is None:

@@ -155,3 +155,44 @@ async def test_put_records_a_large_file_only_if_its_source_did_not_change(tmp_pa
         [recorded] = list(meta.files(db))
         assert (recorded.state, recorded.size, direct.files) == (meta.STORED, 300_001, 1)
         assert meta.pending_deletes(db) == 0
+
+
+async def test_put_records_packed_files_only_if_their_sources_did_not_change(tmp_path: Path,
+                                                                             nursery: trio.Nursery) -> None:
+    """Small files packed straight from their sources: one changed or removed after the walk saw it is
+    reported and not recorded, the others are, at their own ranges of the pack; a pack none of whose files
+    could be recorded is deleted."""
+    import json
+
+    from fincryptfs.objectstore import StoredObject
+    from fincryptfs.put import DirectFile, DirectUploads
+
+    async with tree_and_store(tmp_path, nursery) as (db, store):
+        direct = DirectUploads(store, db, CacheDir(tmp_path / "cache", 2**30), lambda st: (0, 0))
+        contents = {f"f{i}": os.urandom(1000 + 500 * i) for i in range(4)}
+        items = []
+        for name, data in contents.items():
+            (tmp_path / name).write_bytes(data)
+            items.append(DirectFile(tmp_path / name, os.lstat(tmp_path / name), meta.ROOT_INO, name.encode(), None))
+        (tmp_path / "f1").write_bytes(os.urandom(1500))  # changed after the walk saw it (same size)
+        os.utime(tmp_path / "f1", ns=(1, 1))
+        (tmp_path / "f2").unlink()  # removed
+        errors = await direct._store_pack(items)
+        assert len(errors) == 2 and all("changed while it was being stored; run put again" in e for e in errors)
+        assert {e.split(":")[0] for e in errors} == {str(tmp_path / "f1"), str(tmp_path / "f2")}
+        recorded = {f.name: f for f in meta.files(db)}
+        assert set(recorded) == {b"f0", b"f3"} and direct.files == 2
+        assert meta.packs(db)[0][1] == 2 and meta.pending_deletes(db) == 0
+        for name in ("f0", "f3"):
+            ref = meta.pack_ref(recorded[name.encode()].object)
+            assert ref is not None and recorded[name.encode()].state == meta.STORED
+            pack_json = meta.pack_object(db, ref.pack_id)
+            assert pack_json is not None
+            obj = StoredObject.from_json(json.loads(pack_json))
+            assert await store.read_range(obj, ref.offset, ref.size) == contents[name]
+
+        (tmp_path / "f0").write_bytes(b"new")
+        errors = await direct._store_pack([DirectFile(tmp_path / "f0", os.lstat(tmp_path / "f3"), meta.ROOT_INO,
+                                                      b"f5", None)])
+        assert len(errors) == 1 and meta.pending_deletes(db) == 1  # nothing recorded: the pack goes
+        await run_deletions(queue_for(db, store, tmp_path))
