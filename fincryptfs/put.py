@@ -616,8 +616,9 @@ def _copy_or_error(source: Path, dest: Path, stop: threading.Event) -> int | OSE
         return exc
 
 
-def print_progress(report: PutReport) -> None:
-    print(f"put: {report.summary()} so far", file=sys.stderr)
+def print_progress(report: PutReport, direct: DirectUploads | None = None) -> None:
+    stored = "" if direct is None else f"; {direct.files:,} file(s) ({direct.bytes / 2**20:,.1f} MiB) stored"
+    print(f"put: {report.summary()}{stored} so far", file=sys.stderr)
 
 
 async def wake_while(wake: Callable[[bool], None], done: trio.Event) -> None:
@@ -733,6 +734,7 @@ async def run_put(settings: ClientSettings, sources: Sequence[Path], dest: str, 
                     importer.direct, importer.direct_min = direct.offer, settings.pack_threshold
                     importer.direct_small = direct.offer_small if settings.pack_threshold else None
                     importer.direct_end = direct.end_of_walk
+                    importer.on_progress = lambda report: print_progress(report, direct)
                     await _walk_with(direct, copy_all, importer)
                 else:
                     await _stoppable(copy_all, importer.stop)
