@@ -14,6 +14,7 @@ by ``ORDERED_WINDOW`` segments plus ``SEND_QUEUE`` blocks per share, whatever th
 from __future__ import annotations
 
 import bisect
+import errno
 import itertools
 import logging
 import os
@@ -118,12 +119,19 @@ async def run_ordered(cpu: trio.CapacityLimiter, count: int, job: Callable[[int]
 # --- encoding -------------------------------------------------------------------------------------------------
 
 
+# Opening what should be a regular file: never follow a symbolic link, and never block on a FIFO that was put in
+# its place (``put`` reads sources by name after its walk saw them, so either can appear meanwhile).
+_OPEN_REGULAR = os.O_RDONLY | os.O_NOFOLLOW | os.O_NONBLOCK | getattr(os, "O_CLOEXEC", 0)
+# What reading a file that was replaced by something else (or removed) fails with: not a disk error.
+_NOT_THE_FILE = frozenset({errno.ENOENT, errno.ELOOP, errno.ESPIPE, errno.EISDIR, errno.ENXIO})
+
+
 class FileReader:
     """The bytes of one open file, which must not change while they are read (size and mtime are checked)."""
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self.fd = os.open(path, os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
+        self.fd = os.open(path, _OPEN_REGULAR)
         st = os.fstat(self.fd)
         self.size, self.mtime_ns = st.st_size, st.st_mtime_ns
 
@@ -144,10 +152,11 @@ class MembersReader:
     """Files read as one concatenation, each for the size it was given: a pack read straight from the cache
     copies of its members, without staging it in a file first.
 
-    A member that is missing or shorter than its size reads as zeros and is listed in ``damaged``: its range
-    of the object is garbage and must not be referenced (it was deleted or rewritten meanwhile; the caller's
-    version check catches the usual cases, this one catches the rest). Members are opened per read, so a pack
-    of many files holds no descriptors between segments; reads may run in several threads at once.
+    A member that is missing, shorter than its size or no longer a regular file reads as zeros and is listed in
+    ``damaged``: its range of the object is garbage and must not be referenced (it was deleted or rewritten
+    meanwhile; the caller's version check catches the usual cases, this one catches the rest). Members are
+    opened per read, so a pack of many files holds no descriptors between segments; reads may run in several
+    threads at once.
     """
 
     def __init__(self, members: Sequence[tuple[Path, int]]) -> None:
@@ -175,12 +184,18 @@ class MembersReader:
 
     def _read_member(self, index: int, offset: int, length: int) -> bytes:
         try:
-            fd = os.open(self.paths[index], os.O_RDONLY | getattr(os, "O_CLOEXEC", 0))
-        except FileNotFoundError:
+            fd = os.open(self.paths[index], _OPEN_REGULAR)
+        except OSError as exc:
+            if exc.errno not in _NOT_THE_FILE:
+                raise  # e.g. EIO, EMFILE: the pack is retried later
             data = b""
         else:
             try:
                 data = os.pread(fd, length, offset)
+            except OSError as exc:
+                if exc.errno not in _NOT_THE_FILE:
+                    raise
+                data = b""
             finally:
                 os.close(fd)
         if len(data) < length:

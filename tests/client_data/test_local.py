@@ -15,7 +15,7 @@ from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, RootBuilder
 from fincryptfs.core.objectcodec import decode_segment_plaintext, plan_object
 from fincryptfs.downloader import MAX_RUN_SHARE_BYTES, plan_runs
 from fincryptfs.objectstore import FileChangedError, ShareRef, StoredObject
-from fincryptfs.uploader import MembersReader, Source
+from fincryptfs.uploader import FileReader, MembersReader, Source
 
 
 @settings(max_examples=200, deadline=None)
@@ -172,3 +172,20 @@ def test_a_pack_encodes_into_shares_that_decode_to_its_members(tmp_path: Path) -
         out += decode_segment_plaintext(source.file_key, source.object_id, layout, index,
                                         {i: bytes(shares[i][off:off + length]) for i in (1, 3, 5)})
     assert out[:source.size] == b"".join(contents)
+
+
+def test_a_member_replaced_by_a_fifo_or_a_link_is_damaged_not_waited_for(tmp_path: Path) -> None:
+    """put reads sources by name after its walk saw them: a FIFO put in a file's place must not block the
+    upload, and a symbolic link must not be followed (its target is not what the walk saw)."""
+    secret = tmp_path / "secret"
+    secret.write_bytes(b"s" * 300)
+    paths = [tmp_path / "a", tmp_path / "fifo", tmp_path / "link", tmp_path / "b"]
+    paths[0].write_bytes(b"a" * 100)
+    os.mkfifo(paths[1])
+    paths[2].symlink_to(secret)
+    paths[3].write_bytes(b"b" * 100)
+    reader = MembersReader([(p, 100) for p in paths])
+    assert reader.read(0, reader.size) == b"a" * 100 + bytes(200) + b"b" * 100
+    assert reader.damaged == {1, 2}
+    with pytest.raises(OSError):
+        FileReader(paths[2])
