@@ -65,6 +65,7 @@ class CacheDir:
         root.mkdir(parents=True, exist_ok=True)
         os.chmod(root, 0o700)
         self.root = root
+        self._prefix = f"{root}{os.sep}"  # str paths for the per-request checks: pathlib costs microseconds each
         self.limit_bytes = limit_bytes
         self.maybe_over_limit = True  # set when files were added; the upload queue's evictor resets it
         self.packs = root / PACKS
@@ -96,7 +97,14 @@ class CacheDir:
         return self.root / str(ino)
 
     def has(self, ino: int) -> bool:
-        return self.path(ino).exists()
+        return os.path.exists(self._prefix + str(ino))
+
+    def open_cached(self, ino: int) -> int | None:
+        """A read-only descriptor on the file's cache copy, or None if it has none."""
+        try:
+            return os.open(self._prefix + str(ino), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
 
     def touch(self, ino: int) -> None:
         self._last_used[ino] = time.monotonic()
@@ -105,6 +113,13 @@ class CacheDir:
         if not pack_id or pack_id.strip("0123456789abcdef"):
             raise ValueError(f"not a pack id: {pack_id[:80]!r}")  # the tree names packs by hex ids only
         return self.packs / pack_id
+
+    def open_pack(self, pack_id: str) -> int | None:
+        """A read-only descriptor on the cached copy of a whole pack, or None if there is none."""
+        try:
+            return os.open(self.pack_path(pack_id), os.O_RDONLY)
+        except FileNotFoundError:
+            return None
 
     def has_pack(self, pack_id: str) -> bool:
         return self.pack_path(pack_id).exists()

@@ -327,8 +327,7 @@ class FincryptOperations(pyfuse3.Operations):
         filling = self._filling.get(node.ino)
         if filling is not None:
             return filling
-        if (self.spawn is None or node.object is None or meta.pack_ref(node.object) is not None
-                or self.cache.has(node.ino)):
+        if self.spawn is None or node.object is None or meta.is_packed(node.object) or self.cache.has(node.ino):
             return None
         filling = self._filling[node.ino] = _Filling(node.size)
 
@@ -384,13 +383,8 @@ class FincryptOperations(pyfuse3.Operations):
         if node.kind != meta.FILE:
             raise pyfuse3.FUSEError(errno.EISDIR if node.kind == meta.DIR else errno.ELOOP)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if not writable:  # most opens: a cached file, read
-            try:
-                fd = os.open(self.cache.path(inode), os.O_RDONLY)
-            except FileNotFoundError:
-                pass
-            else:
-                return pyfuse3.FileInfo(fh=self._new_handle(inode, fd, False))
+        if not writable and (fd := self.cache.open_cached(inode)) is not None:  # most opens: a cached file, read
+            return pyfuse3.FileInfo(fh=self._new_handle(inode, fd, False))
         if writable and flags & os.O_TRUNC:
             path = self.cache.path(inode)
             dirty = self._begin_write(node)
@@ -422,17 +416,20 @@ class FincryptOperations(pyfuse3.Operations):
         ref = meta.pack_ref(node.object) if node.object is not None else None
         if ref is None or self.pack_file is None:
             return None
-        try:
-            path = await self.pack_file(ref)
-        except (FincryptError, OSError) as exc:
-            log.error("cannot fetch %s: %s", meta.path_of(self.db, node.ino) or f"inode {node.ino}", exc)
-            raise pyfuse3.FUSEError(errno.EIO) from exc
-        if path is None:
-            return None
-        fd = os.open(path, os.O_RDONLY)
+        fd = self.cache.open_pack(ref.pack_id)  # most opens of a packed file: its pack is cached
+        if fd is None:
+            try:
+                path = await self.pack_file(ref)
+            except (FincryptError, OSError) as exc:
+                log.error("cannot fetch %s: %s", meta.path_of(self.db, node.ino) or f"inode {node.ino}", exc)
+                raise pyfuse3.FUSEError(errno.EIO) from exc
+            if path is None:
+                return None
+            fd = os.open(path, os.O_RDONLY)
         if os.fstat(fd).st_size < ref.offset + ref.size:
             os.close(fd)
-            os.unlink(path)  # not the pack it should be (a crash before the fetched copy reached the disk?)
+            os.unlink(self.cache.pack_path(ref.pack_id))  # not the pack it should be (a crash before the fetched
+            # copy reached the disk?)
             log.error("the cached copy of pack %s… was short: removed; the next open fetches it again",
                       ref.pack_id[:16])
             raise pyfuse3.FUSEError(errno.EIO)

@@ -145,6 +145,11 @@ class PackRef:
         return json.dumps({"pack": self.pack_id, "offset": self.offset, "size": self.size})
 
 
+def is_packed(object_json: str | None) -> bool:
+    """Whether an inode's ``object`` column names a range of a pack (``pack_ref`` without parsing it)."""
+    return object_json is not None and object_json.startswith('{"pack"')
+
+
 def pack_ref(object_json: str | None) -> PackRef | None:
     """The PackRef in an inode's ``object`` column, or None for a plain object (or no content)."""
     if object_json is None or '"pack"' not in object_json:
