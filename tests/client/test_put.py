@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import os
 import shutil
+import sqlite3
 from pathlib import Path
+from typing import cast
 
 import pytest
-from hypothesis import given
+from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fincryptfs import meta
 from fincryptfs.cache import CacheDir
 from fincryptfs.core.errors import ConfigError
+from fincryptfs.objectstore import ObjectStore
 from fincryptfs.put import Importer, own_folders, tree_path
 
 names = st.text(st.characters(codec="utf-8", exclude_characters="/\x00"), min_size=1,
@@ -119,3 +122,39 @@ def test_own_folders_and_mounted_backups_are_never_copied(tmp_path: Path) -> Non
     assert len(importer.report.skipped) == 3
     assert all("Fincrypt's own folder" in line for line in importer.report.skipped)
     db.close()
+
+
+@settings(max_examples=40, deadline=None)
+@given(st.lists(st.integers(1, 5000), max_size=40), st.integers(1, 12_000), st.integers(1, 6))
+def test_small_files_are_gathered_into_packs_in_walk_order(sizes: list[int], pack_size: int,
+                                                           max_files: int) -> None:
+    """``put`` hands its uploads packs of files in the order the walk met them: each within ``pack_size``
+    bytes (a single larger file alone) and ``max_files`` files, none empty, the last one at the walk's end."""
+    import trio
+
+    from fincryptfs.put import DirectFile, DirectUploads
+
+    async def main() -> list[list[int]]:
+        direct = DirectUploads(cast(ObjectStore, None), cast(sqlite3.Connection, None),
+                               cast(CacheDir, None), lambda st: (0, 0), pack_size=pack_size,
+                               pack_max_files=max_files)
+        st_of = {size: os.stat_result((0o100644, 0, 0, 1, 0, 0, size, 0, 0, 0)) for size in sizes}
+
+        def walk() -> None:
+            for i, size in enumerate(sizes):
+                direct.offer_small(DirectFile(Path(f"f{i}"), st_of[size], 1, b"f%d" % i, None))
+            direct.end_of_walk()
+            trio.from_thread.run_sync(direct._send.close)
+        got: list[list[int]] = []
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(trio.to_thread.run_sync, walk)
+            async for item in direct._receive:
+                assert isinstance(item, list)
+                got.append([int(f.source.name[1:]) for f in item])
+        return got
+
+    packs = trio.run(main)
+    assert [i for pack in packs for i in pack] == list(range(len(sizes)))
+    for pack in packs:
+        assert 1 <= len(pack) <= max_files
+        assert len(pack) == 1 or sum(sizes[i] for i in pack) <= pack_size
