@@ -382,21 +382,44 @@ def add_files(db: sqlite3.Connection, parent: int, files: Sequence[tuple[int, Ne
     return added
 
 
+def _insert_stored(db: sqlite3.Connection, parent: int, ino: int, f: NewFile, object_json: str) -> bool:
+    """Insert a file whose content is already stored; False if the name is taken."""
+    try:
+        db.execute(f"INSERT INTO inodes ({_COLS}) VALUES (?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, NULL, 1, ?, ?)",
+                   (ino, parent, f.name, f.mode, f.uid, f.gid, f.size, f.atime_ns, f.mtime_ns, f.mtime_ns,
+                    object_json, STORED))
+    except sqlite3.IntegrityError:
+        return False
+    return True
+
+
+def _replace_stored(db: sqlite3.Connection, ino: int, f: NewFile, object_json: str) -> tuple[bool, str | None]:
+    """Make stored content (and ``f``'s attributes) the next version of the file ``ino``: an upload of the old
+    version still queued is dropped. (False, None) if the file is gone or is no file; else (True, the object
+    JSON it had, to release)."""
+    row = db.execute("SELECT parent, kind, object FROM inodes WHERE ino = ?", (ino,)).fetchone()
+    if row is None or row[0] is None or row[1] != FILE:
+        return False, None
+    db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'superseded' WHERE ino = ? AND state = 'pending'",
+               (ino,))
+    db.execute("UPDATE inodes SET mode = ?, uid = ?, gid = ?, size = ?, atime_ns = ?, mtime_ns = ?, ctime_ns = ?, "
+               "object = ?, state = ?, version = version + 1 WHERE ino = ?",
+               (f.mode, f.uid, f.gid, f.size, f.atime_ns, f.mtime_ns, time.time_ns(), object_json, STORED, ino))
+    return True, row[2]
+
+
 def add_stored_file(db: sqlite3.Connection, parent: int, ino: int, f: NewFile, object_id: str, object_json: str
                     ) -> bool:
     """Insert a closed file whose content is already stored as ``object_id`` (``fincryptfs put`` uploads
     large files straight from their source, without a cache copy) and drop the object's commit note. False if
-    the name was taken meanwhile (the note stays: ``abandon_commit`` it)."""
+    the name was taken meanwhile (the note stays: ``abandon_commit`` it). The folder's times are left alone:
+    put gives it its source's once its walk is over, which may be before this upload is recorded."""
     with _tx(db):
-        try:
-            db.execute(f"INSERT INTO inodes ({_COLS}) VALUES (?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, NULL, 1, ?, ?)",
-                       (ino, parent, f.name, f.mode, f.uid, f.gid, f.size, f.atime_ns, f.mtime_ns, f.mtime_ns,
-                        object_json, STORED))
-        except sqlite3.IntegrityError:
+        if not _insert_stored(db, parent, ino, f, object_json):
             return False
         _committed(db, object_id)
-        _bump(db)  # the folder's times are left alone: put gives it its source's once its walk is over, which
-    return True  # may be before this upload is recorded
+        _bump(db)
+    return True
 
 
 def replace_with_stored(db: sqlite3.Connection, ino: int, f: NewFile, object_id: str, object_json: str) -> bool:
@@ -404,18 +427,13 @@ def replace_with_stored(db: sqlite3.Connection, ino: int, f: NewFile, object_id:
     (``put`` replacing a file with a large one): a new version, so an upload of the old one in flight turns
     stale; the old content is released. False if the file is gone or is no file any more."""
     with _tx(db):
-        row = db.execute("SELECT parent, kind, object FROM inodes WHERE ino = ?", (ino,)).fetchone()
-        if row is None or row[0] is None or row[1] != FILE:
+        replaced, old = _replace_stored(db, ino, f, object_json)
+        if not replaced:
             return False
-        db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'superseded' WHERE ino = ? AND "
-                   "state = 'pending'", (ino,))
-        db.execute("UPDATE inodes SET mode = ?, uid = ?, gid = ?, size = ?, atime_ns = ?, mtime_ns = ?, ctime_ns = ?, "
-                   "object = ?, state = ?, version = version + 1 WHERE ino = ?",
-                   (f.mode, f.uid, f.gid, f.size, f.atime_ns, f.mtime_ns, time.time_ns(), object_json, STORED, ino))
         _committed(db, object_id)
         meta_version = _bump(db)
-        if row[2] is not None:
-            _release(db, row[2], meta_version)
+        if old is not None:
+            _release(db, old, meta_version)
     return True
 
 
@@ -438,34 +456,18 @@ def add_stored_pack(db: sqlite3.Connection, pack_id: str, pack_json: str, member
     file), and drop the pack's commit note. Per member, whether it was recorded: a new name taken meanwhile, or
     a replaced file gone, is not. A pack no member references is queued for deletion."""
     recorded: list[bool] = []
-    now = time.time_ns()
     with _tx(db):
         _committed(db, pack_id)
         released: list[str] = []
         for m in members:
             ref = PackRef(pack_id, m.offset, m.size).to_json()
             if m.node is None:
-                try:
-                    db.execute(f"INSERT INTO inodes ({_COLS}) VALUES (?, ?, ?, 'file', ?, ?, ?, ?, ?, ?, ?, NULL, 1, "
-                               "?, ?)", (_next_ino(db), m.parent, m.f.name, m.f.mode, m.f.uid, m.f.gid, m.f.size,
-                                         m.f.atime_ns, m.f.mtime_ns, m.f.mtime_ns, ref, STORED))
-                except sqlite3.IntegrityError:
-                    recorded.append(False)
-                    continue
-            else:
-                row = db.execute("SELECT parent, kind, object FROM inodes WHERE ino = ?", (m.node.ino,)).fetchone()
-                if row is None or row[0] is None or row[1] != FILE:
-                    recorded.append(False)
-                    continue
-                db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'superseded' WHERE ino = ? AND "
-                           "state = 'pending'", (m.node.ino,))
-                db.execute("UPDATE inodes SET mode = ?, uid = ?, gid = ?, size = ?, atime_ns = ?, mtime_ns = ?, "
-                           "ctime_ns = ?, object = ?, state = ?, version = version + 1 WHERE ino = ?",
-                           (m.f.mode, m.f.uid, m.f.gid, m.f.size, m.f.atime_ns, m.f.mtime_ns, now, ref, STORED,
-                            m.node.ino))
-                if row[2] is not None:
-                    released.append(row[2])
-            recorded.append(True)  # the folder's times: as in add_stored_file
+                recorded.append(_insert_stored(db, m.parent, _next_ino(db), m.f, ref))
+                continue
+            replaced, old = _replace_stored(db, m.node.ino, m.f, ref)
+            recorded.append(replaced)
+            if old is not None:
+                released.append(old)
         live = sum(recorded)
         if not live:
             _queue_delete(db, pack_id, 0)
