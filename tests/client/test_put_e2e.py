@@ -286,14 +286,6 @@ def in_tree(client: Client, *names: bytes) -> bool:
         db.close()
 
 
-def pending_jobs(client: Client) -> list[object]:
-    db = meta.connect_readonly(client.data_dir / "meta.db")
-    try:
-        return list(meta.pending_uploads(db))
-    finally:
-        db.close()
-
-
 async def test_ctrl_c_stops_put_at_once_and_the_next_put_finishes(tmp_path: Path, nursery: trio.Nursery) -> None:
     """Ctrl-C while put waits for uploads that cannot finish (the nodes answer nothing): it stops within a few
     seconds with a message saying what is kept, and a later put stores everything."""
