@@ -360,8 +360,9 @@ class FincryptOperations(pyfuse3.Operations):
     def _commit_write(self, ino: int) -> None:
         """Persist the size and record the upload job (committed before the queue hears of it).
 
-        If that fails (a full disk), the inode stays dirty in memory and in the tree, so the next flush or
-        release of it tries again, and a restart's recovery finds it.
+        If that fails (a full disk, the database locked too long), the inode stays dirty in memory and in the
+        tree: the next flush or release of it tries again, ``retry_commits`` does every ``mount.COMMIT_RETRY`` seconds
+        once it is closed, and a restart's recovery finds it.
         """
         dirty = self._dirty.get(ino)
         if dirty is None:
@@ -369,6 +370,26 @@ class FincryptOperations(pyfuse3.Operations):
         meta.record_release(self.db, ino, dirty.size, dirty.mtime_ns, dirty.attrs)
         del self._dirty[ino]
         self.wake(True)
+
+    def retry_commits(self) -> int:
+        """Record the closes whose commit failed (the tree database's disk full, or its lock held by another
+        process for longer than the busy timeout): the writer got an error, the bytes are in the cache, and the
+        inode stayed dirty here, but no later request would ask again before the next mount. Called
+        periodically; returns how many were recorded now."""
+        recorded = 0
+        for ino in [ino for ino in self._dirty if ino not in self._open]:
+            try:
+                self._commit_write(ino)
+            except Exception as exc:  # noqa: BLE001 - whatever it is, the mount stays up and asks again later
+                log.warning("%d closed file(s) still cannot be recorded for upload, will try again: %s",
+                            sum(1 for i in self._dirty if i not in self._open), exc)
+                break
+            recorded += 1
+            self._maybe_purge(ino)
+        if recorded:
+            log.info("recorded %d closed file(s) for upload that could not be recorded when they were closed",
+                     recorded)
+        return recorded
 
     def _new_handle(self, ino: int, fd: int, writable: bool) -> int:
         fh = self._next_fh

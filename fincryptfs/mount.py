@@ -47,6 +47,13 @@ CPU_THREADS = 2
 WORKER_STOP_GRACE = 5.0
 WORKER_START_TIMEOUT = 10.0
 WORKER_STABLE = 30.0  # a worker that ran this long before dying is restarted without backoff
+COMMIT_RETRY = 2.0  # seconds between attempts to record closes whose commit failed (FincryptOperations.retry_commits)
+
+
+async def _retry_commits(ops: FincryptOperations) -> None:
+    while True:
+        await trio.sleep(COMMIT_RETRY)
+        ops.retry_commits()
 
 
 async def _refresh_capacity(ops: FincryptOperations, settings: ClientSettings, http: object) -> None:
@@ -190,6 +197,7 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
             try:
                 nursery.start_soon(evictor, db, cache, lambda: (ops.open_inodes(), ops.open_packs()))
                 nursery.start_soon(prefetcher.run)
+                nursery.start_soon(_retry_commits, ops)
                 nursery.start_soon(_refresh_capacity, ops, settings, http)
                 nursery.start_soon(_stop_on_signal, nursery.cancel_scope)
                 nursery.start_soon(exit_with_parent, parent_fd, nursery.cancel_scope)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -151,5 +152,43 @@ async def test_deleting_a_file_stops_its_upload_and_releases_what_landed(tmp_pat
         await trio.to_thread.run_sync((mnt / "kept.bin").write_bytes, kept)
         await client.flush()
         assert await trio.to_thread.run_sync((mnt / "kept.bin").read_bytes) == kept
+    finally:
+        await client.cleanup()
+
+
+async def test_a_close_that_could_not_be_recorded_is_recorded_once_it_can(tmp_path: Path,
+                                                                           nursery: trio.Nursery) -> None:
+    """The tree database stays locked by another process past the busy timeout while a file is closed: the
+    writer is told (EIO), its bytes stay in the cache, and once the lock is gone the mount records the upload
+    by itself, without a remount. Before, nothing asked again, and a cleared cache lost the file."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    mnt = client.mountpoint
+    data = os.urandom(300_000)
+    try:
+        await client.mount()
+        handle = await trio.to_thread.run_sync(lambda: open(mnt / "late.bin", "wb", buffering=0))
+        lock = sqlite3.connect(client.data_dir / "meta.db", isolation_level=None)
+        try:
+            lock.execute("BEGIN IMMEDIATE")  # as a stuck process holding the tree's write lock would
+            await trio.to_thread.run_sync(handle.write, data)  # no database work: the bytes go to the cache
+            with pytest.raises(OSError) as info:
+                await trio.to_thread.run_sync(handle.close)  # flush: the commit waits 5 s for the lock, fails
+            assert info.value.errno == errno.EIO
+            with trio.fail_after(20):  # the kernel's release of the file fails the same way
+                while "release failed on the tree database" not in client.log_path.read_text():
+                    await trio.sleep(0.1)
+        finally:
+            lock.execute("ROLLBACK")
+            lock.close()
+        with trio.fail_after(15):
+            while "recorded 1 closed file(s) for upload" not in client.log_path.read_text():
+                await trio.sleep(0.1)
+        await client.flush()
+        await client.unmount()
+        shutil.rmtree(client.cache_dir)  # only the network has it now
+        await client.mount()
+        assert await trio.to_thread.run_sync((mnt / "late.bin").read_bytes) == data
     finally:
         await client.cleanup()
