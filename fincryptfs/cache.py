@@ -14,9 +14,9 @@ A small file that was stored packed (``fincryptfs.packs``) and is not cached is 
 cached copy, ``packs/<pack id>`` (fetched whole once, complete or absent like every cache file): reading a
 folder of 2,000 small files then creates a few dozen files instead of 2,000, which the kernel spent a sixth of
 a cold read's CPU on. Pack copies are evicted like files, when no open file reads from them. A member is copied
-out into its own cache file only when it is opened for writing. A deleted member's bytes are zeroed in the copy
-(``scrub_member``), and the copy of a pack no file references is removed (``drop_dead_packs``), so deleted
-files' plaintext does not linger in the cache.
+out into its own cache file only when it is opened for writing. A deleted or replaced member's bytes are zeroed in the
+copy (``scrub_member``, driven by ``meta.stale_members``), and the copy of a pack no file references is
+removed (``drop_dead_packs``), so old plaintext does not linger in the cache.
 
 The disk's last few percent are not for file data (``has_room``): writes into the mount fail with ENOSPC, and
 small files are not staged into a pack, while only ``reserve_for`` bytes are free, so the tree database

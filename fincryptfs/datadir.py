@@ -76,7 +76,8 @@ async def evictor(db: sqlite3.Connection, cache: CacheDir,
     leaving a cache that was over its soft limit there a few seconds longer.
 
     Whenever the tree changed, cached copies of packs that no file references any more are removed at once
-    (only ``packs/`` is listed): they hold nothing but the plaintext of deleted or replaced files. Bytes that
+    (only ``packs/`` is listed): they hold nothing but the plaintext of deleted or replaced files; in the
+    copies of packs that live on, the ranges of such files are zeroed (``scrub_stale_members``). Bytes that
     ``fincryptfs put`` wrote into the cache meanwhile (``meta.add_cache_bytes``) count as if written here."""
     seen = swept = -1
     added = meta.counter(db, "cache_added")
@@ -92,12 +93,25 @@ async def evictor(db: sqlite3.Connection, cache: CacheDir,
         if version != swept:
             swept = version
             cache.drop_dead_packs(meta.live_packs(db), in_use()[1])
+        scrub_stale_members(db, cache, in_use()[0])
         if trio.current_time() - started < EVICT_FIRST:
             continue
         if (version != seen or cache.maybe_over_limit) and cache.may_exceed_limit():
             seen = version
             cache.maybe_over_limit = False
             cache.evict(meta.stored_inos(db), *in_use())
+
+
+def scrub_stale_members(db: sqlite3.Connection, cache: CacheDir, open_inos: Collection[int]) -> int:
+    """Zero the released pack members (``meta.stale_members``: deleted, replaced or emptied files) in the cached
+    copies of their packs, except those of files still open (a reader of a deleted file, or of the old version
+    through the pack, reads on); returns how many were done. Their pack-mates are still read from the copy."""
+    done = [(rowid, ref) for rowid, ino, ref in meta.stale_members(db) if ino not in open_inos]
+    for _, ref in done:
+        cache.scrub_member(ref.pack_id, ref.offset, ref.size)
+    if done:
+        meta.forget_stale_members(db, [rowid for rowid, _ in done])
+    return len(done)
 
 
 def exclusive_mount(data_dir: Path) -> AbstractContextManager[int]:

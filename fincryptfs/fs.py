@@ -161,7 +161,6 @@ class FincryptOperations(pyfuse3.Operations):
         self._handles: dict[int, _Handle] = {}
         self._open: dict[int, int] = {}
         self._dirty: dict[int, _Dirty] = {}
-        self._dead_members: dict[int, meta.PackRef] = {}  # unlinked packed files, scrubbed once purged
         self._next_fh = 1
 
     def open_inodes(self) -> set[int]:
@@ -233,24 +232,14 @@ class FincryptOperations(pyfuse3.Operations):
                 self._maybe_purge(ino)
 
     def _maybe_purge(self, ino: int) -> None:
-        """Drop an unlinked inode once the kernel forgot it and no handle is open; a packed file's bytes are
-        then zeroed in the cached copy of its pack (whose other members may still be read from it)."""
+        """Drop an unlinked inode once the kernel forgot it and no handle is open. (A packed file's bytes are
+        zeroed in the cached copy of its pack by the evictor, once no handle is open: ``meta.stale_members``.)"""
         if ino in self._lookups or ino in self._open:
             return
         inode = meta.find(self.db, ino)
         if inode is not None and inode.parent is None and ino != meta.ROOT_INO:
             meta.purge(self.db, ino)
             self.cache.remove(ino)
-            ref = self._dead_members.pop(ino, None)
-            if ref is not None:
-                self.cache.scrub_member(ref.pack_id, ref.offset, ref.size)
-
-    def _unlinked(self, node: meta.Inode) -> None:
-        """``node`` lost its name (unlink, or replaced by a rename): remember where its packed bytes are."""
-        ref = meta.pack_ref(node.object)
-        if ref is not None:
-            self._dead_members[node.ino] = ref
-        self._maybe_purge(node.ino)
 
     async def getattr(self, inode: int, ctx: pyfuse3.RequestContext | None = None) -> pyfuse3.EntryAttributes:
         return self._attr(self._inode(inode))
@@ -558,7 +547,7 @@ class FincryptOperations(pyfuse3.Operations):
         if node.kind == meta.DIR:
             raise pyfuse3.FUSEError(errno.EISDIR)
         meta.unlink(self.db, parent_inode, name)
-        self._unlinked(node)
+        self._maybe_purge(node.ino)
         self.wake(node.object is not None)
 
     async def rmdir(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
@@ -599,7 +588,7 @@ class FincryptOperations(pyfuse3.Operations):
         except meta.InvalidMove:
             raise pyfuse3.FUSEError(errno.EINVAL) from None
         if replaced is not None:
-            self._unlinked(replaced)
+            self._maybe_purge(replaced.ino)
         self.wake(replaced is not None and replaced.object is not None)
 
     # --- directories ----------------------------------------------------------------------------------------

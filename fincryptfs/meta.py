@@ -94,6 +94,15 @@ CREATE TABLE IF NOT EXISTS packs (
     object TEXT NOT NULL,
     live INTEGER NOT NULL
 );
+-- the ranges of packs holding a released file's old bytes (deleted, replaced, emptied): zeroed in the cached
+-- copy of the pack, if any, once no handle on the file is open (``stale_members``); the pack may live on for
+-- its other members
+CREATE TABLE IF NOT EXISTS stale_members (
+    ino INTEGER NOT NULL,
+    pack_id TEXT NOT NULL,
+    offset INTEGER NOT NULL,
+    size INTEGER NOT NULL
+);
 -- an index on json_extract(object, '$.pack') found a pack's members to copy them out; packs are read in place now
 DROP INDEX IF EXISTS inodes_pack;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -433,7 +442,7 @@ def replace_with_stored(db: sqlite3.Connection, ino: int, f: NewFile, object_id:
         _committed(db, object_id)
         meta_version = _bump(db)
         if old is not None:
-            _release(db, old, meta_version)
+            _release(db, ino, old, meta_version)
     return True
 
 
@@ -458,7 +467,7 @@ def add_stored_pack(db: sqlite3.Connection, pack_id: str, pack_json: str, member
     recorded: list[bool] = []
     with _tx(db):
         _committed(db, pack_id)
-        released: list[str] = []
+        released: list[tuple[int, str]] = []
         for m in members:
             ref = PackRef(pack_id, m.offset, m.size).to_json()
             if m.node is None:
@@ -467,15 +476,15 @@ def add_stored_pack(db: sqlite3.Connection, pack_id: str, pack_json: str, member
             replaced, old = _replace_stored(db, m.node.ino, m.f, ref)
             recorded.append(replaced)
             if old is not None:
-                released.append(old)
+                released.append((m.node.ino, old))
         live = sum(recorded)
         if not live:
             _queue_delete(db, pack_id, 0)
             return recorded
         db.execute("INSERT INTO packs (pack_id, object, live) VALUES (?, ?, ?)", (pack_id, pack_json, live))
         meta_version = _bump(db)
-        for old in released:
-            _release(db, old, meta_version)
+        for ino, old in released:
+            _release(db, ino, old, meta_version)
     return recorded
 
 
@@ -556,7 +565,7 @@ def record_release(db: sqlite3.Connection, ino: int, size: int, mtime_ns: int,
                        "WHERE ino = ?", (mtime_ns, mtime_ns, ino))
             meta_version = _bump(db)
             if old_object is not None:
-                _release(db, old_object, meta_version)
+                _release(db, ino, old_object, meta_version)
             return None
         db.execute("UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ?, state = 'pending' WHERE ino = ?",
                    (size, mtime_ns, mtime_ns, ino))
@@ -589,7 +598,7 @@ def _detach(db: sqlite3.Connection, inode: Inode) -> None:
                (inode.ino,))
     meta_version = _bump(db)
     if inode.object is not None:
-        _release(db, inode.object, meta_version)
+        _release(db, inode.ino, inode.object, meta_version)
 
 
 def purge(db: sqlite3.Connection, ino: int) -> None:
@@ -675,7 +684,7 @@ def recover(db: sqlite3.Connection, cache_size: Callable[[int], int | None]) -> 
             if size == 0:  # created or truncated, nothing written: empty needs no object
                 db.execute("UPDATE inodes SET state = 'stored', size = 0, object = NULL WHERE ino = ?", (ino,))
                 if old is not None:
-                    _release(db, old, counter(db, "meta_version") + 1)
+                    _release(db, ino, old, counter(db, "meta_version") + 1)
             elif size is not None:
                 db.execute("UPDATE inodes SET state = 'pending', size = ? WHERE ino = ?", (size, ino))
                 db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'superseded' WHERE ino = ? AND "
@@ -789,7 +798,7 @@ def finish_upload(db: sqlite3.Connection, job: UploadJob, object_id: str, object
         db.execute("UPDATE inodes SET object = ?, state = 'stored' WHERE ino = ?", (object_json, job.ino))
         meta_version = _bump(db)
         if row[3] is not None:
-            _release(db, row[3], meta_version)
+            _release(db, job.ino, row[3], meta_version)
         return True
 
 
@@ -801,7 +810,7 @@ def finish_pack(db: sqlite3.Connection, pack_id: str, pack_json: str,
     with _tx(db):
         _committed(db, pack_id)
         live = 0
-        released: list[str] = []
+        released: list[tuple[int, str]] = []
         for job, offset, size in members:
             db.execute("UPDATE upload_jobs SET state = 'done', last_error = NULL WHERE id = ?", (job.id,))
             row = db.execute("SELECT version, parent, state, object FROM inodes WHERE ino = ?", (job.ino,)).fetchone()
@@ -811,14 +820,14 @@ def finish_pack(db: sqlite3.Connection, pack_id: str, pack_json: str,
                        (PackRef(pack_id, offset, size).to_json(), job.ino))
             live += 1
             if row[3] is not None:
-                released.append(row[3])
+                released.append((job.ino, row[3]))
         if not live:
             _queue_delete(db, pack_id, 0)
             return 0
         db.execute("INSERT INTO packs (pack_id, object, live) VALUES (?, ?, ?)", (pack_id, pack_json, live))
         meta_version = _bump(db)
-        for old in released:
-            _release(db, old, meta_version)
+        for ino, old in released:
+            _release(db, ino, old, meta_version)
         return live
 
 
@@ -837,13 +846,16 @@ def fail_upload(db: sqlite3.Connection, job: UploadJob, error: str, retry_at: fl
                        (error, retry_at, job.id))
 
 
-def _release(db: sqlite3.Connection, object_json: str, after_version: int) -> None:
-    """An inode no longer references this content: delete its object, or drop one reference to its pack (and
-    delete the pack once no inode references it), after a snapshot at ``after_version`` is published."""
+def _release(db: sqlite3.Connection, ino: int, object_json: str, after_version: int) -> None:
+    """Inode ``ino`` no longer references this content: delete its object, or drop one reference to its pack
+    (and delete the pack once no inode references it), after a snapshot at ``after_version`` is published. A
+    pack member's range is noted for zeroing in the pack's cached copy (``stale_members``)."""
     ref = pack_ref(object_json)
     if ref is None:
         _queue_delete(db, json.loads(object_json)["object_id"], after_version)
         return
+    db.execute("INSERT INTO stale_members (ino, pack_id, offset, size) VALUES (?, ?, ?, ?)",
+               (ino, ref.pack_id, ref.offset, ref.size))
     db.execute("UPDATE packs SET live = live - 1 WHERE pack_id = ?", (ref.pack_id,))
     row = db.execute("SELECT live FROM packs WHERE pack_id = ?", (ref.pack_id,)).fetchone()
     if row is not None and row[0] <= 0:
@@ -958,6 +970,7 @@ def snapshot_to(db: sqlite3.Connection, dest: Path) -> int:
         version = counter(out, "meta_version")
         out.execute("DELETE FROM upload_jobs")
         out.execute("DELETE FROM delete_jobs")
+        out.execute("DELETE FROM stale_members")
         out.execute("DELETE FROM inodes WHERE parent IS NULL AND ino != ?", (ROOT_INO,))
         for ino, obj in out.execute("SELECT ino, object FROM inodes WHERE state != 'stored'").fetchall():
             size = json.loads(obj)["size"] if obj else 0
@@ -1011,6 +1024,18 @@ def failed_uploads(db: sqlite3.Connection) -> list[tuple[int, int, str | None]]:
         "SELECT j.id, j.ino, j.last_error FROM upload_jobs j JOIN inodes i ON i.ino = j.ino WHERE j.state = "
         "'failed' AND i.parent IS NOT NULL AND i.version = j.version AND i.state = 'pending' ORDER BY j.id"
     ).fetchall()]
+
+
+def stale_members(db: sqlite3.Connection) -> list[tuple[int, int, PackRef]]:
+    """(row id, ino, range) of the released pack members not zeroed in the cache yet (see ``_release``)."""
+    return [(rowid, ino, PackRef(pack_id, offset, size)) for rowid, ino, pack_id, offset, size in db.execute(
+        "SELECT rowid, ino, pack_id, offset, size FROM stale_members ORDER BY rowid")]
+
+
+def forget_stale_members(db: sqlite3.Connection, rowids: Sequence[int]) -> None:
+    """These ranges are zeroed in the cache (or its pack copy is gone)."""
+    with _tx(db):
+        db.executemany("DELETE FROM stale_members WHERE rowid = ?", [(r,) for r in rowids])
 
 
 def pending_deletes(db: sqlite3.Connection) -> int:

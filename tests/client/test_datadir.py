@@ -49,3 +49,43 @@ async def test_the_evictor_counts_what_put_wrote_into_a_mounted_cache(tmp_path: 
     finally:
         mount_db.close()
         put_db.close()
+
+
+def packed_files(db: sqlite3.Connection, pack_id: str, sizes: list[int]) -> list[int]:
+    """Files stored together as ``pack_id`` (as the upload worker leaves them); their inode numbers."""
+    inos = []
+    for i, size in enumerate(sizes):
+        f = meta.create(db, meta.ROOT_INO, b"m%d" % i, meta.FILE, 0o100644, 0, 0)
+        meta.mark_dirty(db, f.ino)
+        meta.record_release(db, f.ino, size, time.time_ns())
+        inos.append(f.ino)
+    jobs = meta.next_small_uploads(db, time.time(), max_size=1000, max_bytes=10_000, max_files=100)
+    offsets = [sum(sizes[:i]) for i in range(len(sizes))]
+    assert meta.finish_pack(db, pack_id, json.dumps({"object_id": pack_id, "size": sum(sizes)}),
+                            [(job, offset, size) for job, offset, size in zip(jobs, offsets, sizes, strict=True)]
+                            ) == len(sizes)
+    return inos
+
+
+def test_released_members_are_zeroed_in_the_pack_copy_once_nothing_has_them_open(tmp_path: Path) -> None:
+    db = meta.connect(tmp_path / "meta.db")
+    cache = CacheDir(tmp_path / "cache", limit_bytes=2**20)
+    try:
+        pack = "ab" * 32
+        a, b, c = packed_files(db, pack, [100, 200, 300])
+        content = os.urandom(600)
+        cache.pack_path(pack).write_bytes(content)
+        meta.unlink(db, meta.ROOT_INO, b"m0")
+        meta.mark_dirty(db, b)
+        meta.record_release(db, b, 0, time.time_ns())  # emptied
+        assert datadir.scrub_stale_members(db, cache, open_inos={a}) == 1  # a is still read by someone
+        assert cache.pack_path(pack).read_bytes() == content[:100] + bytes(200) + content[300:]
+        assert [ino for _, ino, _ in meta.stale_members(db)] == [a]
+        assert datadir.scrub_stale_members(db, cache, open_inos=set()) == 1
+        assert cache.pack_path(pack).read_bytes() == bytes(300) + content[300:]  # c's bytes untouched
+        assert meta.stale_members(db) == []
+        meta.unlink(db, meta.ROOT_INO, b"m2")  # the pack dies with its last member; its copy may be gone
+        cache.pack_path(pack).unlink()
+        assert datadir.scrub_stale_members(db, cache, open_inos=set()) == 1 and meta.stale_members(db) == []
+    finally:
+        db.close()

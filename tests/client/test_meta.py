@@ -189,6 +189,45 @@ def test_pack_members_reference_the_pack_until_the_last_one_dies(db: sqlite3.Con
     assert deletable(db) == pack
 
 
+def test_every_way_a_member_loses_its_range_notes_it_for_zeroing(db: sqlite3.Connection, tmp_path: Path) -> None:
+    """Unlinked, replaced by a rename, emptied, a new version stored alone or in another pack, or replaced by
+    ``put``: each notes the old range (and only pack members do); a snapshot carries no note."""
+    jobs = released(db, b"a", b"b", b"c", b"d", b"e", b"f")
+    pack = "p" * 64
+    meta.finish_pack(db, pack, obj("p", 60), [(j, 10 * i, 10) for i, j in enumerate(jobs)])
+    a, b, c, d, e, f = (j.ino for j in jobs)
+    meta.unlink(db, meta.ROOT_INO, b"a")
+    other = new_file(db, b"other")
+    meta.mark_dirty(db, other.ino)
+    meta.record_release(db, other.ino, 5, 6)
+    meta.finish_upload(db, claim(db), "o" * 64, obj("o", 5))  # an object of its own: nothing to note when it...
+    meta.rename(db, meta.ROOT_INO, b"other", meta.ROOT_INO, b"b")  # ...replaces b, which is noted
+    meta.mark_dirty(db, c)
+    meta.record_release(db, c, 0, 5)
+    for ino in (d, e):
+        meta.mark_dirty(db, ino)
+        meta.record_release(db, ino, 7, 5)
+    meta.finish_upload(db, claim(db), "n" * 64, obj("n", 7))  # d alone (the oldest job first)...
+    again = meta.next_small_uploads(db, 1e12, max_size=100, max_bytes=1000, max_files=100)
+    assert [j.ino for j in again] == [e]
+    meta.finish_pack(db, "q" * 64, obj("q", 7), [(again[0], 0, 7)])  # ...e in a new pack
+    node = meta.get(db, f)
+    new = meta.NewFile(b"f", 0o100644, 0, 0, 3, 1, 1)
+    assert meta.add_stored_pack(db, "r" * 64, obj("r", 3), [meta.StoredMember(meta.ROOT_INO, node, new, 0, 3)])
+    meta.unlink(db, meta.ROOT_INO, b"b")  # "other" under b's name: its own object, no pack range to note
+    notes = meta.stale_members(db)
+    assert [(ino, ref) for _, ino, ref in notes] == [
+        (ino, meta.PackRef(pack, 10 * i, 10)) for i, ino in enumerate((a, b, c, d, e, f))]
+    meta.snapshot_to(db, tmp_path / "snap.db")
+    copy = sqlite3.connect(tmp_path / "snap.db")
+    try:
+        assert copy.execute("SELECT count(*) FROM stale_members").fetchone()[0] == 0
+    finally:
+        copy.close()
+    meta.forget_stale_members(db, [rowid for rowid, _, _ in notes[:2]])
+    assert [ino for _, ino, _ in meta.stale_members(db)] == [c, d, e, f]
+
+
 def test_pack_with_a_changed_member_and_an_all_stale_pack(db: sqlite3.Connection) -> None:
     jobs = released(db, b"a", b"b")
     meta.mark_dirty(db, jobs[1].ino)  # b is written again while the pack uploads

@@ -93,8 +93,10 @@ async def test_packed_round_trip_release_and_restore(tmp_path: Path, nursery: tr
         db = meta.connect_readonly(client.data_dir / "meta.db")
         try:
             inos = [ino_of(db, path) for path in mates]
+            rewritten_ref = meta.pack_ref(meta.get(db, inos[1]).object)
         finally:
             db.close()
+        assert rewritten_ref is not None and rewritten_ref.size
         assert (client.cache_dir / "packs" / first["object_id"]).exists()
         assert await trio.to_thread.run_sync(tree_of, mnt) == expected
         assert not any((client.cache_dir / str(ino)).exists() for ino in inos)
@@ -115,6 +117,14 @@ async def test_packed_round_trip_release_and_restore(tmp_path: Path, nursery: tr
         expected[appended] = ("file", (expected[appended][1][0], len(old_bytes) + 5,  # type: ignore[index]
                                        old_bytes + b"+tail"))
         assert (client.cache_dir / str(inos[1])).exists()
+        # once its new version is stored, its old bytes are zeroed in the pack copy its pack-mates are read from
+        await client.flush()
+        pack_copy = client.cache_dir / "packs" / first["object_id"]
+        with trio.fail_after(10):
+            old = slice(rewritten_ref.offset, rewritten_ref.offset + rewritten_ref.size)
+            while pack_copy.read_bytes()[old] != bytes(rewritten_ref.size):
+                await trio.sleep(0.1)
+        assert await trio.to_thread.run_sync(tree_of, mnt) == expected
 
         # overwrite and delete members: the pack lives while one member does, and is released after that;
         # a deleted member's bytes are zeroed in the cached pack copy, and the copy goes with the pack
