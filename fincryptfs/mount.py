@@ -47,6 +47,7 @@ CPU_THREADS = 2
 WORKER_STOP_GRACE = 5.0
 WORKER_START_TIMEOUT = 10.0
 WORKER_STABLE = 30.0  # a worker that ran this long before dying is restarted without backoff
+WAKE_COALESCE = 0.01  # seconds: at most one wake byte per this interval (see WorkerLink)
 COMMIT_RETRY = 2.0  # seconds between attempts to record closes whose commit failed (FincryptOperations.retry_commits)
 
 
@@ -77,7 +78,11 @@ async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:
 
 class WorkerLink:
     """The mount's side of the pipe to the upload worker: ``wake`` (called by FUSE handlers, never blocks)
-    notes what changed; one sender task writes a byte per burst (``j`` jobs changed, ``t`` only the tree)."""
+    notes what changed; one sender task writes at most one byte per ``WAKE_COALESCE`` (``j`` jobs changed,
+    ``t`` only the tree), covering every change since the last. A byte per change cost a pipe write here and a
+    look at the queue in the worker for each file: copying 2,000 small files in, the worker spent 0.94 s of
+    CPU and the mount 1.66 s; 0.67 s and 1.48 s with this, and the copy took 2.0 s instead of 2.4 s. The
+    worker gathers small files for 50 ms anyway, so 10 ms later costs nothing."""
 
     def __init__(self) -> None:
         self._jobs = False
@@ -98,6 +103,7 @@ class WorkerLink:
             byte = b"j" if self._jobs else b"t"
             self._jobs = self._pending = False
             await stream.send_all(byte)
+            await trio.sleep(WAKE_COALESCE)
 
 
 async def supervise_worker(settings: ClientSettings, master_key: bytes, link: WorkerLink, flush_seen: int, *,
