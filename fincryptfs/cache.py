@@ -29,13 +29,24 @@ from __future__ import annotations
 import os
 import time
 from collections.abc import Awaitable, Callable, Collection
+from dataclasses import dataclass
 from pathlib import Path
 
 import trio
 
 PACKS = "packs"  # the folder of whole cached packs
+LOW_WATER = 0.9  # an eviction frees the cache down to this share of its limit
 RESERVE_MAX = 64 * 2**20
 RESERVE_FRACTION = 20  # 1/20 of the file system, at most RESERVE_MAX
+
+
+@dataclass(frozen=True)
+class CachedEntry:
+    """A cached file (``key``: its inode number) or whole pack (``key``: its id) as listed."""
+
+    key: int | str
+    size: int
+    mtime: float
 
 
 def reserve_for(total_bytes: int) -> int:
@@ -76,15 +87,19 @@ class CacheDir:
         # bytes in the cache at the last scan plus every byte added since (an upper bound), None if unknown:
         # the evictor lists the folder only when this may exceed the limit, not every time the tree changes
         self._used_bound: int | None = None
+        self._added_total = 0  # every byte ``added`` ever counted, and how often usage was forgotten: a listing
+        self._forgotten = 0  # in another thread compares them before and after (``usage_mark``)
 
     def added(self, nbytes: int) -> None:
         """``nbytes`` of file data were written into the cache (overwrites count again: a bound is enough)."""
+        self._added_total += nbytes
         if self._used_bound is not None:
             self._used_bound += nbytes
 
     def forget_usage(self) -> None:
         """Files appeared that ``added`` did not see (a fetch, carved pack-mates): the next check lists them."""
         self._used_bound = None
+        self._forgotten += 1
 
     def may_exceed_limit(self) -> bool:
         return self._used_bound is None or self._used_bound > self.limit_bytes
@@ -173,40 +188,76 @@ class CacheDir:
         except FileNotFoundError:
             return None
 
+    def usage_mark(self) -> tuple[int, int]:
+        """Taken before a listing that runs while files are written (``finish_eviction`` accounts for them)."""
+        return self._added_total, self._forgotten
+
+    def list_entries(self) -> list[CachedEntry]:
+        """Every cached file and whole pack, with its size and mtime. Only file system calls, no shared state:
+        the evictor runs this in a worker thread (100,000 cached files took the mount's event loop half a
+        second to list and ``stat``, during which every file operation waited)."""
+        entries: list[CachedEntry] = []
+        for entry in os.scandir(self.root):
+            if entry.name.isdigit():
+                st = entry.stat()
+                entries.append(CachedEntry(int(entry.name), st.st_size, st.st_mtime))
+        for entry in os.scandir(self.packs):
+            if not entry.name.startswith("."):
+                st = entry.stat()
+                entries.append(CachedEntry(entry.name, st.st_size, st.st_mtime))
+        return entries
+
+    def choose_victims(self, entries: Collection[CachedEntry], evictable: Collection[int], in_use: Collection[int],
+                       packs_in_use: Collection[str] = ()) -> list[CachedEntry]:
+        """Least recently used first, the evictable files (uploaded, not open) and packs (no open file reads
+        from them) to remove until the cache is down to ``LOW_WATER`` of its limit; none while it is within
+        the limit. Going below the limit leaves room for the next writes: evicting down to the limit exactly
+        made every later write overshoot it and the whole cache be listed again two seconds later."""
+        total = sum(e.size for e in entries)
+        if total <= self.limit_bytes:
+            return []
+        now = time.time()
+        candidates: list[tuple[float, CachedEntry]] = []
+        for e in entries:
+            if isinstance(e.key, int):
+                if e.key in evictable and e.key not in in_use:
+                    candidates.append((self._last_used.get(e.key, e.mtime - now), e))
+            elif e.key not in packs_in_use:
+                candidates.append((self._pack_last_used.get(e.key, e.mtime - now), e))
+        target = int(self.limit_bytes * LOW_WATER)
+        victims: list[CachedEntry] = []
+        for _, e in sorted(candidates, key=lambda c: c[0]):
+            if total <= target:
+                break
+            victims.append(e)
+            total -= e.size
+        return victims
+
+    def finish_eviction(self, entries: Collection[CachedEntry], victims: Collection[CachedEntry],
+                        mark: tuple[int, int]) -> int:
+        """Remove ``victims`` (chosen just now, on the caller's thread, from ``entries`` listed since ``mark``)
+        and keep the bound on the cache's size; returns the bytes freed."""
+        freed = 0
+        for e in victims:
+            if isinstance(e.key, int):
+                self.remove(e.key)
+            else:
+                (self.packs / e.key).unlink(missing_ok=True)
+                self._pack_last_used.pop(e.key, None)
+            freed += e.size
+        added, forgotten = mark
+        if forgotten != self._forgotten:  # files appeared that neither the listing nor ``added`` may have seen
+            self._used_bound = None
+        else:
+            self._used_bound = sum(e.size for e in entries) - freed + self._added_total - added
+        return freed
+
     def evict(self, evictable: Collection[int], in_use: Collection[int], packs_in_use: Collection[str] = ()
               ) -> int:
-        """Remove least recently used evictable files and packs until the cache fits its limit; returns bytes
-        freed. A pack copy is evictable whenever no open file reads from it (``packs_in_use``)."""
-        entries: list[tuple[float, int | str, int]] = []
-        total = 0
-        now = time.time()
-        for entry in os.scandir(self.root):
-            if not entry.name.isdigit():
-                continue
-            st = entry.stat()
-            total += st.st_size
-            ino = int(entry.name)
-            if ino in evictable and ino not in in_use:
-                entries.append((self._last_used.get(ino, st.st_mtime - now), ino, st.st_size))
-        for entry in os.scandir(self.packs):
-            if entry.name.startswith("."):
-                continue
-            st = entry.stat()
-            total += st.st_size
-            if entry.name not in packs_in_use:
-                entries.append((self._pack_last_used.get(entry.name, st.st_mtime - now), entry.name, st.st_size))
-        freed = 0
-        for _, key, size in sorted(entries, key=lambda e: e[0]):
-            if total - freed <= self.limit_bytes:
-                break
-            if isinstance(key, int):
-                self.remove(key)
-            else:
-                (self.packs / key).unlink(missing_ok=True)
-                self._pack_last_used.pop(key, None)
-            freed += size
-        self._used_bound = total - freed
-        return freed
+        """List, choose and remove in one go (``fincryptfs.datadir.evictor`` lists in a thread); bytes freed."""
+        mark = self.usage_mark()
+        entries = self.list_entries()
+        return self.finish_eviction(entries, self.choose_victims(entries, evictable, in_use, packs_in_use), mark)
 
     async def ensure(self, ino: int, fetch: Callable[[Path], Awaitable[None]]) -> Path:
         """The cache file of ``ino``, calling ``fetch(dest)`` first if it is missing (one fetch per inode)."""

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -49,6 +50,52 @@ async def test_the_evictor_counts_what_put_wrote_into_a_mounted_cache(tmp_path: 
     finally:
         mount_db.close()
         put_db.close()
+
+
+async def test_the_evictor_lists_in_a_thread_and_spares_what_was_opened_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mount keeps answering while the cache folder is listed; a file opened during the listing, although
+    it is the least recently used, stays; the others go, down to 90 % of the limit."""
+    monkeypatch.setattr(datadir, "EVICT_FIRST", 0.0)
+    monkeypatch.setattr(datadir, "EVICT_INTERVAL", 0.05)
+    db = meta.connect(tmp_path / "meta.db")
+    cache = CacheDir(tmp_path / "cache", limit_bytes=10 * 100_000)
+    try:
+        for i in range(12):
+            stored_file(db, cache, f"f{i}", 100_000)
+        inos = [meta.lookup(db, meta.ROOT_INO, f"f{i}".encode()).ino for i in range(12)]
+        for ino in inos:  # f0 is the least recently used
+            cache.touch(ino)
+        opened: set[int] = set()
+        real_list = cache.list_entries
+        ticks = 0
+        listing_threads: list[bool] = []
+
+        def slow_list() -> list[object]:
+            listing_threads.append(threading.current_thread() is not threading.main_thread())
+            entries = real_list()
+            opened.add(inos[0])  # the user opens f0 while the listing runs
+            time.sleep(0.3)
+            return entries  # type: ignore[return-value]
+        monkeypatch.setattr(cache, "list_entries", slow_list)
+
+        async def tick() -> None:
+            nonlocal ticks
+            while True:
+                await trio.sleep(0.01)
+                ticks += 1
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(datadir.evictor, db, cache, lambda: (set(opened), ()))
+            nursery.start_soon(tick)
+            with trio.fail_after(5):
+                while used_bytes(cache.root) > 10 * 100_000:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert listing_threads and all(listing_threads)
+        assert ticks >= 15  # the event loop ran on through the 0.3 s listing
+        assert [ino for ino in inos if cache.has(ino)] == [inos[0], *inos[4:]]  # f1, f2, f3 went: 9 files left
+    finally:
+        db.close()
 
 
 def packed_files(db: sqlite3.Connection, pack_id: str, sizes: list[int]) -> list[int]:
