@@ -75,6 +75,7 @@ COPY_BATCH = 128  # files copied together, then recorded in one transaction
 SENDFILE_CHUNK = 64 * 2**20  # a large file's copy looks at the stop flag this often
 WAKE_INTERVAL = 0.1  # the upload worker hears of new files this often while files are copied
 PROGRESS_INTERVAL = 2.0
+RELEASE_WAIT = 15.0  # seconds put (not mounted) waits for the releases its last snapshot allows (_let_releases_run)
 DIRECT_UPLOADS = 2  # large files uploaded from their source at once (as many as the queue's workers)
 DIRECT_QUEUE = 64  # large files the walk may find ahead of their uploads
 
@@ -750,10 +751,29 @@ async def run_put(settings: ClientSettings, sources: Sequence[Path], dest: str, 
                     stored = await _stoppable(lambda: wait(reader, importer.stop), importer.stop)
                 except KeyboardInterrupt as exc:
                     failure = exc
+                if stored and not mounted:
+                    await _let_releases_run(reader)
             nursery.cancel_scope.cancel()  # the worker and the evictor
     if failure is not None:
         raise failure
     return importer.report, stored
+
+
+async def _let_releases_run(reader: sqlite3.Connection) -> None:
+    """Give this process's queue up to RELEASE_WAIT to release what the published snapshot no longer names
+    (replaced or deleted files' objects, the previous snapshot): without a mount, nothing else would until the
+    next ``put`` or mount, and the account pays for them meanwhile. Ctrl-C ends the wait; what is left is
+    said, and released by the next run."""
+    try:
+        with trio.move_on_after(RELEASE_WAIT):
+            while meta.pending_deletes(reader):
+                await trio.sleep(0.05)
+    except KeyboardInterrupt:
+        pass
+    left = meta.pending_deletes(reader)
+    if left:
+        print(f"put: {left} object(s) the backup no longer uses are not released yet (the mediator did not "
+              f"answer in time); the next mount or put releases them", file=sys.stderr)
 
 
 async def _walk_with(direct: DirectUploads, copy_all: Callable[[], None], importer: Importer) -> None:

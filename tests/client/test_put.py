@@ -9,10 +9,12 @@ from pathlib import Path
 from typing import cast
 
 import pytest
+import trio
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fincryptfs import meta
+from fincryptfs import put as putmod
 from fincryptfs.cache import CacheDir
 from fincryptfs.core.errors import ConfigError
 from fincryptfs.objectstore import ObjectStore
@@ -158,3 +160,33 @@ def test_small_files_are_gathered_into_packs_in_walk_order(sizes: list[int], pac
     for pack in packs:
         assert 1 <= len(pack) <= max_files
         assert len(pack) == 1 or sum(sizes[i] for i in pack) <= pack_size
+
+
+async def test_put_waits_for_its_releases_and_says_what_is_left(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                                capsys: pytest.CaptureFixture[str]) -> None:
+    """Not mounted, put returns once its queue released what the published snapshot no longer names, or after
+    RELEASE_WAIT with the count of what is left (the next run releases it)."""
+    db = meta.connect(tmp_path / "meta.db")
+    reader = meta.connect_readonly(tmp_path / "meta.db")
+    try:
+        meta.queue_delete(db, "a" * 64)
+        meta.queue_delete(db, "b" * 64)
+        monkeypatch.setattr(putmod, "RELEASE_WAIT", 5.0)
+        async with trio.open_nursery() as nursery:
+            async def deleter() -> None:  # as the queue's deleter does, a little later
+                await trio.sleep(0.2)
+                for object_id in ("a" * 64, "b" * 64):
+                    meta.finish_delete(db, object_id)
+            nursery.start_soon(deleter)
+            started = trio.current_time()
+            await putmod._let_releases_run(reader)
+            assert 0.2 <= trio.current_time() - started < 1.0
+        assert capsys.readouterr().err == ""
+
+        meta.queue_delete(db, "c" * 64)  # the mediator does not answer: nothing releases it
+        monkeypatch.setattr(putmod, "RELEASE_WAIT", 0.2)
+        await putmod._let_releases_run(reader)
+        assert "1 object(s) the backup no longer uses are not released yet" in capsys.readouterr().err
+    finally:
+        reader.close()
+        db.close()
