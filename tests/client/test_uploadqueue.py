@@ -116,3 +116,26 @@ async def test_a_pack_that_fills_up_goes_at_once(db: sqlite3.Connection, tmp_pat
         nursery.cancel_scope.cancel()
     assert 0.18 <= waited < 0.6, waited
     assert meta.small_pending(db, time.time(), 2**20)[0] + first.size >= 5000
+
+
+def test_publishes_are_spaced_by_what_the_last_one_cost() -> None:
+    assert uploadqueue.publish_spacing(0.0) == 0.0
+    assert uploadqueue.publish_spacing(0.05) < 2.0  # a small tree: within the usual debounce
+    assert uploadqueue.publish_spacing(4.0) == pytest.approx(76.0)  # a million files: 5 % of the time at most
+
+
+async def test_a_quiet_tree_waits_for_the_spacing_unless_a_flush_asks(db: sqlite3.Connection,
+                                                                       tmp_path: Path) -> None:
+    queue = UploadQueue(db=db, store=cast(ObjectStore, None), cache=CacheDir(tmp_path / "cache", 2**30),
+                        master_key=bytes(32), spool_dir=tmp_path / "spool", publish_delay=0.05)
+    started = trio.current_time()
+    await queue._wait_until_quiet(not_before=started + 0.5)
+    assert trio.current_time() - started >= 0.5  # the tree was quiet long before
+    started = trio.current_time()
+    await queue._wait_until_quiet(not_before=started - 1)
+    assert trio.current_time() - started < 0.3  # no spacing left: the debounce alone
+    meta.request_flush(tmp_path / "meta.db")
+    queue.look_for_flush()
+    started = trio.current_time()
+    await queue._wait_until_quiet(not_before=started + 60)
+    assert trio.current_time() - started < 0.3  # a flush does not wait for the spacing
