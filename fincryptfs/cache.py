@@ -60,6 +60,14 @@ def has_room(path: Path, nbytes: int) -> bool:
     return disk.f_bavail * disk.f_frsize - nbytes >= reserve_for(disk.f_blocks * disk.f_frsize)
 
 
+def zero_range(fd: int, offset: int, size: int) -> None:
+    """Overwrite ``size`` bytes at ``offset`` of the open file ``fd`` with zeros (up to its end)."""
+    end = min(offset + size, os.fstat(fd).st_size)
+    zeros = bytes(min(size, 2**20))
+    while offset < end:
+        offset += os.pwrite(fd, zeros[:end - offset], offset)
+
+
 def used_bytes(root: Path) -> int:
     """Bytes of the cached files and packs under ``root`` (``fincryptfs status``; 0 if there is no cache)."""
     total = 0
@@ -142,20 +150,18 @@ class CacheDir:
     def touch_pack(self, pack_id: str) -> None:
         self._pack_last_used[pack_id] = time.monotonic()
 
-    def scrub_member(self, pack_id: str, offset: int, size: int) -> None:
-        """Overwrite a deleted file's bytes in the cached copy of its pack with zeros: its plaintext must not
-        outlive it in the cache while its pack-mates are still read from that copy."""
+    def scrub_member(self, pack_id: str, offset: int, size: int) -> bool:
+        """Overwrite a released file's bytes in the cached copy of its pack with zeros: its plaintext must not
+        outlive it in the cache while its pack-mates are still read from that copy. False if there is no copy."""
         try:
             fd = os.open(self.pack_path(pack_id), os.O_WRONLY | os.O_CLOEXEC)
         except FileNotFoundError:
-            return
+            return False
         try:
-            end = min(offset + size, os.fstat(fd).st_size)
-            zeros = bytes(min(size, 2**20))
-            while offset < end:
-                offset += os.pwrite(fd, zeros[:end - offset], offset)
+            zero_range(fd, offset, size)
         finally:
             os.close(fd)
+        return True
 
     def drop_dead_packs(self, live: Collection[str], in_use: Collection[str]) -> int:
         """Remove the cached copies of packs no file references any more (``live`` are those some file does),

@@ -110,15 +110,15 @@ async def evictor(db: sqlite3.Connection, cache: CacheDir,
 
 
 def scrub_stale_members(db: sqlite3.Connection, cache: CacheDir, open_inos: Collection[int]) -> int:
-    """Zero the released pack members (``meta.stale_members``: deleted, replaced or emptied files) in the cached
-    copies of their packs, except those of files still open (a reader of a deleted file, or of the old version
-    through the pack, reads on); returns how many were done. Their pack-mates are still read from the copy."""
+    """Zero the released members of live packs (``meta.stale_members``: deleted, replaced or emptied files) in
+    the cached copies of their packs, except those of files still open (a reader of a deleted file, or of the
+    old version through the pack, reads on); returns how many were zeroed. Their pack-mates are still read from
+    the copy. A pack with no copy now gets them zeroed when one is fetched (``packs.PackReader``)."""
     done = [(rowid, ref) for rowid, ino, ref in meta.stale_members(db) if ino not in open_inos]
-    for _, ref in done:
-        cache.scrub_member(ref.pack_id, ref.offset, ref.size)
+    zeroed = sum(cache.scrub_member(ref.pack_id, ref.offset, ref.size) for _, ref in done)
     if done:
-        meta.forget_stale_members(db, [rowid for rowid, _ in done])
-    return len(done)
+        meta.mark_stale_zeroed(db, [rowid for rowid, _ in done])
+    return zeroed
 
 
 def exclusive_mount(data_dir: Path) -> AbstractContextManager[int]:

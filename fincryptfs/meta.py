@@ -94,15 +94,17 @@ CREATE TABLE IF NOT EXISTS packs (
     object TEXT NOT NULL,
     live INTEGER NOT NULL
 );
--- the ranges of packs holding a released file's old bytes (deleted, replaced, emptied): zeroed in the cached
--- copy of the pack, if any, once no handle on the file is open (``stale_members``); the pack may live on for
--- its other members
+-- the ranges of live packs holding a released file's old bytes (deleted, replaced, emptied), kept while the
+-- pack lives: zeroed in the pack's cached copy once no handle on the file is open (``zeroed`` then 1), and in
+-- every copy fetched later (``stale_ranges``)
 CREATE TABLE IF NOT EXISTS stale_members (
     ino INTEGER NOT NULL,
     pack_id TEXT NOT NULL,
     offset INTEGER NOT NULL,
-    size INTEGER NOT NULL
+    size INTEGER NOT NULL,
+    zeroed INTEGER NOT NULL DEFAULT 0
 );
+CREATE INDEX IF NOT EXISTS stale_members_pack ON stale_members (pack_id);
 -- an index on json_extract(object, '$.pack') found a pack's members to copy them out; packs are read in place now
 DROP INDEX IF EXISTS inodes_pack;
 CREATE TABLE IF NOT EXISTS counters (name TEXT PRIMARY KEY, value INTEGER NOT NULL);
@@ -854,13 +856,15 @@ def _release(db: sqlite3.Connection, ino: int, object_json: str, after_version: 
     if ref is None:
         _queue_delete(db, json.loads(object_json)["object_id"], after_version)
         return
-    db.execute("INSERT INTO stale_members (ino, pack_id, offset, size) VALUES (?, ?, ?, ?)",
-               (ino, ref.pack_id, ref.offset, ref.size))
     db.execute("UPDATE packs SET live = live - 1 WHERE pack_id = ?", (ref.pack_id,))
     row = db.execute("SELECT live FROM packs WHERE pack_id = ?", (ref.pack_id,)).fetchone()
     if row is not None and row[0] <= 0:
         db.execute("DELETE FROM packs WHERE pack_id = ?", (ref.pack_id,))
+        db.execute("DELETE FROM stale_members WHERE pack_id = ?", (ref.pack_id,))  # its copy goes whole
         _queue_delete(db, ref.pack_id, after_version)
+    else:
+        db.execute("INSERT INTO stale_members (ino, pack_id, offset, size) VALUES (?, ?, ?, ?)",
+                   (ino, ref.pack_id, ref.offset, ref.size))
 
 
 def note_commit(db: sqlite3.Connection, object_id: str, *, snapshot: bool = False) -> None:
@@ -1027,15 +1031,22 @@ def failed_uploads(db: sqlite3.Connection) -> list[tuple[int, int, str | None]]:
 
 
 def stale_members(db: sqlite3.Connection) -> list[tuple[int, int, PackRef]]:
-    """(row id, ino, range) of the released pack members not zeroed in the cache yet (see ``_release``)."""
+    """(row id, ino, range) of the released members of live packs not zeroed in the cache yet (``_release``)."""
     return [(rowid, ino, PackRef(pack_id, offset, size)) for rowid, ino, pack_id, offset, size in db.execute(
-        "SELECT rowid, ino, pack_id, offset, size FROM stale_members ORDER BY rowid")]
+        "SELECT rowid, ino, pack_id, offset, size FROM stale_members WHERE zeroed = 0 ORDER BY rowid")]
 
 
-def forget_stale_members(db: sqlite3.Connection, rowids: Sequence[int]) -> None:
-    """These ranges are zeroed in the cache (or its pack copy is gone)."""
+def mark_stale_zeroed(db: sqlite3.Connection, rowids: Sequence[int]) -> None:
+    """These ranges are zeroed in their pack's cached copy, or it had none (a copy fetched later is zeroed as it
+    arrives: ``stale_ranges``)."""
     with _tx(db):
-        db.executemany("DELETE FROM stale_members WHERE rowid = ?", [(r,) for r in rowids])
+        db.executemany("UPDATE stale_members SET zeroed = 1 WHERE rowid = ?", [(r,) for r in rowids])
+
+
+def stale_ranges(db: sqlite3.Connection, pack_id: str) -> list[tuple[int, int]]:
+    """(offset, size) of every released member of ``pack_id``: to be zeroed in a copy of it just fetched."""
+    return [(r[0], r[1]) for r in db.execute("SELECT offset, size FROM stale_members WHERE pack_id = ?",
+                                             (pack_id,))]
 
 
 def pending_deletes(db: sqlite3.Connection) -> int:

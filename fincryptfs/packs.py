@@ -13,8 +13,10 @@ cache file was gone or short when read (``MembersReader.damaged``).
 Reading a packed file whose cache copy is missing fetches the *whole* pack once (packs are small) into the
 cache's ``packs/`` folder, and the file is read from there (``fs``: a handle on the pack copy, at the member's
 offset), so a cold read of a folder of small files costs one network read and one local file per pack, not per
-file. A member is copied out of the pack into its own cache file only when opened for writing. A pack larger
-than WHOLE_PACK_FETCH_MAX is read by range instead.
+file. The ranges of members released since (``meta.stale_ranges``) are zeroed in the fetched copy before it
+is renamed into place: a deleted or replaced file's plaintext never comes back into the cache. A member is
+copied out of the pack into its own cache file only when opened for writing. A pack larger than
+WHOLE_PACK_FETCH_MAX is read by range instead.
 
 Listing a folder reads ahead (``Prefetcher``, ``FINCRYPT_PREFETCH_PACKS``): the packs of its files that are not
 cached are fetched in the background, a few at a time, so reading a folder of small files (cp -r, tar, find
@@ -36,6 +38,7 @@ from pathlib import Path
 import trio
 
 from . import meta
+from .cache import zero_range
 from .objectstore import ObjectStore, StoredObject
 
 WHOLE_PACK_FETCH_MAX = 64 * 2**20
@@ -82,6 +85,16 @@ def _copy_member(pack_file: Path, offset: int, size: int, dest: Path) -> None:
     os.rename(tmp, dest)
 
 
+def _zero_ranges(path: Path, ranges: Iterable[tuple[int, int]]) -> None:
+    """Zero the released members' ranges in a pack copy just fetched (blocking: run it in a worker thread)."""
+    fd = os.open(path, os.O_WRONLY | os.O_CLOEXEC)
+    try:
+        for offset, size in ranges:
+            zero_range(fd, offset, size)
+    finally:
+        os.close(fd)
+
+
 class PackReader:
     """Fetches whole packs into the cache (one fetch per pack, however many members ask at once), and copies a
     member out of its pack when it needs a cache file of its own."""
@@ -109,7 +122,12 @@ class PackReader:
                 pack = StoredObject.from_json(json.loads(pack_json))
                 if pack.size > WHOLE_PACK_FETCH_MAX:
                     return None
-                await self.store.fetch_to_file(pack, path)
+                part = path.with_name(f".fetch-{path.name}")  # complete, and without released members, or absent
+                await self.store.fetch_to_file(pack, part)
+                stale = meta.stale_ranges(self.db, ref.pack_id)
+                if stale:
+                    await trio.to_thread.run_sync(_zero_ranges, part, stale)
+                os.rename(part, path)
                 return path
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting:

@@ -191,11 +191,12 @@ def test_pack_members_reference_the_pack_until_the_last_one_dies(db: sqlite3.Con
 
 def test_every_way_a_member_loses_its_range_notes_it_for_zeroing(db: sqlite3.Connection, tmp_path: Path) -> None:
     """Unlinked, replaced by a rename, emptied, a new version stored alone or in another pack, or replaced by
-    ``put``: each notes the old range (and only pack members do); a snapshot carries no note."""
-    jobs = released(db, b"a", b"b", b"c", b"d", b"e", b"f")
+    ``put``: each notes the old range (and only pack members do) while the pack lives; a snapshot carries no
+    note; the pack's death drops them (its cached copy goes whole)."""
+    jobs = released(db, b"a", b"b", b"c", b"d", b"e", b"f", b"g")
     pack = "p" * 64
-    meta.finish_pack(db, pack, obj("p", 60), [(j, 10 * i, 10) for i, j in enumerate(jobs)])
-    a, b, c, d, e, f = (j.ino for j in jobs)
+    meta.finish_pack(db, pack, obj("p", 70), [(j, 10 * i, 10) for i, j in enumerate(jobs)])
+    a, b, c, d, e, f, _ = (j.ino for j in jobs)
     meta.unlink(db, meta.ROOT_INO, b"a")
     other = new_file(db, b"other")
     meta.mark_dirty(db, other.ino)
@@ -224,8 +225,11 @@ def test_every_way_a_member_loses_its_range_notes_it_for_zeroing(db: sqlite3.Con
         assert copy.execute("SELECT count(*) FROM stale_members").fetchone()[0] == 0
     finally:
         copy.close()
-    meta.forget_stale_members(db, [rowid for rowid, _, _ in notes[:2]])
+    meta.mark_stale_zeroed(db, [rowid for rowid, _, _ in notes[:2]])
     assert [ino for _, ino, _ in meta.stale_members(db)] == [c, d, e, f]
+    assert meta.stale_ranges(db, pack) == [(10 * i, 10) for i in range(6)]  # a later copy is zeroed whole
+    meta.unlink(db, meta.ROOT_INO, b"g")  # the last member: the pack dies
+    assert meta.stale_ranges(db, pack) == [] and meta.stale_members(db) == []
 
 
 def test_pack_with_a_changed_member_and_an_all_stale_pack(db: sqlite3.Connection) -> None:

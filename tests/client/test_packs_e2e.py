@@ -124,6 +124,11 @@ async def test_packed_round_trip_release_and_restore(tmp_path: Path, nursery: tr
             old = slice(rewritten_ref.offset, rewritten_ref.offset + rewritten_ref.size)
             while pack_copy.read_bytes()[old] != bytes(rewritten_ref.size):
                 await trio.sleep(0.1)
+        # and in a copy fetched again later (evicted, say), as it arrives
+        pack_copy.unlink()
+        mate = mates[2][1:]
+        assert await trio.to_thread.run_sync((mnt / mate).read_bytes) == expected[mate][1][2]  # type: ignore[index]
+        assert pack_copy.read_bytes()[old] == bytes(rewritten_ref.size)
         assert await trio.to_thread.run_sync(tree_of, mnt) == expected
 
         # overwrite and delete members: the pack lives while one member does, and is released after that;
