@@ -1063,6 +1063,17 @@ def stored_inos(db: sqlite3.Connection) -> set[int]:
     return {r[0] for r in db.execute("SELECT ino FROM inodes WHERE state = 'stored' AND object IS NOT NULL")}
 
 
+def stored_among(db: sqlite3.Connection, inos: Sequence[int]) -> set[int]:
+    """Those of ``inos`` that are ``stored_inos`` now (a few hundred eviction candidates, checked at once)."""
+    found: set[int] = set()
+    for start in range(0, len(inos), 500):
+        chunk = inos[start:start + 500]
+        found.update(r[0] for r in db.execute(
+            f"SELECT ino FROM inodes WHERE state = 'stored' AND object IS NOT NULL AND ino IN "
+            f"({', '.join('?' * len(chunk))})", chunk))
+    return found
+
+
 def totals(db: sqlite3.Connection) -> dict[str, int]:
     row = db.execute("SELECT count(*), coalesce(sum(size), 0) FROM inodes WHERE kind = 'file' AND parent IS NOT "
                      "NULL").fetchone()

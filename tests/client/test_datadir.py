@@ -52,20 +52,28 @@ async def test_the_evictor_counts_what_put_wrote_into_a_mounted_cache(tmp_path: 
         put_db.close()
 
 
-async def test_the_evictor_lists_in_a_thread_and_spares_what_was_opened_meanwhile(
-        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    """The mount keeps answering while the cache folder is listed; a file opened during the listing, although
-    it is the least recently used, stays; the others go, down to 90 % of the limit."""
+def over_full_cache(tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+                    ) -> tuple[sqlite3.Connection, CacheDir, list[int]]:
+    """Twelve uploaded files of 100 kB in a cache limited to ten (f0 the least recently used), and an evictor
+    that looks every 50 ms from the start; the tree, the cache and the files' inode numbers."""
     monkeypatch.setattr(datadir, "EVICT_FIRST", 0.0)
     monkeypatch.setattr(datadir, "EVICT_INTERVAL", 0.05)
     db = meta.connect(tmp_path / "meta.db")
     cache = CacheDir(tmp_path / "cache", limit_bytes=10 * 100_000)
+    for i in range(12):
+        stored_file(db, cache, f"f{i}", 100_000)
+    inos = [meta.lookup(db, meta.ROOT_INO, f"f{i}".encode()).ino for i in range(12)]
+    for ino in inos:
+        cache.touch(ino)
+    return db, cache, inos
+
+
+async def test_the_evictor_lists_in_a_thread_and_spares_what_was_opened_meanwhile(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The mount keeps answering while the cache folder is listed; a file opened during the listing, although
+    it is the least recently used, stays; the others go, down to 90 % of the limit."""
+    db, cache, inos = over_full_cache(tmp_path, monkeypatch)
     try:
-        for i in range(12):
-            stored_file(db, cache, f"f{i}", 100_000)
-        inos = [meta.lookup(db, meta.ROOT_INO, f"f{i}".encode()).ino for i in range(12)]
-        for ino in inos:  # f0 is the least recently used
-            cache.touch(ino)
         opened: set[int] = set()
         real_list = cache.list_entries
         ticks = 0
@@ -94,6 +102,35 @@ async def test_the_evictor_lists_in_a_thread_and_spares_what_was_opened_meanwhil
         assert listing_threads and all(listing_threads)
         assert ticks >= 15  # the event loop ran on through the 0.3 s listing
         assert [ino for ino in inos if cache.has(ino)] == [inos[0], *inos[4:]]  # f1, f2, f3 went: 9 files left
+    finally:
+        db.close()
+
+
+async def test_a_file_written_while_the_evictor_listed_is_not_evicted(tmp_path: Path,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """The uploaded inodes are read in the worker thread; a file written after that (not uploaded any more)
+    is checked again before its cache file goes, which is then the only copy of its new bytes."""
+    db, cache, inos = over_full_cache(tmp_path, monkeypatch)
+    try:
+        real = datadir._list_for_eviction
+
+        def then_written(cache: CacheDir, db_path: Path) -> tuple[list[object], set[int]]:
+            listed = real(cache, db_path)
+            writer = meta.connect(db_path)  # the user rewrites f0 right after the thread read the tree
+            try:
+                meta.mark_dirty(writer, inos[0])
+            finally:
+                writer.close()
+            return listed  # type: ignore[return-value]
+        monkeypatch.setattr(datadir, "_list_for_eviction", then_written)
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(datadir.evictor, db, cache, lambda: ((), ()))
+            with trio.fail_after(5):
+                while used_bytes(cache.root) > 10 * 100_000:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+        assert cache.has(inos[0])  # chosen first (least recently used), kept: it is dirty now
+        assert [ino for ino in inos[1:] if not cache.has(ino)] == inos[1:3]
     finally:
         db.close()
 
