@@ -58,14 +58,25 @@ async def _retry_commits(ops: FincryptOperations) -> None:
 
 
 async def _refresh_capacity(ops: FincryptOperations, settings: ClientSettings, http: object) -> None:
-    """statfs shows the network's free space (GET /v1/nodes), refreshed in the background."""
+    """statfs shows the network's free space (GET /v1/nodes) and the number of files (counted in a worker
+    thread: counting them on each statfs held every file operation 0.2 s per ``df`` at a million files),
+    refreshed in the background."""
     while True:
+        ops.file_count = await trio.to_thread.run_sync(_count_files, meta_path(settings))
         try:
             info = await rpc.call_json(http, "GET", f"{settings.mediator_url}/v1/nodes")  # type: ignore[arg-type]
             ops.capacity = Capacity(int(info.get("capacity_bytes", 0)), int(info.get("free_bytes", 0)))
         except (FincryptError, ValueError, TypeError) as exc:
             log.debug("capacity refresh failed: %s", exc)
         await trio.sleep(CAPACITY_REFRESH)
+
+
+def _count_files(db_path: Path) -> int:
+    reader = meta.connect_readonly(db_path)
+    try:
+        return meta.totals(reader)["files"]
+    finally:
+        reader.close()
 
 
 async def _stop_on_signal(cancel_scope: trio.CancelScope) -> None:

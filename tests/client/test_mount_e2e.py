@@ -80,6 +80,10 @@ async def test_copy_flush_remount_without_cache_and_restore(tmp_path: Path, nurs
         shutil.rmtree(client.cache_dir)
         await client.mount()
         assert await trio.to_thread.run_sync(tree_of, client.mountpoint) == tree_of(src)
+        files = sum(1 for p in src.rglob("*") if p.is_file() and not p.is_symlink())
+        with trio.fail_after(10):  # statfs's inode figures: the files, counted in the background at the start
+            while (lambda st: st.f_files - st.f_ffree)(os.statvfs(client.mountpoint)) != files:
+                await trio.sleep(0.1)
         await client.unmount()
 
         await restored.restore(phrase, net.mediator_url)
