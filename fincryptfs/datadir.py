@@ -76,7 +76,9 @@ async def evictor(db: sqlite3.Connection, cache: CacheDir,
     chosen files alone) still uploaded at that moment. Files open in the mount, and the packs they read from
     (``in_use``), are never evicted. The first look is EVICT_FIRST after the start, not at it: it lists and
     ``stat``s every cached file (0.4 s of a 2 s ``put`` with 20,000 files cached), and nothing is lost by
-    leaving a cache that was over its soft limit there a few seconds longer.
+    leaving a cache that was over its soft limit there a few seconds longer. A pass that fails (the tree
+    locked by another process past the busy timeout, a disk error) is logged and tried again at the next: this
+    runs in the mount's nursery, and an exception here would unmount the user's folder.
 
     Whenever the tree changed, cached copies of packs that no file references any more are removed at once
     (only ``packs/`` is listed): they hold nothing but the plaintext of deleted or replaced files; in the
@@ -88,30 +90,35 @@ async def evictor(db: sqlite3.Connection, cache: CacheDir,
     started = trio.current_time()
     while True:
         await trio.sleep(EVICT_INTERVAL)
-        now_added = meta.counter(db, "cache_added")
-        if now_added != added:
-            cache.added(now_added - added)
+        try:
+            now_added = meta.counter(db, "cache_added")
+            if now_added != added:
+                cache.added(now_added - added)
+                cache.maybe_over_limit = True
+                added = now_added
+            version = meta.counter(db, "meta_version")
+            if version != swept:
+                cache.drop_dead_packs(meta.live_packs(db), in_use()[1])
+                swept = version
+            scrub_stale_members(db, cache, in_use()[0])
+            if trio.current_time() - started < EVICT_FIRST:
+                continue
+            if (version != seen or cache.maybe_over_limit) and cache.may_exceed_limit():
+                seen = version
+                cache.maybe_over_limit = False
+                mark = cache.usage_mark()
+                entries, evictable = await trio.to_thread.run_sync(_list_for_eviction, cache, db_path)
+                # chosen, checked and removed with no checkpoint in between: what is open, or was written since
+                # the listing (no longer stored), stays
+                open_inos, open_packs = in_use()
+                victims = cache.choose_victims(entries, evictable, open_inos, open_packs)
+                still = meta.stored_among(db, [v.key for v in victims if isinstance(v.key, int)])
+                victims = [v for v in victims if not isinstance(v.key, int) or v.key in still]
+                cache.finish_eviction(entries, victims, mark)
+        except (sqlite3.Error, OSError) as exc:  # e.g. the tree locked past the busy timeout
+            log.warning("cache upkeep failed, trying again in %.0f s: %s", EVICT_INTERVAL, exc)
+            seen = swept = -1  # the next pass does everything again
             cache.maybe_over_limit = True
-            added = now_added
-        version = meta.counter(db, "meta_version")
-        if version != swept:
-            swept = version
-            cache.drop_dead_packs(meta.live_packs(db), in_use()[1])
-        scrub_stale_members(db, cache, in_use()[0])
-        if trio.current_time() - started < EVICT_FIRST:
-            continue
-        if (version != seen or cache.maybe_over_limit) and cache.may_exceed_limit():
-            seen = version
-            cache.maybe_over_limit = False
-            mark = cache.usage_mark()
-            entries, evictable = await trio.to_thread.run_sync(_list_for_eviction, cache, db_path)
-            # chosen, checked and removed with no checkpoint in between: what is open, or was written since the
-            # listing (no longer stored), stays
-            open_inos, open_packs = in_use()
-            victims = cache.choose_victims(entries, evictable, open_inos, open_packs)
-            still = meta.stored_among(db, [v.key for v in victims if isinstance(v.key, int)])
-            victims = [v for v in victims if not isinstance(v.key, int) or v.key in still]
-            cache.finish_eviction(entries, victims, mark)
 
 
 def _list_for_eviction(cache: CacheDir, db_path: Path) -> tuple[list[CachedEntry], set[int]]:

@@ -206,12 +206,20 @@ def connect(path: Path) -> sqlite3.Connection:
     db.execute("PRAGMA synchronous=NORMAL")
     db.execute("PRAGMA busy_timeout=5000")
     db.executescript(_SCHEMA)
+    _migrate(db)
     if find(db, ROOT_INO) is None:
         now = time.time_ns()
         with _tx(db):
             db.execute(f"INSERT INTO inodes ({_COLS}) VALUES (?, NULL, NULL, 'dir', ?, 0, 0, 0, ?, ?, ?, NULL, 0, "
                        "NULL, 'stored')", (ROOT_INO, 0o40755, now, now, now))
     return db
+
+
+def _migrate(db: sqlite3.Connection) -> None:
+    """Columns added to tables that ``_SCHEMA`` creates only when they are missing."""
+    columns = {row[1] for row in db.execute("PRAGMA table_info(stale_members)")}
+    if "zeroed" not in columns:  # the first form of the table, without the per-copy mark
+        db.execute("ALTER TABLE stale_members ADD COLUMN zeroed INTEGER NOT NULL DEFAULT 0")
 
 
 def connect_readonly(path: Path, *, threads: bool = False) -> sqlite3.Connection:

@@ -19,6 +19,7 @@ import json
 import logging
 import os
 import signal
+import sqlite3
 import subprocess
 import sys
 from collections.abc import Callable
@@ -62,7 +63,10 @@ async def _refresh_capacity(ops: FincryptOperations, settings: ClientSettings, h
     thread: counting them on each statfs held every file operation 0.2 s per ``df`` at a million files),
     refreshed in the background."""
     while True:
-        ops.file_count = await trio.to_thread.run_sync(_count_files, meta_path(settings))
+        try:
+            ops.file_count = await trio.to_thread.run_sync(_count_files, meta_path(settings))
+        except (sqlite3.Error, OSError) as exc:  # statfs keeps the last count
+            log.warning("cannot count the tree's files: %s", exc)
         try:
             info = await rpc.call_json(http, "GET", f"{settings.mediator_url}/v1/nodes")  # type: ignore[arg-type]
             ops.capacity = Capacity(int(info.get("capacity_bytes", 0)), int(info.get("free_bytes", 0)))

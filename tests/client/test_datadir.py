@@ -175,3 +175,34 @@ def test_released_members_are_zeroed_in_the_pack_copy_once_nothing_has_them_open
         assert meta.stale_members(db) == [] and meta.stale_ranges(db, pack) == []
     finally:
         db.close()
+
+
+async def test_the_evictor_outlives_a_tree_locked_by_another_process(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch,
+                                                                     caplog: pytest.LogCaptureFixture) -> None:
+    """Its pass fails while another process holds the tree's write lock past the busy timeout (it runs in the
+    mount's nursery: an exception would unmount the folder); the next pass after the lock is gone does it."""
+    monkeypatch.setattr(datadir, "EVICT_INTERVAL", 0.05)
+    db = meta.connect(tmp_path / "meta.db")
+    db.execute("PRAGMA busy_timeout=100")
+    cache = CacheDir(tmp_path / "cache", limit_bytes=2**20)
+    holder = sqlite3.connect(tmp_path / "meta.db", isolation_level=None)
+    try:
+        pack = "cd" * 32
+        packed_files(db, pack, [100, 100])
+        cache.pack_path(pack).write_bytes(b"x" * 200)
+        meta.unlink(db, meta.ROOT_INO, b"m0")  # to be zeroed: a write to the tree
+        holder.execute("BEGIN IMMEDIATE")
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(datadir.evictor, db, cache, lambda: ((), ()))
+            with trio.fail_after(5):
+                while "cache upkeep failed" not in caplog.text:
+                    await trio.sleep(0.05)
+            holder.execute("ROLLBACK")
+            with trio.fail_after(5):
+                while cache.pack_path(pack).read_bytes() != bytes(100) + b"x" * 100:
+                    await trio.sleep(0.05)
+            nursery.cancel_scope.cancel()
+    finally:
+        holder.close()
+        db.close()

@@ -455,3 +455,17 @@ def test_small_pending_counts_runnable_small_jobs_and_the_newest(db: sqlite3.Con
     assert meta.small_pending(db, 1e12, 100)[0] == 50
     meta.fail_upload(db, job, "later", 2e12)  # backed off: not runnable yet
     assert meta.small_pending(db, 1e12, 100)[0] == 50 and meta.small_pending(db, 3e12, 100)[0] == 60
+
+
+def test_a_tree_from_before_the_zeroed_mark_gets_the_column(tmp_path: Path) -> None:
+    old = sqlite3.connect(tmp_path / "meta.db")
+    old.execute("CREATE TABLE stale_members (ino INTEGER NOT NULL, pack_id TEXT NOT NULL, offset INTEGER NOT NULL, "
+                "size INTEGER NOT NULL)")
+    old.execute("INSERT INTO stale_members VALUES (5, 'ab', 0, 10)")
+    old.commit()
+    old.close()
+    db = meta.connect(tmp_path / "meta.db")
+    try:
+        assert [(ino, ref) for _, ino, ref in meta.stale_members(db)] == [(5, meta.PackRef("ab", 0, 10))]
+    finally:
+        db.close()
