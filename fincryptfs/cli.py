@@ -313,10 +313,11 @@ def cmd_status(args: argparse.Namespace) -> int:
     try:
         pending, meta_version, published = _flush_state(db)
         files: list[dict[str, Any]] = []
+        names = meta.PathNamer(db)
         for inode in meta.files(db):
             object_id = meta.content_object_id(inode.object) if inode.object else None
             ref = meta.pack_ref(inode.object)
-            files.append({"path": meta.path_of(db, inode.ino), "size": inode.size, "state": inode.state,
+            files.append({"path": names.of(inode), "size": inode.size, "state": inode.state,
                           "object_id": object_id, "packed": ref is not None, "shares_healthy": None,
                           "shares_total": None, "health": None})
         failed = meta.failed_uploads(db)

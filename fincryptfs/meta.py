@@ -322,6 +322,39 @@ def path_of(db: sqlite3.Connection, ino: int) -> str | None:
     return "/" + "/".join(p.decode("utf-8", "surrogateescape") for p in reversed(parts))
 
 
+class PathNamer:
+    """Paths of many inodes (``fincryptfs status`` lists every file): one query per folder, remembered, where
+    ``path_of`` reads every ancestor for every file (8 s for a million files in a thousand folders)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self.db = db
+        self._folders: dict[int, str | None] = {ROOT_INO: ""}
+
+    def of(self, inode: Inode) -> str | None:
+        """The path of ``inode`` (as ``path_of``), or None if it or a folder above it is unlinked."""
+        if inode.ino == ROOT_INO:
+            return "/"
+        if inode.parent is None or inode.name is None:
+            return None
+        folder = self._folder(inode.parent)
+        return None if folder is None else f"{folder}/{inode.name.decode('utf-8', 'surrogateescape')}"
+
+    def _folder(self, ino: int) -> str | None:
+        chain: list[tuple[int, bytes]] = []  # folders not named yet, from ``ino`` up
+        while ino not in self._folders:
+            row = self.db.execute("SELECT parent, name FROM inodes WHERE ino = ?", (ino,)).fetchone()
+            if row is None or row[0] is None:
+                self._folders[ino] = None
+                break
+            chain.append((ino, row[1]))
+            ino = row[0]
+        path = self._folders[ino]
+        for folder, name in reversed(chain):
+            path = None if path is None else f"{path}/{name.decode('utf-8', 'surrogateescape')}"
+            self._folders[folder] = path
+        return path
+
+
 def files(db: sqlite3.Connection) -> Iterator[Inode]:
     for row in db.execute(f"SELECT {_COLS} FROM inodes WHERE kind = 'file' AND parent IS NOT NULL ORDER BY ino"):
         yield Inode(*row)

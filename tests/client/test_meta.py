@@ -8,6 +8,8 @@ from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from fincryptfs import meta
 
@@ -467,5 +469,35 @@ def test_a_tree_from_before_the_zeroed_mark_gets_the_column(tmp_path: Path) -> N
     db = meta.connect(tmp_path / "meta.db")
     try:
         assert [(ino, ref) for _, ino, ref in meta.stale_members(db)] == [(5, meta.PackRef("ab", 0, 10))]
+    finally:
+        db.close()
+
+
+@settings(max_examples=50, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 30), st.binary(min_size=1, max_size=6).filter(lambda b: b"/" not in b),
+                          st.booleans()), max_size=40),
+       st.lists(st.integers(0, 40), max_size=5))
+def test_path_namer_names_as_path_of_does(tmp_path_factory: pytest.TempPathFactory,
+                                          entries: list[tuple[int, bytes, bool]], unlinks: list[int]) -> None:
+    """Any tree of folders and files, some unlinked (folders too: their files have no path either)."""
+    db = meta.connect(tmp_path_factory.mktemp("names") / "meta.db")
+    try:
+        folders, made = [meta.ROOT_INO], []
+        for parent, name, is_dir in entries:
+            try:
+                node = meta.create(db, folders[parent % len(folders)], name, meta.DIR if is_dir else meta.FILE,
+                                   0o40755 if is_dir else 0o100644, 0, 0)
+            except meta.Exists:
+                continue
+            made.append(node)
+            if is_dir:
+                folders.append(node.ino)
+        for index in unlinks:
+            if made:
+                node = made[index % len(made)]
+                db.execute("UPDATE inodes SET parent = NULL, name = NULL WHERE ino = ?", (node.ino,))
+        names = meta.PathNamer(db)
+        for node in [meta.get(db, meta.ROOT_INO), *(meta.get(db, n.ino) for n in made)]:
+            assert names.of(node) == meta.path_of(db, node.ino)
     finally:
         db.close()
