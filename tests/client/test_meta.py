@@ -501,3 +501,17 @@ def test_path_namer_names_as_path_of_does(tmp_path_factory: pytest.TempPathFacto
             assert names.of(node) == meta.path_of(db, node.ino)
     finally:
         db.close()
+
+
+def test_a_folder_is_listed_page_by_page_through_an_index(db: sqlite3.Connection) -> None:
+    folder = meta.create(db, meta.ROOT_INO, b"big", meta.DIR, 0o40755, 0, 0)
+    with meta.batch(db):
+        made = [meta.create(db, folder.ino, b"f%04d" % i, meta.FILE, 0o100644, 0, 0).ino for i in range(2500)]
+    listed, after = [], 0
+    while page := meta.children(db, folder.ino, after):
+        listed += [c.ino for c in page]
+        after = page[-1].ino
+    assert listed == made
+    plan = " ".join(str(row) for row in db.execute(
+        "EXPLAIN QUERY PLAN SELECT * FROM inodes WHERE parent = ? AND ino > ? ORDER BY ino LIMIT 1000", (2, 0)))
+    assert "inodes_parent" in plan and "TEMP B-TREE" not in plan  # a range of the index, no sort of the folder
