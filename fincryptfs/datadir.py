@@ -100,7 +100,7 @@ async def evictor(db: sqlite3.Connection, cache: CacheDir,
             if version != swept:
                 cache.drop_dead_packs(meta.live_packs(db), in_use()[1])
                 swept = version
-            scrub_stale_members(db, cache, in_use()[0])
+            await scrub_stale_members(db, cache, in_use()[0])
             if trio.current_time() - started < EVICT_FIRST:
                 continue
             if (version != seen or cache.maybe_over_limit) and cache.may_exceed_limit():
@@ -132,15 +132,19 @@ def _list_for_eviction(cache: CacheDir, db_path: Path) -> tuple[list[CachedEntry
         reader.close()
 
 
-def scrub_stale_members(db: sqlite3.Connection, cache: CacheDir, open_inos: Collection[int]) -> int:
+async def scrub_stale_members(db: sqlite3.Connection, cache: CacheDir, open_inos: Collection[int]) -> int:
     """Zero the released members of live packs (``meta.stale_members``: deleted, replaced or emptied files) in
     the cached copies of their packs, except those of files still open (a reader of a deleted file, or of the
     old version through the pack, reads on); returns how many were zeroed. Their pack-mates are still read from
-    the copy. A pack with no copy now gets them zeroed when one is fetched (``packs.PackReader``)."""
+    the copy. A pack with no copy now gets them zeroed when one is fetched (``packs.PackReader``). The writes
+    run in a worker thread (deleting a folder of packed files notes thousands at once); a file reopened
+    meanwhile reads its new content, never the released range."""
     done = [(rowid, ref) for rowid, ino, ref in meta.stale_members(db) if ino not in open_inos]
-    zeroed = sum(cache.scrub_member(ref.pack_id, ref.offset, ref.size) for _, ref in done)
-    if done:
-        meta.mark_stale_zeroed(db, [rowid for rowid, _ in done])
+    if not done:
+        return 0
+    zeroed = await trio.to_thread.run_sync(
+        lambda: sum(cache.scrub_member(ref.pack_id, ref.offset, ref.size) for _, ref in done))
+    meta.mark_stale_zeroed(db, [rowid for rowid, _ in done])
     return zeroed
 
 

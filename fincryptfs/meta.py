@@ -314,15 +314,10 @@ def subdir_count(db: sqlite3.Connection, ino: int) -> int:
 
 
 def path_of(db: sqlite3.Connection, ino: int) -> str | None:
-    """The path of ``ino`` below the mount point ("/a/b"), or None for an unlinked inode."""
-    parts: list[bytes] = []
-    while ino != ROOT_INO:
-        row = db.execute("SELECT parent, name FROM inodes WHERE ino = ?", (ino,)).fetchone()
-        if row is None or row[0] is None:
-            return None
-        parts.append(row[1])
-        ino = row[0]
-    return "/" + "/".join(p.decode("utf-8", "surrogateescape") for p in reversed(parts))
+    """The path of ``ino`` below the mount point ("/a/b"), or None for an unlinked inode (many at once:
+    ``PathNamer``)."""
+    inode = find(db, ino)
+    return None if inode is None else PathNamer(db).of(inode)
 
 
 class PathNamer:
@@ -334,7 +329,7 @@ class PathNamer:
         self._folders: dict[int, str | None] = {ROOT_INO: ""}
 
     def of(self, inode: Inode) -> str | None:
-        """The path of ``inode`` (as ``path_of``), or None if it or a folder above it is unlinked."""
+        """The path of ``inode`` ("/a/b"), or None if it or a folder above it is unlinked."""
         if inode.ino == ROOT_INO:
             return "/"
         if inode.parent is None or inode.name is None:

@@ -151,7 +151,7 @@ def packed_files(db: sqlite3.Connection, pack_id: str, sizes: list[int]) -> list
     return inos
 
 
-def test_released_members_are_zeroed_in_the_pack_copy_once_nothing_has_them_open(tmp_path: Path) -> None:
+async def test_released_members_are_zeroed_in_the_pack_copy_once_nothing_has_them_open(tmp_path: Path) -> None:
     db = meta.connect(tmp_path / "meta.db")
     cache = CacheDir(tmp_path / "cache", limit_bytes=2**20)
     try:
@@ -162,16 +162,16 @@ def test_released_members_are_zeroed_in_the_pack_copy_once_nothing_has_them_open
         meta.unlink(db, meta.ROOT_INO, b"m0")
         meta.mark_dirty(db, b)
         meta.record_release(db, b, 0, time.time_ns())  # emptied
-        assert datadir.scrub_stale_members(db, cache, open_inos={a}) == 1  # a is still read by someone
+        assert await datadir.scrub_stale_members(db, cache, open_inos={a}) == 1  # a is still read by someone
         assert cache.pack_path(pack).read_bytes() == content[:100] + bytes(200) + content[300:]
         assert [ino for _, ino, _ in meta.stale_members(db)] == [a]
-        assert datadir.scrub_stale_members(db, cache, open_inos=set()) == 1
+        assert await datadir.scrub_stale_members(db, cache, open_inos=set()) == 1
         assert cache.pack_path(pack).read_bytes() == bytes(300) + content[300:]  # c's bytes untouched
         assert meta.stale_members(db) == []
         cache.pack_path(pack).unlink()  # evicted: a copy fetched later is zeroed as it arrives (packs.py)
         assert meta.stale_ranges(db, pack) == [(0, 100), (100, 200)]
         meta.unlink(db, meta.ROOT_INO, b"m2")  # the pack dies with its last member, and its notes with it
-        assert datadir.scrub_stale_members(db, cache, open_inos=set()) == 0
+        assert await datadir.scrub_stale_members(db, cache, open_inos=set()) == 0
         assert meta.stale_members(db) == [] and meta.stale_ranges(db, pack) == []
     finally:
         db.close()

@@ -477,28 +477,43 @@ def test_a_tree_from_before_the_zeroed_mark_gets_the_column(tmp_path: Path) -> N
 @given(st.lists(st.tuples(st.integers(0, 30), st.binary(min_size=1, max_size=6).filter(lambda b: b"/" not in b),
                           st.booleans()), max_size=40),
        st.lists(st.integers(0, 40), max_size=5))
-def test_path_namer_names_as_path_of_does(tmp_path_factory: pytest.TempPathFactory,
-                                          entries: list[tuple[int, bytes, bool]], unlinks: list[int]) -> None:
-    """Any tree of folders and files, some unlinked (folders too: their files have no path either)."""
+def test_paths_are_named_from_the_folders_up(tmp_path_factory: pytest.TempPathFactory,
+                                             entries: list[tuple[int, bytes, bool]], unlinks: list[int]) -> None:
+    """Any tree of folders and files, some unlinked (folders too: what is below them has no path either):
+    ``PathNamer`` and ``path_of`` give the path the tree was built with."""
     db = meta.connect(tmp_path_factory.mktemp("names") / "meta.db")
     try:
-        folders, made = [meta.ROOT_INO], []
+        folders = [meta.ROOT_INO]
+        made: list[meta.Inode] = []
+        parents: dict[int, int] = {}
+        names: dict[int, str] = {}
         for parent, name, is_dir in entries:
+            folder = folders[parent % len(folders)]
             try:
-                node = meta.create(db, folders[parent % len(folders)], name, meta.DIR if is_dir else meta.FILE,
+                node = meta.create(db, folder, name, meta.DIR if is_dir else meta.FILE,
                                    0o40755 if is_dir else 0o100644, 0, 0)
             except meta.Exists:
                 continue
             made.append(node)
+            parents[node.ino], names[node.ino] = folder, name.decode("utf-8", "surrogateescape")
             if is_dir:
                 folders.append(node.ino)
-        for index in unlinks:
-            if made:
-                node = made[index % len(made)]
-                db.execute("UPDATE inodes SET parent = NULL, name = NULL WHERE ino = ?", (node.ino,))
-        names = meta.PathNamer(db)
-        for node in [meta.get(db, meta.ROOT_INO), *(meta.get(db, n.ino) for n in made)]:
-            assert names.of(node) == meta.path_of(db, node.ino)
+        gone = {made[index % len(made)].ino for index in unlinks if made}
+        for ino in gone:
+            db.execute("UPDATE inodes SET parent = NULL, name = NULL WHERE ino = ?", (ino,))
+
+        def expected(ino: int) -> str | None:
+            parts = []
+            while ino != meta.ROOT_INO:
+                if ino in gone:
+                    return None
+                parts.append(names[ino])
+                ino = parents[ino]
+            return "/" + "/".join(reversed(parts))
+        namer = meta.PathNamer(db)
+        assert namer.of(meta.get(db, meta.ROOT_INO)) == meta.path_of(db, meta.ROOT_INO) == "/"
+        for node in made:
+            assert namer.of(meta.get(db, node.ino)) == meta.path_of(db, node.ino) == expected(node.ino)
     finally:
         db.close()
 
