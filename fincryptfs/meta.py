@@ -1027,6 +1027,16 @@ def snapshot_to(db: sqlite3.Connection, dest: Path) -> int:
     return version
 
 
+def snapshot_file(path: Path, dest: Path) -> int:
+    """``snapshot_to`` through a connection of its own to the tree at ``path`` (for a worker thread: a
+    million-file tree takes 2 s to copy, which the upload worker's event loop should not wait out)."""
+    reader = connect_readonly(path)
+    try:
+        return snapshot_to(reader, dest)
+    finally:
+        reader.close()
+
+
 def adopt_snapshot(path: Path, pointer_version: int) -> None:
     """Make a fetched snapshot the local tree: everything in it counts as published."""
     db = sqlite3.connect(path, isolation_level=None)

@@ -92,6 +92,7 @@ class UploadQueue:
         self.publish_error: str | None = None
         # flush requests up to this count were made before the mount started: older ones need no answer
         self._flush_seen = meta.counter(db, "flush_requested") if flush_seen is None else flush_seen
+        self._db_path = Path(db.execute("PRAGMA database_list").fetchone()[2])  # for the snapshot's own reader
         self._last_publish_end = float("-inf")  # trio time the last publish ended, and what it took (seconds):
         self._last_publish_cost = 0.0  # the next waits for ``publish_spacing`` of it
         self._flush_asked = self._flush_seen  # the latest request _retry_on_flush saw
@@ -386,7 +387,7 @@ class UploadQueue:
             snapshot = self.spool_dir / "snapshot.db"
             self.spool_dir.mkdir(parents=True, exist_ok=True)
             started = trio.current_time()
-            version = meta.snapshot_to(self.db, snapshot)
+            version = await trio.to_thread.run_sync(meta.snapshot_file, self._db_path, snapshot)
             pointer_version = meta.counter(self.db, "pointer_version")
             try:
                 stored_version = await self._publish(snapshot, version, pointer_version)
