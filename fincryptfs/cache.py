@@ -258,13 +258,6 @@ class CacheDir:
             self._used_bound = sum(e.size for e in entries) - freed + self._added_total - added
         return freed
 
-    def evict(self, evictable: Collection[int], in_use: Collection[int], packs_in_use: Collection[str] = ()
-              ) -> int:
-        """List, choose and remove in one go (``fincryptfs.datadir.evictor`` lists in a thread); bytes freed."""
-        mark = self.usage_mark()
-        entries = self.list_entries()
-        return self.finish_eviction(entries, self.choose_victims(entries, evictable, in_use, packs_in_use), mark)
-
     async def ensure(self, ino: int, fetch: Callable[[Path], Awaitable[None]]) -> Path:
         """The cache file of ``ino``, calling ``fetch(dest)`` first if it is missing (one fetch per inode)."""
         lock = self._locks.setdefault(ino, trio.Lock())
