@@ -71,6 +71,19 @@ class CreditReport:
     credited: int  # passes
     amount: int  # msat
     deferred: int  # passes left for lack of funds in the mediator's account
+    available: int = 0  # msat in the mediator's account when passes were left waiting
+
+
+def credit_wait_note(was_waiting: bool, credits: CreditReport) -> str | None:
+    """What the payments loop logs about passes waiting for credit: once when they start waiting and once when
+    they are paid, not at every pass. Waiting is routine (the first credits of a fresh mediator, and any pass
+    proven before the charge for its hour was taken, wait for that charge), so the note is informational."""
+    if credits.deferred and not was_waiting:
+        return (f"{credits.deferred} audit pass(es) wait for credit: the mediator's account ({credits.available} "
+                "msat) cannot cover them yet; they are credited, in order, once the next charges refill it")
+    if was_waiting and not credits.deferred:
+        return "audit passes that waited for credit are credited"
+    return None
 
 
 # --- charges ------------------------------------------------------------------------------------------------
@@ -158,10 +171,7 @@ def credit_passes(db: MediatorDB, pricing: PricingScheme, settings: MediatorSett
         credited += len(rows)
         amount += sum(r[3] for r in rows)
         if len(rows) < len(passes):
-            deferred = len(passes) - len(rows)
-            log.warning("%d audit passes wait for credit: the mediator's account (%d msat) cannot cover them",
-                        deferred, available)
-            return CreditReport(credited, amount, deferred)
+            return CreditReport(credited, amount, len(passes) - len(rows), available)
 
 
 # --- accounts: balance, burn rate, warnings, refusal --------------------------------------------------------

@@ -184,9 +184,14 @@ async def payments_pass(payments: Payments, client: httpx.AsyncClient | None, no
 async def payments_loop(payments: Payments, client: httpx.AsyncClient) -> None:
     """Every deposit-scan interval (at most every billing period): one payments pass."""
     interval = min(payments.settings.deposit_scan_interval, payments.settings.billing_period)
+    waiting = False
     while True:
         await trio.sleep(interval)
         try:
-            await payments_pass(payments, client, time.time())
+            report = await payments_pass(payments, client, time.time())
         except EscrowError as exc:
             log.warning("payments pass: %s", exc)
+            continue
+        if note := billing.credit_wait_note(waiting, report.credits):
+            log.info("%s", note)
+        waiting = report.credits.deferred > 0

@@ -281,3 +281,16 @@ def test_repair_in_steps_equals_repair_in_one_go(size: int, kn: tuple[int, int],
             out[i] += piece
     assert at == layout.share_size
     assert out == {i: shares[i] for i in wanted}
+
+
+def test_credits_waiting_for_charges_are_noted_once_when_they_start_and_once_when_paid() -> None:
+    from mediatord.billing import CreditReport, credit_wait_note
+    waiting, notes = False, []
+    for deferred in (0, 5, 5, 3, 0, 0, 2):
+        report = CreditReport(credited=1, amount=10, deferred=deferred, available=64_424)
+        notes.append(credit_wait_note(waiting, report))
+        waiting = deferred > 0
+    assert notes[0] is None and notes[2] is None and notes[3] is None and notes[5] is None
+    assert notes[1] is not None and "5 audit pass(es) wait for credit" in notes[1] and "64424 msat" in notes[1]
+    assert notes[4] == "audit passes that waited for credit are credited"
+    assert notes[6] is not None and notes[6].startswith("2 audit pass(es)")
