@@ -164,6 +164,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                 "MEDIATORD_DEPOSIT_SCAN_INTERVAL": "2",
                 "MEDIATORD_DHT_LISTEN": mediator_dht,
             })
+            payout_addresses = await _payout_addresses(python, mediator_env, nodes, log_dir)
             mediator = await _spawn("mediatord", [python, "-m", "mediatord.cli", "--env-file", str(mediator_env)],
                                     log_dir, lifeline)
             children.append(mediator)
@@ -189,6 +190,7 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
                     "STORAGED_SHARE_DIRS": f"{share_dir}:{node_capacity}",
                     "STORAGED_RESERVE_BYTES": "64M",
                     "STORAGED_PRICE": str(DEVNET_NODE_PRICE + DEVNET_NODE_PRICE // 20 * i),
+                    "STORAGED_PAYOUT_ADDRESS": payout_addresses[i],
                     **mediators,
                     "STORAGED_ANNOUNCE_INTERVAL": "5",
                     "STORAGED_OPERATOR": f"devnet-operator-{i}",
@@ -267,6 +269,19 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
         os.close(lifeline_end)
 
 
+
+
+async def _payout_addresses(python: str, mediator_env: Path, count: int, log_dir: Path) -> list[str]:
+    """A payout address on the test network for each node, so that the devnet pays its nodes (run before the
+    mediator starts: both would set up bitcoinlib's folder in the mediator's data dir)."""
+    with open(log_dir / "funding.log", "ab") as err:
+        result = await trio.run_process(
+            [python, "-m", "mediatord.cli", "test-addresses", "--env-file", str(mediator_env), str(count)],
+            capture_stdout=True, stderr=err, check=False)
+    addresses = result.stdout.decode().split()
+    if result.returncode != 0 or len(addresses) != count:
+        raise DevnetError(f"making the nodes' payout addresses failed; see {log_dir / 'funding.log'}")
+    return addresses
 
 
 async def _fund_account(python: str, mediator_env: Path, account_id: str, log_dir: Path) -> None:

@@ -330,11 +330,16 @@ def plan_payouts(balances: Sequence[tuple[str, str, int]], threshold_sat: int, f
 
 
 def prepare_payout(db: MediatorDB, settings: MediatorSettings, check_address: Callable[[str], str],
-                   vbytes: Callable[[int, int], int], now: float) -> int | None:
-    """Record a batch and debit its nodes (one transaction); None if nothing is due or a batch is still open."""
+                   vbytes: Callable[[int, int], int], now: float, unpayable: set[str] | None = None) -> int | None:
+    """Record a batch and debit its nodes (one transaction); None if nothing is due or a batch is still open.
+
+    A node owed the threshold that cannot be paid (no payout address, or one not on this network) is warned
+    about once while it stays so: ``unpayable`` (kept by the caller across passes) holds the nodes warned of.
+    """
     if db.open_payout_batches():
         return None
     candidates = []
+    warned = unpayable if unpayable is not None else set()
     for account, balance in db.all_balances("node:"):
         if balance < settings.payout_threshold_sat * MSAT_PER_SAT:
             continue
@@ -346,7 +351,11 @@ def prepare_payout(db: MediatorDB, settings: MediatorSettings, check_address: Ca
                 raise PolicyError("no payout address announced (STORAGED_PAYOUT_ADDRESS)")
             candidates.append((node_id, check_address(address), balance))
         except PolicyError as exc:
-            log.warning("node %s is owed %d msat but cannot be paid: %s", node_id[:16], balance, exc)
+            if node_id not in warned:
+                log.warning("node %s is owed %d msat but cannot be paid: %s", node_id[:16], balance, exc)
+            warned.add(node_id)
+        else:
+            warned.discard(node_id)
     plan = plan_payouts(candidates, settings.payout_threshold_sat, settings.payout_fee_rate, vbytes)
     if plan is None:
         return None

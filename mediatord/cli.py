@@ -149,6 +149,24 @@ def fund_test_account(settings: MediatorSettings, account_id: str, amount_sat: i
     return 0
 
 
+def test_addresses(settings: MediatorSettings, count: int) -> int:
+    """bitcoinlib_test only: print fresh addresses this wallet does not own (payout addresses for a devnet's
+    nodes), one per line."""
+    from .escrow import TEST_NETWORK, random_test_address
+
+    if settings.bitcoin_network != TEST_NETWORK:
+        print(f"mediatord test-addresses: refused on {settings.bitcoin_network}: only for {TEST_NETWORK}",
+              file=sys.stderr)
+        return 2
+    if not 0 < count <= 1000:
+        print("mediatord test-addresses: COUNT must be between 1 and 1000", file=sys.stderr)
+        return 2
+    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    for _ in range(count):
+        print(random_test_address(settings.data_dir))
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mediatord",
@@ -170,7 +188,10 @@ def main(argv: list[str] | None = None) -> int:
     fund_parser.add_argument("account_id")
     fund_parser.add_argument("amount_sat", type=int)
     fund_parser.add_argument("--confirmations", type=int, help="default: MEDIATORD_DEPOSIT_CONFIRMATIONS")
-    for extra in (status_parser, ledger_parser, payouts_parser, fund_parser):
+    addresses_parser = sub.add_parser("test-addresses",
+                                      help="bitcoinlib_test only: print fresh payout addresses for test nodes")
+    addresses_parser.add_argument("count", type=int)
+    for extra in (status_parser, ledger_parser, payouts_parser, fund_parser, addresses_parser):
         extra.add_argument("--env-file", type=Path, default=argparse.SUPPRESS,
                            help="settings file (default: ./.env if present)")
     args = parser.parse_args(argv)
@@ -190,6 +211,8 @@ def main(argv: list[str] | None = None) -> int:
             return payouts_command(settings, args.json, args.limit)
         if args.command == "fund-test-account":
             return fund_test_account(settings, args.account_id, args.amount_sat, args.confirmations)
+        if args.command == "test-addresses":
+            return test_addresses(settings, args.count)
     except FincryptError as exc:
         print(f"mediatord {args.command}: {exc}", file=sys.stderr)
         return 1

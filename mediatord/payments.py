@@ -50,6 +50,7 @@ class Payments:
         self.pricing = pricing
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="escrow")
         self._escrow: Escrow | None = None
+        self.unpayable: set[str] = set()  # nodes owed a payout they cannot receive, already warned of
 
     def _open(self) -> Escrow:
         if self._escrow is None:
@@ -176,7 +177,8 @@ async def payments_pass(payments: Payments, client: httpx.AsyncClient | None, no
     sent = await finish_payouts(payments, now)  # batches left open by a crash go first
     if not sent:
         escrow = await payments.wallet(lambda e: e)  # check_address only parses: safe off the wallet's thread
-        if billing.prepare_payout(db, settings, escrow.check_address, payout_vbytes, now) is not None:
+        if billing.prepare_payout(db, settings, escrow.check_address, payout_vbytes, now,
+                                  payments.unpayable) is not None:
             sent = await finish_payouts(payments, now)
     return PassReport(deposited, period, credits, tuple(a for a, _ in warned), tuple(sent))
 

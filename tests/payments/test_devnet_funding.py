@@ -88,6 +88,11 @@ def test_devnet_account_is_funded_and_all_children_stop(tmp_path: Path) -> None:
         account = trio.run(_account, info["mediator"]["url"], home)
         assert account["balance_msat"] == DEVNET_FUNDING_SAT * 1000, account
         assert str(account["deposit_address"]).startswith("blt1") and account["uploads_refused"] is False
+        # every node has a payout address of its own on the test network, so the devnet pays them
+        payout = [line.split("=", 1)[1] for i in range(3)
+                  for line in (home / f"node-{i}" / "storaged.env").read_text().splitlines()
+                  if line.startswith("STORAGED_PAYOUT_ADDRESS=")]
+        assert len(set(payout)) == 3 and all(a.startswith("blt1") for a in payout), payout
         print(f"ready and funded {time.monotonic() - started:.1f} s after start")
     finally:
         if devnet.poll() is None:
