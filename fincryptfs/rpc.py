@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from .core.errors import FincryptError
+from .core.errors import FincryptError, RemoteProtocolError
 from .core.identity import SigningKey
 from .core.wire import canonical_json, decode_object, sign_request
 
@@ -49,15 +49,16 @@ async def call(client: httpx.AsyncClient, method: str, url: str, *, key: Signing
     all_headers = dict(headers or {})
     if json is not None:
         all_headers["content-type"] = "application/json"
-    if key is not None:
-        all_headers.update(signed_headers(key, method, url, body))
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     try:
+        if key is not None:
+            all_headers.update(signed_headers(key, method, url, body))
         response = await client.request(method, url, content=body, headers=all_headers, **kwargs)
-    except httpx.HTTPError as exc:
+    except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
+        # InvalidURL is no HTTPError: a peer that announced an unusable URL is unreachable, not a crash
         raise PeerError(f"{_peer(url)} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
     if response.status_code >= 300:
-        raise PeerError(f"{_peer(url)} refused {method} {httpx.URL(url).path}: {response.status_code} "
+        raise PeerError(f"{_peer(url)} refused {method} {response.request.url.path}: {response.status_code} "
                         f"{_error_text(response)}", response.status_code)
     return response
 
@@ -70,8 +71,22 @@ async def call_json(client: httpx.AsyncClient, method: str, url: str, **kwargs: 
         raise PeerError(f"{_peer(url)} sent a malformed answer: {exc}", response.status_code) from exc
 
 
+def check_peer_url(url: str, what: str) -> str:
+    """``url`` if httpx can send requests to it, else RemoteProtocolError (for URLs peers announce)."""
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError) as exc:
+        raise RemoteProtocolError(f"{what} {url[:80]!r} is not a usable URL: {exc}") from exc
+    if parsed.scheme not in ("http", "https") or not parsed.host:
+        raise RemoteProtocolError(f"{what} {url[:80]!r} is not an http:// or https:// URL with a host")
+    return url
+
+
 def _peer(url: str) -> str:
-    parsed = httpx.URL(url)
+    try:
+        parsed = httpx.URL(url)
+    except (httpx.InvalidURL, ValueError):
+        return f"peer at unusable URL {url[:80]!r}"
     return f"peer {parsed.scheme}://{parsed.host}:{parsed.port}" if parsed.port else f"peer {parsed.host}"
 
 

@@ -3,14 +3,18 @@
 ``serve(settings, task_status=...)`` opens the database and identity key in ``data_dir``, starts hypercorn,
 then reports the base URL through ``task_status`` (port 0 works). Loops: offline detection and share releases
 every few seconds (bounded by the audit period), an audit round every ``audit_period`` followed by a repair
-pass. Cancelling the nursery stops everything; nothing outlives it.
+pass. A pass that fails unexpectedly is logged and the loop goes on (:func:`one_pass`). Cancelling the
+nursery stops everything; nothing outlives it.
 """
 
 from __future__ import annotations
 
+import inspect
 import ipaddress
 import logging
 import time
+from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -46,11 +50,27 @@ def open_service(settings: MediatorSettings) -> MediatorService:
     return MediatorService(settings, load_identity(settings.data_dir), MediatorDB(settings.data_dir / DATABASE_FILE))
 
 
+async def one_pass(what: str, step: Callable[[], object]) -> bool:
+    """Run one pass of a periodic loop (``step`` may return an awaitable); False if it failed (logged).
+
+    One bad row or peer must not stop audits, repairs and releases for everyone until a restart: the loop
+    goes on and the next pass retries. Only ``Exception`` is caught, so cancellation (trio.Cancelled, a
+    BaseException, alone or in a group) still stops the daemon."""
+    try:
+        result = step()
+        if inspect.isawaitable(result):
+            await result
+    except Exception:
+        log.exception("%s failed; the mediator goes on and retries at the next pass", what)
+        return False
+    return True
+
+
 async def audit_and_repair_loop(service: MediatorService, client: httpx.AsyncClient) -> None:
     while True:
         await trio.sleep(service.settings.audit_period)
-        await upkeep.audit_round(service, client, time.time())
-        await upkeep.repair_pass(service, client, time.time())
+        await one_pass("audit round", lambda: upkeep.audit_round(service, client, time.time()))
+        await one_pass("repair pass", lambda: upkeep.repair_pass(service, client, time.time()))
 
 
 SWEEP_INTERVAL = 600.0  # abandoned uploads are a day old before they count: looking every 10 minutes suffices
@@ -60,12 +80,12 @@ async def housekeeping_loop(service: MediatorService, client: httpx.AsyncClient)
     interval = min(5.0, service.settings.audit_period / 2, service.settings.node_offline_after / 4)
     swept_at = 0.0
     while True:
-        upkeep.offline_pass(service, time.time())
-        await upkeep.requested_audits(service, client, time.time())
+        await one_pass("offline pass", lambda: upkeep.offline_pass(service, time.time()))
+        await one_pass("requested audits", lambda: upkeep.requested_audits(service, client, time.time()))
         if time.time() - swept_at >= SWEEP_INTERVAL:
             swept_at = time.time()
-            upkeep.sweep_stale_uploads(service, swept_at)
-        await upkeep.release_pass(service, client, time.time())
+            await one_pass("stale upload sweep", partial(upkeep.sweep_stale_uploads, service, swept_at))
+        await one_pass("release pass", lambda: upkeep.release_pass(service, client, time.time()))
         await trio.sleep(interval)
 
 

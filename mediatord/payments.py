@@ -194,6 +194,9 @@ async def payments_loop(payments: Payments, client: httpx.AsyncClient) -> None:
         except EscrowError as exc:
             log.warning("payments pass: %s", exc)
             continue
+        except Exception:  # one bad pass must not stop payments until a restart; Cancelled is no Exception
+            log.exception("payments pass failed; the mediator goes on and retries at the next pass")
+            continue
         if note := billing.credit_wait_note(waiting, report.credits):
             log.info("%s", note)
         waiting = report.credits.deferred > 0

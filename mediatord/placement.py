@@ -43,10 +43,9 @@ class Candidate:
 
 
 def subnet_of(url: str) -> str | None:
-    """The /24 of an IPv4 host (the /48 of an IPv6 one); None for host names (unknown)."""
-    host = urlsplit(url).hostname or ""
+    """The /24 of an IPv4 host (the /48 of an IPv6 one); None for host names and unparsable URLs (unknown)."""
     try:
-        address = ipaddress.ip_address(host)
+        address = ipaddress.ip_address(urlsplit(url).hostname or "")
     except ValueError:
         return None
     prefix = 24 if address.version == 4 else 48

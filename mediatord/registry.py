@@ -7,9 +7,9 @@ online with its next announcement. *Disqualified* is final (see :mod:`mediatord.
 
 from __future__ import annotations
 
-from fincryptfs.core.errors import ForbiddenError
+from fincryptfs.core.errors import ForbiddenError, RemoteProtocolError
 from fincryptfs.core.identity import PublicKey
-from fincryptfs.core.messages import NodeAnnouncement
+from fincryptfs.core.messages import NodeAnnouncement, check_url
 
 from .db import MediatorDB, NodeRow
 from .placement import Candidate
@@ -39,9 +39,19 @@ def market_view(nodes: list[NodeRow]) -> MarketView:
                       sum(n.capacity for n in online), sum(n.free for n in online))
 
 
+def usable_url(url: str) -> bool:
+    """Whether a stored node URL passes today's announcement check (rows written before it may not)."""
+    try:
+        check_url(url, "node url")
+    except RemoteProtocolError:
+        return False
+    return True
+
+
 def candidates(db: MediatorDB, pricing: PricingScheme, now: float) -> list[Candidate]:
+    """Every known node as placement sees it; one whose URL clients could not use counts as offline."""
     nodes = db.nodes()
     market = market_view(nodes)
     pending = db.pending_grant_bytes(now)
     return [Candidate(n.node_id, n.url, pricing.node_price(n.price, market), n.free - pending.get(n.node_id, 0),
-                      n.operator, n.reputation, n.state == "online") for n in nodes]
+                      n.operator, n.reputation, n.state == "online" and usable_url(n.url)) for n in nodes]

@@ -327,7 +327,7 @@ async def _put_stream(service: MediatorService, client: httpx.AsyncClient, url: 
                                                                    "content-type": "application/octet-stream"})
             if response.status_code != 201:
                 raise PeerError(f"{response.status_code} {response.text[:200]}", response.status_code)
-        except (httpx.HTTPError, PeerError) as exc:
+        except (httpx.HTTPError, httpx.InvalidURL, PeerError) as exc:
             log.info("repair: node at %s refused share %s: %s", url, share.share_id[:16], exc)
             return
         try:

@@ -8,9 +8,12 @@ a signed request. The storage proof, the one bulky message, has a compact binary
 
 from __future__ import annotations
 
+import ipaddress
+import re
 import struct
 from dataclasses import dataclass
 from typing import Any
+from urllib.parse import urlsplit
 
 from .challenge import NONCE_BYTES, LeafProof, ShareProof
 from .errors import AuthError, RemoteProtocolError, TooLargeError
@@ -31,12 +34,44 @@ from .wire import Envelope, Fields, b64decode, b64encode
 
 MAX_SHARES_PER_CHALLENGE = 100_000
 MAX_URL_LEN = 512
-_URL_PATTERN = r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?"
+# host: a name or dotted IPv4 address, or an IPv6 address in brackets; then an optional port and a plain path
+_URL_PATTERN = r"https?://(?:[A-Za-z0-9.\-]+|\[[0-9A-Fa-f:.]+\])(?::[0-9]{1,5})?(?:/[A-Za-z0-9._~/\-]*)?"
+_HOST_LABEL = r"[A-Za-z0-9](?:[A-Za-z0-9\-]{0,61}[A-Za-z0-9])?"
+
+
+def check_url(value: str, what: str) -> str:
+    """``value`` if it is an http(s) URL that every later user can parse, else RemoteProtocolError.
+
+    A peer's URL is used far from where it arrives (placement, audits, repairs, clients): one that fails to
+    parse there would break those for everyone, so it is refused where it enters. The host is a DNS name, a
+    dotted IPv4 address or a bracketed IPv6 address; the port, if any, is in 1..65535."""
+    if len(value) > MAX_URL_LEN or re.fullmatch(_URL_PATTERN, value) is None:
+        raise RemoteProtocolError(f"{what} must be an http:// or https:// URL of at most {MAX_URL_LEN} characters "
+                                  "with a host name, an IPv4 address or an [IPv6] address, an optional port "
+                                  f"and a plain path (got {value[:80]!r})")
+    try:
+        parts = urlsplit(value)
+        port = parts.port
+    except ValueError as exc:
+        raise RemoteProtocolError(f"{what} {value[:80]!r} is not a valid URL: {exc}") from exc
+    host = parts.hostname or ""
+    if port is not None and not 1 <= port <= 65535:
+        raise RemoteProtocolError(f"{what} {value[:80]!r}: the port must be in 1..65535")
+    try:
+        if "[" in parts.netloc:
+            ipaddress.IPv6Address(host)
+        elif re.fullmatch(r"[0-9.]+", host):
+            ipaddress.IPv4Address(host)
+        elif len(host) > 253 or not all(re.fullmatch(_HOST_LABEL, label) for label in host.split(".")):
+            raise ValueError("a host name is dot-separated labels of letters, digits and inner hyphens")
+    except ValueError as exc:
+        raise RemoteProtocolError(f"{what} {value[:80]!r} has an invalid host: {exc}") from exc
+    return value
 
 
 def _url(f: Fields, name: str) -> str:
-    value: str = f.str(name, max_len=MAX_URL_LEN, pattern=_URL_PATTERN)
-    return value.rstrip("/")
+    value: str = f.str(name, max_len=MAX_URL_LEN)
+    return check_url(value, name).rstrip("/")
 
 
 def _ids(values: list[Any], parse: Any) -> tuple[Any, ...]:

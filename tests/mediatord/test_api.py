@@ -219,6 +219,30 @@ async def test_announce_must_be_signed_by_the_node(net: Net) -> None:
     assert net.mediator.service.db.node(net.nodes[0].node_id).url == net.nodes[0].url  # type: ignore[union-attr]
 
 
+async def test_a_node_with_an_unusable_url_is_refused_and_breaks_nothing(net: Net) -> None:
+    """A URL the codec or the HTTP client cannot parse is a 400 at announce; a row stored before that check
+    existed is placed around without a 500 and audited as unreachable, not as a crash of the round."""
+    from fincryptfs.core.messages import NodeAnnouncement
+    evil = SigningKey.generate()
+    for url in ("http://[x", "http://[::1", "http://1.2.3.999"):
+        ann = NodeAnnouncement(evil.id, url, 0, 1 << 40, 1 << 40, "evil", None)  # type: ignore[arg-type]
+        await expect_error(net, "POST", "/v1/nodes/announce", 400, key=evil, json=ann.to_json(), fragment="url")
+    assert net.mediator.service.db.node(evil.id) is None
+
+    db = net.mediator.service.db
+    db.upsert_node(node_id=evil.id, public_key=evil.public.raw, url="http://[::1", price=0, capacity=1 << 40,
+                   free=1 << 40, operator="evil", payout_address=None, now=time.time())
+    obj = make_object()
+    stored = await upload(net.client, net.url, net.account, obj)  # the cheapest node is passed over: no 500
+    assert evil.id not in {node_id for node_id, _ in stored.values()}
+    share = db.shares_of(obj.object_id)[0]
+    db.put_share(replace(share, node_id=evil.id), time.time())
+    service = net.mediator.service
+    service.settings = replace(service.settings, audit_period=0.5, audit_retries=0)  # no 30 s retry waits
+    outcomes = await upkeep.audit_round(service, net.client, time.time())
+    assert outcomes[evil.id].result == "unreachable"
+
+
 async def test_streamed_upload_places_without_roots_and_commits_the_receipts_roots(net: Net) -> None:
     """A client that streams shares while encoding them places them before it knows their roots: the grants
     name none, the nodes' receipts state them, and the commit must name those very roots; a share re-placed

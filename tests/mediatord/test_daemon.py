@@ -11,8 +11,10 @@ import signal
 import subprocess
 import sys
 from pathlib import Path
+from types import SimpleNamespace
 
 import httpx
+import pytest
 import trio
 from mediator_net import make_object, start_node, upload
 
@@ -74,3 +76,34 @@ def test_cli_runs_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "mediatord.cli", "--env-file", str(bad)], env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "MEDIATORD_AUDIT_PERIODE" in result.stderr
+
+
+async def test_a_failing_pass_is_logged_and_the_loop_goes_on(monkeypatch: pytest.MonkeyPatch,
+                                                              caplog: pytest.LogCaptureFixture) -> None:
+    """An unexpected error in one audit round must not end the daemon; cancelling it still stops the loop."""
+    from mediatord import daemon, upkeep
+
+    calls: list[str] = []
+
+    async def audit_round(*_args: object) -> dict[str, object]:
+        calls.append("audit")
+        if len(calls) == 1:
+            raise RuntimeError("one bad pass")
+        return {}
+
+    async def repair_pass(*_args: object) -> dict[str, str]:
+        calls.append("repair")
+        return {}
+
+    monkeypatch.setattr(upkeep, "audit_round", audit_round)
+    monkeypatch.setattr(upkeep, "repair_pass", repair_pass)
+    service = SimpleNamespace(settings=SimpleNamespace(audit_period=0.01))
+    with trio.move_on_after(5) as scope:
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(daemon.audit_and_repair_loop, service, None)
+            while calls.count("audit") < 3:
+                await trio.sleep(0.01)
+            nursery.cancel_scope.cancel()
+    assert not scope.cancelled_caught, calls
+    assert calls[:2] == ["audit", "repair"]  # the repair pass still ran after the failed round
+    assert "audit round failed" in caplog.text and "one bad pass" in caplog.text

@@ -4,7 +4,9 @@ from __future__ import annotations
 
 import json
 import struct
+from urllib.parse import urlsplit
 
+import httpx
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
@@ -108,6 +110,32 @@ def test_node_announcement(ann: m.NodeAnnouncement) -> None:
 def test_announcement_url_trailing_slash_is_normalised() -> None:
     body = m.NodeAnnouncement(NODE_ID, "http://a:1", None, 10, 5, "", None).to_json()
     assert m.NodeAnnouncement.from_json({**body, "url": "http://a:1/"}).url == "http://a:1"
+
+
+BAD_URLS = ["http://[x", "http://[::1", "http://[::1]x", "http://[1::2::3]", "http://[v1.x]", "http://1.2.3.999",
+            "http://a:99999", "http://a:0", "http://a:", "http://a..b", "http://-a", "http://.", "http://a b",
+            "http://" + "a" * 64 + ".org", "http://user@a", "http://a?q", "ftp://a"]
+
+
+@pytest.mark.parametrize("url", BAD_URLS)
+def test_announcement_refuses_urls_that_a_parser_would_choke_on(url: str) -> None:
+    body = m.NodeAnnouncement(NODE_ID, "http://a:1", None, 10, 5, "", None).to_json()
+    with pytest.raises(RemoteProtocolError, match="url"):
+        m.NodeAnnouncement.from_json({**body, "url": url})
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.text("htps:/[]0123456789abcfx.-:%@ ", max_size=30) | st.builds(lambda h, p: f"http://{h}{p}",
+       st.text("[]:0123456789abcdef.-x", max_size=20), st.text(":/0123456789", max_size=8)))
+def test_an_accepted_url_parses_everywhere_it_is_used(url: str) -> None:
+    """Whatever a peer sends: refused with RemoteProtocolError, or parsable by urlsplit and httpx alike."""
+    try:
+        accepted = m.check_url(url, "url")
+    except RemoteProtocolError:
+        return
+    parts = urlsplit(accepted)
+    assert parts.hostname and (parts.port is None or 1 <= parts.port <= 65535)
+    assert httpx.URL(accepted).host
 
 
 @st.composite
