@@ -16,7 +16,10 @@ Reputation is Laplace-smoothed: ``(passed + 1) / (passed + failed + 2)`` over wh
 starts at 0.5. A round fails if any share is lost; a round in which the node never answered is *unreachable*:
 it lowers the reputation like a failure but does not count towards disqualification, because outages are
 handled by the offline timer (``node_offline_after``): shares of an offline node are repaired elsewhere, and
-the node is welcome back. ``disqualify_after`` consecutive failed rounds disqualify a node for good.
+the node is welcome back. A node that keeps announcing itself never goes offline, though, so after
+``UNRESPONSIVE_AFTER`` consecutive unreachable rounds it is *unresponsive*: its shares stop counting as healthy
+(and are repaired elsewhere) and it gets no new ones, whatever it announces, until it answers a round again.
+``disqualify_after`` consecutive failed rounds disqualify a node for good.
 """
 
 from __future__ import annotations
@@ -109,6 +112,12 @@ def judge_response(audit: NodeAudit, response: ProofResponse, asked: Collection[
     return replace(audit, pending=frozenset(pending), proven=frozenset(proven), lost=lost, attempts=attempts)
 
 
+def answers(challenge: Challenge, response: ProofResponse) -> bool:
+    """Whether a (signature-checked) response is this very challenge's answer: same node, mediator, round, nonce."""
+    return (response.node_id, response.mediator_id, response.round_id, response.nonce) == (
+        challenge.node_id, challenge.mediator_id, challenge.round_id, challenge.nonce)
+
+
 def missed(audit: NodeAudit) -> NodeAudit:
     """The node could not be reached or its answer was unusable: one attempt spent."""
     return replace(audit, attempts=audit.attempts + 1)
@@ -147,11 +156,16 @@ def outcome(audit: NodeAudit) -> AuditOutcome:
     return AuditOutcome(result, audit.proven, lost, frozenset(), bytes_proven)
 
 
+UNRESPONSIVE_AFTER = 3  # consecutive unreachable rounds after which a node's shares stop counting as healthy
+
+
 @dataclass(frozen=True)
 class NodeVerdict:
     reputation: float
     counts_toward_disqualification: bool
     disqualify: bool
+    unreachable_rounds: int = 0  # consecutive unreachable rounds, this one included (0 once it answers)
+    unresponsive: bool = False  # its shares stop counting as healthy until it answers a round again
 
 
 def reputation(passed: int, failed: int) -> float:
@@ -159,10 +173,12 @@ def reputation(passed: int, failed: int) -> float:
 
 
 def node_verdict(result: str, passed: int, failed: int, consecutive_failures: int,
-                 disqualify_after: int) -> NodeVerdict:
+                 disqualify_after: int, unreachable_rounds: int = 0,
+                 unresponsive_after: int = UNRESPONSIVE_AFTER) -> NodeVerdict:
     """How one round's result changes a node's record (see the module docstring)."""
     if result == "passed":
         return NodeVerdict(reputation(passed + 1, failed), False, False)
     counts = result == "failed"
     disqualify = counts and consecutive_failures + 1 >= disqualify_after
-    return NodeVerdict(reputation(passed, failed + 1), counts, disqualify)
+    silent = unreachable_rounds + 1 if result == "unreachable" else 0
+    return NodeVerdict(reputation(passed, failed + 1), counts, disqualify, silent, silent >= unresponsive_after)

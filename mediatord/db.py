@@ -30,7 +30,7 @@ CREATE TABLE IF NOT EXISTS nodes (
     payout_address TEXT, first_seen REAL NOT NULL, last_seen REAL NOT NULL,
     state TEXT NOT NULL DEFAULT 'online', reputation REAL NOT NULL DEFAULT 0.5,
     passed INTEGER NOT NULL DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0,
-    consecutive_failures INTEGER NOT NULL DEFAULT 0
+    consecutive_failures INTEGER NOT NULL DEFAULT 0, unreachable_rounds INTEGER NOT NULL DEFAULT 0
 );
 CREATE TABLE IF NOT EXISTS accounts (
     account_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, created_at REAL NOT NULL
@@ -134,6 +134,7 @@ class NodeRow:
     passed: int
     failed: int
     consecutive_failures: int
+    unreachable_rounds: int = 0  # consecutive audit rounds it did not answer
 
 
 @dataclass(frozen=True)
@@ -179,6 +180,13 @@ class MediatorDB:
         self._conn.execute("PRAGMA foreign_keys=ON")
         self._conn.executescript(SCHEMA)
         self._conn.executescript(BILLING_SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Columns added after a database was created (CREATE TABLE IF NOT EXISTS leaves old tables as they are)."""
+        columns = {r[1] for r in self._conn.execute("PRAGMA table_info(nodes)")}
+        if "unreachable_rounds" not in columns:
+            self._conn.execute("ALTER TABLE nodes ADD COLUMN unreachable_rounds INTEGER NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         self._conn.close()
@@ -200,19 +208,26 @@ class MediatorDB:
     # --- nodes ----------------------------------------------------------------------------------------------
 
     def upsert_node(self, *, node_id: str, public_key: bytes, url: str, price: int | None, capacity: int,
-                    free: int, operator: str, payout_address: str | None, now: float) -> None:
-        """Record an announcement; a disqualified node stays disqualified, an offline one comes back online."""
+                    free: int, operator: str, payout_address: str | None, now: float,
+                    unresponsive_after: int = 3) -> None:
+        """Record an announcement; a disqualified node stays disqualified, an offline one comes back online.
+
+        A node that did not answer ``unresponsive_after`` audit rounds in a row stays (or becomes) unresponsive
+        whatever it announces: only an answered audit brings it back (see :mod:`mediatord.audit`)."""
         self._conn.execute(
             "INSERT INTO nodes (node_id, public_key, url, price, capacity, free, operator, payout_address,"
             " first_seen, last_seen) VALUES (?,?,?,?,?,?,?,?,?,?) ON CONFLICT(node_id) DO UPDATE SET"
             " url=excluded.url, price=excluded.price, capacity=excluded.capacity, free=excluded.free,"
             " operator=excluded.operator, payout_address=excluded.payout_address, last_seen=excluded.last_seen,"
-            " state=CASE WHEN state='disqualified' THEN state ELSE 'online' END",
-            (node_id, public_key, url, price, capacity, free, operator, payout_address, now, now))
+            " state=CASE WHEN state='disqualified' THEN state WHEN unreachable_rounds >= ? THEN 'unresponsive'"
+            " ELSE 'online' END",
+            (node_id, public_key, url, price, capacity, free, operator, payout_address, now, now,
+             unresponsive_after))
 
     def touch_node(self, node_id: str, now: float) -> None:
-        self._conn.execute("UPDATE nodes SET last_seen=?, state=CASE WHEN state='offline' THEN 'online'"
-                           " ELSE state END WHERE node_id=?", (now, node_id))
+        """The node answered an audit: it is seen, and online again if it was offline or unresponsive."""
+        self._conn.execute("UPDATE nodes SET last_seen=?, unreachable_rounds=0, state=CASE WHEN state IN"
+                           " ('offline','unresponsive') THEN 'online' ELSE state END WHERE node_id=?", (now, node_id))
 
     def node(self, node_id: str) -> NodeRow | None:
         row = self._conn.execute("SELECT * FROM nodes WHERE node_id=?", (node_id,)).fetchone()
@@ -226,23 +241,31 @@ class MediatorDB:
         return [NodeRow(*r) for r in rows]
 
     def mark_offline(self, cutoff: float) -> list[str]:
-        """Nodes online but unseen since ``cutoff`` become offline; returns their ids."""
+        """Nodes online (or unresponsive) but unseen since ``cutoff`` become offline; returns their ids.
+
+        Their count of unreachable rounds starts again: they were away, which the offline state covers (their
+        shares stop counting either way), and back they are welcome with their next announcement."""
         ids = [r[0] for r in self._conn.execute(
-            "SELECT node_id FROM nodes WHERE state='online' AND last_seen < ?", (cutoff,))]
+            "SELECT node_id FROM nodes WHERE state IN ('online','unresponsive') AND last_seen < ?", (cutoff,))]
         if ids:
-            self._conn.executemany("UPDATE nodes SET state='offline' WHERE node_id=?", [(i,) for i in ids])
+            self._conn.executemany("UPDATE nodes SET state='offline', unreachable_rounds=0 WHERE node_id=?",
+                                   [(i,) for i in ids])
         return ids
 
     def record_node_outcome(self, node_id: str, *, passed: bool, counts_toward_disqualification: bool,
-                            reputation: float, disqualify: bool) -> None:
+                            reputation: float, disqualify: bool, unreachable_rounds: int = 0,
+                            unresponsive: bool = False) -> None:
+        """One round's verdict; ``unresponsive`` turns an online node unresponsive (its shares stop counting)."""
         if passed:
-            self._conn.execute("UPDATE nodes SET passed=passed+1, consecutive_failures=0, reputation=?"
-                               " WHERE node_id=?", (reputation, node_id))
+            self._conn.execute("UPDATE nodes SET passed=passed+1, consecutive_failures=0, unreachable_rounds=0,"
+                               " reputation=? WHERE node_id=?", (reputation, node_id))
             return
         self._conn.execute(
             "UPDATE nodes SET failed=failed+1, consecutive_failures=consecutive_failures+?, reputation=?,"
-            " state=CASE WHEN ? THEN 'disqualified' ELSE state END WHERE node_id=?",
-            (1 if counts_toward_disqualification else 0, reputation, 1 if disqualify else 0, node_id))
+            " unreachable_rounds=?, state=CASE WHEN ? THEN 'disqualified'"
+            " WHEN ? AND state='online' THEN 'unresponsive' ELSE state END WHERE node_id=?",
+            (1 if counts_toward_disqualification else 0, reputation, unreachable_rounds, 1 if disqualify else 0,
+             1 if unresponsive else 0, node_id))
 
     def pending_grant_bytes(self, now: float) -> dict[str, int]:
         rows = self._conn.execute("SELECT node_id, SUM(size) FROM grants WHERE used=0 AND expires_at>?"
@@ -320,10 +343,11 @@ class MediatorDB:
                                [(state, now, s) for s in share_ids])
 
     def audit_node_ids(self) -> list[str]:
-        """Online nodes holding committed shares (stored or proven): the ones a round challenges."""
+        """The nodes a round challenges: online ones holding committed shares (stored or proven), and every
+        unresponsive one (an answered round is what brings it back, even once its shares were moved away)."""
         return [r[0] for r in self._conn.execute(
-            "SELECT n.node_id FROM nodes n WHERE n.state='online' AND EXISTS (SELECT 1 FROM shares s"
-            " WHERE s.node_id=n.node_id AND s.state IN ('stored','proven')) ORDER BY n.node_id")]
+            "SELECT n.node_id FROM nodes n WHERE n.state='unresponsive' OR (n.state='online' AND EXISTS (SELECT 1"
+            " FROM shares s WHERE s.node_id=n.node_id AND s.state IN ('stored','proven'))) ORDER BY n.node_id")]
 
     def audit_shares(self, node_id: str) -> list[ShareRow]:
         rows = self._conn.execute(
@@ -660,6 +684,7 @@ class MediatorDB:
         return {
             "nodes_online": one("SELECT COUNT(*) FROM nodes WHERE state='online'"),
             "nodes_offline": one("SELECT COUNT(*) FROM nodes WHERE state='offline'"),
+            "nodes_unresponsive": one("SELECT COUNT(*) FROM nodes WHERE state='unresponsive'"),
             "nodes_disqualified": one("SELECT COUNT(*) FROM nodes WHERE state='disqualified'"),
             "objects": one("SELECT COUNT(*) FROM objects WHERE state!='pending'"),
             "objects_irreparable": one("SELECT COUNT(*) FROM objects WHERE state='irreparable'"),

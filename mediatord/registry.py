@@ -2,7 +2,9 @@
 
 A node is *online* after an announcement or an answered audit, *offline* once unseen for
 ``node_offline_after`` seconds (its shares then stop counting as healthy and are repaired elsewhere), and back
-online with its next announcement. *Disqualified* is final (see :mod:`mediatord.audit`).
+online with its next announcement. *Unresponsive* (it announces but did not answer several audit rounds in a
+row) is like offline, but announcements do not end it: only an answered audit does. *Disqualified* is final
+(see :mod:`mediatord.audit`).
 """
 
 from __future__ import annotations
@@ -11,6 +13,7 @@ from fincryptfs.core.errors import ForbiddenError, RemoteProtocolError
 from fincryptfs.core.identity import PublicKey
 from fincryptfs.core.messages import NodeAnnouncement, check_url
 
+from .audit import UNRESPONSIVE_AFTER
 from .db import MediatorDB, NodeRow
 from .placement import Candidate
 from .policies import AcceptanceRule, MarketView, PricingScheme
@@ -26,7 +29,7 @@ def announce(db: MediatorDB, signer: PublicKey, ann: NodeAnnouncement, rule: Acc
         raise ForbiddenError("this node was disqualified after repeatedly failing storage audits")
     db.upsert_node(node_id=ann.node_id, public_key=signer.raw, url=ann.url, price=ann.price,
                    capacity=ann.capacity_bytes, free=ann.free_bytes, operator=ann.operator,
-                   payout_address=ann.payout_address, now=now)
+                   payout_address=ann.payout_address, now=now, unresponsive_after=UNRESPONSIVE_AFTER)
 
 
 def mark_offline(db: MediatorDB, now: float, offline_after: float) -> list[str]:

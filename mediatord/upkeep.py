@@ -62,7 +62,7 @@ def _max_proof_bytes(share_count: int, leaves: int) -> int:
 
 async def audit_round(service: MediatorService, client: httpx.AsyncClient, now: float
                       ) -> dict[str, audit_logic.AuditOutcome]:
-    """Challenge every online node holding shares, concurrently; record and return each outcome."""
+    """Challenge every online (or unresponsive) node holding shares, concurrently; record each outcome."""
     db = service.db
     round_id = db.next_round_id()
     results: dict[str, audit_logic.AuditOutcome] = {}
@@ -80,7 +80,7 @@ async def requested_audits(service: MediatorService, client: httpx.AsyncClient, 
     while service.audit_requests:
         node_id = service.audit_requests.pop()
         node, shares = service.db.node(node_id), service.db.audit_shares(node_id)
-        if node is not None and node.state == "online" and shares:
+        if node is not None and node.state in ("online", "unresponsive") and shares:
             results[node_id] = await audit_node(service, client, node, service.db.next_round_id(), shares, now)
     return results
 
@@ -93,6 +93,31 @@ async def _audit_node(service: MediatorService, client: httpx.AsyncClient, node_
         shares = service.db.audit_shares(node_id)
         if node is not None and shares:
             results[node_id] = await audit_node(service, client, node, round_id, shares, now)
+        elif node is not None and node.state == "unresponsive":
+            await probe_node(service, client, node, round_id, now)
+
+
+async def probe_node(service: MediatorService, client: httpx.AsyncClient, node: NodeRow, round_id: int,
+                     now: float) -> bool:
+    """Ask an unresponsive node that holds no shares any more an empty challenge; True if it answered.
+
+    Its shares were moved away, so no audit would ever ask it again: a signed answer to this round and nonce is
+    the answered round that makes it online (and eligible for new shares) again. No reputation changes: there
+    was nothing to prove."""
+    challenge = audit_logic.start_audit(service.id, node.node_id, round_id, (), 1).challenge
+    try:
+        response = await call(client, "POST", f"{node.url}/v1/challenges", key=service.key, json=challenge.to_json(),
+                              timeout=UpkeepSettings.from_service(service).request_timeout)
+        proof = _decode_proof(response.content, PublicKey(node.public_key), _max_proof_bytes(0, 1))
+    except (PeerError, ProtocolError) as exc:
+        log.info("unresponsive node %s still does not answer: %s", node.node_id[:16], exc)
+        return False
+    if not audit_logic.answers(challenge, proof):
+        log.info("unresponsive node %s answered another challenge than this round's", node.node_id[:16])
+        return False
+    service.db.touch_node(node.node_id, now)
+    log.info("node %s answers audits again: online", node.node_id[:16])
+    return True
 
 
 async def audit_node(service: MediatorService, client: httpx.AsyncClient, node: NodeRow, round_id: int,
@@ -137,18 +162,23 @@ def apply_outcome(service: MediatorService, node: NodeRow, round_id: int, answer
     db = service.db
     fresh = db.node(node.node_id) or node
     verdict = audit_logic.node_verdict(result.result, fresh.passed, fresh.failed, fresh.consecutive_failures,
-                                       disqualify_after)
+                                       disqualify_after, fresh.unreachable_rounds)
     with db.transaction():
         db.finish_round(round_id, node.node_id, result.result, result.detail, now)
         db.set_share_states(sorted(result.proven - already_proven), "proven", now)
         db.set_share_states(sorted(result.lost), "lost", now)
         db.record_node_outcome(node.node_id, passed=result.result == "passed",
                                counts_toward_disqualification=verdict.counts_toward_disqualification,
-                               reputation=verdict.reputation, disqualify=verdict.disqualify)
+                               reputation=verdict.reputation, disqualify=verdict.disqualify,
+                               unreachable_rounds=verdict.unreachable_rounds, unresponsive=verdict.unresponsive)
         if result.result == "passed":
             db.record_pass(round_id, node.node_id, len(result.proven), result.bytes_proven, now)
         if answered:
             db.touch_node(node.node_id, now)
+    if verdict.unresponsive and fresh.state == "online":
+        log.warning("node %s announces itself but did not answer %d audit rounds in a row: its shares no longer "
+                    "count as healthy and will be repaired elsewhere until it answers again", node.node_id[:16],
+                    verdict.unreachable_rounds)
     if verdict.disqualify:
         log.warning("node %s disqualified after %d consecutive failed audits; its shares will be repaired",
                     node.node_id[:16], disqualify_after)

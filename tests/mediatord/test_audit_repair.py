@@ -30,6 +30,7 @@ from mediator_net import (
 from fincryptfs import rpc
 from fincryptfs.core.identity import SigningKey
 from mediatord import upkeep
+from mediatord.audit import UNRESPONSIVE_AFTER
 
 
 @dataclass
@@ -286,3 +287,48 @@ async def test_streamed_repair_swaps_a_source_found_corrupt_midway(net: Net,
     moved = {s["index"]: s["node_id"] for s in status["shares"]}
     for index in (0, 1):
         assert share_data_file(net.node(moved[index]), obj.specs[index].share_id).read_bytes() == obj.shares[index]
+
+
+async def test_a_node_announcing_but_never_answering_turns_unresponsive_until_it_answers(net: Net) -> None:
+    """A node whose announced URL leads nowhere (a wrong public URL, a lost disk behind a proxy) keeps announcing,
+    so it never goes offline: after UNRESPONSIVE_AFTER unreachable rounds its shares stop counting and are
+    repaired, its announcements do not undo that, and an answered round does."""
+    obj = make_object()
+    placed = await net.upload(obj)
+    silent = []
+    for node in (net.node(placed[2]), net.node(placed[3])):
+        await stop_node(node)
+        index = net.nodes.index(node)
+        net.nodes[index] = await start_node(net.nursery, net.root, net.url, index,
+                                            port=int(node.url.rsplit(":", 1)[1]),
+                                            STORAGED_PUBLIC_URL="http://127.0.0.1:1")  # nothing listens there
+        silent.append(net.nodes[index])
+    db = net.service.db
+    with trio.fail_after(10):
+        while {db.node(n.node_id).url for n in silent} != {"http://127.0.0.1:1"}:  # type: ignore[union-attr]
+            await trio.sleep(0.05)
+    for number in range(1, UNRESPONSIVE_AFTER + 1):
+        results = await net.round()
+        assert {results[n.node_id] for n in silent} == {"unreachable"}
+        await trio.sleep(0.3)  # the silent nodes announce again meanwhile
+        states = {db.node(n.node_id).state for n in silent}  # type: ignore[union-attr]
+        assert states == ({"online"} if number < UNRESPONSIVE_AFTER else {"unresponsive"})
+        if number < UNRESPONSIVE_AFTER:
+            assert await net.repair() == {}
+    assert await net.repair() == {obj.object_id: "repaired"}
+    status = await object_status(net.client, net.url, net.account, obj.object_id)
+    assert status["health"]["healthy"] == 4
+    assert not {n.node_id for n in silent} & {s["node_id"] for s in status["shares"]}
+    fresh = await net.upload(make_object())  # no new shares for them either: four other nodes are left
+    assert not {n.node_id for n in silent} & set(fresh.values())
+    assert db.counts()["nodes_unresponsive"] == 2
+
+    fixed = silent[0]  # its operator corrects the URL: the next round asks it (holding nothing) and it answers
+    await stop_node(fixed)
+    back = await net.restart(fixed)
+    await trio.sleep(0.3)
+    assert db.node(back.node_id).state == "unresponsive"  # type: ignore[union-attr]
+    await net.round()
+    row = db.node(back.node_id)
+    assert row is not None and row.state == "online" and row.unreachable_rounds == 0
+    assert db.node(silent[1].node_id).state == "unresponsive"  # type: ignore[union-attr]

@@ -143,6 +143,38 @@ def test_reputation_and_disqualification_rules() -> None:
     assert audit.node_verdict("failed", 0, 0, 2, 3).disqualify
 
 
+def test_unreachable_rounds_in_a_row_make_a_node_unresponsive_until_it_answers() -> None:
+    first = audit.node_verdict("unreachable", 0, 0, 0, 3, 0)
+    assert (first.unreachable_rounds, first.unresponsive) == (1, False)
+    last = audit.node_verdict("unreachable", 5, 2, 0, 3, audit.UNRESPONSIVE_AFTER - 1)
+    assert last.unreachable_rounds == audit.UNRESPONSIVE_AFTER and last.unresponsive
+    assert not last.counts_toward_disqualification and not last.disqualify  # an outage is still no cheat
+    assert audit.node_verdict("unreachable", 0, 0, 0, 3, 10).unresponsive
+    for result in ("passed", "failed"):  # any answer ends the streak
+        verdict = audit.node_verdict(result, 0, 0, 0, 3, 10)
+        assert (verdict.unreachable_rounds, verdict.unresponsive) == (0, False)
+
+
+def test_a_database_from_before_the_unreachable_count_opens(tmp_path: Path) -> None:
+    import sqlite3
+
+    from mediatord.db import MediatorDB
+    path = tmp_path / "old.sqlite3"
+    with sqlite3.connect(path) as conn:
+        conn.execute("CREATE TABLE nodes (node_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, url TEXT NOT NULL,"
+                     " price INTEGER, capacity INTEGER NOT NULL, free INTEGER NOT NULL, operator TEXT NOT NULL"
+                     " DEFAULT '', payout_address TEXT, first_seen REAL NOT NULL, last_seen REAL NOT NULL, state TEXT"
+                     " NOT NULL DEFAULT 'online', reputation REAL NOT NULL DEFAULT 0.5, passed INTEGER NOT NULL"
+                     " DEFAULT 0, failed INTEGER NOT NULL DEFAULT 0, consecutive_failures INTEGER NOT NULL DEFAULT 0)")
+        conn.execute("INSERT INTO nodes (node_id, public_key, url, capacity, free, first_seen, last_seen)"
+                     " VALUES ('n', x'00', 'http://a:1', 1, 1, 0, 0)")
+    conn.close()
+    db = MediatorDB(path)
+    row = db.node("n")
+    assert row is not None and row.unreachable_rounds == 0 and row.state == "online"
+    db.close()
+
+
 def cand(node_id: str, price: int = 100, operator: str = "", ip: str = "10.0.0.1", free: int = 10**9,
          reputation: float = 0.5, online: bool = True) -> Candidate:
     return Candidate(node_id * 64, f"http://{ip}:8701", price, free, operator, reputation, online)
