@@ -10,7 +10,8 @@ recorded roots), ``rebuild_range`` rebuilds the missing shares' bytes for it, an
 PUT bodies to the new nodes, which check the whole share against its root before they store it. The
 mediator's memory per repair is a few runs, whatever the share size.
 
-Thresholds: an object is repaired when fewer than ``n - 1`` shares are healthy (see
+Thresholds: an object is repaired when fewer than ``n - 1`` shares are healthy, when the healthy shares hold
+less than the minimum expansion (healthy / k < 2 by default), or when at most k are left (see
 :func:`mediatord.service.repair_threshold`); with fewer than k left it is *irreparable*: no repair traffic is
 sent (it could not succeed), an alert is logged, and it recovers on its own if enough nodes come back.
 """

@@ -10,6 +10,7 @@ one more node than the bare minimum before the client may forget its local copy.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass, replace
 from typing import Any
@@ -50,9 +51,16 @@ def happy_for(layout: ObjectLayout) -> int:
     return min(layout.n, max(layout.n - 1, layout.k + 1))
 
 
-def repair_threshold(layout: ObjectLayout) -> int:
-    """Repair once fewer than this many shares are healthy: one loss is tolerated, two are repaired."""
-    return layout.n - 1
+def repair_threshold(layout: ObjectLayout, min_expansion: float) -> int:
+    """Repair once fewer than this many shares are healthy.
+
+    One loss is tolerated only while the healthy shares still hold ``min_expansion`` times the data (healthy / k
+    >= min_expansion) and more than k remain: a 1-of-2 object down to one copy, or a 2-of-4 down to three shares
+    (1.5x), is below the redundancy the mediator promised at placement and is repaired. Capped at n, so an
+    object placed under a lower minimum is not repaired forever once all its shares are healthy."""
+    k, n = layout.k, layout.n
+    expansion_floor = math.ceil(round(min_expansion * k, 9))  # round: 2.2 * 5 is 11.000000000000002
+    return min(n, max(n - 1, expansion_floor, k + 1))
 
 
 @dataclass(frozen=True)

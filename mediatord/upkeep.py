@@ -246,7 +246,7 @@ async def repair_pass(service: MediatorService, client: httpx.AsyncClient, now: 
             continue
         shares = db.shares_of(object_id)
         healthy = [s.idx for s in shares if s.state in HEALTHY_SHARE_STATES and s.node_id in online]
-        plan = plan_repair(obj.layout, healthy, repair_threshold(obj.layout),
+        plan = plan_repair(obj.layout, healthy, repair_threshold(obj.layout, service.settings.min_expansion),
                            evict=any(s.node_id in disqualified for s in shares))
         if plan.action == "irreparable":
             if obj.state != "irreparable":

@@ -22,6 +22,7 @@ from mediatord import audit
 from mediatord.placement import Candidate, check_redundancy, place_shares
 from mediatord.policies import MarketView, acceptance_rule, pricing_scheme
 from mediatord.repair import plan_repair, rebuild_range, rebuild_shares, segment_batches, share_range
+from mediatord.service import repair_threshold
 
 MEDIATOR = SigningKey.generate()
 NODE = SigningKey.generate()
@@ -255,6 +256,34 @@ def _encoded_shares(layout: ObjectLayout) -> list[bytes]:
         for i, block in enumerate(encode_segment(layout.params, os.urandom(layout.sealed_length(seg)))):
             shares[i] += block
     return [bytes(s) for s in shares]
+
+
+def test_redundancy_below_the_minimum_expansion_is_repaired() -> None:
+    one_of_two = ObjectLayout(100_000, 8192, 1, 2)
+    assert plan_repair(one_of_two, [0], repair_threshold(one_of_two, 2.0)).action == "repair"  # one copy left
+    two_of_four = ObjectLayout(100_000, 8192, 2, 4)
+    assert plan_repair(two_of_four, [0, 1, 2], repair_threshold(two_of_four, 2.0)).action == "repair"  # 1.5x
+    three_of_eight = ObjectLayout(100_000, 8192, 3, 8)
+    assert plan_repair(three_of_eight, range(7), repair_threshold(three_of_eight, 2.0)).action == "none"  # 2.33x
+    assert plan_repair(three_of_eight, range(6), repair_threshold(three_of_eight, 2.0)).action == "repair"
+    old = ObjectLayout(100_000, 8192, 3, 5)  # placed when the minimum was lower: whole, it is left alone
+    assert plan_repair(old, range(5), repair_threshold(old, 2.0)).action == "none"
+
+
+@settings(max_examples=300, deadline=None)
+@given(st.integers(2, 40).flatmap(lambda n: st.tuples(st.integers(1, n - 1), st.just(n), st.integers(0, n))),
+       st.sampled_from([2.0, 2.2, 2.5, 3.0, 4.0]))
+def test_repair_decision_matches_its_rule(knh: tuple[int, int, int], min_expansion: float) -> None:
+    """Repair iff k <= healthy < n and (healthy < n - 1, or healthy / k < the minimum expansion, or healthy <= k)."""
+    k, n, healthy = knh
+    layout = ObjectLayout(1_000_000, 65536, k, n)
+    action = plan_repair(layout, range(healthy), repair_threshold(layout, min_expansion)).action
+    if healthy < k:
+        assert action == "irreparable"
+    elif healthy < n and (healthy < n - 1 or healthy / k < min_expansion or healthy <= k):
+        assert action == "repair"
+    else:
+        assert action == "none"
 
 
 def test_repair_rebuilds_exact_shares_without_a_key() -> None:
