@@ -15,7 +15,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fincryptfs.core.errors import AuthError, ForbiddenError, PolicyError, RemoteProtocolError
+from fincryptfs.core.errors import AuthError, ForbiddenError, PolicyError, RemoteProtocolError, ReplayError
 from fincryptfs.core.identity import PublicKey, SigningKey
 from fincryptfs.core.ids import AccountId, NodeId, ObjectId, ShareId, parse_node_id, parse_share_id
 from fincryptfs.core.layout import ObjectLayout
@@ -207,8 +207,10 @@ class MediatorService:
         return grant.seal(self.key)
 
     def check_receipt(self, envelope: Envelope, *, share_id: str, account_id: str, size: int,
-                      root: bytes) -> StorageReceipt:
-        """A receipt is good iff its node is the one we granted this share to, signing with its registered key."""
+                      root: bytes, already_committed: bool = False) -> StorageReceipt:
+        """A receipt is good iff its node is the one we granted this share to, signing with its registered key,
+        and its grant was not used yet: a receipt commits its share once. ``already_committed``: the share is
+        recorded healthy on this very node, so a used grant is a harmless repeat of that commit."""
         receipt = StorageReceipt.open(envelope)
         if receipt.mediator_id != self.id:
             raise AuthError(f"receipt for share {share_id[:16]}… names another mediator")
@@ -216,6 +218,9 @@ class MediatorService:
         if grant is None or grant.share_id != share_id or grant.node_id != receipt.node_id:
             raise AuthError(f"receipt for share {share_id[:16]}… answers no grant this mediator issued for that "
                             "share and node")
+        if grant.used and not already_committed:
+            raise ReplayError(f"receipt for share {share_id[:16]}… was already committed and the share has changed "
+                              "since (lost in an audit or repaired): an old receipt cannot commit it again")
         if (grant.account_id, grant.size) != (account_id, size) or grant.root not in (UNKNOWN_ROOT, root) or (
                 receipt.account_id, receipt.share_size, receipt.merkle_root) != (account_id, size, root):
             raise AuthError(f"receipt for share {share_id[:16]}… does not match its grant")
@@ -243,8 +248,14 @@ class MediatorService:
                 raise RemoteProtocolError(f"share {c.index} ({c.share_id[:16]}…) was never placed for this object")
             if _roots_differ(row.root, c.merkle_root) or row.size != c.share_size:
                 raise RemoteProtocolError(f"share {c.index}: root or size differs from the one placed")
+            same_node = row.node_id == c.node_id
             receipt = self.check_receipt(c.receipt, share_id=c.share_id, account_id=account_id, size=row.size,
-                                         root=c.merkle_root)
+                                         root=c.merkle_root,
+                                         already_committed=same_node and row.state in HEALTHY_SHARE_STATES)
+            if not same_node:
+                raise PolicyError(f"share {c.index} is now placed on node {row.node_id[:16]}…, not on node "
+                                  f"{c.node_id[:16]}… that this receipt names (re-placed or repaired since): "
+                                  "commit only receipts of the current placement", status=409)
             grants_used.append(receipt.grant_id)
         committed = {c.share_id for c in req.shares}
         unknown = [row for row in rows.values() if row.root == UNKNOWN_ROOT and row.share_id not in committed]

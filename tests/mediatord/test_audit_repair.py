@@ -328,3 +328,36 @@ async def test_a_node_announcing_but_never_answering_turns_unresponsive_until_it
     row = db.node(back.node_id)
     assert row is not None and row.state == "online" and row.unreachable_rounds == 0
     assert db.node(silent[1].node_id).state == "unresponsive"  # type: ignore[union-attr]
+
+
+async def test_a_replayed_commit_cannot_move_a_share_back_or_revive_a_lost_one(net: Net) -> None:
+    """A receipt commits its share once: repeating the same commit is harmless, but an old receipt can neither
+    mark a share found lost as stored again nor point a repaired share back at the node it left (which released
+    it, and would then fail audits for a share it was told to delete)."""
+    obj = make_object()
+    stored = await mediator_net.upload(net.client, net.url, net.account, obj)
+    original = mediator_net.commit_body(obj, stored)
+    commit_url = f"{net.url}/v1/objects/commit"
+    await rpc.call_json(net.client, "POST", commit_url, key=net.account, json=original)  # the same state again
+    db = net.service.db
+    assert {s.state for s in db.shares_of(obj.object_id)} == {"stored"}
+
+    old_holder = net.node(stored[0][0])
+    flip_byte(share_data_file(old_holder, obj.specs[0].share_id))
+    assert (await net.round())[old_holder.node_id] == "failed"
+    with pytest.raises(rpc.PeerError) as info:
+        await rpc.call_json(net.client, "POST", commit_url, key=net.account, json=original)
+    assert info.value.status == 401 and "already committed" in str(info.value)
+    assert db.shares_of(obj.object_id)[0].state == "lost"
+
+    assert await net.repair() == {obj.object_id: "repaired"}
+    moved_to = db.shares_of(obj.object_id)[0].node_id
+    assert moved_to != old_holder.node_id
+    await upkeep.release_pass(net.service, net.client, time.time())
+    with pytest.raises(rpc.PeerError) as info:
+        await rpc.call_json(net.client, "POST", commit_url, key=net.account, json=original)
+    assert info.value.status == 401
+    row = db.shares_of(obj.object_id)[0]
+    assert (row.node_id, row.state) == (moved_to, "stored")
+    assert set((await net.round()).values()) == {"passed"}
+    assert db.node(old_holder.node_id).consecutive_failures == 1  # type: ignore[union-attr]
