@@ -13,7 +13,8 @@ of a step:
   posting keyed ``credit:ROUND:NODE`` in one transaction): bytes proven × the node's price under the scheme ×
   the time since the node's previous credited pass (at most one audit period: an extra, out-of-turn audit
   earns nothing extra), minus the mediator's fee (``fee_bps``). Credits are paid from the mediator's account;
-  if it cannot cover the next credit, crediting stops until charges refill it (the passes wait, in order).
+  a pass it cannot cover waits until charges refill it, and that node's later passes wait behind it (in
+  order), while other nodes' passes are still credited.
 * **deposits**: outputs to a deposit address are recorded when seen and credited once they have
   ``deposit_confirmations`` confirmations, keyed by (txid, vout).
 * **payouts**: nodes whose balance reaches ``payout_threshold`` (and whose payout address is valid) are paid in
@@ -138,14 +139,21 @@ def bill_due_periods(db: MediatorDB, pricing: PricingScheme, period: float, now:
 
 
 def credit_passes(db: MediatorDB, pricing: PricingScheme, settings: MediatorSettings, now: float) -> CreditReport:
-    """Credit every passed audit round not credited yet, oldest first, a batch per transaction."""
+    """Credit every passed audit round not credited yet, oldest first, a batch per transaction.
+
+    A pass the mediator's account cannot cover waits, and so do that node's later passes (each node is credited
+    in order: a credit covers the time since the node's previous credited pass); other nodes' passes are still
+    credited. One node's credit too large for the account (a huge ask, a long backlog) must not stall them all."""
     market = registry.market_view(db.nodes())
     audit_ms = int(settings.audit_period * 1000)
-    credited = amount = 0
+    credited = amount = deferred = available = 0
+    waiting: set[str] = set()  # nodes with a pass left waiting in this call
+    after: tuple[float, int, str] | None = None
     while True:
-        passes = db.uncredited_passes(CREDIT_BATCH)
+        passes = db.uncredited_passes(CREDIT_BATCH, after)
         if not passes:
-            return CreditReport(credited, amount, 0)
+            return CreditReport(credited, amount, deferred, available if deferred else 0)
+        after = (passes[-1][3], passes[-1][0], passes[-1][1])
         node_ids = sorted({p[1] for p in passes})
         nodes = {n: db.node(n) for n in node_ids}
         with db.transaction():
@@ -153,13 +161,18 @@ def credit_passes(db: MediatorDB, pricing: PricingScheme, settings: MediatorSett
             available = db.balance(FEES)
             postings, rows = [], []
             for round_id, node_id, bytes_proven, passed_at in passes:
+                if node_id in waiting:
+                    deferred += 1  # behind its own earlier pass
+                    continue
                 previous = last.get(node_id)
                 covered = audit_ms if previous is None else max(0, min(audit_ms, int((passed_at - previous) * 1000)))
                 row = nodes[node_id]
                 price = pricing.node_price(row.price if row else None, market)
                 net = after_fee(storage_cost(bytes_proven * price, covered), settings.fee_bps)
                 if net > available:
-                    break  # the rest waits, in order, for charges to refill the mediator's account
+                    waiting.add(node_id)  # waits, in order, for charges to refill the mediator's account
+                    deferred += 1
+                    continue
                 available -= net
                 last[node_id] = passed_at
                 rows.append((round_id, node_id, passed_at, net))
@@ -170,8 +183,6 @@ def credit_passes(db: MediatorDB, pricing: PricingScheme, settings: MediatorSett
             db.record_credits(rows)
         credited += len(rows)
         amount += sum(r[3] for r in rows)
-        if len(rows) < len(passes):
-            return CreditReport(credited, amount, len(passes) - len(rows), available)
 
 
 # --- accounts: balance, burn rate, warnings, refusal --------------------------------------------------------

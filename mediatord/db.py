@@ -568,12 +568,17 @@ class MediatorDB:
             result.append((account_id, size, float(created_at)))
         return result
 
-    def uncredited_passes(self, limit: int) -> list[tuple[int, str, int, float]]:
-        """(round, node, bytes proven, passed at) of passes not yet credited, oldest first."""
+    def uncredited_passes(self, limit: int, after: tuple[float, int, str] | None = None
+                          ) -> list[tuple[int, str, int, float]]:
+        """(round, node, bytes proven, passed at) of passes not yet credited, oldest first; ``after``: only those
+        past this (passed at, round, node), to page on beyond passes left waiting."""
+        if after is None:
+            after = (float("-inf"), 0, "")
         return [(r[0], r[1], r[2], r[3]) for r in self._conn.execute(
             "SELECT p.round_id, p.node_id, p.bytes_proven, p.passed_at FROM audit_passes p LEFT JOIN audit_credits c"
             " ON c.round_id=p.round_id AND c.node_id=p.node_id WHERE c.round_id IS NULL"
-            " ORDER BY p.passed_at, p.round_id, p.node_id LIMIT ?", (limit,))]
+            " AND (p.passed_at, p.round_id, p.node_id) > (?, ?, ?)"
+            " ORDER BY p.passed_at, p.round_id, p.node_id LIMIT ?", (*after, limit))]
 
     def last_credited_pass(self, node_ids: Sequence[str]) -> dict[str, float]:
         found: dict[str, float] = {}
