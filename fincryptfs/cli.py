@@ -138,7 +138,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     if args.phrase_file:
-        phrase = Path(args.phrase_file).expanduser().read_text(encoding="utf-8")
+        path = Path(args.phrase_file).expanduser()
+        try:
+            phrase = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the recovery phrase file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise ConfigError(f"the recovery phrase file {path} is not text: it should hold the 24 words") from None
     elif sys.stdin.isatty():
         phrase = input("Recovery phrase (24 words): ")
     else:

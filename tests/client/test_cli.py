@@ -78,6 +78,12 @@ def test_init_with_passphrase_then_restore_from_phrase(tmp_path: Path) -> None:
     wrong = run("restore", "--env-file", str(write_env(bad)), "--mediator", "http://127.0.0.1:9", "--phrase-file",
                 str(bad / "phrase"), "--no-passphrase")
     assert wrong.returncode == 1 and "error:" in wrong.stderr
+    for unreadable, said in ((bad / "missing", "cannot read the recovery phrase file"), (bad, "cannot read"),
+                             (bad / "binary", "is not text")):
+        (bad / "binary").write_bytes(b"\xff\xfe\x00 words")
+        failed = run("restore", "--env-file", str(write_env(bad)), "--mediator", "http://127.0.0.1:9",
+                     "--phrase-file", str(unreadable), "--no-passphrase")
+        assert failed.returncode == 1 and said in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
 
 
 def test_unprotected_key_file_must_be_private(tmp_path: Path) -> None:

@@ -206,3 +206,13 @@ async def test_the_evictor_outlives_a_tree_locked_by_another_process(tmp_path: P
     finally:
         holder.close()
         db.close()
+
+
+def test_a_cache_without_a_tree_is_set_aside_whole_and_an_empty_one_is_left(tmp_path: Path) -> None:
+    cache = CacheDir(tmp_path / "cache", 1 << 20)  # a fresh cache: an empty folder of packs
+    assert datadir.set_aside_stale_cache(cache.root) is None and cache.root.is_dir()
+    assert datadir.set_aside_stale_cache(tmp_path / "none") is None
+    cache.path(7).write_bytes(b"never uploaded")
+    aside = datadir.set_aside_stale_cache(cache.root)
+    assert aside is not None and aside.parent == tmp_path and aside.name.startswith("cache.previous-")
+    assert (aside / "7").read_bytes() == b"never uploaded" and not cache.root.exists()

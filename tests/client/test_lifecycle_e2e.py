@@ -192,3 +192,34 @@ async def test_a_close_that_could_not_be_recorded_is_recorded_once_it_can(tmp_pa
         assert await trio.to_thread.run_sync((mnt / "late.bin").read_bytes) == data
     finally:
         await client.cleanup()
+
+
+async def test_restore_into_a_data_folder_with_an_old_cache_shows_the_stored_version(tmp_path: Path,
+                                                                                    nursery: trio.Nursery) -> None:
+    """The tree database is lost (moved away, with the key file, as the CLI's messages ask) and the account is
+    restored from the phrase into the same data folder: the old cache files, named by inode number, must not
+    become the restored tree's content. They are set aside, not deleted."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "c", net.mediator_url)
+    phrase = client.init()
+    stored, unsent = b"stored version " * 8, b"NEWER, NEVER UPLOADED " * 20
+    try:
+        await client.mount()
+        await trio.to_thread.run_sync((client.mountpoint / "f.txt").write_bytes, stored)
+        await client.flush()
+        await trio.to_thread.run_sync((client.mountpoint / "f.txt").write_bytes, unsent)
+        await client.kill()  # before the new version is stored
+        for name in ("meta.db", "meta.db-wal", "meta.db-shm"):
+            if (client.data_dir / name).exists():
+                os.rename(client.data_dir / name, tmp_path / name)
+        os.rename(client.home / "master.key", tmp_path / "master.key")
+        await client.restore(phrase, net.mediator_url)
+        await client.mount()
+        # read in a thread: the network runs on this test's event loop
+        got = await trio.to_thread.run_sync((client.mountpoint / "f.txt").read_bytes)
+        assert got in (stored, unsent)  # the newer one only if its upload and snapshot made it before the kill
+        prefix = client.cache_dir.name + ".previous-"
+        aside = [p for p in client.cache_dir.parent.iterdir() if p.name.startswith(prefix)]
+        assert len(aside) == 1 and unsent in [f.read_bytes() for f in aside[0].iterdir() if f.is_file()]
+    finally:
+        await client.cleanup()
