@@ -240,12 +240,17 @@ def wait_flushed(db: Any, timeout: float | None, *, hint: str, stop: threading.E
             return False
         if not pending and published >= meta_version:
             return True
+        problem = meta.publish_problem(db)
+        if problem is not None and problem.blocked:
+            print(f"error: the tree snapshot cannot be published: {problem.message}", file=sys.stderr)
+            return False
         now = time.monotonic()
         if now - last_report >= 1.0:
             last_report = now
             errors = [error for *_, error in pending if error]
             print(f"{len(pending)} upload(s) pending; tree version {meta_version}, published {published}"
-                  + (f"; {len(errors)} retrying after an error, e.g.: {errors[0]}" if errors else ""),
+                  + (f"; {len(errors)} retrying after an error, e.g.: {errors[0]}" if errors else "")
+                  + (f"; publishing the tree failed, retrying: {problem.message}" if problem else ""),
                   file=sys.stderr)
         if deadline is not None and now > deadline:
             print(f"error: timed out with {len(pending)} upload(s) pending and the tree snapshot "
@@ -327,6 +332,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "object_id": object_id, "packed": ref is not None, "shares_healthy": None,
                           "shares_total": None, "health": None})
         failed = meta.failed_uploads(db)
+        problem = meta.publish_problem(db)
         report: dict[str, Any] = {
             "pending_uploads": len(pending),
             "failed_uploads": [{"path": meta.path_of(db, ino), "error": error} for _, ino, error in failed],
@@ -336,6 +342,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             "packs": [{"pack_id": pack_id, "live_files": live} for pack_id, live in meta.packs(db)],
             "tree_version": meta_version,
             "published_version": published,
+            "publish_problem": None if problem is None else {"error": problem.message, "blocked": problem.blocked,
+                                                             "since": int(problem.since)},
             "files": files,
         }
     finally:
@@ -355,6 +363,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"pending uploads: {report['pending_uploads']}  pending deletions: {report['pending_deletes']}  "
           f"tree version {meta_version} (published {published})")
     print(f"cache: {cache_used / 2**20:.1f} MiB of {settings.cache_limit_bytes / 2**20:.0f} MiB")
+    if problem is not None:
+        print(f"tree snapshot {'cannot be published' if problem.blocked else 'publish failing, retrying'}: "
+              f"{problem.message}")
     for err in report["upload_errors"] + report["failed_uploads"]:
         print(f"upload problem: {err['path']}: {err['error']}")
     for f in files:

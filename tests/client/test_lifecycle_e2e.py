@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -223,3 +224,41 @@ async def test_restore_into_a_data_folder_with_an_old_cache_shows_the_stored_ver
         assert len(aside) == 1 and unsent in [f.read_bytes() for f in aside[0].iterdir() if f.is_file()]
     finally:
         await client.cleanup()
+
+
+async def test_a_machine_that_missed_another_machines_publish_stops_and_says_so(tmp_path: Path,
+                                                                                nursery: trio.Nursery) -> None:
+    """The old laptop is still mounted when the account is restored on a new one, and both write. The new
+    laptop's published tree must not be replaced by the old one's: the old one's flush fails with the reason
+    (status too), and a third restore sees the new laptop's tree."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    old, new, third = (Client(tmp_path / name, net.mediator_url) for name in ("old", "new", "third"))
+    phrase = old.init()
+
+    async def write(client: Client, name: str, data: bytes) -> None:
+        await trio.to_thread.run_sync((client.mountpoint / name).write_bytes, data)
+
+    try:
+        await old.mount()
+        await write(old, "a.txt", b"written on the old laptop")
+        await old.flush()
+        await new.restore(phrase, net.mediator_url)
+        await new.mount()
+        await write(new, "b.txt", b"written on the new laptop")
+        await new.flush()
+
+        await write(old, "c.txt", b"written on the old laptop afterwards")
+        flushed = await trio.to_thread.run_sync(lambda: old.cli("flush", "--timeout", "60", check=False))
+        assert flushed.returncode == 1 and "published from another machine" in flushed.stderr, flushed.stderr
+        status = json.loads((await trio.to_thread.run_sync(lambda: old.cli("status", "--json"))).stdout)
+        assert status["publish_problem"]["blocked"] is True
+        assert "c.txt" in {f["path"].lstrip("/") for f in status["files"]}  # kept on the old laptop
+
+        await third.restore(phrase, net.mediator_url)
+        await third.mount()
+        names = await trio.to_thread.run_sync(lambda: sorted(os.listdir(third.mountpoint)))
+        assert names == ["a.txt", "b.txt"]
+        assert await trio.to_thread.run_sync((third.mountpoint / "b.txt").read_bytes) == b"written on the new laptop"
+    finally:
+        for client in (old, new, third):
+            await client.cleanup()
