@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from fincryptfs.core.crypto import master_key_from_phrase
 from fincryptfs.core.errors import ConfigError, WrongKeyError
-from fincryptfs.keystore import load_master_key
+from fincryptfs.keystore import load_master_key, save_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -109,3 +110,14 @@ def test_bad_settings_name_the_variable(tmp_path: Path) -> None:
     assert result.returncode == 1 and "FINCRYPT_K" in result.stderr
     missing = run("status", "--env-file", str(tmp_path / "nope.env"))
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_a_leftover_temporary_key_file_does_not_lend_its_mode_to_the_key(tmp_path: Path) -> None:
+    key_path = tmp_path / "keys" / "master.key"
+    key_path.parent.mkdir()
+    leftover = key_path.with_name("master.key.tmp")
+    leftover.write_bytes(b"half a key from a crash")
+    os.chmod(leftover, 0o644)
+    save_key_file(key_path, bytes(range(32)), None)
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600 and not leftover.exists()
+    assert load_master_key(key_path) == bytes(range(32))
