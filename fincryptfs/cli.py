@@ -33,6 +33,7 @@ from .keystore import ask_new_passphrase, load_master_key, read_passphrase_file,
 DEFAULT_ENV_FILE = Path("~/.config/fincrypt/client.env")
 DAEMON_START_TIMEOUT = 60.0
 FLUSH_POLL = 0.02  # seconds between looks at the queue: a cheap read, and a flush returns this much sooner
+RESTORE_CHECK_TIMEOUT = 15.0  # seconds restore waits for the mediator's answer about the account's tree
 
 
 class UsageError(FincryptError):
@@ -152,8 +153,38 @@ def cmd_restore(args: argparse.Namespace) -> int:
     master_key = master_key_from_phrase(phrase)
     settings = _setup_account(args, master_key, need_mediator=True)
     print(f"Restored the key file {settings.key_file} and the settings file {_env_path(args)}.")
+    import trio
+
+    print(trio.run(_tree_at_mediator, settings, master_key))
     print("Next: fincryptfs mount DIR (the first mount fetches the latest tree; contents come on first read)")
     return 0
+
+
+async def _tree_at_mediator(settings: ClientSettings, master_key: bytes) -> str:
+    """Whether the mediator holds a tree for the restored account, in a sentence: a mistyped phrase (one that
+    still passes its checksum) or a wrong mediator URL shows here, not as an empty folder at the first mount."""
+    import trio
+
+    from . import rpc
+    from .core.crypto import account_signing_key
+    from .manifest import account_pointer
+    from .mediator_client import MediatorClient
+
+    assert settings.mediator_url is not None
+    try:
+        with trio.fail_after(RESTORE_CHECK_TIMEOUT):
+            async with rpc.new_client() as http:
+                pointer = await account_pointer(MediatorClient(url=settings.mediator_url, http=http,
+                                                               account_key=account_signing_key(master_key)))
+    except (FincryptError, trio.TooSlowError) as exc:
+        return (f"Could not ask the mediator whether it holds this account's tree ({exc or 'no answer'}); the "
+                "first mount will.")
+    if pointer is None:
+        return (f"warning: the mediator at {settings.mediator_url} holds no tree for this account. If it has "
+                "stored files before, check the recovery phrase and the mediator URL: the first mount would show "
+                "an empty folder.")
+    published = time.strftime("%Y-%m-%d %H:%M", time.localtime(pointer.created_at))
+    return f"The mediator holds this account's tree (version {pointer.version}, published {published})."
 
 
 def cmd_mount(args: argparse.Namespace) -> int:

@@ -38,6 +38,7 @@ from .core.errors import FincryptError, IntegrityError, RemoteProtocolError
 from .core.ids import AccountId, ObjectId
 from .core.messages import ManifestPointer
 from .core.wire import canonical_json, decode_object
+from .mediator_client import MediatorClient
 from .objectstore import ObjectStore, StoredObject
 from .rpc import PeerError
 
@@ -105,11 +106,16 @@ def unseal_stored_object(master_key: bytes, pointer: ManifestPointer) -> StoredO
 
 async def current_pointer(store: ObjectStore) -> ManifestPointer | None:
     """The account's pointer, with its signature checked against the account key; None if there is none."""
-    envelope = await store.mediator.get_pointer()
+    return await account_pointer(store.mediator)
+
+
+async def account_pointer(mediator: MediatorClient) -> ManifestPointer | None:
+    """``current_pointer`` through a bare mediator client (``fincryptfs restore`` has no object store)."""
+    envelope = await mediator.get_pointer()
     if envelope is None:
         return None
     pointer = ManifestPointer.open(envelope)
-    if pointer.account_id != store.account_key.id:
+    if pointer.account_id != mediator.account_key.id:
         raise IntegrityError(f"the mediator returned a pointer of account {pointer.account_id[:16]}…, not ours")
     return pointer
 

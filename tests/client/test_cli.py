@@ -71,6 +71,7 @@ def test_init_with_passphrase_then_restore_from_phrase(tmp_path: Path) -> None:
     restored = run("restore", "--env-file", str(env2), "--mediator", "http://127.0.0.1:9", "--phrase-file",
                    str(other / "phrase"), "--no-passphrase")
     assert restored.returncode == 0, restored.stderr
+    assert "Could not ask the mediator whether it holds this account's tree" in restored.stdout  # nobody there
     assert load_master_key(other / "key") == master_key_from_phrase(phrase)
 
     bad = tmp_path / "bad"

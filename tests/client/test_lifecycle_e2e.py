@@ -17,6 +17,7 @@ from mountkit import Client, needs_fuse
 from netfixtures import start_network
 
 from fincryptfs import meta
+from fincryptfs.core.crypto import new_master_key, recovery_phrase
 from mediatord.daemon import DATABASE_FILE
 
 pytestmark = [pytest.mark.e2e, needs_fuse]
@@ -232,8 +233,15 @@ async def test_a_machine_that_missed_another_machines_publish_stops_and_says_so(
     laptop's published tree must not be replaced by the old one's: the old one's flush fails with the reason
     (status too), and a third restore sees the new laptop's tree."""
     net = await start_network(tmp_path, nursery, nodes=6)
-    old, new, third = (Client(tmp_path / name, net.mediator_url) for name in ("old", "new", "third"))
+    old, new, third, stranger = (Client(tmp_path / name, net.mediator_url)
+                                 for name in ("old", "new", "third", "stranger"))
     phrase = old.init()
+    stranger.write_env()  # a phrase that passes its checksum but is not this account's: restore warns
+    (stranger.home / "phrase.txt").write_text(recovery_phrase(new_master_key()))
+    warned = await trio.to_thread.run_sync(lambda: stranger.cli(
+        "restore", "--phrase-file", str(stranger.home / "phrase.txt"), "--mediator", net.mediator_url,
+        "--no-passphrase"))
+    assert "holds no tree for this account" in warned.stdout, warned.stdout
 
     async def write(client: Client, name: str, data: bytes) -> None:
         await trio.to_thread.run_sync((client.mountpoint / name).write_bytes, data)
@@ -254,7 +262,12 @@ async def test_a_machine_that_missed_another_machines_publish_stops_and_says_so(
         assert status["publish_problem"]["blocked"] is True
         assert "c.txt" in {f["path"].lstrip("/") for f in status["files"]}  # kept on the old laptop
 
-        await third.restore(phrase, net.mediator_url)
+        third.write_env()
+        (third.home / "phrase.txt").write_text(phrase)
+        restored = await trio.to_thread.run_sync(lambda: third.cli(
+            "restore", "--phrase-file", str(third.home / "phrase.txt"), "--mediator", net.mediator_url,
+            "--no-passphrase"))
+        assert "The mediator holds this account's tree (version 2, published" in restored.stdout, restored.stdout
         await third.mount()
         names = await trio.to_thread.run_sync(lambda: sorted(os.listdir(third.mountpoint)))
         assert names == ["a.txt", "b.txt"]
