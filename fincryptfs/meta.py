@@ -266,8 +266,9 @@ def batch(db: sqlite3.Connection) -> _tx:
 
 
 def _bump(db: sqlite3.Connection) -> int:
-    db.execute("UPDATE counters SET value = value + 1 WHERE name = 'meta_version'")
-    return counter(db, "meta_version")
+    """The next ``meta_version`` (one statement: it runs in every change of the tree, twice per file copied in)."""
+    return int(db.execute("UPDATE counters SET value = value + 1 WHERE name = 'meta_version' RETURNING value"
+                          ).fetchone()[0])
 
 
 def add_cache_bytes(db: sqlite3.Connection, nbytes: int) -> None:
