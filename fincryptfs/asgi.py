@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -149,10 +149,12 @@ class Request:
     async def json(self, limit: int = 1 << 20) -> dict[str, Any]:
         return decode_object(await self.body(limit), max_bytes=limit)
 
-    def verify_signature(self, body: bytes, guard: ReplayGuard, now: float | None = None) -> SignedRequest:
-        """Authenticate this request's signer and refuse replays (AuthError 401)."""
+    def verify_signature(self, body: bytes, guard: ReplayGuard, audiences: Collection[str],
+                         now: float | None = None) -> SignedRequest:
+        """Authenticate this request's signer, check it is addressed to one of ``audiences`` (this daemon's id and
+        origins) and refuse replays (AuthError 401)."""
         now = time.time() if now is None else now
-        signed = verify_request(self.headers, self.method, self.target, body, now)
+        signed = verify_request(self.headers, self.method, self.target, body, now, audiences)
         guard.check(signed, now)
         return signed
 

@@ -32,7 +32,7 @@ from fincryptfs.core.ids import NodeId, ShareId, parse_node_id, parse_share_id
 from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, TreeBuilder, leaf_count
 from fincryptfs.core.messages import Challenge, NodeAnnouncement, StorageReceipt, UploadGrant
 from fincryptfs.core.settings import StorageSettings
-from fincryptfs.core.wire import Envelope, ReplayGuard, decode_object
+from fincryptfs.core.wire import Envelope, ReplayGuard, decode_object, origin_of
 
 from .db import STATE_CORRUPT, STATE_MISSING, STATE_OK, NodeDatabase, ShareRecord, TrustedMediator
 from .earnings import Earnings, render_metrics
@@ -130,6 +130,10 @@ class StorageService:
         pruned = self.db.prune_grants(int(self.clock()))
         if pruned:
             log.info("forgot expired grants count=%d", pruned)
+
+    def audiences(self) -> frozenset[str]:
+        """What a signed request to this node may be addressed to: its node id, or the origin of its URL."""
+        return frozenset({self.node_id} | ({origin_of(self.advertised_url)} if self.advertised_url else set()))
 
     # --- mediators ------------------------------------------------------------------------------------------
 

@@ -185,3 +185,30 @@ async def test_restart_keeps_shares_and_trust(tmp_path, mediator: MediatorPeer, 
     settings_no_mediator = node_settings(tmp_path, ())
     async with running_node(settings_no_mediator) as third:
         assert mediator.id in third.service.trusted  # trust persisted in the database
+
+
+async def test_request_signed_for_one_node_is_refused_by_another(tmp_path, mediator: MediatorPeer,
+                                                                client: httpx.AsyncClient) -> None:
+    """Repair reuses a share id on a new node, then releases the old copy: the old node must not be able to replay
+    that signed DELETE to the new node (the request names its audience, by node id or by origin)."""
+    from storaged_peers import node_settings, running_node
+    data = os.urandom(20_000)
+    async with running_node(node_settings(tmp_path / "a", (mediator.url,))) as a, \
+            running_node(node_settings(tmp_path / "b", (mediator.url,))) as b:
+        old = mediator.grant(a.node_id, data)
+        assert (await put_share(client, a, mediator.seal(old), data, old.share_id)).status_code == 201
+        new = mediator.grant(b.node_id, data, share_id=old.share_id)
+        assert (await put_share(client, b, mediator.seal(new), data, new.share_id)).status_code == 201
+        url_a, url_b = f"{a.url}/v1/shares/{old.share_id}", f"{b.url}/v1/shares/{old.share_id}"
+        for audience in (a.node_id, None):  # None: the origin of a's URL
+            headers = rpc.signed_headers(mediator.key, "DELETE", url_a, b"", audience)
+            replay = await client.delete(url_b, headers=headers)
+            assert replay.status_code == 401 and "addressed to" in replay.json()["error"], replay.text
+        assert b.service.db.get_share(old.share_id) is not None
+        headers = rpc.signed_headers(mediator.key, "DELETE", url_a, b"", a.node_id)
+        assert (await client.delete(url_a, headers=headers)).status_code == 204
+        assert (await client.delete(url_b, headers=headers)).status_code == 401
+        assert a.service.db.get_share(old.share_id) is None and b.service.db.get_share(old.share_id) is not None
+        # the mediator addresses a node by its id; a client that knows only the URL, by its origin
+        assert (await rpc.call(client, "GET", url_b, key=ACCOUNT, audience=b.node_id)).content == data
+        assert (await rpc.call(client, "GET", url_b, key=ACCOUNT)).content == data
