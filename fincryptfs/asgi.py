@@ -149,12 +149,18 @@ class Request:
     async def json(self, limit: int = 1 << 20) -> dict[str, Any]:
         return decode_object(await self.body(limit), max_bytes=limit)
 
+    def authenticate(self, body: bytes, audiences: Collection[str], now: float | None = None) -> SignedRequest:
+        """Check this request's signature, audience (one of ``audiences``: this daemon's id and origins) and
+        freshness (AuthError 401), but not yet its nonce: record that in a ReplayGuard once the signer is known to
+        be allowed the request, so that strangers cannot fill the guard."""
+        return verify_request(self.headers, self.method, self.target, body, time.time() if now is None else now,
+                              audiences)
+
     def verify_signature(self, body: bytes, guard: ReplayGuard, audiences: Collection[str],
                          now: float | None = None) -> SignedRequest:
-        """Authenticate this request's signer, check it is addressed to one of ``audiences`` (this daemon's id and
-        origins) and refuse replays (AuthError 401)."""
+        """:meth:`authenticate`, then refuse a replay (401) at once: for routes any signer may call."""
         now = time.time() if now is None else now
-        signed = verify_request(self.headers, self.method, self.target, body, now, audiences)
+        signed = self.authenticate(body, audiences, now)
         guard.check(signed, now)
         return signed
 

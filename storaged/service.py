@@ -32,7 +32,7 @@ from fincryptfs.core.ids import NodeId, ShareId, parse_node_id, parse_share_id
 from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, TreeBuilder, leaf_count
 from fincryptfs.core.messages import Challenge, NodeAnnouncement, StorageReceipt, UploadGrant
 from fincryptfs.core.settings import StorageSettings
-from fincryptfs.core.wire import Envelope, ReplayGuard, decode_object, origin_of
+from fincryptfs.core.wire import Envelope, ReplayGuard, SignedRequest, decode_object, origin_of
 
 from .db import STATE_CORRUPT, STATE_MISSING, STATE_OK, NodeDatabase, ShareRecord, TrustedMediator
 from .earnings import Earnings, render_metrics
@@ -354,13 +354,14 @@ class StorageService:
             raise RemoteProtocolError(f"this node's copy of the share is {record.state}", status=404)
         return record
 
-    async def read_share(self, share_id_text: str, signer_id: str, first_leaf: int | None,
+    async def read_share(self, share_id_text: str, signed: SignedRequest, first_leaf: int | None,
                          count: int | None) -> ShareRead:
         """Bytes of a share (or of a leaf range, with its proof) for its account or its mediator."""
         share_id = parse_share_id(share_id_text)
         record = self._held(share_id)
-        if signer_id not in (record.account_id, record.mediator_id):
+        if signed.signer_id not in (record.account_id, record.mediator_id):
             raise ForbiddenError("only the share's account or its mediator may read it")
+        self.guard.check(signed, self.clock())
         paths = self.store.paths(record.dir, share_id)
         if paths is None:
             raise RemoteProtocolError("this node's copy of the share is missing", status=404)
@@ -399,10 +400,12 @@ class StorageService:
 
     # --- challenges -----------------------------------------------------------------------------------------
 
-    async def prove(self, body: bytes, signer_id: str) -> bytes:
+    async def prove(self, body: bytes, signed: SignedRequest) -> bytes:
         """Answer a challenge signed by a trusted mediator with the binary, node-signed ProofResponse."""
+        signer_id = signed.signer_id
         if signer_id not in self.trusted:
             raise ForbiddenError("challenges are accepted only from mediators this node is registered with")
+        self.guard.check(signed, self.clock())
         challenge = Challenge.from_json(decode_object(body, max_bytes=MAX_CHALLENGE_BYTES))
         if challenge.mediator_id != signer_id:
             raise ForbiddenError("challenge names a different mediator than the one that signed it")
@@ -430,14 +433,17 @@ class StorageService:
 
     # --- release --------------------------------------------------------------------------------------------
 
-    async def release(self, share_id_text: str, signer_id: str) -> None:
+    async def release(self, share_id_text: str, signed: SignedRequest) -> None:
         """Delete a share on the word of the mediator that granted it (row first, then files)."""
         share_id = parse_share_id(share_id_text)
         record = self.db.get_share(share_id)
         if record is None:
+            if signed.signer_id in self.trusted:  # recorded, or a replay could delete a share stored later
+                self.guard.check(signed, self.clock())
             return
-        if signer_id != record.mediator_id:
+        if signed.signer_id != record.mediator_id:
             raise ForbiddenError("only the mediator that granted a share may release it")
+        self.guard.check(signed, self.clock())
         await trio.to_thread.run_sync(self.db.remove_share, share_id, limiter=self._upload_threads)
         await trio.to_thread.run_sync(self.store.remove, record.dir, share_id, record.size)
         log.info("share released share_id=%s size=%d", share_id, record.size)

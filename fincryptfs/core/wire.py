@@ -20,10 +20,10 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import heapq
 import json
 import os
 import re
-from collections import OrderedDict
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
@@ -402,13 +402,20 @@ class ReplayGuard:
     """Remembers (signer, nonce) pairs until their timestamp leaves the skew window; bounded in memory.
 
     A request whose nonce was seen is refused. When full, the guard refuses new requests rather than forgetting
-    nonces that could still be replayed (fail closed); at 200,000 entries this only happens under a flood.
+    nonces that could still be replayed (fail closed). So that no one signer can fill it and lock everyone else
+    out, each signer may hold at most ``per_signer`` entries (429 for that signer alone beyond). Receivers record
+    a request only once its signer is known to be allowed to make it, so strangers with throwaway keys do not
+    fill it either.
     """
 
-    def __init__(self, capacity: int = 200_000, window: int = MAX_CLOCK_SKEW) -> None:
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+    def __init__(self, capacity: int = 200_000, window: int = MAX_CLOCK_SKEW, per_signer: int | None = None
+                 ) -> None:
+        self._seen: dict[tuple[str, str], float] = {}
+        self._expiries: list[tuple[float, str, str]] = []  # heap: timestamps, hence expiries, arrive out of order
+        self._per_signer_count: dict[str, int] = {}
         self._capacity = capacity
         self._window = window
+        self._per_signer = max(1, capacity // 4) if per_signer is None else per_signer
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -416,17 +423,26 @@ class ReplayGuard:
     def check(self, request: SignedRequest, now: float) -> None:
         """Record ``request``'s nonce, raising ReplayError if it was used before."""
         self._expire(now)
-        key = (request.signer_id, request.nonce)
+        signer = request.signer_id
+        key = (signer, request.nonce)
         if key in self._seen:
             raise ReplayError("this request was already received (replayed nonce)")
+        if self._per_signer_count.get(signer, 0) >= self._per_signer:
+            raise ReplayError(f"this signer sent more than {self._per_signer} requests in the last "
+                              f"{self._window} s; retry shortly", status=429)
         if len(self._seen) >= self._capacity:
             raise ReplayError("too many recent requests to check for replays; retry shortly", status=429)
-        self._seen[key] = request.timestamp + self._window
+        expiry = request.timestamp + self._window
+        self._seen[key] = expiry
+        heapq.heappush(self._expiries, (expiry, signer, request.nonce))
+        self._per_signer_count[signer] = self._per_signer_count.get(signer, 0) + 1
 
     def _expire(self, now: float) -> None:
-        # entries are near insertion order by expiry; stop at the first live one
-        while self._seen:
-            key, expiry = next(iter(self._seen.items()))
-            if expiry >= now:
-                break
-            self._seen.popitem(last=False)
+        while self._expiries and self._expiries[0][0] < now:
+            _, signer, nonce = heapq.heappop(self._expiries)
+            del self._seen[(signer, nonce)]
+            left = self._per_signer_count[signer] - 1
+            if left:
+                self._per_signer_count[signer] = left
+            else:
+                del self._per_signer_count[signer]

@@ -249,12 +249,34 @@ def test_replay_guard() -> None:
 
 
 def test_replay_guard_fails_closed_when_full() -> None:
-    guard = ReplayGuard(capacity=2)
+    guard = ReplayGuard(capacity=2, per_signer=2)
     for i in range(2):
         guard.check(wire.SignedRequest(KEY.public, NOW, f"{i:032x}"), NOW)
     with pytest.raises(ReplayError) as info:
+        guard.check(wire.SignedRequest(OTHER.public, NOW, f"{9:032x}"), NOW)
+    assert info.value.status == 429
+
+
+def test_replay_guard_limits_each_signer_so_others_still_get_in() -> None:
+    guard = ReplayGuard(capacity=10, per_signer=3)
+    for i in range(3):
+        guard.check(wire.SignedRequest(KEY.public, NOW, f"{i:032x}"), NOW)
+    with pytest.raises(ReplayError, match="more than 3 requests") as info:
         guard.check(wire.SignedRequest(KEY.public, NOW, f"{9:032x}"), NOW)
     assert info.value.status == 429
+    guard.check(wire.SignedRequest(OTHER.public, NOW, f"{9:032x}"), NOW)
+    # the signer's quota comes back as its entries expire
+    guard.check(wire.SignedRequest(KEY.public, NOW + 10, f"{9:032x}"), NOW + wire.MAX_CLOCK_SKEW + 1)
+    assert len(guard) == 1
+
+
+def test_replay_guard_expires_entries_behind_one_with_a_future_timestamp() -> None:
+    guard = ReplayGuard()
+    guard.check(wire.SignedRequest(KEY.public, NOW + 250, "a" * 32), NOW)  # a sender with a clock ahead
+    for i in range(5):
+        guard.check(wire.SignedRequest(OTHER.public, NOW, f"{i:032x}"), NOW)
+    guard.check(wire.SignedRequest(OTHER.public, NOW + 301, "b" * 32), NOW + 301)
+    assert len(guard) == 2  # the five expired although the first entry is still live
 
 
 # --- Fields -------------------------------------------------------------------------------------------------
