@@ -7,8 +7,10 @@ proof threads limited separately so that a crowd of uploads never starves a chal
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -44,6 +46,25 @@ log = logging.getLogger(__name__)
 UPLOAD_FLUSH_BYTES = 1 << 20  # bytes held per upload before a worker thread writes + hashes them (one hop per MiB)
 STREAM_CHUNK_BYTES = 1 << 20
 MAX_CHALLENGE_BYTES = 8 << 20  # 100,000 share ids fit
+
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def storage_failure(exc: OSError | sqlite3.OperationalError) -> PolicyError:
+    """What to answer when storing a share failed on this node's side: 507 when the disk (or quota) is full, 503
+    for any other I/O error. The uploader can place the share elsewhere; the operator finds the details in the
+    log. Never a 500: the client did nothing wrong."""
+    if isinstance(exc, OSError):
+        code = errno.errorcode.get(exc.errno or 0, "EIO")
+        full = exc.errno in _DISK_FULL
+    else:
+        code, full = "database error", "full" in str(exc)
+    if full:
+        return PolicyError(f"this node ran out of disk space while storing the share ({code}); nothing was kept: "
+                           "store it on another node", status=507)
+    return PolicyError(f"this node could not store the share because of a disk error ({code}); nothing was kept: "
+                       "retry later or store it on another node", status=503)
 
 
 @dataclass(frozen=True)
@@ -260,6 +281,9 @@ class StorageService:
                 try:
                     root = await self._receive(folder, grant, body)
                     stored = True
+                except (OSError, sqlite3.OperationalError) as exc:
+                    log.error("upload failed share_id=%s folder=%s error=%s", share_id, folder.root, exc)
+                    raise storage_failure(exc) from exc
                 finally:
                     self.store.release_reservation(folder, grant.share_size, stored=stored)
             finally:
@@ -335,11 +359,12 @@ class StorageService:
             raise RemoteProtocolError("share does not match its grant's Merkle root")
         record = ShareRecord(grant.share_id, grant.mediator_id, grant.account_id, grant.share_size, tree.root,
                              folder_key, grant.grant_id, int(self.clock()), STATE_OK)
-        paths = writer.commit(tree)
+        paths = writer.folder.paths(grant.share_id)  # no row names this share (checked before the upload)
         try:
+            writer.commit(tree)
             self.db.add_share(record, grant.expires_at)
         except BaseException:
-            for path in (paths.data, paths.tree):
+            for path in (paths.data, paths.tree):  # a commit that failed halfway may have renamed one of them
                 path.unlink(missing_ok=True)
             raise
         return tree.root
