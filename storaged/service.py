@@ -397,7 +397,10 @@ class StorageService:
             first, span, proof_wanted = first_leaf, count, True
             if span < 1 or first + span > total:
                 raise RemoteProtocolError(f"leaf range {first}+{span} outside the share's {total} leaves")
-        opened = await trio.to_thread.run_sync(OpenShare, paths, record.size)
+        try:
+            opened = await trio.to_thread.run_sync(OpenShare, paths, record.size)
+        except OSError as exc:
+            raise await self._lost(share_id, exc) from exc
         streaming = False
         try:
             proof = opened.range_proof(first, span) if proof_wanted else None  # log2(leaves) small preads
@@ -407,18 +410,30 @@ class StorageService:
                 data = await trio.to_thread.run_sync(opened.read_leaves, first, span)
                 return ShareRead(record.size, proof, data, None)
             streaming = True
-            return ShareRead(record.size, proof, b"", self._stream(opened, start, end))
+            return ShareRead(record.size, proof, b"", self._stream(share_id, opened, start, end))
+        except OSError as exc:
+            raise await self._lost(share_id, exc) from exc
         finally:
             if not streaming:
                 opened.close()
 
-    async def _stream(self, opened: OpenShare, start: int, end: int) -> AsyncIterator[bytes]:
+    async def _lost(self, share_id: ShareId, exc: OSError) -> RemoteProtocolError:
+        """A held share's files are gone or damaged: flag it missing (as a failed proof does) and answer 404.
+
+        The mediator learns it at the next audit and repairs the share elsewhere; it is never served again.
+        """
+        log.error("share unreadable, marked missing share_id=%s error=%s", share_id, exc)
+        await trio.to_thread.run_sync(self.db.set_state, share_id, STATE_MISSING)
+        return RemoteProtocolError("this node's copy of the share is missing or damaged", status=404)
+
+    async def _stream(self, share_id: ShareId, opened: OpenShare, start: int, end: int) -> AsyncIterator[bytes]:
         with opened:
             at = start
             while at < end:
                 length = min(STREAM_CHUNK_BYTES, end - at)
                 chunk = await trio.to_thread.run_sync(os.pread, opened.data_fd, length, at)
-                if len(chunk) != length:
+                if len(chunk) != length:  # shrunk since it was opened: too late for a 404, the answer is cut
+                    await self._lost(share_id, OSError(errno.EIO, "share file shrank while being read"))
                     raise IntegrityError("share file is shorter than its record")
                 at += length
                 yield chunk

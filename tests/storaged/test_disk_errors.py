@@ -8,9 +8,12 @@ import os
 
 import httpx
 import pytest
-from storaged_peers import MediatorPeer, RunningNode, listed_files, put_share
+from storaged_peers import ACCOUNT, MediatorPeer, RunningNode, listed_files, put_share, store
 
+from fincryptfs import rpc
+from fincryptfs.core.messages import ProofResponse
 from storaged import store as store_mod
+from storaged.db import STATE_MISSING
 
 
 def _failing(code: int):  # type: ignore[no-untyped-def]
@@ -54,3 +57,32 @@ async def test_failure_after_the_renames_removes_the_final_files(
     response = await put_share(client, node, mediator.seal(grant), data, grant.share_id)
     assert response.status_code == 503, response.text
     assert listed_files(node) == before
+
+
+@pytest.mark.parametrize("size", [50_000, 3 << 20])  # answered in one piece, streamed
+@pytest.mark.parametrize("damage", ["unlink data", "unlink tree", "truncate data", "truncate tree"])
+async def test_read_of_a_lost_or_truncated_share_is_404_and_marks_it_missing(
+        node: RunningNode, mediator: MediatorPeer, client: httpx.AsyncClient, damage: str, size: int) -> None:
+    grant, _ = await store(client, node, mediator, os.urandom(size))
+    record = node.service.db.get_share(grant.share_id)
+    assert record is not None
+    paths = node.service.store.paths(record.dir, grant.share_id)
+    assert paths is not None
+    action, which = damage.split()
+    path = paths.data if which == "data" else paths.tree
+    if action == "unlink":
+        path.unlink()
+    else:
+        os.truncate(path, path.stat().st_size // 2)
+    url = f"{node.url}/v1/shares/{grant.share_id}"
+    for target in (url, f"{url}?first_leaf=0&leaf_count=1"):
+        response = await client.get(target, headers=rpc.signed_headers(ACCOUNT, "GET", target, b""))
+        assert response.status_code == 404, response.text
+        assert "missing" in response.json()["error"]
+    after = node.service.db.get_share(grant.share_id)
+    assert after is not None and after.state == STATE_MISSING
+    challenge = mediator.challenge(node.node_id, [grant.share_id])
+    answer = await rpc.call(client, "POST", f"{node.url}/v1/challenges", key=mediator.key,
+                            json=challenge.to_json())
+    proof = ProofResponse.decode(answer.content, node.service.key.public, max_bytes=1 << 24)
+    assert proof.missing == (grant.share_id,)
