@@ -132,7 +132,8 @@ class StorageService:
         self._proof_threads = trio.CapacityLimiter(1)
         self._scrub_threads = trio.CapacityLimiter(1)
         self._grants_in_flight: set[str] = set()
-        self._shares_in_flight: set[str] = set()
+        self._shares_in_flight: dict[str, str] = {}  # share id being uploaded → the granting mediator's id
+        self._shares_releasing: set[str] = set()
         self.announced = trio.Event()
         self.earnings: dict[str, Earnings] = {e.mediator_id: e for e in db.earnings()}
 
@@ -266,6 +267,8 @@ class StorageService:
                                       f"{grant.share_size}")
         if share_id in self._shares_in_flight:
             raise PolicyError("this share is being uploaded right now", status=409)
+        if share_id in self._shares_releasing:
+            raise PolicyError("this share is being deleted right now; retry shortly", status=409)
         if self.db.get_share(share_id) is not None:
             raise PolicyError("this node already holds this share", status=409)
         try:
@@ -275,7 +278,7 @@ class StorageService:
         try:
             folder = self.store.reserve_space(grant.share_size)
             self._grants_in_flight.add(grant.grant_id)
-            self._shares_in_flight.add(share_id)
+            self._shares_in_flight[share_id] = grant.mediator_id
             try:
                 stored = False
                 try:
@@ -288,7 +291,7 @@ class StorageService:
                     self.store.release_reservation(folder, grant.share_size, stored=stored)
             finally:
                 self._grants_in_flight.discard(grant.grant_id)
-                self._shares_in_flight.discard(share_id)
+                self._shares_in_flight.pop(share_id, None)
         finally:
             self._uploads.release()
         log.info("share stored share_id=%s size=%d mediator=%s", share_id, grant.share_size,
@@ -480,12 +483,20 @@ class StorageService:
         if record is None:
             if signed.signer_id in self.trusted:  # recorded, or a replay could delete a share stored later
                 self.guard.check(signed, self.clock())
+            if self._shares_in_flight.get(share_id) == signed.signer_id:
+                # "gone" now would be a lie once the upload commits: the mediator retries the release later
+                raise PolicyError("this share is being uploaded right now; retry the release when the upload "
+                                  "has finished", status=409)
             return
         if signed.signer_id != record.mediator_id:
             raise ForbiddenError("only the mediator that granted a share may release it")
         self.guard.check(signed, self.clock())
-        await trio.to_thread.run_sync(self.db.remove_share, share_id, limiter=self._upload_threads)
-        await trio.to_thread.run_sync(self.store.remove, record.dir, share_id, record.size)
+        self._shares_releasing.add(share_id)  # an upload of the same id now would lose its files to our unlinks
+        try:
+            await trio.to_thread.run_sync(self.db.remove_share, share_id, limiter=self._upload_threads)
+            await trio.to_thread.run_sync(self.store.remove, record.dir, share_id, record.size)
+        finally:
+            self._shares_releasing.discard(share_id)
         log.info("share released share_id=%s size=%d", share_id, record.size)
 
     # --- scrub ----------------------------------------------------------------------------------------------
