@@ -6,12 +6,15 @@ from __future__ import annotations
 import os
 import threading
 from collections.abc import AsyncIterator
+from dataclasses import replace
+from pathlib import Path
 
 import httpx
+import pytest
 import trio
-from storaged_peers import MediatorPeer, RunningNode, listed_files, put_share
+from storaged_peers import MediatorPeer, RunningNode, listed_files, node_settings, put_share, running_node
 
-from fincryptfs import rpc
+from fincryptfs import asgi, rpc
 from fincryptfs.core.identity import SigningKey
 
 
@@ -85,3 +88,34 @@ async def test_upload_during_the_release_of_that_share_is_409(
     assert (await put_share(client, node, mediator.seal(again), data, again.share_id)).status_code == 201
     record = node.service.db.get_share(first.share_id)
     assert record is not None and node.service.store.check_files(record.dir, first.share_id, 10_000)
+
+
+async def test_silent_uploader_gets_408_and_frees_its_slot_and_reservation(
+        tmp_path: Path, mediator: MediatorPeer, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A client that goes silent mid-body (crash without FIN, partition, or on purpose) would otherwise keep its
+    upload slot and its disk reservation for as long as the connection stays open."""
+    monkeypatch.setattr(asgi, "BODY_IDLE_SECONDS", 0.5)
+    settings = replace(node_settings(tmp_path, (mediator.url,)), max_concurrent_uploads=1)
+    async with running_node(settings) as node:
+        free = node.service.store.free_bytes()
+        size = 1 << 20
+        grant = mediator.grant(node.node_id, b"\0" * size)
+        url = httpx.URL(node.url)
+        assert url.port is not None
+        stream = await trio.open_tcp_stream(url.host, url.port)
+        async with stream:
+            head = (f"PUT /v1/shares/{grant.share_id} HTTP/1.1\r\nhost: x\r\ncontent-length: {size}\r\n"
+                    f"fincrypt-grant: {mediator.seal(grant)}\r\n\r\n").encode()
+            await stream.send_all(head + b"\0" * 4096)  # then silence, the connection left open
+            received = b""
+            with trio.fail_after(15):
+                while b"\r\n\r\n" not in received:
+                    received += await stream.receive_some(4096)
+            assert received.startswith(b"HTTP/1.1 408"), received[:200]
+        assert node.service.store.free_bytes() == free
+        assert listed_files(node) == set()
+        data = os.urandom(1000)
+        other = mediator.grant(node.node_id, data)
+        assert (await put_share(client, node, mediator.seal(other), data, other.share_id)).status_code == 201
+        retry = await put_share(client, node, mediator.seal(grant), b"\0" * size, grant.share_id)
+        assert retry.status_code == 201  # the abandoned upload did not use its grant up
