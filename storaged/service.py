@@ -140,7 +140,8 @@ class StorageService:
     # --- start-up -------------------------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Blocking start-up pass: remove leftovers, account stored bytes, flag rows whose files are gone."""
+        """Blocking start-up pass: remove leftovers, account stored bytes, flag rows whose files are gone and
+        serve again those whose files are back (a disk that was away, a file restored by the operator)."""
         known: set[str] = set()
         for record in self.db.iter_shares():
             known.add(record.share_id)
@@ -148,6 +149,11 @@ class StorageService:
             if record.state == STATE_OK and not self.store.check_files(record.dir, record.share_id, record.size):
                 log.error("share files missing or wrong size share_id=%s dir=%s", record.share_id, record.dir)
                 self.db.set_state(record.share_id, STATE_MISSING)
+            elif record.state == STATE_MISSING and self.store.check_files(record.dir, record.share_id, record.size):
+                # the scrub and the audits check the bytes again; a share found corrupt stays corrupt
+                log.warning("share files are back, serving the share again share_id=%s dir=%s", record.share_id,
+                            record.dir)
+                self.db.set_state(record.share_id, STATE_OK)
         self.store.clean(known)
         pruned = self.db.prune_grants(int(self.clock()))
         if pruned:
