@@ -121,7 +121,7 @@ class ObjectReader:
         """Leaves of ``run`` from one node, checked against the client's root (IntegrityError otherwise)."""
         url = (f"{source.node_url}/v1/shares/{source.share_id}"
                f"?first_leaf={run.first_leaf}&leaf_count={run.leaf_count}")
-        data, proof_text = await get_leaf_range(self.store, url, run.leaf_count * LEAF_SIZE)
+        data, proof_text = await get_leaf_range(self.store, url, run.leaf_count * LEAF_SIZE, source.node_id)
         try:
             proof_raw = b64decode(proof_text, field="fincrypt-proof header", max_length=128 * HASH_BYTES)
         except RemoteProtocolError as exc:
@@ -269,13 +269,14 @@ class ObjectReader:
             raise failed[0]
 
 
-async def get_leaf_range(store: ObjectStore, url: str, limit: int) -> tuple[bytearray, str]:
-    """A signed ranged GET, streamed into one buffer of at most ``limit`` bytes; (body, proof header).
+async def get_leaf_range(store: ObjectStore, url: str, limit: int, node_id: str) -> tuple[bytearray, str]:
+    """A signed ranged GET from node ``node_id``, streamed into one buffer of at most ``limit`` bytes; (body,
+    proof header).
 
     Streamed rather than through rpc.call so a node cannot make the client buffer more than it asked for, and
     so no httpx Response (which sits in a reference cycle) keeps a run's bytes alive until the next GC pass.
     """
-    headers = signed_headers(store.account_key, "GET", url, b"")
+    headers = signed_headers(store.account_key, "GET", url, b"", audience=node_id)
     try:
         async with store.http.stream("GET", url, headers=headers) as response:
             cap = limit if response.status_code == 200 else 4096

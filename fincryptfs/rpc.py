@@ -14,7 +14,7 @@ import httpx
 
 from .core.errors import FincryptError
 from .core.identity import SigningKey
-from .core.wire import canonical_json, decode_object, sign_request
+from .core.wire import canonical_json, decode_object, origin_of, sign_request
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
@@ -36,21 +36,25 @@ def new_client(timeout: httpx.Timeout = DEFAULT_TIMEOUT, max_connections: int = 
     return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False)
 
 
-def signed_headers(key: SigningKey, method: str, url: str, body: bytes) -> dict[str, str]:
+def signed_headers(key: SigningKey, method: str, url: str, body: bytes, audience: str | None = None
+                   ) -> dict[str, str]:
+    """Signature headers for one request to ``url``, addressed to ``audience``: the recipient's node id where the
+    caller knows it, else the URL's origin (so the recipient cannot replay the request to another peer)."""
     target = httpx.URL(url).raw_path.decode("ascii")
-    return sign_request(key, method, target, body, time.time())
+    return sign_request(key, method, audience or origin_of(url), target, body, time.time())
 
 
 async def call(client: httpx.AsyncClient, method: str, url: str, *, key: SigningKey | None = None,
                json: Any = None, content: bytes | None = None, headers: Mapping[str, str] | None = None,
-               timeout: httpx.Timeout | float | None = None) -> httpx.Response:
-    """Send one request (signed with ``key`` if given) and return the 2xx response, or raise PeerError."""
+               timeout: httpx.Timeout | float | None = None, audience: str | None = None) -> httpx.Response:
+    """Send one request (signed with ``key`` if given, for ``audience``: see signed_headers) and return the 2xx
+    response, or raise PeerError."""
     body = canonical_json(json) if json is not None else (content or b"")
     all_headers = dict(headers or {})
     if json is not None:
         all_headers["content-type"] = "application/json"
     if key is not None:
-        all_headers.update(signed_headers(key, method, url, body))
+        all_headers.update(signed_headers(key, method, url, body, audience))
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     try:
         response = await client.request(method, url, content=body, headers=all_headers, **kwargs)
