@@ -45,7 +45,8 @@ class ReadError(FincryptError):
 
 
 class FileChangedError(FincryptError):
-    """The file changed size while it was being encoded; upload it again once it is quiet."""
+    """The file changed while it was being uploaded (its size or mtime, or the bytes a later pass read again);
+    upload it again, under a new key, once it is quiet."""
 
 
 @dataclass(frozen=True)

@@ -15,7 +15,7 @@ from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, RootBuilder
 from fincryptfs.core.objectcodec import decode_segment_plaintext, plan_object
 from fincryptfs.downloader import MAX_RUN_SHARE_BYTES, plan_runs
 from fincryptfs.objectstore import FileChangedError, ShareRef, StoredObject
-from fincryptfs.uploader import FileReader, MembersReader, Source
+from fincryptfs.uploader import FileReader, MembersReader, SealedDigests, Source
 
 
 @settings(max_examples=200, deadline=None)
@@ -109,6 +109,47 @@ def test_source_notices_a_changed_file(tmp_path: Path) -> None:
             source.check_unchanged()
     finally:
         source.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=5000), st.binary(max_size=5000))
+def test_sealed_digests_admit_a_segment_again_only_with_its_first_plaintext(first: bytes, other: bytes) -> None:
+    digests = SealedDigests.for_segments(3)
+    assert digests.admit(1, first)
+    assert digests.admit(1, first)
+    assert digests.admit(1, other) == (other == first)
+    assert digests.admit(0, other) and digests.admit(2, first)  # segments are independent
+
+
+def test_a_segment_rewritten_in_place_is_not_sealed_again(tmp_path: Path) -> None:
+    """A later pass re-seals each segment under the key and nonce it was first sealed with: if the bytes it
+    reads differ (a same-size rewrite that size and mtime do not show, a pack member rewritten), it must
+    refuse before sealing, or two ciphertexts under one (key, nonce) would leave the process."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * 4096))
+    mtime = src.stat().st_mtime_ns
+    member = tmp_path / "member"
+    member.write_bytes(os.urandom(5000))
+    for source in (Source.open(src, segment_size=4096, k=3, n=6),
+                   Source.of(MembersReader([(src, 3 * 4096), (member, 5000)]), segment_size=4096, k=3, n=6)):
+        try:
+            first = [[bytes(b) for b in source.encode(i, hashed=True)[0]] for i in range(3)]
+            with open(src, "r+b") as f:
+                f.seek(4096 + 10)
+                f.write(b"rewritten")
+            os.utime(src, ns=(mtime, mtime))
+            source.check_unchanged()  # size and mtime say nothing
+            assert [bytes(b) for b in source.encode(0, hashed=False)[0]] == first[0]
+            with pytest.raises(FileChangedError, match=f"{src}.* changed while") as caught:
+                source.encode(1, hashed=False)
+            assert str(member) not in str(caught.value)
+            assert [bytes(b) for b in source.encode(2, hashed=False)[0]] == first[2]
+            with pytest.raises(FileChangedError):  # and never later either
+                source.encode(1, hashed=True)
+        finally:
+            source.close()
+        src.write_bytes(os.urandom(3 * 4096))  # a fresh file for the next source
+        mtime = src.stat().st_mtime_ns
 
 
 @settings(max_examples=150, deadline=None)

@@ -4,8 +4,10 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import AsyncIterator
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 from clientdata_support import MARKER, open_store
@@ -13,8 +15,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from netfixtures import start_network
 
+from fincryptfs import uploader
+from fincryptfs.core.ids import ShareId
+from fincryptfs.core.messages import Placement
 from fincryptfs.downloader import ObjectReader
 from fincryptfs.objectstore import FileChangedError, ObjectStore, ReadError, StoredObject, UploadError
+from fincryptfs.uploader import FileReader, MembersReader
 
 
 def make_file(path: Path, size: int, seed: int) -> bytes:
@@ -213,3 +219,84 @@ async def test_share_damaged_on_the_way_is_caught_by_its_receipt_and_sent_again(
             await net.stop_node(gone)
         await store.fetch_to_file(obj, dest)
         assert dest.read_bytes() == data
+
+
+@pytest.mark.parametrize("packed", [False, True])
+async def test_a_retry_pass_never_sends_a_second_ciphertext_under_a_used_nonce(
+        tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, packed: bool) -> None:
+    """A share whose node failed is sent again by a pass that re-reads and re-seals the source under the same
+    key and nonces. If the source was rewritten in between (same size, mtime put back; a pack member written
+    through the mount), that pass must not send anything sealed from the new bytes: per share, every byte sent
+    twice is the same byte, and the upload fails as changed (to start over under a new key), releasing what
+    landed."""
+    net = await start_network(tmp_path, nursery, nodes=7, gated=True)
+    bad = min(range(7), key=lambda i: net.nodes[i].node_id)  # placement takes nodes in id order: it gets a share
+    net.gates[bad].flip_at = 20_000  # a byte flipped in the first share sent to it: that share is sent again
+
+    bodies: dict[int, list[bytearray]] = {}  # share index -> what each pass handed to its PUT, in order
+    real_put = uploader.put_share
+
+    async def recording_put(http: httpx.AsyncClient, placement: Placement, share_id: ShareId, share_size: int,
+                            blocks: trio.MemoryReceiveChannel[uploader.Block]) -> uploader.Landed:
+        body = bytearray()
+        bodies.setdefault(placement.index, []).append(body)
+
+        class Recorded:  # what put_share uses of its channel: iterating it
+            async def __aiter__(self) -> AsyncIterator[uploader.Block]:
+                async for block in blocks:
+                    body.extend(block)
+                    yield block
+
+        return await real_put(http, placement, share_id, share_size, Recorded())  # type: ignore[arg-type]
+
+    monkeypatch.setattr(uploader, "put_share", recording_put)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(os.urandom(60_000))
+    second.write_bytes(os.urandom(40_000))
+    mtime, rewrite_at = second.stat().st_mtime_ns, 0
+    passes = 0
+
+    def rewrite_second_after_the_first_pass() -> None:  # called in a worker thread after each pass
+        nonlocal passes
+        passes += 1
+        if passes == 1:
+            with open(second, "r+b") as f:
+                f.seek(rewrite_at)
+                f.write(os.urandom(40_000))  # segment 3 onwards: segments 0-2 are sent again unchanged
+            os.utime(second, ns=(mtime, mtime))
+
+    class Members(MembersReader):
+        def check_unchanged(self) -> None:
+            rewrite_second_after_the_first_pass()
+            super().check_unchanged()
+
+    class Whole(FileReader):
+        def check_unchanged(self) -> None:
+            rewrite_second_after_the_first_pass()
+            super().check_unchanged()
+
+    async with open_store(net.mediator_url, tmp_path, segment_size=16384, k=3, n=6, happy=5) as store:
+        if packed:
+            reader: MembersReader | FileReader = Members([(first, 60_000), (second, 40_000)])
+        else:
+            second.write_bytes(first.read_bytes() + second.read_bytes())
+            mtime, rewrite_at = second.stat().st_mtime_ns, 60_000
+            reader = Whole(second)
+        source = uploader.Source.of(reader, segment_size=store.segment_size, k=store.k, n=store.n)
+        failure: Exception | None = None
+        try:
+            await uploader.upload_source(store, source)
+        except FileChangedError as exc:
+            failure = exc
+        assert net.gates[bad].flipped
+        resent = {index: sent for index, sent in bodies.items() if len(sent) > 1}
+        assert resent, "no share was sent twice"
+        for index, sent in bodies.items():
+            for again in sent[1:]:
+                assert again == sent[0][:len(again)], f"share {index}: other bytes sent under used nonces"
+        assert all(0 < len(sent[-1]) < len(sent[0]) for sent in resent.values()), \
+            "the unchanged segments are sent again, nothing from the changed one on"
+        assert failure is not None and f"{second}" in str(failure) and "changed while" in str(failure)
+        assert passes == 1, "the pass that read other bytes stopped before its end"
+        account = await store.account()
+        assert account["objects"] == 0 and account["bytes_stored"] == 0
