@@ -547,5 +547,6 @@ async def upload_source(store: ObjectStore, source: Source, *, progress: Callabl
         source.close()
     if progress is not None:
         progress(source.size)
+    # every root, as committed: a share stored only later, by repair, must be readable too
     return StoredObject(source.object_id, source.file_key, source.size, source.layout,
-                        tuple(ShareRef(c.index, c.share_id, c.merkle_root) for c in shares))
+                        tuple(ShareRef(i, source.share_ids[i], root) for i, root in enumerate(roots)))

@@ -13,7 +13,8 @@ from hypothesis import strategies as st
 from fincryptfs.core.errors import RemoteProtocolError
 from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, RootBuilder
 from fincryptfs.core.objectcodec import decode_segment_plaintext, plan_object
-from fincryptfs.downloader import MAX_RUN_SHARE_BYTES, plan_runs
+from fincryptfs.downloader import MAX_RUN_SHARE_BYTES, plan_runs, sources_for
+from fincryptfs.mediator_client import ObjectInfo, ShareLocation
 from fincryptfs.objectstore import FileChangedError, ShareRef, StoredObject
 from fincryptfs.uploader import FileReader, MembersReader, SealedDigests, Source
 
@@ -56,6 +57,26 @@ def test_stored_object_json_round_trip_and_strictness() -> None:
         StoredObject.from_json(dup)
     with pytest.raises(RemoteProtocolError):
         StoredObject.from_json(obj.to_json() | {"file_key": "AAAA"})
+
+
+def test_sources_are_the_located_shares_whose_root_is_recorded_healthy_first() -> None:
+    """An object committed with 5 of 6 shares names all 6 roots; once the mediator has rebuilt the sixth (and
+    lost three others), a reader uses it. A record written before every root was kept (5 refs) still reads,
+    with the shares it names."""
+    layout = plan_object(5000, 4096, 3, 6)
+    roots = [os.urandom(32) for _ in range(6)]
+    share_ids = [f"{i:02x}" * 32 for i in range(6)]
+    states = ["lost", "lost", "lost", "stored", "placed", "stored"]  # 5: rebuilt by repair; 4: never stored
+    info = ObjectInfo("ab" * 32, layout, tuple(
+        ShareLocation(i, share_ids[i], "cd" * 32, f"http://n{i}:1", roots[i], layout.share_size, state)
+        for i, state in enumerate(states)), {})
+    new = StoredObject("ab" * 32, os.urandom(32), 5000, layout,
+                       tuple(ShareRef(i, share_ids[i], roots[i]) for i in range(6)))
+    old = StoredObject.from_json(new.to_json() | {"shares": [ref.to_json() for ref in new.shares[:5]]})
+    assert StoredObject.from_json(new.to_json()) == new
+    assert [(s.index, s.merkle_root) for s in sources_for(new, info)] == [
+        (i, roots[i]) for i in (3, 5, 4, 0, 1, 2)]
+    assert [s.index for s in sources_for(old, info)] == [3, 4, 0, 1, 2]
 
 
 @settings(max_examples=60, deadline=None)

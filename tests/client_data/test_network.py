@@ -43,8 +43,14 @@ async def put(store: ObjectStore, tmp_path: Path, size: int, seed: int) -> tuple
     seen: list[int] = []
     obj = await store.put_file(src, progress=seen.append)
     assert obj.size == size and seen[-1] == size
-    assert len(obj.shares) >= store.happy
+    assert [ref.index for ref in obj.shares] == list(range(store.n)), "every share's root is kept"
     return obj, data
+
+
+async def stored_indices(store: ObjectStore, obj: StoredObject) -> set[int]:
+    """The shares the mediator counts as stored."""
+    info = await store.mediator.object_info(obj.object_id)
+    return {s.index for s in info.shares if s.state in ("stored", "proven")}
 
 
 async def test_round_trip_sizes_and_ranges(tmp_path: Path, nursery: trio.Nursery) -> None:
@@ -144,7 +150,8 @@ async def test_upload_replaces_dead_nodes_and_fails_below_happy(tmp_path: Path, 
     async with open_store(net.mediator_url, tmp_path, segment_size=16384) as store:
         for seed in range(3):
             obj, data = await put(store, tmp_path, 50_000, 20 + seed)
-            assert len(obj.shares) == 6, "a share placed on the dead node should have been re-placed"
+            assert await stored_indices(store, obj) == set(range(6)), \
+                "a share placed on the dead node should have been re-placed"
             assert await store.read_range(obj, 0, 50_000) == data
         await net.stop_node(1)
         await net.stop_node(2)
@@ -209,7 +216,7 @@ async def test_share_damaged_on_the_way_is_caught_by_its_receipt_and_sent_again(
     async with open_store(net.mediator_url, tmp_path, segment_size=16384) as store:
         obj, data = await put(store, tmp_path, 400_000, 40)
         assert net.gates[bad].flipped, "no share went through the damaging relay"
-        assert len(obj.shares) == 6
+        assert await stored_indices(store, obj) == set(range(6))
         assert await store.read_range(obj, 0, len(data)) == data
         info = await store.mediator.object_info(obj.object_id)
         assert net.nodes[bad].node_id not in {s.node_id for s in info.shares if s.state == "stored"}
@@ -300,3 +307,34 @@ async def test_a_retry_pass_never_sends_a_second_ciphertext_under_a_used_nonce(
         assert passes == 1, "the pass that read other bytes stopped before its end"
         account = await store.account()
         assert account["objects"] == 0 and account["bytes_stored"] == 0
+
+
+async def test_a_share_stored_only_by_repair_is_read(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Committed with 5 of 6 shares, an object names all 6 roots: the mediator's repair later stores the sixth
+    against its root, and a reader must be able to use it (here, with only k = 3 shares left, it is needed)."""
+    net = await start_network(tmp_path, nursery, nodes=8, gated=True, MEDIATORD_AUDIT_PERIOD="0.5",
+                              MEDIATORD_NODE_OFFLINE_AFTER="1.5", STORAGED_ANNOUNCE_INTERVAL="0.2")
+    flipping = min(range(8), key=lambda i: net.nodes[i].node_id)  # placement takes nodes in id order
+    net.gates[flipping].flip_at = 20_000  # that share's receipt names another root: it is not stored
+    async with open_store(net.mediator_url, tmp_path, segment_size=16384, k=3, n=6, happy=5) as store:
+        store.place_rounds = 1  # and not sent again: the object is committed with 5 shares
+        data = make_file(tmp_path / "src", 100_000, 50)
+        obj = await store.put_file(tmp_path / "src")
+        assert net.gates[flipping].flipped
+        info = await store.mediator.object_info(obj.object_id)
+        holders = {s.index: net.node_by_id(s.node_id).index for s in info.shares}
+        missing = next(s.index for s in info.shares if s.node_id == net.nodes[flipping].node_id)
+        assert await stored_indices(store, obj) == set(range(6)) - {missing}
+        others = [i for i in range(6) if i != missing]
+        await net.stop_node(holders[others[0]])  # 4 healthy left: repair rebuilds that one and the missing one
+        with trio.fail_after(30):
+            while True:
+                info = await store.mediator.object_info(obj.object_id)
+                rebuilt = {s.index for s in info.shares if s.state == "stored"
+                           and net.node_by_id(s.node_id).index not in (holders[s.index], flipping)}
+                if {missing, others[0]} <= rebuilt:
+                    break
+                await trio.sleep(0.2)
+        for index in others[1:4]:  # left: one share stored at upload and the two rebuilt ones
+            await net.stop_node(holders[index])
+        assert await store.read_range(obj, 0, len(data)) == data
