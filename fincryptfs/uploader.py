@@ -57,6 +57,7 @@ ORDERED_WINDOW = 4  # segments in flight in run_ordered: both cores stay busy wh
 SEND_QUEUE = 6  # blocks queued per share between the encoder and that share's PUT
 WRITE_PIECE = 2**20  # largest single write to a local file (see pwrite_all)
 RELEASE_RETRY = 0.2  # seconds between releases of an object whose place request was cut short
+MAX_PUT_ANSWER = 65536  # bytes of a node's answer to a PUT read at most: a signed receipt is about 1 KB
 T = TypeVar("T")
 
 Block = bytes | memoryview
@@ -330,6 +331,21 @@ class Source:
 # --- sending shares -------------------------------------------------------------------------------------------
 
 
+async def read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """The body of a streamed ``response``, read up to ``limit`` bytes; and whether that was all of it.
+
+    So that a node cannot make the client buffer whatever it sends (the read path caps its GETs the same way).
+    Raw bytes, never decompressed: a small compressed answer cannot expand past the limit either.
+    """
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        if len(body) + len(chunk) > limit:
+            body += chunk[:limit - len(body)]
+            return bytes(body), False
+        body += chunk
+    return bytes(body), True
+
+
 @dataclass(frozen=True)
 class Landed:
     """A share a node says it stored: its receipt (checked against the grant, not yet against our root)."""
@@ -354,14 +370,18 @@ async def put_share(http: httpx.AsyncClient, placement: Placement, share_id: Sha
             yield block  # type: ignore[misc]  # h11 sends any bytes-like object
 
     try:
-        response = await http.put(url, content=body(), headers=headers)
+        async with http.stream("PUT", url, content=body(), headers=headers) as response:
+            answer, whole = await read_at_most(response, MAX_PUT_ANSWER)
     except httpx.HTTPError as exc:
         raise PeerError(f"node {placement.node_url} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
     if response.status_code != 201:
         raise PeerError(f"node {placement.node_url} refused share {placement.index}: {response.status_code} "
-                        f"{response.text[:300]}", response.status_code)
+                        f"{answer[:300].decode('utf-8', 'replace')}", response.status_code)
+    if not whole:
+        raise PeerError(f"node {placement.node_url} answered share {placement.index} with more than "
+                        f"{MAX_PUT_ANSWER} bytes; a receipt is about 1 KB")
     try:
-        envelope = Envelope.from_json(decode_object(response.content).get("receipt"), kind=StorageReceipt.KIND)
+        envelope = Envelope.from_json(decode_object(answer).get("receipt"), kind=StorageReceipt.KIND)
         receipt = StorageReceipt.open(envelope)
     except RemoteProtocolError as exc:
         raise PeerError(f"node {placement.node_url} sent a bad receipt for share {placement.index}: {exc}") from exc

@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import random
 from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
 import httpx
@@ -16,10 +17,12 @@ from hypothesis import strategies as st
 from netfixtures import start_network
 
 from fincryptfs import uploader
-from fincryptfs.core.ids import ShareId
-from fincryptfs.core.messages import Placement
+from fincryptfs.core.identity import SigningKey
+from fincryptfs.core.ids import ShareId, new_share_id
+from fincryptfs.core.messages import Placement, UploadGrant
 from fincryptfs.downloader import ObjectReader
 from fincryptfs.objectstore import FileChangedError, ObjectStore, ReadError, StoredObject, UploadError
+from fincryptfs.rpc import PeerError
 from fincryptfs.uploader import FileReader, MembersReader
 
 
@@ -338,3 +341,43 @@ async def test_a_share_stored_only_by_repair_is_read(tmp_path: Path, nursery: tr
         for index in others[1:4]:  # left: one share stored at upload and the two rebuilt ones
             await net.stop_node(holders[index])
         assert await store.read_range(obj, 0, len(data)) == data
+
+
+async def test_a_node_answering_a_put_without_end_is_cut_off(nursery: trio.Nursery) -> None:
+    """A node's answer to a PUT is read up to a cap, as a GET's is: one that keeps sending (here 16 KiB every
+    5 ms of a declared 10 MiB) is a failed share at once, not a buffer that grows for as long as it likes."""
+    sent = 0
+
+    async def endless_answer(stream: trio.SocketStream) -> None:
+        nonlocal sent
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(65536)
+        head, _, body = request.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            body += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n"
+                              b"content-length: 10485760\r\n\r\n")
+        try:
+            while sent < 10 * 2**20:
+                await stream.send_all(b" " * 16384)
+                sent += 16384
+                await trio.sleep(0.005)
+        except trio.BrokenResourceError:
+            pass
+
+    listeners = await nursery.start(partial(trio.serve_tcp, endless_answer, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    mediator, node_id, share_id = SigningKey.generate(), "cd" * 32, new_share_id()
+    grant = UploadGrant(mediator.public.id, node_id, "ef" * 32, share_id, 3, None, 2**40, "0" * 32).seal(mediator)
+    placement = Placement(0, node_id, f"http://127.0.0.1:{port}", grant)
+    send, receive = trio.open_memory_channel[uploader.Block](1)
+    async with send:
+        await send.send(b"abc")
+    async with httpx.AsyncClient(trust_env=False) as http:
+        with trio.fail_after(2):
+            with pytest.raises(PeerError, match="more than 65536 bytes"):
+                await uploader.put_share(http, placement, share_id, 3, receive)
+    assert sent < 2**20
