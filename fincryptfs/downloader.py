@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_RUN_SHARE_BYTES = 8 * 2**20
+_HEALTHY_STATES = frozenset({"stored", "proven"})
 _BAD_STATES = frozenset({"lost", "missing", "deleted", "failed"})
 
 
@@ -91,10 +92,12 @@ class Source:
 
 
 def sources_for(obj: StoredObject, info: ObjectInfo) -> list[Source]:
-    """Readable shares: those the mediator can locate *and* whose root the client recorded, healthy first."""
+    """Readable shares: those the mediator can locate *and* whose root the client recorded (any index, whoever
+    stored it: the uploader or the mediator's repair), healthy first, then those in another state (placed but
+    never stored, on a node that went offline), lost ones last."""
     roots = {ref.index: ref.merkle_root for ref in obj.shares}
     located = [s for s in info.shares if s.index in roots]
-    located.sort(key=lambda s: (s.state in _BAD_STATES, s.index))
+    located.sort(key=lambda s: (s.state not in _HEALTHY_STATES, s.state in _BAD_STATES, s.index))
     return [Source(s.index, s.share_id, s.node_id, s.node_url, roots[s.index]) for s in located]
 
 
