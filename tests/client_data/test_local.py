@@ -11,6 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fincryptfs.core.errors import RemoteProtocolError
+from fincryptfs.core.ids import NodeId, ShareId
 from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, RootBuilder
 from fincryptfs.core.objectcodec import decode_segment_plaintext, plan_object
 from fincryptfs.downloader import MAX_RUN_SHARE_BYTES, plan_runs, sources_for
@@ -68,7 +69,7 @@ def test_sources_are_the_located_shares_whose_root_is_recorded_healthy_first() -
     share_ids = [f"{i:02x}" * 32 for i in range(6)]
     states = ["lost", "lost", "lost", "stored", "placed", "stored"]  # 5: rebuilt by repair; 4: never stored
     info = ObjectInfo("ab" * 32, layout, tuple(
-        ShareLocation(i, share_ids[i], "cd" * 32, f"http://n{i}:1", roots[i], layout.share_size, state)
+        ShareLocation(i, ShareId(share_ids[i]), NodeId("cd" * 32), f"http://n{i}:1", roots[i], layout.share_size, state)
         for i, state in enumerate(states)), {})
     new = StoredObject("ab" * 32, os.urandom(32), 5000, layout,
                        tuple(ShareRef(i, share_ids[i], roots[i]) for i in range(6)))
