@@ -371,7 +371,8 @@ async def test_a_node_answering_a_put_without_end_is_cut_off(nursery: trio.Nurse
     listeners = await nursery.start(partial(trio.serve_tcp, endless_answer, 0, host="127.0.0.1"))
     port = listeners[0].socket.getsockname()[1]
     mediator, node_id, share_id = SigningKey.generate(), NodeId("cd" * 32), new_share_id()
-    grant = UploadGrant(NodeId(mediator.public.id), node_id, AccountId("ef" * 32), share_id, 3, None, 2**40, "0" * 32).seal(mediator)
+    grant = UploadGrant(NodeId(mediator.public.id), node_id, AccountId("ef" * 32), share_id, 3, None, 2**40,
+                        "0" * 32).seal(mediator)
     placement = Placement(0, node_id, f"http://127.0.0.1:{port}", grant)
     send, receive = trio.open_memory_channel[uploader.Block](1)
     async with send:
