@@ -130,7 +130,7 @@ def bench_prover(count: int, share_size: int, workdir: Path) -> dict[str, float]
     from storaged.prover import ProvableShare, answer_challenge
     from storaged.store import ShareStore
 
-    store = ShareStore((ShareDir(workdir / "prove", 1 << 50),), 0)
+    store = ShareStore((ShareDir(workdir / "prove", 1 << 50),), 0, {})
     folder = store.folders[0]
     tree = MerkleTree.from_data(bytes(share_size))
     tree_bytes = tree.to_bytes()

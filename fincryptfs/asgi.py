@@ -15,7 +15,7 @@ import json
 import logging
 import re
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Mapping
+from collections.abc import AsyncIterator, Awaitable, Callable, Collection, Mapping
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -31,6 +31,10 @@ log = logging.getLogger(__name__)
 MAX_HEADER_BYTES = 32 * 1024
 DRAIN_BYTES = 8 * 1024 * 1024  # an unread request body up to this size is read and dropped after an early answer
 DRAIN_SECONDS = 5.0
+# A request body that sends nothing for this long is abandoned (408). Twice the client's 30 s write timeout
+# (rpc.DEFAULT_TIMEOUT): an uploader feeds all of an object's shares from one encoder, so a node that stops
+# reading pauses the uploads to the other nodes until that timeout drops it; they must not time out first.
+BODY_IDLE_SECONDS = 60.0
 RECEIVE_BYTES = 256 * 1024  # largest socket read hypercorn's trio worker makes (it hard-codes 64 KiB)
 Handler = Callable[["Request"], Awaitable["Response"]]
 
@@ -75,7 +79,7 @@ class Request:
         self.headers = headers
         self._receive = receive
         self._consumed = False
-        self._finished = False  # the whole body (possibly empty) has been received
+        self._finished = False  # the whole body (possibly empty) has been received, or none will come
 
     def query(self) -> dict[str, str]:
         result: dict[str, str] = {}
@@ -95,7 +99,11 @@ class Request:
         return int(value)
 
     async def stream(self, limit: int) -> AsyncIterator[bytes]:
-        """The body in chunks; TooLargeError (413) as soon as more than ``limit`` bytes are announced or sent."""
+        """The body in chunks; TooLargeError (413) as soon as more than ``limit`` bytes are announced or sent.
+
+        A client that sends nothing for ``BODY_IDLE_SECONDS`` gets 408: hypercorn itself would wait forever, and
+        a silent uploader would hold its upload slot and disk reservation as long as its connection stays open.
+        """
         if self._consumed:
             raise RuntimeError("request body already read")
         self._consumed = True
@@ -104,7 +112,12 @@ class Request:
             raise TooLargeError(f"body of {length} bytes exceeds the limit of {limit}")
         received = 0
         while True:
-            message = await self._receive()
+            with trio.move_on_after(BODY_IDLE_SECONDS) as idle:
+                message = await self._receive()
+            if idle.cancelled_caught:
+                self._finished = True  # nothing to drain from a silent client: answer at once
+                raise RemoteProtocolError(f"no body data received for {BODY_IDLE_SECONDS:g} s after {received} "
+                                          "bytes: request abandoned, send it again", status=408)
             if message["type"] == "http.disconnect":
                 raise RemoteProtocolError("client disconnected before sending the whole body")
             chunk = message.get("body", b"")
@@ -149,10 +162,18 @@ class Request:
     async def json(self, limit: int = 1 << 20) -> dict[str, Any]:
         return decode_object(await self.body(limit), max_bytes=limit)
 
-    def verify_signature(self, body: bytes, guard: ReplayGuard, now: float | None = None) -> SignedRequest:
-        """Authenticate this request's signer and refuse replays (AuthError 401)."""
+    def authenticate(self, body: bytes, audiences: Collection[str], now: float | None = None) -> SignedRequest:
+        """Check this request's signature, audience (one of ``audiences``: this daemon's id and origins) and
+        freshness (AuthError 401), but not yet its nonce: record that in a ReplayGuard once the signer is known to
+        be allowed the request, so that strangers cannot fill the guard."""
+        return verify_request(self.headers, self.method, self.target, body, time.time() if now is None else now,
+                              audiences)
+
+    def verify_signature(self, body: bytes, guard: ReplayGuard, audiences: Collection[str],
+                         now: float | None = None) -> SignedRequest:
+        """:meth:`authenticate`, then refuse a replay (401) at once: for routes any signer may call."""
         now = time.time() if now is None else now
-        signed = verify_request(self.headers, self.method, self.target, body, now)
+        signed = self.authenticate(body, audiences, now)
         guard.check(signed, now)
         return signed
 

@@ -33,6 +33,7 @@ from .keystore import ask_new_passphrase, load_master_key, read_passphrase_file,
 DEFAULT_ENV_FILE = Path("~/.config/fincrypt/client.env")
 DAEMON_START_TIMEOUT = 60.0
 FLUSH_POLL = 0.02  # seconds between looks at the queue: a cheap read, and a flush returns this much sooner
+RESTORE_CHECK_TIMEOUT = 15.0  # seconds restore waits for the mediator's answer about the account's tree
 
 
 class UsageError(FincryptError):
@@ -138,7 +139,13 @@ def cmd_init(args: argparse.Namespace) -> int:
 
 def cmd_restore(args: argparse.Namespace) -> int:
     if args.phrase_file:
-        phrase = Path(args.phrase_file).expanduser().read_text(encoding="utf-8")
+        path = Path(args.phrase_file).expanduser()
+        try:
+            phrase = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the recovery phrase file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise ConfigError(f"the recovery phrase file {path} is not text: it should hold the 24 words") from None
     elif sys.stdin.isatty():
         phrase = input("Recovery phrase (24 words): ")
     else:
@@ -146,8 +153,38 @@ def cmd_restore(args: argparse.Namespace) -> int:
     master_key = master_key_from_phrase(phrase)
     settings = _setup_account(args, master_key, need_mediator=True)
     print(f"Restored the key file {settings.key_file} and the settings file {_env_path(args)}.")
+    import trio
+
+    print(trio.run(_tree_at_mediator, settings, master_key))
     print("Next: fincryptfs mount DIR (the first mount fetches the latest tree; contents come on first read)")
     return 0
+
+
+async def _tree_at_mediator(settings: ClientSettings, master_key: bytes) -> str:
+    """Whether the mediator holds a tree for the restored account, in a sentence: a mistyped phrase (one that
+    still passes its checksum) or a wrong mediator URL shows here, not as an empty folder at the first mount."""
+    import trio
+
+    from . import rpc
+    from .core.crypto import account_signing_key
+    from .manifest import account_pointer
+    from .mediator_client import MediatorClient
+
+    assert settings.mediator_url is not None
+    try:
+        with trio.fail_after(RESTORE_CHECK_TIMEOUT):
+            async with rpc.new_client() as http:
+                pointer = await account_pointer(MediatorClient(url=settings.mediator_url, http=http,
+                                                               account_key=account_signing_key(master_key)))
+    except (FincryptError, trio.TooSlowError) as exc:
+        return (f"Could not ask the mediator whether it holds this account's tree ({exc or 'no answer'}); the "
+                "first mount will.")
+    if pointer is None:
+        return (f"warning: the mediator at {settings.mediator_url} holds no tree for this account. If it has "
+                "stored files before, check the recovery phrase and the mediator URL: the first mount would show "
+                "an empty folder.")
+    published = time.strftime("%Y-%m-%d %H:%M", time.localtime(pointer.created_at))
+    return f"The mediator holds this account's tree (version {pointer.version}, published {published})."
 
 
 def cmd_mount(args: argparse.Namespace) -> int:
@@ -234,12 +271,17 @@ def wait_flushed(db: Any, timeout: float | None, *, hint: str, stop: threading.E
             return False
         if not pending and published >= meta_version:
             return True
+        problem = meta.publish_problem(db)
+        if problem is not None and problem.blocked:
+            print(f"error: the tree snapshot cannot be published: {problem.message}", file=sys.stderr)
+            return False
         now = time.monotonic()
         if now - last_report >= 1.0:
             last_report = now
             errors = [error for *_, error in pending if error]
             print(f"{len(pending)} upload(s) pending; tree version {meta_version}, published {published}"
-                  + (f"; {len(errors)} retrying after an error, e.g.: {errors[0]}" if errors else ""),
+                  + (f"; {len(errors)} retrying after an error, e.g.: {errors[0]}" if errors else "")
+                  + (f"; publishing the tree failed, retrying: {problem.message}" if problem else ""),
                   file=sys.stderr)
         if deadline is not None and now > deadline:
             print(f"error: timed out with {len(pending)} upload(s) pending and the tree snapshot "
@@ -321,6 +363,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                           "object_id": object_id, "packed": ref is not None, "shares_healthy": None,
                           "shares_total": None, "health": None})
         failed = meta.failed_uploads(db)
+        problem = meta.publish_problem(db)
         report: dict[str, Any] = {
             "pending_uploads": len(pending),
             "failed_uploads": [{"path": meta.path_of(db, ino), "error": error} for _, ino, error in failed],
@@ -330,6 +373,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             "packs": [{"pack_id": pack_id, "live_files": live} for pack_id, live in meta.packs(db)],
             "tree_version": meta_version,
             "published_version": published,
+            "publish_problem": None if problem is None else {"error": problem.message, "blocked": problem.blocked,
+                                                             "since": int(problem.since)},
             "files": files,
         }
     finally:
@@ -349,6 +394,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"pending uploads: {report['pending_uploads']}  pending deletions: {report['pending_deletes']}  "
           f"tree version {meta_version} (published {published})")
     print(f"cache: {cache_used / 2**20:.1f} MiB of {settings.cache_limit_bytes / 2**20:.0f} MiB")
+    if problem is not None:
+        print(f"tree snapshot {'cannot be published' if problem.blocked else 'publish failing, retrying'}: "
+              f"{problem.message}")
     for err in report["upload_errors"] + report["failed_uploads"]:
         print(f"upload problem: {err['path']}: {err['error']}")
     for f in files:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import logging
 import os
 import sqlite3
+import time
 from collections.abc import Callable, Collection
 from contextlib import AbstractContextManager
 from pathlib import Path
@@ -18,7 +19,7 @@ from pathlib import Path
 import trio
 
 from . import meta
-from .cache import CachedEntry, CacheDir
+from .cache import PACKS, CachedEntry, CacheDir
 from .core.crypto import account_signing_key
 from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings
@@ -45,10 +46,14 @@ def open_store(settings: ClientSettings, master_key: bytes, http: object, cpu: t
                        spool_dir=settings.data_dir / "spool", http=http, cpu=cpu)  # type: ignore[arg-type]
 
 
-async def load_or_restore_tree(store: ObjectStore, master_key: bytes, db_path: Path) -> None:
-    """Create the local tree from the account's latest snapshot if there is one (first mount only)."""
+async def load_or_restore_tree(store: ObjectStore, master_key: bytes, db_path: Path, cache_dir: Path) -> None:
+    """Create the local tree from the account's latest snapshot if there is one (first mount only).
+
+    A cache folder left from a tree this machine no longer has is set aside first: its files are named by
+    inode number, and the new tree's numbers would make them another file's content."""
     if db_path.exists():
         return
+    set_aside_stale_cache(cache_dir)
     from .manifest import fetch_latest_snapshot
 
     tmp = db_path.with_name(db_path.name + ".restoring")
@@ -64,6 +69,23 @@ async def load_or_restore_tree(store: ObjectStore, master_key: bytes, db_path: P
     meta.adopt_snapshot(tmp, version)
     os.rename(tmp, db_path)
     log.info("restored the tree from snapshot %d", version)
+
+
+def set_aside_stale_cache(cache_dir: Path) -> Path | None:
+    """Rename a non-empty cache folder that belongs to no tree (``meta.db`` is gone) to ``<name>.previous-<time>``
+    beside it, and say so; returns the new name. Nothing is deleted: files that were never uploaded have their
+    only copy there, and the tree moved away with them may be put back."""
+    try:
+        entries = [e for e in os.scandir(cache_dir) if not (e.name == PACKS and not any(os.scandir(e.path)))]
+    except FileNotFoundError:
+        return None
+    if not entries:
+        return None
+    aside = cache_dir.with_name(f"{cache_dir.name}.previous-{time.strftime('%Y%m%d-%H%M%S')}")
+    os.rename(cache_dir, aside)
+    log.warning("the cache folder held files of a tree that is no longer here (no meta.db beside it): moved to "
+                "%s, out of the way of the new tree. Delete it once you no longer need it", aside)
+    return aside
 
 
 async def evictor(db: sqlite3.Connection, cache: CacheDir,

@@ -37,6 +37,7 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_RUN_SHARE_BYTES = 8 * 2**20
+_HEALTHY_STATES = frozenset({"stored", "proven"})
 _BAD_STATES = frozenset({"lost", "missing", "deleted", "failed"})
 
 
@@ -91,10 +92,12 @@ class Source:
 
 
 def sources_for(obj: StoredObject, info: ObjectInfo) -> list[Source]:
-    """Readable shares: those the mediator can locate *and* whose root the client recorded, healthy first."""
+    """Readable shares: those the mediator can locate *and* whose root the client recorded (any index, whoever
+    stored it: the uploader or the mediator's repair), healthy first, then those in another state (placed but
+    never stored, on a node that went offline), lost ones last."""
     roots = {ref.index: ref.merkle_root for ref in obj.shares}
     located = [s for s in info.shares if s.index in roots]
-    located.sort(key=lambda s: (s.state in _BAD_STATES, s.index))
+    located.sort(key=lambda s: (s.state not in _HEALTHY_STATES, s.state in _BAD_STATES, s.index))
     return [Source(s.index, s.share_id, s.node_id, s.node_url, roots[s.index]) for s in located]
 
 
@@ -121,7 +124,7 @@ class ObjectReader:
         """Leaves of ``run`` from one node, checked against the client's root (IntegrityError otherwise)."""
         url = (f"{source.node_url}/v1/shares/{source.share_id}"
                f"?first_leaf={run.first_leaf}&leaf_count={run.leaf_count}")
-        data, proof_text = await get_leaf_range(self.store, url, run.leaf_count * LEAF_SIZE)
+        data, proof_text = await get_leaf_range(self.store, url, run.leaf_count * LEAF_SIZE, source.node_id)
         try:
             proof_raw = b64decode(proof_text, field="fincrypt-proof header", max_length=128 * HASH_BYTES)
         except RemoteProtocolError as exc:
@@ -269,13 +272,14 @@ class ObjectReader:
             raise failed[0]
 
 
-async def get_leaf_range(store: ObjectStore, url: str, limit: int) -> tuple[bytearray, str]:
-    """A signed ranged GET, streamed into one buffer of at most ``limit`` bytes; (body, proof header).
+async def get_leaf_range(store: ObjectStore, url: str, limit: int, node_id: str) -> tuple[bytearray, str]:
+    """A signed ranged GET from node ``node_id``, streamed into one buffer of at most ``limit`` bytes; (body,
+    proof header).
 
     Streamed rather than through rpc.call so a node cannot make the client buffer more than it asked for, and
     so no httpx Response (which sits in a reference cycle) keeps a run's bytes alive until the next GC pass.
     """
-    headers = signed_headers(store.account_key, "GET", url, b"")
+    headers = signed_headers(store.account_key, "GET", url, b"", audience=node_id)
     try:
         async with store.http.stream("GET", url, headers=headers) as response:
             cap = limit if response.status_code == 200 else 4096

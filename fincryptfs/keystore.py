@@ -14,21 +14,14 @@ from pathlib import Path
 
 from .core.crypto import decode_key_file, encode_key_file, key_file_needs_passphrase
 from .core.errors import ConfigError, WrongKeyError
+from .secretfile import write_secret_file
 
 
 def save_key_file(path: Path, master_key: bytes, passphrase: str | None) -> None:
-    """Write the key file (mode 0600 from the start, fsync, rename); refuses to overwrite an existing one."""
+    """Write the key file (``write_secret_file``); refuses to overwrite an existing one."""
     if path.exists():
         raise ConfigError(f"{path} already exists; move it away first if you really mean to replace the key")
-    path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = path.with_name(path.name + ".tmp")
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
-    try:
-        os.write(fd, encode_key_file(master_key, passphrase))
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.rename(tmp, path)
+    write_secret_file(path, encode_key_file(master_key, passphrase))
 
 
 def read_passphrase_file(path: Path) -> str:

@@ -38,6 +38,7 @@ from .core.errors import FincryptError, IntegrityError, RemoteProtocolError
 from .core.ids import AccountId, ObjectId
 from .core.messages import ManifestPointer
 from .core.wire import canonical_json, decode_object
+from .mediator_client import MediatorClient
 from .objectstore import ObjectStore, StoredObject
 from .rpc import PeerError
 
@@ -48,11 +49,30 @@ SNAPSHOT_MAGIC = b"FCSNAPZ1"  # a zlib stream of the SQLite snapshot follows
 SNAPSHOT_LEVEL = 1
 _CHUNK = 2**20
 _POINTER_AD_TAG = b"fincrypt-manifest-pointer-v1\x00"
-PUBLISH_ATTEMPTS = 5
 
 
 class SnapshotRollbackError(IntegrityError):
     """The mediator's pointer is older than one this client already published: it lost or withheld state."""
+
+
+class TreeDivergedError(FincryptError):
+    """The account's pointer moved past the version this client last saw: another machine published its tree.
+    Publishing over it would replace that tree (and delete its snapshot), so this client stops."""
+
+
+def check_pointer_version(current: int, seen: int) -> None:
+    """Publishing is allowed only on top of the pointer this client saw last (``seen``): the mediator's being
+    older is a rollback, newer means another machine published meanwhile."""
+    if current < seen:
+        raise SnapshotRollbackError(
+            f"the mediator's manifest pointer is at version {current}, but this client already saw version "
+            f"{seen}: the mediator lost or is withholding newer state")
+    if current > seen:
+        raise TreeDivergedError(
+            f"the account's tree was published from another machine (pointer version {current}; this machine's "
+            f"last is {seen}). This machine stops publishing its tree so as not to replace that one; its own "
+            "changes stay here. One machine should use an account at a time: to carry on here with the "
+            "account's current tree, unmount, move meta.db out of the data folder and mount again")
 
 
 def _ad(account_id: str, version: int, object_id: str) -> bytes:
@@ -86,11 +106,16 @@ def unseal_stored_object(master_key: bytes, pointer: ManifestPointer) -> StoredO
 
 async def current_pointer(store: ObjectStore) -> ManifestPointer | None:
     """The account's pointer, with its signature checked against the account key; None if there is none."""
-    envelope = await store.mediator.get_pointer()
+    return await account_pointer(store.mediator)
+
+
+async def account_pointer(mediator: MediatorClient) -> ManifestPointer | None:
+    """``current_pointer`` through a bare mediator client (``fincryptfs restore`` has no object store)."""
+    envelope = await mediator.get_pointer()
     if envelope is None:
         return None
     pointer = ManifestPointer.open(envelope)
-    if pointer.account_id != store.account_key.id:
+    if pointer.account_id != mediator.account_key.id:
         raise IntegrityError(f"the mediator returned a pointer of account {pointer.account_id[:16]}…, not ours")
     return pointer
 
@@ -100,9 +125,10 @@ async def publish_snapshot(store: ObjectStore, master_key: bytes, db_path: Path,
                            on_replaced: Callable[[str], None] | None = None) -> int:
     """Upload the snapshot file ``db_path`` and point the account at it; returns the new pointer version.
 
-    ``version`` is the newest pointer version this client has seen (0 if none); a mediator offering an older
-    one is refused (SnapshotRollbackError). Concurrent publishers are ordered by the mediator's
-    compare-and-swap: on a conflict this re-reads the pointer and tries the next version.
+    ``version`` is the newest pointer version this client has seen (0 if none); the new pointer is stored
+    as the next one, by compare-and-swap at the mediator. A pointer older than ``version`` is refused
+    (SnapshotRollbackError), a newer one, or losing the compare-and-swap, means another machine published
+    (TreeDivergedError): nothing is replaced.
 
     ``before_commit(object_id)`` is called before the snapshot object is committed; a caller that notes it
     settles a failed publish itself against the pointer (right even when the pointer update's answer was lost,
@@ -110,6 +136,8 @@ async def publish_snapshot(store: ObjectStore, master_key: bytes, db_path: Path,
     publish deletes the object here, best effort. The snapshot the pointer named before is handed to
     ``on_replaced`` (to be deleted durably) or deleted here, best effort.
     """
+    old = await current_pointer(store)  # checked before the upload too: a refused publish sends nothing
+    check_pointer_version(old.version if old is not None else 0, version)
     packed = Path(db_path).with_name(Path(db_path).name + ".z")
     try:
         await trio.to_thread.run_sync(compress_snapshot, Path(db_path), packed)
@@ -118,32 +146,21 @@ async def publish_snapshot(store: ObjectStore, master_key: bytes, db_path: Path,
         packed.unlink(missing_ok=True)
     account_id = AccountId(store.account_key.id)
     try:
-        for _attempt in range(PUBLISH_ATTEMPTS):
-            old = await current_pointer(store)
-            current = old.version if old is not None else 0
-            if current < version:
-                raise SnapshotRollbackError(
-                    f"the mediator's manifest pointer is at version {current}, but this client already saw "
-                    f"version {version}: the mediator lost or is withholding newer state")
-            new_version = current + 1
-            pointer = ManifestPointer(account_id, new_version, ObjectId(stored.object_id),
-                                      seal_stored_object(master_key, account_id, new_version, stored),
-                                      int(time.time()))
-            try:
-                await store.mediator.put_pointer(pointer.seal(store.account_key))
-            except PeerError as exc:
-                if exc.status == 409:
-                    log.info("pointer version %d was taken by another publisher; retrying", new_version)
-                    continue
-                raise
-            if old is not None and old.object_id != stored.object_id:
-                if on_replaced is not None:
-                    on_replaced(old.object_id)
-                else:
-                    await _delete_quietly(store, old.object_id)
-            return new_version
-        raise FincryptError(f"could not publish the snapshot: the pointer changed under us {PUBLISH_ATTEMPTS} "
-                            "times in a row; try again")
+        new_version = version + 1
+        pointer = ManifestPointer(account_id, new_version, ObjectId(stored.object_id),
+                                  seal_stored_object(master_key, account_id, new_version, stored), int(time.time()))
+        try:
+            await store.mediator.put_pointer(pointer.seal(store.account_key))
+        except PeerError as exc:
+            if exc.status == 409:  # the version was taken after our read: by another machine
+                check_pointer_version(new_version, version)
+            raise
+        if old is not None and old.object_id != stored.object_id:
+            if on_replaced is not None:
+                on_replaced(old.object_id)
+            else:
+                await _delete_quietly(store, old.object_id)
+        return new_version
     except BaseException:
         if before_commit is None:
             with trio.CancelScope(shield=True), trio.move_on_after(30):

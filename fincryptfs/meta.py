@@ -115,6 +115,13 @@ INSERT OR IGNORE INTO counters VALUES ('meta_version', 0), ('published_version',
 INSERT OR IGNORE INTO counters VALUES ('flush_requested', 0);
 -- bytes ``fincryptfs put`` wrote into the cache of a running mount, whose evictor adds them to its count
 INSERT OR IGNORE INTO counters VALUES ('cache_added', 0);
+-- why the last publish of the tree failed, for flush and status (the publisher runs in another process)
+CREATE TABLE IF NOT EXISTS publish_problem (
+    id INTEGER PRIMARY KEY CHECK (id = 1),
+    message TEXT NOT NULL,
+    blocked INTEGER NOT NULL,  -- 1: retrying cannot help until the user acts (another machine published)
+    since REAL NOT NULL
+);
 """
 
 
@@ -259,8 +266,9 @@ def batch(db: sqlite3.Connection) -> _tx:
 
 
 def _bump(db: sqlite3.Connection) -> int:
-    db.execute("UPDATE counters SET value = value + 1 WHERE name = 'meta_version'")
-    return counter(db, "meta_version")
+    """The next ``meta_version`` (one statement: it runs in every change of the tree, twice per file copied in)."""
+    return int(db.execute("UPDATE counters SET value = value + 1 WHERE name = 'meta_version' RETURNING value"
+                          ).fetchone()[0])
 
 
 def add_cache_bytes(db: sqlite3.Connection, nbytes: int) -> None:
@@ -998,6 +1006,40 @@ def set_published(db: sqlite3.Connection, meta_version: int, pointer_version: in
 # --- snapshots and status -----------------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class PublishProblem:
+    message: str
+    blocked: bool  # nothing will be published until the user acts
+    since: float
+
+
+def set_publish_problem(db: sqlite3.Connection, message: str, *, blocked: bool) -> None:
+    with _tx(db):
+        db.execute("INSERT INTO publish_problem VALUES (1, ?, ?, ?) ON CONFLICT (id) DO UPDATE SET "
+                   "message = excluded.message, blocked = excluded.blocked", (message, int(blocked), time.time()))
+
+
+def clear_publish_problem(db: sqlite3.Connection) -> None:
+    with _tx(db):
+        db.execute("DELETE FROM publish_problem")
+
+
+def publish_problem(db: sqlite3.Connection) -> PublishProblem | None:
+    """Why the tree's last publish failed, if it did (None once one succeeds)."""
+    try:
+        row = db.execute("SELECT message, blocked, since FROM publish_problem").fetchone()
+    except sqlite3.OperationalError:  # a read-only look at a tree not opened since the table was added
+        return None
+    return None if row is None else PublishProblem(str(row[0]), bool(row[1]), float(row[2]))
+
+
+def pointer_seen(db: sqlite3.Connection, version: int) -> None:
+    """The account's pointer is at ``version`` and names this client's own snapshot (a publish whose pointer
+    update landed but whose answer, or our record of it, was lost): publish on top of it."""
+    with _tx(db):
+        db.execute("UPDATE counters SET value = max(value, ?) WHERE name = 'pointer_version'", (version,))
+
+
 def snapshot_to(db: sqlite3.Connection, dest: Path) -> int:
     """A consistent copy of the tree at ``dest`` for publishing; returns the meta_version it holds.
 
@@ -1014,6 +1056,7 @@ def snapshot_to(db: sqlite3.Connection, dest: Path) -> int:
         out.execute("DELETE FROM upload_jobs")
         out.execute("DELETE FROM delete_jobs")
         out.execute("DELETE FROM stale_members")
+        out.execute("DELETE FROM publish_problem")
         out.execute("DELETE FROM inodes WHERE parent IS NULL AND ino != ?", (ROOT_INO,))
         for ino, obj in out.execute("SELECT ino, object FROM inodes WHERE state != 'stored'").fetchall():
             size = json.loads(obj)["size"] if obj else 0

@@ -184,7 +184,7 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
         http = await stack.enter_async_context(rpc.new_client())
         store = open_store(settings, master_key, http, trio.CapacityLimiter(CPU_THREADS))
         db_path = meta_path(settings)
-        await load_or_restore_tree(store, master_key, db_path)
+        await load_or_restore_tree(store, master_key, db_path, settings.cache_dir)
         db = meta.connect(db_path)
         stack.callback(db.close)
         cache = CacheDir(settings.cache_dir, settings.cache_limit_bytes)

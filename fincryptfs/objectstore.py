@@ -3,7 +3,7 @@
 An *object* is one version of one file: padded, cut into segments, each sealed under the object's own key and
 erasure-coded into n blocks; block i of every segment, concatenated, is share i, stored on its own node. What
 the client must remember to read it again is a :class:`StoredObject` (id, key, size, layout and the Merkle root
-of every stored share): the FUSE layer keeps it in its SQLite tree, and the tree snapshot travels in the
+of every share): the FUSE layer keeps it in its SQLite tree, and the tree snapshot travels in the
 network as an ordinary object (see :mod:`fincryptfs.manifest`).
 
 The roots in a StoredObject are the ones the client computed while encoding, so a reader trusts neither the
@@ -45,12 +45,13 @@ class ReadError(FincryptError):
 
 
 class FileChangedError(FincryptError):
-    """The file changed size while it was being encoded; upload it again once it is quiet."""
+    """The file changed while it was being uploaded (its size or mtime, or the bytes a later pass read again);
+    upload it again, under a new key, once it is quiet."""
 
 
 @dataclass(frozen=True)
 class ShareRef:
-    """One stored share: its position, its random id, and the Merkle root the client computed."""
+    """One share of an object: its position, its random id, and the Merkle root the client computed."""
 
     index: int
     share_id: str
@@ -69,7 +70,12 @@ class ShareRef:
 
 @dataclass(frozen=True)
 class StoredObject:
-    """Everything needed to read an object back, given a mediator that knows where its shares are."""
+    """Everything needed to read an object back, given a mediator that knows where its shares are.
+
+    ``shares`` names all n shares, those stored at upload and those left for the mediator's repair to rebuild
+    against the root committed for them, so that a share rebuilt later can be read. Records written before
+    that list only the shares stored at upload (the JSON is the same); a reader takes either.
+    """
 
     object_id: str
     file_key: bytes

@@ -128,6 +128,10 @@ class PackReader:
                 if stale:
                     await trio.to_thread.run_sync(_zero_ranges, part, stale)
                 os.rename(part, path)
+                # members released while the ranges were zeroed: the evictor found no copy to scrub then
+                late = set(meta.stale_ranges(self.db, ref.pack_id)) - set(stale)
+                if late:
+                    await trio.to_thread.run_sync(_zero_ranges, path, sorted(late))
                 return path
         finally:
             if not lock.locked() and not lock.statistics().tasks_waiting:

@@ -694,7 +694,7 @@ async def run_put(settings: ClientSettings, sources: Sequence[Path], dest: str, 
             if not db_path.exists():  # the account's first use on this machine: its tree may be at the mediator
                 async with rpc.new_client() as http:
                     await load_or_restore_tree(open_store(settings, master_key, http, trio.CapacityLimiter(1)),
-                                               master_key, db_path)
+                                               master_key, db_path, settings.cache_dir)
         db = meta.connect(db_path)
         stack.callback(db.close)
         reader = meta.connect_readonly(db_path, threads=True)

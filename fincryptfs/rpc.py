@@ -14,7 +14,7 @@ import httpx
 
 from .core.errors import FincryptError, RemoteProtocolError
 from .core.identity import SigningKey
-from .core.wire import canonical_json, decode_object, sign_request
+from .core.wire import canonical_json, decode_object, origin_of, sign_request
 
 DEFAULT_TIMEOUT = httpx.Timeout(30.0, connect=5.0)
 
@@ -36,23 +36,27 @@ def new_client(timeout: httpx.Timeout = DEFAULT_TIMEOUT, max_connections: int = 
     return httpx.AsyncClient(timeout=timeout, limits=limits, follow_redirects=False, trust_env=False)
 
 
-def signed_headers(key: SigningKey, method: str, url: str, body: bytes) -> dict[str, str]:
+def signed_headers(key: SigningKey, method: str, url: str, body: bytes, audience: str | None = None
+                   ) -> dict[str, str]:
+    """Signature headers for one request to ``url``, addressed to ``audience``: the recipient's node id where the
+    caller knows it, else the URL's origin (so the recipient cannot replay the request to another peer)."""
     target = httpx.URL(url).raw_path.decode("ascii")
-    return sign_request(key, method, target, body, time.time())
+    return sign_request(key, method, audience or origin_of(url), target, body, time.time())
 
 
 async def call(client: httpx.AsyncClient, method: str, url: str, *, key: SigningKey | None = None,
                json: Any = None, content: bytes | None = None, headers: Mapping[str, str] | None = None,
-               timeout: httpx.Timeout | float | None = None) -> httpx.Response:
-    """Send one request (signed with ``key`` if given) and return the 2xx response, or raise PeerError."""
+               timeout: httpx.Timeout | float | None = None, audience: str | None = None) -> httpx.Response:
+    """Send one request (signed with ``key`` if given, for ``audience``: see signed_headers) and return the 2xx
+    response, or raise PeerError."""
     body = canonical_json(json) if json is not None else (content or b"")
     all_headers = dict(headers or {})
     if json is not None:
         all_headers["content-type"] = "application/json"
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     try:
-        if key is not None:
-            all_headers.update(signed_headers(key, method, url, body))
+        if key is not None:  # inside: an unusable URL has no origin to sign for (ValueError)
+            all_headers.update(signed_headers(key, method, url, body, audience))
         response = await client.request(method, url, content=body, headers=all_headers, **kwargs)
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         # InvalidURL is no HTTPError: a peer that announced an unusable URL is unreachable, not a crash

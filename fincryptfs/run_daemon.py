@@ -63,17 +63,34 @@ async def exit_with_parent(fd: int | None, cancel_scope: trio.CancelScope) -> No
 
 
 async def run_until_signalled(serve: Callable[..., Awaitable[Any]], settings: Any, name: str) -> None:
+    """Serve until signalled. A start that fails with one error raises that error itself, not the nursery's
+    group around it, so that the CLI prints its message (e.g. a configuration error) rather than a traceback."""
     parent_fd = take_parent_fd()
     with trio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
-        async with trio.open_nursery() as nursery:
-            nursery.start_soon(exit_with_parent, parent_fd, nursery.cancel_scope)
-            url = await nursery.start(serve, settings)
-            freeze_startup_objects()
-            print(f"{name} listening on {url}", flush=True)
-            async for signum in signals:
-                log.info("%s: stopping on %s", name, signal.Signals(signum).name)
-                nursery.cancel_scope.cancel()
-                break
+        try:
+            async with trio.open_nursery() as nursery:
+                nursery.start_soon(exit_with_parent, parent_fd, nursery.cancel_scope)
+                url = await nursery.start(serve, settings)
+                freeze_startup_objects()
+                print(f"{name} listening on {url}", flush=True)
+                async for signum in signals:
+                    log.info("%s: stopping on %s", name, signal.Signals(signum).name)
+                    nursery.cancel_scope.cancel()
+                    break
+        except BaseExceptionGroup as group:
+            sole = _sole_error(group)
+            if sole is None:
+                raise
+            raise sole from None
+
+
+def _sole_error(group: BaseExceptionGroup[BaseException]) -> Exception | None:
+    """The one ordinary exception inside (possibly nested) ``group``, or None if it holds more or others."""
+    while len(group.exceptions) == 1 and isinstance(group.exceptions[0], BaseExceptionGroup):
+        group = group.exceptions[0]
+    if len(group.exceptions) == 1 and isinstance(group.exceptions[0], Exception):
+        return group.exceptions[0]
+    return None
 
 
 def freeze_startup_objects() -> None:

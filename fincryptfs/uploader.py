@@ -6,9 +6,11 @@ threads while the event loop hands block i of every segment to the PUT of share 
 overlap and no encoded byte touches the local disk. Each node states the root of what it received in its
 receipt, which is accepted only if it is the root computed here. A share whose node failed is placed again,
 now with its root, and sent by another pass that re-encodes the file (sealing is deterministic for an
-object: its key is fresh and a segment's nonce is its index) but sends only the missing shares. The object
-is committed once ``happy`` receipts are in; if the upload fails, what landed is released. Memory is bounded
-by ``ORDERED_WINDOW`` segments plus ``SEND_QUEUE`` blocks per share, whatever the file size.
+object: its key is fresh and a segment's nonce is its index) but sends only the missing shares; a segment
+whose plaintext is not what the first pass sealed is refused before it is sealed again (``SealedDigests``),
+so one (key, nonce) never seals two plaintexts. The object is committed once ``happy`` receipts are in; if
+the upload fails, what landed is released. Memory is bounded by ``ORDERED_WINDOW`` segments plus
+``SEND_QUEUE`` blocks per share, whatever the file size.
 """
 
 from __future__ import annotations
@@ -19,12 +21,13 @@ import itertools
 import logging
 import os
 from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 import httpx
 import trio
+from cryptography.hazmat.primitives.poly1305 import Poly1305
 
 from .core.crypto import new_file_key
 from .core.errors import FincryptError, RemoteProtocolError
@@ -54,6 +57,7 @@ ORDERED_WINDOW = 4  # segments in flight in run_ordered: both cores stay busy wh
 SEND_QUEUE = 6  # blocks queued per share between the encoder and that share's PUT
 WRITE_PIECE = 2**20  # largest single write to a local file (see pwrite_all)
 RELEASE_RETRY = 0.2  # seconds between releases of an object whose place request was cut short
+MAX_PUT_ANSWER = 65536  # bytes of a node's answer to a PUT read at most: a signed receipt is about 1 KB
 T = TypeVar("T")
 
 Block = bytes | memoryview
@@ -138,6 +142,10 @@ class FileReader:
     def read(self, at: int, length: int) -> bytes:
         return os.pread(self.fd, length, at)
 
+    def describe(self, at: int, length: int) -> str:
+        """Who to blame for bytes [at, at + length) in a message."""
+        return str(self.path)
+
     def check_unchanged(self) -> None:
         st = os.fstat(self.fd)
         if (st.st_size, st.st_mtime_ns) != (self.size, self.mtime_ns):
@@ -203,14 +211,64 @@ class MembersReader:
             data += bytes(length - len(data))
         return data
 
+    def describe(self, at: int, length: int) -> str:
+        """The members that hold bytes [at, at + length), for a message."""
+        names = [str(path) for path, start, stop in zip(self.paths, self.offsets[:-1], self.offsets[1:], strict=True)
+                 if start < at + length and stop > at]
+        more = f" or {len(names) - 3} more" if len(names) > 3 else ""
+        return f"one of the files packed together ({', '.join(names[:3])}{more})" if names else \
+            f"one of the {len(self.paths)} files packed together"
+
     def check_unchanged(self) -> None:
-        pass  # per member: ``damaged``, and the caller's version check
+        pass  # per member: ``damaged``, the caller's version check, and ``SealedDigests`` between passes
 
     def close(self) -> None:
         pass
 
 
 PlainReader = FileReader | MembersReader
+
+DIGEST_BYTES = 16  # a Poly1305 tag
+
+
+@dataclass
+class SealedDigests:
+    """A keyed digest of the plaintext each segment of one object was first sealed with, so that its (key,
+    nonce) never seals another.
+
+    Why: a share whose node failed is sent again by another pass that reads the source again and seals it again
+    under the same key and per-segment nonces. That is safe only if the pass reads the very bytes the first one
+    did: two ciphertexts of different plaintexts under one AES-GCM (key, nonce) give away the XOR of the
+    plaintexts and the means to forge tags under that key. Size and mtime cannot tell (a same-size rewrite
+    within the mtime's granularity, a restored mtime, a pack member the mount rewrites), so every later sealing
+    is checked first, against the digest recorded at the first: ``FileChangedError`` if it differs, and the
+    upload starts over under a new key.
+
+    The digest is Poly1305 under a random key drawn per object, kept in memory and never revealed, used as a
+    universal hash: two different segments of at most 64 MiB collide with probability below 2^-81, whatever
+    was written. It runs at ~5x the speed of SHA-256 (9.5 against 1.7 GB/s on one core with SHA extensions):
+    it adds ~3 % to the encoding CPU of a first pass, SHA-256 would add ~15 %. Memory: 16 bytes per segment
+    plus one flag byte (17 KiB for 2 GiB in 2 MiB segments, 8.5 MiB in 4 KiB segments).
+    """
+
+    key: bytes = field(repr=False)
+    digests: bytearray = field(repr=False)
+    sealed: bytearray = field(repr=False)  # 1 at a segment sealed once already
+
+    @classmethod
+    def for_segments(cls, count: int) -> SealedDigests:
+        return cls(os.urandom(32), bytearray(DIGEST_BYTES * count), bytearray(count))
+
+    def admit(self, index: int, plaintext: bytes) -> bool:
+        """Record segment ``index``'s digest if it was never sealed; else whether ``plaintext`` is the one it was
+        sealed with. Segments may be admitted from several threads at once, never one segment twice at once."""
+        digest = Poly1305.generate_tag(self.key, plaintext)
+        at = index * DIGEST_BYTES
+        if not self.sealed[index]:
+            self.digests[at:at + DIGEST_BYTES] = digest
+            self.sealed[index] = 1
+            return True
+        return self.digests[at:at + DIGEST_BYTES] == digest
 
 
 @dataclass(frozen=True)
@@ -222,11 +280,13 @@ class Source:
     object_id: ObjectId
     file_key: bytes
     share_ids: tuple[ShareId, ...]
+    sealed: SealedDigests
 
     @classmethod
     def of(cls, reader: PlainReader, *, segment_size: int, k: int, n: int) -> Source:
-        return cls(reader, plan_object(reader.size, segment_size, k, n), new_object_id(), new_file_key(),
-                   tuple(new_share_id() for _ in range(n)))
+        layout = plan_object(reader.size, segment_size, k, n)
+        return cls(reader, layout, new_object_id(), new_file_key(), tuple(new_share_id() for _ in range(n)),
+                   SealedDigests.for_segments(layout.segment_count))
 
     @classmethod
     def open(cls, path: Path, *, segment_size: int, k: int, n: int) -> Source:
@@ -245,7 +305,8 @@ class Source:
         self.reader.close()
 
     def encode(self, index: int, *, hashed: bool) -> tuple[list[Block], list[HashedChunk] | None]:
-        """Segment ``index`` as its n blocks (the same bytes on every pass), and their leaf hashes if asked."""
+        """Segment ``index`` as its n blocks (the same bytes on every pass), and their leaf hashes if asked;
+        FileChangedError, before anything is sealed, if its plaintext is not the one it was first sealed with."""
         try:
             plaintext = segment_plaintext(self.layout, self.size, index, self.reader.read)
         except OSError as exc:
@@ -253,6 +314,10 @@ class Source:
                 raise  # members are padded, never short: this is the disk failing
             raise FileChangedError(f"{self.reader.path} changed while it was being backed up ({exc}); it will "
                                    "be uploaded again once it is quiet") from exc
+        if not self.sealed.admit(index, plaintext):
+            what = self.reader.describe(index * self.layout.segment_size, self.layout.plain_length(index))
+            raise FileChangedError(f"{what} changed while it was being backed up (read again to resend a share, "
+                                   "it gave other bytes); it will be uploaded again once it is quiet")
         blocks = encode_segment_blocks(self.file_key, self.object_id, self.layout, index, plaintext)
         if not hashed:
             return blocks, None
@@ -264,6 +329,21 @@ class Source:
 
 
 # --- sending shares -------------------------------------------------------------------------------------------
+
+
+async def read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """The body of a streamed ``response``, read up to ``limit`` bytes; and whether that was all of it.
+
+    So that a node cannot make the client buffer whatever it sends (the read path caps its GETs the same way).
+    Raw bytes, never decompressed: a small compressed answer cannot expand past the limit either.
+    """
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        if len(body) + len(chunk) > limit:
+            body += chunk[:limit - len(body)]
+            return bytes(body), False
+        body += chunk
+    return bytes(body), True
 
 
 @dataclass(frozen=True)
@@ -290,14 +370,18 @@ async def put_share(http: httpx.AsyncClient, placement: Placement, share_id: Sha
             yield block  # type: ignore[misc]  # h11 sends any bytes-like object
 
     try:
-        response = await http.put(url, content=body(), headers=headers)
+        async with http.stream("PUT", url, content=body(), headers=headers) as response:
+            answer, whole = await read_at_most(response, MAX_PUT_ANSWER)
     except httpx.HTTPError as exc:
         raise PeerError(f"node {placement.node_url} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
     if response.status_code != 201:
         raise PeerError(f"node {placement.node_url} refused share {placement.index}: {response.status_code} "
-                        f"{response.text[:300]}", response.status_code)
+                        f"{answer[:300].decode('utf-8', 'replace')}", response.status_code)
+    if not whole:
+        raise PeerError(f"node {placement.node_url} answered share {placement.index} with more than "
+                        f"{MAX_PUT_ANSWER} bytes; a receipt is about 1 KB")
     try:
-        envelope = Envelope.from_json(decode_object(response.content).get("receipt"), kind=StorageReceipt.KIND)
+        envelope = Envelope.from_json(decode_object(answer).get("receipt"), kind=StorageReceipt.KIND)
         receipt = StorageReceipt.open(envelope)
     except RemoteProtocolError as exc:
         raise PeerError(f"node {placement.node_url} sent a bad receipt for share {placement.index}: {exc}") from exc
@@ -483,5 +567,6 @@ async def upload_source(store: ObjectStore, source: Source, *, progress: Callabl
         source.close()
     if progress is not None:
         progress(source.size)
+    # every root, as committed: a share stored only later, by repair, must be readable too
     return StoredObject(source.object_id, source.file_key, source.size, source.layout,
-                        tuple(ShareRef(c.index, c.share_id, c.merkle_root) for c in shares))
+                        tuple(ShareRef(i, source.share_ids[i], root) for i, root in enumerate(roots)))

@@ -351,8 +351,11 @@ class UploadQueue:
         if noted:
             pointer = await current_pointer(self.store)
             for object_id in noted:
-                meta.settle_snapshot_commit(self.db, object_id,
-                                            named=pointer is not None and pointer.object_id == object_id)
+                named = pointer is not None and pointer.object_id == object_id
+                meta.settle_snapshot_commit(self.db, object_id, named=named)
+                if named:
+                    assert pointer is not None
+                    meta.pointer_seen(self.db, pointer.version)
             self.wake(jobs=True, tree=False)
 
     async def _publish(self, snapshot: Path, version: int, pointer_version: int) -> int:
@@ -376,6 +379,8 @@ class UploadQueue:
         return stored_version
 
     async def _publisher(self) -> None:
+        from .manifest import SnapshotRollbackError, TreeDivergedError
+
         failures = 0
         while True:
             if meta.counter(self.db, "meta_version") <= meta.counter(self.db, "published_version"):
@@ -396,10 +401,17 @@ class UploadQueue:
                     log.exception("unexpected error publishing the snapshot")
                 failures += 1
                 self.publish_error = str(exc)
-                log.warning("publishing the metadata snapshot failed (attempt %d): %s", failures, exc)
+                blocked = isinstance(exc, (TreeDivergedError, SnapshotRollbackError))
+                meta.set_publish_problem(self.db, str(exc), blocked=blocked)
+                if blocked:
+                    log.error("the tree snapshot cannot be published: %s", exc)
+                else:
+                    log.warning("publishing the metadata snapshot failed (attempt %d): %s", failures, exc)
                 continue
             finally:
                 snapshot.unlink(missing_ok=True)
+            if self.publish_error is not None:
+                meta.clear_publish_problem(self.db)
             failures = 0
             self.publish_error = None
             self._last_publish_end = trio.current_time()

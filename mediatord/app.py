@@ -26,7 +26,7 @@ def build_app(service: MediatorService, *, clock: Callable[[], float] = time.tim
 
     async def signed(request: Request) -> tuple[PublicKey, bytes]:
         body = await request.body(MAX_BODY)
-        return request.verify_signature(body, guard, clock()).signer, body
+        return request.verify_signature(body, guard, service.audiences(), clock()).signer, body
 
     def route(handler: Callable[[Request, PublicKey, bytes], Awaitable[Response]]
               ) -> Callable[[Request], Awaitable[Response]]:

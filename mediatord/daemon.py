@@ -123,6 +123,7 @@ async def run_service(service: MediatorService, *, upkeep_loops: bool = True,
     try:
         async with new_client() as client, trio.open_nursery() as nursery:
             url = await nursery.start(serve_app, build_app(service), settings.listen[0], settings.listen[1])
+            service.bound_url = url
             log.info("mediator %s listening on %s", service.id[:16], url)
             if settings.dht_listen is not None:
                 await nursery.start(announce_in_dht, service, settings.public_url or url)

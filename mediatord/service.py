@@ -30,7 +30,7 @@ from fincryptfs.core.messages import (
     layout_to_json,
 )
 from fincryptfs.core.settings import MediatorSettings
-from fincryptfs.core.wire import Envelope, Fields, b64encode, decode_object
+from fincryptfs.core.wire import Envelope, Fields, b64encode, decode_object, origin_of
 from fincryptfs.rpc import check_peer_url
 
 from . import billing, ledger, registry
@@ -98,6 +98,13 @@ class MediatorService:
         self.node_rule: AcceptanceRule = acceptance_rule(settings.accept_nodes, "MEDIATORD_ACCEPT_NODES")
         self.audit_requests: set[str] = set()  # nodes to audit out of turn (client reports); in memory only
         self.payments = Payments(settings, db, self.pricing)
+        self.bound_url: str | None = None  # set once the HTTP server is bound (see audiences)
+
+    def audiences(self) -> frozenset[str]:
+        """What a signed request to this mediator may be addressed to: its id, or the origin of its public URL
+        (of the address it is bound to when no public URL is set)."""
+        url = self.settings.public_url or self.bound_url
+        return frozenset({self.id} | ({origin_of(url)} if url else set()))
 
     # --- nodes ----------------------------------------------------------------------------------------------
 

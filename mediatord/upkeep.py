@@ -133,7 +133,7 @@ async def audit_node(service: MediatorService, client: httpx.AsyncClient, node: 
     while not audit_logic.is_finished(state, settings.audit_retries):
         challenge = state.next_challenge(CHALLENGE_BATCH)
         try:
-            response = await call(client, "POST", f"{node.url}/v1/challenges", key=service.key,
+            response = await call(client, "POST", f"{node.url}/v1/challenges", key=service.key, audience=node.node_id,
                                   json=challenge.to_json(), timeout=timing.request_timeout)
             limit = _max_proof_bytes(len(challenge.share_ids), challenge.leaves_per_share)
             proof = await trio.to_thread.run_sync(_decode_proof, response.content, key, limit, limiter=CPU)
@@ -218,7 +218,7 @@ async def release_pass(service: MediatorService, client: httpx.AsyncClient, now:
             db.release_done(share_id, node_id)
             continue
         try:
-            await call(client, "DELETE", f"{node.url}/v1/shares/{share_id}", key=service.key,
+            await call(client, "DELETE", f"{node.url}/v1/shares/{share_id}", key=service.key, audience=node.node_id,
                        timeout=UpkeepSettings.from_service(service).request_timeout)
         except PeerError as exc:
             if exc.status == 404 or attempts + 1 >= MAX_RELEASE_ATTEMPTS:
@@ -281,7 +281,8 @@ async def _read_range(service: MediatorService, client: httpx.AsyncClient, share
     first = start // LEAF_SIZE
     count = max(1, -(-end // LEAF_SIZE) - first)
     response = await call(client, "GET", f"{node.url}/v1/shares/{share.share_id}?first_leaf={first}&leaf_count="
-                          f"{count}", key=service.key, timeout=UpkeepSettings.from_service(service).request_timeout)
+                          f"{count}", key=service.key, audience=node.node_id,
+                          timeout=UpkeepSettings.from_service(service).request_timeout)
     try:
         proof_raw = b64decode(response.headers.get("fincrypt-proof", ""), field="fincrypt-proof header",
                               max_length=128 * HASH_BYTES)

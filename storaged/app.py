@@ -49,8 +49,8 @@ def build_app(service: StorageService) -> App:
     async def get_share(request: Request) -> Response:
         parse_share_id(request.params["share_id"])
         first, count = _leaf_query(request)
-        signed = request.verify_signature(await request.body(0), service.guard)
-        read = await service.read_share(request.params["share_id"], signed.signer_id, first, count)
+        signed = request.authenticate(await request.body(0), service.audiences(), service.clock())
+        read = await service.read_share(request.params["share_id"], signed, first, count)
         headers = {"content-type": "application/octet-stream", "fincrypt-share-size": str(read.share_size)}
         if read.proof is not None:
             headers["fincrypt-proof"] = b64encode(b"".join(read.proof))
@@ -60,14 +60,14 @@ def build_app(service: StorageService) -> App:
 
     async def delete_share(request: Request) -> Response:
         parse_share_id(request.params["share_id"])
-        signed = request.verify_signature(await request.body(0), service.guard)
-        await service.release(request.params["share_id"], signed.signer_id)
+        signed = request.authenticate(await request.body(0), service.audiences(), service.clock())
+        await service.release(request.params["share_id"], signed)
         return Response(204)
 
     async def challenge(request: Request) -> Response:
         body = await request.body(MAX_CHALLENGE_BYTES)
-        signed = request.verify_signature(body, service.guard)
-        answer = await service.prove(body, signed.signer_id)
+        signed = request.authenticate(body, service.audiences(), service.clock())
+        answer = await service.prove(body, signed)
         return Response(200, answer, {"content-type": "application/octet-stream"})
 
     router.add("GET", "/health", health)

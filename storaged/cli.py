@@ -39,7 +39,7 @@ def _status(settings: StorageSettings) -> dict[str, object]:
     db = NodeDatabase(settings.data_dir / DATABASE_FILE)
     try:
         shares, stored = db.totals()
-        store = ShareStore(settings.share_dirs, settings.reserve_bytes)
+        store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir())
         for folder, used in db.bytes_by_dir().items():
             store.account_existing(folder, used)
         return {"node_id": key.id, "shares": shares, "bytes_stored": stored, "free_bytes": store.free_bytes(),

@@ -45,7 +45,7 @@ async def open_service(settings: StorageSettings) -> AsyncIterator[StorageServic
     key = load_or_create_identity(settings.data_dir)
     db = NodeDatabase(settings.data_dir / DATABASE_FILE)
     try:
-        store = ShareStore(settings.share_dirs, settings.reserve_bytes)
+        store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir())
         service = StorageService(settings, key, db, store)
         await trio.to_thread.run_sync(service.recover)
         yield service

@@ -199,6 +199,10 @@ class NodeDatabase:
         count, total = self._reader.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM shares").fetchone()
         return int(count), int(total)
 
+    def shares_by_dir(self) -> dict[str, int]:
+        """How many shares the node has recorded in each share folder."""
+        return {d: int(n) for d, n in self._reader.execute("SELECT dir, COUNT(*) FROM shares GROUP BY dir")}
+
     def bytes_by_dir(self) -> dict[str, int]:
         return {d: int(s) for d, s in self._reader.execute("SELECT dir, SUM(size) FROM shares GROUP BY dir")}
 

@@ -7,6 +7,7 @@ never whole files. Blocking: run in a worker thread.
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
 from collections.abc import Callable, Iterable
@@ -18,7 +19,7 @@ from fincryptfs.core.ids import NodeId, ShareId
 from fincryptfs.core.merkle import HASH_BYTES, LEAF_SIZE, leaf_count, leaf_length, level_offsets, read_range_proof
 from fincryptfs.core.messages import Challenge, ProofResponse
 
-from .store import SharePaths, read_exact
+from .store import SharePaths, read_exact, tree_file_size
 
 log = logging.getLogger(__name__)
 
@@ -47,6 +48,12 @@ class OpenShare:
             os.close(data_fd)
             raise
         self.data_fd = data_fd
+        try:
+            _check_size(data_fd, size, "data")
+            _check_size(self.tree_fd, tree_file_size(size), "tree")
+        except OSError:
+            self.close()
+            raise
 
     def __enter__(self) -> OpenShare:
         return self
@@ -80,6 +87,13 @@ class OpenShare:
 
     def range_proof(self, first: int, span: int) -> list[bytes]:
         return read_range_proof(self.count, first, span, self.read_hash)
+
+
+def _check_size(fd: int, expected: int, what: str) -> None:
+    """A truncated (or extended) share file is damage, found when opened, not halfway through a response."""
+    actual = os.fstat(fd).st_size
+    if actual != expected:
+        raise OSError(errno.EIO, f"share {what} file is {actual} bytes, its record says {expected}")
 
 
 def prove_shares(challenge: Challenge, held: Iterable[ProvableShare],

@@ -7,8 +7,10 @@ proof threads limited separately so that a crowd of uploads never starves a chal
 
 from __future__ import annotations
 
+import errno
 import logging
 import os
+import sqlite3
 import time
 from collections import Counter
 from collections.abc import AsyncIterator, Callable
@@ -32,7 +34,7 @@ from fincryptfs.core.ids import NodeId, ShareId, parse_node_id, parse_share_id
 from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, TreeBuilder, leaf_count
 from fincryptfs.core.messages import Challenge, NodeAnnouncement, StorageReceipt, UploadGrant
 from fincryptfs.core.settings import StorageSettings
-from fincryptfs.core.wire import Envelope, ReplayGuard, decode_object
+from fincryptfs.core.wire import Envelope, ReplayGuard, SignedRequest, decode_object, origin_of
 
 from .db import STATE_CORRUPT, STATE_MISSING, STATE_OK, NodeDatabase, ShareRecord, TrustedMediator
 from .earnings import Earnings, render_metrics
@@ -44,6 +46,25 @@ log = logging.getLogger(__name__)
 UPLOAD_FLUSH_BYTES = 1 << 20  # bytes held per upload before a worker thread writes + hashes them (one hop per MiB)
 STREAM_CHUNK_BYTES = 1 << 20
 MAX_CHALLENGE_BYTES = 8 << 20  # 100,000 share ids fit
+
+
+_DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
+
+
+def storage_failure(exc: OSError | sqlite3.OperationalError) -> PolicyError:
+    """What to answer when storing a share failed on this node's side: 507 when the disk (or quota) is full, 503
+    for any other I/O error. The uploader can place the share elsewhere; the operator finds the details in the
+    log. Never a 500: the client did nothing wrong."""
+    if isinstance(exc, OSError):
+        code = errno.errorcode.get(exc.errno or 0, "EIO")
+        full = exc.errno in _DISK_FULL
+    else:
+        code, full = "database error", "full" in str(exc)
+    if full:
+        return PolicyError(f"this node ran out of disk space while storing the share ({code}); nothing was kept: "
+                           "store it on another node", status=507)
+    return PolicyError(f"this node could not store the share because of a disk error ({code}); nothing was kept: "
+                       "retry later or store it on another node", status=503)
 
 
 @dataclass(frozen=True)
@@ -111,14 +132,16 @@ class StorageService:
         self._proof_threads = trio.CapacityLimiter(1)
         self._scrub_threads = trio.CapacityLimiter(1)
         self._grants_in_flight: set[str] = set()
-        self._shares_in_flight: set[str] = set()
+        self._shares_in_flight: dict[str, str] = {}  # share id being uploaded → the granting mediator's id
+        self._shares_releasing: set[str] = set()
         self.announced = trio.Event()
         self.earnings: dict[str, Earnings] = {e.mediator_id: e for e in db.earnings()}
 
     # --- start-up -------------------------------------------------------------------------------------------
 
     def recover(self) -> None:
-        """Blocking start-up pass: remove leftovers, account stored bytes, flag rows whose files are gone."""
+        """Blocking start-up pass: remove leftovers, account stored bytes, flag rows whose files are gone and
+        serve again those whose files are back (a disk that was away, a file restored by the operator)."""
         known: set[str] = set()
         for record in self.db.iter_shares():
             known.add(record.share_id)
@@ -126,10 +149,19 @@ class StorageService:
             if record.state == STATE_OK and not self.store.check_files(record.dir, record.share_id, record.size):
                 log.error("share files missing or wrong size share_id=%s dir=%s", record.share_id, record.dir)
                 self.db.set_state(record.share_id, STATE_MISSING)
+            elif record.state == STATE_MISSING and self.store.check_files(record.dir, record.share_id, record.size):
+                # the scrub and the audits check the bytes again; a share found corrupt stays corrupt
+                log.warning("share files are back, serving the share again share_id=%s dir=%s", record.share_id,
+                            record.dir)
+                self.db.set_state(record.share_id, STATE_OK)
         self.store.clean(known)
         pruned = self.db.prune_grants(int(self.clock()))
         if pruned:
             log.info("forgot expired grants count=%d", pruned)
+
+    def audiences(self) -> frozenset[str]:
+        """What a signed request to this node may be addressed to: its node id, or the origin of its URL."""
+        return frozenset({self.node_id} | ({origin_of(self.advertised_url)} if self.advertised_url else set()))
 
     # --- mediators ------------------------------------------------------------------------------------------
 
@@ -241,6 +273,8 @@ class StorageService:
                                       f"{grant.share_size}")
         if share_id in self._shares_in_flight:
             raise PolicyError("this share is being uploaded right now", status=409)
+        if share_id in self._shares_releasing:
+            raise PolicyError("this share is being deleted right now; retry shortly", status=409)
         if self.db.get_share(share_id) is not None:
             raise PolicyError("this node already holds this share", status=409)
         try:
@@ -250,17 +284,20 @@ class StorageService:
         try:
             folder = self.store.reserve_space(grant.share_size)
             self._grants_in_flight.add(grant.grant_id)
-            self._shares_in_flight.add(share_id)
+            self._shares_in_flight[share_id] = grant.mediator_id
             try:
                 stored = False
                 try:
                     root = await self._receive(folder, grant, body)
                     stored = True
+                except (OSError, sqlite3.OperationalError) as exc:
+                    log.error("upload failed share_id=%s folder=%s error=%s", share_id, folder.root, exc)
+                    raise storage_failure(exc) from exc
                 finally:
                     self.store.release_reservation(folder, grant.share_size, stored=stored)
             finally:
                 self._grants_in_flight.discard(grant.grant_id)
-                self._shares_in_flight.discard(share_id)
+                self._shares_in_flight.pop(share_id, None)
         finally:
             self._uploads.release()
         log.info("share stored share_id=%s size=%d mediator=%s", share_id, grant.share_size,
@@ -331,11 +368,12 @@ class StorageService:
             raise RemoteProtocolError("share does not match its grant's Merkle root")
         record = ShareRecord(grant.share_id, grant.mediator_id, grant.account_id, grant.share_size, tree.root,
                              folder_key, grant.grant_id, int(self.clock()), STATE_OK)
-        paths = writer.commit(tree)
+        paths = writer.folder.paths(grant.share_id)  # no row names this share (checked before the upload)
         try:
+            writer.commit(tree)
             self.db.add_share(record, grant.expires_at)
         except BaseException:
-            for path in (paths.data, paths.tree):
+            for path in (paths.data, paths.tree):  # a commit that failed halfway may have renamed one of them
                 path.unlink(missing_ok=True)
             raise
         return tree.root
@@ -350,13 +388,14 @@ class StorageService:
             raise RemoteProtocolError(f"this node's copy of the share is {record.state}", status=404)
         return record
 
-    async def read_share(self, share_id_text: str, signer_id: str, first_leaf: int | None,
+    async def read_share(self, share_id_text: str, signed: SignedRequest, first_leaf: int | None,
                          count: int | None) -> ShareRead:
         """Bytes of a share (or of a leaf range, with its proof) for its account or its mediator."""
         share_id = parse_share_id(share_id_text)
         record = self._held(share_id)
-        if signer_id not in (record.account_id, record.mediator_id):
+        if signed.signer_id not in (record.account_id, record.mediator_id):
             raise ForbiddenError("only the share's account or its mediator may read it")
+        self.guard.check(signed, self.clock())
         paths = self.store.paths(record.dir, share_id)
         if paths is None:
             raise RemoteProtocolError("this node's copy of the share is missing", status=404)
@@ -367,7 +406,10 @@ class StorageService:
             first, span, proof_wanted = first_leaf, count, True
             if span < 1 or first + span > total:
                 raise RemoteProtocolError(f"leaf range {first}+{span} outside the share's {total} leaves")
-        opened = await trio.to_thread.run_sync(OpenShare, paths, record.size)
+        try:
+            opened = await trio.to_thread.run_sync(OpenShare, paths, record.size)
+        except OSError as exc:
+            raise await self._lost(share_id, exc) from exc
         streaming = False
         try:
             proof = opened.range_proof(first, span) if proof_wanted else None  # log2(leaves) small preads
@@ -377,28 +419,42 @@ class StorageService:
                 data = await trio.to_thread.run_sync(opened.read_leaves, first, span)
                 return ShareRead(record.size, proof, data, None)
             streaming = True
-            return ShareRead(record.size, proof, b"", self._stream(opened, start, end))
+            return ShareRead(record.size, proof, b"", self._stream(share_id, opened, start, end))
+        except OSError as exc:
+            raise await self._lost(share_id, exc) from exc
         finally:
             if not streaming:
                 opened.close()
 
-    async def _stream(self, opened: OpenShare, start: int, end: int) -> AsyncIterator[bytes]:
+    async def _lost(self, share_id: ShareId, exc: OSError) -> RemoteProtocolError:
+        """A held share's files are gone or damaged: flag it missing (as a failed proof does) and answer 404.
+
+        The mediator learns it at the next audit and repairs the share elsewhere; it is never served again.
+        """
+        log.error("share unreadable, marked missing share_id=%s error=%s", share_id, exc)
+        await trio.to_thread.run_sync(self.db.set_state, share_id, STATE_MISSING)
+        return RemoteProtocolError("this node's copy of the share is missing or damaged", status=404)
+
+    async def _stream(self, share_id: ShareId, opened: OpenShare, start: int, end: int) -> AsyncIterator[bytes]:
         with opened:
             at = start
             while at < end:
                 length = min(STREAM_CHUNK_BYTES, end - at)
                 chunk = await trio.to_thread.run_sync(os.pread, opened.data_fd, length, at)
-                if len(chunk) != length:
+                if len(chunk) != length:  # shrunk since it was opened: too late for a 404, the answer is cut
+                    await self._lost(share_id, OSError(errno.EIO, "share file shrank while being read"))
                     raise IntegrityError("share file is shorter than its record")
                 at += length
                 yield chunk
 
     # --- challenges -----------------------------------------------------------------------------------------
 
-    async def prove(self, body: bytes, signer_id: str) -> bytes:
+    async def prove(self, body: bytes, signed: SignedRequest) -> bytes:
         """Answer a challenge signed by a trusted mediator with the binary, node-signed ProofResponse."""
+        signer_id = signed.signer_id
         if signer_id not in self.trusted:
             raise ForbiddenError("challenges are accepted only from mediators this node is registered with")
+        self.guard.check(signed, self.clock())
         challenge = Challenge.from_json(decode_object(body, max_bytes=MAX_CHALLENGE_BYTES))
         if challenge.mediator_id != signer_id:
             raise ForbiddenError("challenge names a different mediator than the one that signed it")
@@ -426,16 +482,27 @@ class StorageService:
 
     # --- release --------------------------------------------------------------------------------------------
 
-    async def release(self, share_id_text: str, signer_id: str) -> None:
+    async def release(self, share_id_text: str, signed: SignedRequest) -> None:
         """Delete a share on the word of the mediator that granted it (row first, then files)."""
         share_id = parse_share_id(share_id_text)
         record = self.db.get_share(share_id)
         if record is None:
+            if signed.signer_id in self.trusted:  # recorded, or a replay could delete a share stored later
+                self.guard.check(signed, self.clock())
+            if self._shares_in_flight.get(share_id) == signed.signer_id:
+                # "gone" now would be a lie once the upload commits: the mediator retries the release later
+                raise PolicyError("this share is being uploaded right now; retry the release when the upload "
+                                  "has finished", status=409)
             return
-        if signer_id != record.mediator_id:
+        if signed.signer_id != record.mediator_id:
             raise ForbiddenError("only the mediator that granted a share may release it")
-        await trio.to_thread.run_sync(self.db.remove_share, share_id, limiter=self._upload_threads)
-        await trio.to_thread.run_sync(self.store.remove, record.dir, share_id, record.size)
+        self.guard.check(signed, self.clock())
+        self._shares_releasing.add(share_id)  # an upload of the same id now would lose its files to our unlinks
+        try:
+            await trio.to_thread.run_sync(self.db.remove_share, share_id, limiter=self._upload_threads)
+            await trio.to_thread.run_sync(self.store.remove, record.dir, share_id, record.size)
+        finally:
+            self._shares_releasing.discard(share_id)
         log.info("share released share_id=%s size=%d", share_id, record.size)
 
     # --- scrub ----------------------------------------------------------------------------------------------

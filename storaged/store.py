@@ -25,11 +25,11 @@ import errno
 import logging
 import os
 import shutil
-from collections.abc import Container, Sequence
+from collections.abc import Container, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
-from fincryptfs.core.errors import PolicyError
+from fincryptfs.core.errors import ConfigError, PolicyError
 from fincryptfs.core.ids import ShareId, parse_share_id
 from fincryptfs.core.merkle import HASH_BYTES, MerkleTree, TreeBuilder, leaf_count, level_widths
 from fincryptfs.core.settings import ShareDir
@@ -178,12 +178,14 @@ class ShareWriter:
 class ShareStore:
     """All share folders: placement of new shares, space accounting, removal and start-up cleanup."""
 
-    def __init__(self, dirs: tuple[ShareDir, ...], reserve_bytes: int) -> None:
+    def __init__(self, dirs: tuple[ShareDir, ...], reserve_bytes: int, shares_by_dir: Mapping[str, int]) -> None:
+        """Open the share folders; ``shares_by_dir`` (from the database) tells a new folder, created here, from
+        one that held shares and has gone (ConfigError: the node must not start)."""
         self.folders = [ShareFolder(d) for d in dirs]
         self.by_key = {f.key: f for f in self.folders}
         self.reserve = reserve_bytes
         for folder in self.folders:
-            (folder.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+            _open_folder(folder, shares_by_dir.get(folder.key, 0))
 
     def free_bytes(self) -> int:
         return sum(f.free(self.reserve) for f in self.folders)
@@ -259,6 +261,26 @@ class ShareStore:
             return paths.data.stat().st_size == size and paths.tree.stat().st_size == tree_file_size(size)
         except OSError:
             return False
+
+
+def _open_folder(folder: ShareFolder, shares: int) -> None:
+    """Create a new share folder; refuse one that should hold ``shares`` shares but is absent or empty.
+
+    Every folder the node has used has a ``.tmp`` folder. Without it, the folder is not the one the shares were
+    stored in: typically its disk is not mounted (yet), and the mount point is an empty folder of the root
+    filesystem. Creating it there would store new shares on the wrong disk and mark every share of the real one
+    missing, so the node refuses to start instead.
+    """
+    if (folder.root / TMP_DIR).is_dir():
+        return
+    if shares:
+        found = "is empty" if folder.root.is_dir() else "does not exist"
+        raise ConfigError(
+            f"share folder {folder.root} holds {shares} shares according to the node's database but {found}: "
+            "mount its disk (or restore the folder) and start the node again. To give those shares up for good, "
+            "remove the folder from STORAGED_SHARE_DIRS: the mediators will then repair them on other nodes.")
+    (folder.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+    log.info("share folder created path=%s", folder.root)
 
 
 def _remove(path: Path) -> None:

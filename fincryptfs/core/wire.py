@@ -6,8 +6,10 @@
 * **Envelopes** carry a message another party will pass on (an upload grant goes mediator → client → node; a
   receipt node → client → mediator): ``{"v": 1, "kind", "signer", "body", "sig"}``. The signature covers
   ``"fincrypt-envelope-v1" 0x00 kind 0x00 canonical(body)``: a grant can never be replayed as a receipt.
-* **Signed requests** authenticate direct calls: headers carry the signer's public key, a timestamp and a random
-  nonce; the signature covers method, target, timestamp, nonce and SHA-256 of the body. Receivers accept a
+* **Signed requests** authenticate direct calls: headers carry the signer's public key, the request's audience
+  (the recipient's node id, or its origin when the caller knows only its URL), a timestamp and a random nonce;
+  the signature covers method, audience, target, timestamp, nonce and SHA-256 of the body. Receivers refuse a
+  request addressed to anyone else (so a peer cannot replay a request it received to another peer), accept a
   timestamp within ``MAX_CLOCK_SKEW`` seconds and remember nonces for that long (``ReplayGuard``).
 
 Every decoder is strict and size-limited and raises RemoteProtocolError (status hint 400, 401 or 413).
@@ -18,13 +20,14 @@ from __future__ import annotations
 import base64
 import binascii
 import hashlib
+import heapq
 import json
 import os
 import re
-from collections import OrderedDict
-from collections.abc import Mapping
+from collections.abc import Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
+from urllib.parse import urlsplit
 
 from .errors import AuthError, RemoteProtocolError, ReplayError, TooLargeError
 from .identity import PublicKey, SigningKey
@@ -34,11 +37,15 @@ MAX_MESSAGE_BYTES = 1 << 20  # control messages; bulk data never travels as JSON
 MAX_CLOCK_SKEW = 300
 REQUEST_NONCE_HEX = 32
 _ENVELOPE_TAG = b"fincrypt-envelope-v1\x00"
-_REQUEST_TAG = b"fincrypt-request-v1\n"
+_REQUEST_TAG = b"fincrypt-request-v2\n"  # v2 added the audience
 _KIND_RE = re.compile(r"[a-z][a-z0-9_.-]{0,31}")
 _NONCE_RE = re.compile(r"[0-9a-f]{32}")
+_NODE_AUDIENCE_RE = re.compile(r"[0-9a-f]{64}")
+_ORIGIN_RE = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+):[0-9]{1,5}")
+MAX_AUDIENCE_CHARS = 300
 
 HEADER_KEY = "fincrypt-key"
+HEADER_AUDIENCE = "fincrypt-audience"
 HEADER_TIME = "fincrypt-time"
 HEADER_NONCE = "fincrypt-nonce"
 HEADER_SIGNATURE = "fincrypt-signature"
@@ -303,18 +310,50 @@ class Envelope:
 # --- signed requests ----------------------------------------------------------------------------------------
 
 
-def request_signing_bytes(method: str, target: str, timestamp: int, nonce: str, body: bytes) -> bytes:
-    return (_REQUEST_TAG + f"{method.upper()}\n{target}\n{timestamp}\n{nonce}\n".encode()
+def origin_of(url: str) -> str:
+    """The audience for a peer known only by its URL: ``scheme://host:port``, lowercase, port always given.
+
+    Two spellings of one URL (``HTTP://Node:80/x``, ``http://node/``) give one origin, so caller and receiver
+    agree on the bytes they sign and check.
+    """
+    parts = urlsplit(url.strip())
+    scheme = parts.scheme.lower()
+    if scheme not in ("http", "https") or not parts.hostname:
+        raise ValueError(f"cannot sign a request for {url[:100]!r}: expected an http(s) URL")
+    host = parts.hostname.lower()
+    try:
+        port = parts.port or (443 if scheme == "https" else 80)
+    except ValueError as exc:
+        raise ValueError(f"cannot sign a request for {url[:100]!r}: bad port") from exc
+    origin = f"{scheme}://[{host}]:{port}" if ":" in host else f"{scheme}://{host}:{port}"
+    if _ORIGIN_RE.fullmatch(origin) is None:
+        raise ValueError(f"cannot sign a request for {url[:100]!r}: unusual host name")
+    return origin
+
+
+def is_audience(text: str) -> bool:
+    """A node id (64 lowercase hex) or an origin as :func:`origin_of` writes it."""
+    return len(text) <= MAX_AUDIENCE_CHARS and (_NODE_AUDIENCE_RE.fullmatch(text) is not None
+                                                 or _ORIGIN_RE.fullmatch(text) is not None)
+
+
+def request_signing_bytes(method: str, audience: str, target: str, timestamp: int, nonce: str, body: bytes
+                          ) -> bytes:
+    return (_REQUEST_TAG + f"{method.upper()}\n{audience}\n{target}\n{timestamp}\n{nonce}\n".encode()
             + hashlib.sha256(body).hexdigest().encode())
 
 
-def sign_request(key: SigningKey, method: str, target: str, body: bytes, now: float) -> dict[str, str]:
-    """Headers that authenticate one request (``target`` = path plus query string, as sent)."""
+def sign_request(key: SigningKey, method: str, audience: str, target: str, body: bytes, now: float
+                 ) -> dict[str, str]:
+    """Headers that authenticate one request to ``audience`` (the recipient's node id, or ``origin_of`` its URL;
+    ``target`` = path plus query string, as sent)."""
+    if not is_audience(audience):
+        raise ValueError(f"audience must be a node id or an origin (scheme://host:port), not {audience[:100]!r}")
     timestamp = int(now)
     nonce = os.urandom(16).hex()
-    signature = key.sign(request_signing_bytes(method, target, timestamp, nonce, body))
-    return {HEADER_KEY: key.public.to_text(), HEADER_TIME: str(timestamp), HEADER_NONCE: nonce,
-            HEADER_SIGNATURE: b64encode(signature)}
+    signature = key.sign(request_signing_bytes(method, audience, target, timestamp, nonce, body))
+    return {HEADER_KEY: key.public.to_text(), HEADER_AUDIENCE: audience, HEADER_TIME: str(timestamp),
+            HEADER_NONCE: nonce, HEADER_SIGNATURE: b64encode(signature)}
 
 
 @dataclass(frozen=True)
@@ -328,15 +367,19 @@ class SignedRequest:
         return self.signer.id
 
 
-def verify_request(headers: Mapping[str, str], method: str, target: str, body: bytes, now: float
-                   ) -> SignedRequest:
-    """Check a request's signature and freshness (not its nonce's novelty: see ReplayGuard)."""
+def verify_request(headers: Mapping[str, str], method: str, target: str, body: bytes, now: float,
+                   audiences: Collection[str]) -> SignedRequest:
+    """Check a request's signature, that it is addressed to one of ``audiences`` (this receiver's node id and
+    origins) and its freshness (not its nonce's novelty: see ReplayGuard)."""
     lowered = {k.lower(): v for k, v in headers.items()}
-    missing = [h for h in (HEADER_KEY, HEADER_TIME, HEADER_NONCE, HEADER_SIGNATURE) if h not in lowered]
+    missing = [h for h in (HEADER_KEY, HEADER_AUDIENCE, HEADER_TIME, HEADER_NONCE, HEADER_SIGNATURE)
+               if h not in lowered]
     if missing:
         raise AuthError(f"request is not signed: missing header {missing[0]}")
     signer = PublicKey.from_text(lowered[HEADER_KEY])
-    time_text, nonce = lowered[HEADER_TIME], lowered[HEADER_NONCE]
+    audience, time_text, nonce = lowered[HEADER_AUDIENCE], lowered[HEADER_TIME], lowered[HEADER_NONCE]
+    if not is_audience(audience):
+        raise AuthError(f"{HEADER_AUDIENCE} must be the recipient's node id or origin (scheme://host:port)")
     if not re.fullmatch(r"[0-9]{1,12}", time_text):
         raise AuthError(f"{HEADER_TIME} must be a Unix time in whole seconds")
     if _NONCE_RE.fullmatch(nonce) is None:
@@ -346,7 +389,12 @@ def verify_request(headers: Mapping[str, str], method: str, target: str, body: b
         raise AuthError(f"request time is {int(timestamp - now)} s off this node's clock (limit "
                         f"{MAX_CLOCK_SKEW} s): check the sender's clock")
     signature = b64decode(lowered[HEADER_SIGNATURE], field=HEADER_SIGNATURE, length=64)
-    signer.verify(signature, request_signing_bytes(method, target, timestamp, nonce, body))
+    signer.verify(signature, request_signing_bytes(method, audience, target, timestamp, nonce, body))
+    if audience not in audiences:
+        names = " or ".join(sorted(a if len(a) != 64 else a[:16] + "…" for a in audiences)) or "nothing"
+        shown = audience if len(audience) != 64 else audience[:16] + "…"
+        raise AuthError(f"request is addressed to {shown}, not to this peer ({names}): sign each request for "
+                        "the peer it is sent to (a peer behind a proxy or alias needs its public URL set)")
     return SignedRequest(signer, timestamp, nonce)
 
 
@@ -354,13 +402,20 @@ class ReplayGuard:
     """Remembers (signer, nonce) pairs until their timestamp leaves the skew window; bounded in memory.
 
     A request whose nonce was seen is refused. When full, the guard refuses new requests rather than forgetting
-    nonces that could still be replayed (fail closed); at 200,000 entries this only happens under a flood.
+    nonces that could still be replayed (fail closed). So that no one signer can fill it and lock everyone else
+    out, each signer may hold at most ``per_signer`` entries (429 for that signer alone beyond). Receivers record
+    a request only once its signer is known to be allowed to make it, so strangers with throwaway keys do not
+    fill it either.
     """
 
-    def __init__(self, capacity: int = 200_000, window: int = MAX_CLOCK_SKEW) -> None:
-        self._seen: OrderedDict[tuple[str, str], float] = OrderedDict()
+    def __init__(self, capacity: int = 200_000, window: int = MAX_CLOCK_SKEW, per_signer: int | None = None
+                 ) -> None:
+        self._seen: dict[tuple[str, str], float] = {}
+        self._expiries: list[tuple[float, str, str]] = []  # heap: timestamps, hence expiries, arrive out of order
+        self._per_signer_count: dict[str, int] = {}
         self._capacity = capacity
         self._window = window
+        self._per_signer = max(1, capacity // 4) if per_signer is None else per_signer
 
     def __len__(self) -> int:
         return len(self._seen)
@@ -368,17 +423,26 @@ class ReplayGuard:
     def check(self, request: SignedRequest, now: float) -> None:
         """Record ``request``'s nonce, raising ReplayError if it was used before."""
         self._expire(now)
-        key = (request.signer_id, request.nonce)
+        signer = request.signer_id
+        key = (signer, request.nonce)
         if key in self._seen:
             raise ReplayError("this request was already received (replayed nonce)")
+        if self._per_signer_count.get(signer, 0) >= self._per_signer:
+            raise ReplayError(f"this signer sent more than {self._per_signer} requests in the last "
+                              f"{self._window} s; retry shortly", status=429)
         if len(self._seen) >= self._capacity:
             raise ReplayError("too many recent requests to check for replays; retry shortly", status=429)
-        self._seen[key] = request.timestamp + self._window
+        expiry = request.timestamp + self._window
+        self._seen[key] = expiry
+        heapq.heappush(self._expiries, (expiry, signer, request.nonce))
+        self._per_signer_count[signer] = self._per_signer_count.get(signer, 0) + 1
 
     def _expire(self, now: float) -> None:
-        # entries are near insertion order by expiry; stop at the first live one
-        while self._seen:
-            key, expiry = next(iter(self._seen.items()))
-            if expiry >= now:
-                break
-            self._seen.popitem(last=False)
+        while self._expiries and self._expiries[0][0] < now:
+            _, signer, nonce = heapq.heappop(self._expiries)
+            del self._seen[(signer, nonce)]
+            left = self._per_signer_count[signer] - 1
+            if left:
+                self._per_signer_count[signer] = left
+            else:
+                del self._per_signer_count[signer]

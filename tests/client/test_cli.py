@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import stat
 import subprocess
 import sys
 from pathlib import Path
@@ -11,7 +12,7 @@ import pytest
 
 from fincryptfs.core.crypto import master_key_from_phrase
 from fincryptfs.core.errors import ConfigError, WrongKeyError
-from fincryptfs.keystore import load_master_key
+from fincryptfs.keystore import load_master_key, save_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
 
@@ -70,6 +71,7 @@ def test_init_with_passphrase_then_restore_from_phrase(tmp_path: Path) -> None:
     restored = run("restore", "--env-file", str(env2), "--mediator", "http://127.0.0.1:9", "--phrase-file",
                    str(other / "phrase"), "--no-passphrase")
     assert restored.returncode == 0, restored.stderr
+    assert "Could not ask the mediator whether it holds this account's tree" in restored.stdout  # nobody there
     assert load_master_key(other / "key") == master_key_from_phrase(phrase)
 
     bad = tmp_path / "bad"
@@ -78,6 +80,12 @@ def test_init_with_passphrase_then_restore_from_phrase(tmp_path: Path) -> None:
     wrong = run("restore", "--env-file", str(write_env(bad)), "--mediator", "http://127.0.0.1:9", "--phrase-file",
                 str(bad / "phrase"), "--no-passphrase")
     assert wrong.returncode == 1 and "error:" in wrong.stderr
+    for unreadable, said in ((bad / "missing", "cannot read the recovery phrase file"), (bad, "cannot read"),
+                             (bad / "binary", "is not text")):
+        (bad / "binary").write_bytes(b"\xff\xfe\x00 words")
+        failed = run("restore", "--env-file", str(write_env(bad)), "--mediator", "http://127.0.0.1:9",
+                     "--phrase-file", str(unreadable), "--no-passphrase")
+        assert failed.returncode == 1 and said in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
 
 
 def test_unprotected_key_file_must_be_private(tmp_path: Path) -> None:
@@ -103,3 +111,14 @@ def test_bad_settings_name_the_variable(tmp_path: Path) -> None:
     assert result.returncode == 1 and "FINCRYPT_K" in result.stderr
     missing = run("status", "--env-file", str(tmp_path / "nope.env"))
     assert missing.returncode == 1 and "does not exist" in missing.stderr
+
+
+def test_a_leftover_temporary_key_file_does_not_lend_its_mode_to_the_key(tmp_path: Path) -> None:
+    key_path = tmp_path / "keys" / "master.key"
+    key_path.parent.mkdir()
+    leftover = key_path.with_name("master.key.tmp")
+    leftover.write_bytes(b"half a key from a crash")
+    os.chmod(leftover, 0o644)
+    save_key_file(key_path, bytes(range(32)), None)
+    assert stat.S_IMODE(key_path.stat().st_mode) == 0o600 and not leftover.exists()
+    assert load_master_key(key_path) == bytes(range(32))

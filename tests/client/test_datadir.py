@@ -11,8 +11,10 @@ from pathlib import Path
 
 import pytest
 import trio
+from client_data.clientdata_support import open_store
+from netfixtures import start_network
 
-from fincryptfs import datadir, meta
+from fincryptfs import datadir, meta, packs
 from fincryptfs.cache import CacheDir, used_bytes
 
 
@@ -135,8 +137,9 @@ async def test_a_file_written_while_the_evictor_listed_is_not_evicted(tmp_path: 
         db.close()
 
 
-def packed_files(db: sqlite3.Connection, pack_id: str, sizes: list[int]) -> list[int]:
-    """Files stored together as ``pack_id`` (as the upload worker leaves them); their inode numbers."""
+def packed_files(db: sqlite3.Connection, pack_id: str, sizes: list[int], pack_json: str | None = None) -> list[int]:
+    """Files stored together as ``pack_id`` (as the upload worker leaves them; ``pack_json`` is the stored
+    pack's record, a stand-in if none); their inode numbers."""
     inos = []
     for i, size in enumerate(sizes):
         f = meta.create(db, meta.ROOT_INO, b"m%d" % i, meta.FILE, 0o100644, 0, 0)
@@ -145,7 +148,8 @@ def packed_files(db: sqlite3.Connection, pack_id: str, sizes: list[int]) -> list
         inos.append(f.ino)
     jobs = meta.next_small_uploads(db, time.time(), max_size=1000, max_bytes=10_000, max_files=100)
     offsets = [sum(sizes[:i]) for i in range(len(sizes))]
-    assert meta.finish_pack(db, pack_id, json.dumps({"object_id": pack_id, "size": sum(sizes)}),
+    pack_json = pack_json or json.dumps({"object_id": pack_id, "size": sum(sizes)})
+    assert meta.finish_pack(db, pack_id, pack_json,
                             [(job, offset, size) for job, offset, size in zip(jobs, offsets, sizes, strict=True)]
                             ) == len(sizes)
     return inos
@@ -205,4 +209,45 @@ async def test_the_evictor_outlives_a_tree_locked_by_another_process(tmp_path: P
             nursery.cancel_scope.cancel()
     finally:
         holder.close()
+        db.close()
+
+
+def test_a_cache_without_a_tree_is_set_aside_whole_and_an_empty_one_is_left(tmp_path: Path) -> None:
+    cache = CacheDir(tmp_path / "cache", 1 << 20)  # a fresh cache: an empty folder of packs
+    assert datadir.set_aside_stale_cache(cache.root) is None and cache.root.is_dir()
+    assert datadir.set_aside_stale_cache(tmp_path / "none") is None
+    cache.path(7).write_bytes(b"never uploaded")
+    aside = datadir.set_aside_stale_cache(cache.root)
+    assert aside is not None and aside.parent == tmp_path and aside.name.startswith("cache.previous-")
+    assert (aside / "7").read_bytes() == b"never uploaded" and not cache.root.exists()
+
+
+async def test_a_member_released_while_its_pack_arrives_is_zeroed_in_the_copy(tmp_path: Path, nursery: trio.Nursery,
+                                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """A file deleted while the copy of its pack is being fetched and zeroed: the evictor's scrub finds no copy
+    yet and counts the note done, so the fetch itself must zero it once the copy is in place."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    content = os.urandom(600)
+    (tmp_path / "pack").write_bytes(content)
+    db = meta.connect(tmp_path / "meta.db")
+    cache = CacheDir(tmp_path / "cache", limit_bytes=2**20)
+    try:
+        async with open_store(net.mediator_url, tmp_path) as store:
+            stored = await store.put_file(tmp_path / "pack")
+            pack = stored.object_id
+            packed_files(db, pack, [100, 200, 300], pack_json=json.dumps(stored.to_json()))
+            meta.unlink(db, meta.ROOT_INO, b"m0")  # released before the fetch: zeroed as the copy arrives
+            real_stale_ranges = meta.stale_ranges
+
+            def released_meanwhile(conn: sqlite3.Connection, pack_id: str) -> list[tuple[int, int]]:
+                ranges = real_stale_ranges(conn, pack_id)
+                if ranges == [(0, 100)]:  # the fetch's first look: m1 goes now, and the scrub finds no copy
+                    meta.unlink(db, meta.ROOT_INO, b"m1")
+                    meta.mark_stale_zeroed(db, [rowid for rowid, _, _ in meta.stale_members(db)])
+                return ranges
+            monkeypatch.setattr(meta, "stale_ranges", released_meanwhile)
+            reader = packs.PackReader(db=db, store=store, pack_path=cache.pack_path)
+            path = await reader.pack_file(meta.PackRef(pack, 300, 300))
+            assert path is not None and path.read_bytes() == bytes(300) + content[300:]
+    finally:
         db.close()

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import errno
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,7 @@ from mountkit import Client, needs_fuse
 from netfixtures import start_network
 
 from fincryptfs import meta
+from fincryptfs.core.crypto import new_master_key, recovery_phrase
 from mediatord.daemon import DATABASE_FILE
 
 pytestmark = [pytest.mark.e2e, needs_fuse]
@@ -192,3 +194,84 @@ async def test_a_close_that_could_not_be_recorded_is_recorded_once_it_can(tmp_pa
         assert await trio.to_thread.run_sync((mnt / "late.bin").read_bytes) == data
     finally:
         await client.cleanup()
+
+
+async def test_restore_into_a_data_folder_with_an_old_cache_shows_the_stored_version(tmp_path: Path,
+                                                                                    nursery: trio.Nursery) -> None:
+    """The tree database is lost (moved away, with the key file, as the CLI's messages ask) and the account is
+    restored from the phrase into the same data folder: the old cache files, named by inode number, must not
+    become the restored tree's content. They are set aside, not deleted."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "c", net.mediator_url)
+    phrase = client.init()
+    stored, unsent = b"stored version " * 8, b"NEWER, NEVER UPLOADED " * 20
+    try:
+        await client.mount()
+        await trio.to_thread.run_sync((client.mountpoint / "f.txt").write_bytes, stored)
+        await client.flush()
+        await trio.to_thread.run_sync((client.mountpoint / "f.txt").write_bytes, unsent)
+        await client.kill()  # before the new version is stored
+        for name in ("meta.db", "meta.db-wal", "meta.db-shm"):
+            if (client.data_dir / name).exists():
+                os.rename(client.data_dir / name, tmp_path / name)
+        os.rename(client.home / "master.key", tmp_path / "master.key")
+        await client.restore(phrase, net.mediator_url)
+        await client.mount()
+        # read in a thread: the network runs on this test's event loop
+        got = await trio.to_thread.run_sync((client.mountpoint / "f.txt").read_bytes)
+        assert got in (stored, unsent)  # the newer one only if its upload and snapshot made it before the kill
+        prefix = client.cache_dir.name + ".previous-"
+        aside = [p for p in client.cache_dir.parent.iterdir() if p.name.startswith(prefix)]
+        assert len(aside) == 1 and unsent in [f.read_bytes() for f in aside[0].iterdir() if f.is_file()]
+    finally:
+        await client.cleanup()
+
+
+async def test_a_machine_that_missed_another_machines_publish_stops_and_says_so(tmp_path: Path,
+                                                                                nursery: trio.Nursery) -> None:
+    """The old laptop is still mounted when the account is restored on a new one, and both write. The new
+    laptop's published tree must not be replaced by the old one's: the old one's flush fails with the reason
+    (status too), and a third restore sees the new laptop's tree."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    old, new, third, stranger = (Client(tmp_path / name, net.mediator_url)
+                                 for name in ("old", "new", "third", "stranger"))
+    phrase = old.init()
+    stranger.write_env()  # a phrase that passes its checksum but is not this account's: restore warns
+    (stranger.home / "phrase.txt").write_text(recovery_phrase(new_master_key()))
+    warned = await trio.to_thread.run_sync(lambda: stranger.cli(
+        "restore", "--phrase-file", str(stranger.home / "phrase.txt"), "--mediator", net.mediator_url,
+        "--no-passphrase"))
+    assert "holds no tree for this account" in warned.stdout, warned.stdout
+
+    async def write(client: Client, name: str, data: bytes) -> None:
+        await trio.to_thread.run_sync((client.mountpoint / name).write_bytes, data)
+
+    try:
+        await old.mount()
+        await write(old, "a.txt", b"written on the old laptop")
+        await old.flush()
+        await new.restore(phrase, net.mediator_url)
+        await new.mount()
+        await write(new, "b.txt", b"written on the new laptop")
+        await new.flush()
+
+        await write(old, "c.txt", b"written on the old laptop afterwards")
+        flushed = await trio.to_thread.run_sync(lambda: old.cli("flush", "--timeout", "60", check=False))
+        assert flushed.returncode == 1 and "published from another machine" in flushed.stderr, flushed.stderr
+        status = json.loads((await trio.to_thread.run_sync(lambda: old.cli("status", "--json"))).stdout)
+        assert status["publish_problem"]["blocked"] is True
+        assert "c.txt" in {f["path"].lstrip("/") for f in status["files"]}  # kept on the old laptop
+
+        third.write_env()
+        (third.home / "phrase.txt").write_text(phrase)
+        restored = await trio.to_thread.run_sync(lambda: third.cli(
+            "restore", "--phrase-file", str(third.home / "phrase.txt"), "--mediator", net.mediator_url,
+            "--no-passphrase"))
+        assert "The mediator holds this account's tree (version 2, published" in restored.stdout, restored.stdout
+        await third.mount()
+        names = await trio.to_thread.run_sync(lambda: sorted(os.listdir(third.mountpoint)))
+        assert names == ["a.txt", "b.txt"]
+        assert await trio.to_thread.run_sync((third.mountpoint / "b.txt").read_bytes) == b"written on the new laptop"
+    finally:
+        for client in (old, new, third):
+            await client.cleanup()

@@ -530,3 +530,20 @@ def test_a_folder_is_listed_page_by_page_through_an_index(db: sqlite3.Connection
     plan = " ".join(str(row) for row in db.execute(
         "EXPLAIN QUERY PLAN SELECT * FROM inodes WHERE parent = ? AND ino > ? ORDER BY ino LIMIT 1000", (2, 0)))
     assert "inodes_parent" in plan and "TEMP B-TREE" not in plan  # a range of the index, no sort of the folder
+
+
+def test_a_publish_problem_is_kept_for_flush_and_status_but_never_published(db: sqlite3.Connection,
+                                                                            tmp_path: Path) -> None:
+    assert meta.publish_problem(db) is None
+    meta.set_publish_problem(db, "the mediator is unreachable", blocked=False)
+    meta.set_publish_problem(db, "published from another machine", blocked=True)
+    problem = meta.publish_problem(db)
+    assert problem is not None and problem.blocked and problem.message == "published from another machine"
+    meta.snapshot_to(db, tmp_path / "snap.db")
+    assert meta.publish_problem(meta.connect_readonly(tmp_path / "snap.db")) is None
+    meta.clear_publish_problem(db)
+    assert meta.publish_problem(db) is None
+    meta.set_published(db, 0, 5)
+    meta.pointer_seen(db, 7)
+    meta.pointer_seen(db, 6)  # never backwards
+    assert meta.counter(db, "pointer_version") == 7

@@ -11,11 +11,13 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from fincryptfs.core.errors import RemoteProtocolError
+from fincryptfs.core.ids import NodeId, ShareId
 from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, RootBuilder
 from fincryptfs.core.objectcodec import decode_segment_plaintext, plan_object
-from fincryptfs.downloader import MAX_RUN_SHARE_BYTES, plan_runs
+from fincryptfs.downloader import MAX_RUN_SHARE_BYTES, plan_runs, sources_for
+from fincryptfs.mediator_client import ObjectInfo, ShareLocation
 from fincryptfs.objectstore import FileChangedError, ShareRef, StoredObject
-from fincryptfs.uploader import FileReader, MembersReader, Source
+from fincryptfs.uploader import FileReader, MembersReader, SealedDigests, Source
 
 
 @settings(max_examples=200, deadline=None)
@@ -56,6 +58,26 @@ def test_stored_object_json_round_trip_and_strictness() -> None:
         StoredObject.from_json(dup)
     with pytest.raises(RemoteProtocolError):
         StoredObject.from_json(obj.to_json() | {"file_key": "AAAA"})
+
+
+def test_sources_are_the_located_shares_whose_root_is_recorded_healthy_first() -> None:
+    """An object committed with 5 of 6 shares names all 6 roots; once the mediator has rebuilt the sixth (and
+    lost three others), a reader uses it. A record written before every root was kept (5 refs) still reads,
+    with the shares it names."""
+    layout = plan_object(5000, 4096, 3, 6)
+    roots = [os.urandom(32) for _ in range(6)]
+    share_ids = [f"{i:02x}" * 32 for i in range(6)]
+    states = ["lost", "lost", "lost", "stored", "placed", "stored"]  # 5: rebuilt by repair; 4: never stored
+    info = ObjectInfo("ab" * 32, layout, tuple(
+        ShareLocation(i, ShareId(share_ids[i]), NodeId("cd" * 32), f"http://n{i}:1", roots[i], layout.share_size, state)
+        for i, state in enumerate(states)), {})
+    new = StoredObject("ab" * 32, os.urandom(32), 5000, layout,
+                       tuple(ShareRef(i, share_ids[i], roots[i]) for i in range(6)))
+    old = StoredObject.from_json(new.to_json() | {"shares": [ref.to_json() for ref in new.shares[:5]]})
+    assert StoredObject.from_json(new.to_json()) == new
+    assert [(s.index, s.merkle_root) for s in sources_for(new, info)] == [
+        (i, roots[i]) for i in (3, 5, 4, 0, 1, 2)]
+    assert [s.index for s in sources_for(old, info)] == [3, 4, 0, 1, 2]
 
 
 @settings(max_examples=60, deadline=None)
@@ -109,6 +131,47 @@ def test_source_notices_a_changed_file(tmp_path: Path) -> None:
             source.check_unchanged()
     finally:
         source.close()
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.binary(max_size=5000), st.binary(max_size=5000))
+def test_sealed_digests_admit_a_segment_again_only_with_its_first_plaintext(first: bytes, other: bytes) -> None:
+    digests = SealedDigests.for_segments(3)
+    assert digests.admit(1, first)
+    assert digests.admit(1, first)
+    assert digests.admit(1, other) == (other == first)
+    assert digests.admit(0, other) and digests.admit(2, first)  # segments are independent
+
+
+def test_a_segment_rewritten_in_place_is_not_sealed_again(tmp_path: Path) -> None:
+    """A later pass re-seals each segment under the key and nonce it was first sealed with: if the bytes it
+    reads differ (a same-size rewrite that size and mtime do not show, a pack member rewritten), it must
+    refuse before sealing, or two ciphertexts under one (key, nonce) would leave the process."""
+    src = tmp_path / "src"
+    src.write_bytes(os.urandom(3 * 4096))
+    mtime = src.stat().st_mtime_ns
+    member = tmp_path / "member"
+    member.write_bytes(os.urandom(5000))
+    for source in (Source.open(src, segment_size=4096, k=3, n=6),
+                   Source.of(MembersReader([(src, 3 * 4096), (member, 5000)]), segment_size=4096, k=3, n=6)):
+        try:
+            first = [[bytes(b) for b in source.encode(i, hashed=True)[0]] for i in range(3)]
+            with open(src, "r+b") as f:
+                f.seek(4096 + 10)
+                f.write(b"rewritten")
+            os.utime(src, ns=(mtime, mtime))
+            source.check_unchanged()  # size and mtime say nothing
+            assert [bytes(b) for b in source.encode(0, hashed=False)[0]] == first[0]
+            with pytest.raises(FileChangedError, match=f"{src}.* changed while") as caught:
+                source.encode(1, hashed=False)
+            assert str(member) not in str(caught.value)
+            assert [bytes(b) for b in source.encode(2, hashed=False)[0]] == first[2]
+            with pytest.raises(FileChangedError):  # and never later either
+                source.encode(1, hashed=True)
+        finally:
+            source.close()
+        src.write_bytes(os.urandom(3 * 4096))  # a fresh file for the next source
+        mtime = src.stat().st_mtime_ns
 
 
 @settings(max_examples=150, deadline=None)

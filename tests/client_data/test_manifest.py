@@ -20,6 +20,8 @@ from fincryptfs.core.messages import ManifestPointer
 from fincryptfs.manifest import (
     SNAPSHOT_MAGIC,
     SnapshotRollbackError,
+    TreeDivergedError,
+    check_pointer_version,
     compress_snapshot,
     current_pointer,
     decompress_snapshot,
@@ -69,24 +71,35 @@ async def test_snapshot_round_trip_versions_and_cas(tmp_path: Path, nursery: tri
             await store.mediator.put_pointer(stale.seal(store.account_key))
         assert conflict.value.status == 409
 
-        # two machines publishing at once: both succeed, one after retrying on the next version
+        # two machines publishing on top of the same version: one wins, the other stops and replaces nothing
         contents = {}
-        results: dict[str, int] = {}
+        results: dict[str, int | Exception] = {}
 
         async def publish(name: str, who) -> None:
             path = tmp_path / f"snap-{name}"
             contents[name] = os.urandom(30_000)
             path.write_bytes(contents[name])
-            results[name] = await publish_snapshot(who, master, path, 2)
+            try:
+                results[name] = await publish_snapshot(who, master, path, 2)
+            except TreeDivergedError as exc:
+                results[name] = exc
 
         async with trio.open_nursery() as race:
             race.start_soon(publish, "a", store)
             race.start_soon(publish, "b", other_machine)
-        assert sorted(results.values()) == [3, 4]
-        winner = max(results, key=results.__getitem__)
-        assert await fetch_latest_snapshot(store, master, tmp_path / "got4") == 4
-        assert (tmp_path / "got4").read_bytes() == contents[winner]
+        winner = next(name for name, got in results.items() if got == 3)
+        loser = "b" if winner == "a" else "a"
+        assert isinstance(results[loser], TreeDivergedError) and "another machine" in str(results[loser])
+        assert await fetch_latest_snapshot(store, master, tmp_path / "got3") == 3
+        assert (tmp_path / "got3").read_bytes() == contents[winner]
         assert (await store.account())["objects"] == 1, "only the latest snapshot object is kept"
+
+        # a machine that missed a publish stops before sending anything: the other's tree stays whole
+        with pytest.raises(TreeDivergedError, match="pointer version 3; this machine's last is 2"):
+            await publish_snapshot(store, master, snap, 2)
+        assert (await store.account())["objects"] == 1
+        assert await fetch_latest_snapshot(other_machine, master, tmp_path / "still3") == 3
+        assert (tmp_path / "still3").read_bytes() == contents[winner]
 
         # a mediator offering an older pointer than this client has seen is refused
         with pytest.raises(SnapshotRollbackError):
@@ -134,3 +147,12 @@ def test_snapshot_compression_shrinks_a_tree_and_catches_damage(tmp_path: Path) 
         (tmp_path / "bad.z").write_bytes(bad)
         with pytest.raises(IntegrityError, match="snapshot"):
             decompress_snapshot(tmp_path / "bad.z", tmp_path / "out")
+
+
+@given(st.integers(0, 2**40), st.integers(0, 2**40))
+def test_a_publish_goes_on_top_of_the_pointer_last_seen_only(current: int, seen: int) -> None:
+    if current == seen:
+        check_pointer_version(current, seen)
+    else:
+        with pytest.raises(SnapshotRollbackError if current < seen else TreeDivergedError):
+            check_pointer_version(current, seen)

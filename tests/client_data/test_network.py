@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import random
+from collections.abc import AsyncIterator
+from functools import partial
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 from clientdata_support import MARKER, open_store
@@ -13,8 +16,14 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from netfixtures import start_network
 
+from fincryptfs import uploader
+from fincryptfs.core.identity import SigningKey
+from fincryptfs.core.ids import AccountId, NodeId, ShareId, new_share_id
+from fincryptfs.core.messages import Placement, UploadGrant
 from fincryptfs.downloader import ObjectReader
 from fincryptfs.objectstore import FileChangedError, ObjectStore, ReadError, StoredObject, UploadError
+from fincryptfs.rpc import PeerError
+from fincryptfs.uploader import FileReader, MembersReader
 
 
 def make_file(path: Path, size: int, seed: int) -> bytes:
@@ -37,8 +46,14 @@ async def put(store: ObjectStore, tmp_path: Path, size: int, seed: int) -> tuple
     seen: list[int] = []
     obj = await store.put_file(src, progress=seen.append)
     assert obj.size == size and seen[-1] == size
-    assert len(obj.shares) >= store.happy
+    assert [ref.index for ref in obj.shares] == list(range(store.n)), "every share's root is kept"
     return obj, data
+
+
+async def stored_indices(store: ObjectStore, obj: StoredObject) -> set[int]:
+    """The shares the mediator counts as stored."""
+    info = await store.mediator.object_info(obj.object_id)
+    return {s.index for s in info.shares if s.state in ("stored", "proven")}
 
 
 async def test_round_trip_sizes_and_ranges(tmp_path: Path, nursery: trio.Nursery) -> None:
@@ -138,7 +153,8 @@ async def test_upload_replaces_dead_nodes_and_fails_below_happy(tmp_path: Path, 
     async with open_store(net.mediator_url, tmp_path, segment_size=16384) as store:
         for seed in range(3):
             obj, data = await put(store, tmp_path, 50_000, 20 + seed)
-            assert len(obj.shares) == 6, "a share placed on the dead node should have been re-placed"
+            assert await stored_indices(store, obj) == set(range(6)), \
+                "a share placed on the dead node should have been re-placed"
             assert await store.read_range(obj, 0, 50_000) == data
         await net.stop_node(1)
         await net.stop_node(2)
@@ -203,7 +219,7 @@ async def test_share_damaged_on_the_way_is_caught_by_its_receipt_and_sent_again(
     async with open_store(net.mediator_url, tmp_path, segment_size=16384) as store:
         obj, data = await put(store, tmp_path, 400_000, 40)
         assert net.gates[bad].flipped, "no share went through the damaging relay"
-        assert len(obj.shares) == 6
+        assert await stored_indices(store, obj) == set(range(6))
         assert await store.read_range(obj, 0, len(data)) == data
         info = await store.mediator.object_info(obj.object_id)
         assert net.nodes[bad].node_id not in {s.node_id for s in info.shares if s.state == "stored"}
@@ -213,3 +229,156 @@ async def test_share_damaged_on_the_way_is_caught_by_its_receipt_and_sent_again(
             await net.stop_node(gone)
         await store.fetch_to_file(obj, dest)
         assert dest.read_bytes() == data
+
+
+@pytest.mark.parametrize("packed", [False, True])
+async def test_a_retry_pass_never_sends_a_second_ciphertext_under_a_used_nonce(
+        tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch, packed: bool) -> None:
+    """A share whose node failed is sent again by a pass that re-reads and re-seals the source under the same
+    key and nonces. If the source was rewritten in between (same size, mtime put back; a pack member written
+    through the mount), that pass must not send anything sealed from the new bytes: per share, every byte sent
+    twice is the same byte, and the upload fails as changed (to start over under a new key), releasing what
+    landed."""
+    net = await start_network(tmp_path, nursery, nodes=7, gated=True)
+    bad = min(range(7), key=lambda i: net.nodes[i].node_id)  # placement takes nodes in id order: it gets a share
+    net.gates[bad].flip_at = 20_000  # a byte flipped in the first share sent to it: that share is sent again
+
+    bodies: dict[int, list[bytearray]] = {}  # share index -> what each pass handed to its PUT, in order
+    real_put = uploader.put_share
+
+    async def recording_put(http: httpx.AsyncClient, placement: Placement, share_id: ShareId, share_size: int,
+                            blocks: trio.MemoryReceiveChannel[uploader.Block]) -> uploader.Landed:
+        body = bytearray()
+        bodies.setdefault(placement.index, []).append(body)
+
+        class Recorded:  # what put_share uses of its channel: iterating it
+            async def __aiter__(self) -> AsyncIterator[uploader.Block]:
+                async for block in blocks:
+                    body.extend(block)
+                    yield block
+
+        return await real_put(http, placement, share_id, share_size, Recorded())  # type: ignore[arg-type]
+
+    monkeypatch.setattr(uploader, "put_share", recording_put)
+    first, second = tmp_path / "first", tmp_path / "second"
+    first.write_bytes(os.urandom(60_000))
+    second.write_bytes(os.urandom(40_000))
+    mtime, rewrite_at = second.stat().st_mtime_ns, 0
+    passes = 0
+
+    def rewrite_second_after_the_first_pass() -> None:  # called in a worker thread after each pass
+        nonlocal passes
+        passes += 1
+        if passes == 1:
+            with open(second, "r+b") as f:
+                f.seek(rewrite_at)
+                f.write(os.urandom(40_000))  # segment 3 onwards: segments 0-2 are sent again unchanged
+            os.utime(second, ns=(mtime, mtime))
+
+    class Members(MembersReader):
+        def check_unchanged(self) -> None:
+            rewrite_second_after_the_first_pass()
+            super().check_unchanged()
+
+    class Whole(FileReader):
+        def check_unchanged(self) -> None:
+            rewrite_second_after_the_first_pass()
+            super().check_unchanged()
+
+    async with open_store(net.mediator_url, tmp_path, segment_size=16384, k=3, n=6, happy=5) as store:
+        if packed:
+            reader: MembersReader | FileReader = Members([(first, 60_000), (second, 40_000)])
+        else:
+            second.write_bytes(first.read_bytes() + second.read_bytes())
+            mtime, rewrite_at = second.stat().st_mtime_ns, 60_000
+            reader = Whole(second)
+        source = uploader.Source.of(reader, segment_size=store.segment_size, k=store.k, n=store.n)
+        failure: Exception | None = None
+        try:
+            await uploader.upload_source(store, source)
+        except FileChangedError as exc:
+            failure = exc
+        assert net.gates[bad].flipped
+        resent = {index: sent for index, sent in bodies.items() if len(sent) > 1}
+        assert resent, "no share was sent twice"
+        for index, sent in bodies.items():
+            for again in sent[1:]:
+                assert again == sent[0][:len(again)], f"share {index}: other bytes sent under used nonces"
+        assert all(0 < len(sent[-1]) < len(sent[0]) for sent in resent.values()), \
+            "the unchanged segments are sent again, nothing from the changed one on"
+        assert failure is not None and f"{second}" in str(failure) and "changed while" in str(failure)
+        assert passes == 1, "the pass that read other bytes stopped before its end"
+        account = await store.account()
+        assert account["objects"] == 0 and account["bytes_stored"] == 0
+
+
+async def test_a_share_stored_only_by_repair_is_read(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """Committed with 5 of 6 shares, an object names all 6 roots: the mediator's repair later stores the sixth
+    against its root, and a reader must be able to use it (here, with only k = 3 shares left, it is needed)."""
+    net = await start_network(tmp_path, nursery, nodes=8, gated=True, MEDIATORD_AUDIT_PERIOD="0.5",
+                              MEDIATORD_NODE_OFFLINE_AFTER="1.5", STORAGED_ANNOUNCE_INTERVAL="0.2")
+    flipping = min(range(8), key=lambda i: net.nodes[i].node_id)  # placement takes nodes in id order
+    net.gates[flipping].flip_at = 20_000  # that share's receipt names another root: it is not stored
+    async with open_store(net.mediator_url, tmp_path, segment_size=16384, k=3, n=6, happy=5) as store:
+        store.place_rounds = 1  # and not sent again: the object is committed with 5 shares
+        data = make_file(tmp_path / "src", 100_000, 50)
+        obj = await store.put_file(tmp_path / "src")
+        assert net.gates[flipping].flipped
+        info = await store.mediator.object_info(obj.object_id)
+        holders = {s.index: net.node_by_id(s.node_id).index for s in info.shares}
+        missing = next(s.index for s in info.shares if s.node_id == net.nodes[flipping].node_id)
+        assert await stored_indices(store, obj) == set(range(6)) - {missing}
+        others = [i for i in range(6) if i != missing]
+        await net.stop_node(holders[others[0]])  # 4 healthy left: repair rebuilds that one and the missing one
+        with trio.fail_after(30):
+            while True:
+                info = await store.mediator.object_info(obj.object_id)
+                rebuilt = {s.index for s in info.shares if s.state == "stored"
+                           and net.node_by_id(s.node_id).index not in (holders[s.index], flipping)}
+                if {missing, others[0]} <= rebuilt:
+                    break
+                await trio.sleep(0.2)
+        for index in others[1:4]:  # left: one share stored at upload and the two rebuilt ones
+            await net.stop_node(holders[index])
+        assert await store.read_range(obj, 0, len(data)) == data
+
+
+async def test_a_node_answering_a_put_without_end_is_cut_off(nursery: trio.Nursery) -> None:
+    """A node's answer to a PUT is read up to a cap, as a GET's is: one that keeps sending (here 16 KiB every
+    5 ms of a declared 10 MiB) is a failed share at once, not a buffer that grows for as long as it likes."""
+    sent = 0
+
+    async def endless_answer(stream: trio.SocketStream) -> None:
+        nonlocal sent
+        request = b""
+        while b"\r\n\r\n" not in request:
+            request += await stream.receive_some(65536)
+        head, _, body = request.partition(b"\r\n\r\n")
+        length = next(int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                      if line.lower().startswith(b"content-length:"))
+        while len(body) < length:
+            body += await stream.receive_some(65536)
+        await stream.send_all(b"HTTP/1.1 201 Created\r\ncontent-type: application/json\r\n"
+                              b"content-length: 10485760\r\n\r\n")
+        try:
+            while sent < 10 * 2**20:
+                await stream.send_all(b" " * 16384)
+                sent += 16384
+                await trio.sleep(0.005)
+        except trio.BrokenResourceError:
+            pass
+
+    listeners = await nursery.start(partial(trio.serve_tcp, endless_answer, 0, host="127.0.0.1"))
+    port = listeners[0].socket.getsockname()[1]
+    mediator, node_id, share_id = SigningKey.generate(), NodeId("cd" * 32), new_share_id()
+    grant = UploadGrant(NodeId(mediator.public.id), node_id, AccountId("ef" * 32), share_id, 3, None, 2**40,
+                        "0" * 32).seal(mediator)
+    placement = Placement(0, node_id, f"http://127.0.0.1:{port}", grant)
+    send, receive = trio.open_memory_channel[uploader.Block](1)
+    async with send:
+        await send.send(b"abc")
+    async with httpx.AsyncClient(trust_env=False) as http:
+        with trio.fail_after(2):
+            with pytest.raises(PeerError, match="more than 65536 bytes"):
+                await uploader.put_share(http, placement, share_id, 3, receive)
+    assert sent < 2**20

@@ -18,6 +18,7 @@ import trio
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[2]))
 
+from fincryptfs.core.wire import SignedRequest  # noqa: E402
 from storaged.cli import load_settings  # noqa: E402
 from storaged.daemon import open_service, run_service  # noqa: E402
 
@@ -29,11 +30,11 @@ async def run(env_file: Path, record: Path | None, replay: Path | None) -> None:
     async with open_service(settings) as service:
         honest = service.prove
 
-        async def prove(body: bytes, signer_id: str) -> bytes:
+        async def prove(body: bytes, signed: SignedRequest) -> bytes:
             if replay is not None:
                 log.info("replaying the answer recorded in %s", replay)
                 return replay.read_bytes()
-            answer = await honest(body, signer_id)
+            answer = await honest(body, signed)
             assert record is not None
             temp = record.with_suffix(".tmp")
             temp.write_bytes(answer)

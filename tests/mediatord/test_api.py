@@ -26,7 +26,7 @@ from fincryptfs import rpc
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.ids import new_object_id
 from fincryptfs.core.messages import ManifestPointer, StorageReceipt, UploadGrant
-from fincryptfs.core.wire import b64decode, sign_request
+from fincryptfs.core.wire import b64decode, origin_of, sign_request
 from mediatord import upkeep
 
 
@@ -135,15 +135,23 @@ async def test_authentication_and_malformed_input(net: Net) -> None:
     url = f"{net.url}/v1/objects/place"
     await expect_error(net, "POST", "/v1/objects/place", 401, json={"x": 1}, fragment="not signed")
     body = b'{"object_id":"00"}'
-    headers = sign_request(net.account, "POST", "/v1/objects/place", body, time.time())
+    headers = sign_request(net.account, "POST", origin_of(net.url), "/v1/objects/place", body, time.time())
     tampered = await net.client.post(url, content=body + b" ", headers=headers)
     assert tampered.status_code == 401 and "bad signature" in tampered.json()["error"]
     first = await net.client.post(url, content=body, headers=headers)
     assert first.status_code == 400  # signed fine, malformed id
     replay = await net.client.post(url, content=body, headers=headers)
     assert replay.status_code == 401 and "replayed" in replay.json()["error"]
-    stale = sign_request(net.account, "POST", "/v1/objects/place", body, time.time() - 3600)
+    stale = sign_request(net.account, "POST", origin_of(net.url), "/v1/objects/place", body, time.time() - 3600)
     assert (await net.client.post(url, content=body, headers=stale)).status_code == 401
+    # a request addressed to another peer (by id or by origin) is refused: it cannot be replayed here
+    for audience in (SigningKey.generate().id, "http://127.0.0.1:1"):
+        elsewhere = sign_request(net.account, "POST", audience, "/v1/objects/place", body, time.time())
+        misaddressed = await net.client.post(url, content=body, headers=elsewhere)
+        assert misaddressed.status_code == 401 and "addressed to" in misaddressed.json()["error"]
+    # ... while one addressed to the mediator's id is accepted like one addressed to its origin
+    by_id = sign_request(net.account, "POST", net.mediator.service.id, "/v1/objects/place", body, time.time())
+    assert (await net.client.post(url, content=body, headers=by_id)).status_code == 400  # signed fine, bad id
     await expect_error(net, "POST", "/v1/objects/place", 400, key=net.account, content=b"{not json",
                        fragment="not valid JSON")
     await expect_error(net, "POST", "/v1/objects/place", 413, key=net.account, content=b" " * (2 << 20))

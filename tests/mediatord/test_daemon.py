@@ -12,6 +12,7 @@ import subprocess
 import sys
 from pathlib import Path
 from types import SimpleNamespace
+from typing import Any
 
 import httpx
 import pytest
@@ -97,10 +98,11 @@ async def test_a_failing_pass_is_logged_and_the_loop_goes_on(monkeypatch: pytest
 
     monkeypatch.setattr(upkeep, "audit_round", audit_round)
     monkeypatch.setattr(upkeep, "repair_pass", repair_pass)
-    service = SimpleNamespace(settings=SimpleNamespace(audit_period=0.01))
+    service: Any = SimpleNamespace(settings=SimpleNamespace(audit_period=0.01))  # only what the loop reads
+    no_client: Any = None
     with trio.move_on_after(5) as scope:
         async with trio.open_nursery() as nursery:
-            nursery.start_soon(daemon.audit_and_repair_loop, service, None)
+            nursery.start_soon(daemon.audit_and_repair_loop, service, no_client)
             while calls.count("audit") < 3:
                 await trio.sleep(0.01)
             nursery.cancel_scope.cancel()

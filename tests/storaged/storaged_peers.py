@@ -23,7 +23,7 @@ from fincryptfs.core.ids import AccountId, NodeId, ShareId, new_share_id
 from fincryptfs.core.merkle import MerkleTree
 from fincryptfs.core.messages import Challenge, NodeAnnouncement, UploadGrant
 from fincryptfs.core.settings import ShareDir, StorageSettings
-from fincryptfs.core.wire import Envelope, ReplayGuard, decode_object
+from fincryptfs.core.wire import Envelope, ReplayGuard, decode_object, origin_of
 from storaged.daemon import open_service, run_service
 from storaged.service import StorageService
 
@@ -46,7 +46,7 @@ class MediatorPeer:
 
         async def announce(request: Request) -> Response:
             body = await request.body(1 << 20)
-            signed = request.verify_signature(body, self.guard)
+            signed = request.verify_signature(body, self.guard, {self.key.id, origin_of(self.url)})
             ann = NodeAnnouncement.from_json(decode_object(body))
             if ann.node_id != signed.signer_id:
                 raise ForbiddenError("announcement must be signed by the node it names")

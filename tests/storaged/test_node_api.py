@@ -7,6 +7,7 @@ import stat
 from dataclasses import replace
 
 import httpx
+import pytest
 from storaged_peers import ACCOUNT, MediatorPeer, RunningNode, put_share, store
 
 from fincryptfs import rpc
@@ -185,3 +186,64 @@ async def test_restart_keeps_shares_and_trust(tmp_path, mediator: MediatorPeer, 
     settings_no_mediator = node_settings(tmp_path, ())
     async with running_node(settings_no_mediator) as third:
         assert mediator.id in third.service.trusted  # trust persisted in the database
+
+
+async def test_request_signed_for_one_node_is_refused_by_another(tmp_path, mediator: MediatorPeer,
+                                                                client: httpx.AsyncClient) -> None:
+    """Repair reuses a share id on a new node, then releases the old copy: the old node must not be able to replay
+    that signed DELETE to the new node (the request names its audience, by node id or by origin)."""
+    from storaged_peers import node_settings, running_node
+    data = os.urandom(20_000)
+    async with running_node(node_settings(tmp_path / "a", (mediator.url,))) as a, \
+            running_node(node_settings(tmp_path / "b", (mediator.url,))) as b:
+        old = mediator.grant(a.node_id, data)
+        assert (await put_share(client, a, mediator.seal(old), data, old.share_id)).status_code == 201
+        new = mediator.grant(b.node_id, data, share_id=old.share_id)
+        assert (await put_share(client, b, mediator.seal(new), data, new.share_id)).status_code == 201
+        url_a, url_b = f"{a.url}/v1/shares/{old.share_id}", f"{b.url}/v1/shares/{old.share_id}"
+        for audience in (a.node_id, None):  # None: the origin of a's URL
+            headers = rpc.signed_headers(mediator.key, "DELETE", url_a, b"", audience)
+            replay = await client.delete(url_b, headers=headers)
+            assert replay.status_code == 401 and "addressed to" in replay.json()["error"], replay.text
+        assert b.service.db.get_share(old.share_id) is not None
+        headers = rpc.signed_headers(mediator.key, "DELETE", url_a, b"", a.node_id)
+        assert (await client.delete(url_a, headers=headers)).status_code == 204
+        assert (await client.delete(url_b, headers=headers)).status_code == 401
+        assert a.service.db.get_share(old.share_id) is None and b.service.db.get_share(old.share_id) is not None
+        # the mediator addresses a node by its id; a client that knows only the URL, by its origin
+        assert (await rpc.call(client, "GET", url_b, key=ACCOUNT, audience=b.node_id)).content == data
+        assert (await rpc.call(client, "GET", url_b, key=ACCOUNT)).content == data
+
+
+async def test_strangers_cannot_fill_the_replay_guard_and_lock_out_the_mediator(
+        node: RunningNode, mediator: MediatorPeer, client: httpx.AsyncClient) -> None:
+    """Nonces are recorded only for signers allowed the request, and each signer has its own quota: neither a
+    stranger with throwaway keys nor one account can make the node refuse its mediator's challenges."""
+    from fincryptfs.core.identity import SigningKey
+    from fincryptfs.core.ids import new_share_id
+    from fincryptfs.core.wire import ReplayGuard
+    node.service.guard = ReplayGuard(capacity=60, per_signer=20)
+    grant, _ = await store(client, node, mediator, os.urandom(10_000))
+    held = f"{node.url}/v1/shares/{grant.share_id}"
+    for _ in range(30):
+        stranger = SigningKey.generate()
+        for method, url in (("GET", f"{node.url}/v1/shares/{new_share_id()}"), ("GET", held), ("DELETE", held)):
+            r = await client.request(method, url, headers=rpc.signed_headers(stranger, method, url, b""))
+            assert r.status_code in (403, 404), r.text
+        unheld = f"{node.url}/v1/shares/{new_share_id()}"
+        r = await client.delete(unheld, headers=rpc.signed_headers(stranger, "DELETE", unheld, b""))
+        assert r.status_code == 204  # nothing to release: nothing done, nothing recorded
+        challenge = mediator.challenge(node.node_id, [grant.share_id])
+        with pytest.raises(rpc.PeerError, match="403"):
+            await rpc.call(client, "POST", f"{node.url}/v1/challenges", key=stranger, json=challenge.to_json())
+    assert len(node.service.guard) == 0
+    for _ in range(20):
+        await rpc.call(client, "GET", held, key=ACCOUNT)
+    try:
+        await rpc.call(client, "GET", held, key=ACCOUNT)
+        raise AssertionError("one account went past its replay-guard quota")
+    except rpc.PeerError as exc:
+        assert exc.status == 429 and "more than 20 requests" in str(exc)
+    challenge = mediator.challenge(node.node_id, [grant.share_id])
+    answer = await rpc.call(client, "POST", f"{node.url}/v1/challenges", key=mediator.key, json=challenge.to_json())
+    assert answer.status_code == 200

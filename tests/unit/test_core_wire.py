@@ -161,44 +161,79 @@ def test_envelope_tampering_fails() -> None:
 # --- signed requests ----------------------------------------------------------------------------------------
 
 
+AUD = "http://node.example:8701"
+AUDS = {AUD, "ab" * 32}
+
+
 def test_signed_request_round_trip() -> None:
-    headers = wire.sign_request(KEY, "put", "/shares/ab?x=1", b"body", NOW)
-    assert set(headers) == {wire.HEADER_KEY, wire.HEADER_TIME, wire.HEADER_NONCE, wire.HEADER_SIGNATURE}
-    req = wire.verify_request(headers, "PUT", "/shares/ab?x=1", b"body", NOW + 10)
+    headers = wire.sign_request(KEY, "put", AUD, "/shares/ab?x=1", b"body", NOW)
+    assert set(headers) == {wire.HEADER_KEY, wire.HEADER_AUDIENCE, wire.HEADER_TIME, wire.HEADER_NONCE,
+                            wire.HEADER_SIGNATURE}
+    req = wire.verify_request(headers, "PUT", "/shares/ab?x=1", b"body", NOW + 10, AUDS)
     assert req.signer_id == KEY.id and req.timestamp == NOW and req.nonce == headers[wire.HEADER_NONCE]
     # header names are case-insensitive
     upper = {k.title(): v for k, v in headers.items()}
-    assert wire.verify_request(upper, "PUT", "/shares/ab?x=1", b"body", NOW).signer_id == KEY.id
+    assert wire.verify_request(upper, "PUT", "/shares/ab?x=1", b"body", NOW, AUDS).signer_id == KEY.id
+    by_id = wire.sign_request(KEY, "GET", "ab" * 32, "/x", b"", NOW)
+    assert wire.verify_request(by_id, "GET", "/x", b"", NOW, AUDS).signer_id == KEY.id
 
 
 def test_signed_request_failures() -> None:
-    headers = wire.sign_request(KEY, "POST", "/a", b"body", NOW)
+    headers = wire.sign_request(KEY, "POST", AUD, "/a", b"body", NOW)
     with pytest.raises(AuthError):
-        wire.verify_request(headers, "POST", "/a", b"bodz", NOW)
+        wire.verify_request(headers, "POST", "/a", b"bodz", NOW, AUDS)
     with pytest.raises(AuthError):
-        wire.verify_request(headers, "PUT", "/a", b"body", NOW)
+        wire.verify_request(headers, "PUT", "/a", b"body", NOW, AUDS)
     with pytest.raises(AuthError):
-        wire.verify_request(headers, "POST", "/b", b"body", NOW)
+        wire.verify_request(headers, "POST", "/b", b"body", NOW, AUDS)
     with pytest.raises(AuthError, match="off this node's clock"):
-        wire.verify_request(headers, "POST", "/a", b"body", NOW + wire.MAX_CLOCK_SKEW + 1)
+        wire.verify_request(headers, "POST", "/a", b"body", NOW + wire.MAX_CLOCK_SKEW + 1, AUDS)
     with pytest.raises(AuthError, match="off this node's clock"):
-        wire.verify_request(headers, "POST", "/a", b"body", NOW - wire.MAX_CLOCK_SKEW - 1)
-    wire.verify_request(headers, "POST", "/a", b"body", NOW + wire.MAX_CLOCK_SKEW)
+        wire.verify_request(headers, "POST", "/a", b"body", NOW - wire.MAX_CLOCK_SKEW - 1, AUDS)
+    wire.verify_request(headers, "POST", "/a", b"body", NOW + wire.MAX_CLOCK_SKEW, AUDS)
     for name in headers:
         partial = {k: v for k, v in headers.items() if k != name}
         with pytest.raises(AuthError, match=f"missing header {name}"):
-            wire.verify_request(partial, "POST", "/a", b"body", NOW)
+            wire.verify_request(partial, "POST", "/a", b"body", NOW, AUDS)
     for name, value in ((wire.HEADER_TIME, "1.5"), (wire.HEADER_TIME, str(NOW + 1)), (wire.HEADER_NONCE, "AB" * 16),
                         (wire.HEADER_NONCE, "0" * 31), (wire.HEADER_NONCE, "1" * 32),
-                        (wire.HEADER_KEY, OTHER.public.to_text()), (wire.HEADER_SIGNATURE, "AA")):
+                        (wire.HEADER_KEY, OTHER.public.to_text()), (wire.HEADER_SIGNATURE, "AA"),
+                        (wire.HEADER_AUDIENCE, "ab" * 32), (wire.HEADER_AUDIENCE, "http://x:1\n")):
         with pytest.raises(RemoteProtocolError):
-            wire.verify_request({**headers, name: value}, "POST", "/a", b"body", NOW)
+            wire.verify_request({**headers, name: value}, "POST", "/a", b"body", NOW, AUDS)
+
+
+def test_signed_request_for_another_audience_is_refused() -> None:
+    """A peer that received a request cannot replay it to another peer: the audience is signed."""
+    for audience in ("cd" * 32, "http://other.example:8701", "https://node.example:8701"):
+        headers = wire.sign_request(KEY, "DELETE", audience, "/v1/shares/ab", b"", NOW)
+        with pytest.raises(AuthError, match="addressed to") as info:
+            wire.verify_request(headers, "DELETE", "/v1/shares/ab", b"", NOW, AUDS)
+        assert info.value.status == 401
+    with pytest.raises(ValueError):
+        wire.sign_request(KEY, "GET", "/not/an/audience", "/x", b"", NOW)
+
+
+@pytest.mark.parametrize(("url", "origin"), [
+    ("http://Node.Example/v1/x?y=1", "http://node.example:80"),
+    ("https://node.example", "https://node.example:443"),
+    ("http://127.0.0.1:8701/", "http://127.0.0.1:8701"),
+    ("http://[::1]:8701/v1", "http://[::1]:8701"),
+])
+def test_origin_of(url: str, origin: str) -> None:
+    assert wire.origin_of(url) == origin and wire.is_audience(origin)
+
+
+@pytest.mark.parametrize("url", ["ftp://x", "/v1/x", "http://", "http://x:99999"])
+def test_origin_of_refuses_non_http_urls(url: str) -> None:
+    with pytest.raises(ValueError):
+        wire.origin_of(url)
 
 
 def test_replay_guard() -> None:
     guard = ReplayGuard()
-    headers = wire.sign_request(KEY, "GET", "/x", b"", NOW)
-    req = wire.verify_request(headers, "GET", "/x", b"", NOW)
+    headers = wire.sign_request(KEY, "GET", AUD, "/x", b"", NOW)
+    req = wire.verify_request(headers, "GET", "/x", b"", NOW, AUDS)
     guard.check(req, NOW)
     with pytest.raises(ReplayError, match="replayed"):
         guard.check(req, NOW + 1)
@@ -207,18 +242,41 @@ def test_replay_guard() -> None:
     guard.check(other, NOW)
     assert len(guard) == 2
     # entries expire once their timestamp has left the window
-    later = wire.verify_request(wire.sign_request(KEY, "GET", "/x", b"", NOW + 400), "GET", "/x", b"", NOW + 400)
+    later = wire.verify_request(wire.sign_request(KEY, "GET", AUD, "/x", b"", NOW + 400), "GET", "/x", b"",
+                                NOW + 400, AUDS)
     guard.check(later, NOW + wire.MAX_CLOCK_SKEW + 1)
     assert len(guard) == 1
 
 
 def test_replay_guard_fails_closed_when_full() -> None:
-    guard = ReplayGuard(capacity=2)
+    guard = ReplayGuard(capacity=2, per_signer=2)
     for i in range(2):
         guard.check(wire.SignedRequest(KEY.public, NOW, f"{i:032x}"), NOW)
     with pytest.raises(ReplayError) as info:
+        guard.check(wire.SignedRequest(OTHER.public, NOW, f"{9:032x}"), NOW)
+    assert info.value.status == 429
+
+
+def test_replay_guard_limits_each_signer_so_others_still_get_in() -> None:
+    guard = ReplayGuard(capacity=10, per_signer=3)
+    for i in range(3):
+        guard.check(wire.SignedRequest(KEY.public, NOW, f"{i:032x}"), NOW)
+    with pytest.raises(ReplayError, match="more than 3 requests") as info:
         guard.check(wire.SignedRequest(KEY.public, NOW, f"{9:032x}"), NOW)
     assert info.value.status == 429
+    guard.check(wire.SignedRequest(OTHER.public, NOW, f"{9:032x}"), NOW)
+    # the signer's quota comes back as its entries expire
+    guard.check(wire.SignedRequest(KEY.public, NOW + 10, f"{9:032x}"), NOW + wire.MAX_CLOCK_SKEW + 1)
+    assert len(guard) == 1
+
+
+def test_replay_guard_expires_entries_behind_one_with_a_future_timestamp() -> None:
+    guard = ReplayGuard()
+    guard.check(wire.SignedRequest(KEY.public, NOW + 250, "a" * 32), NOW)  # a sender with a clock ahead
+    for i in range(5):
+        guard.check(wire.SignedRequest(OTHER.public, NOW, f"{i:032x}"), NOW)
+    guard.check(wire.SignedRequest(OTHER.public, NOW + 301, "b" * 32), NOW + 301)
+    assert len(guard) == 2  # the five expired although the first entry is still live
 
 
 # --- Fields -------------------------------------------------------------------------------------------------

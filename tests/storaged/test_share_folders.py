@@ -1,0 +1,86 @@
+"""Share folders that go away and come back: a disk not mounted at start, files restored by the operator."""
+
+from __future__ import annotations
+
+import os
+import shutil
+import subprocess
+import sys
+from dataclasses import replace
+from pathlib import Path
+
+import httpx
+import pytest
+from storaged_peers import ACCOUNT, MediatorPeer, node_settings, running_node, store
+
+from fincryptfs import rpc
+from fincryptfs.core.errors import ConfigError
+from fincryptfs.core.settings import ShareDir
+from storaged.db import STATE_MISSING, STATE_OK
+
+
+async def test_a_folder_holding_shares_that_is_gone_or_empty_stops_the_start(
+        tmp_path: Path, mediator: MediatorPeer, client: httpx.AsyncClient) -> None:
+    """Recreating it would put new shares on the wrong disk and mark all of the real disk's shares missing."""
+    disk = tmp_path / "disk"
+    settings = replace(node_settings(tmp_path, (mediator.url,)),
+                       share_dirs=(ShareDir(disk, 64 << 20), ShareDir(tmp_path / "other", 64 << 20)))
+    data = os.urandom(30_000)
+    async with running_node(replace(settings, share_dirs=settings.share_dirs[:1])) as node:
+        grant, _ = await store(client, node, mediator, data)
+    disk.rename(tmp_path / "unmounted")
+    with pytest.raises(ConfigError, match=f"share folder {disk} holds 1 shares .* does not exist: mount its disk"):
+        async with running_node(settings):
+            pass
+    assert not disk.exists() and not (tmp_path / "other").exists()
+    disk.mkdir()  # the bare mount point, disk not mounted
+    with pytest.raises(ConfigError, match="is empty: mount its disk"):
+        async with running_node(settings):
+            pass
+    assert list(disk.iterdir()) == []
+    disk.rmdir()
+    (tmp_path / "unmounted").rename(disk)  # the disk is back; the new folder is created, the old one served
+    async with running_node(settings) as node:
+        got = await rpc.call(client, "GET", f"{node.url}/v1/shares/{grant.share_id}", key=ACCOUNT)
+        assert got.content == data
+        assert (tmp_path / "other" / ".tmp").is_dir()
+
+
+async def test_shares_marked_missing_are_served_again_once_their_files_are_back(
+        tmp_path: Path, mediator: MediatorPeer, client: httpx.AsyncClient) -> None:
+    settings = node_settings(tmp_path, (mediator.url,))
+    data = os.urandom(30_000)
+    async with running_node(settings) as node:
+        grant, _ = await store(client, node, mediator, data)
+        record = node.service.db.get_share(grant.share_id)
+        assert record is not None
+        paths = node.service.store.paths(record.dir, grant.share_id)
+        assert paths is not None
+        shutil.move(paths.data, tmp_path / "saved")
+    async with running_node(settings) as node:  # the file is gone at start: the share is flagged missing
+        after = node.service.db.get_share(grant.share_id)
+        assert after is not None and after.state == STATE_MISSING
+    shutil.move(tmp_path / "saved", paths.data)
+    async with running_node(settings) as node:
+        after = node.service.db.get_share(grant.share_id)
+        assert after is not None and after.state == STATE_OK
+        got = await rpc.call(client, "GET", f"{node.url}/v1/shares/{grant.share_id}", key=ACCOUNT)
+        assert got.content == data
+
+
+async def test_the_daemon_refuses_to_start_with_a_clear_message(tmp_path: Path, mediator: MediatorPeer,
+                                                                client: httpx.AsyncClient) -> None:
+    disk = tmp_path / "disk"
+    settings = replace(node_settings(tmp_path, (mediator.url,)), share_dirs=(ShareDir(disk, 1 << 30),))
+    async with running_node(settings) as node:
+        await store(client, node, mediator, os.urandom(1000))
+    shutil.rmtree(disk)
+    env_file = tmp_path / "node.env"
+    env_file.write_text(f"STORAGED_DATA_DIR={settings.data_dir}\nSTORAGED_SHARE_DIRS={disk}:1G\n"
+                        "STORAGED_LISTEN=127.0.0.1:0\nSTORAGED_RESERVE_BYTES=0\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STORAGED_", "FINCRYPT_", "MEDIATORD_"))}
+    done = subprocess.run([sys.executable, "-m", "storaged.cli", "--env-file", str(env_file)], capture_output=True,
+                          text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert f"configuration error: share folder {disk} holds 1 shares" in done.stderr
+    assert "Traceback" not in done.stderr and not disk.exists()
