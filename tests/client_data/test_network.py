@@ -333,8 +333,8 @@ async def test_a_share_stored_only_by_repair_is_read(tmp_path: Path, nursery: tr
         with trio.fail_after(30):
             while True:
                 info = await store.mediator.object_info(obj.object_id)
-                rebuilt = {s.index for s in info.shares if s.state == "stored"
-                           and net.node_by_id(s.node_id).index not in (holders[s.index], flipping)}
+                rebuilt = {s.index for s in info.shares if s.state in ("stored", "proven")
+                           and net.node_by_id(s.node_id).index != holders[s.index]}
                 if {missing, others[0]} <= rebuilt:
                     break
                 await trio.sleep(0.2)
