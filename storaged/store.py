@@ -85,12 +85,47 @@ class ShareFolder:
             raise ValueError("grant id must be 32 hex characters")
         return self.root / TMP_DIR / f"{sid}.{grant_id}.data"
 
-    def free(self, reserve: int) -> int:
-        """Bytes still promised to nobody: the lower of capacity left and disk space above the reserve."""
-        by_capacity = self.capacity - self.used - self.reserved
-        stats = os.statvfs(self.root)
-        by_disk = stats.f_bavail * stats.f_frsize - reserve - self.reserved
-        return max(0, min(by_capacity, by_disk))
+
+
+@dataclass(frozen=True)
+class FolderSpace:
+    """One share folder's space figures at one instant (input of the pure accounting functions below)."""
+
+    device: int  # st_dev: folders on one filesystem draw on the same free space
+    capacity: int
+    used: int
+    reserved: int  # held for uploads in flight into this folder
+    disk_free: int  # the filesystem's free bytes for unprivileged writes (f_bavail * f_frsize)
+
+
+def device_rooms(folders: Sequence[FolderSpace], reserve: int) -> dict[int, int]:
+    """Free space above the reserve that no upload in flight holds, once per filesystem.
+
+    The reservations of *every* folder on a filesystem come off its free space: counting them per folder let
+    two folders on one disk promise the same bytes twice and eat into the reserve.
+    """
+    free: dict[int, int] = {}
+    held: dict[int, int] = {}
+    for f in folders:
+        free.setdefault(f.device, f.disk_free)
+        held[f.device] = held.get(f.device, 0) + f.reserved
+    return {device: max(0, free[device] - reserve - held[device]) for device in free}
+
+
+def folder_rooms(folders: Sequence[FolderSpace], reserve: int) -> list[int]:
+    """What a new share may take in each folder: the lower of its capacity left and its filesystem's room."""
+    rooms = device_rooms(folders, reserve)
+    return [max(0, min(f.capacity - f.used - f.reserved, rooms[f.device])) for f in folders]
+
+
+def total_room(folders: Sequence[FolderSpace], reserve: int) -> int:
+    """Bytes the node can still accept in all: per filesystem, the lower of its room and the capacity left
+    in its folders (a filesystem's free space is counted once, however many folders it holds)."""
+    rooms = device_rooms(folders, reserve)
+    by_capacity: dict[int, int] = {}
+    for f in folders:
+        by_capacity[f.device] = by_capacity.get(f.device, 0) + max(0, f.capacity - f.used - f.reserved)
+    return sum(min(room, by_capacity[device]) for device, room in rooms.items())
 
 
 class ShareWriter:
@@ -187,8 +222,20 @@ class ShareStore:
         for folder in self.folders:
             _open_folder(folder, shares_by_dir.get(folder.key, 0))
 
+    def space(self) -> list[FolderSpace]:
+        """Every folder's figures now; each filesystem's free space is read once."""
+        disk_free: dict[int, int] = {}
+        spaces = []
+        for f in self.folders:
+            device = os.stat(f.root).st_dev
+            if device not in disk_free:
+                stats = os.statvfs(f.root)
+                disk_free[device] = stats.f_bavail * stats.f_frsize
+            spaces.append(FolderSpace(device, f.capacity, f.used, f.reserved, disk_free[device]))
+        return spaces
+
     def free_bytes(self) -> int:
-        return sum(f.free(self.reserve) for f in self.folders)
+        return total_room(self.space(), self.reserve)
 
     def capacity_bytes(self) -> int:
         return sum(f.capacity for f in self.folders)
@@ -196,10 +243,12 @@ class ShareStore:
     def reserve_space(self, size: int) -> ShareFolder:
         """Pick the folder with the most room for a share and hold its space (PolicyError 507 if none has)."""
         need = disk_bytes(size)
-        best = max(self.folders, key=lambda f: f.free(self.reserve))
-        if best.free(self.reserve) < need:
+        spaces = self.space()
+        rooms = folder_rooms(spaces, self.reserve)
+        room, best = max(zip(rooms, self.folders, strict=True), key=lambda pair: pair[0])
+        if room < need:
             raise PolicyError(f"this node has no room for a share of {size} bytes (free: "
-                              f"{self.free_bytes()} bytes after its reserve)", status=507)
+                              f"{total_room(spaces, self.reserve)} bytes after its reserve)", status=507)
         best.reserved += need
         return best
 
