@@ -207,5 +207,7 @@ class NodeDatabase:
         return {d: int(s) for d, s in self._reader.execute("SELECT dir, SUM(size) FROM shares GROUP BY dir")}
 
     def trusted_mediators(self) -> list[TrustedMediator]:
+        """Every mediator the node has announced to, the least recently announced first."""
         return [TrustedMediator(*row) for row in
-                self._reader.execute("SELECT mediator_id, public_key, url FROM mediators")]
+                self._reader.execute("SELECT mediator_id, public_key, url FROM mediators "
+                                     "ORDER BY announced_at, mediator_id")]
