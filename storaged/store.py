@@ -215,8 +215,9 @@ class ShareStore:
 
     def __init__(self, dirs: tuple[ShareDir, ...], reserve_bytes: int, shares_by_dir: Mapping[str, int]) -> None:
         """Open the share folders; ``shares_by_dir`` (from the database) tells a new folder, created here, from
-        one that held shares and has gone (ConfigError: the node must not start)."""
+        one that held shares and has gone (ConfigError: the node must not start). Nested folders are refused."""
         self.folders = [ShareFolder(d) for d in dirs]
+        _refuse_overlaps(self.folders)
         self.by_key = {f.key: f for f in self.folders}
         self.reserve = reserve_bytes
         for folder in self.folders:
@@ -310,6 +311,27 @@ class ShareStore:
             return paths.data.stat().st_size == size and paths.tree.stat().st_size == tree_file_size(size)
         except OSError:
             return False
+
+
+def _refuse_overlaps(folders: Sequence[ShareFolder]) -> None:
+    """ConfigError if two share folders are one (through a symlink, say) or one lies inside another.
+
+    The start-up cleanup of a folder deletes whatever its two-character subfolders hold that has no database
+    row, and ``.tmp/`` whole: an inner share folder there (``/srv/a/ab``) would lose its shares, and any inner
+    folder would have its space counted twice.
+    """
+    real = [(f, Path(os.path.realpath(f.root))) for f in folders]
+    for i, (outer, outer_real) in enumerate(real):
+        for inner, inner_real in real[i + 1:]:
+            if outer_real == inner_real:
+                raise ConfigError(f"share folders {outer.root} and {inner.root} are the same folder "
+                                  f"({outer_real}): list it once in STORAGED_SHARE_DIRS")
+            for a, a_real, b, b_real in ((outer, outer_real, inner, inner_real),
+                                         (inner, inner_real, outer, outer_real)):
+                if b_real.is_relative_to(a_real):
+                    raise ConfigError(f"share folder {b.root} is inside share folder {a.root}: the cleanup of "
+                                      f"{a.root} at start could delete its shares. Give each share folder in "
+                                      "STORAGED_SHARE_DIRS its own place, none inside another")
 
 
 def _open_folder(folder: ShareFolder, shares: int) -> None:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -17,6 +18,7 @@ from fincryptfs import rpc
 from fincryptfs.core.errors import ConfigError
 from fincryptfs.core.settings import ShareDir
 from storaged.db import STATE_MISSING, STATE_OK
+from storaged.store import ShareStore
 
 
 async def test_a_folder_holding_shares_that_is_gone_or_empty_stops_the_start(
@@ -84,3 +86,22 @@ async def test_the_daemon_refuses_to_start_with_a_clear_message(tmp_path: Path, 
     assert done.returncode == 2, done.stderr
     assert f"configuration error: share folder {disk} holds 1 shares" in done.stderr
     assert "Traceback" not in done.stderr and not disk.exists()
+
+
+@pytest.mark.parametrize("layout", ["inner second", "inner first", "deeper", "same through a symlink"])
+def test_nested_or_repeated_share_folders_stop_the_start(tmp_path: Path, layout: str) -> None:
+    """The start-up cleanup of /srv/a deletes what /srv/a/ab holds: such folders are refused, nothing created."""
+    outer = tmp_path / "a"
+    inner = {"inner second": outer / "ab", "inner first": outer / "ab", "deeper": outer / "x" / "y",
+             "same through a symlink": tmp_path / "link"}[layout]
+    if layout == "same through a symlink":
+        inner.symlink_to(outer, target_is_directory=True)
+    dirs = (ShareDir(inner, 1 << 30), ShareDir(outer, 1 << 30)) if layout == "inner first" else \
+        (ShareDir(outer, 1 << 30), ShareDir(inner, 1 << 30))
+    expected = "are the same folder" if layout == "same through a symlink" else \
+        re.escape(f"share folder {inner} is inside share folder {outer}")
+    with pytest.raises(ConfigError, match=expected):
+        ShareStore(dirs, 0, {})
+    assert not outer.exists()
+    ShareStore((ShareDir(outer, 1 << 30), ShareDir(tmp_path / "ab", 1 << 30)), 0, {})  # side by side: fine
+
