@@ -147,6 +147,9 @@ class StorageService:
     def recover(self) -> None:
         """Blocking start-up pass: remove leftovers, account stored bytes, flag rows whose files are gone and
         serve again those whose files are back (a disk that was away, a file restored by the operator)."""
+        for recorded, key in self.store.aliases.items():  # so that the working directory never matters again
+            self.db.rename_dir(recorded, key)
+            log.info("share folder recorded as %s is now recorded as %s", recorded, key)
         known: set[str] = set()
         for record in self.db.iter_shares():
             known.add(record.share_id)

@@ -68,8 +68,9 @@ class ShareFolder:
     """One configured share folder with its capacity; ``used`` and ``reserved`` are kept by the ShareStore."""
 
     def __init__(self, config: ShareDir) -> None:
-        self.root = config.path
-        self.key = str(config.path)
+        # absolute: the database names the folder of every share by this key, whatever the working directory
+        self.root = Path(os.path.abspath(config.path))
+        self.key = str(self.root)
         self.capacity = config.capacity_bytes
         self.used = 0
         self.reserved = 0
@@ -215,13 +216,23 @@ class ShareStore:
 
     def __init__(self, dirs: tuple[ShareDir, ...], reserve_bytes: int, shares_by_dir: Mapping[str, int]) -> None:
         """Open the share folders; ``shares_by_dir`` (from the database) tells a new folder, created here, from
-        one that held shares and has gone (ConfigError: the node must not start). Nested folders are refused."""
+        one that held shares and has gone (ConfigError: the node must not start). Nested folders are refused.
+
+        A folder recorded as a relative or unnormalised path (as older versions stored it) is found by its
+        absolute path: ``by_key`` knows it under both names, and :attr:`aliases` lists them."""
         self.folders = [ShareFolder(d) for d in dirs]
         _refuse_overlaps(self.folders)
         self.by_key = {f.key: f for f in self.folders}
+        self.aliases: dict[str, str] = {}  # folder name as recorded in the database → its key
+        for recorded in shares_by_dir:
+            folder = self.by_key.get(os.path.abspath(recorded))
+            if recorded not in self.by_key and folder is not None:
+                self.aliases[recorded] = folder.key
+        self.by_key.update({recorded: self.by_key[key] for recorded, key in self.aliases.items()})
         self.reserve = reserve_bytes
         for folder in self.folders:
-            _open_folder(folder, shares_by_dir.get(folder.key, 0))
+            _open_folder(folder, sum(n for recorded, n in shares_by_dir.items()
+                                     if self.by_key.get(recorded) is folder))
 
     def space(self) -> list[FolderSpace]:
         """Every folder's figures now; each filesystem's free space is read once."""

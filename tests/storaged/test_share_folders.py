@@ -5,6 +5,7 @@ from __future__ import annotations
 import os
 import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from dataclasses import replace
@@ -17,6 +18,7 @@ from storaged_peers import ACCOUNT, MediatorPeer, node_settings, running_node, s
 from fincryptfs import rpc
 from fincryptfs.core.errors import ConfigError
 from fincryptfs.core.settings import ShareDir
+from storaged.daemon import DATABASE_FILE
 from storaged.db import STATE_MISSING, STATE_OK
 from storaged.store import ShareStore
 
@@ -105,3 +107,29 @@ def test_nested_or_repeated_share_folders_stop_the_start(tmp_path: Path, layout:
     assert not outer.exists()
     ShareStore((ShareDir(outer, 1 << 30), ShareDir(tmp_path / "ab", 1 << 30)), 0, {})  # side by side: fine
 
+
+async def test_share_folders_are_recorded_by_absolute_path_whatever_the_working_directory(
+        tmp_path: Path, mediator: MediatorPeer, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = replace(node_settings(tmp_path, (mediator.url,)), share_dirs=(ShareDir(Path("rel"), 64 << 20),))
+    absolute = replace(relative, share_dirs=(ShareDir(tmp_path / "rel", 64 << 20),))
+    data = os.urandom(30_000)
+    async with running_node(relative) as node:
+        grant, _ = await store(client, node, mediator, data)
+        record = node.service.db.get_share(grant.share_id)
+        assert record is not None and record.dir == str(tmp_path / "rel")
+    # a row recorded with the relative name (as older versions did) is found by its absolute path...
+    with sqlite3.connect(relative.data_dir / DATABASE_FILE) as conn:
+        conn.execute("UPDATE shares SET dir = 'rel'")
+    conn.close()
+    async with running_node(absolute) as node:
+        record = node.service.db.get_share(grant.share_id)
+        assert record is not None and record.state == STATE_OK and record.dir == str(tmp_path / "rel")
+    # ...and recorded under it from then on, so another working directory changes nothing
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    async with running_node(absolute) as node:
+        record = node.service.db.get_share(grant.share_id)
+        assert record is not None and record.state == STATE_OK
+        got = await rpc.call(client, "GET", f"{node.url}/v1/shares/{grant.share_id}", key=ACCOUNT)
+        assert got.content == data
