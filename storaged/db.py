@@ -137,6 +137,11 @@ class NodeDatabase:
         with self._lock:
             self._writer.execute("UPDATE shares SET state = ? WHERE share_id = ?", (state, share_id))
 
+    def rename_dir(self, old: str, new: str) -> None:
+        """Record the shares of share folder ``old`` under the name ``new`` (its absolute path)."""
+        with self._lock:
+            self._writer.execute("UPDATE shares SET dir = ? WHERE dir = ?", (new, old))
+
     def prune_grants(self, now: int) -> int:
         """Forget used grants that have expired: an expired grant is refused anyway."""
         with self._lock:
@@ -207,5 +212,7 @@ class NodeDatabase:
         return {d: int(s) for d, s in self._reader.execute("SELECT dir, SUM(size) FROM shares GROUP BY dir")}
 
     def trusted_mediators(self) -> list[TrustedMediator]:
+        """Every mediator the node has announced to, the least recently announced first."""
         return [TrustedMediator(*row) for row in
-                self._reader.execute("SELECT mediator_id, public_key, url FROM mediators")]
+                self._reader.execute("SELECT mediator_id, public_key, url FROM mediators "
+                                     "ORDER BY announced_at, mediator_id")]

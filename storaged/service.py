@@ -125,8 +125,13 @@ class StorageService:
         self.metrics = Metrics()
         self.guard = ReplayGuard()
         self.advertised_url: str | None = settings.public_url
-        self.trusted: dict[str, PublicKey] = {m.mediator_id: PublicKey.from_text(m.public_key)
-                                              for m in db.trusted_mediators()}
+        known = db.trusted_mediators()  # oldest announcement first: the latest identity at a URL wins below
+        # every mediator ever announced to: it may audit, read and release the shares it placed here
+        self.trusted: dict[str, PublicKey] = {m.mediator_id: PublicKey.from_text(m.public_key) for m in known}
+        # the current mediators, the only ones whose grants place new shares: URL → the id that answered there.
+        # At start, the configured URLs' last known ids (so grants are accepted before the first announcement
+        # answers); then whoever answers an announcement, to a configured URL or one found through the DHT.
+        self._current: dict[str, str] = {m.url: m.mediator_id for m in known if m.url in settings.mediators}
         self._uploads = trio.Semaphore(settings.max_concurrent_uploads)
         self._upload_threads = trio.CapacityLimiter(4)
         self._proof_threads = trio.CapacityLimiter(1)
@@ -142,6 +147,9 @@ class StorageService:
     def recover(self) -> None:
         """Blocking start-up pass: remove leftovers, account stored bytes, flag rows whose files are gone and
         serve again those whose files are back (a disk that was away, a file restored by the operator)."""
+        for recorded, key in self.store.aliases.items():  # so that the working directory never matters again
+            self.db.rename_dir(recorded, key)
+            log.info("share folder recorded as %s is now recorded as %s", recorded, key)
         known: set[str] = set()
         for record in self.db.iter_shares():
             known.add(record.share_id)
@@ -166,11 +174,18 @@ class StorageService:
     # --- mediators ------------------------------------------------------------------------------------------
 
     def trust_mediator(self, mediator_id: str, public_key: PublicKey, url: str) -> None:
-        """Accept grants, challenges and releases signed by this mediator from now on (persisted)."""
+        """The mediator at ``url`` (configured or found through the DHT) answered an announcement: accept its
+        grants from now on, and its challenges, reads and releases for good (persisted)."""
         if public_key.id != mediator_id:
             raise RemoteProtocolError(f"mediator at {url} sent a public key that does not match its id")
         self.db.trust_mediator(TrustedMediator(mediator_id, public_key.to_text(), url), int(self.clock()))
         self.trusted[mediator_id] = public_key
+        self._current[url] = mediator_id
+
+    def is_current(self, mediator_id: str) -> bool:
+        """Whether this mediator may place new shares here: it is configured (STORAGED_MEDIATORS) or was found
+        through the DHT in this run. One dropped from the settings keeps only its hold on the shares it placed."""
+        return mediator_id in self._current.values()
 
     def announcement(self) -> NodeAnnouncement:
         url = self.advertised_url or "http://{}:{}".format(*self.settings.listen)
@@ -251,6 +266,10 @@ class StorageService:
         if self._mediator_key(grant.mediator_id) != envelope.signer:
             raise ForbiddenError(f"grant is signed by mediator {grant.mediator_id[:16]}…, which this node is not "
                                  "registered with")
+        if not self.is_current(grant.mediator_id):
+            raise ForbiddenError(f"grant is signed by mediator {grant.mediator_id[:16]}…, which is no longer one of "
+                                 "this node's mediators (STORAGED_MEDIATORS, or found through the DHT): it may "
+                                 "still audit, read and release the shares it placed here, but not place new ones")
         if grant.node_id != self.node_id:
             raise ForbiddenError(f"grant is for node {grant.node_id[:16]}…, not this node ({self.node_id[:16]}…)")
         if grant.share_id != share_id:

@@ -68,8 +68,9 @@ class ShareFolder:
     """One configured share folder with its capacity; ``used`` and ``reserved`` are kept by the ShareStore."""
 
     def __init__(self, config: ShareDir) -> None:
-        self.root = config.path
-        self.key = str(config.path)
+        # absolute: the database names the folder of every share by this key, whatever the working directory
+        self.root = Path(os.path.abspath(config.path))
+        self.key = str(self.root)
         self.capacity = config.capacity_bytes
         self.used = 0
         self.reserved = 0
@@ -85,12 +86,47 @@ class ShareFolder:
             raise ValueError("grant id must be 32 hex characters")
         return self.root / TMP_DIR / f"{sid}.{grant_id}.data"
 
-    def free(self, reserve: int) -> int:
-        """Bytes still promised to nobody: the lower of capacity left and disk space above the reserve."""
-        by_capacity = self.capacity - self.used - self.reserved
-        stats = os.statvfs(self.root)
-        by_disk = stats.f_bavail * stats.f_frsize - reserve - self.reserved
-        return max(0, min(by_capacity, by_disk))
+
+
+@dataclass(frozen=True)
+class FolderSpace:
+    """One share folder's space figures at one instant (input of the pure accounting functions below)."""
+
+    device: int  # st_dev: folders on one filesystem draw on the same free space
+    capacity: int
+    used: int
+    reserved: int  # held for uploads in flight into this folder
+    disk_free: int  # the filesystem's free bytes for unprivileged writes (f_bavail * f_frsize)
+
+
+def device_rooms(folders: Sequence[FolderSpace], reserve: int) -> dict[int, int]:
+    """Free space above the reserve that no upload in flight holds, once per filesystem.
+
+    The reservations of *every* folder on a filesystem come off its free space: counting them per folder let
+    two folders on one disk promise the same bytes twice and eat into the reserve.
+    """
+    free: dict[int, int] = {}
+    held: dict[int, int] = {}
+    for f in folders:
+        free.setdefault(f.device, f.disk_free)
+        held[f.device] = held.get(f.device, 0) + f.reserved
+    return {device: max(0, free[device] - reserve - held[device]) for device in free}
+
+
+def folder_rooms(folders: Sequence[FolderSpace], reserve: int) -> list[int]:
+    """What a new share may take in each folder: the lower of its capacity left and its filesystem's room."""
+    rooms = device_rooms(folders, reserve)
+    return [max(0, min(f.capacity - f.used - f.reserved, rooms[f.device])) for f in folders]
+
+
+def total_room(folders: Sequence[FolderSpace], reserve: int) -> int:
+    """Bytes the node can still accept in all: per filesystem, the lower of its room and the capacity left
+    in its folders (a filesystem's free space is counted once, however many folders it holds)."""
+    rooms = device_rooms(folders, reserve)
+    by_capacity: dict[int, int] = {}
+    for f in folders:
+        by_capacity[f.device] = by_capacity.get(f.device, 0) + max(0, f.capacity - f.used - f.reserved)
+    return sum(min(room, by_capacity[device]) for device, room in rooms.items())
 
 
 class ShareWriter:
@@ -180,15 +216,38 @@ class ShareStore:
 
     def __init__(self, dirs: tuple[ShareDir, ...], reserve_bytes: int, shares_by_dir: Mapping[str, int]) -> None:
         """Open the share folders; ``shares_by_dir`` (from the database) tells a new folder, created here, from
-        one that held shares and has gone (ConfigError: the node must not start)."""
+        one that held shares and has gone (ConfigError: the node must not start). Nested folders are refused.
+
+        A folder recorded as a relative or unnormalised path (as older versions stored it) is found by its
+        absolute path: ``by_key`` knows it under both names, and :attr:`aliases` lists them."""
         self.folders = [ShareFolder(d) for d in dirs]
+        _refuse_overlaps(self.folders)
         self.by_key = {f.key: f for f in self.folders}
+        self.aliases: dict[str, str] = {}  # folder name as recorded in the database → its key
+        for recorded in shares_by_dir:
+            folder = self.by_key.get(os.path.abspath(recorded))
+            if recorded not in self.by_key and folder is not None:
+                self.aliases[recorded] = folder.key
+        self.by_key.update({recorded: self.by_key[key] for recorded, key in self.aliases.items()})
         self.reserve = reserve_bytes
         for folder in self.folders:
-            _open_folder(folder, shares_by_dir.get(folder.key, 0))
+            _open_folder(folder, sum(n for recorded, n in shares_by_dir.items()
+                                     if self.by_key.get(recorded) is folder))
+
+    def space(self) -> list[FolderSpace]:
+        """Every folder's figures now; each filesystem's free space is read once."""
+        disk_free: dict[int, int] = {}
+        spaces = []
+        for f in self.folders:
+            device = os.stat(f.root).st_dev
+            if device not in disk_free:
+                stats = os.statvfs(f.root)
+                disk_free[device] = stats.f_bavail * stats.f_frsize
+            spaces.append(FolderSpace(device, f.capacity, f.used, f.reserved, disk_free[device]))
+        return spaces
 
     def free_bytes(self) -> int:
-        return sum(f.free(self.reserve) for f in self.folders)
+        return total_room(self.space(), self.reserve)
 
     def capacity_bytes(self) -> int:
         return sum(f.capacity for f in self.folders)
@@ -196,10 +255,12 @@ class ShareStore:
     def reserve_space(self, size: int) -> ShareFolder:
         """Pick the folder with the most room for a share and hold its space (PolicyError 507 if none has)."""
         need = disk_bytes(size)
-        best = max(self.folders, key=lambda f: f.free(self.reserve))
-        if best.free(self.reserve) < need:
+        spaces = self.space()
+        rooms = folder_rooms(spaces, self.reserve)
+        room, best = max(zip(rooms, self.folders, strict=True), key=lambda pair: pair[0])
+        if room < need:
             raise PolicyError(f"this node has no room for a share of {size} bytes (free: "
-                              f"{self.free_bytes()} bytes after its reserve)", status=507)
+                              f"{total_room(spaces, self.reserve)} bytes after its reserve)", status=507)
         best.reserved += need
         return best
 
@@ -261,6 +322,27 @@ class ShareStore:
             return paths.data.stat().st_size == size and paths.tree.stat().st_size == tree_file_size(size)
         except OSError:
             return False
+
+
+def _refuse_overlaps(folders: Sequence[ShareFolder]) -> None:
+    """ConfigError if two share folders are one (through a symlink, say) or one lies inside another.
+
+    The start-up cleanup of a folder deletes whatever its two-character subfolders hold that has no database
+    row, and ``.tmp/`` whole: an inner share folder there (``/srv/a/ab``) would lose its shares, and any inner
+    folder would have its space counted twice.
+    """
+    real = [(f, Path(os.path.realpath(f.root))) for f in folders]
+    for i, (outer, outer_real) in enumerate(real):
+        for inner, inner_real in real[i + 1:]:
+            if outer_real == inner_real:
+                raise ConfigError(f"share folders {outer.root} and {inner.root} are the same folder "
+                                  f"({outer_real}): list it once in STORAGED_SHARE_DIRS")
+            for a, a_real, b, b_real in ((outer, outer_real, inner, inner_real),
+                                         (inner, inner_real, outer, outer_real)):
+                if b_real.is_relative_to(a_real):
+                    raise ConfigError(f"share folder {b.root} is inside share folder {a.root}: the cleanup of "
+                                      f"{a.root} at start could delete its shares. Give each share folder in "
+                                      "STORAGED_SHARE_DIRS its own place, none inside another")
 
 
 def _open_folder(folder: ShareFolder, shares: int) -> None:

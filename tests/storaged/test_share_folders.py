@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import os
+import re
 import shutil
+import sqlite3
 import subprocess
 import sys
 from dataclasses import replace
@@ -16,7 +18,9 @@ from storaged_peers import ACCOUNT, MediatorPeer, node_settings, running_node, s
 from fincryptfs import rpc
 from fincryptfs.core.errors import ConfigError
 from fincryptfs.core.settings import ShareDir
+from storaged.daemon import DATABASE_FILE
 from storaged.db import STATE_MISSING, STATE_OK
+from storaged.store import ShareStore
 
 
 async def test_a_folder_holding_shares_that_is_gone_or_empty_stops_the_start(
@@ -84,3 +88,48 @@ async def test_the_daemon_refuses_to_start_with_a_clear_message(tmp_path: Path, 
     assert done.returncode == 2, done.stderr
     assert f"configuration error: share folder {disk} holds 1 shares" in done.stderr
     assert "Traceback" not in done.stderr and not disk.exists()
+
+
+@pytest.mark.parametrize("layout", ["inner second", "inner first", "deeper", "same through a symlink"])
+def test_nested_or_repeated_share_folders_stop_the_start(tmp_path: Path, layout: str) -> None:
+    """The start-up cleanup of /srv/a deletes what /srv/a/ab holds: such folders are refused, nothing created."""
+    outer = tmp_path / "a"
+    inner = {"inner second": outer / "ab", "inner first": outer / "ab", "deeper": outer / "x" / "y",
+             "same through a symlink": tmp_path / "link"}[layout]
+    if layout == "same through a symlink":
+        inner.symlink_to(outer, target_is_directory=True)
+    dirs = (ShareDir(inner, 1 << 30), ShareDir(outer, 1 << 30)) if layout == "inner first" else \
+        (ShareDir(outer, 1 << 30), ShareDir(inner, 1 << 30))
+    expected = "are the same folder" if layout == "same through a symlink" else \
+        re.escape(f"share folder {inner} is inside share folder {outer}")
+    with pytest.raises(ConfigError, match=expected):
+        ShareStore(dirs, 0, {})
+    assert not outer.exists()
+    ShareStore((ShareDir(outer, 1 << 30), ShareDir(tmp_path / "ab", 1 << 30)), 0, {})  # side by side: fine
+
+
+async def test_share_folders_are_recorded_by_absolute_path_whatever_the_working_directory(
+        tmp_path: Path, mediator: MediatorPeer, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
+    relative = replace(node_settings(tmp_path, (mediator.url,)), share_dirs=(ShareDir(Path("rel"), 64 << 20),))
+    absolute = replace(relative, share_dirs=(ShareDir(tmp_path / "rel", 64 << 20),))
+    data = os.urandom(30_000)
+    async with running_node(relative) as node:
+        grant, _ = await store(client, node, mediator, data)
+        record = node.service.db.get_share(grant.share_id)
+        assert record is not None and record.dir == str(tmp_path / "rel")
+    # a row recorded with the relative name (as older versions did) is found by its absolute path...
+    with sqlite3.connect(relative.data_dir / DATABASE_FILE) as conn:
+        conn.execute("UPDATE shares SET dir = 'rel'")
+    conn.close()
+    async with running_node(absolute) as node:
+        record = node.service.db.get_share(grant.share_id)
+        assert record is not None and record.state == STATE_OK and record.dir == str(tmp_path / "rel")
+    # ...and recorded under it from then on, so another working directory changes nothing
+    (tmp_path / "elsewhere").mkdir()
+    monkeypatch.chdir(tmp_path / "elsewhere")
+    async with running_node(absolute) as node:
+        record = node.service.db.get_share(grant.share_id)
+        assert record is not None and record.state == STATE_OK
+        got = await rpc.call(client, "GET", f"{node.url}/v1/shares/{grant.share_id}", key=ACCOUNT)
+        assert got.content == data
