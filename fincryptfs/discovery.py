@@ -86,6 +86,10 @@ async def check_records(http: httpx.AsyncClient, records: Iterable[PeerRecord]) 
             results[index] = await verify_mediator(http, record)
         except (rpc.PeerError, DiscoveryError) as exc:
             log.warning("ignoring mediator record id=%s url=%s: %s", record.id[:16], record.url, exc)
+        except Exception as exc:  # noqa: BLE001 - a record comes from a stranger: it may fail in any way, and
+            # one such record must never end the search (nor the storage daemon's discovery loop)
+            log.warning("ignoring mediator record id=%s url=%r: checking it failed unexpectedly: %s: %s",
+                        record.id[:16], record.url[:80], type(exc).__name__, exc)
 
     async with trio.open_nursery() as nursery:
         for index, record in enumerate(chosen):

@@ -47,6 +47,7 @@ class Response:
     values: tuple[PeerRecord, ...] = ()
     token: bytes | None = None
     stored: bool | None = None
+    dropped_values: int = 0  # relayed records that failed their own checks (see _decode_values)
 
 
 @dataclass(frozen=True)
@@ -165,5 +166,22 @@ def _decode_response(obj: object, txid: str, sender: bytes) -> Response:
         raise RemoteProtocolError("dht response.stored must be true or false")
     token = r.bytes("token", length=TOKEN_BYTES) if token_text is not None else None
     r.done()
-    return Response(txid, sender, nodes=tuple(Contact.from_json(c) for c in nodes or ()),
-                    values=tuple(PeerRecord.from_json(v) for v in values or ()), token=token, stored=stored)
+    records, dropped = _decode_values(values or [])
+    return Response(txid, sender, nodes=tuple(Contact.from_json(c) for c in nodes or ()), values=records,
+                    token=token, stored=stored, dropped_values=dropped)
+
+
+def _decode_values(values: list[object]) -> tuple[tuple[PeerRecord, ...], int]:
+    """The records that pass their own checks, and how many did not.
+
+    A responder relays records signed by others and checked by rules that may be stricter here than on the
+    node that stored them (e.g. a URL check added later). One such record must cost only itself, not the
+    whole response: otherwise whoever announces it makes every node still holding it look dead to us.
+    """
+    records: list[PeerRecord] = []
+    for value in values:
+        try:
+            records.append(PeerRecord.from_json(value))
+        except RemoteProtocolError:
+            continue
+    return tuple(records), len(values) - len(records)

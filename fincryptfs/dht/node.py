@@ -254,6 +254,7 @@ class DhtNode:
                 self.table.failed(contact.id)
             else:
                 lookup.on_response(contact, response.sender, response.nodes, response.token)
+                self.counters["dropped_bad_record"] += response.dropped_values
                 if response.sender == contact.id:
                     self._collect(values, response.values, target)
             launch()
