@@ -23,6 +23,7 @@ import trio
 from . import rpc
 from .core.errors import FincryptError
 from .core.identity import PublicKey, SigningKey
+from .core.wire import JSON, decode_object
 from .dht.node import DhtNode, DhtParams, run_dht
 from .dht.records import MEDIATORS_KEY, PeerRecord
 
@@ -30,7 +31,8 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 MAX_CHECKED = 16  # records checked per lookup: each costs an HTTP request
-INFO_TIMEOUT = 10.0
+INFO_TIMEOUT = 10.0  # for the whole /v1/info check of one record, connecting included
+MAX_INFO_BYTES = 64 * 1024  # a mediator's /v1/info is well under 1 KiB
 CLIENT_TIMEOUT = 30.0
 
 
@@ -67,13 +69,46 @@ async def resolve_peers(peers: Iterable[tuple[str, int]]) -> list[Address]:
 
 
 async def verify_mediator(http: httpx.AsyncClient, record: PeerRecord) -> VerifiedMediator:
-    """The mediator of ``record`` if the server at its URL has the record's identity; raises otherwise."""
+    """The mediator of ``record`` if the server at its URL has the record's identity; raises otherwise.
+
+    The whole check, connecting included, has INFO_TIMEOUT seconds and reads at most MAX_INFO_BYTES: the URL
+    comes from a stranger's record, so the server there may trickle an endless answer.
+    """
     url = record.url.rstrip("/")
-    info = await rpc.call_json(http, "GET", f"{url}/v1/info", timeout=INFO_TIMEOUT)
+    try:
+        with trio.fail_after(INFO_TIMEOUT):
+            info = await _get_info(http, f"{url}/v1/info")
+    except trio.TooSlowError:
+        raise DiscoveryError(f"mediator {url} did not answer /v1/info within {INFO_TIMEOUT:.0f} s; "
+                             "refusing its DHT record") from None
     if info.get("mediator_id") != record.id or info.get("public_key") != record.public_key.to_text():
         raise DiscoveryError(f"the DHT record for mediator {url} is signed by {record.id[:16]}… but the server "
                              f"there identifies as {str(info.get('mediator_id'))[:16]}…; refusing it")
     return VerifiedMediator(url, record.id, record.public_key)
+
+
+async def _get_info(http: httpx.AsyncClient, url: str) -> dict[str, JSON]:
+    """``GET url`` as a JSON object of at most MAX_INFO_BYTES, streamed so a larger answer is never buffered
+    (and not content-decoded, so a small compressed body cannot expand in memory)."""
+    try:
+        async with http.stream("GET", url, headers={"accept-encoding": "identity"}) as response:
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                raise DiscoveryError(f"{url} answered with content-encoding {encoding[:40]!r}; refusing it")
+            body = bytearray()
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > MAX_INFO_BYTES:
+                    raise DiscoveryError(f"{url} answered with more than {MAX_INFO_BYTES} bytes; refusing it")
+            status = response.status_code
+    except httpx.HTTPError as exc:
+        raise rpc.PeerError(f"{url} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
+    if status != 200:
+        raise rpc.PeerError(f"{url} answered {status}", status)
+    try:
+        return decode_object(bytes(body), max_bytes=MAX_INFO_BYTES)
+    except FincryptError as exc:
+        raise rpc.PeerError(f"{url} sent a malformed answer: {exc}", status) from exc
 
 
 async def check_records(http: httpx.AsyncClient, records: Iterable[PeerRecord]) -> list[VerifiedMediator]:

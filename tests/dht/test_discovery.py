@@ -1,4 +1,5 @@
-"""Checking mediators found through the DHT: a stranger's record must never stop the search."""
+"""Checking mediators found through the DHT: a stranger's record must never stop the search or hold it
+forever."""
 
 from __future__ import annotations
 
@@ -15,7 +16,7 @@ from fincryptfs import discovery, rpc
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.settings import StorageSettings
 from fincryptfs.dht.records import MEDIATORS_KEY, PeerRecord
-from fincryptfs.discovery import VerifiedMediator, check_records
+from fincryptfs.discovery import DiscoveryError, VerifiedMediator, check_records, verify_mediator
 
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
@@ -121,3 +122,34 @@ def _free_udp_port() -> int:
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as sock:
         sock.bind(("127.0.0.1", 0))
         return int(sock.getsockname()[1])
+
+
+# --- /v1/info is bounded in size and time -------------------------------------------------------------------
+
+
+async def _endless(stream: trio.SocketStream) -> None:
+    await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n"
+                          b"\r\n1\r\n[\r\n")
+    pad = b" " * 65536
+    while True:
+        await stream.send_all(b"%x\r\n%s\r\n" % (len(pad), pad))
+        await trio.sleep(0.01)
+
+
+async def _trickle(stream: trio.SocketStream) -> None:
+    await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ntransfer-encoding: chunked\r\n"
+                          b"\r\n1\r\n[\r\n")
+    while True:
+        await stream.send_all(b"1\r\n \r\n")
+        await trio.sleep(0.05)
+
+
+@pytest.mark.parametrize("handler, error", [(_endless, "more than"), (_trickle, "did not answer")])
+async def test_an_endless_info_answer_is_cut_off(nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch,
+                                                 handler: Handler, error: str) -> None:
+    monkeypatch.setattr(discovery, "INFO_TIMEOUT", 1.0)
+    record = signed(SigningKey.generate(), await nursery.start(_serve_http, handler))
+    async with rpc.new_client() as http:
+        with trio.fail_after(5):
+            with pytest.raises(DiscoveryError, match=error):
+                await verify_mediator(http, record)
