@@ -13,8 +13,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import random
 import socket as stdlib_socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 
 import httpx
@@ -31,6 +32,7 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 MAX_CHECKED = 16  # records checked per lookup: each costs an HTTP request
+MAX_CONCURRENT_CHECKS = 8
 INFO_TIMEOUT = 10.0  # for the whole /v1/info check of one record, connecting included
 MAX_INFO_BYTES = 64 * 1024  # a mediator's /v1/info is well under 1 KiB
 CLIENT_TIMEOUT = 30.0
@@ -111,20 +113,47 @@ async def _get_info(http: httpx.AsyncClient, url: str) -> dict[str, JSON]:
         raise rpc.PeerError(f"{url} sent a malformed answer: {exc}", status) from exc
 
 
-async def check_records(http: httpx.AsyncClient, records: Iterable[PeerRecord]) -> list[VerifiedMediator]:
-    """Verify up to MAX_CHECKED records at once; refusals are logged. Result is in the records' order."""
-    chosen = list(records)[:MAX_CHECKED]
+def order_candidates(records: Iterable[PeerRecord], rng: random.Random, *, prefer: Set[str] = frozenset(),
+                     limit: int = MAX_CHECKED) -> list[PeerRecord]:
+    """The records worth checking, at most ``limit``: those whose id is in ``prefer`` (mediators we already
+    trust) first, the rest in random order.
+
+    Never by id or by arrival: ids are free to mint, so any fixed order lets an attacker put cheap records
+    ahead of the real mediators and push those out of the ``limit`` checked.
+    """
+    candidates = list(records)
+    rng.shuffle(candidates)
+    candidates.sort(key=lambda r: r.id not in prefer)  # stable: the shuffle survives within each group
+    return candidates[:limit]
+
+
+def choose_mediator(found: Sequence[VerifiedMediator], rng: random.Random, *, prefer: Set[str] = frozenset()
+                    ) -> VerifiedMediator:
+    """One of the verified mediators, a trusted one if there is one, else at random: any fixed rule (the
+    lowest id, the first to answer) is one an attacker running a mediator of its own can win every time."""
+    trusted = [m for m in found if m.mediator_id in prefer]
+    return rng.choice(trusted or list(found))
+
+
+async def check_records(http: httpx.AsyncClient, records: Iterable[PeerRecord], *,
+                        prefer: Set[str] = frozenset(), rng: random.Random | None = None
+                        ) -> list[VerifiedMediator]:
+    """Verify up to MAX_CHECKED records (see order_candidates), MAX_CONCURRENT_CHECKS at a time; refusals are
+    logged. Each check is bounded in time and size (verify_mediator), so the whole is too."""
+    chosen = order_candidates(records, rng or random.Random(), prefer=prefer)
     results: list[VerifiedMediator | None] = [None] * len(chosen)
+    limiter = trio.CapacityLimiter(MAX_CONCURRENT_CHECKS)
 
     async def check(index: int, record: PeerRecord) -> None:
-        try:
-            results[index] = await verify_mediator(http, record)
-        except (rpc.PeerError, DiscoveryError) as exc:
-            log.warning("ignoring mediator record id=%s url=%s: %s", record.id[:16], record.url, exc)
-        except Exception as exc:  # noqa: BLE001 - a record comes from a stranger: it may fail in any way, and
-            # one such record must never end the search (nor the storage daemon's discovery loop)
-            log.warning("ignoring mediator record id=%s url=%r: checking it failed unexpectedly: %s: %s",
-                        record.id[:16], record.url[:80], type(exc).__name__, exc)
+        async with limiter:
+            try:
+                results[index] = await verify_mediator(http, record)
+            except (rpc.PeerError, DiscoveryError) as exc:
+                log.warning("ignoring mediator record id=%s url=%s: %s", record.id[:16], record.url, exc)
+            except Exception as exc:  # noqa: BLE001 - a record comes from a stranger: it may fail in any way,
+                # and one such record must never end the search (nor the storage daemon's discovery loop)
+                log.warning("ignoring mediator record id=%s url=%r: checking it failed unexpectedly: %s: %s",
+                            record.id[:16], record.url[:80], type(exc).__name__, exc)
 
     async with trio.open_nursery() as nursery:
         for index, record in enumerate(chosen):
@@ -132,10 +161,10 @@ async def check_records(http: httpx.AsyncClient, records: Iterable[PeerRecord]) 
     return [m for m in results if m is not None]
 
 
-async def find_verified_mediators(node: DhtNode, http: httpx.AsyncClient, *, key: bytes = MEDIATORS_KEY
-                                  ) -> list[VerifiedMediator]:
-    """Mediators announced under ``key`` whose servers confirm the announced identity."""
-    return await check_records(http, await node.find_mediators(key=key))
+async def find_verified_mediators(node: DhtNode, http: httpx.AsyncClient, *, key: bytes = MEDIATORS_KEY,
+                                  prefer: Set[str] = frozenset()) -> list[VerifiedMediator]:
+    """Mediators announced under ``key`` whose servers confirm the announced identity (see check_records)."""
+    return await check_records(http, await node.find_mediators(key=key), prefer=prefer)
 
 
 def client_listen(peers: Iterable[Address]) -> Address:
@@ -168,4 +197,4 @@ async def discover_mediator(bootstrap: Iterable[tuple[str, int]], *, timeout: fl
     if not found:
         raise DiscoveryError(f"no mediator whose identity checks out was found through the DHT (bootstrap peers: "
                              f"{where}); try again later or set FINCRYPT_MEDIATOR_URL")
-    return found[0]
+    return choose_mediator(found, random.Random())

@@ -139,7 +139,7 @@ class DhtNode:
         return LookupResult(tuple(c for c, _ in lookup.result()), lookup.hops, lookup.queries_sent)
 
     async def find_values(self, key: bytes) -> list[PeerRecord]:
-        """Every verified, unexpired record the nodes nearest ``key`` hold for it, newest per id.
+        """Every verified, unexpired record the nodes nearest ``key`` hold for it, newest per id, in random order.
 
         A lookup that comes back empty is run again, up to twice, each time waiting twice as long for every
         reply and looking twice as wide (the 2k, then 4k nearest): about 1 lookup in 100 misses every holder
@@ -153,7 +153,9 @@ class DhtNode:
             _, values = await self._iterate(key, "get_peers", patience=2.0 ** attempt, width=2 ** attempt)
             if values:
                 break
-        return sorted(values.values(), key=lambda r: r.id)
+        found = list(values.values())
+        self._rng.shuffle(found)  # no order anyone can aim for: ids are free to mint (see fincryptfs.discovery)
+        return found
 
     async def announce(self, record: PeerRecord) -> int:
         """Store ``record`` on the k nodes nearest its key; returns how many accepted it."""

@@ -1,10 +1,13 @@
-"""Checking mediators found through the DHT: a stranger's record must never stop the search or hold it
-forever."""
+"""Checking mediators found through the DHT: a stranger's record must never stop the search, hold it forever,
+or decide which mediator is chosen."""
 
 from __future__ import annotations
 
+import functools
 import json
+import random
 import time
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 
@@ -15,9 +18,20 @@ from netfixtures import DEFAULT_NODE_CAPACITY, start_network, wait_listed
 from fincryptfs import discovery, rpc
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.settings import StorageSettings
+from fincryptfs.dht.node import DhtParams, run_dht
 from fincryptfs.dht.records import MEDIATORS_KEY, PeerRecord
-from fincryptfs.discovery import DiscoveryError, VerifiedMediator, check_records, verify_mediator
+from fincryptfs.discovery import (
+    MAX_CHECKED,
+    DiscoveryError,
+    VerifiedMediator,
+    check_records,
+    choose_mediator,
+    find_verified_mediators,
+    order_candidates,
+    verify_mediator,
+)
 
+FAST = DhtParams(query_timeout=1.0, lookup_timeout=5.0)
 Handler = Callable[[trio.SocketStream], Awaitable[None]]
 
 
@@ -153,3 +167,52 @@ async def test_an_endless_info_answer_is_cut_off(nursery: trio.Nursery, monkeypa
         with trio.fail_after(5):
             with pytest.raises(DiscoveryError, match=error):
                 await verify_mediator(http, record)
+
+
+# --- which mediator is checked and chosen -------------------------------------------------------------------
+
+
+def _key_below(prefix: str) -> SigningKey:
+    while True:
+        key = SigningKey.generate()
+        if key.id < prefix:
+            return key
+
+
+async def test_low_ids_neither_hide_the_real_mediator_nor_win(nursery: trio.Nursery) -> None:
+    node = await nursery.start(functools.partial(run_dht, params=FAST), SigningKey.generate(), ("127.0.4.1", 0), [])
+    now = time.time()
+    real = SigningKey.generate()
+    while real.id < "8":
+        real = SigningKey.generate()
+    assert node.store.add(signed(real, await info_server(nursery, real)), "127.0.4.2", now) is None
+    # MAX_CHECKED records with ids ground below the real one's, from 4 IPs, at URLs where nothing answers
+    for i in range(MAX_CHECKED):
+        record = signed(_key_below("8"), f"http://127.0.0.1:9/x{i}")
+        assert node.store.add(record, f"10.0.0.{i // 4}", now) is None
+    async with rpc.new_client() as http:
+        rounds = [await find_verified_mediators(node, http) for _ in range(4)]
+    # each round checks 16 of the 17 at random: the real one is missed with probability 1/17 per round
+    assert any(found and found[0].mediator_id == real.id for found in rounds)
+
+
+def test_candidates_are_random_and_trusted_ones_come_first() -> None:
+    keys = sorted((SigningKey.generate() for _ in range(MAX_CHECKED + 4)), key=lambda k: k.id)
+    records = [signed(k, f"http://m{i}.example") for i, k in enumerate(keys)]
+    highest = records[-1]
+    rng = random.Random(7)
+    picked = Counter(r.id for _ in range(400) for r in order_candidates(records, rng))
+    assert set(picked) == {r.id for r in records}  # every record gets checked some of the time
+    assert 0.6 < picked[highest.id] / 400 < 0.95  # 16 of 20: 0.8
+    for _ in range(20):
+        chosen = order_candidates(records, rng, prefer={highest.id})
+        assert len(chosen) == MAX_CHECKED and chosen[0] == highest
+    assert order_candidates([], rng) == []
+
+
+def test_the_chosen_mediator_is_random_unless_one_is_trusted() -> None:
+    found = [VerifiedMediator(f"http://m{i}.example", k.id, k.public)
+             for i, k in enumerate(SigningKey.generate() for _ in range(3))]
+    rng = random.Random(3)
+    assert {choose_mediator(found, rng).mediator_id for _ in range(100)} == {m.mediator_id for m in found}
+    assert {choose_mediator(found, rng, prefer={found[2].mediator_id}) for _ in range(20)} == {found[2]}
