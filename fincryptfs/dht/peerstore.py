@@ -2,7 +2,9 @@
 
 At most ``max_keys`` keys, ``max_per_key`` records per key (one per record id: a newer announcement replaces
 the older) and ``max_per_ip_per_key`` records per key from one announcing IP, so a single host cannot crowd out
-the real mediators under the well-known key. A full store refuses new records rather than evicting live ones.
+the real mediators under the well-known key. A record stays charged to the IP that first announced it, whoever
+re-announces it later: otherwise a second host re-announcing the first one's records would free the first
+one's quota, and two hosts could fill a key. A full store refuses new records rather than evicting live ones.
 """
 
 from __future__ import annotations
@@ -40,6 +42,7 @@ class PeerStore:
         if old is not None:
             if old.record.expires_at > record.expires_at:
                 return "stale_record"
+            announcer_ip = old.announcer_ip  # charged to the first announcer (see the module docstring)
         else:
             if len(records) >= self.max_per_key:
                 return "key_full"

@@ -222,6 +222,28 @@ def test_peer_store_bounds_and_expiry() -> None:
     assert store.expire(now + 1000) == 3 and len(store) == 0
 
 
+def test_re_announcing_from_another_ip_does_not_free_the_first_ips_quota() -> None:
+    """A second host re-announcing the first one's records must not move them to its own IP: else two hosts
+    take turns and fill the key."""
+    now = 1_000_000
+    store = PeerStore(max_per_key=64, max_per_ip_per_key=4)
+
+    def rec(i: int, exp: int = now + 100) -> PeerRecord:
+        return PeerRecord.sign(SigningKey(bytes([i]) * 32), key=MEDIATORS_KEY, role="mediator",
+                               url=f"http://m{i}.example", expires_at=exp)
+
+    for i in range(1, 5):
+        assert store.add(rec(i), "10.0.0.1", now) is None
+    for i in range(1, 5):  # the same records, and newer ones, from a second host: accepted as re-announcements
+        assert store.add(rec(i), "10.0.0.2", now) is None
+        assert store.add(rec(i, now + 200), "10.0.0.2", now) is None
+    assert store.add(rec(5), "10.0.0.1", now) == "announcer_ip_limit"  # still charged to the first host
+    for i in range(5, 9):  # and the second host's own quota is untouched
+        assert store.add(rec(i), "10.0.0.2", now) is None
+    assert store.add(rec(9), "10.0.0.2", now) == "announcer_ip_limit"
+    assert len(store) == 8
+
+
 def test_rate_limiter_is_per_source_and_bounded() -> None:
     limiter = RateLimiter(rate=10, burst=5, max_sources=100)
     assert [limiter.allow("a", 0.0) for _ in range(7)] == [True] * 5 + [False] * 2
