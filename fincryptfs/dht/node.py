@@ -253,7 +253,7 @@ class DhtNode:
                                                timeout=p.query_timeout * patience)
             except (DhtTimeout, DhtErrorReply):
                 lookup.on_timeout(contact)
-                self.table.failed(contact.id)
+                self.table.failed(contact)
             else:
                 lookup.on_response(contact, response.sender, response.nodes, response.token)
                 self.counters["dropped_bad_record"] += response.dropped_values

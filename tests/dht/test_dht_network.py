@@ -8,13 +8,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import pytest
 import trio
 from dht_netfixture import TEST_PARAMS, Network, loopback_host, total
 
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.dht import codec
 from fincryptfs.dht.codec import MAX_DATAGRAM
-from fincryptfs.dht.contact import distance
+from fincryptfs.dht.contact import Contact, distance
 from fincryptfs.dht.node import DhtErrorReply, DhtParams, DhtTimeout
 from fincryptfs.dht.records import MEDIATORS_KEY, PeerRecord, mediators_key
 
@@ -270,3 +271,27 @@ async def test_a_node_without_bootstrap_peers_works_alone_and_serves_joiners(net
     joiner = await network.add(loopback_host(2), bootstrap=[mediator.address])
     assert [r.id for r in await joiner.find_mediators()] == [mediator.identity.id]
     assert TEST_PARAMS.k == 8
+
+
+async def test_claims_of_a_known_id_at_a_dead_address_do_not_evict_it(network: Network,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node answers lookups naming an honest node's id at an address where nobody answers: the timeouts
+    there are the claim's, not the honest node's, which stays in the table."""
+    params = DhtParams(k=2, query_timeout=0.3, lookup_timeout=5.0)
+    keys = [SigningKey.generate() for _ in range(3)]
+    target = bytes(a ^ b for a, b in zip(bytes.fromhex(keys[0].id), b"\0" * 31 + b"\1", strict=True))
+    liar_key, silent_key, honest_key = sorted(keys, key=lambda k: distance(bytes.fromhex(k.id), target))
+    victim = await network.add("127.6.0.1", bootstrap=[], params=params)
+    honest = await network.add("127.6.0.2", key=honest_key, bootstrap=[], params=params)
+    liar = await network.add("127.6.0.3", key=liar_key, bootstrap=[], params=params)
+    claim = Contact(honest.id, "127.6.0.99", 9)
+    monkeypatch.setattr(liar, "_answer", lambda query, source: codec.encode_response(
+        liar.identity, query.txid, nodes=(claim,)))
+    now = trio.current_time()
+    victim.table.observe(Contact(honest.id, *honest.address), now)
+    victim.table.observe(Contact(liar.id, *liar.address), now)
+    victim.table.observe(Contact(bytes.fromhex(silent_key.id), "127.6.0.4", 9), now)  # nearer, never answers
+    for _ in range(3):
+        await victim.lookup(target)
+    assert victim.table.get(honest.id) == Contact(honest.id, *honest.address)
+    assert await victim.ping(honest.address)

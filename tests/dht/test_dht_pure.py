@@ -99,9 +99,20 @@ def test_repeated_failures_drop_a_contact() -> None:
     table = RoutingTable(OWN)
     c = Contact(nid(5), "10.0.0.5", 1)
     table.observe(c, 0)
-    assert not table.failed(c.id) and not table.failed(c.id)
-    assert table.failed(c.id)
+    assert not table.failed(c) and not table.failed(c)
+    assert table.failed(c)
     assert table.get(c.id) is None and len(table) == 0
+
+
+def test_failures_at_another_address_do_not_count_against_a_contact() -> None:
+    """A lookup candidate claiming a known node's id at a dead address: its timeouts are not the node's."""
+    table = RoutingTable(OWN)
+    honest = Contact(nid(5), "10.0.0.5", 1)
+    table.observe(honest, 0)
+    impostor = Contact(honest.id, "10.0.0.99", 9)
+    assert not any(table.failed(impostor) for _ in range(10))
+    assert table.get(honest.id) == honest
+    assert not table.failed(honest) and not table.failed(honest) and table.failed(honest)
 
 
 def test_refresh_picks_stale_buckets_and_ids_inside_them() -> None:
