@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..core.errors import RemoteProtocolError, TooLargeError
 from ..core.identity import SigningKey
-from ..core.wire import JSON, Envelope, Fields, b64encode, decode_json
+from ..core.wire import JSON, Envelope, Fields, b64encode, canonical_json, decode_json
 from .contact import ID_BYTES, Contact
 from .records import KEY_BYTES, PeerRecord
 from .tokens import TOKEN_BYTES
@@ -98,6 +98,21 @@ def encode_response(identity: SigningKey, txid: str, *, nodes: tuple[Contact, ..
     if stored is not None:
         result["stored"] = stored
     return _seal({"t": txid, "y": "r", "r": result}, identity)
+
+
+def encode_response_within(identity: SigningKey, txid: str, budget: int, *, nodes: tuple[Contact, ...],
+                           values: tuple[PeerRecord, ...] = (), token: bytes | None = None) -> bytes:
+    """A response of at most ``budget`` bytes where it can be: the values are left out first, then the farthest
+    of ``nodes`` (nearest first) until it fits. For an asker whose address is unproven (see docs/dht.md,
+    *Reflection*): the bytes we send there must not outgrow the bytes that asked for them."""
+    data = encode_response(identity, txid, nodes=nodes, values=values, token=token)
+    if len(data) <= budget:
+        return data
+    data = encode_response(identity, txid, nodes=nodes, token=token)
+    excess, kept = len(data) - budget, list(nodes[:MAX_NODES])
+    while excess > 0 and kept:
+        excess -= len(canonical_json(kept.pop().to_json())) + 1  # the contact and its comma
+    return encode_response(identity, txid, nodes=tuple(kept), token=token)
 
 
 def encode_error(identity: SigningKey, txid: str, code: int, message: str) -> bytes:

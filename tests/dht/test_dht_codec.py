@@ -206,3 +206,24 @@ def test_a_response_keeps_its_good_values_when_a_relayed_one_fails_its_checks() 
     message = codec.decode_message(data)
     assert isinstance(message, Response)
     assert message.values == (good,) and message.dropped_values == 1
+
+
+@SETTINGS
+@given(txids, st.lists(contacts, max_size=MAX_NODES), st.integers(0, MAX_VALUES), st.integers(0, 4000))
+def test_a_response_within_a_budget_drops_values_then_the_farthest_nodes(
+        txid: str, nodes: list[Contact], n_values: int, budget: int) -> None:
+    values = tuple(record(url=f"http://m{i}.example:8700") for i in range(n_values))
+    token = b"t" * 16
+    full = codec.encode_response(KEY, txid, nodes=tuple(nodes), values=values, token=token)
+    data = codec.encode_response_within(KEY, txid, budget, nodes=tuple(nodes), values=values, token=token)
+    message = codec.decode_message(data)
+    assert isinstance(message, Response) and message.token == token
+    if len(full) <= budget:
+        assert data == full
+        return
+    assert message.values == () and message.nodes == tuple(nodes[:len(message.nodes)])
+    bare = codec.encode_response(KEY, txid, nodes=(), token=token)
+    assert len(data) <= max(budget, len(bare))
+    if len(message.nodes) < len(nodes):  # as many of the nearest as fit
+        one_more = codec.encode_response(KEY, txid, nodes=tuple(nodes[:len(message.nodes) + 1]), token=token)
+        assert len(one_more) > budget
