@@ -13,8 +13,9 @@ from __future__ import annotations
 import functools
 import ipaddress
 import logging
+import random
 import socket as stdlib_socket
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence, Set
 from dataclasses import dataclass
 
 import httpx
@@ -23,6 +24,7 @@ import trio
 from . import rpc
 from .core.errors import FincryptError
 from .core.identity import PublicKey, SigningKey
+from .core.wire import JSON, decode_object
 from .dht.node import DhtNode, DhtParams, run_dht
 from .dht.records import MEDIATORS_KEY, PeerRecord
 
@@ -30,7 +32,9 @@ log = logging.getLogger(__name__)
 
 Address = tuple[str, int]
 MAX_CHECKED = 16  # records checked per lookup: each costs an HTTP request
-INFO_TIMEOUT = 10.0
+MAX_CONCURRENT_CHECKS = 8
+INFO_TIMEOUT = 10.0  # for the whole /v1/info check of one record, connecting included
+MAX_INFO_BYTES = 64 * 1024  # a mediator's /v1/info is well under 1 KiB
 CLIENT_TIMEOUT = 30.0
 
 
@@ -67,25 +71,89 @@ async def resolve_peers(peers: Iterable[tuple[str, int]]) -> list[Address]:
 
 
 async def verify_mediator(http: httpx.AsyncClient, record: PeerRecord) -> VerifiedMediator:
-    """The mediator of ``record`` if the server at its URL has the record's identity; raises otherwise."""
+    """The mediator of ``record`` if the server at its URL has the record's identity; raises otherwise.
+
+    The whole check, connecting included, has INFO_TIMEOUT seconds and reads at most MAX_INFO_BYTES: the URL
+    comes from a stranger's record, so the server there may trickle an endless answer.
+    """
     url = record.url.rstrip("/")
-    info = await rpc.call_json(http, "GET", f"{url}/v1/info", timeout=INFO_TIMEOUT)
+    try:
+        with trio.fail_after(INFO_TIMEOUT):
+            info = await _get_info(http, f"{url}/v1/info")
+    except trio.TooSlowError:
+        raise DiscoveryError(f"mediator {url} did not answer /v1/info within {INFO_TIMEOUT:.0f} s; "
+                             "refusing its DHT record") from None
     if info.get("mediator_id") != record.id or info.get("public_key") != record.public_key.to_text():
         raise DiscoveryError(f"the DHT record for mediator {url} is signed by {record.id[:16]}… but the server "
                              f"there identifies as {str(info.get('mediator_id'))[:16]}…; refusing it")
     return VerifiedMediator(url, record.id, record.public_key)
 
 
-async def check_records(http: httpx.AsyncClient, records: Iterable[PeerRecord]) -> list[VerifiedMediator]:
-    """Verify up to MAX_CHECKED records at once; refusals are logged. Result is in the records' order."""
-    chosen = list(records)[:MAX_CHECKED]
+async def _get_info(http: httpx.AsyncClient, url: str) -> dict[str, JSON]:
+    """``GET url`` as a JSON object of at most MAX_INFO_BYTES, streamed so a larger answer is never buffered
+    (and not content-decoded, so a small compressed body cannot expand in memory)."""
+    try:
+        async with http.stream("GET", url, headers={"accept-encoding": "identity"}) as response:
+            encoding = response.headers.get("content-encoding", "identity").strip().lower()
+            if encoding != "identity":
+                raise DiscoveryError(f"{url} answered with content-encoding {encoding[:40]!r}; refusing it")
+            body = bytearray()
+            async for chunk in response.aiter_raw():
+                body += chunk
+                if len(body) > MAX_INFO_BYTES:
+                    raise DiscoveryError(f"{url} answered with more than {MAX_INFO_BYTES} bytes; refusing it")
+            status = response.status_code
+    except httpx.HTTPError as exc:
+        raise rpc.PeerError(f"{url} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
+    if status != 200:
+        raise rpc.PeerError(f"{url} answered {status}", status)
+    try:
+        return decode_object(bytes(body), max_bytes=MAX_INFO_BYTES)
+    except FincryptError as exc:
+        raise rpc.PeerError(f"{url} sent a malformed answer: {exc}", status) from exc
+
+
+def order_candidates(records: Iterable[PeerRecord], rng: random.Random, *, prefer: Set[str] = frozenset(),
+                     limit: int = MAX_CHECKED) -> list[PeerRecord]:
+    """The records worth checking, at most ``limit``: those whose id is in ``prefer`` (mediators we already
+    trust) first, the rest in random order.
+
+    Never by id or by arrival: ids are free to mint, so any fixed order lets an attacker put cheap records
+    ahead of the real mediators and push those out of the ``limit`` checked.
+    """
+    candidates = list(records)
+    rng.shuffle(candidates)
+    candidates.sort(key=lambda r: r.id not in prefer)  # stable: the shuffle survives within each group
+    return candidates[:limit]
+
+
+def choose_mediator(found: Sequence[VerifiedMediator], rng: random.Random, *, prefer: Set[str] = frozenset()
+                    ) -> VerifiedMediator:
+    """One of the verified mediators, a trusted one if there is one, else at random: any fixed rule (the
+    lowest id, the first to answer) is one an attacker running a mediator of its own can win every time."""
+    trusted = [m for m in found if m.mediator_id in prefer]
+    return rng.choice(trusted or list(found))
+
+
+async def check_records(http: httpx.AsyncClient, records: Iterable[PeerRecord], *,
+                        prefer: Set[str] = frozenset(), rng: random.Random | None = None
+                        ) -> list[VerifiedMediator]:
+    """Verify up to MAX_CHECKED records (see order_candidates), MAX_CONCURRENT_CHECKS at a time; refusals are
+    logged. Each check is bounded in time and size (verify_mediator), so the whole is too."""
+    chosen = order_candidates(records, rng or random.Random(), prefer=prefer)
     results: list[VerifiedMediator | None] = [None] * len(chosen)
+    limiter = trio.CapacityLimiter(MAX_CONCURRENT_CHECKS)
 
     async def check(index: int, record: PeerRecord) -> None:
-        try:
-            results[index] = await verify_mediator(http, record)
-        except (rpc.PeerError, DiscoveryError) as exc:
-            log.warning("ignoring mediator record id=%s url=%s: %s", record.id[:16], record.url, exc)
+        async with limiter:
+            try:
+                results[index] = await verify_mediator(http, record)
+            except (rpc.PeerError, DiscoveryError) as exc:
+                log.warning("ignoring mediator record id=%s url=%s: %s", record.id[:16], record.url, exc)
+            except Exception as exc:  # noqa: BLE001 - a record comes from a stranger: it may fail in any way,
+                # and one such record must never end the search (nor the storage daemon's discovery loop)
+                log.warning("ignoring mediator record id=%s url=%r: checking it failed unexpectedly: %s: %s",
+                            record.id[:16], record.url[:80], type(exc).__name__, exc)
 
     async with trio.open_nursery() as nursery:
         for index, record in enumerate(chosen):
@@ -93,10 +161,10 @@ async def check_records(http: httpx.AsyncClient, records: Iterable[PeerRecord]) 
     return [m for m in results if m is not None]
 
 
-async def find_verified_mediators(node: DhtNode, http: httpx.AsyncClient, *, key: bytes = MEDIATORS_KEY
-                                  ) -> list[VerifiedMediator]:
-    """Mediators announced under ``key`` whose servers confirm the announced identity."""
-    return await check_records(http, await node.find_mediators(key=key))
+async def find_verified_mediators(node: DhtNode, http: httpx.AsyncClient, *, key: bytes = MEDIATORS_KEY,
+                                  prefer: Set[str] = frozenset()) -> list[VerifiedMediator]:
+    """Mediators announced under ``key`` whose servers confirm the announced identity (see check_records)."""
+    return await check_records(http, await node.find_mediators(key=key), prefer=prefer)
 
 
 def client_listen(peers: Iterable[Address]) -> Address:
@@ -129,4 +197,4 @@ async def discover_mediator(bootstrap: Iterable[tuple[str, int]], *, timeout: fl
     if not found:
         raise DiscoveryError(f"no mediator whose identity checks out was found through the DHT (bootstrap peers: "
                              f"{where}); try again later or set FINCRYPT_MEDIATOR_URL")
-    return found[0]
+    return choose_mediator(found, random.Random())

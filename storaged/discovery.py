@@ -2,7 +2,9 @@
 every mediator it finds there whose ``/v1/info`` identity matches its signed record (see fincryptfs.discovery).
 
 With ``STORAGED_MEDIATORS`` set the DHT is an additional source; with it empty, the DHT is the only one. Each
-mediator found gets the same ``announce_loop`` (interval, backoff) as a configured one. Finding nothing is not
+mediator found gets the same ``announce_loop`` (interval, backoff) as a configured one; records of mediators
+already announced to are not checked again, and mediators the node registered with before are checked first
+(the DHT's records come in random order: see ``fincryptfs.discovery.order_candidates``). Finding nothing is not
 an error: the node logs it and looks again with exponential backoff (1 s up to the announce interval), joining
 through the bootstrap peers again while its routing table is empty.
 """
@@ -15,7 +17,7 @@ import httpx
 import trio
 
 from fincryptfs.dht.node import DhtNode, run_dht
-from fincryptfs.discovery import find_verified_mediators, resolve_peers
+from fincryptfs.discovery import check_records, resolve_peers
 
 from .service import StorageService
 
@@ -39,10 +41,19 @@ async def discovery_loop(service: StorageService, client: httpx.AsyncClient, *,
         interval = settings.announce_interval
         delay = min(1.0, interval)
         while True:
-            if settings.dht_bootstrap and not len(node.table):
-                peers = await resolve_peers(settings.dht_bootstrap)
-                await node.bootstrap(peers)
-            found = await find_verified_mediators(node, client)
+            try:
+                if settings.dht_bootstrap and not len(node.table):
+                    peers = await resolve_peers(settings.dht_bootstrap)
+                    await node.bootstrap(peers)
+                records = await node.find_mediators()
+                # mediators already announced to are not checked again; ones registered with before go first
+                fresh = [r for r in records if r.url.rstrip("/") not in known_urls and r.id not in known_ids]
+                found = await check_records(client, fresh, prefer=set(service.trusted))
+                already_known = len(fresh) < len(records)
+            except Exception as exc:  # noqa: BLE001 - discovery is an optional source of mediators: a failed
+                # round (a bug, a record nobody foresaw) is logged and retried, never allowed to stop the node
+                log.warning("looking for mediators through the DHT failed: %s: %s", type(exc).__name__, exc)
+                found, already_known = [], False
             for mediator in found:
                 if mediator.url in known_urls or mediator.mediator_id in known_ids:
                     continue
@@ -54,7 +65,7 @@ async def discovery_loop(service: StorageService, client: httpx.AsyncClient, *,
                 log.info("found mediator through the DHT url=%s mediator_id=%s", mediator.url,
                          mediator.mediator_id[:16])
                 nursery.start_soon(service.announce_loop, client, mediator.url)
-            if found or known_ids:
+            if found or known_ids or already_known:
                 delay = min(1.0, interval)
                 await trio.sleep(interval)
             else:

@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 
 from ..core.errors import RemoteProtocolError, TooLargeError
 from ..core.identity import SigningKey
-from ..core.wire import JSON, Envelope, Fields, b64encode, decode_json
+from ..core.wire import JSON, Envelope, Fields, b64encode, canonical_json, decode_json
 from .contact import ID_BYTES, Contact
 from .records import KEY_BYTES, PeerRecord
 from .tokens import TOKEN_BYTES
@@ -47,6 +47,7 @@ class Response:
     values: tuple[PeerRecord, ...] = ()
     token: bytes | None = None
     stored: bool | None = None
+    dropped_values: int = 0  # relayed records that failed their own checks (see _decode_values)
 
 
 @dataclass(frozen=True)
@@ -97,6 +98,21 @@ def encode_response(identity: SigningKey, txid: str, *, nodes: tuple[Contact, ..
     if stored is not None:
         result["stored"] = stored
     return _seal({"t": txid, "y": "r", "r": result}, identity)
+
+
+def encode_response_within(identity: SigningKey, txid: str, budget: int, *, nodes: tuple[Contact, ...],
+                           values: tuple[PeerRecord, ...] = (), token: bytes | None = None) -> bytes:
+    """A response of at most ``budget`` bytes where it can be: the values are left out first, then the farthest
+    of ``nodes`` (nearest first) until it fits. For an asker whose address is unproven (see docs/dht.md,
+    *Reflection*): the bytes we send there must not outgrow the bytes that asked for them."""
+    data = encode_response(identity, txid, nodes=nodes, values=values, token=token)
+    if len(data) <= budget:
+        return data
+    data = encode_response(identity, txid, nodes=nodes, token=token)
+    excess, kept = len(data) - budget, list(nodes[:MAX_NODES])
+    while excess > 0 and kept:
+        excess -= len(canonical_json(kept.pop().to_json())) + 1  # the contact and its comma
+    return encode_response(identity, txid, nodes=tuple(kept), token=token)
 
 
 def encode_error(identity: SigningKey, txid: str, code: int, message: str) -> bytes:
@@ -165,5 +181,22 @@ def _decode_response(obj: object, txid: str, sender: bytes) -> Response:
         raise RemoteProtocolError("dht response.stored must be true or false")
     token = r.bytes("token", length=TOKEN_BYTES) if token_text is not None else None
     r.done()
-    return Response(txid, sender, nodes=tuple(Contact.from_json(c) for c in nodes or ()),
-                    values=tuple(PeerRecord.from_json(v) for v in values or ()), token=token, stored=stored)
+    records, dropped = _decode_values(values or [])
+    return Response(txid, sender, nodes=tuple(Contact.from_json(c) for c in nodes or ()), values=records,
+                    token=token, stored=stored, dropped_values=dropped)
+
+
+def _decode_values(values: list[object]) -> tuple[tuple[PeerRecord, ...], int]:
+    """The records that pass their own checks, and how many did not.
+
+    A responder relays records signed by others and checked by rules that may be stricter here than on the
+    node that stored them (e.g. a URL check added later). One such record must cost only itself, not the
+    whole response: otherwise whoever announces it makes every node still holding it look dead to us.
+    """
+    records: list[PeerRecord] = []
+    for value in values:
+        try:
+            records.append(PeerRecord.from_json(value))
+        except RemoteProtocolError:
+            continue
+    return tuple(records), len(values) - len(records)

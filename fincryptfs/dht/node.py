@@ -18,7 +18,7 @@ import os
 import random
 import socket as stdlib_socket
 import time
-from collections import Counter
+from collections import Counter, OrderedDict
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
@@ -40,6 +40,9 @@ log = logging.getLogger(__name__)
 
 ERROR_GENERIC, ERROR_PROTOCOL, ERROR_BAD_TOKEN, ERROR_REFUSED = 201, 203, 204, 205
 Address = tuple[str, int]
+AMPLIFICATION_LIMIT = 3  # an unproven asker gets at most this many bytes back per byte of its query
+MAX_PROVEN = 4096  # addresses remembered as having answered us (least recently heard from forgotten first)
+MAX_ANSWERED = 4096  # (sender, txid) of recent full answers, to spot a replayed query
 
 
 class DhtTimeout(FincryptError):
@@ -104,6 +107,8 @@ class DhtNode:
         self._limiter = RateLimiter(params.rate, params.burst)
         self._pending: dict[str, _Pending] = {}
         self._verifying: set[Address] = set()
+        self._proven: OrderedDict[Address, bytes] = OrderedDict()  # address -> the id that answered from it
+        self._answered: OrderedDict[tuple[bytes, str], None] = OrderedDict()
         self._secrets = TokenSecrets(os.urandom(SECRET_BYTES), os.urandom(SECRET_BYTES), trio.current_time())
         self._rng = random.Random()
         self._announcements: dict[tuple[bytes, str], str] = {}  # (key, role) -> url, republished
@@ -139,7 +144,7 @@ class DhtNode:
         return LookupResult(tuple(c for c, _ in lookup.result()), lookup.hops, lookup.queries_sent)
 
     async def find_values(self, key: bytes) -> list[PeerRecord]:
-        """Every verified, unexpired record the nodes nearest ``key`` hold for it, newest per id.
+        """Every verified, unexpired record the nodes nearest ``key`` hold for it, newest per id, in random order.
 
         A lookup that comes back empty is run again, up to twice, each time waiting twice as long for every
         reply and looking twice as wide (the 2k, then 4k nearest): about 1 lookup in 100 misses every holder
@@ -153,7 +158,9 @@ class DhtNode:
             _, values = await self._iterate(key, "get_peers", patience=2.0 ** attempt, width=2 ** attempt)
             if values:
                 break
-        return sorted(values.values(), key=lambda r: r.id)
+        found = list(values.values())
+        self._rng.shuffle(found)  # no order anyone can aim for: ids are free to mint (see fincryptfs.discovery)
+        return found
 
     async def announce(self, record: PeerRecord) -> int:
         """Store ``record`` on the k nodes nearest its key; returns how many accepted it."""
@@ -251,9 +258,10 @@ class DhtNode:
                                                timeout=p.query_timeout * patience)
             except (DhtTimeout, DhtErrorReply):
                 lookup.on_timeout(contact)
-                self.table.failed(contact.id)
+                self.table.failed(contact)
             else:
                 lookup.on_response(contact, response.sender, response.nodes, response.token)
+                self.counters["dropped_bad_record"] += response.dropped_values
                 if response.sender == contact.id:
                     self._collect(values, response.values, target)
             launch()
@@ -317,7 +325,7 @@ class DhtNode:
             self.counters["dropped_malformed"] += 1
             return None
         try:
-            return self._dispatch(message, source)
+            return self._dispatch(message, source, len(data))
         except RemoteProtocolError:
             self.counters["dropped_malformed"] += 1
             return None
@@ -326,36 +334,64 @@ class DhtNode:
             log.exception("DHT handler failed on a datagram from %s", source)
             return None
 
-    def _dispatch(self, message: codec.Message, source: Address) -> bytes | None:
+    def _dispatch(self, message: codec.Message, source: Address, size: int) -> bytes | None:
         if message.sender == self.id:
             self.counters["dropped_from_self"] += 1
             return None
         if isinstance(message, Query):
             self.counters["queries_received"] += 1
             self._heard_query(message.sender, source)
-            return self._answer(message, source)
+            return self._answer(message, source, size)
         pending = self._pending.get(message.txid)
         if pending is None or pending.address != source or pending.message is not None:
             self.counters["dropped_unexpected_response"] += 1
             return None
         pending.message = message
         pending.event.set()
+        self._proven[source] = message.sender  # it answered our random txid: it receives at this address
+        self._proven.move_to_end(source)
+        while len(self._proven) > MAX_PROVEN:
+            self._proven.popitem(last=False)
         self._learn(Contact(message.sender, *source))
         return None
 
-    def _answer(self, query: Query, source: Address) -> bytes:
+    def _reply_budget(self, query: Query, source: Address, size: int) -> int | None:
+        """How many bytes the answer to ``query`` may have: no limit once ``source`` has answered one of our
+        queries signed as the query's sender, else AMPLIFICATION_LIMIT times the query's size. A source
+        address is not authenticated, so without this anyone could aim our answers at a victim; and a query
+        seen before is a replay (we never reuse a txid), so it gets the small answer too."""
+        known = self.table.get(query.sender)
+        proven = (known is not None and known.address == source) or self._proven.get(source) == query.sender
+        answered = (query.sender, query.txid)
+        if proven and answered not in self._answered:
+            self._answered[answered] = None
+            while len(self._answered) > MAX_ANSWERED:
+                self._answered.popitem(last=False)
+            return None
+        self.counters["replies_to_unproven"] += 1
+        return AMPLIFICATION_LIMIT * size
+
+    def _respond(self, query: Query, budget: int | None, nodes: tuple[Contact, ...],
+                 values: tuple[PeerRecord, ...] = (), token: bytes | None = None) -> bytes:
+        if budget is None:
+            return codec.encode_response(self.identity, query.txid, nodes=nodes, values=values, token=token)
+        return codec.encode_response_within(self.identity, query.txid, budget, nodes=nodes, values=values,
+                                            token=token)
+
+    def _answer(self, query: Query, source: Address, size: int) -> bytes:
         p = self.params
         if query.name == "ping":
-            return codec.encode_response(self.identity, query.txid)
+            return codec.encode_response(self.identity, query.txid)  # no larger than the ping
         assert query.target is not None
         nodes = tuple(self.table.closest(query.target, min(p.k, MAX_NODES)))
         if query.name == "find_node":
-            return codec.encode_response(self.identity, query.txid, nodes=nodes)
+            return self._respond(query, self._reply_budget(query, source, size), nodes)
         now = self._wall_clock()
         if query.name == "get_peers":
-            values = self.store.get(query.target, now, MAX_VALUES, self._rng)
-            token = issue_token(self._secrets, source[0])
-            return codec.encode_response(self.identity, query.txid, nodes=nodes, values=values, token=token)
+            budget = self._reply_budget(query, source, size)
+            values = self.store.get(query.target, now, MAX_VALUES, self._rng) if budget is None else ()
+            token = issue_token(self._secrets, source[0])  # useless to a spoofer: it binds the victim's IP
+            return self._respond(query, budget, nodes, values, token)
         assert query.token is not None and query.record is not None
         if not token_valid(self._secrets, query.token, source[0]):
             self.counters["dropped_bad_token"] += 1

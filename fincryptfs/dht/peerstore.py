@@ -2,11 +2,17 @@
 
 At most ``max_keys`` keys, ``max_per_key`` records per key (one per record id: a newer announcement replaces
 the older) and ``max_per_ip_per_key`` records per key from one announcing IP, so a single host cannot crowd out
-the real mediators under the well-known key. A full store refuses new records rather than evicting live ones.
+the real mediators under the well-known key. A record stays charged to the IP that first announced it, whoever
+re-announces it later: otherwise a second host re-announcing the first one's records would free the first
+one's quota, and two hosts could fill a key. A full store refuses new records rather than evicting live ones.
+
+Every ``get_peers`` and ``announce_peer`` touches the store, so no operation scans it: expiry pops a heap
+ordered by expiry time (amortised O(log n) per record), and ``get`` skips expired records of its own key.
 """
 
 from __future__ import annotations
 
+import heapq
 import random
 from collections import Counter
 from dataclasses import dataclass
@@ -24,9 +30,13 @@ class PeerStore:
     def __init__(self, *, max_keys: int = 4096, max_per_key: int = 64, max_per_ip_per_key: int = 4) -> None:
         self.max_keys, self.max_per_key, self.max_per_ip_per_key = max_keys, max_per_key, max_per_ip_per_key
         self._keys: dict[bytes, dict[str, _Stored]] = {}
+        self._count = 0
+        # (expires_at, key, record id) for every stored record; an entry whose record was since replaced by a
+        # later-expiring one is stale and skipped when popped (_compact bounds how many there are)
+        self._expiry: list[tuple[int, bytes, str]] = []
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._keys.values())
+        return self._count
 
     def add(self, record: PeerRecord, announcer_ip: str, now: float) -> str | None:
         """Store a verified, fresh record; None on success, else the counter name of the refusal."""
@@ -35,24 +45,29 @@ class PeerStore:
         if records is None:
             if len(self._keys) >= self.max_keys:
                 return "store_full"
-            records = self._keys[record.key] = {}
+            records = {}  # kept only if the record is
         old = records.get(record.id)
         if old is not None:
             if old.record.expires_at > record.expires_at:
                 return "stale_record"
+            announcer_ip = old.announcer_ip  # charged to the first announcer (see the module docstring)
         else:
             if len(records) >= self.max_per_key:
                 return "key_full"
             per_ip = Counter(s.announcer_ip for s in records.values())
             if per_ip[announcer_ip] >= self.max_per_ip_per_key:
                 return "announcer_ip_limit"
+            self._count += 1
         records[record.id] = _Stored(record, announcer_ip)
+        self._keys[record.key] = records
+        if old is None or old.record.expires_at != record.expires_at:
+            heapq.heappush(self._expiry, (record.expires_at, record.key, record.id))
+            self._compact()
         return None
 
     def get(self, key: bytes, now: float, limit: int, rng: random.Random) -> tuple[PeerRecord, ...]:
         """Up to ``limit`` live records for ``key``, a random sample when there are more."""
-        self.expire(now)
-        records = [s.record for s in self._keys.get(key, {}).values()]
+        records = [s.record for s in self._keys.get(key, {}).values() if s.record.expires_at > now]
         if len(records) > limit:
             records = rng.sample(records, limit)
         return tuple(records)
@@ -60,11 +75,23 @@ class PeerStore:
     def expire(self, now: float) -> int:
         """Drop expired records (and empty keys); returns how many were dropped."""
         dropped = 0
-        for key in list(self._keys):
-            records = self._keys[key]
-            for rid in [rid for rid, s in records.items() if s.record.expires_at <= now]:
-                del records[rid]
-                dropped += 1
+        while self._expiry and self._expiry[0][0] <= now:
+            expires_at, key, rid = heapq.heappop(self._expiry)
+            records = self._keys.get(key)
+            stored = records.get(rid) if records is not None else None
+            if records is None or stored is None or stored.record.expires_at != expires_at:
+                continue  # stale: replaced by a later-expiring record, whose own entry comes later
+            del records[rid]
+            self._count -= 1
+            dropped += 1
             if not records:
                 del self._keys[key]
         return dropped
+
+    def _compact(self) -> None:
+        # Re-announcements with ever later expiry each leave a stale entry; rebuild once they outnumber the live
+        # ones, so the heap stays O(records) at an amortised O(1) per add.
+        if len(self._expiry) > 2 * self._count + 64:
+            self._expiry = [(s.record.expires_at, key, rid)
+                            for key, records in self._keys.items() for rid, s in records.items()]
+            heapq.heapify(self._expiry)

@@ -124,16 +124,21 @@ class RoutingTable:
         self.remove(action.oldest.id)
         return self.observe(action.candidate, now)
 
-    def failed(self, node_id: bytes) -> bool:
-        """A query to ``node_id`` timed out; drop it after MAX_FAILURES in a row. True if dropped."""
-        if node_id == self.own_id:
+    def failed(self, contact: Contact) -> bool:
+        """A query to ``contact`` timed out; drop it after MAX_FAILURES in a row. True if dropped.
+
+        Counted only when ``contact`` is the table's entry, address included: a lookup queries contacts that
+        other nodes merely claim exist, and a claim of a known node's id at a dead address must not cost that
+        node its place.
+        """
+        if contact.id == self.own_id:
             return False
-        entry = self._buckets[self.bucket_index(node_id)].get(node_id)
-        if entry is None:
+        entry = self._buckets[self.bucket_index(contact.id)].get(contact.id)
+        if entry is None or entry.contact.address != contact.address:
             return False
         entry.failures += 1
         if entry.failures >= MAX_FAILURES:
-            self.remove(node_id)
+            self.remove(contact.id)
             return True
         return False
 

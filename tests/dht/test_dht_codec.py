@@ -2,17 +2,18 @@
 
 import json
 
+import httpx
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from fincryptfs.core.errors import AuthError, RemoteProtocolError, TooLargeError
 from fincryptfs.core.identity import SigningKey
-from fincryptfs.core.wire import canonical_json
+from fincryptfs.core.wire import Envelope, canonical_json
 from fincryptfs.dht import codec
 from fincryptfs.dht.codec import MAX_DATAGRAM, MAX_NODES, MAX_VALUES, ErrorReply, Query, Response
 from fincryptfs.dht.contact import Contact
-from fincryptfs.dht.records import MAX_RECORD_TTL, MEDIATORS_KEY, PeerRecord, mediators_key
+from fincryptfs.dht.records import MAX_RECORD_TTL, MEDIATORS_KEY, RECORD_KIND, PeerRecord, mediators_key
 
 KEY = SigningKey(b"\x01" * 32)
 OTHER = SigningKey(b"\x02" * 32)
@@ -95,7 +96,6 @@ def test_any_single_byte_change_is_refused(data: st.DataObject) -> None:
 
 
 def _resign(body: dict, signer: SigningKey = KEY) -> bytes:
-    from fincryptfs.core.wire import Envelope
     return Envelope.seal("dht", body, signer).to_bytes()
 
 
@@ -164,3 +164,66 @@ def test_mediator_keys() -> None:
     assert MEDIATORS_KEY == hashlib.sha256(b"fincrypt-mediators-v1").digest()
     assert mediators_key() == MEDIATORS_KEY
     assert mediators_key("eu") != mediators_key("us") != MEDIATORS_KEY
+
+
+@pytest.mark.parametrize("url", [
+    "http://a:b:c", "http://[zz]", "http://[::1", "http://a:80:", "http://:80", "http://a:0", "http://a:65536",
+    "http://1.2.3.4:99999", "ftp://a.example", "http://user@a.example", "http://a.example?x=1",
+    "http://a.example#top",
+])
+def test_a_record_url_the_http_client_cannot_use_is_refused(url: str) -> None:
+    body = {"key": MEDIATORS_KEY.hex(), "role": "mediator", "url": url, "expires_at": NOW + 600}
+    with pytest.raises(RemoteProtocolError, match="url"):
+        PeerRecord.from_json(Envelope.seal(RECORD_KIND, body, KEY).to_json())
+    with pytest.raises(RemoteProtocolError, match="url"):
+        record(url=url)
+
+
+@pytest.mark.parametrize("url", ["http://127.0.0.1:8700", "https://mediator.example", "http://[::1]:80/api/v1",
+                                 "https://m.example:65535/a-b_c~d"])
+def test_usable_record_urls_are_accepted(url: str) -> None:
+    assert record(url=url).url == url
+
+
+@SETTINGS
+@given(st.from_regex(r"https?://[A-Za-z0-9.\-\[\]:]{0,40}(/[A-Za-z0-9._~/\-]{0,20})?", fullmatch=True))
+def test_every_accepted_record_url_is_one_the_http_client_can_use(url: str) -> None:
+    try:
+        rec = record(url=url)
+    except RemoteProtocolError:
+        return
+    parsed = httpx.URL(rec.url)  # never raises for an accepted record
+    assert parsed.scheme in ("http", "https") and parsed.host
+    assert parsed.port is None or 1 <= parsed.port <= 65535
+
+
+def test_a_response_keeps_its_good_values_when_a_relayed_one_fails_its_checks() -> None:
+    """A node that stored a record under older, looser rules relays it: only that record is dropped."""
+    bad_body = {"key": MEDIATORS_KEY.hex(), "role": "mediator", "url": "http://a:b:c", "expires_at": NOW + 600}
+    bad = Envelope.seal(RECORD_KIND, bad_body, OTHER).to_json()
+    good = record()
+    data = _resign({"t": "00" * 8, "y": "r", "r": {"values": [bad, good.to_json()]}})
+    message = codec.decode_message(data)
+    assert isinstance(message, Response)
+    assert message.values == (good,) and message.dropped_values == 1
+
+
+@SETTINGS
+@given(txids, st.lists(contacts, max_size=MAX_NODES), st.integers(0, MAX_VALUES), st.integers(0, 4000))
+def test_a_response_within_a_budget_drops_values_then_the_farthest_nodes(
+        txid: str, nodes: list[Contact], n_values: int, budget: int) -> None:
+    values = tuple(record(url=f"http://m{i}.example:8700") for i in range(n_values))
+    token = b"t" * 16
+    full = codec.encode_response(KEY, txid, nodes=tuple(nodes), values=values, token=token)
+    data = codec.encode_response_within(KEY, txid, budget, nodes=tuple(nodes), values=values, token=token)
+    message = codec.decode_message(data)
+    assert isinstance(message, Response) and message.token == token
+    if len(full) <= budget:
+        assert data == full
+        return
+    assert message.values == () and message.nodes == tuple(nodes[:len(message.nodes)])
+    bare = codec.encode_response(KEY, txid, nodes=(), token=token)
+    assert len(data) <= max(budget, len(bare))
+    if len(message.nodes) < len(nodes):  # as many of the nearest as fit
+        one_more = codec.encode_response(KEY, txid, nodes=tuple(nodes[:len(message.nodes) + 1]), token=token)
+        assert len(one_more) > budget

@@ -8,13 +8,14 @@ import time
 from collections.abc import Awaitable, Callable
 from typing import TypeVar
 
+import pytest
 import trio
 from dht_netfixture import TEST_PARAMS, Network, loopback_host, total
 
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.dht import codec
-from fincryptfs.dht.codec import MAX_DATAGRAM
-from fincryptfs.dht.contact import distance
+from fincryptfs.dht.codec import MAX_DATAGRAM, Response
+from fincryptfs.dht.contact import Contact, distance
 from fincryptfs.dht.node import DhtErrorReply, DhtParams, DhtTimeout
 from fincryptfs.dht.records import MEDIATORS_KEY, PeerRecord, mediators_key
 
@@ -270,3 +271,68 @@ async def test_a_node_without_bootstrap_peers_works_alone_and_serves_joiners(net
     joiner = await network.add(loopback_host(2), bootstrap=[mediator.address])
     assert [r.id for r in await joiner.find_mediators()] == [mediator.identity.id]
     assert TEST_PARAMS.k == 8
+
+
+async def test_claims_of_a_known_id_at_a_dead_address_do_not_evict_it(network: Network,
+                                                                      monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node answers lookups naming an honest node's id at an address where nobody answers: the timeouts
+    there are the claim's, not the honest node's, which stays in the table."""
+    params = DhtParams(k=2, query_timeout=0.3, lookup_timeout=5.0)
+    keys = [SigningKey.generate() for _ in range(3)]
+    target = bytes(a ^ b for a, b in zip(bytes.fromhex(keys[0].id), b"\0" * 31 + b"\1", strict=True))
+    liar_key, silent_key, honest_key = sorted(keys, key=lambda k: distance(bytes.fromhex(k.id), target))
+    victim = await network.add("127.6.0.1", bootstrap=[], params=params)
+    honest = await network.add("127.6.0.2", key=honest_key, bootstrap=[], params=params)
+    liar = await network.add("127.6.0.3", key=liar_key, bootstrap=[], params=params)
+    claim = Contact(honest.id, "127.6.0.99", 9)
+    monkeypatch.setattr(liar, "_answer", lambda query, *_: codec.encode_response(
+        liar.identity, query.txid, nodes=(claim,)))
+    now = trio.current_time()
+    victim.table.observe(Contact(honest.id, *honest.address), now)
+    victim.table.observe(Contact(liar.id, *liar.address), now)
+    victim.table.observe(Contact(bytes.fromhex(silent_key.id), "127.6.0.4", 9), now)  # nearer, never answers
+    for _ in range(3):
+        await victim.lookup(target)
+    assert victim.table.get(honest.id) == Contact(honest.id, *honest.address)
+    assert await victim.ping(honest.address)
+
+
+async def test_answers_to_an_unproven_address_are_no_larger_than_three_queries(network: Network) -> None:
+    """A get_peers with a forged source address (or replayed) must not make a node a traffic amplifier."""
+    node = await network.add("127.7.0.1", bootstrap=[])
+    now = int(time.time())
+    for i in range(8):
+        node.table.observe(Contact(bytes.fromhex(SigningKey.generate().id), f"203.0.113.{100 + i}", 65535),
+                           trio.current_time())
+    for i in range(5):
+        url = "https://" + "m" * 200 + f".example{i}.com/" + "p" * 30
+        record = PeerRecord.sign(SigningKey.generate(), key=MEDIATORS_KEY, role="mediator", url=url[:256],
+                                 expires_at=now + 3600)
+        assert node.store.add(record, f"198.18.0.{i}", now) is None
+    query = codec.encode_query(SigningKey.generate(), "0123456789abcdef", "get_peers", target=MEDIATORS_KEY)
+    victim = ("192.0.2.77", 53)
+    replies = [node.handle_datagram(query, victim) for _ in range(20)]
+    assert all(r is not None and len(r) <= 3 * len(query) for r in replies)
+    first = codec.decode_message(replies[0] or b"")
+    assert isinstance(first, Response) and first.token and first.nodes and not first.values
+    find = codec.encode_query(SigningKey.generate(), "0123456789abcdef", "find_node", target=MEDIATORS_KEY)
+    assert len(node.handle_datagram(find, victim) or b"") <= 3 * len(find)
+
+
+async def test_a_proven_asker_gets_full_answers_but_not_for_a_replayed_query(network: Network) -> None:
+    node = await network.add("127.7.0.2", bootstrap=[])
+    asker = await network.add("127.7.0.3", bootstrap=[])
+    mediator = await network.add("127.7.0.4", bootstrap=[])
+    await mediator.announce_mediator("http://127.7.0.4:8700")  # alone: kept in its own store
+    first = await asker.get_peers(mediator.address, MEDIATORS_KEY)
+    assert first.token is not None and first.values == ()  # first contact: the asker's address is unproven
+    with trio.fail_after(10):
+        while mediator.verifications_pending:  # the mediator pings the asker back, which answers
+            await trio.sleep(0.01)
+    again = await asker.get_peers(mediator.address, MEDIATORS_KEY)
+    assert [r.url for r in again.values] == ["http://127.7.0.4:8700"]
+    # the same signed query arriving twice is a replay (a node never reuses a txid): small answer
+    query = codec.encode_query(asker.identity, "fedcba9876543210", "get_peers", target=MEDIATORS_KEY)
+    answers = [codec.decode_message(mediator.handle_datagram(query, asker.address) or b"") for _ in range(2)]
+    assert [len(a.values) for a in answers if isinstance(a, Response)] == [1, 0]
+    assert node.counters["handler_errors"] == mediator.counters["handler_errors"] == 0

@@ -2,6 +2,7 @@
 
 import hashlib
 import random
+import time
 from collections.abc import Set
 
 from hypothesis import given, settings
@@ -98,9 +99,20 @@ def test_repeated_failures_drop_a_contact() -> None:
     table = RoutingTable(OWN)
     c = Contact(nid(5), "10.0.0.5", 1)
     table.observe(c, 0)
-    assert not table.failed(c.id) and not table.failed(c.id)
-    assert table.failed(c.id)
+    assert not table.failed(c) and not table.failed(c)
+    assert table.failed(c)
     assert table.get(c.id) is None and len(table) == 0
+
+
+def test_failures_at_another_address_do_not_count_against_a_contact() -> None:
+    """A lookup candidate claiming a known node's id at a dead address: its timeouts are not the node's."""
+    table = RoutingTable(OWN)
+    honest = Contact(nid(5), "10.0.0.5", 1)
+    table.observe(honest, 0)
+    impostor = Contact(honest.id, "10.0.0.99", 9)
+    assert not any(table.failed(impostor) for _ in range(10))
+    assert table.get(honest.id) == honest
+    assert not table.failed(honest) and not table.failed(honest) and table.failed(honest)
 
 
 def test_refresh_picks_stale_buckets_and_ids_inside_them() -> None:
@@ -219,7 +231,30 @@ def test_peer_store_bounds_and_expiry() -> None:
     assert store.add(rec(keys[5], key=b"\x02" * 32), "10.0.2.1", now) == "store_full"
     assert len(store.get(MEDIATORS_KEY, now, 3, random.Random(0))) == 3
     assert len(store.get(MEDIATORS_KEY, now + 20, 10, random.Random(0))) == 2  # three expired
+    assert store.expire(now + 20) == 3 and len(store) == 3
     assert store.expire(now + 1000) == 3 and len(store) == 0
+
+
+def test_re_announcing_from_another_ip_does_not_free_the_first_ips_quota() -> None:
+    """A second host re-announcing the first one's records must not move them to its own IP: else two hosts
+    take turns and fill the key."""
+    now = 1_000_000
+    store = PeerStore(max_per_key=64, max_per_ip_per_key=4)
+
+    def rec(i: int, exp: int = now + 100) -> PeerRecord:
+        return PeerRecord.sign(SigningKey(bytes([i]) * 32), key=MEDIATORS_KEY, role="mediator",
+                               url=f"http://m{i}.example", expires_at=exp)
+
+    for i in range(1, 5):
+        assert store.add(rec(i), "10.0.0.1", now) is None
+    for i in range(1, 5):  # the same records, and newer ones, from a second host: accepted as re-announcements
+        assert store.add(rec(i), "10.0.0.2", now) is None
+        assert store.add(rec(i, now + 200), "10.0.0.2", now) is None
+    assert store.add(rec(5), "10.0.0.1", now) == "announcer_ip_limit"  # still charged to the first host
+    for i in range(5, 9):  # and the second host's own quota is untouched
+        assert store.add(rec(i), "10.0.0.2", now) is None
+    assert store.add(rec(9), "10.0.0.2", now) == "announcer_ip_limit"
+    assert len(store) == 8
 
 
 def test_rate_limiter_is_per_source_and_bounded() -> None:
@@ -230,3 +265,66 @@ def test_rate_limiter_is_per_source_and_bounded() -> None:
     for i in range(1000):
         limiter.allow(f"s{i}", 1.0)
     assert len(limiter) == 100
+
+
+_SIGNER = SigningKey(b"\x05" * 32)
+_ENVELOPE = PeerRecord.sign(_SIGNER, key=MEDIATORS_KEY, role="mediator", url="http://m.example",
+                            expires_at=1).envelope
+
+
+def _unverified(key: bytes, expires_at: int, signer: SigningKey = _SIGNER) -> PeerRecord:
+    """A record built without signing (the store checks nothing): thousands are cheap to make."""
+    return PeerRecord(key, signer.public, "mediator", "http://m.example", expires_at, _ENVELOPE)
+
+
+def test_peer_store_work_per_query_does_not_grow_with_the_store() -> None:
+    """get_peers and announce_peer must not scan the whole store: a busy node holds thousands of records."""
+    now = 1_000_000
+    small, big = PeerStore(), PeerStore()
+    small.add(_unverified(b"\x00" * 32, now + 3600), "10.0.0.1", now)
+    for i in range(2000):
+        big.add(_unverified(i.to_bytes(32, "big"), now + 3600), f"10.{i // 250}.{i % 250}.1", now)
+    assert len(big) == 2000
+    rng = random.Random(0)
+
+    def cost(store: PeerStore) -> float:
+        best = float("inf")
+        for round_ in range(5):
+            renewed = [_unverified(b"\x00" * 32, now + 3600 + 200 * round_ + j) for j in range(200)]
+            start = time.perf_counter()
+            for record in renewed:
+                store.get(b"\x00" * 32, now + 1, 5, rng)
+                store.add(record, "10.9.9.9", now + 1)
+            best = min(best, time.perf_counter() - start)
+        return best
+
+    assert cost(big) < 10 * cost(small)  # a scan of 2,000 records per call costs hundreds of times more
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.lists(st.tuples(st.integers(0, 3), st.integers(0, 5), st.integers(0, 30), st.integers(0, 10)),
+                max_size=60))
+def test_peer_store_expires_exactly_what_a_full_scan_would(ops: list[tuple[int, int, int, int]]) -> None:
+    """Against a plain model: adds (key, signer, lifetime) at advancing times; the store holds and returns
+    exactly the latest unexpired record per (key, id), and its expiry heap stays bounded."""
+    signers = [SigningKey(bytes([i + 1]) * 32) for i in range(6)]
+    store = PeerStore(max_per_ip_per_key=100)
+    model: dict[tuple[bytes, str], int] = {}
+    now = 1_000_000
+    for key_index, signer_index, lifetime, step in ops:
+        now += step
+        key = bytes([key_index]) * 32
+        record = _unverified(key, now + lifetime, signers[signer_index])
+        model = {k: e for k, e in model.items() if e > now}
+        refused = store.add(record, "10.0.0.1", now)
+        if model.get((key, record.id), -1) > record.expires_at:
+            assert refused == "stale_record"
+        else:
+            assert refused is None
+            model[(key, record.id)] = record.expires_at
+        for k in {k for k, _ in model} | {key}:
+            got = {(r.key, r.id, r.expires_at) for r in store.get(k, now, 100, random.Random(0))}
+            assert got == {(kk, rid, e) for (kk, rid), e in model.items() if kk == k and e > now}
+        assert len(store._expiry) <= 2 * len(store) + 65
+    store.expire(now + 100)
+    assert len(store) == 0 and not store._keys
