@@ -109,8 +109,10 @@ class ObjectReader:
         self.obj = obj
         self.layout = obj.layout
         self.order = list(sources)
-        self.bad: set[int] = set()
-        self.failures: dict[int, str] = {}
+        # by source, not by share index: the mediator may locate one index twice (a copy a node damaged and
+        # the one repair rebuilt elsewhere), and the bad copy must not hide the good one
+        self.bad: set[Source] = set()
+        self.failures: dict[Source, str] = {}
 
     @classmethod
     async def open(cls, store: ObjectStore, obj: StoredObject) -> ObjectReader:
@@ -149,7 +151,7 @@ class ObjectReader:
         k = self.layout.k
         got: dict[int, bytearray] = {}
         winners: list[Source] = []
-        candidates = [s for s in self.order if s.index not in self.bad]
+        candidates = [s for s in self.order if s not in self.bad]
         candidates.reverse()  # pop() takes the preferred one
         send, recv = trio.open_memory_channel[tuple[Source, object]](math.inf)
         bad_now: list[tuple[Source, str]] = []
@@ -157,6 +159,8 @@ class ObjectReader:
         async with trio.open_nursery() as nursery:
             def launch() -> None:
                 nonlocal running
+                while candidates and candidates[-1].index in got:  # another copy of a block already in
+                    candidates.pop()
                 if candidates:
                     running += 1
                     nursery.start_soon(self._attempt, candidates.pop(), run, send)
@@ -174,9 +178,9 @@ class ObjectReader:
                     got[source.index] = result
                     winners.append(source)
                     continue
-                self.failures[source.index] = f"{source.describe()}: {result}"
+                self.failures[source] = f"{source.describe()}: {result}"
                 if isinstance(result, IntegrityError | RemoteProtocolError):
-                    self.bad.add(source.index)
+                    self.bad.add(source)
                     bad_now.append((source, str(result)))
                 launch()
             nursery.cancel_scope.cancel()

@@ -5,12 +5,15 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
+from types import SimpleNamespace
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from fincryptfs.core.errors import RemoteProtocolError
+from fincryptfs import downloader
+from fincryptfs.core.errors import IntegrityError, RemoteProtocolError
 from fincryptfs.core.ids import NodeId, ShareId
 from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, RootBuilder
 from fincryptfs.core.objectcodec import decode_segment_plaintext, plan_object
@@ -252,3 +255,31 @@ def test_a_member_replaced_by_a_fifo_or_a_link_is_damaged_not_waited_for(tmp_pat
     assert reader.damaged == {1, 2}
     with pytest.raises(OSError):
         FileReader(paths[2])
+
+
+async def test_a_bad_copy_of_a_share_does_not_hide_a_good_copy_of_the_same_index() -> None:
+    """The mediator can locate one share index twice (a copy a node damaged, and the one repair rebuilt on
+    another node): once the damaged copy fails verification, the rebuilt one must still be read."""
+    layout = plan_object(5000, 4096, 3, 6)
+    obj = StoredObject("ab" * 32, os.urandom(32), 5000, layout,
+                       tuple(ShareRef(i, f"{i:02x}" * 32, os.urandom(32)) for i in range(6)))
+    damaged, rebuilt, one, two = (
+        downloader.Source(index, f"{index:02x}" * 32, node * 32, f"http://{node}:1", os.urandom(32))
+        for index, node in ((0, "a1"), (0, "b2"), (1, "c3"), (2, "d4")))
+    reported: list[str] = []
+
+    async def report(object_id: str, share_id: str, node_id: str, problem: str) -> None:
+        reported.append(node_id)
+
+    store: Any = SimpleNamespace(hedge_after=2.0, mediator=SimpleNamespace(report=report))
+    reader = downloader.ObjectReader(store, obj, [damaged, rebuilt, one, two])
+
+    async def fetch_verified(source: downloader.Source, run: downloader.Run) -> bytearray:
+        if source is damaged:
+            raise IntegrityError(f"{source.describe()} sent bytes that do not match the share's root")
+        return bytearray(source.node_id.encode())
+
+    reader.fetch_verified = fetch_verified  # type: ignore[method-assign]  # the nodes' answers, without nodes
+    got = await reader.fetch_run(plan_runs(layout, range(layout.segment_count), MAX_RUN_SHARE_BYTES)[0])
+    assert sorted(got) == [0, 1, 2] and got[0] == bytearray(rebuilt.node_id.encode())
+    assert reported == [damaged.node_id] and reader.bad == {damaged}
