@@ -12,10 +12,9 @@ from __future__ import annotations
 import hashlib
 from dataclasses import dataclass
 
-import httpx
-
 from ..core.errors import RemoteProtocolError
 from ..core.identity import PublicKey, SigningKey
+from ..core.messages import check_url
 from ..core.wire import JSON, Envelope, Fields
 
 RECORD_KIND = "dht-record"
@@ -23,29 +22,9 @@ KEY_BYTES = 32
 MAX_RECORD_TTL = 2 * 3600  # a record must be re-announced at least this often
 MAX_URL_LEN = 256  # keeps a record well under a datagram's budget
 CLOCK_SKEW = 300
-_URL_PATTERN = r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?"
 _ROLE_PATTERN = r"[a-z][a-z0-9_-]{0,15}"
 
 MEDIATORS_KEY = hashlib.sha256(b"fincrypt-mediators-v1").digest()
-
-
-def check_url(url: str) -> str:
-    """``url`` if an HTTP client can use it as announced: http(s), a host, a port in 1-65535, no userinfo,
-    query or fragment. Records travel from strangers, so a URL the client library cannot parse must be refused
-    here, once, rather than surface as an unexpected exception wherever the record is used."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError, TypeError) as exc:
-        raise RemoteProtocolError(f"dht record url {url[:80]!r} cannot be parsed: {exc}") from None
-    if parsed.scheme not in ("http", "https"):
-        raise RemoteProtocolError(f"dht record url {url[:80]!r} must be http:// or https://")
-    if not parsed.host:
-        raise RemoteProtocolError(f"dht record url {url[:80]!r} has no host")
-    if parsed.port is not None and not 1 <= parsed.port <= 65535:
-        raise RemoteProtocolError(f"dht record url {url[:80]!r} has a port outside 1-65535")
-    if parsed.userinfo or parsed.query or parsed.fragment:
-        raise RemoteProtocolError(f"dht record url {url[:80]!r} must not carry userinfo, a query or a fragment")
-    return url
 
 
 def mediators_key(region: str | None = None) -> bytes:
@@ -85,7 +64,8 @@ class PeerRecord:
         f = Fields(envelope.body, "dht record")
         key = f.hex("key", length=KEY_BYTES)
         role = f.str("role", max_len=16, pattern=_ROLE_PATTERN)
-        url = check_url(f.str("url", max_len=MAX_URL_LEN, pattern=_URL_PATTERN))
+        # strangers' URLs: refused here, once, if any later user could not parse them (core.messages.check_url)
+        url = check_url(f.str("url", max_len=MAX_URL_LEN), "dht record url")
         expires_at = f.int("expires_at")
         f.done()
         return cls(key, envelope.signer, role, url, expires_at, envelope)

@@ -60,7 +60,7 @@ def test_responses_round_trip(txid: str, nodes: list[Contact], token: bytes | No
 def test_the_largest_response_fits_one_datagram() -> None:
     """8 contacts with the longest hosts and 6 records with the longest URLs stay under MAX_DATAGRAM."""
     nodes = tuple(Contact(bytes([i]) * 32, "255.255.255.255", 65535) for i in range(MAX_NODES))
-    url = "https://" + "a" * 230 + ".example:65535"
+    url = "https://" + ".".join(["a" * 63] * 3 + ["b" * 40]) + ".example:65535"  # DNS labels are <= 63 long
     values = tuple(PeerRecord.sign(SigningKey(bytes([i + 1]) * 32), key=MEDIATORS_KEY, role="mediator",
                                    url=url[:256], expires_at=2**62) for i in range(MAX_VALUES))
     data = codec.encode_response(KEY, "ab" * 8, nodes=nodes, values=values, token=b"t" * 16)

@@ -305,7 +305,7 @@ async def test_answers_to_an_unproven_address_are_no_larger_than_three_queries(n
         node.table.observe(Contact(bytes.fromhex(SigningKey.generate().id), f"203.0.113.{100 + i}", 65535),
                            trio.current_time())
     for i in range(5):
-        url = "https://" + "m" * 200 + f".example{i}.com/" + "p" * 30
+        url = "https://" + ".".join(["m" * 63] * 3) + f".example{i}.com/" + "p" * 30  # long, as DNS allows
         record = PeerRecord.sign(SigningKey.generate(), key=MEDIATORS_KEY, role="mediator", url=url[:256],
                                  expires_at=now + 3600)
         assert node.store.add(record, f"198.18.0.{i}", now) is None
