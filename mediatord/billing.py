@@ -228,7 +228,7 @@ def standing(balance: int, burn_rate: int, out_since: float | None, settings: Me
 def account_standing(db: MediatorDB, pricing: PricingScheme, settings: MediatorSettings, account_id: str,
                      now: float) -> AccountStanding:
     price = client_price(db, pricing)
-    size = sum(s for a, s, _ in db.storage_by_account() if a == account_id)
+    size = db.account_bytes(account_id, committed_only=True)
     _address, out_since, _warned = db.account_billing(account_id)
     return standing(db.balance(client_account(account_id)), size * price // GIB, out_since, settings, now)
 

@@ -37,7 +37,7 @@ CREATE TABLE IF NOT EXISTS accounts (
 );
 CREATE TABLE IF NOT EXISTS objects (
     object_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, layout TEXT NOT NULL, state TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL, stored_bytes INTEGER
 );
 CREATE INDEX IF NOT EXISTS objects_by_account ON objects(account_id);
 CREATE TABLE IF NOT EXISTS shares (
@@ -169,6 +169,11 @@ class GrantRow:
     used: bool
 
 
+def _stored_bytes(layout: ObjectLayout) -> int:
+    """What an object occupies on the network: all n shares."""
+    return layout.share_size * layout.n
+
+
 class MediatorDB:
     """One connection, used from the event loop thread only (each call is a short transaction)."""
 
@@ -187,6 +192,13 @@ class MediatorDB:
         columns = {r[1] for r in self._conn.execute("PRAGMA table_info(nodes)")}
         if "unreachable_rounds" not in columns:
             self._conn.execute("ALTER TABLE nodes ADD COLUMN unreachable_rounds INTEGER NOT NULL DEFAULT 0")
+        columns = {r[1] for r in self._conn.execute("PRAGMA table_info(objects)")}
+        if "stored_bytes" not in columns:  # objects recorded before it get it from their layout, parsed once each
+            with self.transaction() as conn:
+                conn.execute("ALTER TABLE objects ADD COLUMN stored_bytes INTEGER")
+                layouts = [r[0] for r in conn.execute("SELECT DISTINCT layout FROM objects")]
+                conn.executemany("UPDATE objects SET stored_bytes=? WHERE layout=?",
+                                 [(_stored_bytes(layout_from_json(json.loads(text))), text) for text in layouts])
 
     def close(self) -> None:
         self._conn.close()
@@ -285,8 +297,10 @@ class MediatorDB:
         return ObjectRow(row[0], row[1], layout_from_json(json.loads(row[2])), row[3], row[4])
 
     def insert_object(self, object_id: str, account_id: str, layout: ObjectLayout, now: float) -> None:
-        self._conn.execute("INSERT INTO objects VALUES (?,?,?,?,?)",
-                           (object_id, account_id, json.dumps(layout_to_json(layout)), "pending", now))
+        self._conn.execute("INSERT INTO objects (object_id, account_id, layout, state, created_at, stored_bytes)"
+                           " VALUES (?,?,?,?,?,?)",
+                           (object_id, account_id, json.dumps(layout_to_json(layout)), "pending", now,
+                            _stored_bytes(layout)))
 
     def set_object_state(self, object_id: str, state: str) -> None:
         self._conn.execute("UPDATE objects SET state=? WHERE object_id=?", (state, object_id))
@@ -295,6 +309,22 @@ class MediatorDB:
         rows = self._conn.execute("SELECT object_id, account_id, layout, state, created_at FROM objects"
                                   " WHERE account_id=?", (account_id,)).fetchall()
         return [ObjectRow(r[0], r[1], layout_from_json(json.loads(r[2])), r[3], r[4]) for r in rows]
+
+    def account_bytes(self, account_id: str, *, committed_only: bool) -> int:
+        """Bytes of all n shares of one account's objects (committed ones, or all), summed by SQL over that
+        account's rows only (index ``objects_by_account``): an account's requests cost no more as others store."""
+        sql = "SELECT COALESCE(SUM(stored_bytes), 0) FROM objects WHERE account_id=?"
+        return int(self._one(sql + (" AND state!='pending'" if committed_only else ""), (account_id,)))
+
+    def account_object_health(self, account_id: str) -> list[tuple[str, int, int, int, int]]:
+        """(object state, k, n, healthy shares on online nodes, objects) of one account's objects, grouped: one
+        query, however many objects it has."""
+        return [(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in self._conn.execute(
+            "SELECT state, k, n, healthy, COUNT(*) FROM (SELECT o.state AS state, json_extract(o.layout, '$.k') AS k,"
+            " json_extract(o.layout, '$.n') AS n, (SELECT COUNT(*) FROM shares s JOIN nodes d ON"
+            " d.node_id=s.node_id WHERE s.object_id=o.object_id AND s.state IN ('stored','proven') AND"
+            " d.state='online') AS healthy FROM objects o WHERE o.account_id=?) GROUP BY state, k, n, healthy",
+            (account_id,))]
 
     def committed_object_ids(self) -> list[str]:
         return [r[0] for r in self._conn.execute("SELECT object_id FROM objects WHERE state!='pending'")]
@@ -557,16 +587,8 @@ class MediatorDB:
 
     def storage_by_account(self) -> list[tuple[str, int, float]]:
         """(account, bytes of all n shares, created_at) of every committed object, ordered by account."""
-        sizes: dict[str, int] = {}
-        result = []
-        for account_id, layout, created_at in self._conn.execute(
-                "SELECT account_id, layout, created_at FROM objects WHERE state!='pending' ORDER BY account_id"):
-            size = sizes.get(layout)
-            if size is None:
-                parsed = layout_from_json(json.loads(layout))
-                size = sizes[layout] = parsed.share_size * parsed.n
-            result.append((account_id, size, float(created_at)))
-        return result
+        return [(r[0], int(r[1]), float(r[2])) for r in self._conn.execute(
+            "SELECT account_id, stored_bytes, created_at FROM objects WHERE state!='pending' ORDER BY account_id")]
 
     def uncredited_passes(self, limit: int, after: tuple[float, int, str] | None = None
                           ) -> list[tuple[int, str, int, float]]:

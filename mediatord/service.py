@@ -73,18 +73,21 @@ class ObjectHealth:
         return {"healthy": self.healthy, "total": self.total, "state": self.state}
 
 
+def health_state(object_state: str, k: int, n: int, healthy: int) -> str:
+    """pending | healthy | degraded | irreparable, from an object's state and its healthy shares."""
+    if object_state == "pending":
+        return "pending"
+    if healthy < k:
+        return "irreparable"
+    if healthy < n:
+        return "degraded"
+    return "healthy"
+
+
 def object_health(obj: ObjectRow, shares: list[ShareRow], online_nodes: set[str]) -> ObjectHealth:
     healthy = sum(1 for s in shares if s.state in HEALTHY_SHARE_STATES and s.node_id in online_nodes)
     n, k = obj.layout.n, obj.layout.k
-    if obj.state == "pending":
-        state = "pending"
-    elif healthy < k:
-        state = "irreparable"
-    elif healthy < n:
-        state = "degraded"
-    else:
-        state = "healthy"
-    return ObjectHealth(healthy, n, state)
+    return ObjectHealth(healthy, n, health_state(obj.state, k, n, healthy))
 
 
 class MediatorService:
@@ -139,21 +142,21 @@ class MediatorService:
 
     def _admit_client(self, signer: PublicKey, extra_bytes: int, now: float) -> AccountId:
         account_id = AccountId(signer.id)
-        stored = sum(o.layout.share_size * o.layout.n for o in self.db.objects_of(account_id))
+        stored = self.db.account_bytes(account_id, committed_only=False)
         self.client_rule.admit(account_id, stored + extra_bytes)
         self.db.ensure_account(account_id, signer.raw, now)
         return account_id
 
     def account(self, signer: PublicKey) -> dict[str, Any]:
-        objects = self.db.objects_of(signer.id)
+        """Counts and bytes by aggregate queries over this account's rows: no per-object work in Python."""
         by_state: dict[str, int] = {}
-        online = self.online_node_ids()
-        for obj in objects:
-            state = object_health(obj, self.db.shares_of(obj.object_id), online).state
-            by_state[state] = by_state.get(state, 0) + 1
-        return {"account_id": signer.id, "objects": len(objects),
-                "bytes_stored": sum(o.layout.share_size * o.layout.n for o in objects if o.state != "pending"),
-                "objects_by_state": by_state}
+        objects = 0
+        for object_state, k, n, healthy, count in self.db.account_object_health(signer.id):
+            state = health_state(object_state, k, n, healthy)
+            by_state[state] = by_state.get(state, 0) + count
+            objects += count
+        return {"account_id": signer.id, "objects": objects,
+                "bytes_stored": self.db.account_bytes(signer.id, committed_only=True), "objects_by_state": by_state}
 
     # --- placement and commit -------------------------------------------------------------------------------
 
