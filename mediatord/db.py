@@ -454,12 +454,15 @@ class MediatorDB:
                                  (account_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def put_pointer(self, account_id: str, version: int, envelope: str, now: float) -> int | None:
-        """Compare-and-set: store iff version == current + 1; returns None on success, else the current one."""
+    def put_pointer(self, account_id: str, public_key: bytes, version: int, envelope: str, now: float
+                    ) -> int | None:
+        """Compare-and-set: store iff version == current + 1; returns None on success, else the current one.
+        The account is recorded with the pointer, in the same transaction: a refused write leaves none."""
         with self.transaction() as conn:
             current = self._one("SELECT version FROM pointers WHERE account_id=?", (account_id,)) or 0
             if version != current + 1:
                 return int(current)
+            self.ensure_account(account_id, public_key, now)
             conn.execute("INSERT OR REPLACE INTO pointers VALUES (?,?,?,?)", (account_id, version, envelope, now))
         return None
 

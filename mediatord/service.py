@@ -140,11 +140,12 @@ class MediatorService:
 
     # --- accounts -------------------------------------------------------------------------------------------
 
-    def _admit_client(self, signer: PublicKey, extra_bytes: int, now: float) -> AccountId:
+    def _admit_client(self, signer: PublicKey, extra_bytes: int) -> AccountId:
+        """Check the acceptance rule; writes nothing (the account is made by the request's own transaction, so
+        a request refused later on, 402, 409 or 503, leaves no account behind)."""
         account_id = AccountId(signer.id)
         stored = self.db.account_bytes(account_id, committed_only=False)
         self.client_rule.admit(account_id, stored + extra_bytes)
-        self.db.ensure_account(account_id, signer.raw, now)
         return account_id
 
     def account(self, signer: PublicKey) -> dict[str, Any]:
@@ -163,7 +164,7 @@ class MediatorService:
     def place(self, signer: PublicKey, body: object, now: float) -> list[Placement]:
         req = PlaceRequest.from_json(body)
         check_redundancy(req.layout, self.settings.min_expansion)
-        account_id = self._admit_client(signer, req.layout.share_size * len(req.shares), now)
+        account_id = self._admit_client(signer, req.layout.share_size * len(req.shares))
         billing.refuse_uploads_after_grace(self.db, self.settings, account_id, now)
         obj = self.db.object(req.object_id)
         if obj is not None:
@@ -194,6 +195,7 @@ class MediatorService:
             min_reputation=self.node_rule.min_reputation)
         placements = []
         with self.db.transaction():
+            self.db.ensure_account(account_id, signer.raw, now)
             if obj is None:
                 self.db.insert_object(req.object_id, account_id, req.layout, now)
             for spec, node in zip(req.shares, chosen, strict=True):
@@ -353,8 +355,9 @@ class MediatorService:
         pointer = ManifestPointer.open(envelope)
         if pointer.account_id != signer.id:
             raise ForbiddenError("the pointer must be signed by the account that stores it")
-        self._admit_client(signer, 0, now)
-        current = self.db.put_pointer(signer.id, pointer.version, envelope.to_bytes().decode("ascii"), now)
+        self._admit_client(signer, 0)
+        current = self.db.put_pointer(signer.id, signer.raw, pointer.version, envelope.to_bytes().decode("ascii"),
+                                      now)
         if current is not None:
             raise PolicyError(f"pointer version conflict: current version is {current}, so the next must be "
                               f"{current + 1} (got {pointer.version}); fetch the latest pointer and merge",

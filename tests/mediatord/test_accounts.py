@@ -110,7 +110,7 @@ def test_an_accounts_queries_use_its_index_and_do_not_grow_with_other_accounts_o
             try:
                 billing.account_standing(db, svc.pricing, svc.settings, account.id, 0.0)
                 svc.account(account)
-                svc._admit_client(account, 0, 0.0)
+                svc._admit_client(account, 0)
             finally:
                 db._conn.set_progress_handler(None, 1000)
             return steps[0]
