@@ -156,6 +156,38 @@ def outcome(audit: NodeAudit) -> AuditOutcome:
     return AuditOutcome(result, audit.proven, lost, frozenset(), bytes_proven)
 
 
+OUT_OF_TURN_MIN_GAP = 60.0  # seconds: the least time between two out-of-turn audits of one node
+
+
+def out_of_turn_gap(audit_period: float) -> float:
+    """Out-of-turn audits of one node are at least a quarter audit period apart, and at least a minute."""
+    return max(OUT_OF_TURN_MIN_GAP, audit_period / 4)
+
+
+@dataclass
+class OutOfTurnAudits:
+    """Nodes that clients reported, to audit out of turn (in memory only).
+
+    Each out-of-turn audit challenges every share the node holds, in a round of its own; were each report
+    served at once, one client reporting in a loop would keep a node (and the mediator) auditing without end.
+    So a node is audited out of turn at most once per ``gap``: reports that arrive sooner are coalesced into
+    one audit when the gap is over, and a report of a node already waiting adds nothing."""
+
+    gap: float
+    requested: set[str] = field(default_factory=set)
+    last: dict[str, float] = field(default_factory=dict)  # node → when its last out-of-turn audit started
+
+    def request(self, node_id: str) -> None:
+        self.requested.add(node_id)
+
+    def take_due(self, now: float) -> list[str]:
+        """The requested nodes whose gap is over, in order; they leave the queue and their gap starts now."""
+        due = sorted(n for n in self.requested if n not in self.last or now >= self.last[n] + self.gap)
+        self.requested.difference_update(due)
+        self.last = {n: t for n, t in self.last.items() if now < t + self.gap} | {n: now for n in due}
+        return due
+
+
 UNRESPONSIVE_AFTER = 3  # consecutive unreachable rounds after which a node's shares stop counting as healthy
 
 

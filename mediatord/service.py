@@ -34,6 +34,7 @@ from fincryptfs.core.wire import Envelope, Fields, b64encode, decode_object, ori
 from fincryptfs.rpc import check_peer_url
 
 from . import billing, ledger, registry
+from .audit import OutOfTurnAudits, out_of_turn_gap
 from .db import HEALTHY_SHARE_STATES, UNKNOWN_ROOT, GrantRow, MediatorDB, ObjectRow, ShareRow
 from .payments import Payments
 from .placement import check_redundancy, place_shares, subnet_of
@@ -99,7 +100,7 @@ class MediatorService:
         self.pricing: PricingScheme = pricing_scheme(settings.pricing)
         self.client_rule: AcceptanceRule = acceptance_rule(settings.accept_clients, "MEDIATORD_ACCEPT_CLIENTS")
         self.node_rule: AcceptanceRule = acceptance_rule(settings.accept_nodes, "MEDIATORD_ACCEPT_NODES")
-        self.audit_requests: set[str] = set()  # nodes to audit out of turn (client reports); in memory only
+        self.out_of_turn = OutOfTurnAudits(out_of_turn_gap(settings.audit_period))  # nodes clients reported
         self.payments = Payments(settings, db, self.pricing)
         self.bound_url: str | None = None  # set once the HTTP server is bound (see audiences)
 
@@ -337,7 +338,7 @@ class MediatorService:
         share = self.db.share(share_id)
         if share is None or share.object_id != object_id or share.node_id != node_id:
             raise RemoteProtocolError("no such share of this object on that node", status=404)
-        self.audit_requests.add(node_id)
+        self.out_of_turn.request(node_id)
         return {"scheduled": True, "node_id": node_id}
 
     # --- pointers -------------------------------------------------------------------------------------------

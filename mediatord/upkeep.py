@@ -75,10 +75,10 @@ async def audit_round(service: MediatorService, client: httpx.AsyncClient, now: 
 
 async def requested_audits(service: MediatorService, client: httpx.AsyncClient, now: float
                            ) -> dict[str, audit_logic.AuditOutcome]:
-    """Audit, out of turn and each in a round of its own, the nodes clients reported problems with."""
+    """Audit, out of turn and each in a round of its own, the nodes clients reported problems with: those not
+    audited out of turn in the last gap (:class:`mediatord.audit.OutOfTurnAudits`); the others wait for it."""
     results: dict[str, audit_logic.AuditOutcome] = {}
-    while service.audit_requests:
-        node_id = service.audit_requests.pop()
+    for node_id in service.out_of_turn.take_due(now):
         node, shares = service.db.node(node_id), service.db.audit_shares(node_id)
         if node is not None and node.state in ("online", "unresponsive") and shares:
             results[node_id] = await audit_node(service, client, node, service.db.next_round_id(), shares, now)
