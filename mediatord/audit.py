@@ -39,6 +39,7 @@ class AuditedShare:
     share_id: str
     root: bytes
     size: int
+    price: int | None = None  # the node's price when the share was placed on it (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class AuditOutcome:
     lost: Mapping[str, str]
     unanswered: frozenset[str]
     bytes_proven: int
+    priced: Mapping[int, int] = field(default_factory=dict)  # bytes proven by placement price (known ones)
 
     @property
     def detail(self) -> str:
@@ -147,13 +149,17 @@ class AuditOutcome:
 def outcome(audit: NodeAudit) -> AuditOutcome:
     """The verdict once finished. Unanswered shares of a node that answered count as lost."""
     bytes_proven = sum(audit.shares[s].size for s in audit.proven)
+    priced: dict[int, int] = {}
+    for share in (audit.shares[s] for s in audit.proven):
+        if share.price is not None:
+            priced[share.price] = priced.get(share.price, 0) + share.size
     if not audit.answered:
-        return AuditOutcome("unreachable", audit.proven, dict(audit.lost), audit.pending, bytes_proven)
+        return AuditOutcome("unreachable", audit.proven, dict(audit.lost), audit.pending, bytes_proven, priced)
     lost = dict(audit.lost)
     for share_id in audit.pending:
         lost[share_id] = "no answer for this share after every retry"
     result = "passed" if not lost else "failed"
-    return AuditOutcome(result, audit.proven, lost, frozenset(), bytes_proven)
+    return AuditOutcome(result, audit.proven, lost, frozenset(), bytes_proven, priced)
 
 
 OUT_OF_TURN_MIN_GAP = 60.0  # seconds: the least time between two out-of-turn audits of one node

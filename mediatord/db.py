@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -42,7 +42,7 @@ CREATE TABLE IF NOT EXISTS objects (
 CREATE INDEX IF NOT EXISTS objects_by_account ON objects(account_id);
 CREATE TABLE IF NOT EXISTS shares (
     share_id TEXT PRIMARY KEY, object_id TEXT NOT NULL, idx INTEGER NOT NULL, node_id TEXT NOT NULL,
-    root BLOB NOT NULL, size INTEGER NOT NULL, state TEXT NOT NULL, updated_at REAL NOT NULL,
+    root BLOB NOT NULL, size INTEGER NOT NULL, state TEXT NOT NULL, updated_at REAL NOT NULL, price INTEGER,
     UNIQUE (object_id, idx)
 );
 CREATE INDEX IF NOT EXISTS shares_by_node ON shares(node_id, state);
@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS audit_rounds (
 );
 CREATE TABLE IF NOT EXISTS audit_passes (
     round_id INTEGER NOT NULL, node_id TEXT NOT NULL, shares_proven INTEGER NOT NULL,
-    bytes_proven INTEGER NOT NULL, passed_at REAL NOT NULL, PRIMARY KEY (round_id, node_id)
+    bytes_proven INTEGER NOT NULL, passed_at REAL NOT NULL, priced_bytes TEXT, PRIMARY KEY (round_id, node_id)
 );
 CREATE TABLE IF NOT EXISTS pointers (
     account_id TEXT PRIMARY KEY, version INTEGER NOT NULL, envelope TEXT NOT NULL, updated_at REAL NOT NULL
@@ -111,6 +111,7 @@ CREATE TABLE IF NOT EXISTS payout_outputs (
 );
 """
 
+PASS_COLUMNS = "round_id, node_id, shares_proven, bytes_proven, passed_at"
 # share states: placed (granted, not yet committed) → stored (receipt verified) → proven / lost
 HEALTHY_SHARE_STATES = ("stored", "proven")
 # the root of a share placed before its client knew it (streamed while encoding), until its commit names it
@@ -146,6 +147,7 @@ class ShareRow:
     root: bytes
     size: int
     state: str
+    price: int | None = None  # msat per GiB-hour the node was to be paid when the share was placed on it
 
 
 @dataclass(frozen=True)
@@ -193,6 +195,12 @@ class MediatorDB:
         if "unreachable_rounds" not in columns:
             self._conn.execute("ALTER TABLE nodes ADD COLUMN unreachable_rounds INTEGER NOT NULL DEFAULT 0")
         columns = {r[1] for r in self._conn.execute("PRAGMA table_info(objects)")}
+        # the node's price when a share was placed on it, and a pass's proven bytes by that price (NULL: unknown,
+        # credited at the node's price of the day, as before these columns existed)
+        if "price" not in {r[1] for r in self._conn.execute("PRAGMA table_info(shares)")}:
+            self._conn.execute("ALTER TABLE shares ADD COLUMN price INTEGER")
+        if "priced_bytes" not in {r[1] for r in self._conn.execute("PRAGMA table_info(audit_passes)")}:
+            self._conn.execute("ALTER TABLE audit_passes ADD COLUMN priced_bytes TEXT")
         if "stored_bytes" not in columns:  # objects recorded before it get it from their layout, parsed once each
             with self.transaction() as conn:
                 conn.execute("ALTER TABLE objects ADD COLUMN stored_bytes INTEGER")
@@ -352,21 +360,27 @@ class MediatorDB:
     # --- shares and grants ----------------------------------------------------------------------------------
 
     def shares_of(self, object_id: str) -> list[ShareRow]:
-        rows = self._conn.execute("SELECT share_id, object_id, idx, node_id, root, size, state FROM shares"
+        rows = self._conn.execute("SELECT share_id, object_id, idx, node_id, root, size, state, price FROM shares"
                                   " WHERE object_id=? ORDER BY idx", (object_id,)).fetchall()
         return [ShareRow(*r) for r in rows]
 
     def share(self, share_id: str) -> ShareRow | None:
-        row = self._conn.execute("SELECT share_id, object_id, idx, node_id, root, size, state FROM shares"
+        row = self._conn.execute("SELECT share_id, object_id, idx, node_id, root, size, state, price FROM shares"
                                  " WHERE share_id=?", (share_id,)).fetchone()
         return None if row is None else ShareRow(*row)
 
     def put_share(self, share: ShareRow, now: float) -> None:
+        """Insert or update a share. Its price is kept while it stays on its node (a commit names none), and
+        unknown (NULL) if it moves without one."""
         self._conn.execute(
-            "INSERT INTO shares VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(share_id) DO UPDATE SET"
+            "INSERT INTO shares (share_id, object_id, idx, node_id, root, size, state, updated_at, price)"
+            " VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(share_id) DO UPDATE SET"
+            " price=CASE WHEN excluded.price IS NOT NULL THEN excluded.price WHEN excluded.node_id=shares.node_id"
+            " THEN shares.price END,"
             " node_id=excluded.node_id, state=excluded.state, updated_at=excluded.updated_at,"
             " root=CASE WHEN shares.root=x'' THEN excluded.root ELSE shares.root END",  # known once, then fixed
-            (share.share_id, share.object_id, share.idx, share.node_id, share.root, share.size, share.state, now))
+            (share.share_id, share.object_id, share.idx, share.node_id, share.root, share.size, share.state, now,
+             share.price))
 
     def set_share_states(self, share_ids: Sequence[str], state: str, now: float) -> None:
         self._conn.executemany("UPDATE shares SET state=?, updated_at=? WHERE share_id=?",
@@ -381,7 +395,7 @@ class MediatorDB:
 
     def audit_shares(self, node_id: str) -> list[ShareRow]:
         rows = self._conn.execute(
-            "SELECT share_id, object_id, idx, node_id, root, size, state FROM shares WHERE node_id=? AND"
+            "SELECT share_id, object_id, idx, node_id, root, size, state, price FROM shares WHERE node_id=? AND"
             " state IN ('stored','proven')", (node_id,)).fetchall()
         return [ShareRow(*r) for r in rows]
 
@@ -431,16 +445,21 @@ class MediatorDB:
         self._conn.execute("UPDATE audit_rounds SET result=?, detail=?, finished_at=? WHERE round_id=? AND"
                            " node_id=?", (result, detail[:500], now, round_id, node_id))
 
-    def record_pass(self, round_id: int, node_id: str, shares_proven: int, bytes_proven: int, now: float) -> bool:
-        """Idempotent: returns False if this (round, node) pass was already recorded."""
-        cur = self._conn.execute("INSERT OR IGNORE INTO audit_passes VALUES (?,?,?,?,?)",
-                                 (round_id, node_id, shares_proven, bytes_proven, now))
+    def record_pass(self, round_id: int, node_id: str, shares_proven: int, bytes_proven: int, now: float,
+                    priced: Mapping[int, int] | None = None) -> bool:
+        """Idempotent: returns False if this (round, node) pass was already recorded. ``priced``: proven bytes
+        by the price at which their shares were placed (bytes of shares of unknown price are left out)."""
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO audit_passes (round_id, node_id, shares_proven, bytes_proven, passed_at,"
+            " priced_bytes) VALUES (?,?,?,?,?,?)",
+            (round_id, node_id, shares_proven, bytes_proven, now,
+             None if priced is None else json.dumps(sorted(priced.items()))))
         return cur.rowcount == 1
 
     def audit_passes(self, node_id: str | None = None) -> list[tuple[int, str, int, int, float]]:
         if node_id is None:
-            return list(self._conn.execute("SELECT * FROM audit_passes ORDER BY round_id, node_id"))
-        return list(self._conn.execute("SELECT * FROM audit_passes WHERE node_id=? ORDER BY round_id",
+            return list(self._conn.execute(f"SELECT {PASS_COLUMNS} FROM audit_passes ORDER BY round_id, node_id"))
+        return list(self._conn.execute(f"SELECT {PASS_COLUMNS} FROM audit_passes WHERE node_id=? ORDER BY round_id",
                                        (node_id,)))
 
     def round_results(self, node_id: str) -> list[tuple[int, str, str]]:
@@ -594,13 +613,15 @@ class MediatorDB:
             "SELECT account_id, stored_bytes, created_at FROM objects WHERE state!='pending' ORDER BY account_id")]
 
     def uncredited_passes(self, limit: int, after: tuple[float, int, str] | None = None
-                          ) -> list[tuple[int, str, int, float]]:
-        """(round, node, bytes proven, passed at) of passes not yet credited, oldest first; ``after``: only those
-        past this (passed at, round, node), to page on beyond passes left waiting."""
+                          ) -> list[tuple[int, str, int, float, dict[int, int]]]:
+        """(round, node, bytes proven, passed at, bytes by placement price) of passes not yet credited, oldest
+        first; ``after``: only those past this (passed at, round, node), to page on beyond passes left waiting."""
         if after is None:
             after = (float("-inf"), 0, "")
-        return [(r[0], r[1], r[2], r[3]) for r in self._conn.execute(
-            "SELECT p.round_id, p.node_id, p.bytes_proven, p.passed_at FROM audit_passes p LEFT JOIN audit_credits c"
+        return [(r[0], r[1], r[2], r[3], {int(p): int(b) for p, b in json.loads(r[4] or "[]")})
+                for r in self._conn.execute(
+            "SELECT p.round_id, p.node_id, p.bytes_proven, p.passed_at, p.priced_bytes FROM audit_passes p"
+            " LEFT JOIN audit_credits c"
             " ON c.round_id=p.round_id AND c.node_id=p.node_id WHERE c.round_id IS NULL"
             " AND (p.passed_at, p.round_id, p.node_id) > (?, ?, ?)"
             " ORDER BY p.passed_at, p.round_id, p.node_id LIMIT ?", (*after, limit))]

@@ -204,7 +204,7 @@ class MediatorService:
                 root = spec.merkle_root if spec.merkle_root is not None else known
                 grant = self.issue_grant(node.node_id, account_id, spec.share_id, spec.share_size, root, now)
                 self.db.put_share(ShareRow(spec.share_id, req.object_id, spec.index, node.node_id, root,
-                                           spec.share_size, "placed"), now)
+                                           spec.share_size, "placed", node.price), now)
                 placements.append(Placement(spec.index, NodeId(node.node_id), node.url, grant))
         return placements
 

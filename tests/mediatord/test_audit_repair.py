@@ -29,7 +29,7 @@ from mediator_net import (
 
 from fincryptfs import rpc
 from fincryptfs.core.identity import SigningKey
-from mediatord import audit, upkeep
+from mediatord import audit, registry, upkeep
 from mediatord.audit import UNRESPONSIVE_AFTER
 
 
@@ -127,6 +127,9 @@ async def test_corrupted_share_is_lost_then_repaired_byte_for_byte(net: Net) -> 
     moved = {s["index"]: s["node_id"] for s in status["shares"]}
     assert len(set(moved.values())) == 4 and moved[1] not in placed.values()
     assert share_data_file(net.node(moved[1]), obj.specs[1].share_id).read_bytes() == obj.shares[1]
+    prices = {c.node_id: c.price for c in registry.candidates(net.service.db, net.service.pricing, time.time())}
+    assert {s.idx: s.price for s in net.service.db.shares_of(obj.object_id)} == {  # credited at most at these
+        i: prices[node_id] for i, node_id in moved.items()}
     # the corrupt copy is released from the old node
     assert await upkeep.release_pass(net.service, net.client, time.time()) == 1
     assert not share_data_file(victim, obj.specs[1].share_id).exists()
