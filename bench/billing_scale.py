@@ -43,12 +43,14 @@ def main() -> None:
                                price=900, capacity=1 << 40, free=1 << 39, operator="", payout_address=None, now=base)
             layouts = [ObjectLayout(size, 1 << 20, 3, 6) for size in (1 << 20, 5 << 20, 64 << 20)]
             from fincryptfs.core.messages import layout_to_json
-            conn.executemany("INSERT INTO objects VALUES (?,?,?,?,?)", [
-                (f"{i:064x}", f"{i % accounts:064x}", json.dumps(layout_to_json(layouts[i % 3])), "healthy", base)
-                for i in range(objects)])
+            conn.executemany("INSERT INTO objects (object_id, account_id, layout, state, created_at, stored_bytes)"
+                             " VALUES (?,?,?,?,?,?)", [
+                (f"{i:064x}", f"{i % accounts:064x}", json.dumps(layout_to_json(layouts[i % 3])), "healthy", base,
+                 layouts[i % 3].share_size * layouts[i % 3].n) for i in range(objects)])
             db.post([Posting(f"deposit:bench:{a}", "deposit", WORLD_DEPOSITS, client_account(f"{a:064x}"),
                              10**12, base) for a in range(accounts)])
-            conn.executemany("INSERT INTO audit_passes VALUES (?,?,?,?,?)",
+            conn.executemany("INSERT INTO audit_passes (round_id, node_id, shares_proven, bytes_proven, passed_at)"
+                             " VALUES (?,?,?,?,?)",
                              [(1, f"{i:064x}", 600, 600 * (8 << 20), base + HOUR - 60) for i in range(nodes)])
         pricing = pricing_scheme(settings.pricing)
         cpu = time.process_time()

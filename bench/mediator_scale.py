@@ -55,8 +55,9 @@ def populate(db: MediatorDB, nodes: list[SigningKey], share_count: int, now: flo
           None, now, now) for i, k in enumerate(nodes)])
     layout = json.dumps({"padded_size": LAYOUT.padded_size, "segment_size": LAYOUT.segment_size, "k": 2, "n": 4})
     objects = share_count // 4
-    conn.executemany("INSERT INTO objects VALUES (?,?,?,?,?)",
-                     ((f"{o:064x}", "a" * 64, layout, "committed", now) for o in range(objects)))
+    conn.executemany("INSERT INTO objects (object_id, account_id, layout, state, created_at, stored_bytes)"
+                     " VALUES (?,?,?,?,?,?)", ((f"{o:064x}", "a" * 64, layout, "committed", now,
+                                                LAYOUT.share_size * 4) for o in range(objects)))
 
     def rows():  # type: ignore[no-untyped-def]
         for number in range(share_count):
@@ -64,7 +65,8 @@ def populate(db: MediatorDB, nodes: list[SigningKey], share_count: int, now: flo
             node = nodes[(obj + idx * 7) % len(nodes)]
             root = hash_root(SHARE_SIZE, hash_leaf(share_data(number)))
             yield (f"{number + 1:064x}", f"{obj:064x}", idx, node.id, root, SHARE_SIZE, "stored", now)
-    conn.executemany("INSERT INTO shares VALUES (?,?,?,?,?,?,?,?)", rows())
+    conn.executemany("INSERT INTO shares (share_id, object_id, idx, node_id, root, size, state, updated_at)"
+                     " VALUES (?,?,?,?,?,?,?,?)", rows())
     conn.execute("COMMIT")
 
 

@@ -39,6 +39,7 @@ class AuditedShare:
     share_id: str
     root: bytes
     size: int
+    price: int | None = None  # the node's price when the share was placed on it (None: unknown)
 
 
 @dataclass(frozen=True)
@@ -134,6 +135,7 @@ class AuditOutcome:
     lost: Mapping[str, str]
     unanswered: frozenset[str]
     bytes_proven: int
+    priced: Mapping[int, int] = field(default_factory=dict)  # bytes proven by placement price (known ones)
 
     @property
     def detail(self) -> str:
@@ -147,13 +149,49 @@ class AuditOutcome:
 def outcome(audit: NodeAudit) -> AuditOutcome:
     """The verdict once finished. Unanswered shares of a node that answered count as lost."""
     bytes_proven = sum(audit.shares[s].size for s in audit.proven)
+    priced: dict[int, int] = {}
+    for share in (audit.shares[s] for s in audit.proven):
+        if share.price is not None:
+            priced[share.price] = priced.get(share.price, 0) + share.size
     if not audit.answered:
-        return AuditOutcome("unreachable", audit.proven, dict(audit.lost), audit.pending, bytes_proven)
+        return AuditOutcome("unreachable", audit.proven, dict(audit.lost), audit.pending, bytes_proven, priced)
     lost = dict(audit.lost)
     for share_id in audit.pending:
         lost[share_id] = "no answer for this share after every retry"
     result = "passed" if not lost else "failed"
-    return AuditOutcome(result, audit.proven, lost, frozenset(), bytes_proven)
+    return AuditOutcome(result, audit.proven, lost, frozenset(), bytes_proven, priced)
+
+
+OUT_OF_TURN_MIN_GAP = 60.0  # seconds: the least time between two out-of-turn audits of one node
+
+
+def out_of_turn_gap(audit_period: float) -> float:
+    """Out-of-turn audits of one node are at least a quarter audit period apart, and at least a minute."""
+    return max(OUT_OF_TURN_MIN_GAP, audit_period / 4)
+
+
+@dataclass
+class OutOfTurnAudits:
+    """Nodes that clients reported, to audit out of turn (in memory only).
+
+    Each out-of-turn audit challenges every share the node holds, in a round of its own; were each report
+    served at once, one client reporting in a loop would keep a node (and the mediator) auditing without end.
+    So a node is audited out of turn at most once per ``gap``: reports that arrive sooner are coalesced into
+    one audit when the gap is over, and a report of a node already waiting adds nothing."""
+
+    gap: float
+    requested: set[str] = field(default_factory=set)
+    last: dict[str, float] = field(default_factory=dict)  # node → when its last out-of-turn audit started
+
+    def request(self, node_id: str) -> None:
+        self.requested.add(node_id)
+
+    def take_due(self, now: float) -> list[str]:
+        """The requested nodes whose gap is over, in order; they leave the queue and their gap starts now."""
+        due = sorted(n for n in self.requested if n not in self.last or now >= self.last[n] + self.gap)
+        self.requested.difference_update(due)
+        self.last = {n: t for n, t in self.last.items() if now < t + self.gap} | {n: now for n in due}
+        return due
 
 
 UNRESPONSIVE_AFTER = 3  # consecutive unreachable rounds after which a node's shares stop counting as healthy

@@ -10,7 +10,8 @@ of a step:
   row in ``billing_periods`` is written in the same transaction, so a period is billed exactly once.
   An account that cannot pay pays what it has; it is *out of funds* from then on (``out_since``) until a deposit.
 * **credits**: each passed (round, node) in ``audit_passes`` is credited once (``audit_credits`` row and the
-  posting keyed ``credit:ROUND:NODE`` in one transaction): bytes proven × the node's price under the scheme ×
+  posting keyed ``credit:ROUND:NODE`` in one transaction): bytes proven × the node's price under the scheme (for
+  each share, the lower of today's and the one in force when the share was placed on the node) ×
   the time since the node's previous credited pass (at most one audit period: an extra, out-of-turn audit
   earns nothing extra), minus the mediator's fee (``fee_bps``). Credits are paid from the mediator's account;
   a pass it cannot cover waits until charges refill it, and that node's later passes wait behind it (in
@@ -45,6 +46,7 @@ from .ledger import (
     Posting,
     after_fee,
     client_account,
+    credited_byte_price,
     node_account,
     storage_cost,
 )
@@ -160,7 +162,7 @@ def credit_passes(db: MediatorDB, pricing: PricingScheme, settings: MediatorSett
             last = db.last_credited_pass(node_ids)
             available = db.balance(FEES)
             postings, rows = [], []
-            for round_id, node_id, bytes_proven, passed_at in passes:
+            for round_id, node_id, bytes_proven, passed_at, priced in passes:
                 if node_id in waiting:
                     deferred += 1  # behind its own earlier pass
                     continue
@@ -168,7 +170,8 @@ def credit_passes(db: MediatorDB, pricing: PricingScheme, settings: MediatorSett
                 covered = audit_ms if previous is None else max(0, min(audit_ms, int((passed_at - previous) * 1000)))
                 row = nodes[node_id]
                 price = pricing.node_price(row.price if row else None, market)
-                net = after_fee(storage_cost(bytes_proven * price, covered), settings.fee_bps)
+                byte_price = credited_byte_price(bytes_proven, priced, price)
+                net = after_fee(storage_cost(byte_price, covered), settings.fee_bps)
                 if net > available:
                     waiting.add(node_id)  # waits, in order, for charges to refill the mediator's account
                     deferred += 1
@@ -228,7 +231,7 @@ def standing(balance: int, burn_rate: int, out_since: float | None, settings: Me
 def account_standing(db: MediatorDB, pricing: PricingScheme, settings: MediatorSettings, account_id: str,
                      now: float) -> AccountStanding:
     price = client_price(db, pricing)
-    size = sum(s for a, s, _ in db.storage_by_account() if a == account_id)
+    size = db.account_bytes(account_id, committed_only=True)
     _address, out_since, _warned = db.account_billing(account_id)
     return standing(db.balance(client_account(account_id)), size * price // GIB, out_since, settings, now)
 

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import sqlite3
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterator, Mapping, Sequence
 from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,12 +37,12 @@ CREATE TABLE IF NOT EXISTS accounts (
 );
 CREATE TABLE IF NOT EXISTS objects (
     object_id TEXT PRIMARY KEY, account_id TEXT NOT NULL, layout TEXT NOT NULL, state TEXT NOT NULL,
-    created_at REAL NOT NULL
+    created_at REAL NOT NULL, stored_bytes INTEGER
 );
 CREATE INDEX IF NOT EXISTS objects_by_account ON objects(account_id);
 CREATE TABLE IF NOT EXISTS shares (
     share_id TEXT PRIMARY KEY, object_id TEXT NOT NULL, idx INTEGER NOT NULL, node_id TEXT NOT NULL,
-    root BLOB NOT NULL, size INTEGER NOT NULL, state TEXT NOT NULL, updated_at REAL NOT NULL,
+    root BLOB NOT NULL, size INTEGER NOT NULL, state TEXT NOT NULL, updated_at REAL NOT NULL, price INTEGER,
     UNIQUE (object_id, idx)
 );
 CREATE INDEX IF NOT EXISTS shares_by_node ON shares(node_id, state);
@@ -61,7 +61,7 @@ CREATE TABLE IF NOT EXISTS audit_rounds (
 );
 CREATE TABLE IF NOT EXISTS audit_passes (
     round_id INTEGER NOT NULL, node_id TEXT NOT NULL, shares_proven INTEGER NOT NULL,
-    bytes_proven INTEGER NOT NULL, passed_at REAL NOT NULL, PRIMARY KEY (round_id, node_id)
+    bytes_proven INTEGER NOT NULL, passed_at REAL NOT NULL, priced_bytes TEXT, PRIMARY KEY (round_id, node_id)
 );
 CREATE TABLE IF NOT EXISTS pointers (
     account_id TEXT PRIMARY KEY, version INTEGER NOT NULL, envelope TEXT NOT NULL, updated_at REAL NOT NULL
@@ -111,6 +111,7 @@ CREATE TABLE IF NOT EXISTS payout_outputs (
 );
 """
 
+PASS_COLUMNS = "round_id, node_id, shares_proven, bytes_proven, passed_at"
 # share states: placed (granted, not yet committed) → stored (receipt verified) → proven / lost
 HEALTHY_SHARE_STATES = ("stored", "proven")
 # the root of a share placed before its client knew it (streamed while encoding), until its commit names it
@@ -146,6 +147,7 @@ class ShareRow:
     root: bytes
     size: int
     state: str
+    price: int | None = None  # msat per GiB-hour the node was to be paid when the share was placed on it
 
 
 @dataclass(frozen=True)
@@ -169,6 +171,11 @@ class GrantRow:
     used: bool
 
 
+def _stored_bytes(layout: ObjectLayout) -> int:
+    """What an object occupies on the network: all n shares."""
+    return layout.share_size * layout.n
+
+
 class MediatorDB:
     """One connection, used from the event loop thread only (each call is a short transaction)."""
 
@@ -187,6 +194,19 @@ class MediatorDB:
         columns = {r[1] for r in self._conn.execute("PRAGMA table_info(nodes)")}
         if "unreachable_rounds" not in columns:
             self._conn.execute("ALTER TABLE nodes ADD COLUMN unreachable_rounds INTEGER NOT NULL DEFAULT 0")
+        columns = {r[1] for r in self._conn.execute("PRAGMA table_info(objects)")}
+        # the node's price when a share was placed on it, and a pass's proven bytes by that price (NULL: unknown,
+        # credited at the node's price of the day, as before these columns existed)
+        if "price" not in {r[1] for r in self._conn.execute("PRAGMA table_info(shares)")}:
+            self._conn.execute("ALTER TABLE shares ADD COLUMN price INTEGER")
+        if "priced_bytes" not in {r[1] for r in self._conn.execute("PRAGMA table_info(audit_passes)")}:
+            self._conn.execute("ALTER TABLE audit_passes ADD COLUMN priced_bytes TEXT")
+        if "stored_bytes" not in columns:  # objects recorded before it get it from their layout, parsed once each
+            with self.transaction() as conn:
+                conn.execute("ALTER TABLE objects ADD COLUMN stored_bytes INTEGER")
+                layouts = [r[0] for r in conn.execute("SELECT DISTINCT layout FROM objects")]
+                conn.executemany("UPDATE objects SET stored_bytes=? WHERE layout=?",
+                                 [(_stored_bytes(layout_from_json(json.loads(text))), text) for text in layouts])
 
     def close(self) -> None:
         self._conn.close()
@@ -285,8 +305,10 @@ class MediatorDB:
         return ObjectRow(row[0], row[1], layout_from_json(json.loads(row[2])), row[3], row[4])
 
     def insert_object(self, object_id: str, account_id: str, layout: ObjectLayout, now: float) -> None:
-        self._conn.execute("INSERT INTO objects VALUES (?,?,?,?,?)",
-                           (object_id, account_id, json.dumps(layout_to_json(layout)), "pending", now))
+        self._conn.execute("INSERT INTO objects (object_id, account_id, layout, state, created_at, stored_bytes)"
+                           " VALUES (?,?,?,?,?,?)",
+                           (object_id, account_id, json.dumps(layout_to_json(layout)), "pending", now,
+                            _stored_bytes(layout)))
 
     def set_object_state(self, object_id: str, state: str) -> None:
         self._conn.execute("UPDATE objects SET state=? WHERE object_id=?", (state, object_id))
@@ -295,6 +317,22 @@ class MediatorDB:
         rows = self._conn.execute("SELECT object_id, account_id, layout, state, created_at FROM objects"
                                   " WHERE account_id=?", (account_id,)).fetchall()
         return [ObjectRow(r[0], r[1], layout_from_json(json.loads(r[2])), r[3], r[4]) for r in rows]
+
+    def account_bytes(self, account_id: str, *, committed_only: bool) -> int:
+        """Bytes of all n shares of one account's objects (committed ones, or all), summed by SQL over that
+        account's rows only (index ``objects_by_account``): an account's requests cost no more as others store."""
+        sql = "SELECT COALESCE(SUM(stored_bytes), 0) FROM objects WHERE account_id=?"
+        return int(self._one(sql + (" AND state!='pending'" if committed_only else ""), (account_id,)))
+
+    def account_object_health(self, account_id: str) -> list[tuple[str, int, int, int, int]]:
+        """(object state, k, n, healthy shares on online nodes, objects) of one account's objects, grouped: one
+        query, however many objects it has."""
+        return [(r[0], int(r[1]), int(r[2]), int(r[3]), int(r[4])) for r in self._conn.execute(
+            "SELECT state, k, n, healthy, COUNT(*) FROM (SELECT o.state AS state, json_extract(o.layout, '$.k') AS k,"
+            " json_extract(o.layout, '$.n') AS n, (SELECT COUNT(*) FROM shares s JOIN nodes d ON"
+            " d.node_id=s.node_id WHERE s.object_id=o.object_id AND s.state IN ('stored','proven') AND"
+            " d.state='online') AS healthy FROM objects o WHERE o.account_id=?) GROUP BY state, k, n, healthy",
+            (account_id,))]
 
     def committed_object_ids(self) -> list[str]:
         return [r[0] for r in self._conn.execute("SELECT object_id FROM objects WHERE state!='pending'")]
@@ -322,21 +360,27 @@ class MediatorDB:
     # --- shares and grants ----------------------------------------------------------------------------------
 
     def shares_of(self, object_id: str) -> list[ShareRow]:
-        rows = self._conn.execute("SELECT share_id, object_id, idx, node_id, root, size, state FROM shares"
+        rows = self._conn.execute("SELECT share_id, object_id, idx, node_id, root, size, state, price FROM shares"
                                   " WHERE object_id=? ORDER BY idx", (object_id,)).fetchall()
         return [ShareRow(*r) for r in rows]
 
     def share(self, share_id: str) -> ShareRow | None:
-        row = self._conn.execute("SELECT share_id, object_id, idx, node_id, root, size, state FROM shares"
+        row = self._conn.execute("SELECT share_id, object_id, idx, node_id, root, size, state, price FROM shares"
                                  " WHERE share_id=?", (share_id,)).fetchone()
         return None if row is None else ShareRow(*row)
 
     def put_share(self, share: ShareRow, now: float) -> None:
+        """Insert or update a share. Its price is kept while it stays on its node (a commit names none), and
+        unknown (NULL) if it moves without one."""
         self._conn.execute(
-            "INSERT INTO shares VALUES (?,?,?,?,?,?,?,?) ON CONFLICT(share_id) DO UPDATE SET"
+            "INSERT INTO shares (share_id, object_id, idx, node_id, root, size, state, updated_at, price)"
+            " VALUES (?,?,?,?,?,?,?,?,?) ON CONFLICT(share_id) DO UPDATE SET"
+            " price=CASE WHEN excluded.price IS NOT NULL THEN excluded.price WHEN excluded.node_id=shares.node_id"
+            " THEN shares.price END,"
             " node_id=excluded.node_id, state=excluded.state, updated_at=excluded.updated_at,"
             " root=CASE WHEN shares.root=x'' THEN excluded.root ELSE shares.root END",  # known once, then fixed
-            (share.share_id, share.object_id, share.idx, share.node_id, share.root, share.size, share.state, now))
+            (share.share_id, share.object_id, share.idx, share.node_id, share.root, share.size, share.state, now,
+             share.price))
 
     def set_share_states(self, share_ids: Sequence[str], state: str, now: float) -> None:
         self._conn.executemany("UPDATE shares SET state=?, updated_at=? WHERE share_id=?",
@@ -351,7 +395,7 @@ class MediatorDB:
 
     def audit_shares(self, node_id: str) -> list[ShareRow]:
         rows = self._conn.execute(
-            "SELECT share_id, object_id, idx, node_id, root, size, state FROM shares WHERE node_id=? AND"
+            "SELECT share_id, object_id, idx, node_id, root, size, state, price FROM shares WHERE node_id=? AND"
             " state IN ('stored','proven')", (node_id,)).fetchall()
         return [ShareRow(*r) for r in rows]
 
@@ -401,16 +445,21 @@ class MediatorDB:
         self._conn.execute("UPDATE audit_rounds SET result=?, detail=?, finished_at=? WHERE round_id=? AND"
                            " node_id=?", (result, detail[:500], now, round_id, node_id))
 
-    def record_pass(self, round_id: int, node_id: str, shares_proven: int, bytes_proven: int, now: float) -> bool:
-        """Idempotent: returns False if this (round, node) pass was already recorded."""
-        cur = self._conn.execute("INSERT OR IGNORE INTO audit_passes VALUES (?,?,?,?,?)",
-                                 (round_id, node_id, shares_proven, bytes_proven, now))
+    def record_pass(self, round_id: int, node_id: str, shares_proven: int, bytes_proven: int, now: float,
+                    priced: Mapping[int, int] | None = None) -> bool:
+        """Idempotent: returns False if this (round, node) pass was already recorded. ``priced``: proven bytes
+        by the price at which their shares were placed (bytes of shares of unknown price are left out)."""
+        cur = self._conn.execute(
+            "INSERT OR IGNORE INTO audit_passes (round_id, node_id, shares_proven, bytes_proven, passed_at,"
+            " priced_bytes) VALUES (?,?,?,?,?,?)",
+            (round_id, node_id, shares_proven, bytes_proven, now,
+             None if priced is None else json.dumps(sorted(priced.items()))))
         return cur.rowcount == 1
 
     def audit_passes(self, node_id: str | None = None) -> list[tuple[int, str, int, int, float]]:
         if node_id is None:
-            return list(self._conn.execute("SELECT * FROM audit_passes ORDER BY round_id, node_id"))
-        return list(self._conn.execute("SELECT * FROM audit_passes WHERE node_id=? ORDER BY round_id",
+            return list(self._conn.execute(f"SELECT {PASS_COLUMNS} FROM audit_passes ORDER BY round_id, node_id"))
+        return list(self._conn.execute(f"SELECT {PASS_COLUMNS} FROM audit_passes WHERE node_id=? ORDER BY round_id",
                                        (node_id,)))
 
     def round_results(self, node_id: str) -> list[tuple[int, str, str]]:
@@ -424,12 +473,15 @@ class MediatorDB:
                                  (account_id,)).fetchone()
         return None if row is None else (row[0], row[1])
 
-    def put_pointer(self, account_id: str, version: int, envelope: str, now: float) -> int | None:
-        """Compare-and-set: store iff version == current + 1; returns None on success, else the current one."""
+    def put_pointer(self, account_id: str, public_key: bytes, version: int, envelope: str, now: float
+                    ) -> int | None:
+        """Compare-and-set: store iff version == current + 1; returns None on success, else the current one.
+        The account is recorded with the pointer, in the same transaction: a refused write leaves none."""
         with self.transaction() as conn:
             current = self._one("SELECT version FROM pointers WHERE account_id=?", (account_id,)) or 0
             if version != current + 1:
                 return int(current)
+            self.ensure_account(account_id, public_key, now)
             conn.execute("INSERT OR REPLACE INTO pointers VALUES (?,?,?,?)", (account_id, version, envelope, now))
         return None
 
@@ -557,25 +609,19 @@ class MediatorDB:
 
     def storage_by_account(self) -> list[tuple[str, int, float]]:
         """(account, bytes of all n shares, created_at) of every committed object, ordered by account."""
-        sizes: dict[str, int] = {}
-        result = []
-        for account_id, layout, created_at in self._conn.execute(
-                "SELECT account_id, layout, created_at FROM objects WHERE state!='pending' ORDER BY account_id"):
-            size = sizes.get(layout)
-            if size is None:
-                parsed = layout_from_json(json.loads(layout))
-                size = sizes[layout] = parsed.share_size * parsed.n
-            result.append((account_id, size, float(created_at)))
-        return result
+        return [(r[0], int(r[1]), float(r[2])) for r in self._conn.execute(
+            "SELECT account_id, stored_bytes, created_at FROM objects WHERE state!='pending' ORDER BY account_id")]
 
     def uncredited_passes(self, limit: int, after: tuple[float, int, str] | None = None
-                          ) -> list[tuple[int, str, int, float]]:
-        """(round, node, bytes proven, passed at) of passes not yet credited, oldest first; ``after``: only those
-        past this (passed at, round, node), to page on beyond passes left waiting."""
+                          ) -> list[tuple[int, str, int, float, dict[int, int]]]:
+        """(round, node, bytes proven, passed at, bytes by placement price) of passes not yet credited, oldest
+        first; ``after``: only those past this (passed at, round, node), to page on beyond passes left waiting."""
         if after is None:
             after = (float("-inf"), 0, "")
-        return [(r[0], r[1], r[2], r[3]) for r in self._conn.execute(
-            "SELECT p.round_id, p.node_id, p.bytes_proven, p.passed_at FROM audit_passes p LEFT JOIN audit_credits c"
+        return [(r[0], r[1], r[2], r[3], {int(p): int(b) for p, b in json.loads(r[4] or "[]")})
+                for r in self._conn.execute(
+            "SELECT p.round_id, p.node_id, p.bytes_proven, p.passed_at, p.priced_bytes FROM audit_passes p"
+            " LEFT JOIN audit_credits c"
             " ON c.round_id=p.round_id AND c.node_id=p.node_id WHERE c.round_id IS NULL"
             " AND (p.passed_at, p.round_id, p.node_id) > (?, ?, ?)"
             " ORDER BY p.passed_at, p.round_id, p.node_id LIMIT ?", (*after, limit))]

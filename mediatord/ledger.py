@@ -197,6 +197,16 @@ def storage_cost(byte_price_sum: int, duration_ms: int) -> int:
     return byte_price_sum * duration_ms // (GIB * MS_PER_HOUR)
 
 
+def credited_byte_price(bytes_proven: int, priced: Mapping[int, int], price: int) -> int:
+    """Σ(bytes × price) a pass is credited for: each share at the lower of the node's price today and its price
+    when the share was placed on it (``priced``: proven bytes by placement price; bytes of unknown placement
+    price, from before it was recorded, go at today's). A node that raises its ask is paid the new one only for
+    shares placed at it: clients were charged by prices of the day, and the mediator placed the old shares at
+    the old ask."""
+    known = sum(priced.values())
+    return sum(size * min(price, placed) for placed, size in priced.items()) + max(0, bytes_proven - known) * price
+
+
 def after_fee(gross: int, fee_bps: int) -> int:
     """What a node is credited from a gross amount after the mediator's fee (basis points, floored)."""
     return gross * (10_000 - fee_bps) // 10_000

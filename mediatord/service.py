@@ -34,6 +34,7 @@ from fincryptfs.core.wire import Envelope, Fields, b64encode, decode_object, ori
 from fincryptfs.rpc import check_peer_url
 
 from . import billing, ledger, registry
+from .audit import OutOfTurnAudits, out_of_turn_gap
 from .db import HEALTHY_SHARE_STATES, UNKNOWN_ROOT, GrantRow, MediatorDB, ObjectRow, ShareRow
 from .payments import Payments
 from .placement import check_redundancy, place_shares, subnet_of
@@ -73,18 +74,21 @@ class ObjectHealth:
         return {"healthy": self.healthy, "total": self.total, "state": self.state}
 
 
+def health_state(object_state: str, k: int, n: int, healthy: int) -> str:
+    """pending | healthy | degraded | irreparable, from an object's state and its healthy shares."""
+    if object_state == "pending":
+        return "pending"
+    if healthy < k:
+        return "irreparable"
+    if healthy < n:
+        return "degraded"
+    return "healthy"
+
+
 def object_health(obj: ObjectRow, shares: list[ShareRow], online_nodes: set[str]) -> ObjectHealth:
     healthy = sum(1 for s in shares if s.state in HEALTHY_SHARE_STATES and s.node_id in online_nodes)
     n, k = obj.layout.n, obj.layout.k
-    if obj.state == "pending":
-        state = "pending"
-    elif healthy < k:
-        state = "irreparable"
-    elif healthy < n:
-        state = "degraded"
-    else:
-        state = "healthy"
-    return ObjectHealth(healthy, n, state)
+    return ObjectHealth(healthy, n, health_state(obj.state, k, n, healthy))
 
 
 class MediatorService:
@@ -96,7 +100,7 @@ class MediatorService:
         self.pricing: PricingScheme = pricing_scheme(settings.pricing)
         self.client_rule: AcceptanceRule = acceptance_rule(settings.accept_clients, "MEDIATORD_ACCEPT_CLIENTS")
         self.node_rule: AcceptanceRule = acceptance_rule(settings.accept_nodes, "MEDIATORD_ACCEPT_NODES")
-        self.audit_requests: set[str] = set()  # nodes to audit out of turn (client reports); in memory only
+        self.out_of_turn = OutOfTurnAudits(out_of_turn_gap(settings.audit_period))  # nodes clients reported
         self.payments = Payments(settings, db, self.pricing)
         self.bound_url: str | None = None  # set once the HTTP server is bound (see audiences)
 
@@ -137,30 +141,31 @@ class MediatorService:
 
     # --- accounts -------------------------------------------------------------------------------------------
 
-    def _admit_client(self, signer: PublicKey, extra_bytes: int, now: float) -> AccountId:
+    def _admit_client(self, signer: PublicKey, extra_bytes: int) -> AccountId:
+        """Check the acceptance rule; writes nothing (the account is made by the request's own transaction, so
+        a request refused later on, 402, 409 or 503, leaves no account behind)."""
         account_id = AccountId(signer.id)
-        stored = sum(o.layout.share_size * o.layout.n for o in self.db.objects_of(account_id))
+        stored = self.db.account_bytes(account_id, committed_only=False)
         self.client_rule.admit(account_id, stored + extra_bytes)
-        self.db.ensure_account(account_id, signer.raw, now)
         return account_id
 
     def account(self, signer: PublicKey) -> dict[str, Any]:
-        objects = self.db.objects_of(signer.id)
+        """Counts and bytes by aggregate queries over this account's rows: no per-object work in Python."""
         by_state: dict[str, int] = {}
-        online = self.online_node_ids()
-        for obj in objects:
-            state = object_health(obj, self.db.shares_of(obj.object_id), online).state
-            by_state[state] = by_state.get(state, 0) + 1
-        return {"account_id": signer.id, "objects": len(objects),
-                "bytes_stored": sum(o.layout.share_size * o.layout.n for o in objects if o.state != "pending"),
-                "objects_by_state": by_state}
+        objects = 0
+        for object_state, k, n, healthy, count in self.db.account_object_health(signer.id):
+            state = health_state(object_state, k, n, healthy)
+            by_state[state] = by_state.get(state, 0) + count
+            objects += count
+        return {"account_id": signer.id, "objects": objects,
+                "bytes_stored": self.db.account_bytes(signer.id, committed_only=True), "objects_by_state": by_state}
 
     # --- placement and commit -------------------------------------------------------------------------------
 
     def place(self, signer: PublicKey, body: object, now: float) -> list[Placement]:
         req = PlaceRequest.from_json(body)
         check_redundancy(req.layout, self.settings.min_expansion)
-        account_id = self._admit_client(signer, req.layout.share_size * len(req.shares), now)
+        account_id = self._admit_client(signer, req.layout.share_size * len(req.shares))
         billing.refuse_uploads_after_grace(self.db, self.settings, account_id, now)
         obj = self.db.object(req.object_id)
         if obj is not None:
@@ -191,6 +196,7 @@ class MediatorService:
             min_reputation=self.node_rule.min_reputation)
         placements = []
         with self.db.transaction():
+            self.db.ensure_account(account_id, signer.raw, now)
             if obj is None:
                 self.db.insert_object(req.object_id, account_id, req.layout, now)
             for spec, node in zip(req.shares, chosen, strict=True):
@@ -198,7 +204,7 @@ class MediatorService:
                 root = spec.merkle_root if spec.merkle_root is not None else known
                 grant = self.issue_grant(node.node_id, account_id, spec.share_id, spec.share_size, root, now)
                 self.db.put_share(ShareRow(spec.share_id, req.object_id, spec.index, node.node_id, root,
-                                           spec.share_size, "placed"), now)
+                                           spec.share_size, "placed", node.price), now)
                 placements.append(Placement(spec.index, NodeId(node.node_id), node.url, grant))
         return placements
 
@@ -332,7 +338,7 @@ class MediatorService:
         share = self.db.share(share_id)
         if share is None or share.object_id != object_id or share.node_id != node_id:
             raise RemoteProtocolError("no such share of this object on that node", status=404)
-        self.audit_requests.add(node_id)
+        self.out_of_turn.request(node_id)
         return {"scheduled": True, "node_id": node_id}
 
     # --- pointers -------------------------------------------------------------------------------------------
@@ -350,8 +356,9 @@ class MediatorService:
         pointer = ManifestPointer.open(envelope)
         if pointer.account_id != signer.id:
             raise ForbiddenError("the pointer must be signed by the account that stores it")
-        self._admit_client(signer, 0, now)
-        current = self.db.put_pointer(signer.id, pointer.version, envelope.to_bytes().decode("ascii"), now)
+        self._admit_client(signer, 0)
+        current = self.db.put_pointer(signer.id, signer.raw, pointer.version, envelope.to_bytes().decode("ascii"),
+                                      now)
         if current is not None:
             raise PolicyError(f"pointer version conflict: current version is {current}, so the next must be "
                               f"{current + 1} (got {pointer.version}); fetch the latest pointer and merge",

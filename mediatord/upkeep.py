@@ -75,10 +75,10 @@ async def audit_round(service: MediatorService, client: httpx.AsyncClient, now: 
 
 async def requested_audits(service: MediatorService, client: httpx.AsyncClient, now: float
                            ) -> dict[str, audit_logic.AuditOutcome]:
-    """Audit, out of turn and each in a round of its own, the nodes clients reported problems with."""
+    """Audit, out of turn and each in a round of its own, the nodes clients reported problems with: those not
+    audited out of turn in the last gap (:class:`mediatord.audit.OutOfTurnAudits`); the others wait for it."""
     results: dict[str, audit_logic.AuditOutcome] = {}
-    while service.audit_requests:
-        node_id = service.audit_requests.pop()
+    for node_id in service.out_of_turn.take_due(now):
         node, shares = service.db.node(node_id), service.db.audit_shares(node_id)
         if node is not None and node.state in ("online", "unresponsive") and shares:
             results[node_id] = await audit_node(service, client, node, service.db.next_round_id(), shares, now)
@@ -126,7 +126,7 @@ async def audit_node(service: MediatorService, client: httpx.AsyncClient, node: 
     timing = UpkeepSettings.from_service(service)
     settings = service.settings
     state = audit_logic.start_audit(service.id, node.node_id, round_id,
-                                    (audit_logic.AuditedShare(s.share_id, s.root, s.size) for s in shares),
+                                    (audit_logic.AuditedShare(s.share_id, s.root, s.size, s.price) for s in shares),
                                     settings.audit_leaves_per_share)
     service.db.start_round(round_id, node.node_id, state.nonce, now)
     key = PublicKey(node.public_key)
@@ -172,7 +172,7 @@ def apply_outcome(service: MediatorService, node: NodeRow, round_id: int, answer
                                reputation=verdict.reputation, disqualify=verdict.disqualify,
                                unreachable_rounds=verdict.unreachable_rounds, unresponsive=verdict.unresponsive)
         if result.result == "passed":
-            db.record_pass(round_id, node.node_id, len(result.proven), result.bytes_proven, now)
+            db.record_pass(round_id, node.node_id, len(result.proven), result.bytes_proven, now, result.priced)
         if answered:
             db.touch_node(node.node_id, now)
     if verdict.unresponsive and fresh.state == "online":
@@ -401,7 +401,7 @@ async def repair_object(service: MediatorService, client: httpx.AsyncClient, obj
         return "failed"
     sources = _Sources(service, client, healthy, layout.k, now)
     receipts: dict[int, StorageReceipt] = {}
-    targets: dict[int, str] = {}
+    targets: dict[int, tuple[str, int]] = {}  # index → (node, its price when placed)
     unmatched: list[tuple[str, str]] = []
     failure: str | None = None
     async with trio.open_nursery() as nursery:
@@ -410,7 +410,7 @@ async def repair_object(service: MediatorService, client: httpx.AsyncClient, obj
             share = by_index[index]
             grant = service.issue_grant(target.node_id, obj.account_id, share.share_id, share.size, share.root, now)
             send, receive = trio.open_memory_channel[bytes](1)
-            senders[index], targets[index] = send, target.node_id
+            senders[index], targets[index] = send, (target.node_id, target.price)
             nursery.start_soon(_put_stream, service, client, f"{target.url}/v1/shares/{share.share_id}",
                                target.node_id, grant.to_header(), share, obj.account_id, receive, receipts, unmatched)
         try:
@@ -436,7 +436,7 @@ async def repair_object(service: MediatorService, client: httpx.AsyncClient, obj
     if failure is not None:
         db.record_repair(object_id, "failed", 0, failure, now)
         return "failed"
-    stored: list[tuple[ShareRow, str]] = []
+    stored: list[tuple[ShareRow, tuple[str, int]]] = []
     for index, receipt in sorted(receipts.items()):
         db.mark_grants_used([receipt.grant_id])
         stored.append((by_index[index], targets[index]))
@@ -450,21 +450,21 @@ def _receipt_envelope(response: httpx.Response) -> Envelope:
     return envelope
 
 
-def _finish_repair(service: MediatorService, object_id: str, stored: list[tuple[ShareRow, str]], wanted: int,
-                   now: float) -> str:
+def _finish_repair(service: MediatorService, object_id: str, stored: list[tuple[ShareRow, tuple[str, int]]],
+                   wanted: int, now: float) -> str:
     """Move the repaired shares in one transaction, unless the object was deleted or changed meanwhile."""
     db = service.db
     with db.transaction():
         current = {s.share_id: s for s in db.shares_of(object_id)}
         if db.object(object_id) is None or any(
                 current.get(s.share_id) is None or current[s.share_id].node_id != s.node_id for s, _ in stored):
-            for share, node_id in stored:
+            for share, (node_id, _price) in stored:
                 db.queue_release(share.share_id, node_id, now)
             db.record_repair(object_id, "aborted", 0, "object deleted or changed during repair", now)
             return "aborted"
-        for share, node_id in stored:
-            db.put_share(ShareRow(share.share_id, object_id, share.idx, node_id, share.root, share.size, "stored"),
-                         now)
+        for share, (node_id, price) in stored:
+            db.put_share(ShareRow(share.share_id, object_id, share.idx, node_id, share.root, share.size, "stored",
+                                  price), now)
             db.queue_release(share.share_id, share.node_id, now)
         result = "repaired" if len(stored) == wanted else "partial"
         db.record_repair(object_id, result, len(stored), f"{len(stored)} of {wanted} shares rebuilt", now)

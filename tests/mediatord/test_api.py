@@ -218,6 +218,28 @@ async def test_pointer_compare_and_set(net: Net) -> None:
     await expect_error(net, "GET", "/v1/pointer", 404, key=other)
 
 
+async def test_a_refused_place_or_pointer_write_creates_no_account(net: Net) -> None:
+    db = net.mediator.service.db
+    key = SigningKey.generate()
+    with pytest.raises(rpc.PeerError) as info:  # 503: more shares than nodes
+        await place(net.client, net.url, key, make_object(k=4, n=8))
+    assert info.value.status == 503 and not db.has_account(key.id)
+    db.set_out_since(key.id, 0.0)  # out of funds long past its grace period: 402
+    with pytest.raises(rpc.PeerError) as info:
+        await place(net.client, net.url, key, make_object())
+    assert info.value.status == 402 and not db.has_account(key.id)
+    db.set_out_since(key.id, None)
+    envelope = ManifestPointer(key.id, 2, new_object_id(), b"sealed", int(time.time())).seal(key)  # type: ignore[arg-type]
+    await expect_error(net, "PUT", "/v1/pointer", 409, key=key, json={"pointer": envelope.to_json()})
+    assert not db.has_account(key.id)
+    envelope = ManifestPointer(key.id, 1, new_object_id(), b"sealed", int(time.time())).seal(key)  # type: ignore[arg-type]
+    await rpc.call_json(net.client, "PUT", f"{net.url}/v1/pointer", key=key, json={"pointer": envelope.to_json()})
+    assert db.has_account(key.id)
+    other = SigningKey.generate()
+    await place(net.client, net.url, other, make_object())
+    assert db.has_account(other.id)
+
+
 async def test_announce_must_be_signed_by_the_node(net: Net) -> None:
     from fincryptfs.core.messages import NodeAnnouncement
     impostor = SigningKey.generate()

@@ -29,7 +29,7 @@ from mediator_net import (
 
 from fincryptfs import rpc
 from fincryptfs.core.identity import SigningKey
-from mediatord import upkeep
+from mediatord import audit, registry, upkeep
 from mediatord.audit import UNRESPONSIVE_AFTER
 
 
@@ -127,6 +127,9 @@ async def test_corrupted_share_is_lost_then_repaired_byte_for_byte(net: Net) -> 
     moved = {s["index"]: s["node_id"] for s in status["shares"]}
     assert len(set(moved.values())) == 4 and moved[1] not in placed.values()
     assert share_data_file(net.node(moved[1]), obj.specs[1].share_id).read_bytes() == obj.shares[1]
+    prices = {c.node_id: c.price for c in registry.candidates(net.service.db, net.service.pricing, time.time())}
+    assert {s.idx: s.price for s in net.service.db.shares_of(obj.object_id)} == {  # credited at most at these
+        i: prices[node_id] for i, node_id in moved.items()}
     # the corrupt copy is released from the old node
     assert await upkeep.release_pass(net.service, net.client, time.time()) == 1
     assert not share_data_file(victim, obj.specs[1].share_id).exists()
@@ -256,6 +259,30 @@ async def test_client_report_triggers_an_audit_of_that_node(net: Net) -> None:
         await rpc.call_json(net.client, "POST", f"{net.url}/v1/objects/{obj.object_id}/report",
                             key=SigningKey.generate(), json=report)
     assert info.value.status == 403
+
+
+async def test_reports_in_a_loop_get_one_out_of_turn_audit_per_gap(net: Net) -> None:
+    obj = make_object()
+    placed = await net.upload(obj)
+    node_id = placed[1]
+    report = {"share_id": obj.specs[1].share_id, "node_id": node_id, "problem": "merkle proof failed"}
+
+    async def report_many(times: int) -> None:
+        for _ in range(times):
+            await rpc.call_json(net.client, "POST", f"{net.url}/v1/objects/{obj.object_id}/report",
+                                key=net.account, json=report)
+
+    gap = audit.out_of_turn_gap(net.service.settings.audit_period)
+    now = time.time()
+    await report_many(3)
+    assert list(await upkeep.requested_audits(net.service, net.client, now)) == [node_id]  # one audit for three
+    assert await upkeep.requested_audits(net.service, net.client, now + 1) == {}
+    await report_many(3)
+    for later in (now + 1, now + gap / 2, now + gap - 1):  # housekeeping passes within the gap audit nothing
+        assert await upkeep.requested_audits(net.service, net.client, later) == {}
+    assert list(await upkeep.requested_audits(net.service, net.client, now + gap)) == [node_id]
+    assert await upkeep.requested_audits(net.service, net.client, now + 3 * gap) == {}  # coalesced: served
+    assert len(net.service.db.round_results(node_id)) == 2
 
 
 async def test_streamed_repair_swaps_a_source_found_corrupt_midway(net: Net,

@@ -156,6 +156,41 @@ def test_unreachable_rounds_in_a_row_make_a_node_unresponsive_until_it_answers()
         assert (verdict.unreachable_rounds, verdict.unresponsive) == (0, False)
 
 
+def test_out_of_turn_audits_wait_a_quarter_period_and_at_least_a_minute() -> None:
+    assert audit.out_of_turn_gap(0.5) == audit.OUT_OF_TURN_MIN_GAP == 60.0
+    assert audit.out_of_turn_gap(3600.0) == 900.0
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.floats(1.0, 1000.0), st.lists(st.tuples(st.floats(0.0, 500.0), st.sampled_from(("a", "b", "c")),
+                                                  st.booleans()), max_size=60))
+def test_reports_are_coalesced_into_at_most_one_out_of_turn_audit_per_node_and_gap(
+        gap: float, events: list[tuple[float, str, bool]]) -> None:
+    """Events are (time since the previous one, node, a report of it or a housekeeping pass). However often a
+    node is reported, its audits start at least ``gap`` apart, and every report is served by an audit that
+    starts no earlier than it."""
+    queue = audit.OutOfTurnAudits(gap)
+    now = 0.0
+    audits: dict[str, list[float]] = {}
+    reports: dict[str, list[float]] = {}
+    for step, node, is_report in events:
+        now += step
+        if is_report:
+            queue.request(node)
+            reports.setdefault(node, []).append(now)
+        else:
+            for due in queue.take_due(now):
+                audits.setdefault(due, []).append(now)
+    for due in queue.take_due(now + gap):  # a pass once every gap is over serves every report left
+        audits.setdefault(due, []).append(now + gap)
+    assert not queue.requested
+    for times in audits.values():
+        assert all(later >= earlier + gap for earlier, later in zip(times, times[1:], strict=False))
+    for node, times in reports.items():
+        assert max(audits.get(node, [-1.0])) >= max(times)
+        assert len(audits[node]) <= len(times)
+
+
 def test_a_database_from_before_the_unreachable_count_opens(tmp_path: Path) -> None:
     import sqlite3
 
