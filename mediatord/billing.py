@@ -11,7 +11,8 @@ of a step:
   An account that cannot pay pays what it has; it is *out of funds* from then on (``out_since``) until a deposit.
 * **credits**: each passed (round, node) in ``audit_passes`` is credited once (``audit_credits`` row and the
   posting keyed ``credit:ROUND:NODE`` in one transaction): bytes proven × the node's price under the scheme (for
-  each share, the lower of today's and the one in force when the share was placed on the node) ×
+  an asking node, each share at the lower of its ask today and the one it was placed at; a float node at
+  today's bid) ×
   the time since the node's previous credited pass (at most one audit period: an extra, out-of-turn audit
   earns nothing extra), minus the mediator's fee (``fee_bps``). Credits are paid from the mediator's account;
   a pass it cannot cover waits until charges refill it, and that node's later passes wait behind it (in
@@ -170,7 +171,10 @@ def credit_passes(db: MediatorDB, pricing: PricingScheme, settings: MediatorSett
                 covered = audit_ms if previous is None else max(0, min(audit_ms, int((passed_at - previous) * 1000)))
                 row = nodes[node_id]
                 price = pricing.node_price(row.price if row else None, market)
-                byte_price = credited_byte_price(bytes_proven, priced, price)
+                # an asking node is held to the ask its shares were placed at (it cannot raise it on them); a
+                # float node takes the bid of the day, which the mediator sets and clients are charged by
+                byte_price = credited_byte_price(bytes_proven, priced, price) if row and row.price is not None \
+                    else bytes_proven * price
                 net = after_fee(storage_cost(byte_price, covered), settings.fee_bps)
                 if net > available:
                     waiting.add(node_id)  # waits, in order, for charges to refill the mediator's account

@@ -1,7 +1,8 @@
 """A storage node keeps what its mediator says it earned (announce answer) and shows it in ``storaged status``
 and ``/metrics``; a node with ``STORAGED_PRICE=float`` is credited at the bid the mediator publishes in
-``/v1/info`` (the one in force when its shares were placed, when today's is higher). Real mediatord and
-storaged daemons on 127.0.0.1, a real wallet on bitcoinlib_test."""
+``/v1/info`` (today's: the mediator sets it, and clients are charged by the day's price; only an asking node
+is held to the ask its shares were placed at). Real mediatord and storaged daemons on 127.0.0.1, a real wallet
+on bitcoinlib_test."""
 
 from __future__ import annotations
 
@@ -79,14 +80,14 @@ async def test_float_node_paid_the_bid_and_its_earnings_shown(tmp_path: Path) ->
         assert db.ledger_totals(check=True).holds
         assert (await client.get(f"{mediator.url}/v1/info")).json()["bid"] == bid
 
-        # the float node is credited at the bid in force when its share was placed (lower than today's, which
-        # the fill level raised since): one audit period of its proven bytes, less the 10 % fee
+        # the float node is credited at today's bid (higher than the one its share was placed at: the fill level
+        # raised it since): one audit period of its proven bytes, less the 10 % fee
         share_size = obj.layout.share_size
         placed_bid = next(s.price for s in db.shares_of(obj.object_id) if s.node_id == nodes[0].node_id)
         assert placed_bid is not None and info["bid"] <= placed_bid < bid
         credits = db.credited_rounds(nodes[0].node_id)
         assert len(credits) == 3
-        assert credits[0][1] == after_fee(storage_cost(share_size * placed_bid, int(HOUR * 1000)), 1000)
+        assert credits[0][1] == after_fee(storage_cost(share_size * bid, int(HOUR * 1000)), 1000)
         asking = db.credited_rounds(nodes[2].node_id)
         assert asking[0][1] == after_fee(storage_cost(share_size * ASK, int(HOUR * 1000)), 1000)
 
