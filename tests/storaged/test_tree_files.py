@@ -6,6 +6,7 @@ neither the upload nor the scrub may hold memory in proportion to the share.
 
 from __future__ import annotations
 
+import errno
 import json
 import os
 import subprocess
@@ -15,12 +16,13 @@ from pathlib import Path
 
 import httpx
 import pytest
-from storaged_peers import MediatorPeer, RunningNode, store
+from storaged_peers import MediatorPeer, RunningNode, listed_files, put_share, store
 
 from fincryptfs.core import merkle
 from fincryptfs.core.ids import new_share_id
 from fincryptfs.core.merkle import HASH_BYTES, LEAF_SIZE, MerkleTree
 from fincryptfs.core.settings import ShareDir
+from storaged import store as store_mod
 from storaged.store import TMP_DIR, ShareFolder, ShareWriter, tree_file_size
 
 REPO = Path(__file__).resolve().parents[2]
@@ -61,6 +63,34 @@ def test_aborted_upload_leaves_no_temp_files(tmp_path: Path, monkeypatch: pytest
     assert {p.suffix for p in (tmp_path / TMP_DIR).iterdir()} == {".data", ".tree"}
     writer.abort()
     assert list((tmp_path / TMP_DIR).iterdir()) == []
+
+
+@pytest.mark.parametrize("when", ["while receiving", "at finish"])
+async def test_full_disk_while_writing_the_tree_is_507_and_leaves_nothing(
+        node: RunningNode, mediator: MediatorPeer, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch,
+        when: str) -> None:
+    """The tree file now grows during the upload (leaf hashes) and at its end (levels above): a full disk at
+    either point is a 507 like one while writing the data, with no file left and the reservation given back."""
+    monkeypatch.setattr(merkle, "TREE_CHUNK_HASHES", 4)
+    data = os.urandom(3 << 20)
+    level_0 = HASH_BYTES * merkle.leaf_count(len(data))
+    real_pwrite_all = store_mod._pwrite_all
+
+    def pwrite_all(fd: int, chunk: bytes | bytearray, offset: int) -> None:
+        if (offset < level_0) == (when == "while receiving") and offset > 0:
+            raise OSError(errno.ENOSPC, os.strerror(errno.ENOSPC))
+        real_pwrite_all(fd, chunk, offset)
+
+    monkeypatch.setattr(store_mod, "_pwrite_all", pwrite_all)
+    grant = mediator.grant(node.node_id, data)
+    before, free = listed_files(node), node.service.store.free_bytes()
+    response = await put_share(client, node, mediator.seal(grant), data, grant.share_id)
+    assert response.status_code == 507, response.text
+    assert "ENOSPC" in response.json()["error"]
+    assert listed_files(node) == before and node.service.db.get_share(grant.share_id) is None
+    assert node.service.store.free_bytes() == free
+    monkeypatch.setattr(store_mod, "_pwrite_all", real_pwrite_all)
+    assert (await put_share(client, node, mediator.seal(grant), data, grant.share_id)).status_code == 201
 
 
 @pytest.mark.parametrize("damage", ["leaf hash", "upper level", "top hash", "truncated", "extended"])
