@@ -31,7 +31,7 @@ from fincryptfs.core.errors import (
 )
 from fincryptfs.core.identity import PublicKey, SigningKey
 from fincryptfs.core.ids import NodeId, ShareId, parse_node_id, parse_share_id
-from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, TreeBuilder, leaf_count
+from fincryptfs.core.merkle import LEAF_SIZE, TreeFileChecker, leaf_count
 from fincryptfs.core.messages import Challenge, NodeAnnouncement, StorageReceipt, UploadGrant
 from fincryptfs.core.settings import StorageSettings
 from fincryptfs.core.wire import Envelope, ReplayGuard, SignedRequest, decode_object, origin_of
@@ -39,7 +39,7 @@ from fincryptfs.core.wire import Envelope, ReplayGuard, SignedRequest, decode_ob
 from .db import STATE_CORRUPT, STATE_MISSING, STATE_OK, NodeDatabase, ShareRecord, TrustedMediator
 from .earnings import Earnings, render_metrics
 from .prover import OpenShare, ProvableShare, answer_challenge
-from .store import ShareFolder, ShareStore, ShareWriter
+from .store import ShareFolder, ShareStore, ShareWriter, read_exact, tree_file_size
 
 log = logging.getLogger(__name__)
 
@@ -382,20 +382,20 @@ class StorageService:
 
     def _finish_upload(self, writer: ShareWriter, grant: UploadGrant, folder_key: str) -> bytes:
         """Blocking and uncancellable: check the root, make the files durable, then commit the row."""
-        tree = writer.finish()
-        if grant.merkle_root is not None and tree.root != grant.merkle_root:
+        root = writer.finish()
+        if grant.merkle_root is not None and root != grant.merkle_root:
             raise RemoteProtocolError("share does not match its grant's Merkle root")
-        record = ShareRecord(grant.share_id, grant.mediator_id, grant.account_id, grant.share_size, tree.root,
+        record = ShareRecord(grant.share_id, grant.mediator_id, grant.account_id, grant.share_size, root,
                              folder_key, grant.grant_id, int(self.clock()), STATE_OK)
         paths = writer.folder.paths(grant.share_id)  # no row names this share (checked before the upload)
         try:
-            writer.commit(tree)
+            writer.commit()
             self.db.add_share(record, grant.expires_at)
         except BaseException:
             for path in (paths.data, paths.tree):  # a commit that failed halfway may have renamed one of them
                 path.unlink(missing_ok=True)
             raise
-        return tree.root
+        return root
 
     # --- reads ----------------------------------------------------------------------------------------------
 
@@ -549,27 +549,34 @@ class StorageService:
 
     async def _scrub_share(self, data_path: os.PathLike[str], tree_path: os.PathLike[str], record: ShareRecord,
                            rate: float) -> bool:
-        builder = TreeBuilder()
-        fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+        """Whether the data file hashes to the record's root and the tree file holds exactly that tree.
+
+        The tree file is compared chunk by chunk as the data is hashed (TreeFileChecker), so memory stays bounded
+        whatever the share size."""
+        tree_fd = os.open(tree_path, os.O_RDONLY | os.O_CLOEXEC)
         try:
-            at = 0
-            while True:
-                chunk = await trio.to_thread.run_sync(os.pread, fd, STREAM_CHUNK_BYTES, at,
-                                                      limiter=self._scrub_threads)
-                if not chunk:
-                    break
-                await trio.to_thread.run_sync(builder.update, chunk, limiter=self._scrub_threads)
-                at += len(chunk)
-                await trio.sleep(len(chunk) / rate)
+            if os.fstat(tree_fd).st_size != tree_file_size(record.size):
+                return False
+            checker = TreeFileChecker(record.size, lambda offset, length: read_exact(tree_fd, length, offset))
+            fd = os.open(data_path, os.O_RDONLY | os.O_CLOEXEC)
+            try:
+                at = 0
+                while True:
+                    chunk = await trio.to_thread.run_sync(os.pread, fd, STREAM_CHUNK_BYTES, at,
+                                                          limiter=self._scrub_threads)
+                    if not chunk:
+                        break
+                    await trio.to_thread.run_sync(checker.update, chunk, limiter=self._scrub_threads)
+                    at += len(chunk)
+                    await trio.sleep(len(chunk) / rate)
+            finally:
+                os.close(fd)
+            if checker.size != record.size:
+                return False
+            root = await trio.to_thread.run_sync(checker.finish, limiter=self._scrub_threads)
         finally:
-            os.close(fd)
-        if builder.size != record.size:
-            return False
-        tree: MerkleTree = await trio.to_thread.run_sync(builder.finish, limiter=self._scrub_threads)
-        if tree.root != record.root:
-            return False
-        with open(tree_path, "rb") as f:
-            return f.read() == tree.to_bytes()
+            os.close(tree_fd)
+        return root == record.root
 
     async def scrub_loop(self, rate_bytes_per_s: float) -> None:
         while True:

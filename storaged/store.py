@@ -3,6 +3,7 @@
 Layout of each share folder::
 
     <share dir>/.tmp/<share id>.<grant id>.data    upload in progress (removed at start)
+    <share dir>/.tmp/<share id>.<grant id>.tree    its tree, written as the bytes arrive (removed at start)
     <share dir>/ab/<share id>.data                 the share's bytes
     <share dir>/ab/<share id>.tree                 all Merkle levels (MerkleTree.to_bytes)
 
@@ -10,7 +11,7 @@ Layout of each share folder::
 went through ``parse_share_id`` (checked again here), so no request can name a file outside the share folders.
 
 Crash ordering (the node issues a receipt only after all of these):
-1. data written to the temp file and fsynced; tree written to a temp file and fsynced;
+1. data written to the temp file and fsynced; tree written to a temp file (as the data arrives) and fsynced;
 2. both renamed into the fan-out folder, then that folder fsynced;
 3. the database row committed (see db.py).
 A crash before 3 leaves files without a row: :meth:`ShareStore.clean` removes them at the next start, so a torn
@@ -31,7 +32,7 @@ from pathlib import Path
 
 from fincryptfs.core.errors import ConfigError, PolicyError
 from fincryptfs.core.ids import ShareId, parse_share_id
-from fincryptfs.core.merkle import HASH_BYTES, MerkleTree, TreeBuilder, leaf_count, level_widths
+from fincryptfs.core.merkle import HASH_BYTES, TreeFileWriter, leaf_count, level_widths
 from fincryptfs.core.settings import ShareDir
 
 log = logging.getLogger(__name__)
@@ -130,14 +131,24 @@ def total_room(folders: Sequence[FolderSpace], reserve: int) -> int:
 
 
 class ShareWriter:
-    """An upload in progress: bytes go to a temp file and through a TreeBuilder; nothing is visible until commit."""
+    """An upload in progress: bytes go to a temp file, their tree to another (TreeFileWriter: memory stays bounded
+    whatever the share size); nothing is visible until commit."""
 
     def __init__(self, folder: ShareFolder, share_id: ShareId, grant_id: str) -> None:
         self.folder = folder
         self.share_id = parse_share_id(share_id)
         self.temp = folder.temp_path(share_id, grant_id)
+        self.tree_temp = self.temp.with_suffix(".tree")
         self._fd: int | None = os.open(self.temp, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_CLOEXEC, 0o600)
-        self._builder = TreeBuilder()
+        self._tree_fd: int | None = None
+        try:
+            tree_fd = os.open(self.tree_temp, os.O_RDWR | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
+        except BaseException:
+            self.abort()
+            raise
+        self._tree_fd = tree_fd
+        self._builder = TreeFileWriter(lambda offset, length: read_exact(tree_fd, length, offset),
+                                       lambda offset, data: _pwrite_all(tree_fd, data, offset))
         self._written_back = 0  # bytes before this offset were handed to the disk (writeback started)
 
     @property
@@ -174,37 +185,37 @@ class ShareWriter:
             os.posix_fadvise(self._fd, self._written_back, size - self._written_back, os.POSIX_FADV_DONTNEED)
             self._written_back = size
 
-    def finish(self) -> MerkleTree:
+    def finish(self) -> bytes:
+        """Complete the tree file (levels above the leaves, read back from it in bounded chunks); the root."""
         return self._builder.finish()
 
-    def commit(self, tree: MerkleTree) -> SharePaths:
+    def commit(self) -> SharePaths:
         """Make the share durable and visible under its final name (steps 1 and 2 of the crash ordering)."""
-        assert self._fd is not None
+        assert self._fd is not None and self._tree_fd is not None
         os.fsync(self._fd)
         os.close(self._fd)
         self._fd = None
         paths = self.folder.paths(self.share_id)
-        tree_temp = self.temp.with_suffix(".tree")
-        fd = os.open(tree_temp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_CLOEXEC, 0o600)
         try:
-            os.write(fd, tree.to_bytes())
-            os.fsync(fd)
+            os.fsync(self._tree_fd)
         finally:
-            os.close(fd)
+            os.close(self._tree_fd)
+            self._tree_fd = None
         parent = paths.data.parent
         if not parent.is_dir():
             parent.mkdir(exist_ok=True)
             _fsync_dir(self.folder.root)
-        os.replace(tree_temp, paths.tree)
+        os.replace(self.tree_temp, paths.tree)
         os.replace(self.temp, paths.data)
         _fsync_dir(parent)
         return paths
 
     def abort(self) -> None:
-        if self._fd is not None:
-            os.close(self._fd)
-            self._fd = None
-        for path in (self.temp, self.temp.with_suffix(".tree")):
+        for fd in (self._fd, self._tree_fd):
+            if fd is not None:
+                os.close(fd)
+        self._fd = self._tree_fd = None
+        for path in (self.temp, self.tree_temp):
             try:
                 path.unlink()
             except FileNotFoundError:
@@ -374,6 +385,14 @@ def _remove(path: Path) -> None:
     except OSError as exc:
         if exc.errno != errno.ENOENT:
             raise
+
+
+def _pwrite_all(fd: int, data: bytes | bytearray, offset: int) -> None:
+    """pwrite all of ``data`` (a regular file's pwrite may still write less, e.g. when the disk fills up)."""
+    view = memoryview(data)
+    while view:
+        written = os.pwrite(fd, view, offset)
+        view, offset = view[written:], offset + written
 
 
 def read_exact(fd: int, length: int, offset: int) -> bytes:

@@ -17,6 +17,10 @@ forfeit hashlib's GIL release and double the hashing overhead of the write path.
 Runs of whole leaves (and levels of inner nodes) are hashed by ``hash_leaves``/``hash_pairs``: one call into the
 optional C accelerator ``_leafhash`` (OpenSSL's SHA-256 with the GIL released once per call, so two threads
 hash on two cores) when it was built, else the same hashes from hashlib, one leaf at a time.
+
+Builders: ``TreeBuilder`` holds the whole tree in memory (small shares, tests); ``TreeFileWriter`` writes the
+storage node's tree file and ``TreeFileChecker`` checks one, both in a few MiB whatever the share size;
+``RootBuilder`` computes just the root in O(log size) memory.
 """
 
 from __future__ import annotations
@@ -82,6 +86,20 @@ def hash_pairs(level: Sequence[bytes]) -> list[bytes]:
         return _hash_pairs_py(level)
     pairs = len(level) // 2
     return _split(_leafhash.hash_pairs(b"".join(level[:2 * pairs]), _NODE[0]))
+
+
+def _leaf_digests(data: bytes | bytearray | memoryview) -> bytes:
+    """``hash_leaves`` as one concatenated bytes object: no Python object per hash."""
+    if _leafhash is None or not len(data):
+        return b"".join(_hash_leaves_py(data))
+    return bytes(_leafhash.hash_leaves(data, LEAF_SIZE, _LEAF[0]))
+
+
+def _pair_digests(level: bytes | bytearray | memoryview) -> bytes:
+    """``hash_pairs`` of concatenated hashes (an even number of them), concatenated."""
+    if _leafhash is None or len(level) < 2 * HASH_BYTES * _C_MIN_PAIRS:
+        return b"".join(_hash_pairs_py(_split(bytes(level))))
+    return bytes(_leafhash.hash_pairs(level, _NODE[0]))
 
 
 def hash_root(size: int, top: bytes) -> bytes:
@@ -207,7 +225,8 @@ class _LeafFeeder:
     def size(self) -> int:
         return self._size
 
-    def _add(self, hashes: list[bytes]) -> None:
+    def _add(self, digests: bytes) -> None:
+        """Take the next leaves' hashes, concatenated (32 bytes each)."""
         raise NotImplementedError
 
     def update(self, data: bytes | bytearray | memoryview) -> None:
@@ -219,32 +238,155 @@ class _LeafFeeder:
             view = view[take:]
             if len(self._pending) < LEAF_SIZE:
                 return
-            self._add([hash_leaf(self._pending)])
+            self._add(hash_leaf(self._pending))
             self._pending.clear()
         full = len(view) // LEAF_SIZE
         if full:
-            self._add(hash_leaves(view[:full * LEAF_SIZE]))
+            self._add(_leaf_digests(view[:full * LEAF_SIZE]))
         self._pending += view[full * LEAF_SIZE:]
 
-    def _take_last_leaf(self) -> list[bytes]:
-        """The hash of the final partial leaf (or of an empty share's one empty leaf), if there is one."""
-        last = [hash_leaf(self._pending)] if self._pending or self._size == 0 else []
+    def _take_last_leaf(self) -> bytes:
+        """The hash of the final partial leaf (or of an empty share's one empty leaf), or b"" if there is none."""
+        last = hash_leaf(self._pending) if self._pending or self._size == 0 else b""
         self._pending.clear()
         return last
 
 
 class TreeBuilder(_LeafFeeder):
-    """Computes a share's Merkle tree from bytes fed in any chunking (streamed uploads, encoders)."""
+    """Computes a share's whole Merkle tree in memory from bytes fed in any chunking.
+
+    About 150 bytes of Python objects per leaf, over 400 at the peak while the levels are built: for small shares
+    and tests. A storage node writes and checks its tree files with TreeFileWriter and TreeFileChecker instead.
+    """
 
     def __init__(self) -> None:
         super().__init__()
         self._leaf_hashes: list[bytes] = []
 
-    def _add(self, hashes: list[bytes]) -> None:
-        self._leaf_hashes += hashes
+    def _add(self, digests: bytes) -> None:
+        self._leaf_hashes += _split(digests)
 
     def finish(self) -> MerkleTree:
-        return MerkleTree.from_leaf_hashes(self._size, self._leaf_hashes + self._take_last_leaf())
+        return MerkleTree.from_leaf_hashes(self._size, self._leaf_hashes + _split(self._take_last_leaf()))
+
+
+TREE_CHUNK_HASHES = 1 << 16
+"""Hashes (2 MiB) a TreeFileWriter or TreeFileChecker holds at a time: its memory, whatever the share size."""
+
+ReadAt = Callable[[int, int], bytes]
+"""``read_at(offset, length)``: exactly ``length`` bytes of a tree file from ``offset`` (raises if it cannot)."""
+WriteAt = Callable[[int, bytes | bytearray], None]
+"""``write_at(offset, data)``: all of ``data`` into a tree file at ``offset`` (``data`` is not kept)."""
+
+
+def tree_hash_count(size: int) -> int:
+    """Hashes in the tree file of a share of ``size`` bytes (every level)."""
+    return sum(level_widths(leaf_count(size)))
+
+
+def _fold_upper_levels(count: int, read_at: ReadAt, emit: WriteAt) -> None:
+    """Levels 1 and up of a tree of ``count`` leaves, each computed from the level below as read from the tree file.
+
+    Works TREE_CHUNK_HASHES hashes at a time (an even number, so only a level's last chunk can end on an unpaired
+    hash, promoted as is). ``emit(offset, hashes)`` gets each computed run at its place in the file before the
+    next level reads it back: a writer writes it there, a checker compares it with what is there.
+    """
+    widths, offsets = level_widths(count), level_offsets(count)
+    for level in range(len(widths) - 1):
+        below, above = offsets[level] * HASH_BYTES, offsets[level + 1] * HASH_BYTES
+        for first in range(0, widths[level], TREE_CHUNK_HASHES):
+            span = min(TREE_CHUNK_HASHES, widths[level] - first)
+            chunk = memoryview(read_at(below + first * HASH_BYTES, span * HASH_BYTES))
+            paired = span // 2 * 2 * HASH_BYTES
+            out = _pair_digests(chunk[:paired]) + chunk[paired:]
+            emit(above, out)
+            above += len(out)
+
+
+class TreeFileWriter(_LeafFeeder):
+    """Writes a share's tree file (``MerkleTree.to_bytes``) while the share's bytes are fed, in bounded memory.
+
+    TreeBuilder holds every leaf hash and then every level as Python objects, over 400 bytes per 4 KiB leaf at
+    its peak (measured: 220 MiB for a 2 GiB share). This writes level 0 out every TREE_CHUNK_HASHES hashes and
+    at ``finish`` folds each level above from the level below read back from the file, so it holds a few MiB
+    at most, whatever the size. The file's bytes and the root are TreeBuilder's, byte for byte.
+    """
+
+    def __init__(self, read_at: ReadAt, write_at: WriteAt) -> None:
+        super().__init__()
+        self._read_at = read_at
+        self._write_at = write_at
+        self._buffer = bytearray()  # level 0 hashes not written yet
+        self._written = 0  # bytes of level 0 already in the file
+
+    def _add(self, digests: bytes) -> None:
+        self._buffer += digests
+        if len(self._buffer) >= TREE_CHUNK_HASHES * HASH_BYTES:
+            self._flush()
+
+    def _flush(self) -> None:
+        if self._buffer:
+            self._write_at(self._written, self._buffer)
+            self._written += len(self._buffer)
+            self._buffer.clear()
+
+    def finish(self) -> bytes:
+        """Write the rest of the tree; its root (as MerkleTree.root). The writer must not be used after."""
+        self._add(self._take_last_leaf())
+        self._flush()
+        _fold_upper_levels(leaf_count(self._size), self._read_at, self._write_at)
+        return hash_root(self._size, self._read_at((tree_hash_count(self._size) - 1) * HASH_BYTES, HASH_BYTES))
+
+
+class _Mismatch(Exception):
+    """A computed run of hashes differs from the stored tree file (ends a TreeFileChecker's fold early)."""
+
+
+class TreeFileChecker(_LeafFeeder):
+    """Checks a stored tree file against the share's bytes, fed in any chunking, in bounded memory (the scrub).
+
+    Level 0 is compared with the file TREE_CHUNK_HASHES hashes at a time as leaves complete; then each level above
+    is computed from the stored level below (by then known equal to the computed one) and compared with the
+    stored level, chunk by chunk: neither the file nor the tree is ever held whole. The caller checks that the
+    file is ``HASH_BYTES * tree_hash_count(size)`` bytes long (a longer file would pass here).
+    """
+
+    def __init__(self, size: int, read_at: ReadAt) -> None:
+        super().__init__()
+        self._expected_size = size
+        self._read_at = read_at
+        self._buffer = bytearray()  # level 0 hashes not compared yet
+        self._checked = 0  # bytes of level 0 already compared
+        self._matches = True
+
+    def _add(self, digests: bytes) -> None:
+        self._buffer += digests
+        if len(self._buffer) >= TREE_CHUNK_HASHES * HASH_BYTES:
+            self._compare_level_0()
+
+    def _compare_level_0(self) -> None:
+        end = self._checked + len(self._buffer)
+        if self._matches and self._buffer:  # past the expected level 0 the bytes fed are too many: no match
+            self._matches = (end <= HASH_BYTES * leaf_count(self._expected_size)
+                             and self._read_at(self._checked, len(self._buffer)) == self._buffer)
+        self._checked = end
+        self._buffer.clear()
+
+    def _compare(self, offset: int, data: bytes | bytearray) -> None:
+        if self._read_at(offset, len(data)) != data:
+            raise _Mismatch
+
+    def finish(self) -> bytes | None:
+        """The root if the bytes fed were ``size`` bytes and the file holds exactly their tree, else None."""
+        self._add(self._take_last_leaf())
+        self._compare_level_0()
+        if not self._matches or self._size != self._expected_size:
+            return None
+        try:
+            _fold_upper_levels(leaf_count(self._size), self._read_at, self._compare)
+        except _Mismatch:
+            return None
+        return hash_root(self._size, self._read_at((tree_hash_count(self._size) - 1) * HASH_BYTES, HASH_BYTES))
 
 
 @dataclass(frozen=True)
@@ -331,9 +473,9 @@ class RootBuilder(_LeafFeeder):
             height += 1
         self._stack.append((height, digest))
 
-    def _add(self, hashes: list[bytes]) -> None:
-        for digest in hashes:
-            self._push(digest)
+    def _add(self, digests: bytes) -> None:
+        for at in range(0, len(digests), HASH_BYTES):
+            self._push(digests[at:at + HASH_BYTES])
 
     def update_hashed(self, chunk: HashedChunk) -> None:
         """Same as ``update`` with the chunk's bytes, whose whole leaves were hashed elsewhere (``hash_chunk``)."""
