@@ -414,10 +414,14 @@ class DhtNode:
         return len(self._verifying)
 
     def _heard_query(self, sender: bytes, source: Address) -> None:
+        """Ping back a sender we cannot answer in full yet: one new to us, or a node we know that now asks from
+        another address (restarted on a new port). Its answer proves the address, so its next queries get
+        records; without this, a restarted node asked from an address nobody ever queried, and got none."""
         known = self.table.get(sender)
-        if known is not None:
-            if known.address == source:
-                self.table.observe(known, trio.current_time())
+        if known is not None and known.address == source:
+            self.table.observe(known, trio.current_time())
+            return
+        if self._proven.get(source) == sender:
             return
         if source in self._verifying or len(self._verifying) >= self.params.max_background_pings:
             self.counters["skipped_verification"] += 1

@@ -336,3 +336,21 @@ async def test_a_proven_asker_gets_full_answers_but_not_for_a_replayed_query(net
     answers = [codec.decode_message(mediator.handle_datagram(query, asker.address) or b"") for _ in range(2)]
     assert [len(a.values) for a in answers if isinstance(a, Response)] == [1, 0]
     assert node.counters["handler_errors"] == mediator.counters["handler_errors"] == 0
+
+
+async def test_a_node_restarted_on_another_port_finds_the_mediator_again(network: Network) -> None:
+    """Same identity, new address (storaged binds its DHT port afresh at each start): the nodes that knew it at
+    its old address must not keep answering it as an unproven stranger, with no records, for ever."""
+    mediator = await network.add(loopback_host(1), bootstrap=[])
+    assert await mediator.announce_mediator("http://127.0.0.2:8700") == 1
+    key = SigningKey.generate()
+    node = await network.add(loopback_host(2), key=key, bootstrap=[mediator.address])
+    assert [r.id for r in await node.find_mediators()] == [mediator.identity.id]
+    await network.settle()
+    network.stop(node)
+    again = await network.add(loopback_host(2), key=key, bootstrap=[mediator.address])
+    assert again.address != node.address
+    with trio.fail_after(10):
+        while not await again.find_mediators():
+            await trio.sleep(0.1)
+    assert [r.id for r in await again.find_mediators()] == [mediator.identity.id]
