@@ -99,6 +99,7 @@ class _Dirty:
 
     size: int
     mtime_ns: int
+    ctime_ns: int  # the last change (write, truncate, or attributes set while open): what stat shows meanwhile
     attrs: dict[str, int] = field(default_factory=dict)  # mode/uid/gid/atime_ns set while open
 
 
@@ -205,7 +206,7 @@ class FincryptOperations(pyfuse3.Operations):
         attr.st_blocks = (size + 511) // 512
         attr.st_atime_ns = inode.atime_ns
         attr.st_mtime_ns = mtime_ns
-        attr.st_ctime_ns = max(inode.ctime_ns, mtime_ns)
+        attr.st_ctime_ns = inode.ctime_ns if dirty is None else dirty.ctime_ns
         return attr
 
     def _remember(self, inode: meta.Inode) -> pyfuse3.EntryAttributes:
@@ -233,9 +234,11 @@ class FincryptOperations(pyfuse3.Operations):
                 self._maybe_purge(ino)
 
     def _maybe_purge(self, ino: int) -> None:
-        """Drop an unlinked inode once the kernel forgot it and no handle is open. (A packed file's bytes are
-        zeroed in the cached copy of its pack by the evictor, once no handle is open: ``meta.stale_members``.)"""
-        if ino in self._lookups or ino in self._open:
+        """Drop an unlinked inode once the kernel forgot it, no handle is open and no fetch is filling its cache
+        file (that one would land after the purge, a copy of a deleted file nothing removes: the fetch's end
+        purges it instead). (A packed file's bytes are zeroed in the cached copy of its pack by the evictor, once
+        no handle is open: ``meta.stale_members``.)"""
+        if ino in self._lookups or ino in self._open or ino in self._filling:
             return
         inode = meta.find(self.db, ino)
         if inode is not None and inode.parent is None and ino != meta.ROOT_INO:
@@ -272,6 +275,7 @@ class FincryptOperations(pyfuse3.Operations):
             # for its close, which commits them with the size and the upload job in one transaction.
             values.pop("mtime_ns", None)  # dirty.mtime_ns carries it
             dirty.attrs.update(values)
+            dirty.ctime_ns = now
             return self._attr(node)  # the row is as read above; _attr adds the pending changes
         if values or fields.update_size:
             values["ctime_ns"] = now
@@ -289,7 +293,7 @@ class FincryptOperations(pyfuse3.Operations):
         with open(path, "ab") as f:
             f.truncate(size)
         dirty.size = size
-        dirty.mtime_ns = time.time_ns()
+        dirty.mtime_ns = dirty.ctime_ns = time.time_ns()
         if node.ino not in self._open:
             self._commit_write(node.ino)
 
@@ -344,7 +348,7 @@ class FincryptOperations(pyfuse3.Operations):
         dirty = self._dirty.get(node.ino)
         if dirty is None:
             meta.mark_dirty(self.db, node.ino)
-            dirty = self._dirty[node.ino] = _Dirty(node.size, node.mtime_ns)
+            dirty = self._dirty[node.ino] = _Dirty(node.size, node.mtime_ns, node.ctime_ns)
         return dirty
 
     def _commit_write(self, ino: int) -> None:
@@ -357,7 +361,7 @@ class FincryptOperations(pyfuse3.Operations):
         dirty = self._dirty.get(ino)
         if dirty is None:
             return
-        meta.record_release(self.db, ino, dirty.size, dirty.mtime_ns, dirty.attrs)
+        meta.record_release(self.db, ino, dirty.size, dirty.mtime_ns, dirty.attrs, dirty.ctime_ns)
         del self._dirty[ino]
         self.wake(True)
 
@@ -402,7 +406,7 @@ class FincryptOperations(pyfuse3.Operations):
             with open(path, "wb"):
                 pass
             dirty.size = 0
-            dirty.mtime_ns = time.time_ns()
+            dirty.mtime_ns = dirty.ctime_ns = time.time_ns()
         elif not writable and (filling := self._start_filling(node)) is not None:
             if not await filling.wait_for(0):
                 raise pyfuse3.FUSEError(errno.EIO)
@@ -452,7 +456,7 @@ class FincryptOperations(pyfuse3.Operations):
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:
         node = self._create(parent_inode, name, meta.FILE, stat.S_IFREG | (mode & 0o7777), ctx, dirty=True)
-        self._dirty[node.ino] = _Dirty(0, node.mtime_ns)  # created dirty: no mark_dirty needed
+        self._dirty[node.ino] = _Dirty(0, node.mtime_ns, node.ctime_ns)  # created dirty: no mark_dirty needed
         path = self.cache.path(node.ino)
         fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
         fh = self._new_handle(node.ino, fd, True)
@@ -501,7 +505,7 @@ class FincryptOperations(pyfuse3.Operations):
         written = os.pwrite(handle.fd, buf, off)
         self.cache.added(written)
         dirty.size = max(dirty.size, off + written)
-        dirty.mtime_ns = time.time_ns()
+        dirty.mtime_ns = dirty.ctime_ns = time.time_ns()
         return written
 
     async def flush(self, fh: int) -> None:

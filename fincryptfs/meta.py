@@ -586,16 +586,18 @@ def mark_dirty(db: sqlite3.Connection, ino: int) -> int:
 
 
 def record_release(db: sqlite3.Connection, ino: int, size: int, mtime_ns: int,
-                   attrs: dict[str, int] | None = None) -> int | None:
+                   attrs: dict[str, int] | None = None, ctime_ns: int | None = None) -> int | None:
     """A written file was closed: its size and times, and an upload job for its version, in one transaction.
 
     ``attrs``: mode/uid/gid/atime_ns changes made while the file was open (``fs`` keeps them in memory until
-    the close, saving a transaction per ``chmod``/``chown``/``utimes`` of a file being written).
+    the close, saving a transaction per ``chmod``/``chown``/``utimes`` of a file being written). ``ctime_ns``:
+    when the file last changed (now if not given); never ``mtime_ns``, which ``cp -a`` sets to the source's.
 
     Older pending jobs of the inode are superseded (``done``). An empty file needs no object: it becomes
     ``stored`` at once, and the object of its previous version is queued for deletion. Returns the job id, or
     None when no upload is needed (empty or unlinked file).
     """
+    ctime_ns = time.time_ns() if ctime_ns is None else ctime_ns
     with _tx(db):
         row = db.execute("SELECT version, parent, object FROM inodes WHERE ino = ?", (ino,)).fetchone()
         if row is None:
@@ -611,13 +613,13 @@ def record_release(db: sqlite3.Connection, ino: int, size: int, mtime_ns: int,
                        (*attrs.values(), ino))
         if size == 0:
             db.execute("UPDATE inodes SET size = 0, mtime_ns = ?, ctime_ns = ?, state = 'stored', object = NULL "
-                       "WHERE ino = ?", (mtime_ns, mtime_ns, ino))
+                       "WHERE ino = ?", (mtime_ns, ctime_ns, ino))
             meta_version = _bump(db)
             if old_object is not None:
                 _release(db, ino, old_object, meta_version)
             return None
         db.execute("UPDATE inodes SET size = ?, mtime_ns = ?, ctime_ns = ?, state = 'pending' WHERE ino = ?",
-                   (size, mtime_ns, mtime_ns, ino))
+                   (size, mtime_ns, ctime_ns, ino))
         cur = db.execute("INSERT INTO upload_jobs (ino, version, state, created) VALUES (?, ?, 'pending', ?)",
                          (ino, version, time.time()))
         _bump(db)
@@ -717,8 +719,9 @@ def _is_ancestor(db: sqlite3.Connection, ancestor: int, ino: int) -> bool:
 # --- upload and delete jobs ---------------------------------------------------------------------------------
 
 
-def recover(db: sqlite3.Connection, cache_size: Callable[[int], int | None]) -> None:
-    """At mount: resume interrupted uploads; queue files written but never closed; drop unlinked inodes.
+def recover(db: sqlite3.Connection, cache_size: Callable[[int], int | None]) -> list[int]:
+    """At mount: resume interrupted uploads; queue files written but never closed; drop unlinked inodes, and
+    return them: their cache files (a file deleted while open when the client died) are the caller's to remove.
 
     ``cache_size(ino)`` is the size of the inode's cache file, None if it has none (a file that was open for
     writing when the client died has whatever reached the cache, and its size in the tree may lag). Asked only
@@ -742,12 +745,14 @@ def recover(db: sqlite3.Connection, cache_size: Callable[[int], int | None]) -> 
                            (ino, version, time.time()))
             else:
                 db.execute("UPDATE inodes SET state = 'stored' WHERE ino = ?", (ino,))
-        db.execute("DELETE FROM inodes WHERE parent IS NULL AND ino != ?", (ROOT_INO,))
+        unlinked = [r[0] for r in db.execute("DELETE FROM inodes WHERE parent IS NULL AND ino != ? RETURNING ino",
+                                             (ROOT_INO,)).fetchall()]
         db.execute("UPDATE upload_jobs SET state = 'done', last_error = 'unlinked' WHERE state = 'pending' AND "
                    "ino NOT IN (SELECT ino FROM inodes)")
         if db.total_changes != before:
             _bump(db)
         db.execute("DELETE FROM upload_jobs WHERE state = 'done' AND created < ?", (time.time() - 86400,))
+    return unlinked
 
 
 def resume_uploads(db: sqlite3.Connection) -> None:

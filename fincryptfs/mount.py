@@ -189,7 +189,8 @@ async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: byte
         stack.callback(db.close)
         cache = CacheDir(settings.cache_dir, settings.cache_limit_bytes)
         cache.remove_leftovers()
-        meta.recover(db, cache.size)
+        for ino in meta.recover(db, cache.size):  # deleted while open when the client died
+            cache.remove(ino)
 
         pack_reader = PackReader(db=db, store=store, pack_path=cache.pack_path)
 

@@ -702,7 +702,8 @@ async def run_put(settings: ClientSettings, sources: Sequence[Path], dest: str, 
         cache = CacheDir(settings.cache_dir, settings.cache_limit_bytes)
         if not mounted:
             cache.remove_leftovers()
-            meta.recover(db, cache.size)
+            for ino in meta.recover(db, cache.size):
+                cache.remove(ino)
         importer = Importer(db, cache, mounted=mounted, uploads_pending=lambda: meta.has_pending_uploads(reader),
                             on_progress=print_progress,
                             exclude=own_folders([settings.data_dir, settings.cache_dir], _mounts()))

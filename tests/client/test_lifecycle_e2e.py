@@ -9,6 +9,7 @@ import re
 import shutil
 import signal
 import sqlite3
+import time
 from pathlib import Path
 
 import pytest
@@ -275,3 +276,82 @@ async def test_a_machine_that_missed_another_machines_publish_stops_and_says_so(
     finally:
         for client in (old, new, third):
             await client.cleanup()
+
+
+async def test_no_copy_of_a_deleted_file_is_left_in_the_cache(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A cache file is plaintext: none may outlive its file. Two ways one did: a file deleted while open when
+    the client was killed (its row was dropped at the next start, its cache file never), and a file deleted
+    while its content was still being fetched (the fetch landed after the purge)."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    big = os.urandom(8 << 20)  # large enough to be an object of its own, fetched in the background
+    try:
+        await client.mount()
+        mnt = client.mountpoint
+
+        def deleted_while_open() -> int:
+            fd = os.open(mnt / "ghost", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, b"deleted, still open " * 100)
+            os.unlink(mnt / "ghost")
+            return os.fstat(fd).st_ino
+
+        ghost = await trio.to_thread.run_sync(deleted_while_open)
+        await trio.to_thread.run_sync((mnt / "big").write_bytes, big)
+        await client.flush()
+        assert client.cache_dir.joinpath(str(ghost)).exists()
+        await client.kill()  # the ghost's handle dies with the mount
+        shutil.rmtree(client.cache_dir)  # and the big file is fetched again on first read
+        await client.mount()
+        assert not client.cache_dir.joinpath(str(ghost)).exists()
+
+        def read_a_byte_then_delete() -> int:
+            with open(mnt / "big", "rb") as f:
+                assert f.read(1) == big[:1]
+                ino = os.fstat(f.fileno()).st_ino
+            os.unlink(mnt / "big")
+            return ino
+
+        ino = await trio.to_thread.run_sync(read_a_byte_then_delete)
+        await trio.sleep(3)  # the fetch of 8 MiB ends well within this
+        left = sorted(p.name for p in client.cache_dir.iterdir() if p.name != "packs")
+        assert str(ino) not in left and not [n for n in left if n.endswith(".part")], left
+    finally:
+        await client.cleanup()
+
+
+async def test_ctime_is_the_time_of_the_last_change_never_a_copied_mtime(tmp_path: Path,
+                                                                         nursery: trio.Nursery) -> None:
+    """Backup and build tools trust ctime to move forward on every change: `cp -a` sets mtime to the source's
+    (here 2001) while the file is open, and it must not drag ctime back with it, nor may a future mtime."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    try:
+        await client.mount()
+        mnt = client.mountpoint
+        started = time.time()
+
+        def copy_like_cp_a() -> tuple[float, float, float]:
+            fd = os.open(mnt / "copied", os.O_WRONLY | os.O_CREAT, 0o600)
+            os.write(fd, b"content")
+            before = os.fstat(fd).st_ctime
+            os.utime(fd, (1e9, 1e9))
+            os.fchmod(fd, 0o644)
+            during = os.fstat(fd).st_ctime
+            os.close(fd)
+            os.utime(mnt / "future", (4e9, 4e9)) if (mnt / "future").exists() else None
+            return before, during, os.stat(mnt / "copied").st_mtime
+
+        await trio.to_thread.run_sync((mnt / "future").write_bytes, b"x")
+        before, during, mtime = await trio.to_thread.run_sync(copy_like_cp_a)
+        assert mtime == 1e9 and started - 1 <= before <= during <= time.time() + 1
+        await client.flush()
+        await client.unmount()
+        await client.mount()
+        for name in ("copied", "future"):
+            st = await trio.to_thread.run_sync(os.stat, mnt / name)
+            assert started - 1 <= st.st_ctime <= time.time() + 1, (name, st.st_ctime)
+        assert (await trio.to_thread.run_sync(os.stat, mnt / "future")).st_mtime == 4e9
+    finally:
+        await client.cleanup()

@@ -103,7 +103,8 @@ def test_recover_resets_uploading_and_queues_unclosed_writes(db: sqlite3.Connect
     assert meta.next_upload(db, now=1e12) is not None
     meta.mark_dirty(db, b.ino)  # open for writing when the client died
     meta.unlink(db, meta.ROOT_INO, b"gone")
-    meta.recover(db, {b.ino: 77}.get)
+    assert meta.recover(db, {b.ino: 77}.get) == [gone.ino]  # its cache file is the caller's to remove
+    assert meta.recover(db, {b.ino: 77}.get) == []
     pending = meta.pending_uploads(db)
     assert sorted(p[1] for p in pending) == [a.ino, b.ino]
     assert all(p[2] == "pending" for p in pending)
