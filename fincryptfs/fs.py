@@ -11,7 +11,7 @@ Rules that keep the mount responsive and crash-safe:
   while the kernel still knows it (lookup count) or a handle is open, and is purged after that.
 
 Unsupported, on purpose: hard links (``link`` → ENOTSUP; an object has exactly one name), extended attributes
-(ENOSYS, which the kernel reports as EOPNOTSUPP and then stops asking), device nodes and FIFOs.
+(ENOSYS, which the kernel reports as EOPNOTSUPP and then stops asking), device nodes, FIFOs and sockets (``mknod`` → EPERM).
 """
 
 from __future__ import annotations
@@ -546,6 +546,12 @@ class FincryptOperations(pyfuse3.Operations):
     async def link(self, inode: int, new_parent_inode: int, new_name: bytes, ctx: pyfuse3.RequestContext
                    ) -> pyfuse3.EntryAttributes:
         raise pyfuse3.FUSEError(errno.ENOTSUP)
+
+    async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
+                    ) -> pyfuse3.EntryAttributes:
+        """FIFOs, sockets and device nodes are not kept: EPERM, as mknod(2) says of a file system that does not
+        support the type asked for (pyfuse3's default, ENOSYS, reads as a missing feature of the kernel)."""
+        raise pyfuse3.FUSEError(errno.EPERM)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:
         node = self._child(parent_inode, name)

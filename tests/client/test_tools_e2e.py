@@ -89,6 +89,9 @@ def tools_in_mount(mnt: Path, work: Path) -> None:
     with pytest.raises(OSError) as info:
         os.link(mnt / "d2" / "b", mnt / "d2" / "hard")
     assert info.value.errno in (errno.ENOTSUP, errno.EPERM)
+    with pytest.raises(OSError) as info:
+        os.mkfifo(mnt / "d2" / "fifo")
+    assert info.value.errno == errno.EPERM and not (mnt / "d2" / "fifo").exists()
     # git clone of a small local repository
     make_repo(work / "repo")
     subprocess.run(["git", "clone", "-q", str(work / "repo"), str(mnt / "clone")], check=True)
