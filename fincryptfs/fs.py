@@ -11,7 +11,8 @@ Rules that keep the mount responsive and crash-safe:
   while the kernel still knows it (lookup count) or a handle is open, and is purged after that.
 
 Unsupported, on purpose: hard links (``link`` → ENOTSUP; an object has exactly one name), extended attributes
-(ENOSYS, which the kernel reports as EOPNOTSUPP and then stops asking), device nodes, FIFOs and sockets (``mknod`` → EPERM).
+(ENOSYS, which the kernel reports as EOPNOTSUPP and then stops asking), device nodes, FIFOs and sockets
+(``mknod`` → EPERM).
 """
 
 from __future__ import annotations
