@@ -12,7 +12,7 @@ from typing import Any
 
 import httpx
 
-from .core.errors import FincryptError, RemoteProtocolError
+from .core.errors import FincryptError
 from .core.identity import SigningKey
 from .core.wire import canonical_json, decode_object, origin_of, sign_request
 
@@ -73,17 +73,6 @@ async def call_json(client: httpx.AsyncClient, method: str, url: str, **kwargs: 
         return decode_object(response.content, max_bytes=64 << 20)
     except FincryptError as exc:
         raise PeerError(f"{_peer(url)} sent a malformed answer: {exc}", response.status_code) from exc
-
-
-def check_peer_url(url: str, what: str) -> str:
-    """``url`` if httpx can send requests to it, else RemoteProtocolError (for URLs peers announce)."""
-    try:
-        parsed = httpx.URL(url)
-    except (httpx.InvalidURL, ValueError) as exc:
-        raise RemoteProtocolError(f"{what} {url[:80]!r} is not a usable URL: {exc}") from exc
-    if parsed.scheme not in ("http", "https") or not parsed.host:
-        raise RemoteProtocolError(f"{what} {url[:80]!r} is not an http:// or https:// URL with a host")
-    return url
 
 
 def _peer(url: str) -> str:

@@ -31,7 +31,6 @@ from fincryptfs.core.messages import (
 )
 from fincryptfs.core.settings import MediatorSettings
 from fincryptfs.core.wire import Envelope, Fields, b64encode, decode_object, origin_of
-from fincryptfs.rpc import check_peer_url
 
 from . import billing, ledger, registry
 from .audit import OutOfTurnAudits, out_of_turn_gap
@@ -114,7 +113,6 @@ class MediatorService:
 
     def announce(self, signer: PublicKey, body: object, now: float) -> dict[str, Any]:
         ann = NodeAnnouncement.from_json(body)
-        check_peer_url(ann.url, "announcement.url")  # the codec's check, and the HTTP client's own
         registry.announce(self.db, signer, ann, self.node_rule, now)
         return {"accepted": True, "mediator_id": self.id, "public_key": self.key.public.to_text(),
                 "next_announce_in": int(max(1, min(300, self.settings.node_offline_after / 3))),

@@ -5,7 +5,6 @@ from __future__ import annotations
 import pytest
 
 from fincryptfs import rpc
-from fincryptfs.core.errors import RemoteProtocolError
 from fincryptfs.core.identity import SigningKey
 
 
@@ -16,10 +15,3 @@ async def test_an_unusable_url_is_an_unreachable_peer(url: str) -> None:
             with pytest.raises(rpc.PeerError) as info:
                 await rpc.call(client, "POST", url, key=key, json={})
             assert info.value.unreachable and "unreachable" in str(info.value)
-
-
-def test_check_peer_url() -> None:
-    assert rpc.check_peer_url("http://[::1]:9", "url") == "http://[::1]:9"
-    for bad in ("http://[::1", "http://1.2.3.999", "ftp://a"):
-        with pytest.raises(RemoteProtocolError):
-            rpc.check_peer_url(bad, "url")
