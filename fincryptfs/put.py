@@ -338,21 +338,27 @@ class Importer:
             if full is not None:
                 raise full
             new: list[tuple[Path, Path, meta.NewFile]] = []
-            replaced: list[tuple[meta.Inode, os.stat_result, Path, int]] = []
+            replaced: list[tuple[Path, meta.Inode, os.stat_result, Path, int]] = []
             for (source, st, name, node), tmp, result in zip(batch.todo, batch.temps, results, strict=True):
                 if isinstance(result, Stopped):
                     raise result
                 if isinstance(result, OSError):
                     self._failed(source, result)
                 elif node is not None:
-                    replaced.append((node, st, tmp, result))
+                    replaced.append((source, node, st, tmp, result))
                 else:
                     uid, gid = self.owner(st)
                     new.append((source, tmp, meta.NewFile(name, stat.S_IFREG | stat.S_IMODE(st.st_mode), uid, gid,
                                                           result, st.st_atime_ns, st.st_mtime_ns)))
             if new:
                 self._add_new(parent, new)
-            for node, st, tmp, size in replaced:
+            for source, node, st, tmp, size in replaced:
+                now = meta.find(self.db, node.ino)
+                if now is not None and now.state == meta.DIRTY:  # being written through the mount right now
+                    self.report.errors.append(f"{source}: is being written through the mount; "
+                                              "not replaced (its writer's bytes would be lost): run put again "
+                                              "once it is closed")
+                    continue
                 meta.mark_dirty(self.db, node.ino)  # an upload of the old version in flight turns stale
                 os.rename(tmp, self.cache.path(node.ino))
                 uid, gid = self.owner(st)

@@ -315,3 +315,38 @@ async def test_ctrl_c_stops_put_at_once_and_the_next_put_finishes(tmp_path: Path
         if process is not None and process.poll() is None:
             process.kill()
         await client.cleanup()
+
+
+async def test_put_leaves_a_file_being_written_through_the_mount_alone(tmp_path: Path,
+                                                                      nursery: trio.Nursery) -> None:
+    """`put` into a running mount over a file a program is writing there would replace it under the writer, whose
+    later bytes would then be lost: it is left alone, and put says so and exits 1. (The writer is a process of
+    its own: a descriptor inherited by `put`'s fork would be closed there, and every close of a descriptor is a
+    flush that records the file.)"""
+    _, client, src = await account_and_source(tmp_path, nursery)
+    writer_code = ("import sys\nf = open(sys.argv[1], 'r+b', buffering=0)\nf.write(b'written through the mount')\n"
+                   "print('ready', flush=True)\nsys.stdin.readline()\nf.write(b', and after')\nf.close()\n")
+    try:
+        await client.mount()
+        assert (await put(client, str(src / "photos"), "/")).returncode == 0
+        target = client.mountpoint / "photos" / "2026" / "img03.jpg"
+        writer = subprocess.Popen([sys.executable, "-c", writer_code, str(target)], stdin=subprocess.PIPE,
+                                  stdout=subprocess.PIPE, text=True)
+        try:
+            assert writer.stdout is not None and writer.stdin is not None
+            assert await trio.to_thread.run_sync(writer.stdout.readline) == "ready\n"
+            (src / "photos" / "2026" / "img03.jpg").write_bytes(b"changed at the source")
+            again = await put(client, str(src / "photos"), "/")
+            assert again.returncode == 1 and "img03.jpg: is being written through the mount" in again.stderr, \
+                again.stderr
+            writer.stdin.write("go\n")
+            writer.stdin.flush()
+            assert await trio.to_thread.run_sync(writer.wait) == 0
+        finally:
+            if writer.poll() is None:
+                writer.kill()
+                writer.wait()
+        got = await trio.to_thread.run_sync(target.read_bytes)
+        assert got.startswith(b"written through the mount, and after")
+    finally:
+        await client.cleanup()
