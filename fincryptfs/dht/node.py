@@ -41,6 +41,7 @@ log = logging.getLogger(__name__)
 ERROR_GENERIC, ERROR_PROTOCOL, ERROR_BAD_TOKEN, ERROR_REFUSED = 201, 203, 204, 205
 Address = tuple[str, int]
 AMPLIFICATION_LIMIT = 3  # an unproven asker gets at most this many bytes back per byte of its query
+PROVEN_WAIT = 0.25  # s before a lookup that found nothing asks again: the ping-backs proving our address land
 MAX_PROVEN = 4096  # addresses remembered as having answered us (least recently heard from forgotten first)
 MAX_ANSWERED = 4096  # (sender, txid) of recent full answers, to spot a replayed query
 
@@ -151,10 +152,14 @@ class DhtNode:
         when replies time out (bench/dht_lookup.py), more on an overloaded host whose replies come late; and an
         announce made while replies timed out stored the record on nodes a little farther than the k nearest,
         which a lookup as wide as the announce's can miss every time (seen under load: 1 run in 10 of a
-        100-node test network found nothing in all three passes).
+        100-node test network found nothing in all three passes). And a node answers records only to an address
+        that answered its ping-back (``_reply_budget``): a node new to the others finds nothing in its first
+        pass, so the later ones wait ``PROVEN_WAIT`` (then twice that) for those pings to land.
         """
         values: dict[str, PeerRecord] = {}
         for attempt in range(3):
+            if attempt:  # the nodes asked have pinged us back meanwhile: they answer us records now
+                await trio.sleep(PROVEN_WAIT * 2 ** (attempt - 1))
             _, values = await self._iterate(key, "get_peers", patience=2.0 ** attempt, width=2 ** attempt)
             if values:
                 break
