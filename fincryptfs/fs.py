@@ -470,8 +470,15 @@ class FincryptOperations(pyfuse3.Operations):
         parent_node = self._inode(parent)
         if parent_node.kind != meta.DIR or (parent_node.parent is None and parent != meta.ROOT_INO):
             raise pyfuse3.FUSEError(errno.ENOENT)
+        gid = ctx.gid
+        if parent_node.mode & stat.S_ISGID:
+            # A set-group-ID folder (one a group shares): what is made in it gets the folder's group, and a folder
+            # the bit too, as on Linux's own file systems (the kernel leaves this to the file system).
+            gid = parent_node.gid
+            if kind == meta.DIR:
+                mode |= stat.S_ISGID
         try:
-            node = meta.create(self.db, parent, name, kind, mode, ctx.uid, ctx.gid, target, dirty=dirty)
+            node = meta.create(self.db, parent, name, kind, mode, ctx.uid, gid, target, dirty=dirty)
         except meta.Exists:
             raise pyfuse3.FUSEError(errno.EEXIST) from None
         self.wake(False)

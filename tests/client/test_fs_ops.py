@@ -1,0 +1,48 @@
+"""The FUSE operations called directly, without the kernel: what a POSIX file system must answer that the kernel
+leaves to the file system (a set-group-ID folder's group, O_TRUNC at open, name lengths, attributes)."""
+
+from __future__ import annotations
+
+import errno
+import os
+import stat
+from pathlib import Path
+from types import SimpleNamespace
+from typing import cast
+
+import pyfuse3
+import pytest
+
+from fincryptfs import meta
+from fincryptfs.cache import CacheDir
+from fincryptfs.downloader import Progress
+from fincryptfs.fs import FincryptOperations
+
+
+def request(uid: int = 1000, gid: int = 1000) -> pyfuse3.RequestContext:
+    return cast(pyfuse3.RequestContext, SimpleNamespace(uid=uid, gid=gid, pid=1, umask=0o022))
+
+
+async def no_fetch(object_json: str, dest: Path, progress: Progress | None) -> None:
+    raise AssertionError("nothing here is stored in the network")
+
+
+@pytest.fixture
+def ops(tmp_path: Path) -> FincryptOperations:
+    db = meta.connect(tmp_path / "meta.db")
+    return FincryptOperations(db=db, cache=CacheDir(tmp_path / "cache", 2**30), fetch=no_fetch)
+
+
+async def test_a_set_group_id_folder_gives_its_group_to_what_is_made_in_it(ops: FincryptOperations) -> None:
+    shared = await ops.mkdir(meta.ROOT_INO, b"shared", 0o2775, request(uid=0, gid=0))
+    meta.set_attrs(ops.db, shared.st_ino, gid=500)
+    made = [
+        await ops.mkdir(shared.st_ino, b"sub", 0o755, request()),
+        (await ops.create(shared.st_ino, b"file", 0o644, os.O_WRONLY, request()))[1],
+        await ops.symlink(shared.st_ino, b"link", b"file", request()),
+    ]
+    assert [(a.st_uid, a.st_gid) for a in made] == [(1000, 500)] * 3
+    assert made[0].st_mode == stat.S_IFDIR | 0o2755  # a folder inherits the bit; a file keeps its own mode
+    assert made[1].st_mode == stat.S_IFREG | 0o644
+    plain = await ops.mkdir(meta.ROOT_INO, b"plain", 0o755, request(uid=0, gid=0))
+    assert (await ops.mkdir(plain.st_ino, b"sub", 0o755, request())).st_gid == 1000

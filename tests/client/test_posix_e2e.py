@@ -1,0 +1,64 @@
+"""The mount against a plain folder on the machine's own file system, through the kernel: the answers a POSIX file
+system gives that the kernel leaves to the file system itself, where the mount once answered differently."""
+
+from __future__ import annotations
+
+import errno
+import os
+from collections.abc import Callable
+from pathlib import Path
+
+import pytest
+import trio
+from mountkit import Client, needs_fuse
+from netfixtures import start_network
+
+pytestmark = [pytest.mark.e2e, needs_fuse]
+
+
+def outcome(action: Callable[[], object]) -> object:
+    """What ``action`` returned, or the name of the errno it failed with."""
+    try:
+        return action()
+    except OSError as exc:
+        return errno.errorcode.get(exc.errno or 0, str(exc.errno))
+
+
+def set_group_id_folder(root: Path) -> object:
+    shared = root / "shared"
+    shared.mkdir()
+    os.chown(shared, 0, 4321)
+    os.chmod(shared, 0o2775)
+    (shared / "file").write_text("x")
+    (shared / "sub").mkdir(0o755)
+    os.symlink("file", shared / "link")
+    return [(os.lstat(shared / name).st_gid, oct(os.lstat(shared / name).st_mode)) for name in ("file", "sub", "link")]
+
+
+CHECKS: dict[str, Callable[[Path], object]] = {
+    "set-group-ID folder": set_group_id_folder,
+}
+
+
+def run_checks(root: Path) -> dict[str, object]:
+    results = {}
+    for name, check in CHECKS.items():
+        folder = root / name.replace(" ", "-")
+        folder.mkdir()
+        results[name] = outcome(lambda: check(folder))
+    return results
+
+
+async def test_the_mount_answers_as_a_plain_folder_does(tmp_path: Path, nursery: trio.Nursery) -> None:
+    net = await start_network(tmp_path, nursery, nodes=6)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    try:
+        await client.mount()
+        got = await trio.to_thread.run_sync(run_checks, client.mountpoint)
+        want = await trio.to_thread.run_sync(run_checks, plain)
+        assert got == want
+    finally:
+        await client.cleanup()
