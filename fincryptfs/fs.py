@@ -399,9 +399,12 @@ class FincryptOperations(pyfuse3.Operations):
         if node.kind != meta.FILE:
             raise pyfuse3.FUSEError(errno.EISDIR if node.kind == meta.DIR else errno.ELOOP)
         writable = (flags & os.O_ACCMODE) != os.O_RDONLY
-        if not writable and (fd := self.cache.open_cached(inode)) is not None:  # most opens: a cached file, read
+        # O_TRUNC empties the file whatever the access mode (O_RDONLY too, as on Linux: the kernel has checked write
+        # permission), and it is ours to do: the kernel passes it to open instead of truncating (atomic_o_trunc).
+        truncate = bool(flags & os.O_TRUNC)
+        if not writable and not truncate and (fd := self.cache.open_cached(inode)) is not None:  # most opens
             return pyfuse3.FileInfo(fh=self._new_handle(inode, fd, False))
-        if writable and flags & os.O_TRUNC:
+        if truncate:
             path = self.cache.path(inode)
             dirty = self._begin_write(node)
             with open(path, "wb"):

@@ -46,3 +46,17 @@ async def test_a_set_group_id_folder_gives_its_group_to_what_is_made_in_it(ops: 
     assert made[1].st_mode == stat.S_IFREG | 0o644
     plain = await ops.mkdir(meta.ROOT_INO, b"plain", 0o755, request(uid=0, gid=0))
     assert (await ops.mkdir(plain.st_ino, b"sub", 0o755, request())).st_gid == 1000
+
+
+async def test_o_trunc_empties_the_file_whatever_the_access_mode(ops: FincryptOperations) -> None:
+    for accmode in (os.O_WRONLY, os.O_RDWR, os.O_RDONLY):
+        info, attr = await ops.create(meta.ROOT_INO, b"f%d" % accmode, 0o644, os.O_WRONLY, request())
+        assert await ops.write(info.fh, 0, b"content") == 7
+        await ops.release(info.fh)
+        info = await ops.open(attr.st_ino, accmode | os.O_TRUNC, request())
+        assert await ops.read(info.fh, 0, 100) == b""
+        await ops.release(info.fh)
+        assert (await ops.getattr(attr.st_ino)).st_size == 0
+        info = await ops.open(attr.st_ino, os.O_RDONLY, request())
+        assert await ops.read(info.fh, 0, 100) == b""
+        await ops.release(info.fh)

@@ -35,15 +35,27 @@ def set_group_id_folder(root: Path) -> object:
     return [(os.lstat(shared / name).st_gid, oct(os.lstat(shared / name).st_mode)) for name in ("file", "sub", "link")]
 
 
+def read_only_truncating_open(root: Path) -> object:
+    path = root / "f"
+    path.write_text("content")
+    fd = os.open(path, os.O_RDONLY | os.O_TRUNC)
+    try:
+        data = os.read(fd, 100)
+    finally:
+        os.close(fd)
+    return data, path.read_bytes(), os.stat(path).st_size
+
+
 CHECKS: dict[str, Callable[[Path], object]] = {
     "set-group-ID folder": set_group_id_folder,
+    "O_RDONLY | O_TRUNC": read_only_truncating_open,
 }
 
 
 def run_checks(root: Path) -> dict[str, object]:
     results = {}
     for name, check in CHECKS.items():
-        folder = root / name.replace(" ", "-")
+        folder = root / "".join(c if c.isalnum() else "-" for c in name)
         folder.mkdir()
         results[name] = outcome(lambda: check(folder))
     return results
