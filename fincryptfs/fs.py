@@ -220,6 +220,8 @@ class FincryptOperations(pyfuse3.Operations):
         if name == b"..":
             inode = self._inode(parent_inode)
             return self._remember(self._inode(inode.parent if inode.parent is not None else meta.ROOT_INO))
+        if len(name) > NAME_MAX:  # no such name can exist: say why (stat, unlink, open all look the name up first)
+            raise pyfuse3.FUSEError(errno.ENAMETOOLONG)
         try:
             return self._remember(meta.lookup(self.db, parent_inode, name))
         except meta.NotFound:

@@ -60,3 +60,12 @@ async def test_o_trunc_empties_the_file_whatever_the_access_mode(ops: FincryptOp
         info = await ops.open(attr.st_ino, os.O_RDONLY, request())
         assert await ops.read(info.fh, 0, 100) == b""
         await ops.release(info.fh)
+
+
+async def test_looking_up_a_name_longer_than_name_max_is_enametoolong(ops: FincryptOperations) -> None:
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.lookup(meta.ROOT_INO, b"x" * 256, request())
+    assert info.value.errno == errno.ENAMETOOLONG
+    with pytest.raises(pyfuse3.FUSEError) as info:
+        await ops.lookup(meta.ROOT_INO, b"x" * 255, request())
+    assert info.value.errno == errno.ENOENT

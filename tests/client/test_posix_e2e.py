@@ -46,9 +46,15 @@ def read_only_truncating_open(root: Path) -> object:
     return data, path.read_bytes(), os.stat(path).st_size
 
 
+def name_too_long(root: Path) -> object:
+    long = root / ("x" * 256)
+    return [outcome(lambda: action(long)) for action in (os.stat, os.unlink, os.rmdir, os.readlink)]
+
+
 CHECKS: dict[str, Callable[[Path], object]] = {
     "set-group-ID folder": set_group_id_folder,
     "O_RDONLY | O_TRUNC": read_only_truncating_open,
+    "a name of 256 bytes": name_too_long,
 }
 
 
