@@ -192,10 +192,12 @@ class FincryptOperations(pyfuse3.Operations):
         attr.entry_timeout = ATTR_TIMEOUT
         attr.attr_timeout = ATTR_TIMEOUT
         attr.st_mode = inode.mode
-        if inode.kind == meta.DIR:
+        if inode.parent is None and inode.ino != meta.ROOT_INO:  # unlinked, still open: no name links to it
+            attr.st_nlink = 0
+        elif inode.kind == meta.DIR:
             attr.st_nlink = 2 + meta.subdir_count(self.db, inode.ino)
         else:
-            attr.st_nlink = 0 if inode.parent is None and inode.ino != meta.ROOT_INO else 1
+            attr.st_nlink = 1
         attr.st_uid = inode.uid
         attr.st_gid = inode.gid
         attr.st_rdev = 0

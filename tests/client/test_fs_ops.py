@@ -69,3 +69,12 @@ async def test_looking_up_a_name_longer_than_name_max_is_enametoolong(ops: Fincr
     with pytest.raises(pyfuse3.FUSEError) as info:
         await ops.lookup(meta.ROOT_INO, b"x" * 255, request())
     assert info.value.errno == errno.ENOENT
+
+
+async def test_a_removed_folder_still_open_has_no_links(ops: FincryptOperations) -> None:
+    folder = await ops.mkdir(meta.ROOT_INO, b"d", 0o755, request())
+    await ops.mkdir(folder.st_ino, b"sub", 0o755, request())
+    assert (await ops.getattr(folder.st_ino)).st_nlink == 3
+    await ops.rmdir(folder.st_ino, b"sub", request())
+    await ops.rmdir(meta.ROOT_INO, b"d", request())
+    assert (await ops.getattr(folder.st_ino)).st_nlink == 0  # as fstat of a descriptor on it shows

@@ -51,10 +51,21 @@ def name_too_long(root: Path) -> object:
     return [outcome(lambda: action(long)) for action in (os.stat, os.unlink, os.rmdir, os.readlink)]
 
 
+def removed_folder_still_open(root: Path) -> object:
+    (root / "d").mkdir()
+    fd = os.open(root / "d", os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.rmdir(root / "d")
+        return os.fstat(fd).st_nlink, os.listdir(fd), outcome(lambda: os.mkdir("sub", dir_fd=fd))
+    finally:
+        os.close(fd)
+
+
 CHECKS: dict[str, Callable[[Path], object]] = {
     "set-group-ID folder": set_group_id_folder,
     "O_RDONLY | O_TRUNC": read_only_truncating_open,
     "a name of 256 bytes": name_too_long,
+    "a removed folder still open": removed_folder_still_open,
 }
 
 
