@@ -44,6 +44,7 @@ ATTR_TIMEOUT = 1.0
 BLOCK_SIZE = 128 * 1024  # statfs block size
 IO_SIZE = 1024 * 1024  # st_blksize: tools such as cp size their buffers by it, and FUSE passes 1 MiB writes whole
 NAME_MAX = meta.NAME_MAX
+DOT_ENTRIES = 2  # "." and "..", the first two entries readdir lists
 
 Fetch = Callable[[str, Path, Progress | None], Awaitable[None]]  # (object JSON, destination, progress)
 Spawn = Callable[[Callable[[], Awaitable[None]]], None]  # runs a task in the mount's nursery
@@ -625,7 +626,17 @@ class FincryptOperations(pyfuse3.Operations):
         return inode
 
     async def readdir(self, fh: int, start_id: int, token: pyfuse3.ReaddirToken) -> None:
-        after = start_id
+        """"." and ".." first, as Linux's own file systems list them (``ls -a``), then the children in inode order.
+        An entry's offset, where the next call resumes, is 1 after ".", 2 after ".." and a child's inode number + 2
+        after the child (children come and go between calls; their numbers only grow). The kernel counts no lookup
+        for "." and ".."."""
+        if start_id < DOT_ENTRIES:
+            folder = self._inode(fh)
+            dots = [(b".", folder), (b"..", self._inode(folder.parent or meta.ROOT_INO))]
+            for offset, (name, node) in enumerate(dots[start_id:], start=start_id + 1):
+                if not pyfuse3.readdir_reply(token, name, self._attr(node), offset):
+                    return
+        after = max(start_id - DOT_ENTRIES, 0)
         while True:
             batch = meta.children(self.db, fh, after)
             if not batch:
@@ -634,7 +645,7 @@ class FincryptOperations(pyfuse3.Operations):
                 self.read_ahead([(c.ino, c.object) for c in batch if c.kind == meta.FILE and c.state == meta.STORED])
             for child in batch:
                 assert child.name is not None
-                if not pyfuse3.readdir_reply(token, child.name, self._attr(child), child.ino):
+                if not pyfuse3.readdir_reply(token, child.name, self._attr(child), child.ino + DOT_ENTRIES):
                     return
                 self._lookups[child.ino] = self._lookups.get(child.ino, 0) + 1
                 after = child.ino

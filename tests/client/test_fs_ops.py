@@ -6,6 +6,7 @@ from __future__ import annotations
 import errno
 import os
 import stat
+from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
 from typing import cast
@@ -78,3 +79,60 @@ async def test_a_removed_folder_still_open_has_no_links(ops: FincryptOperations)
     await ops.rmdir(folder.st_ino, b"sub", request())
     await ops.rmdir(meta.ROOT_INO, b"d", request())
     assert (await ops.getattr(folder.st_ino)).st_nlink == 0  # as fstat of a descriptor on it shows
+
+
+async def list_folder(ops: FincryptOperations, monkeypatch: pytest.MonkeyPatch, ino: int, per_call: int,
+                      between_calls: Callable[[], Awaitable[None]] | None = None) -> list[tuple[bytes, int]]:
+    """(name, inode) of every entry readdir lists, ``per_call`` entries per call as a small kernel buffer takes
+    them, each call resuming at the offset of the last entry the one before took."""
+    listed: list[tuple[bytes, int, int]] = []
+    room = 0
+
+    def reply(token: object, name: bytes, attr: pyfuse3.EntryAttributes, next_id: int) -> bool:
+        nonlocal room
+        if room == 0:
+            return False
+        room -= 1
+        listed.append((name, attr.st_ino, next_id))
+        return True
+    monkeypatch.setattr(pyfuse3, "readdir_reply", reply)
+    offset = 0
+    while True:
+        room, before = per_call, len(listed)
+        await ops.readdir(ino, offset, cast(pyfuse3.ReaddirToken, None))
+        if len(listed) == before:
+            return [(name, ino) for name, ino, _ in listed]
+        offset = listed[-1][2]
+        if between_calls is not None:
+            await between_calls()
+
+
+@pytest.mark.parametrize("per_call", [1, 2, 3, 1000])
+async def test_readdir_lists_dot_and_dot_dot_first_and_resumes_where_it_stopped(
+        ops: FincryptOperations, monkeypatch: pytest.MonkeyPatch, per_call: int) -> None:
+    folder = await ops.mkdir(meta.ROOT_INO, b"d", 0o755, request())
+    children = [(await ops.mkdir(folder.st_ino, b"c%d" % i, 0o755, request())).st_ino for i in range(5)]
+    lookups = dict(ops._lookups)
+    entries = await list_folder(ops, monkeypatch, folder.st_ino, per_call)
+    assert entries == [(b".", folder.st_ino), (b"..", meta.ROOT_INO)] + [(b"c%d" % i, children[i]) for i in range(5)]
+    # the kernel counts a lookup for every child it was given, none for "." and ".."
+    gained = {ino: count - lookups.get(ino, 0) for ino, count in ops._lookups.items() if count != lookups.get(ino, 0)}
+    assert gained == dict.fromkeys(children, 1)
+    root = await list_folder(ops, monkeypatch, meta.ROOT_INO, per_call)
+    assert root == [(b".", meta.ROOT_INO), (b"..", meta.ROOT_INO), (b"d", folder.st_ino)]
+
+
+async def test_readdir_resumes_past_entries_removed_and_added_between_calls(
+        ops: FincryptOperations, monkeypatch: pytest.MonkeyPatch) -> None:
+    for i in range(4):
+        await ops.mkdir(meta.ROOT_INO, b"c%d" % i, 0o755, request())
+    calls = 0
+
+    async def change() -> None:
+        nonlocal calls
+        calls += 1
+        if calls == 3:  # ".", ".." and c0 listed: c1 (next) goes, and a new name comes (listed at the end)
+            await ops.rmdir(meta.ROOT_INO, b"c1", request())
+            await ops.mkdir(meta.ROOT_INO, b"new", 0o755, request())
+    names = [name for name, _ in await list_folder(ops, monkeypatch, meta.ROOT_INO, 1, change)]
+    assert names == [b".", b"..", b"c0", b"c2", b"c3", b"new"]

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import subprocess
 from collections.abc import Callable
 from pathlib import Path
 
@@ -61,11 +62,19 @@ def removed_folder_still_open(root: Path) -> object:
         os.close(fd)
 
 
+def listing_with_dot_entries(root: Path) -> object:
+    (root / "sub").mkdir()
+    (root / "file").touch()
+    listed = subprocess.run(["ls", "-a1", str(root)], check=True, capture_output=True, text=True).stdout
+    return listed.split(), sorted(os.listdir(root))
+
+
 CHECKS: dict[str, Callable[[Path], object]] = {
     "set-group-ID folder": set_group_id_folder,
     "O_RDONLY | O_TRUNC": read_only_truncating_open,
     "a name of 256 bytes": name_too_long,
     "a removed folder still open": removed_folder_still_open,
+    "ls -a": listing_with_dot_entries,
 }
 
 
