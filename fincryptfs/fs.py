@@ -12,7 +12,7 @@ Rules that keep the mount responsive and crash-safe:
 
 Unsupported, on purpose: hard links (``link`` → ENOTSUP; an object has exactly one name), extended attributes
 (ENOSYS, which the kernel reports as EOPNOTSUPP and then stops asking), device nodes, FIFOs and sockets
-(``mknod`` → EPERM).
+(``mknod`` → EPERM; ``mknod`` of a regular file makes an empty one).
 """
 
 from __future__ import annotations
@@ -565,8 +565,11 @@ class FincryptOperations(pyfuse3.Operations):
 
     async def mknod(self, parent_inode: int, name: bytes, mode: int, rdev: int, ctx: pyfuse3.RequestContext
                     ) -> pyfuse3.EntryAttributes:
-        """FIFOs, sockets and device nodes are not kept: EPERM, as mknod(2) says of a file system that does not
-        support the type asked for (pyfuse3's default, ENOSYS, reads as a missing feature of the kernel)."""
+        """A regular file (``mknod(path, S_IFREG | mode)``, which Linux allows) is made empty, as ``create`` without
+        the open. FIFOs, sockets and device nodes are not kept: EPERM, as mknod(2) says of a file system that does
+        not support the type asked for (pyfuse3's default, ENOSYS, reads as a missing feature of the kernel)."""
+        if stat.S_ISREG(mode):
+            return self._remember(self._create(parent_inode, name, meta.FILE, stat.S_IFREG | (mode & 0o7777), ctx))
         raise pyfuse3.FUSEError(errno.EPERM)
 
     async def unlink(self, parent_inode: int, name: bytes, ctx: pyfuse3.RequestContext) -> None:

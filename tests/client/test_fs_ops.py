@@ -136,3 +136,18 @@ async def test_readdir_resumes_past_entries_removed_and_added_between_calls(
             await ops.mkdir(meta.ROOT_INO, b"new", 0o755, request())
     names = [name for name, _ in await list_folder(ops, monkeypatch, meta.ROOT_INO, 1, change)]
     assert names == [b".", b"..", b"c0", b"c2", b"c3", b"new"]
+
+
+async def test_mknod_makes_an_empty_regular_file_and_nothing_else(ops: FincryptOperations) -> None:
+    attr = await ops.mknod(meta.ROOT_INO, b"made", stat.S_IFREG | 0o640, 0, request())
+    assert (attr.st_mode, attr.st_size, attr.st_nlink) == (stat.S_IFREG | 0o640, 0, 1)
+    info = await ops.open(attr.st_ino, os.O_RDONLY, request())
+    assert await ops.read(info.fh, 0, 10) == b""
+    await ops.release(info.fh)
+    for kind in (stat.S_IFIFO, stat.S_IFSOCK, stat.S_IFCHR, stat.S_IFBLK):
+        with pytest.raises(pyfuse3.FUSEError) as info_error:
+            await ops.mknod(meta.ROOT_INO, b"other", kind | 0o644, 0, request())
+        assert info_error.value.errno == errno.EPERM
+    with pytest.raises(pyfuse3.FUSEError) as info_error:
+        await ops.mknod(meta.ROOT_INO, b"made", stat.S_IFREG | 0o640, 0, request())
+    assert info_error.value.errno == errno.EEXIST

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import stat
 import subprocess
 from collections.abc import Callable
 from pathlib import Path
@@ -69,12 +70,19 @@ def listing_with_dot_entries(root: Path) -> object:
     return listed.split(), sorted(os.listdir(root))
 
 
+def mknod_of_a_regular_file(root: Path) -> object:
+    os.mknod(root / "made", stat.S_IFREG | 0o640)
+    st = os.stat(root / "made")
+    return oct(st.st_mode), st.st_size, (root / "made").read_bytes()
+
+
 CHECKS: dict[str, Callable[[Path], object]] = {
     "set-group-ID folder": set_group_id_folder,
     "O_RDONLY | O_TRUNC": read_only_truncating_open,
     "a name of 256 bytes": name_too_long,
     "a removed folder still open": removed_folder_still_open,
     "ls -a": listing_with_dot_entries,
+    "mknod of a regular file": mknod_of_a_regular_file,
 }
 
 
