@@ -8,6 +8,7 @@ import os
 import stat
 import subprocess
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -50,7 +51,7 @@ def read_only_truncating_open(root: Path) -> object:
 
 def name_too_long(root: Path) -> object:
     long = root / ("x" * 256)
-    return [outcome(lambda: action(long)) for action in (os.stat, os.unlink, os.rmdir, os.readlink)]
+    return [outcome(partial(action, long)) for action in (os.stat, os.unlink, os.rmdir, os.readlink)]
 
 
 def removed_folder_still_open(root: Path) -> object:
@@ -91,7 +92,7 @@ def run_checks(root: Path) -> dict[str, object]:
     for name, check in CHECKS.items():
         folder = root / "".join(c if c.isalnum() else "-" for c in name)
         folder.mkdir()
-        results[name] = outcome(lambda: check(folder))
+        results[name] = outcome(partial(check, folder))
     return results
 
 
