@@ -20,8 +20,10 @@ from .service import MediatorService
 MAX_BODY = 1 << 20
 
 
-def build_app(service: MediatorService, *, clock: Callable[[], float] = time.time) -> App:
-    guard = ReplayGuard()
+def build_app(service: MediatorService, *, clock: Callable[[], float] = time.time,
+              guard: ReplayGuard | None = None) -> App:
+    """``guard``: the replay guard (a journaled one keeps its memory across restarts); a fresh one if None."""
+    guard = ReplayGuard() if guard is None else guard
     requests: Counter[tuple[str, int]] = Counter()
 
     async def signed(request: Request) -> tuple[PublicKey, bytes]:

@@ -23,10 +23,12 @@ import trio
 from fincryptfs.asgi import serve_app
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.settings import MediatorSettings
+from fincryptfs.core.wire import ReplayGuard
 from fincryptfs.dht.node import DhtNode, run_dht
 from fincryptfs.dht.records import mediators_key
 from fincryptfs.discovery import resolve_peers
 from fincryptfs.identity_file import load_or_create_identity
+from fincryptfs.replayjournal import JOURNAL_FILE, ReplayJournal
 from fincryptfs.rpc import new_client
 
 from . import upkeep
@@ -120,9 +122,12 @@ async def run_service(service: MediatorService, *, upkeep_loops: bool = True,
                       task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve an opened service; ``upkeep_loops=False`` lets tests drive audits and repairs pass by pass."""
     settings = service.settings
+    guard = ReplayGuard()
+    journal = ReplayJournal(settings.data_dir / JOURNAL_FILE, guard)
     try:
         async with new_client() as client, trio.open_nursery() as nursery:
-            url = await nursery.start(serve_app, build_app(service), settings.listen[0], settings.listen[1])
+            url = await nursery.start(serve_app, build_app(service, guard=guard), settings.listen[0],
+                                      settings.listen[1])
             service.bound_url = url
             log.info("mediator %s listening on %s", service.id[:16], url)
             if settings.dht_listen is not None:
@@ -133,6 +138,7 @@ async def run_service(service: MediatorService, *, upkeep_loops: bool = True,
                 nursery.start_soon(payments_loop, service.payments, client)
             task_status.started(url)
     finally:
+        journal.close()
         service.payments.close()
 
 

@@ -16,6 +16,7 @@ from fincryptfs.asgi import serve_app
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.settings import StorageSettings
 from fincryptfs.identity_file import load_or_create_identity as load_identity_file
+from fincryptfs.replayjournal import JOURNAL_FILE, ReplayJournal
 
 from .app import build_app
 from .db import NodeDatabase
@@ -47,8 +48,12 @@ async def open_service(settings: StorageSettings) -> AsyncIterator[StorageServic
     try:
         store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir())
         service = StorageService(settings, key, db, store)
-        await trio.to_thread.run_sync(service.recover)
-        yield service
+        journal = ReplayJournal(settings.data_dir / JOURNAL_FILE, service.guard)
+        try:
+            await trio.to_thread.run_sync(service.recover)
+            yield service
+        finally:
+            journal.close()
     finally:
         db.close()
 

@@ -10,7 +10,8 @@
   (the recipient's node id, or its origin when the caller knows only its URL), a timestamp and a random nonce;
   the signature covers method, audience, target, timestamp, nonce and SHA-256 of the body. Receivers refuse a
   request addressed to anyone else (so a peer cannot replay a request it received to another peer), accept a
-  timestamp within ``MAX_CLOCK_SKEW`` seconds and remember nonces for that long (``ReplayGuard``).
+  timestamp within ``MAX_CLOCK_SKEW`` seconds and remember nonces for that long (``ReplayGuard``; the
+  daemons keep them on disk too, ``fincryptfs.replayjournal``, so that a restart does not open a window).
 
 Every decoder is strict and size-limited and raises RemoteProtocolError (status hint 400, 401 or 413).
 """
@@ -24,7 +25,7 @@ import heapq
 import json
 import os
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Callable, Collection, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeAlias
 from urllib.parse import urlsplit
@@ -408,8 +409,9 @@ class ReplayGuard:
     fill it either.
     """
 
-    def __init__(self, capacity: int = 200_000, window: int = MAX_CLOCK_SKEW, per_signer: int | None = None
-                 ) -> None:
+    def __init__(self, capacity: int = 200_000, window: int = MAX_CLOCK_SKEW, per_signer: int | None = None,
+                 on_record: Callable[[str, str, float], None] | None = None) -> None:
+        self.on_record = on_record  # told (signer, nonce, expiry) of each nonce recorded: a journal keeps them
         self._seen: dict[tuple[str, str], float] = {}
         self._expiries: list[tuple[float, str, str]] = []  # heap: timestamps, hence expiries, arrive out of order
         self._per_signer_count: dict[str, int] = {}
@@ -433,8 +435,26 @@ class ReplayGuard:
         if len(self._seen) >= self._capacity:
             raise ReplayError("too many recent requests to check for replays; retry shortly", status=429)
         expiry = request.timestamp + self._window
-        self._seen[key] = expiry
-        heapq.heappush(self._expiries, (expiry, signer, request.nonce))
+        self._remember(signer, request.nonce, expiry)
+        if self.on_record is not None:
+            self.on_record(signer, request.nonce, expiry)
+
+    def restore(self, signer: str, nonce: str, expiry: float, now: float) -> bool:
+        """Remember a nonce recorded before a restart (read back from a journal); False if it has expired, is
+        known already or finds the guard full."""
+        self._expire(now)
+        if expiry < now or (signer, nonce) in self._seen or len(self._seen) >= self._capacity:
+            return False
+        self._remember(signer, nonce, expiry)
+        return True
+
+    def entries(self) -> list[tuple[str, str, float]]:
+        """(signer, nonce, expiry) of every nonce remembered: what a compacted journal holds."""
+        return [(signer, nonce, expiry) for (signer, nonce), expiry in self._seen.items()]
+
+    def _remember(self, signer: str, nonce: str, expiry: float) -> None:
+        self._seen[(signer, nonce)] = expiry
+        heapq.heappush(self._expiries, (expiry, signer, nonce))
         self._per_signer_count[signer] = self._per_signer_count.get(signer, 0) + 1
 
     def _expire(self, now: float) -> None:

@@ -164,6 +164,26 @@ async def test_authentication_and_malformed_input(net: Net) -> None:
     assert net.mediator.service.db.counts()["objects"] == 0
 
 
+async def test_a_restarted_mediator_still_refuses_a_request_it_served_before(tmp_path: Path,
+                                                                           nursery: trio.Nursery) -> None:
+    """A signed request stays fresh for minutes: a mediator restarted within them must not take it a second time."""
+    account = SigningKey.generate()
+    target = "/v1/account"
+    async with rpc.new_client() as client:
+        async with trio.open_nursery() as stopped_before_the_restart:
+            first = await start_mediator(stopped_before_the_restart, tmp_path / "m")
+            captured = sign_request(account, "GET", first.service.id, target, b"", time.time())
+            assert (await client.get(first.url + target, headers=captured)).status_code == 200
+            first.scope.cancel()
+        second = await start_mediator(nursery, tmp_path / "m")
+        assert second.service.id == first.service.id
+        replay = await client.get(second.url + target, headers=captured)
+        assert replay.status_code == 401 and "already received" in replay.json()["error"], replay.text
+        fresh = sign_request(account, "GET", second.service.id, target, b"", time.time())
+        assert (await client.get(second.url + target, headers=fresh)).status_code == 200
+        second.scope.cancel()
+
+
 async def test_object_owner_only_and_delete_releases_shares(net: Net) -> None:
     obj = make_object()
     await upload(net.client, net.url, net.account, obj)

@@ -215,6 +215,29 @@ async def test_request_signed_for_one_node_is_refused_by_another(tmp_path, media
         assert (await rpc.call(client, "GET", url_b, key=ACCOUNT)).content == data
 
 
+async def test_a_restarted_node_still_refuses_a_request_it_served_before(tmp_path, mediator: MediatorPeer,
+                                                                       client: httpx.AsyncClient) -> None:
+    """A captured signed request stays fresh for minutes; a node restarted meanwhile must not take it again (the
+    mediator's DELETE of a share id that a later grant reused would delete the new copy)."""
+    from storaged_peers import node_settings, running_node
+    settings = node_settings(tmp_path, (mediator.url,))
+    data = os.urandom(20_000)
+    async with running_node(settings) as node:
+        grant, _ = await store(client, node, mediator, data)
+        url = f"{node.url}/v1/shares/{grant.share_id}"
+        captured = rpc.signed_headers(mediator.key, "DELETE", url, b"", node.node_id)
+        assert (await client.delete(url, headers=captured)).status_code == 204
+        again = mediator.grant(node.node_id, data, share_id=grant.share_id)  # the id given to a new copy
+        assert (await put_share(client, node, mediator.seal(again), data, grant.share_id)).status_code == 201
+    async with running_node(settings) as node:
+        url = f"{node.url}/v1/shares/{grant.share_id}"
+        replay = await client.delete(url, headers=captured)
+        assert replay.status_code == 401 and "already received" in replay.json()["error"], replay.text
+        assert (await rpc.call(client, "GET", url, key=ACCOUNT, audience=node.node_id)).content == data
+        fresh = rpc.signed_headers(mediator.key, "DELETE", url, b"", node.node_id)
+        assert (await client.delete(url, headers=fresh)).status_code == 204
+
+
 async def test_strangers_cannot_fill_the_replay_guard_and_lock_out_the_mediator(
         node: RunningNode, mediator: MediatorPeer, client: httpx.AsyncClient) -> None:
     """Nonces are recorded only for signers allowed the request, and each signer has its own quota: neither a
