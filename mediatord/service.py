@@ -30,7 +30,7 @@ from fincryptfs.core.messages import (
     layout_to_json,
 )
 from fincryptfs.core.settings import MediatorSettings
-from fincryptfs.core.wire import Envelope, Fields, b64encode, decode_object, origin_of
+from fincryptfs.core.wire import MAX_WIRE_INT, Envelope, Fields, b64encode, decode_object, origin_of
 
 from . import billing, ledger, registry
 from .audit import OutOfTurnAudits, out_of_turn_gap
@@ -127,8 +127,9 @@ class MediatorService:
         listed = [{"node_id": n.node_id, "url": n.url, "price": self.pricing.node_price(n.price, market),
                    "free_bytes": n.free, "state": n.state, "reputation": f"{n.reputation:.3f}"} for n in nodes]
         online = [n for n in nodes if n.state == "online"]
-        return {"nodes": listed, "capacity_bytes": sum(n.capacity for n in online),
-                "free_bytes": sum(n.free for n in online)}
+        # each node may announce up to 2^60 bytes: a few of them can sum past what the wire carries
+        return {"nodes": listed, "capacity_bytes": min(MAX_WIRE_INT, sum(n.capacity for n in online)),
+                "free_bytes": min(MAX_WIRE_INT, sum(n.free for n in online))}
 
     def info(self) -> dict[str, Any]:
         market = registry.market_view(self.db.nodes())

@@ -7,6 +7,7 @@ from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 from mediator_net import (
@@ -25,7 +26,7 @@ from mediator_net import (
 from fincryptfs import rpc
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.ids import new_object_id
-from fincryptfs.core.messages import ManifestPointer, StorageReceipt, UploadGrant
+from fincryptfs.core.messages import ManifestPointer, NodeAnnouncement, StorageReceipt, UploadGrant
 from fincryptfs.core.wire import b64decode, origin_of, sign_request
 from mediatord import upkeep
 
@@ -373,3 +374,23 @@ async def test_an_abandoned_upload_is_swept_and_its_landed_shares_released(net: 
         await rpc.call(net.client, "POST", f"{net.url}/v1/objects/commit", key=net.account,
                        json=commit_body(obj, stored))
     assert info.value.status == 404
+
+
+async def _announce_many(client: httpx.AsyncClient, url: str, count: int, capacity: int) -> None:
+    for i in range(count):
+        key = SigningKey.generate()
+        ann = NodeAnnouncement(key.id, f"http://10.{i // 250}.{i % 250}.1:9", 1, capacity, capacity,  # type: ignore[arg-type]
+                               f"big{i}", None)
+        await rpc.call_json(client, "POST", f"{url}/v1/nodes/announce", key=key, json=ann.to_json())
+
+
+async def test_huge_announced_capacities_keep_the_node_list_answering(tmp_path: Path, nursery: trio.Nursery
+                                                                     ) -> None:
+    """Each announcement may claim up to 2^60 bytes; nine of them sum past the wire's 64-bit integers, which once
+    made GET /v1/nodes answer everyone 400 "integer out of the 64-bit range"."""
+    mediator = await start_mediator(nursery, tmp_path / "mediator")
+    async with rpc.new_client() as client:
+        await _announce_many(client, mediator.url, 9, 1 << 60)
+        listing = await client.get(f"{mediator.url}/v1/nodes")
+    assert listing.status_code == 200, listing.text
+    assert len(listing.json()["nodes"]) == 9 and listing.json()["capacity_bytes"] == 2**63 - 1
