@@ -40,6 +40,9 @@ from .placement import check_redundancy, place_shares, subnet_of
 from .policies import AcceptanceRule, PricingScheme, acceptance_rule, pricing_scheme
 
 GRANT_LIFETIME = 3600
+# What one account may have placed (all n shares of its objects). One object is at most 2^58 bytes (256 shares
+# of at most 2^50), so an account's sum, which SQLite adds up in 64 bits, stays below 2^63 with room to spare.
+MAX_ACCOUNT_BYTES = 2**62
 
 
 def _roots_differ(placed: bytes, given: bytes | None) -> bool:
@@ -145,6 +148,9 @@ class MediatorService:
         a request refused later on, 402, 409 or 503, leaves no account behind)."""
         account_id = AccountId(signer.id)
         stored = self.db.account_bytes(account_id, committed_only=False)
+        if stored + extra_bytes > MAX_ACCOUNT_BYTES:
+            raise PolicyError(f"this account would store more than {MAX_ACCOUNT_BYTES} bytes (it has {stored} placed "
+                              "already): delete objects first", status=422)
         self.client_rule.admit(account_id, stored + extra_bytes)
         return account_id
 
