@@ -247,7 +247,13 @@ class App:
             self.on_response(route_name, response.status)
         if request is not None and response.status >= 400:
             await request.discard_rest()
-        await _send_response(send, response)
+        try:
+            await _send_response(send, response)
+        except trio.BusyResourceError:
+            # A client that ends its body before its content-length breaks the HTTP framing: hypercorn answers
+            # 400 itself and closes the socket while we still answer, and its trio worker lets our send run into
+            # that close instead of dropping it. The connection is gone; there is no one left to answer.
+            log.debug("answer to %s %s dropped: the connection is being closed", scope["method"], scope.get("path"))
 
 
 async def _send_response(send: Any, response: Response) -> None:
@@ -280,10 +286,36 @@ def _enlarge_receives() -> None:
     tcp_server.MAX_RECV = RECEIVE_BYTES
 
 
+def _contain_send_races() -> None:
+    """Keep hypercorn's send race on one connection from stopping the whole server.
+
+    When a client ends its body before its content-length (it half-closes, or its bytes after the body break the
+    framing) while we answer early, hypercorn's trio worker answers 400 itself and closes the socket while the
+    answer is still being sent; the two meet as ``trio.BusyResourceError`` in one of its own tasks, which
+    ``TCPServer.run`` does not catch, and it ends the listener's nursery: the daemon stopped. Such a connection is
+    being closed anyway, so its error ends that connection only.
+    """
+    from hypercorn.trio import tcp_server
+
+    if getattr(tcp_server.TCPServer.run, "contains_send_races", False):
+        return
+    run = tcp_server.TCPServer.run
+
+    async def contained_run(self: tcp_server.TCPServer) -> None:
+        try:
+            await run(self)
+        except* trio.BusyResourceError:
+            log.debug("connection dropped: it was closed while an answer was being sent")
+
+    contained_run.contains_send_races = True  # type: ignore[attr-defined]
+    tcp_server.TCPServer.run = contained_run  # type: ignore[method-assign]
+
+
 async def serve_app(app: App, host: str, port: int, *,
                     task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
     """Serve ``app`` with hypercorn's trio worker until cancelled; reports the bound base URL (port 0 works)."""
     _enlarge_receives()
+    _contain_send_races()
     config = Config()
     config.bind = [f"[{host}]:{port}" if ":" in host else f"{host}:{port}"]
     config.accesslog = None

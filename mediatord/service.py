@@ -30,7 +30,7 @@ from fincryptfs.core.messages import (
     layout_to_json,
 )
 from fincryptfs.core.settings import MediatorSettings
-from fincryptfs.core.wire import Envelope, Fields, b64encode, decode_object, origin_of
+from fincryptfs.core.wire import MAX_WIRE_INT, Envelope, Fields, b64encode, decode_object, origin_of
 
 from . import billing, ledger, registry
 from .audit import OutOfTurnAudits, out_of_turn_gap
@@ -40,6 +40,9 @@ from .placement import check_redundancy, place_shares, subnet_of
 from .policies import AcceptanceRule, PricingScheme, acceptance_rule, pricing_scheme
 
 GRANT_LIFETIME = 3600
+# What one account may have placed (all n shares of its objects). One object is at most 2^58 bytes (256 shares
+# of at most 2^50), so an account's sum, which SQLite adds up in 64 bits, stays below 2^63 with room to spare.
+MAX_ACCOUNT_BYTES = 2**62
 
 
 def _roots_differ(placed: bytes, given: bytes | None) -> bool:
@@ -127,8 +130,9 @@ class MediatorService:
         listed = [{"node_id": n.node_id, "url": n.url, "price": self.pricing.node_price(n.price, market),
                    "free_bytes": n.free, "state": n.state, "reputation": f"{n.reputation:.3f}"} for n in nodes]
         online = [n for n in nodes if n.state == "online"]
-        return {"nodes": listed, "capacity_bytes": sum(n.capacity for n in online),
-                "free_bytes": sum(n.free for n in online)}
+        # each node may announce up to 2^60 bytes: a few of them can sum past what the wire carries
+        return {"nodes": listed, "capacity_bytes": min(MAX_WIRE_INT, sum(n.capacity for n in online)),
+                "free_bytes": min(MAX_WIRE_INT, sum(n.free for n in online))}
 
     def info(self) -> dict[str, Any]:
         market = registry.market_view(self.db.nodes())
@@ -144,6 +148,9 @@ class MediatorService:
         a request refused later on, 402, 409 or 503, leaves no account behind)."""
         account_id = AccountId(signer.id)
         stored = self.db.account_bytes(account_id, committed_only=False)
+        if stored + extra_bytes > MAX_ACCOUNT_BYTES:
+            raise PolicyError(f"this account would store more than {MAX_ACCOUNT_BYTES} bytes (it has {stored} placed "
+                              "already): delete objects first", status=422)
         self.client_rule.admit(account_id, stored + extra_bytes)
         return account_id
 

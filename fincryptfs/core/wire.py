@@ -44,6 +44,7 @@ _NONCE_RE = re.compile(r"[0-9a-f]{32}")
 _NODE_AUDIENCE_RE = re.compile(r"[0-9a-f]{64}")
 _ORIGIN_RE = re.compile(r"https?://(\[[0-9a-f:.]+\]|[a-z0-9.-]+):[0-9]{1,5}")
 MAX_AUDIENCE_CHARS = 300
+MAX_WIRE_INT = 2**63 - 1  # integers on the wire are signed 64-bit (what SQLite and every peer's parser hold)
 
 HEADER_KEY = "fincrypt-key"
 HEADER_AUDIENCE = "fincrypt-audience"
@@ -95,7 +96,7 @@ def _check_json_value(value: JSON, depth: int = 0) -> None:
     if value is None or isinstance(value, bool | str):
         return
     if isinstance(value, int):
-        if not -(2**63) <= value < 2**63:
+        if not -MAX_WIRE_INT - 1 <= value <= MAX_WIRE_INT:
             raise RemoteProtocolError("integer out of the 64-bit range")
         return
     if isinstance(value, list):
@@ -195,7 +196,7 @@ class Fields:
             raise RemoteProtocolError(f"{self._what} lacks the field {name!r}")
         return self._obj[name]
 
-    def int(self, name: _Str, *, lo: _Int = 0, hi: _Int = 2**63 - 1, optional: _Bool = False) -> Any:
+    def int(self, name: _Str, *, lo: _Int = 0, hi: _Int = MAX_WIRE_INT, optional: _Bool = False) -> Any:
         value = self._get(name, optional)
         if value is None and optional:
             return None

@@ -2,11 +2,13 @@
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import AsyncIterator
 from dataclasses import replace
 from pathlib import Path
 
+import httpx
 import pytest
 import trio
 from mediator_net import (
@@ -24,9 +26,17 @@ from mediator_net import (
 
 from fincryptfs import rpc
 from fincryptfs.core.identity import SigningKey
-from fincryptfs.core.ids import new_object_id
-from fincryptfs.core.messages import ManifestPointer, StorageReceipt, UploadGrant
-from fincryptfs.core.wire import b64decode, origin_of, sign_request
+from fincryptfs.core.ids import new_object_id, new_share_id
+from fincryptfs.core.layout import ObjectLayout
+from fincryptfs.core.messages import (
+    ManifestPointer,
+    NodeAnnouncement,
+    PlaceRequest,
+    ShareSpec,
+    StorageReceipt,
+    UploadGrant,
+)
+from fincryptfs.core.wire import b64decode, canonical_json, origin_of, sign_request
 from mediatord import upkeep
 
 
@@ -393,3 +403,51 @@ async def test_an_abandoned_upload_is_swept_and_its_landed_shares_released(net: 
         await rpc.call(net.client, "POST", f"{net.url}/v1/objects/commit", key=net.account,
                        json=commit_body(obj, stored))
     assert info.value.status == 404
+
+
+async def _announce_many(client: httpx.AsyncClient, url: str, count: int, capacity: int) -> None:
+    for i in range(count):
+        key = SigningKey.generate()
+        ann = NodeAnnouncement(key.id, f"http://10.{i // 250}.{i % 250}.1:9", 1, capacity, capacity,  # type: ignore[arg-type]
+                               f"big{i}", None)
+        await rpc.call_json(client, "POST", f"{url}/v1/nodes/announce", key=key, json=ann.to_json())
+
+
+async def test_huge_announced_capacities_keep_the_node_list_answering(tmp_path: Path, nursery: trio.Nursery
+                                                                     ) -> None:
+    """Each announcement may claim up to 2^60 bytes; nine of them sum past the wire's 64-bit integers, which once
+    made GET /v1/nodes answer everyone 400 "integer out of the 64-bit range"."""
+    mediator = await start_mediator(nursery, tmp_path / "mediator")
+    async with rpc.new_client() as client:
+        await _announce_many(client, mediator.url, 9, 1 << 60)
+        listing = await client.get(f"{mediator.url}/v1/nodes")
+    assert listing.status_code == 200, listing.text
+    assert len(listing.json()["nodes"]) == 9 and listing.json()["capacity_bytes"] == 2**63 - 1
+
+
+async def test_an_account_cannot_place_past_what_its_byte_count_can_hold(tmp_path: Path, nursery: trio.Nursery
+                                                                         ) -> None:
+    """Objects of 2^58 bytes (k=1, n=256 over 256 announced nodes), each placed fine, once summed past SQLite's
+    64-bit integers and every later place of that account was a 500 (sqlite3 "integer overflow")."""
+    mediator = await start_mediator(nursery, tmp_path / "mediator")
+    account = SigningKey.generate()
+    layout = ObjectLayout(2**50 - 2**29, 64 << 20, 1, 256)
+    statuses = []
+    async with rpc.new_client() as client:
+        await _announce_many(client, mediator.url, 256, 1 << 60)
+        for _ in range(2**63 // (layout.share_size * layout.n) + 2):
+            specs = tuple(ShareSpec(i, new_share_id(), layout.share_size, os.urandom(32)) for i in range(layout.n))
+            req = PlaceRequest(new_object_id(), layout, specs)  # type: ignore[arg-type]
+            target = f"{mediator.url}/v1/objects/place"
+            body = canonical_json(req.to_json())
+            response = await client.post(target, content=body,
+                                         headers=rpc.signed_headers(account, "POST", target, body))
+            statuses.append(response.status_code)
+            if response.status_code != 200:
+                break
+        assert statuses[-1] == 422 and "more than" in response.json()["error"], (statuses, response.text)
+        placed = mediator.service.db.account_bytes(account.id, committed_only=False)
+        assert placed == (len(statuses) - 1) * layout.share_size * layout.n  # the refused one changed nothing
+        target = f"{mediator.url}/v1/account"
+        account_answer = await client.get(target, headers=rpc.signed_headers(account, "GET", target, b""))
+        assert account_answer.status_code == 200, account_answer.text

@@ -6,6 +6,8 @@ The server drains a refused body of up to DRAIN_BYTES before answering, so a cli
 
 from __future__ import annotations
 
+import socket
+
 import httpx
 import trio
 
@@ -29,4 +31,34 @@ async def test_oversized_bodies_get_their_413_every_time() -> None:
                 assert "exceeds the limit of 1024" in response.json()["error"]
             ok = await client.post(url + "/small", content=b"{}")
             assert ok.status_code == 200 and ok.json() == {"ok": True}
+        nursery.cancel_scope.cancel()
+
+
+def _announce_much_send_little(port: int) -> None:
+    with socket.create_connection(("127.0.0.1", port), timeout=5) as sock:
+        sock.sendall(b"POST /small HTTP/1.1\r\nhost: x\r\ncontent-length: 1099511627776\r\nconnection: close\r\n\r\n"
+                     + b"x" * 2000)
+        sock.shutdown(socket.SHUT_WR)
+        try:
+            while sock.recv(4096):
+                pass
+        except OSError:  # reset: the server closed with our bytes unread
+            pass
+
+
+async def test_a_body_cut_short_after_an_early_answer_does_not_stop_the_server() -> None:
+    """A client announcing a huge body, sending a little and closing its side, gets its early 413 while hypercorn
+    answers the broken framing itself and closes the socket: the two sends once met in hypercorn's trio worker
+    (trio.BusyResourceError) and that escaped the connection's task and stopped the whole server."""
+    router = Router()
+    router.add("POST", "/small", _small_only)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_app, App(router), "127.0.0.1", 0)
+        port = httpx.URL(url).port
+        assert port is not None
+        for _ in range(100):  # the race needs the client in another thread, as a real one is
+            await trio.to_thread.run_sync(_announce_much_send_little, port)
+        async with httpx.AsyncClient(timeout=5, trust_env=False) as client:
+            ok = await client.post(url + "/small", content=b"{}")
+        assert ok.status_code == 200
         nursery.cancel_scope.cancel()
