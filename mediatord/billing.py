@@ -40,6 +40,7 @@ from . import registry
 from .db import MediatorDB
 from .ledger import (
     FEES,
+    MAX_AMOUNT,
     MSAT_PER_SAT,
     WORLD_DEPOSITS,
     WORLD_PAYOUTS,
@@ -120,14 +121,15 @@ def bill_due_periods(db: MediatorDB, pricing: PricingScheme, period: float, now:
         out = db.accounts_out_of_funds()
         postings = []
         for account_id, weighted in owed.items():
-            cost = storage_cost(weighted, 1)
+            # at most every bitcoin there will be: a huge ask times a huge object is past what SQLite holds
+            cost = min(storage_cost(weighted, 1), MAX_AMOUNT)
             balance = balances.get(client_account(account_id), 0)
             paid = min(cost, balance)
             if paid > 0:
                 postings.append(Posting(f"charge:{period_id}:{account_id}", "charge", client_account(account_id),
                                         FEES, paid, now, f"storage {start:.0f}..{end:.0f}"))
-            charged += paid
-            unpaid += cost - paid
+            charged = min(charged + paid, MAX_AMOUNT)  # period totals, for the record: capped likewise
+            unpaid = min(unpaid + cost - paid, MAX_AMOUNT)
             if cost > balance and account_id not in out:
                 db.set_out_since(account_id, now)
                 ran_out.append(account_id)
