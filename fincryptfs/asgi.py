@@ -48,7 +48,13 @@ class Response:
 
 
 def json_response(value: Any, status: int = 200, headers: Mapping[str, str] | None = None) -> Response:
-    return Response(status, canonical_json(value), {"content-type": "application/json", **(headers or {})})
+    """An answer in canonical JSON. A value that cannot be encoded is this daemon's fault, not the caller's: a
+    500 with the traceback logged, not the 400 that ``canonical_json``'s error would otherwise map to."""
+    try:
+        body = canonical_json(value)
+    except ProtocolError as exc:
+        raise ValueError(f"this daemon's answer cannot be encoded: {exc}") from exc
+    return Response(status, body, {"content-type": "application/json", **(headers or {})})
 
 
 def error_response(status: int, message: str) -> Response:

@@ -62,3 +62,21 @@ async def test_a_body_cut_short_after_an_early_answer_does_not_stop_the_server()
             ok = await client.post(url + "/small", content=b"{}")
         assert ok.status_code == 200
         nursery.cancel_scope.cancel()
+
+
+async def test_an_answer_the_daemon_cannot_encode_is_its_own_500_not_the_callers_400(caplog: object) -> None:
+    """A total past 64 bits (once: free space summed over nodes) made the answer unencodable, and the 400 told
+    the caller its request was wrong."""
+    async def too_big(request: Request) -> Response:
+        return json_response({"free_bytes": 2**64})
+
+    router = Router()
+    router.add("GET", "/total", too_big)
+    async with trio.open_nursery() as nursery:
+        url = await nursery.start(serve_app, App(router), "127.0.0.1", 0)
+        async with httpx.AsyncClient(timeout=30, trust_env=False) as client:
+            response = await client.get(url + "/total")
+        nursery.cancel_scope.cancel()
+    assert response.status_code == 500
+    assert any("cannot be encoded" in r.getMessage() or "cannot be encoded" in str(r.exc_info)
+               for r in caplog.records)  # type: ignore[attr-defined]
