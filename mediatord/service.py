@@ -103,6 +103,7 @@ class MediatorService:
         self.client_rule: AcceptanceRule = acceptance_rule(settings.accept_clients, "MEDIATORD_ACCEPT_CLIENTS")
         self.node_rule: AcceptanceRule = acceptance_rule(settings.accept_nodes, "MEDIATORD_ACCEPT_NODES")
         self.out_of_turn = OutOfTurnAudits(out_of_turn_gap(settings.audit_period))  # nodes clients reported
+        self._round_id = 0  # the last audit round id handed out (see new_round_id)
         self.payments = Payments(settings, db, self.pricing)
         self.bound_url: str | None = None  # set once the HTTP server is bound (see audiences)
 
@@ -120,6 +121,13 @@ class MediatorService:
         return {"accepted": True, "mediator_id": self.id, "public_key": self.key.public.to_text(),
                 "next_announce_in": int(max(1, min(300, self.settings.node_offline_after / 3))),
                 "earnings": billing.node_earnings(self.db, self.settings, ann.node_id)}
+
+    def new_round_id(self) -> int:
+        """An audit round id no other audit has had or will get. Periodic and out-of-turn audits run in
+        different tasks, and the database learns of a round only when its first node is challenged: both read
+        from it could get the same id, and then share one (round, node) row, nonce and pass."""
+        self._round_id = max(self._round_id, self.db.next_round_id() - 1) + 1
+        return self._round_id
 
     def online_node_ids(self) -> set[str]:
         return {n.node_id for n in self.db.nodes("online")}

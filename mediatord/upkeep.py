@@ -64,7 +64,7 @@ async def audit_round(service: MediatorService, client: httpx.AsyncClient, now: 
                       ) -> dict[str, audit_logic.AuditOutcome]:
     """Challenge every online (or unresponsive) node holding shares, concurrently; record each outcome."""
     db = service.db
-    round_id = db.next_round_id()
+    round_id = service.new_round_id()
     results: dict[str, audit_logic.AuditOutcome] = {}
     limiter = trio.CapacityLimiter(AUDIT_CONCURRENCY)
     async with trio.open_nursery() as nursery:
@@ -81,7 +81,7 @@ async def requested_audits(service: MediatorService, client: httpx.AsyncClient, 
     for node_id in service.out_of_turn.take_due(now):
         node, shares = service.db.node(node_id), service.db.audit_shares(node_id)
         if node is not None and node.state in ("online", "unresponsive") and shares:
-            results[node_id] = await audit_node(service, client, node, service.db.next_round_id(), shares, now)
+            results[node_id] = await audit_node(service, client, node, service.new_round_id(), shares, now)
     return results
 
 

@@ -140,3 +140,12 @@ def test_a_database_from_before_stored_bytes_opens_with_them_filled(tmp_path: Pa
             assert expected > 0 and db.account_bytes(account_id, committed_only=True) == expected
     finally:
         db.close()
+
+
+def test_audit_round_ids_are_never_handed_out_twice() -> None:
+    """A periodic round and an out-of-turn audit asking for an id before either has challenged a node (the
+    database's maximum not moved yet) got the same id, and then shared one row, nonce and pass per node."""
+    with service() as svc:
+        assert [svc.new_round_id(), svc.new_round_id()] == [1, 2]
+        svc.db.start_round(7, "a" * 64, b"n" * 16, 0.0)  # rounds recorded before this process started
+        assert [svc.new_round_id(), svc.new_round_id()] == [8, 9]
