@@ -15,7 +15,8 @@ from clientdata_support import open_store
 from netfixtures import start_network
 from test_network import make_file, stored_indices
 
-from fincryptfs import uploader
+from fincryptfs import downloader, uploader
+from fincryptfs.objectstore import ReadError
 
 
 async def test_a_node_trickling_its_put_answer_is_given_up_on(tmp_path: Path, nursery: trio.Nursery,
@@ -35,3 +36,26 @@ async def test_a_node_trickling_its_put_answer_is_given_up_on(tmp_path: Path, nu
         assert net.nodes[bad].node_id not in {s.node_id for s in info.shares if s.state == "stored"}
         net.gates[bad].trickle = None
         assert await store.read_range(obj, 0, len(data)) == data
+
+
+async def test_a_read_from_trickling_nodes_ends_in_a_read_error(tmp_path: Path, nursery: trio.Nursery,
+                                                                monkeypatch: pytest.MonkeyPatch) -> None:
+    """With only two healthy holders of a k = 3 object and four that trickle their answers, a read must fail
+    (EIO at the mount) in bounded time, naming the slow nodes, instead of waiting for ever; with three healthy
+    ones it is served by them."""
+    monkeypatch.setattr(downloader, "GET_GRACE", 1.0)
+    net = await start_network(tmp_path, nursery, nodes=6, gated=True)
+    async with open_store(net.mediator_url, tmp_path, segment_size=16384, hedge_after=0.3) as store:
+        data = make_file(tmp_path / "src", 100_000, 2)
+        obj = await store.put_file(tmp_path / "src")
+        for gate in net.gates[:3]:
+            gate.trickle = 0.2
+        with trio.fail_after(15):
+            assert await store.read_range(obj, 0, len(data)) == data
+        net.gates[3].trickle = 0.2
+        with trio.fail_after(15), pytest.raises(ReadError) as caught:
+            await store.read_range(obj, 0, len(data))
+        assert "only 2 of the 3 shares" in str(caught.value)
+        assert "did not send" in str(caught.value)
+        for gate in net.gates:
+            gate.trickle = None
