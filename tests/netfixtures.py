@@ -83,10 +83,10 @@ class Gate:
                 damaged[self.flip_at - seen] ^= 0x01
                 data, self.flip_at, self.flipped = bytes(damaged), None, True
             seen += len(data)
-            if not to_node and self.trickle is not None:
+            if not to_node and (trickle := self.trickle) is not None:
                 for at in range(len(data)):
                     await sink.send_all(data[at:at + 1])
-                    await trio.sleep(self.trickle)
+                    await trio.sleep(trickle)
                 continue
             await sink.send_all(data)
         await sink.send_eof()

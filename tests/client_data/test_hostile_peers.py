@@ -15,8 +15,9 @@ from clientdata_support import open_store
 from netfixtures import start_network
 from test_network import make_file, stored_indices
 
-from fincryptfs import downloader, uploader
-from fincryptfs.objectstore import ReadError
+from fincryptfs import downloader, mediator_client, uploader
+from fincryptfs.objectstore import ReadError, UploadError
+from fincryptfs.rpc import PeerError
 
 
 async def test_a_node_trickling_its_put_answer_is_given_up_on(tmp_path: Path, nursery: trio.Nursery,
@@ -59,3 +60,73 @@ async def test_a_read_from_trickling_nodes_ends_in_a_read_error(tmp_path: Path, 
         assert "did not send" in str(caught.value)
         for gate in net.gates:
             gate.trickle = None
+
+
+class FakeMediator:
+    """A mediator on a raw socket that reads each request whole and then misbehaves as ``mode`` says."""
+
+    def __init__(self, mode: str) -> None:
+        self.mode = mode
+        self.sent = 0  # answer bytes sent, all connections together
+        self.requests: list[bytes] = []  # request lines
+
+    async def serve(self, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED) -> None:
+        listeners = await trio.open_tcp_listeners(0, host="127.0.0.1")
+        task_status.started(f"http://127.0.0.1:{listeners[0].socket.getsockname()[1]}")
+        await trio.serve_listeners(self._handle, listeners)
+
+    async def _handle(self, stream: trio.SocketStream) -> None:
+        try:
+            async with stream:
+                request = b""
+                while b"\r\n\r\n" not in request:
+                    request += await stream.receive_some(65536)
+                head, _, body = request.partition(b"\r\n\r\n")
+                self.requests.append(head.split(b"\r\n")[0])
+                length = next((int(line.split(b":")[1]) for line in head.split(b"\r\n")
+                               if line.lower().startswith(b"content-length:")), 0)
+                while len(body) < length:
+                    body += await stream.receive_some(65536)
+                await self._answer(stream)
+        except (trio.BrokenResourceError, trio.ClosedResourceError):
+            pass
+
+    async def _answer(self, stream: trio.SocketStream) -> None:
+        if self.mode == "silent":
+            await trio.sleep_forever()
+        if self.mode == "trickle":
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\ncontent-length: 1000\r\n\r\n")
+            while True:
+                await stream.send_all(b" ")
+                self.sent += 1
+                await trio.sleep(0.2)
+        if self.mode == "flood":
+            await stream.send_all(b"HTTP/1.1 200 OK\r\ncontent-type: application/json\r\n"
+                                  b"content-length: 1099511627776\r\n\r\n")
+            while self.sent < 64 * 2**20:
+                await stream.send_all(b" " * 65536)
+                self.sent += 65536
+            await trio.sleep_forever()
+        raise AssertionError(self.mode)
+
+
+@pytest.mark.parametrize("mode", ["silent", "trickle", "flood"])
+async def test_a_mediator_that_stalls_trickles_or_floods_is_given_up_on(tmp_path: Path, nursery: trio.Nursery,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        mode: str) -> None:
+    """Every call to a mediator is bounded in time and in the bytes it buffers, however the mediator paces its
+    answer; the failure says which mediator and what it did."""
+    monkeypatch.setattr(mediator_client, "ANSWER_DEADLINE", 1.0)
+    monkeypatch.setattr(mediator_client, "MAX_ANSWER", 2**20)
+    fake = FakeMediator(mode)
+    url = await nursery.start(fake.serve)
+    expected = "longer than 1048576 bytes" if mode == "flood" else "did not answer GET /v1/account within 1 s"
+    async with open_store(url, tmp_path) as store:
+        with trio.fail_after(10):
+            with pytest.raises(PeerError, match=expected):
+                await store.account()
+            src = tmp_path / "src"
+            src.write_bytes(b"x" * 10_000)
+            with pytest.raises(UploadError, match="could not place object"):
+                await store.put_file(src)
+    assert fake.sent < 8 * 2**20
