@@ -18,7 +18,15 @@ from .core.identity import SigningKey
 from .core.ids import NodeId, ShareId, parse_node_id, parse_object_id, parse_share_id
 from .core.layout import ObjectLayout
 from .core.merkle import HASH_BYTES
-from .core.messages import CommitRequest, ManifestPointer, Placement, PlaceRequest, layout_from_json
+from .core.messages import (
+    MAX_URL_LEN,
+    CommitRequest,
+    ManifestPointer,
+    Placement,
+    PlaceRequest,
+    check_url,
+    layout_from_json,
+)
 from .core.wire import Envelope, Fields
 from .rpc import PeerError, call, call_json
 
@@ -67,8 +75,9 @@ class ObjectInfo:
             s = Fields(item, "share location")
             shares.append(ShareLocation(
                 s.int("index", hi=255), parse_share_id(s.raw("share_id")), parse_node_id(s.raw("node_id")),
-                s.str("node_url", max_len=512, pattern=r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?"
-                      ).rstrip("/"),
+                # the check every node URL gets where it enters (a weaker pattern let through URLs httpx refuses,
+                # whose InvalidURL then escaped the read path)
+                check_url(s.str("node_url", max_len=MAX_URL_LEN), "node_url").rstrip("/"),
                 s.bytes("merkle_root", length=HASH_BYTES, optional=True), s.int("share_size", hi=2**50),
                 s.str("state", max_len=32)))
         health = f.raw("health")

@@ -130,3 +130,28 @@ async def test_a_mediator_that_stalls_trickles_or_floods_is_given_up_on(tmp_path
             with pytest.raises(UploadError, match="could not place object"):
                 await store.put_file(src)
     assert fake.sent < 8 * 2**20
+
+
+@pytest.mark.parametrize("odd_url", ["http://1.2.3.999:1", "http://127.0.0.1:99999", "http://[::1"])
+async def test_a_share_located_at_an_unusable_url_is_a_clear_read_error(tmp_path: Path, nursery: trio.Nursery,
+                                                                        monkeypatch: pytest.MonkeyPatch,
+                                                                        odd_url: str) -> None:
+    """The mediator promises node URLs that parse (protocol.md); one that does not is its malformed answer,
+    said so, not an httpx error escaping the read path (at the mount: an EIO with a traceback)."""
+    net = await start_network(tmp_path, nursery, nodes=6)
+    async with open_store(net.mediator_url, tmp_path, segment_size=16384) as store:
+        data = make_file(tmp_path / "src", 50_000, 3)
+        obj = await store.put_file(tmp_path / "src")
+        real_json = store.mediator._json
+
+        async def odd_answer(method: str, path: str, body: object = None) -> dict[str, object]:
+            answer = await real_json(method, path, body)
+            if path.startswith("/v1/objects/"):
+                answer["shares"][0]["node_url"] = odd_url  # type: ignore[index]
+            return answer
+
+        monkeypatch.setattr(store.mediator, "_json", odd_answer)
+        with pytest.raises(ReadError, match="malformed object info: node_url .*(valid|must be)"):
+            await store.read_range(obj, 0, len(data))
+        monkeypatch.undo()
+        assert await store.read_range(obj, 0, len(data)) == data
