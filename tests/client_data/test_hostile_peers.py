@@ -15,7 +15,10 @@ from clientdata_support import open_store
 from netfixtures import start_network
 from test_network import make_file, stored_indices
 
-from fincryptfs import downloader, mediator_client, uploader
+from fincryptfs import cli, downloader, mediator_client, uploader
+from fincryptfs.core.crypto import new_master_key
+from fincryptfs.core.settings import ClientSettings
+from fincryptfs.keystore import save_key_file
 from fincryptfs.objectstore import ReadError, UploadError
 from fincryptfs.rpc import PeerError
 
@@ -155,3 +158,21 @@ async def test_a_share_located_at_an_unusable_url_is_a_clear_read_error(tmp_path
             await store.read_range(obj, 0, len(data))
         monkeypatch.undo()
         assert await store.read_range(obj, 0, len(data)) == data
+
+
+async def test_status_says_when_the_mediator_did_not_answer(tmp_path: Path, nursery: trio.Nursery,
+                                                            monkeypatch: pytest.MonkeyPatch) -> None:
+    """``fincryptfs status`` against a mediator that sends a byte now and then: bounded, and it says so rather
+    than print the mediator's URL as if all were well next to files without health."""
+    monkeypatch.setattr(cli, "HEALTH_WAIT", 0.5)
+    monkeypatch.setattr(mediator_client, "ANSWER_DEADLINE", 2.0)  # longer than status waits, as in use
+    url = await nursery.start(FakeMediator("trickle").serve)
+    settings = ClientSettings.from_env({"FINCRYPT_DATA_DIR": str(tmp_path / "data"), "FINCRYPT_MEDIATOR_URL": url},
+                                       home=tmp_path)
+    save_key_file(settings.key_file, new_master_key(), None)
+    files: list[dict[str, object]] = [{"object_id": "ab" * 32}]
+    with trio.fail_after(10):
+        line = await cli._add_health(settings, files)
+        account = await cli._account_state(settings)
+    assert line.startswith(url) and "no answer within 0.5 s" in line
+    assert account is not None and "did not answer GET /v1/account within 2 s" in str(account["error"])
