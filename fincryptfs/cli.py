@@ -408,6 +408,9 @@ def cmd_status(args: argparse.Namespace) -> int:
     return 0
 
 
+HEALTH_WAIT = 30.0  # seconds ``status`` waits for the mediator's view of every file's shares
+
+
 async def _add_health(settings: ClientSettings, files: list[dict[str, Any]]) -> str:
     """Fill shares_healthy/shares_total from the mediator; returns a one-line mediator state."""
     import trio
@@ -442,10 +445,12 @@ async def _add_health(settings: ClientSettings, files: list[dict[str, Any]]) -> 
                 except (FincryptError, KeyError, ValueError, TypeError) as exc:
                     errors.append(str(exc))
 
-        with trio.move_on_after(30):
+        with trio.move_on_after(HEALTH_WAIT) as waiting:
             async with trio.open_nursery() as nursery:
                 for object_id, entries in by_object.items():
                     nursery.start_soon(one, object_id, entries)
+    if waiting.cancelled_caught:  # said first: the files' "-" would otherwise look like files never uploaded
+        errors.insert(0, f"no answer within {HEALTH_WAIT:g} s, share health not shown for every file")
     return f"{settings.mediator_url} ({len(errors)} error(s): {errors[0]})" if errors else settings.mediator_url
 
 

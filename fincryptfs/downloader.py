@@ -37,6 +37,11 @@ if TYPE_CHECKING:
 log = logging.getLogger(__name__)
 
 MAX_RUN_SHARE_BYTES = 8 * 2**20
+# A ranged GET must be over within GET_GRACE seconds plus one second per GET_MIN_RATE bytes asked (8 MiB: 158 s).
+# httpx's timeouts are per read: a node sending a byte now and then never trips them, and a read with no other
+# node left to ask waited for it for ever. Fastest-first hedging overtakes a slow node long before this.
+GET_GRACE = 30.0
+GET_MIN_RATE = 64 * 1024
 _HEALTHY_STATES = frozenset({"stored", "proven"})
 _BAD_STATES = frozenset({"lost", "missing", "deleted", "failed"})
 
@@ -284,21 +289,26 @@ async def get_leaf_range(store: ObjectStore, url: str, limit: int, node_id: str)
     so no httpx Response (which sits in a reference cycle) keeps a run's bytes alive until the next GC pass.
     """
     headers = signed_headers(store.account_key, "GET", url, b"", audience=node_id)
+    allowed = GET_GRACE + limit / GET_MIN_RATE
     try:
-        async with store.http.stream("GET", url, headers=headers) as response:
-            cap = limit if response.status_code == 200 else 4096
-            body = bytearray(cap)  # filled in place: growing it chunk by chunk cost a copy per reallocation
-            filled = 0
-            with memoryview(body) as view:
-                async for chunk in response.aiter_raw():
-                    if filled + len(chunk) > cap:
-                        if response.status_code == 200:
-                            raise IntegrityError(f"{_peer(url)} sent more than the {limit} bytes asked for")
-                        break
-                    view[filled:filled + len(chunk)] = chunk
-                    filled += len(chunk)
-            del body[filled:]
-            status, proof = response.status_code, response.headers.get("fincrypt-proof", "")
+        with trio.fail_after(allowed):
+            async with store.http.stream("GET", url, headers=headers) as response:
+                cap = limit if response.status_code == 200 else 4096
+                body = bytearray(cap)  # filled in place: growing it chunk by chunk cost a copy per reallocation
+                filled = 0
+                with memoryview(body) as view:
+                    async for chunk in response.aiter_raw():
+                        if filled + len(chunk) > cap:
+                            if response.status_code == 200:
+                                raise IntegrityError(f"{_peer(url)} sent more than the {limit} bytes asked for")
+                            break
+                        view[filled:filled + len(chunk)] = chunk
+                        filled += len(chunk)
+                del body[filled:]
+                status, proof = response.status_code, response.headers.get("fincrypt-proof", "")
+    except trio.TooSlowError as exc:
+        raise PeerError(f"{_peer(url)} did not send the {limit} bytes asked for within {allowed:.0f} s (too slow "
+                        "or stalling)") from exc
     except httpx.HTTPError as exc:
         raise PeerError(f"{_peer(url)} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
     if status != 200:

@@ -18,9 +18,29 @@ from .core.identity import SigningKey
 from .core.ids import NodeId, ShareId, parse_node_id, parse_object_id, parse_share_id
 from .core.layout import ObjectLayout
 from .core.merkle import HASH_BYTES
-from .core.messages import CommitRequest, ManifestPointer, Placement, PlaceRequest, layout_from_json
+from .core.messages import (
+    MAX_URL_LEN,
+    CommitRequest,
+    ManifestPointer,
+    Placement,
+    PlaceRequest,
+    check_url,
+    layout_from_json,
+)
 from .core.wire import Envelope, Fields
 from .rpc import PeerError, call, call_json
+
+# Every answer of a mediator is small JSON (the largest, the node list, is ~250 bytes a node). A mediator that
+# sent without end used to be buffered whole (the mount's capacity refresh asks for the node list every
+# minute), and one that sent a byte now and then was waited for for ever (httpx's timeouts are per read).
+MAX_ANSWER = 64 << 20
+ANSWER_DEADLINE = 60.0  # seconds for one whole call, answer included
+
+
+def limits() -> dict[str, Any]:
+    """``rpc.call`` keywords that bound a call to a mediator in time and size (read when called: tests shorten
+    them)."""
+    return {"max_answer": MAX_ANSWER, "deadline": ANSWER_DEADLINE}
 
 
 @dataclass(frozen=True)
@@ -55,8 +75,9 @@ class ObjectInfo:
             s = Fields(item, "share location")
             shares.append(ShareLocation(
                 s.int("index", hi=255), parse_share_id(s.raw("share_id")), parse_node_id(s.raw("node_id")),
-                s.str("node_url", max_len=512, pattern=r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?"
-                      ).rstrip("/"),
+                # the check every node URL gets where it enters (a weaker pattern let through URLs httpx refuses,
+                # whose InvalidURL then escaped the read path)
+                check_url(s.str("node_url", max_len=MAX_URL_LEN), "node_url").rstrip("/"),
                 s.bytes("merkle_root", length=HASH_BYTES, optional=True), s.int("share_size", hi=2**50),
                 s.str("state", max_len=32)))
         health = f.raw("health")
@@ -74,11 +95,11 @@ class MediatorClient:
         self.http = http
 
     async def _json(self, method: str, path: str, body: Any = None) -> dict[str, Any]:
-        return await call_json(self.http, method, self.url + path, key=self.account_key, json=body)
+        return await call_json(self.http, method, self.url + path, key=self.account_key, json=body, **limits())
 
     async def nodes(self) -> list[dict[str, Any]]:
         """The mediator's public node list (``GET /v1/nodes``)."""
-        answer = await call_json(self.http, "GET", self.url + "/v1/nodes")
+        answer = await call_json(self.http, "GET", self.url + "/v1/nodes", **limits())
         nodes = answer.get("nodes")
         if not isinstance(nodes, list):
             raise PeerError(f"mediator {self.url} sent a node list without 'nodes'")
@@ -109,13 +130,13 @@ class MediatorClient:
 
     async def delete_object(self, object_id: str) -> None:
         await call(self.http, "DELETE", f"{self.url}/v1/objects/{parse_object_id(object_id)}",
-                   key=self.account_key)
+                   key=self.account_key, **limits())
 
     async def report(self, object_id: str, share_id: str, node_id: str, problem: str) -> None:
         """Tell the mediator a node served a share that failed verification (it schedules a check)."""
         await call(self.http, "POST", f"{self.url}/v1/objects/{parse_object_id(object_id)}/report",
                    key=self.account_key,
-                   json={"share_id": share_id, "node_id": node_id, "problem": problem[:200]})
+                   json={"share_id": share_id, "node_id": node_id, "problem": problem[:200]}, **limits())
 
     async def get_pointer(self) -> Envelope | None:
         """The account's manifest pointer envelope, or None if it has none yet (its signature unchecked)."""

@@ -29,7 +29,7 @@ from pathlib import Path
 import pyfuse3
 import trio
 
-from . import meta, rpc
+from . import mediator_client, meta, rpc
 from .cache import CacheDir
 from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings
@@ -68,7 +68,8 @@ async def _refresh_capacity(ops: FincryptOperations, settings: ClientSettings, h
         except (sqlite3.Error, OSError) as exc:  # statfs keeps the last count
             log.warning("cannot count the tree's files: %s", exc)
         try:
-            info = await rpc.call_json(http, "GET", f"{settings.mediator_url}/v1/nodes")  # type: ignore[arg-type]
+            info = await rpc.call_json(http, "GET", f"{settings.mediator_url}/v1/nodes",  # type: ignore[arg-type]
+                                       **mediator_client.limits())
             ops.capacity = Capacity(int(info.get("capacity_bytes", 0)), int(info.get("free_bytes", 0)))
         except (FincryptError, ValueError, TypeError) as exc:
             log.debug("capacity refresh failed: %s", exc)

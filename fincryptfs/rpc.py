@@ -6,11 +6,13 @@ httpx exceptions never leave this module: a peer that cannot be reached or answe
 
 from __future__ import annotations
 
+import math
 import time
 from collections.abc import Mapping
 from typing import Any
 
 import httpx
+import trio
 
 from .core.errors import FincryptError
 from .core.identity import SigningKey
@@ -46,25 +48,56 @@ def signed_headers(key: SigningKey, method: str, url: str, body: bytes, audience
 
 async def call(client: httpx.AsyncClient, method: str, url: str, *, key: SigningKey | None = None,
                json: Any = None, content: bytes | None = None, headers: Mapping[str, str] | None = None,
-               timeout: httpx.Timeout | float | None = None, audience: str | None = None) -> httpx.Response:
+               timeout: httpx.Timeout | float | None = None, audience: str | None = None,
+               max_answer: int | None = None, deadline: float = math.inf) -> httpx.Response:
     """Send one request (signed with ``key`` if given, for ``audience``: see signed_headers) and return the 2xx
-    response, or raise PeerError."""
+    response, or raise PeerError.
+
+    ``max_answer``: read at most that many bytes of the answer, PeerError beyond (otherwise a peer could make
+    the caller buffer whatever it sends). ``deadline``: seconds for the whole exchange, however the peer paces
+    its bytes: httpx's timeouts are per read, and a peer sending a byte every few seconds never trips them.
+    """
     body = canonical_json(json) if json is not None else (content or b"")
     all_headers = dict(headers or {})
     if json is not None:
         all_headers["content-type"] = "application/json"
     kwargs: dict[str, Any] = {} if timeout is None else {"timeout": timeout}
     try:
-        if key is not None:  # inside: an unusable URL has no origin to sign for (ValueError)
-            all_headers.update(signed_headers(key, method, url, body, audience))
-        response = await client.request(method, url, content=body, headers=all_headers, **kwargs)
+        with trio.fail_after(deadline):
+            if key is not None:  # inside: an unusable URL has no origin to sign for (ValueError)
+                all_headers.update(signed_headers(key, method, url, body, audience))
+            if max_answer is None:
+                response = await client.request(method, url, content=body, headers=all_headers, **kwargs)
+            else:
+                response = await _request_capped(client, client.build_request(
+                    method, url, content=body, headers=all_headers, **kwargs), max_answer)
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         # InvalidURL is no HTTPError: a peer that announced an unusable URL is unreachable, not a crash
         raise PeerError(f"{_peer(url)} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
+    except trio.TooSlowError as exc:
+        raise PeerError(f"{_peer(url)} did not answer {method} {httpx.URL(url).path} within {deadline:g} s (too "
+                        "slow or stalling); try again later") from exc
     if response.status_code >= 300:
         raise PeerError(f"{_peer(url)} refused {method} {response.request.url.path}: {response.status_code} "
                         f"{_error_text(response)}", response.status_code)
     return response
+
+
+async def _request_capped(client: httpx.AsyncClient, request: httpx.Request, limit: int) -> httpx.Response:
+    """``request``'s response with its body read up to ``limit`` bytes (decoded); PeerError beyond."""
+    response = await client.send(request, stream=True)
+    try:
+        body = bytearray()
+        async for chunk in response.aiter_bytes():
+            body += chunk
+            if len(body) > limit:
+                raise PeerError(f"{_peer(str(request.url))} sent an answer to {request.method} {request.url.path} "
+                                f"longer than {limit} bytes", response.status_code)
+    finally:
+        await response.aclose()
+    kept = [(name, value) for name, value in response.headers.multi_items()
+            if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
+    return httpx.Response(response.status_code, headers=kept, content=bytes(body), request=request)
 
 
 async def call_json(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> dict[str, Any]:

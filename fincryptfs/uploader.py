@@ -58,6 +58,10 @@ SEND_QUEUE = 6  # blocks queued per share between the encoder and that share's P
 WRITE_PIECE = 2**20  # largest single write to a local file (see pwrite_all)
 RELEASE_RETRY = 0.2  # seconds between releases of an object whose place request was cut short
 MAX_PUT_ANSWER = 65536  # bytes of a node's answer to a PUT read at most: a signed receipt is about 1 KB
+# Seconds a node has for its whole answer (headers and receipt) once it has the share's last byte: it only has
+# to fsync and sign. httpx's timeouts are per read, so without this a node sending its answer a byte at a time
+# held the upload for as long as it liked (a 1 KB receipt at one byte every 20 s: over five hours).
+PUT_ANSWER_TIMEOUT = 60.0
 T = TypeVar("T")
 
 Block = bytes | memoryview
@@ -365,15 +369,23 @@ async def put_share(http: httpx.AsyncClient, placement: Placement, share_id: Sha
     headers = {"fincrypt-grant": placement.grant.to_header(), "content-length": str(share_size),
                "content-type": "application/octet-stream"}
 
+    answer_by = trio.CancelScope()  # its deadline starts once the body is sent
+
     async def body() -> AsyncIterator[bytes]:
         async for block in blocks:
             yield block  # type: ignore[misc]  # h11 sends any bytes-like object
+        answer_by.deadline = trio.current_time() + PUT_ANSWER_TIMEOUT
 
-    try:
-        async with http.stream("PUT", url, content=body(), headers=headers) as response:
-            answer, whole = await read_at_most(response, MAX_PUT_ANSWER)
-    except httpx.HTTPError as exc:
-        raise PeerError(f"node {placement.node_url} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
+    with answer_by:
+        try:
+            async with http.stream("PUT", url, content=body(), headers=headers) as response:
+                answer, whole = await read_at_most(response, MAX_PUT_ANSWER)
+        except httpx.HTTPError as exc:
+            raise PeerError(f"node {placement.node_url} is unreachable: {type(exc).__name__} {exc}".rstrip()
+                            ) from exc
+    if answer_by.cancelled_caught:
+        raise PeerError(f"node {placement.node_url} did not answer within {PUT_ANSWER_TIMEOUT:g} s of receiving "
+                        f"share {placement.index} (too slow or stalling): the share goes to another node")
     if response.status_code != 201:
         raise PeerError(f"node {placement.node_url} refused share {placement.index}: {response.status_code} "
                         f"{answer[:300].decode('utf-8', 'replace')}", response.status_code)

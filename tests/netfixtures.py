@@ -59,6 +59,8 @@ class Gate:
         self.target: tuple[str, int] | None = None
         self.flip_at: int | None = None  # once: flip the byte this far into the next request stream to the node
         self.flipped = False
+        self.trickle: float | None = None  # answers go back one byte every this many seconds: a node that never
+        # pauses long enough for a per-read timeout, yet never finishes
         self.accepted = 0  # connections accepted so far (forwarded or held)
         self._open = trio.Event()
         self._open.set()
@@ -81,6 +83,11 @@ class Gate:
                 damaged[self.flip_at - seen] ^= 0x01
                 data, self.flip_at, self.flipped = bytes(damaged), None, True
             seen += len(data)
+            if not to_node and (trickle := self.trickle) is not None:
+                for at in range(len(data)):
+                    await sink.send_all(data[at:at + 1])
+                    await trio.sleep(trickle)
+                continue
             await sink.send_all(data)
         await sink.send_eof()
 
