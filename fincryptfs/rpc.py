@@ -100,6 +100,21 @@ async def _request_capped(client: httpx.AsyncClient, request: httpx.Request, lim
     return httpx.Response(response.status_code, headers=kept, content=bytes(body), request=request)
 
 
+async def read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
+    """The body of a streamed ``response``, read up to ``limit`` bytes; and whether that was all of it.
+
+    So that a peer cannot make us buffer whatever it sends (the client's reads cap their GETs the same way).
+    Raw bytes, never decompressed: a small compressed answer cannot expand past the limit either.
+    """
+    body = bytearray()
+    async for chunk in response.aiter_raw():
+        if len(body) + len(chunk) > limit:
+            body += chunk[:limit - len(body)]
+            return bytes(body), False
+        body += chunk
+    return bytes(body), True
+
+
 async def call_json(client: httpx.AsyncClient, method: str, url: str, **kwargs: Any) -> dict[str, Any]:
     response = await call(client, method, url, **kwargs)
     try:

@@ -46,7 +46,7 @@ from .core.messages import (
 from .core.objectcodec import encode_segment_blocks, plan_object, segment_plaintext
 from .core.wire import Envelope, decode_object
 from .objectstore import FileChangedError, ShareRef, StoredObject, UploadError
-from .rpc import PeerError
+from .rpc import PeerError, read_at_most
 
 if TYPE_CHECKING:
     from .objectstore import ObjectStore
@@ -333,21 +333,6 @@ class Source:
 
 
 # --- sending shares -------------------------------------------------------------------------------------------
-
-
-async def read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bool]:
-    """The body of a streamed ``response``, read up to ``limit`` bytes; and whether that was all of it.
-
-    So that a node cannot make the client buffer whatever it sends (the read path caps its GETs the same way).
-    Raw bytes, never decompressed: a small compressed answer cannot expand past the limit either.
-    """
-    body = bytearray()
-    async for chunk in response.aiter_raw():
-        if len(body) + len(chunk) > limit:
-            body += chunk[:limit - len(body)]
-            return bytes(body), False
-        body += chunk
-    return bytes(body), True
 
 
 @dataclass(frozen=True)

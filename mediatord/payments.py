@@ -157,10 +157,11 @@ async def finish_payouts(payments: Payments, now: float) -> list[int]:
 async def send_webhook(client: httpx.AsyncClient, url: str, account_id: str, state: billing.AccountStanding
                        ) -> None:
     try:
-        await client.post(url, json={"event": "low_balance", "account_id": account_id, **state.to_json()},
-                          timeout=10)
-    except httpx.HTTPError as exc:
-        log.warning("low-balance webhook %s failed: %s", url, exc)
+        with trio.fail_after(30):  # timeouts are per read: a receiver answering a byte at a time held the pass
+            await client.post(url, json={"event": "low_balance", "account_id": account_id, **state.to_json()},
+                              timeout=10)
+    except (httpx.HTTPError, trio.TooSlowError) as exc:
+        log.warning("low-balance webhook %s failed: %s", url, exc or "no answer within 30 s")
 
 
 async def payments_pass(payments: Payments, client: httpx.AsyncClient | None, now: float) -> PassReport:

@@ -21,7 +21,7 @@ from fincryptfs.core.layout import ObjectLayout
 from fincryptfs.core.merkle import HASH_BYTES, LEAF_SIZE, verify_run
 from fincryptfs.core.messages import ProofResponse, StorageReceipt
 from fincryptfs.core.wire import Envelope, Fields, b64decode, decode_object
-from fincryptfs.rpc import PeerError, call
+from fincryptfs.rpc import PeerError, call, read_at_most
 
 from . import audit as audit_logic
 from . import registry
@@ -39,17 +39,33 @@ CHALLENGE_BATCH = 10_000  # shares per challenge request: one leaf each makes an
 
 @dataclass(frozen=True)
 class UpkeepSettings:
-    """Derived timings: short audit periods (tests) shrink timeouts and retry gaps with them."""
+    """Derived timings: short audit periods (tests) shrink timeouts and retry gaps with them.
+
+    ``request_timeout`` bounds each read (httpx's timeouts are per read); ``exchange_deadline`` bounds a whole
+    request and its answer, so that a node sending its answer a byte at a time (never pausing long enough for a
+    per-read timeout) cannot hold up an audit round, a repair or the releases, which run one after another."""
 
     retry_delay: float
     request_timeout: float
     disqualify_after: int
+
+    @property
+    def exchange_deadline(self) -> float:
+        return 2 * self.request_timeout
+
+    def transfer_deadline(self, nbytes: int) -> float:
+        """For an exchange carrying ``nbytes``: the above plus one second per MIN_TRANSFER_RATE bytes."""
+        return self.exchange_deadline + nbytes / MIN_TRANSFER_RATE
 
     @classmethod
     def from_service(cls, service: MediatorService) -> UpkeepSettings:
         period = service.settings.audit_period
         return cls(retry_delay=min(30.0, period / 10), request_timeout=min(60.0, max(2.0, period)),
                    disqualify_after=service.settings.disqualify_after)
+
+
+MIN_TRANSFER_RATE = 64 * 1024  # bytes/s below which a node is given up on, whatever its per-read pace
+MAX_SMALL_ANSWER = 65536  # a node's answer to a DELETE or a PUT (a signed receipt is about 1 KB)
 
 
 def _max_proof_bytes(share_count: int, leaves: int) -> int:
@@ -106,8 +122,10 @@ async def probe_node(service: MediatorService, client: httpx.AsyncClient, node: 
     was nothing to prove."""
     challenge = audit_logic.start_audit(service.id, node.node_id, round_id, (), 1).challenge
     try:
+        timing = UpkeepSettings.from_service(service)
         response = await call(client, "POST", f"{node.url}/v1/challenges", key=service.key, json=challenge.to_json(),
-                              timeout=UpkeepSettings.from_service(service).request_timeout)
+                              timeout=timing.request_timeout, max_answer=_max_proof_bytes(0, 1),
+                              deadline=timing.exchange_deadline)
         proof = _decode_proof(response.content, PublicKey(node.public_key), _max_proof_bytes(0, 1))
     except (PeerError, ProtocolError) as exc:
         log.info("unresponsive node %s still does not answer: %s", node.node_id[:16], exc)
@@ -132,10 +150,11 @@ async def audit_node(service: MediatorService, client: httpx.AsyncClient, node: 
     key = PublicKey(node.public_key)
     while not audit_logic.is_finished(state, settings.audit_retries):
         challenge = state.next_challenge(CHALLENGE_BATCH)
+        limit = _max_proof_bytes(len(challenge.share_ids), challenge.leaves_per_share)
         try:
             response = await call(client, "POST", f"{node.url}/v1/challenges", key=service.key, audience=node.node_id,
-                                  json=challenge.to_json(), timeout=timing.request_timeout)
-            limit = _max_proof_bytes(len(challenge.share_ids), challenge.leaves_per_share)
+                                  json=challenge.to_json(), timeout=timing.request_timeout, max_answer=limit,
+                                  deadline=timing.transfer_deadline(limit))
             proof = await trio.to_thread.run_sync(_decode_proof, response.content, key, limit, limiter=CPU)
         except (PeerError, ProtocolError) as exc:
             log.info("audit of node %s, attempt %d: %s", node.node_id[:16], state.attempts + 1, exc)
@@ -218,8 +237,9 @@ async def release_pass(service: MediatorService, client: httpx.AsyncClient, now:
             db.release_done(share_id, node_id)
             continue
         try:
+            timing = UpkeepSettings.from_service(service)
             await call(client, "DELETE", f"{node.url}/v1/shares/{share_id}", key=service.key, audience=node.node_id,
-                       timeout=UpkeepSettings.from_service(service).request_timeout)
+                       timeout=timing.request_timeout, max_answer=MAX_SMALL_ANSWER, deadline=timing.exchange_deadline)
         except PeerError as exc:
             if exc.status == 404 or attempts + 1 >= MAX_RELEASE_ATTEMPTS:
                 db.release_done(share_id, node_id)
@@ -280,9 +300,10 @@ async def _read_range(service: MediatorService, client: httpx.AsyncClient, share
         raise PeerError(f"node {share.node_id[:16]} is not registered")
     first = start // LEAF_SIZE
     count = max(1, -(-end // LEAF_SIZE) - first)
+    timing = UpkeepSettings.from_service(service)
     response = await call(client, "GET", f"{node.url}/v1/shares/{share.share_id}?first_leaf={first}&leaf_count="
-                          f"{count}", key=service.key, audience=node.node_id,
-                          timeout=UpkeepSettings.from_service(service).request_timeout)
+                          f"{count}", key=service.key, audience=node.node_id, timeout=timing.request_timeout,
+                          max_answer=count * LEAF_SIZE, deadline=timing.transfer_deadline(count * LEAF_SIZE))
     try:
         proof_raw = b64decode(response.headers.get("fincrypt-proof", ""), field="fincrypt-proof header",
                               max_length=128 * HASH_BYTES)
@@ -346,23 +367,33 @@ async def _put_stream(service: MediatorService, client: httpx.AsyncClient, url: 
     A node that stored the share but whose receipt no longer matches a grant (the object was deleted meanwhile,
     taking its grants along) goes to ``unmatched``: its copy is released rather than left unaccounted for.
     """
+    timing = UpkeepSettings.from_service(service)
+    answer_by = trio.CancelScope()  # its deadline starts once the share's last byte is sent
+
     async def body() -> AsyncIterator[bytes]:
         async for chunk in chunks:
             yield chunk
+        answer_by.deadline = trio.current_time() + timing.exchange_deadline
 
     async with chunks:
         try:
-            response = await client.put(url, content=body(), timeout=UpkeepSettings.from_service(service)
-                                        .request_timeout, headers={"fincrypt-grant": grant_header,
-                                                                   "content-length": str(share.size),
-                                                                   "content-type": "application/octet-stream"})
+            with answer_by:
+                async with client.stream("PUT", url, content=body(), timeout=timing.request_timeout,
+                                         headers={"fincrypt-grant": grant_header, "content-length": str(share.size),
+                                                  "content-type": "application/octet-stream"}) as response:
+                    answer, whole = await read_at_most(response, MAX_SMALL_ANSWER)
+            if answer_by.cancelled_caught:
+                raise PeerError(f"no answer within {timing.exchange_deadline:g} s of the share's last byte")
             if response.status_code != 201:
-                raise PeerError(f"{response.status_code} {response.text[:200]}", response.status_code)
+                raise PeerError(f"{response.status_code} {answer[:200].decode('utf-8', 'replace')}",
+                                response.status_code)
+            if not whole:
+                raise PeerError(f"an answer longer than {MAX_SMALL_ANSWER} bytes")
         except (httpx.HTTPError, httpx.InvalidURL, PeerError) as exc:
             log.info("repair: node at %s refused share %s: %s", url, share.share_id[:16], exc)
             return
         try:
-            receipts[share.idx] = service.check_receipt(_receipt_envelope(response), share_id=share.share_id,
+            receipts[share.idx] = service.check_receipt(_receipt_envelope(answer), share_id=share.share_id,
                                                         account_id=account_id, size=share.size, root=share.root)
         except (PeerError, ProtocolError) as exc:
             log.info("repair: node at %s stored share %s but its receipt does not match (%s); releasing it", url,
@@ -443,8 +474,8 @@ async def repair_object(service: MediatorService, client: httpx.AsyncClient, obj
     return _finish_repair(service, object_id, stored, len(wanted), now)
 
 
-def _receipt_envelope(response: httpx.Response) -> Envelope:
-    f = Fields(decode_object(response.content), "upload answer")
+def _receipt_envelope(answer: bytes) -> Envelope:
+    f = Fields(decode_object(answer), "upload answer")
     envelope = Envelope.from_json(f.raw("receipt"), kind=StorageReceipt.KIND)
     f.done()
     return envelope

@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 UPLOAD_FLUSH_BYTES = 1 << 20  # bytes held per upload before a worker thread writes + hashes them (one hop per MiB)
 STREAM_CHUNK_BYTES = 1 << 20
 MAX_CHALLENGE_BYTES = 8 << 20  # 100,000 share ids fit
+# A mediator's answer to an announcement (its key and this node's earnings: a few KB) is read up to this many
+# bytes and within this many seconds, however it is paced: a mediator found in the DHT may be anyone's.
+ANNOUNCE_ANSWER_BYTES = 1 << 20
+ANNOUNCE_DEADLINE = 60.0
 
 
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -197,7 +201,8 @@ class StorageService:
     async def announce(self, client: httpx.AsyncClient, mediator_url: str) -> str:
         """Announce to one mediator and trust the key it answers with; returns its id. Raises PeerError."""
         answer = await rpc.call_json(client, "POST", f"{mediator_url}/v1/nodes/announce", key=self.key,
-                                     json=self.announcement().to_json())
+                                     json=self.announcement().to_json(), max_answer=ANNOUNCE_ANSWER_BYTES,
+                                     deadline=ANNOUNCE_DEADLINE)
         try:
             mediator_id = parse_node_id(answer.get("mediator_id"))
             public_key = PublicKey.from_text(answer.get("public_key"))

@@ -388,3 +388,36 @@ async def test_a_replayed_commit_cannot_move_a_share_back_or_revive_a_lost_one(n
     assert (row.node_id, row.state) == (moved_to, "stored")
     assert set((await net.round()).values()) == {"passed"}
     assert db.node(old_holder.node_id).consecutive_failures == 1  # type: ignore[union-attr]
+
+
+async def test_a_node_trickling_its_answers_holds_up_neither_the_audit_round_nor_the_releases(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that answers a byte every 0.2 s never pauses long enough for a per-read timeout. The round waits
+    for every node and the releases go one after another, so before each exchange had a deadline of its own,
+    one such node stopped audits (hence payments and repairs) and releases for everyone."""
+    from netfixtures import Gate
+    monkeypatch.setattr(upkeep.UpkeepSettings, "exchange_deadline", property(lambda self: 2.0))
+    monkeypatch.setattr(upkeep, "MIN_TRANSFER_RATE", 1 << 20)
+    obj = make_object()
+    placed = await net.upload(obj)
+    node = net.node(placed[0])
+    await stop_node(node)
+    gate = Gate()
+    gate_url = f"http://127.0.0.1:{await net.nursery.start(gate.serve)}"
+    index = net.nodes.index(node)
+    back = net.nodes[index] = await start_node(net.nursery, net.root, net.url, index,
+                                               port=int(node.url.rsplit(":", 1)[1]), STORAGED_PUBLIC_URL=gate_url)
+    gate.target = back.settings.listen
+    db = net.service.db
+    with trio.fail_after(10):
+        while db.node(back.node_id).url != gate_url:  # type: ignore[union-attr]
+            await trio.sleep(0.05)
+    gate.trickle = 0.2
+    with trio.fail_after(30):
+        results = await net.round()
+    assert results[back.node_id] == "unreachable"
+    assert {results[n] for n in placed.values() if n != back.node_id} == {"passed"}
+    await rpc.call(net.client, "DELETE", f"{net.url}/v1/objects/{obj.object_id}", key=net.account)
+    with trio.fail_after(30):
+        done = await upkeep.release_pass(net.service, net.client, time.time())
+    assert done == len(placed) - 1  # every other holder released; the trickling one is retried later
