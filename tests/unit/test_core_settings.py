@@ -128,3 +128,12 @@ def test_read_env_file(tmp_path: Path) -> None:
     assert read_env_file(None, {"STORAGED_X": "1", "PATH": "/"}) == {"STORAGED_X": "1"}
     with pytest.raises(ConfigError, match="does not exist"):
         read_env_file(tmp_path / "missing.env", {})
+
+
+def test_a_settings_file_that_cannot_be_read_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"cannot read the settings file {tmp_path}: Is a directory"):
+        read_env_file(tmp_path, {})  # not taken for an empty file, which would leave every setting at its default
+    binary = tmp_path / "binary.env"
+    binary.write_bytes(b"\xff\xfeFINCRYPT_K=2\n")
+    with pytest.raises(ConfigError, match="is not text"):
+        read_env_file(binary, {})
