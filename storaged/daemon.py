@@ -17,12 +17,13 @@ from fincryptfs.core.errors import ConfigError
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.settings import StorageSettings
 from fincryptfs.identity_file import load_or_create_identity as load_identity_file
+from fincryptfs.run_daemon import why_not_created
 
 from .app import build_app
 from .db import NodeDatabase
 from .discovery import discovery_loop
 from .service import StorageService
-from .store import ShareStore, why_not_created
+from .store import ShareStore
 
 log = logging.getLogger(__name__)
 

@@ -34,6 +34,7 @@ from fincryptfs.core.errors import ConfigError, PolicyError
 from fincryptfs.core.ids import ShareId, parse_share_id
 from fincryptfs.core.merkle import HASH_BYTES, TreeFileWriter, leaf_count, level_widths
 from fincryptfs.core.settings import ShareDir
+from fincryptfs.run_daemon import why_not_created
 
 log = logging.getLogger(__name__)
 
@@ -378,13 +379,6 @@ def _open_folder(folder: ShareFolder, shares: int) -> None:
         raise ConfigError(f"share folder {folder.root} cannot be created ({why_not_created(exc)}): fix its path "
                           "in STORAGED_SHARE_DIRS or its permissions") from exc
     log.info("share folder created path=%s", folder.root)
-
-
-def why_not_created(exc: OSError) -> str:
-    """Why ``mkdir`` failed, in words: "a file is in the way", "Permission denied: PATH", ..."""
-    if isinstance(exc, (FileExistsError, NotADirectoryError)):
-        return "a file is in the way"
-    return f"{exc.strerror}: {exc.filename}"
 
 
 def _remove(path: Path) -> None:
