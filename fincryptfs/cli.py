@@ -190,7 +190,7 @@ async def _tree_at_mediator(settings: ClientSettings, master_key: bytes) -> str:
 def cmd_mount(args: argparse.Namespace) -> int:
     import trio
 
-    from .mount import run_mount
+    from .mount import check_mountpoint, run_mount
 
     settings = load_settings(args)
     if settings.mediator_url is None and settings.dht_bootstrap:
@@ -199,6 +199,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         _write_env(_env_path(args), {"FINCRYPT_MEDIATOR_URL": settings.mediator_url})
         print(f"Wrote FINCRYPT_MEDIATOR_URL={settings.mediator_url} into {_env_path(args)}.")
     mountpoint = Path(args.dir).expanduser().resolve()
+    check_mountpoint(mountpoint)  # before the passphrase is asked, and in the foreground with --daemon
     if args.key_stdin:
         master_key = bytes.fromhex(sys.stdin.readline().strip())
     else:
@@ -213,6 +214,7 @@ def _daemonize(args: argparse.Namespace, settings: ClientSettings, mountpoint: P
     """Run the mount in a background process; return once it is mounted (or report why it is not)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.data_dir / "mount.log"
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     command = [sys.executable, "-m", "fincryptfs.cli", "mount", str(mountpoint), "--key-stdin"]
     if args.env_file:
         command += ["--env-file", str(Path(args.env_file).expanduser().resolve())]
@@ -225,12 +227,22 @@ def _daemonize(args: argparse.Namespace, settings: ClientSettings, mountpoint: P
     deadline = time.monotonic() + DAEMON_START_TIMEOUT
     while not os.path.ismount(mountpoint):
         if child.poll() is not None:
-            raise FincryptError(f"the mount process exited with status {child.returncode}; see {log_path}")
+            reason = _last_error(log_path, log_start) or f"the mount process exited with status {child.returncode}"
+            raise FincryptError(f"{reason} (log: {log_path})")
         if time.monotonic() > deadline:
             raise FincryptError(f"{mountpoint} was not mounted within {DAEMON_START_TIMEOUT:.0f} s; see {log_path}")
         time.sleep(0.1)
     print(f"mounted {mountpoint} (process {child.pid}, log {log_path})")
     return 0
+
+
+def _last_error(log_path: Path, start: int) -> str | None:
+    """The last ``error:`` line the mount process wrote to its log after offset ``start``, without the prefix."""
+    with open(log_path, "rb") as log_file:
+        log_file.seek(start)
+        lines = log_file.read().decode("utf-8", "replace").splitlines()
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    return errors[-1] if errors else None
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
@@ -587,7 +599,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(func=cmd_restore)
 
     p = command("mount", "Mount the backup at DIR; runs in the foreground until unmounted or interrupted.")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="an empty folder, nothing mounted on it")
     p.add_argument("--daemon", action="store_true", help="run in the background; return once mounted")
     p.add_argument("--key-stdin", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)

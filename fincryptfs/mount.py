@@ -167,15 +167,30 @@ async def supervise_worker(settings: ClientSettings, master_key: bytes, link: Wo
         await trio.sleep(delay)
 
 
+def check_mountpoint(mountpoint: Path) -> None:
+    """ConfigError unless ``mountpoint`` is an empty folder that nothing is mounted on."""
+    if not mountpoint.exists():
+        raise ConfigError(f"mount point {mountpoint} does not exist: create it first (mkdir {mountpoint})")
+    if not mountpoint.is_dir():
+        raise ConfigError(f"mount point {mountpoint} is not a folder: mount on an empty folder")
+    if os.path.ismount(mountpoint):
+        raise ConfigError(f"{mountpoint} is already a mount point (unmount it first: fincryptfs umount "
+                          f"{mountpoint})")
+    try:
+        with os.scandir(mountpoint) as entries:
+            empty = next(entries, None) is None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the mount point {mountpoint}: {exc.strerror}") from exc
+    if not empty:  # the mount would hide its files, which are not in the backup: they would look lost
+        raise ConfigError(f"mount point {mountpoint} is not empty: move its files away (copy them into the "
+                          "backup once it is mounted) or mount on an empty folder")
+
+
 async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: bytes, *,
                     on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or interrupted (or until a supervisor holding our lifeline pipe dies)."""
     parent_fd = take_parent_fd()  # before the upload worker is started: it must not inherit the variable
-    if not mountpoint.is_dir():
-        raise ConfigError(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise ConfigError(f"{mountpoint} is already a mount point (unmount it first: fincryptfs umount "
-                          f"{mountpoint})")
+    check_mountpoint(mountpoint)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.data_dir, 0o700)
     (settings.data_dir / "spool").mkdir(exist_ok=True)

@@ -96,6 +96,25 @@ def test_unprotected_key_file_must_be_private(tmp_path: Path) -> None:
         load_master_key(tmp_path / "key")
 
 
+def test_mount_checks_the_folder_before_the_key_and_before_going_to_the_background(tmp_path: Path) -> None:
+    """With --daemon the background process's errors went to its log only; and a folder already mounted made
+    ``mount --daemon`` report success at once (the folder was a mount point), while its process failed."""
+    env = write_env(tmp_path)
+    assert run("init", "--env-file", str(env), "--no-passphrase").returncode == 0
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.txt").write_text("would be hidden by the mount")
+    cases = [(tmp_path / "missing", "does not exist: create it first"), (tmp_path / "a-file", "is not a folder"),
+             (tmp_path / "full", "is not empty: move its files away")]
+    if os.path.ismount("/proc"):
+        cases.append((Path("/proc"), "is already a mount point"))
+    for folder, said in cases:
+        for daemon in ((), ("--daemon",)):
+            result = run("mount", str(folder), "--env-file", str(env), *daemon)
+            assert result.returncode == 1 and said in result.stderr and "mounted" not in result.stdout, result
+    assert not (tmp_path / "data" / "mount.log").exists()  # nothing was started
+
+
 def test_flush_and_status_without_a_tree_say_what_to_do(tmp_path: Path) -> None:
     env = write_env(tmp_path)
     for command in ("flush", "status"):

@@ -44,6 +44,12 @@ async def test_daemon_rewrite_statfs_and_large_file(tmp_path: Path, nursery: tri
         assert found is not None, out
         daemon_pid = int(found.group(1))
         assert os.path.ismount(mnt)
+        # a second mount of the account says why it did not start, not only where its log is
+        (tmp_path / "second").mkdir()
+        second = await trio.to_thread.run_sync(lambda: client.cli("mount", str(tmp_path / "second"), "--daemon",
+                                                                  check=False))
+        assert second.returncode == 1 and "another fincryptfs mount is using" in second.stderr, second.stderr
+        assert not os.path.ismount(tmp_path / "second")
 
         # statfs shows the network's capacity (6 nodes of 2 GiB), once the mount has asked the mediator
         with trio.fail_after(10):
