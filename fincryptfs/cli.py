@@ -659,6 +659,11 @@ def main(argv: list[str] | None = None) -> int:
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 1
+    except BaseExceptionGroup as group:  # a Ctrl-C that reached trio while a nursery was starting
+        if group.split(KeyboardInterrupt)[1] is not None:
+            raise
+        print("interrupted", file=sys.stderr)
+        return 1
     except BrokenPipeError:  # whoever read our output stopped reading (fincryptfs status | head): not our error
         os.dup2(os.open(os.devnull, os.O_WRONLY), sys.stdout.fileno())  # nor is the flush at exit
         return 1

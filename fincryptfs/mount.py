@@ -131,8 +131,10 @@ async def supervise_worker(settings: ClientSettings, master_key: bytes, link: Wo
     reported = False
     while True:
         started = trio.current_time()
+        # its own session: a Ctrl-C at the terminal is for the mount, which then stops it by closing its stdin
         process = await trio.lowlevel.open_process([sys.executable, "-m", "fincryptfs.uploadworker"],
-                                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                   start_new_session=True)
         assert process.stdin is not None and process.stdout is not None
         try:
             await process.stdin.send_all(config)

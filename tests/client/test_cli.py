@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fincryptfs import cli
 from fincryptfs.core.crypto import master_key_from_phrase
 from fincryptfs.core.errors import ConfigError, WrongKeyError
 from fincryptfs.keystore import load_master_key, save_key_file
@@ -113,6 +114,18 @@ def test_mount_checks_the_folder_before_the_key_and_before_going_to_the_backgrou
             result = run("mount", str(folder), "--env-file", str(env), *daemon)
             assert result.returncode == 1 and said in result.stderr and "mounted" not in result.stdout, result
     assert not (tmp_path / "data" / "mount.log").exists()  # nothing was started
+
+
+def test_a_ctrl_c_inside_a_nursery_is_reported_in_words(monkeypatch: pytest.MonkeyPatch,
+                                                        capsys: pytest.CaptureFixture[str]) -> None:
+    """SIGINT before the mount's signal handler runs reaches trio as KeyboardInterrupt, grouped by a nursery."""
+    def interrupted(args: object) -> int:
+        raise BaseExceptionGroup("Exceptions from Trio nursery", [KeyboardInterrupt()])
+
+    monkeypatch.setattr(cli, "cmd_flush", interrupted)
+    monkeypatch.setattr(cli.logs, "configure", lambda level: None)
+    assert cli.main(["flush"]) == 1
+    assert capsys.readouterr().err == "interrupted\n"
 
 
 def test_flush_and_status_without_a_tree_say_what_to_do(tmp_path: Path) -> None:

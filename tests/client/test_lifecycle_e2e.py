@@ -9,6 +9,8 @@ import re
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -361,3 +363,33 @@ async def test_ctime_is_the_time_of_the_last_change_never_a_copied_mtime(tmp_pat
         assert (await trio.to_thread.run_sync(os.stat, mnt / "future")).st_mtime == 4e9
     finally:
         await client.cleanup()
+
+
+async def test_ctrl_c_at_the_terminal_unmounts_without_a_traceback(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A Ctrl-C signals the terminal's whole process group: the upload worker used to die of it with a
+    KeyboardInterrupt traceback beside the mount's clean stop."""
+    net = await start_network(tmp_path, nursery, nodes=1)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    client.mountpoint.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "fincryptfs.cli", "mount", str(client.mountpoint),
+                                "--env-file", str(client.env_file)], stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        with trio.fail_after(30):
+            while not os.path.ismount(client.mountpoint):
+                assert process.poll() is None, process.communicate()[1]
+                await trio.sleep(0.05)
+            await trio.sleep(0.5)  # the worker is up (it is started before the folder is mounted)
+        os.killpg(process.pid, signal.SIGINT)
+        with trio.fail_after(20):
+            _, err = await trio.to_thread.run_sync(process.communicate)
+        assert process.returncode == 0 and "SIGINT: unmounting" in err, err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert not os.path.ismount(client.mountpoint)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if os.path.ismount(client.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(client.mountpoint)], capture_output=True)
