@@ -44,6 +44,22 @@ def signed_headers(key: SigningKey, method: str, url: str, body: bytes, audience
     return sign_request(key, method, audience or origin_of(url), target, body, time.time())
 
 
+def why_unreachable(exc: Exception) -> str:
+    """What went wrong with a request that got no answer, in words (httpx's class names mean nothing to a user,
+    and a timeout's own message is often empty)."""
+    if isinstance(exc, httpx.TimeoutException):
+        reason = "no answer in time"
+    elif isinstance(exc, httpx.ConnectError):
+        reason = "cannot connect"
+    elif isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError)):
+        reason = "the connection broke"
+    elif isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError)):
+        reason = "unusable URL"
+    else:
+        reason = "the request failed"
+    return f"{reason} ({exc})" if str(exc) else reason
+
+
 async def call(client: httpx.AsyncClient, method: str, url: str, *, key: SigningKey | None = None,
                json: Any = None, content: bytes | None = None, headers: Mapping[str, str] | None = None,
                timeout: httpx.Timeout | float | None = None, audience: str | None = None) -> httpx.Response:
@@ -60,7 +76,7 @@ async def call(client: httpx.AsyncClient, method: str, url: str, *, key: Signing
         response = await client.request(method, url, content=body, headers=all_headers, **kwargs)
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         # InvalidURL is no HTTPError: a peer that announced an unusable URL is unreachable, not a crash
-        raise PeerError(f"{_peer(url)} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
+        raise PeerError(f"{_peer(url)} is unreachable: {why_unreachable(exc)}") from exc
     if response.status_code >= 300:
         raise PeerError(f"{_peer(url)} refused {method} {response.request.url.path}: {response.status_code} "
                         f"{_error_text(response)}", response.status_code)
