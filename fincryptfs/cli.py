@@ -523,6 +523,10 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 
     from .devnet import run_devnet
 
+    if args.nodes < 2:
+        raise UsageError("--nodes: a devnet needs at least 2 storage nodes")
+    if args.audit_period < 0.5:
+        raise UsageError("--audit-period: at least 0.5 seconds (the mediator's shortest audit period)")
     home = Path(args.home).expanduser()
     mount = Path(args.mount).expanduser() if args.mount else None
 
@@ -640,6 +644,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the command; an error that a trio nursery grouped on its own (a failed start, or a Ctrl-C before the
+    signal handler ran) is raised as itself, so that it is reported in words like any other."""
+    try:
+        return int(args.func(args))
+    except BaseExceptionGroup as group:
+        sole: BaseException = group
+        while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
+            sole = sole.exceptions[0]
+        if isinstance(sole, BaseExceptionGroup):
+            raise
+        raise sole from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -649,7 +667,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(logging.INFO if args.command in ("mount", "devnet") else logging.WARNING)
     allocator.keep_freed_memory()
     try:
-        return int(args.func(args))
+        return _run_command(args)
     except UsageError as exc:
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2
@@ -657,11 +675,6 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
-        print("interrupted", file=sys.stderr)
-        return 1
-    except BaseExceptionGroup as group:  # a Ctrl-C that reached trio while a nursery was starting
-        if group.split(KeyboardInterrupt)[1] is not None:
-            raise
         print("interrupted", file=sys.stderr)
         return 1
     except BrokenPipeError:  # whoever read our output stopped reading (fincryptfs status | head): not our error

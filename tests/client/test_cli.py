@@ -116,16 +116,33 @@ def test_mount_checks_the_folder_before_the_key_and_before_going_to_the_backgrou
     assert not (tmp_path / "data" / "mount.log").exists()  # nothing was started
 
 
-def test_a_ctrl_c_inside_a_nursery_is_reported_in_words(monkeypatch: pytest.MonkeyPatch,
-                                                        capsys: pytest.CaptureFixture[str]) -> None:
-    """SIGINT before the mount's signal handler runs reaches trio as KeyboardInterrupt, grouped by a nursery."""
-    def interrupted(args: object) -> int:
-        raise BaseExceptionGroup("Exceptions from Trio nursery", [KeyboardInterrupt()])
+@pytest.mark.parametrize("error,said", [(KeyboardInterrupt(), "interrupted\n"),
+                                        (ConfigError("the devnet needs 2 nodes"), "error: the devnet needs 2 nodes\n")])
+def test_an_error_grouped_by_a_nursery_is_reported_in_words(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            error: BaseException, said: str) -> None:
+    """A Ctrl-C before the mount's signal handler runs, or a devnet that cannot start, reached the CLI inside a
+    trio exception group, and printed a traceback."""
+    def failing(args: object) -> int:
+        raise BaseExceptionGroup("Exceptions from Trio nursery", [BaseExceptionGroup("inner", [error])])
 
-    monkeypatch.setattr(cli, "cmd_flush", interrupted)
+    monkeypatch.setattr(cli, "cmd_flush", failing)
     monkeypatch.setattr(cli.logs, "configure", lambda level: None)
     assert cli.main(["flush"]) == 1
-    assert capsys.readouterr().err == "interrupted\n"
+    assert capsys.readouterr().err == said
+
+
+def test_devnet_checks_its_arguments_before_starting_anything(tmp_path: Path) -> None:
+    home = tmp_path / "net"
+    for args, said in ((["--nodes", "0"], "--nodes: a devnet needs at least 2 storage nodes"),
+                       (["--audit-period", "0"], "--audit-period: at least 0.5 seconds")):
+        result = run("devnet", "--home", str(home), *args)
+        assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.txt").write_text("x")
+    result = run("devnet", "--home", str(home), "--mount", str(tmp_path / "full"))
+    assert result.returncode == 1 and "is not empty" in result.stderr and "Traceback" not in result.stderr, result
+    assert not home.exists()  # no network was started
 
 
 def test_flush_and_status_without_a_tree_say_what_to_do(tmp_path: Path) -> None:
