@@ -54,6 +54,17 @@ def load_settings(args: argparse.Namespace) -> ClientSettings:
     return ClientSettings.from_env(read_env_file(path), home=Path.home())
 
 
+def _mediator_argument(text: str) -> str:
+    """--mediator's value, checked as FINCRYPT_MEDIATOR_URL is, so that a bad one is a usage error naming the
+    option the user typed rather than the variable it is stored in."""
+    try:
+        ClientSettings.from_env({"FINCRYPT_MEDIATOR_URL": text}, home=Path.home())
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL, e.g. "
+                                         "http://127.0.0.1:8700") from None
+    return text
+
+
 def _write_env(path: Path, updates: dict[str, str]) -> None:
     """Merge ``updates`` into the .env file at ``path`` (created 0600 if new)."""
     values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.exists() else {}
@@ -587,16 +598,18 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("init", "Create a new account: master key, key file (0600), settings file; prints the "
                         "recovery phrase once.")
-    p.add_argument("--mediator", metavar="URL", help="mediator to store through (FINCRYPT_MEDIATOR_URL; "
-                                                     "without it, one found via FINCRYPT_DHT_BOOTSTRAP)")
+    p.add_argument("--mediator", metavar="URL", type=_mediator_argument,
+                   help="mediator to store through (FINCRYPT_MEDIATOR_URL; without it, one found via "
+                        "FINCRYPT_DHT_BOOTSTRAP)")
     p.add_argument("--passphrase-file", metavar="F", help="protect the key file with the passphrase in F")
     p.add_argument("--no-passphrase", action="store_true", help="leave the key file unprotected (mode 0600)")
     p.set_defaults(func=cmd_init)
 
     p = command("restore", "Recreate the key file and settings from the recovery phrase; the next mount shows "
                            "the whole tree.")
-    p.add_argument("--mediator", metavar="URL", help="mediator the account stores through (default: "
-                                                     "FINCRYPT_MEDIATOR_URL, or one found via FINCRYPT_DHT_BOOTSTRAP)")
+    p.add_argument("--mediator", metavar="URL", type=_mediator_argument,
+                   help="mediator the account stores through (default: FINCRYPT_MEDIATOR_URL, or one found via "
+                        "FINCRYPT_DHT_BOOTSTRAP)")
     p.add_argument("--phrase-file", metavar="F", help="file holding the 24-word recovery phrase")
     p.add_argument("--passphrase-file", metavar="F", help="protect the new key file with the passphrase in F")
     p.add_argument("--no-passphrase", action="store_true", help="leave the key file unprotected (mode 0600)")

@@ -43,6 +43,10 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert run("restore").returncode == 2  # --mediator missing
     result = run("init", "--env-file", str(write_env(tmp_path)), "--passphrase-file", "x", "--no-passphrase")
     assert result.returncode == 2 and "not both" in result.stderr
+    for command in ("init", "restore"):  # the error named FINCRYPT_MEDIATOR_URL, which the user had not typed
+        result = run(command, "--env-file", str(write_env(tmp_path)), "--mediator", "127.0.0.1:8700")
+        assert result.returncode == 2 and "argument --mediator: '127.0.0.1:8700' is not an http://" in result.stderr
+    assert not (tmp_path / "key").exists()
 
 
 def test_init_with_passphrase_then_restore_from_phrase(tmp_path: Path) -> None:
