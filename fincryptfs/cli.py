@@ -257,8 +257,10 @@ def _last_error(log_path: Path, start: int) -> str | None:
 
 
 def cmd_umount(args: argparse.Namespace) -> int:
+    from .mount import is_dead_mount
+
     mountpoint = Path(args.dir).expanduser().resolve()
-    if not os.path.ismount(mountpoint):
+    if not os.path.ismount(mountpoint) and not is_dead_mount(mountpoint):
         raise FincryptError(f"{mountpoint} is not mounted")
     result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if result.returncode != 0:

@@ -15,6 +15,7 @@ pipe after each burst of changes (``WorkerLink``).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -169,8 +170,21 @@ async def supervise_worker(settings: ClientSettings, master_key: bytes, link: Wo
         await trio.sleep(delay)
 
 
+def is_dead_mount(path: Path) -> bool:
+    """Whether ``path`` is the mount point of a FUSE process that is gone (killed, crashed): the kernel still
+    holds the mount, but every access fails with ENOTCONN, and ``os.path.ismount`` says False."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
 def check_mountpoint(mountpoint: Path) -> None:
     """ConfigError unless ``mountpoint`` is an empty folder that nothing is mounted on."""
+    if is_dead_mount(mountpoint):
+        raise ConfigError(f"{mountpoint} is still mounted by a mount process that has stopped: unmount it first "
+                          f"(fincryptfs umount {mountpoint})")
     if not mountpoint.exists():
         raise ConfigError(f"mount point {mountpoint} does not exist: create it first (mkdir {mountpoint})")
     if not mountpoint.is_dir():

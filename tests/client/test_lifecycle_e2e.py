@@ -12,6 +12,7 @@ import sqlite3
 import subprocess
 import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -393,3 +394,35 @@ async def test_ctrl_c_at_the_terminal_unmounts_without_a_traceback(tmp_path: Pat
             process.wait()
         if os.path.ismount(client.mountpoint):
             subprocess.run(["fusermount3", "-u", "-z", str(client.mountpoint)], capture_output=True)
+
+
+async def test_the_folder_of_a_killed_mount_is_named_as_such_and_umount_clears_it(tmp_path: Path,
+                                                                                  nursery: trio.Nursery) -> None:
+    """A mount killed outright leaves its folder mounted with nobody serving it (every access: ENOTCONN). mount
+    printed a traceback there, and umount said the folder was not mounted."""
+    net = await start_network(tmp_path, nursery, nodes=1)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    try:
+        await client.mount()
+        assert client.process is not None
+        os.kill(client.process.pid, signal.SIGKILL)
+        client.process.wait()
+        with trio.fail_after(10):  # until the kernel's cached attributes of the folder expire
+            while True:
+                try:
+                    os.stat(client.mountpoint)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOTCONN
+                    break
+                await trio.sleep(0.1)
+        for daemon in ((), ("--daemon",)):
+            again = await trio.to_thread.run_sync(partial(client.cli, "mount", str(client.mountpoint), *daemon,
+                                                          check=False))
+            assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr
+            assert "still mounted by a mount process that has stopped: unmount it first" in again.stderr
+        await trio.to_thread.run_sync(lambda: client.cli("umount", str(client.mountpoint)))
+        assert client.mountpoint.is_dir() and not os.path.ismount(client.mountpoint)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(client.mountpoint)], capture_output=True)  # if still dead
+        await client.cleanup()
