@@ -23,7 +23,7 @@ import trio
 from hypercorn.config import Config
 from hypercorn.trio import serve
 
-from .core.errors import PolicyError, ProtocolError, RemoteProtocolError, TooLargeError
+from .core.errors import ConfigError, PolicyError, ProtocolError, RemoteProtocolError, TooLargeError
 from .core.wire import ReplayGuard, SignedRequest, canonical_json, decode_object, verify_request
 
 log = logging.getLogger(__name__)
@@ -334,8 +334,22 @@ async def serve_app(app: App, host: str, port: int, *,
         await serve(app, config, task_status=task_status)  # type: ignore[arg-type]
 
     async with trio.open_nursery() as nursery:
-        binds = await nursery.start(relay)
+        try:
+            binds = await nursery.start(relay)
+        except (OSError, ExceptionGroup) as exc:  # the port is taken, or the host is not this machine's
+            cause = _sole_os_error(exc)
+            if cause is None:
+                raise
+            raise ConfigError(f"cannot listen on {config.bind[0]}: {cause.strerror} (set the *_LISTEN setting "
+                              "to a HOST:PORT of this machine that no other program uses)") from exc
         task_status.started(binds[0])
+
+
+def _sole_os_error(exc: BaseException) -> OSError | None:
+    """``exc`` if it is an OSError, or the one OSError inside nested groups of one (hypercorn's nurseries)."""
+    while isinstance(exc, BaseExceptionGroup) and len(exc.exceptions) == 1:
+        exc = exc.exceptions[0]
+    return exc if isinstance(exc, OSError) else None
 
 
 def dumps(value: Any) -> str:

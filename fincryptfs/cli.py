@@ -54,6 +54,17 @@ def load_settings(args: argparse.Namespace) -> ClientSettings:
     return ClientSettings.from_env(read_env_file(path), home=Path.home())
 
 
+def _mediator_argument(text: str) -> str:
+    """--mediator's value, checked as FINCRYPT_MEDIATOR_URL is, so that a bad one is a usage error naming the
+    option the user typed rather than the variable it is stored in."""
+    try:
+        ClientSettings.from_env({"FINCRYPT_MEDIATOR_URL": text}, home=Path.home())
+    except ConfigError:
+        raise argparse.ArgumentTypeError(f"{text!r} is not an http:// or https:// URL, e.g. "
+                                         "http://127.0.0.1:8700") from None
+    return text
+
+
 def _write_env(path: Path, updates: dict[str, str]) -> None:
     """Merge ``updates`` into the .env file at ``path`` (created 0600 if new)."""
     values = {k: v for k, v in dotenv_values(path).items() if v is not None} if path.exists() else {}
@@ -190,7 +201,7 @@ async def _tree_at_mediator(settings: ClientSettings, master_key: bytes) -> str:
 def cmd_mount(args: argparse.Namespace) -> int:
     import trio
 
-    from .mount import run_mount
+    from .mount import check_mountpoint, run_mount
 
     settings = load_settings(args)
     if settings.mediator_url is None and settings.dht_bootstrap:
@@ -199,6 +210,7 @@ def cmd_mount(args: argparse.Namespace) -> int:
         _write_env(_env_path(args), {"FINCRYPT_MEDIATOR_URL": settings.mediator_url})
         print(f"Wrote FINCRYPT_MEDIATOR_URL={settings.mediator_url} into {_env_path(args)}.")
     mountpoint = Path(args.dir).expanduser().resolve()
+    check_mountpoint(mountpoint)  # before the passphrase is asked, and in the foreground with --daemon
     if args.key_stdin:
         master_key = bytes.fromhex(sys.stdin.readline().strip())
     else:
@@ -213,6 +225,7 @@ def _daemonize(args: argparse.Namespace, settings: ClientSettings, mountpoint: P
     """Run the mount in a background process; return once it is mounted (or report why it is not)."""
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     log_path = settings.data_dir / "mount.log"
+    log_start = log_path.stat().st_size if log_path.exists() else 0
     command = [sys.executable, "-m", "fincryptfs.cli", "mount", str(mountpoint), "--key-stdin"]
     if args.env_file:
         command += ["--env-file", str(Path(args.env_file).expanduser().resolve())]
@@ -225,7 +238,8 @@ def _daemonize(args: argparse.Namespace, settings: ClientSettings, mountpoint: P
     deadline = time.monotonic() + DAEMON_START_TIMEOUT
     while not os.path.ismount(mountpoint):
         if child.poll() is not None:
-            raise FincryptError(f"the mount process exited with status {child.returncode}; see {log_path}")
+            reason = _last_error(log_path, log_start) or f"the mount process exited with status {child.returncode}"
+            raise FincryptError(f"{reason} (log: {log_path})")
         if time.monotonic() > deadline:
             raise FincryptError(f"{mountpoint} was not mounted within {DAEMON_START_TIMEOUT:.0f} s; see {log_path}")
         time.sleep(0.1)
@@ -233,9 +247,20 @@ def _daemonize(args: argparse.Namespace, settings: ClientSettings, mountpoint: P
     return 0
 
 
+def _last_error(log_path: Path, start: int) -> str | None:
+    """The last ``error:`` line the mount process wrote to its log after offset ``start``, without the prefix."""
+    with open(log_path, "rb") as log_file:
+        log_file.seek(start)
+        lines = log_file.read().decode("utf-8", "replace").splitlines()
+    errors = [line.removeprefix("error: ") for line in lines if line.startswith("error: ")]
+    return errors[-1] if errors else None
+
+
 def cmd_umount(args: argparse.Namespace) -> int:
+    from .mount import is_dead_mount
+
     mountpoint = Path(args.dir).expanduser().resolve()
-    if not os.path.ismount(mountpoint):
+    if not os.path.ismount(mountpoint) and not is_dead_mount(mountpoint):
         raise FincryptError(f"{mountpoint} is not mounted")
     result = subprocess.run(["fusermount3", "-u", str(mountpoint)], capture_output=True, text=True)
     if result.returncode != 0:
@@ -516,6 +541,10 @@ def cmd_devnet(args: argparse.Namespace) -> int:
 
     from .devnet import run_devnet
 
+    if args.nodes < 2:
+        raise UsageError("--nodes: a devnet needs at least 2 storage nodes")
+    if args.audit_period < 0.5:
+        raise UsageError("--audit-period: at least 0.5 seconds (the mediator's shortest audit period)")
     home = Path(args.home).expanduser()
     mount = Path(args.mount).expanduser() if args.mount else None
 
@@ -576,23 +605,25 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = command("init", "Create a new account: master key, key file (0600), settings file; prints the "
                         "recovery phrase once.")
-    p.add_argument("--mediator", metavar="URL", help="mediator to store through (FINCRYPT_MEDIATOR_URL; "
-                                                     "without it, one found via FINCRYPT_DHT_BOOTSTRAP)")
+    p.add_argument("--mediator", metavar="URL", type=_mediator_argument,
+                   help="mediator to store through (FINCRYPT_MEDIATOR_URL; without it, one found via "
+                        "FINCRYPT_DHT_BOOTSTRAP)")
     p.add_argument("--passphrase-file", metavar="F", help="protect the key file with the passphrase in F")
     p.add_argument("--no-passphrase", action="store_true", help="leave the key file unprotected (mode 0600)")
     p.set_defaults(func=cmd_init)
 
     p = command("restore", "Recreate the key file and settings from the recovery phrase; the next mount shows "
                            "the whole tree.")
-    p.add_argument("--mediator", metavar="URL", help="mediator the account stores through (default: "
-                                                     "FINCRYPT_MEDIATOR_URL, or one found via FINCRYPT_DHT_BOOTSTRAP)")
+    p.add_argument("--mediator", metavar="URL", type=_mediator_argument,
+                   help="mediator the account stores through (default: FINCRYPT_MEDIATOR_URL, or one found via "
+                        "FINCRYPT_DHT_BOOTSTRAP)")
     p.add_argument("--phrase-file", metavar="F", help="file holding the 24-word recovery phrase")
     p.add_argument("--passphrase-file", metavar="F", help="protect the new key file with the passphrase in F")
     p.add_argument("--no-passphrase", action="store_true", help="leave the key file unprotected (mode 0600)")
     p.set_defaults(func=cmd_restore)
 
     p = command("mount", "Mount the backup at DIR; runs in the foreground until unmounted or interrupted.")
-    p.add_argument("dir", metavar="DIR")
+    p.add_argument("dir", metavar="DIR", help="an empty folder, nothing mounted on it")
     p.add_argument("--daemon", action="store_true", help="run in the background; return once mounted")
     p.add_argument("--key-stdin", action="store_true", help=argparse.SUPPRESS)
     p.set_defaults(func=cmd_mount)
@@ -633,6 +664,20 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _run_command(args: argparse.Namespace) -> int:
+    """Run the command; an error that a trio nursery grouped on its own (a failed start, or a Ctrl-C before the
+    signal handler ran) is raised as itself, so that it is reported in words like any other."""
+    try:
+        return int(args.func(args))
+    except BaseExceptionGroup as group:
+        sole: BaseException = group
+        while isinstance(sole, BaseExceptionGroup) and len(sole.exceptions) == 1:
+            sole = sole.exceptions[0]
+        if isinstance(sole, BaseExceptionGroup):
+            raise
+        raise sole from None
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
@@ -642,7 +687,7 @@ def main(argv: list[str] | None = None) -> int:
     logs.configure(logging.INFO if args.command in ("mount", "devnet") else logging.WARNING)
     allocator.keep_freed_memory()
     try:
-        return int(args.func(args))
+        return _run_command(args)
     except UsageError as exc:
         print(f"{parser.prog} {args.command}: error: {exc}", file=sys.stderr)
         return 2

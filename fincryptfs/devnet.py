@@ -137,6 +137,13 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
     """Start the network, write devnet.json, and keep running until cancelled (SIGINT/SIGTERM at the CLI)."""
     if nodes < 2:
         raise DevnetError("a devnet needs at least 2 storage nodes")
+    if mount is not None:  # a folder the mount would refuse fails now, not in the mount's log once all is up
+        from .mount import check_mountpoint
+
+        mount = mount.resolve()
+        if not mount.exists():
+            mount.mkdir(parents=True)
+        check_mountpoint(mount)
     home = home.resolve()
     log_dir = home / "logs"
     log_dir.mkdir(parents=True, exist_ok=True)
@@ -221,8 +228,6 @@ async def run_devnet(home: Path, *, nodes: int = 6, mount: Path | None = None, a
             await _fund_account(python, mediator_env, account_id, log_dir)
             await _wait_funded(mediator_url, account_key, client, deadline)
             if mount is not None:
-                mount = mount.resolve()
-                mount.mkdir(parents=True, exist_ok=True)
                 child = await _spawn("fincryptfs-mount", [python, "-m", "fincryptfs.cli", "mount", str(mount),
                                                           "--env-file", str(client_env)], log_dir, lifeline)
                 children.append(child)

@@ -104,7 +104,7 @@ async def _get_info(http: httpx.AsyncClient, url: str) -> dict[str, JSON]:
                     raise DiscoveryError(f"{url} answered with more than {MAX_INFO_BYTES} bytes; refusing it")
             status = response.status_code
     except httpx.HTTPError as exc:
-        raise rpc.PeerError(f"{url} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
+        raise rpc.PeerError(f"{url} is unreachable: {rpc.why_unreachable(exc)}") from exc
     if status != 200:
         raise rpc.PeerError(f"{url} answered {status}", status)
     try:

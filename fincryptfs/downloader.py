@@ -28,7 +28,7 @@ from .core.objectcodec import decode_segment_plaintext
 from .core.wire import b64decode, decode_object
 from .mediator_client import ObjectInfo
 from .objectstore import ReadError, StoredObject
-from .rpc import PeerError, signed_headers
+from .rpc import PeerError, signed_headers, why_unreachable
 from .uploader import pwrite_all, run_ordered
 
 if TYPE_CHECKING:
@@ -310,7 +310,7 @@ async def get_leaf_range(store: ObjectStore, url: str, limit: int, node_id: str)
         raise PeerError(f"{_peer(url)} did not send the {limit} bytes asked for within {allowed:.0f} s (too slow "
                         "or stalling)") from exc
     except httpx.HTTPError as exc:
-        raise PeerError(f"{_peer(url)} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
+        raise PeerError(f"{_peer(url)} is unreachable: {why_unreachable(exc)}") from exc
     if status != 200:
         try:
             reason = str(decode_object(bytes(body)).get("error", ""))[:300]

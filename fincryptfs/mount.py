@@ -15,6 +15,7 @@ pipe after each burst of changes (``WorkerLink``).
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
@@ -132,8 +133,10 @@ async def supervise_worker(settings: ClientSettings, master_key: bytes, link: Wo
     reported = False
     while True:
         started = trio.current_time()
+        # its own session: a Ctrl-C at the terminal is for the mount, which then stops it by closing its stdin
         process = await trio.lowlevel.open_process([sys.executable, "-m", "fincryptfs.uploadworker"],
-                                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE)
+                                                   stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                                   start_new_session=True)
         assert process.stdin is not None and process.stdout is not None
         try:
             await process.stdin.send_all(config)
@@ -168,15 +171,43 @@ async def supervise_worker(settings: ClientSettings, master_key: bytes, link: Wo
         await trio.sleep(delay)
 
 
+def is_dead_mount(path: Path) -> bool:
+    """Whether ``path`` is the mount point of a FUSE process that is gone (killed, crashed): the kernel still
+    holds the mount, but every access fails with ENOTCONN, and ``os.path.ismount`` says False."""
+    try:
+        os.stat(path)
+    except OSError as exc:
+        return exc.errno == errno.ENOTCONN
+    return False
+
+
+def check_mountpoint(mountpoint: Path) -> None:
+    """ConfigError unless ``mountpoint`` is an empty folder that nothing is mounted on."""
+    if is_dead_mount(mountpoint):
+        raise ConfigError(f"{mountpoint} is still mounted by a mount process that has stopped: unmount it first "
+                          f"(fincryptfs umount {mountpoint})")
+    if not mountpoint.exists():
+        raise ConfigError(f"mount point {mountpoint} does not exist: create it first (mkdir {mountpoint})")
+    if not mountpoint.is_dir():
+        raise ConfigError(f"mount point {mountpoint} is not a folder: mount on an empty folder")
+    if os.path.ismount(mountpoint):
+        raise ConfigError(f"{mountpoint} is already a mount point (unmount it first: fincryptfs umount "
+                          f"{mountpoint})")
+    try:
+        with os.scandir(mountpoint) as entries:
+            empty = next(entries, None) is None
+    except OSError as exc:
+        raise ConfigError(f"cannot read the mount point {mountpoint}: {exc.strerror}") from exc
+    if not empty:  # the mount would hide its files, which are not in the backup: they would look lost
+        raise ConfigError(f"mount point {mountpoint} is not empty: move its files away (copy them into the "
+                          "backup once it is mounted) or mount on an empty folder")
+
+
 async def run_mount(settings: ClientSettings, mountpoint: Path, master_key: bytes, *,
                     on_ready: Callable[[], None] | None = None) -> None:
     """Mount and serve until unmounted or interrupted (or until a supervisor holding our lifeline pipe dies)."""
     parent_fd = take_parent_fd()  # before the upload worker is started: it must not inherit the variable
-    if not mountpoint.is_dir():
-        raise ConfigError(f"mount point {mountpoint} is not a directory")
-    if os.path.ismount(mountpoint):
-        raise ConfigError(f"{mountpoint} is already a mount point (unmount it first: fincryptfs umount "
-                          f"{mountpoint})")
+    check_mountpoint(mountpoint)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
     os.chmod(settings.data_dir, 0o700)
     (settings.data_dir / "spool").mkdir(exist_ok=True)

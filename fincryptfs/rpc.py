@@ -46,6 +46,22 @@ def signed_headers(key: SigningKey, method: str, url: str, body: bytes, audience
     return sign_request(key, method, audience or origin_of(url), target, body, time.time())
 
 
+def why_unreachable(exc: Exception) -> str:
+    """What went wrong with a request that got no answer, in words (httpx's class names mean nothing to a user,
+    and a timeout's own message is often empty)."""
+    if isinstance(exc, httpx.TimeoutException):
+        reason = "no answer in time"
+    elif isinstance(exc, httpx.ConnectError):
+        reason = "cannot connect"
+    elif isinstance(exc, (httpx.NetworkError, httpx.RemoteProtocolError)):
+        reason = "the connection broke"
+    elif isinstance(exc, (httpx.InvalidURL, httpx.UnsupportedProtocol, ValueError)):
+        reason = "unusable URL"
+    else:
+        reason = "the request failed"
+    return f"{reason} ({exc})" if str(exc) else reason
+
+
 async def call(client: httpx.AsyncClient, method: str, url: str, *, key: SigningKey | None = None,
                json: Any = None, content: bytes | None = None, headers: Mapping[str, str] | None = None,
                timeout: httpx.Timeout | float | None = None, audience: str | None = None,
@@ -73,7 +89,7 @@ async def call(client: httpx.AsyncClient, method: str, url: str, *, key: Signing
                     method, url, content=body, headers=all_headers, **kwargs), max_answer)
     except (httpx.HTTPError, httpx.InvalidURL, ValueError) as exc:
         # InvalidURL is no HTTPError: a peer that announced an unusable URL is unreachable, not a crash
-        raise PeerError(f"{_peer(url)} is unreachable: {type(exc).__name__} {exc}".rstrip()) from exc
+        raise PeerError(f"{_peer(url)} is unreachable: {why_unreachable(exc)}") from exc
     except trio.TooSlowError as exc:
         raise PeerError(f"{_peer(url)} did not answer {method} {httpx.URL(url).path} within {deadline:g} s (too "
                         "slow or stalling); try again later") from exc

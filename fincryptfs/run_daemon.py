@@ -109,3 +109,11 @@ def load_settings(role: type[DaemonSettings], env_file: Path | None) -> DaemonSe
     if env_file is None and Path(".env").exists():
         env_file = Path(".env")
     return role.from_env(read_env_file(env_file), home=Path.home())
+
+
+def why_not_created(exc: OSError) -> str:
+    """Why a daemon could not create one of its folders, in words: "a file is in the way", "Permission denied:
+    PATH", ..., for a configuration error that names the setting."""
+    if isinstance(exc, (FileExistsError, NotADirectoryError)):
+        return "a file is in the way"
+    return f"{exc.strerror}: {exc.filename}"

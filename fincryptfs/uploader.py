@@ -46,7 +46,7 @@ from .core.messages import (
 from .core.objectcodec import encode_segment_blocks, plan_object, segment_plaintext
 from .core.wire import Envelope, decode_object
 from .objectstore import FileChangedError, ShareRef, StoredObject, UploadError
-from .rpc import PeerError, read_at_most
+from .rpc import PeerError, read_at_most, why_unreachable
 
 if TYPE_CHECKING:
     from .objectstore import ObjectStore
@@ -366,8 +366,7 @@ async def put_share(http: httpx.AsyncClient, placement: Placement, share_id: Sha
             async with http.stream("PUT", url, content=body(), headers=headers) as response:
                 answer, whole = await read_at_most(response, MAX_PUT_ANSWER)
         except httpx.HTTPError as exc:
-            raise PeerError(f"node {placement.node_url} is unreachable: {type(exc).__name__} {exc}".rstrip()
-                            ) from exc
+            raise PeerError(f"node {placement.node_url} is unreachable: {why_unreachable(exc)}") from exc
     if answer_by.cancelled_caught:
         raise PeerError(f"node {placement.node_url} did not answer within {PUT_ANSWER_TIMEOUT:g} s of receiving "
                         f"share {placement.index} (too slow or stalling): the share goes to another node")

@@ -136,7 +136,11 @@ async def run_worker(settings: ClientSettings, master_key: bytes, flush_seen: in
     async with trio.open_nursery() as nursery:
         queue = await nursery.start(run_queue, settings, master_key, flush_seen)
         freeze_startup_objects()
-        os.write(1, b"ready\n")  # the mount waits for this before serving (stdout is its pipe)
+        try:
+            os.write(1, b"ready\n")  # the mount waits for this before serving (stdout is its pipe)
+        except BrokenPipeError:  # the mount stopped while this worker started
+            nursery.cancel_scope.cancel()
+            return
         nursery.start_soon(_read_wakes, stdin, queue, nursery.cancel_scope)
 
 

@@ -21,6 +21,7 @@ import httpx
 import trio
 
 from fincryptfs.asgi import serve_app
+from fincryptfs.core.errors import ConfigError
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.settings import MediatorSettings
 from fincryptfs.core.wire import ReplayGuard
@@ -30,6 +31,7 @@ from fincryptfs.discovery import resolve_peers
 from fincryptfs.identity_file import load_or_create_identity
 from fincryptfs.replayjournal import JOURNAL_FILE, ReplayJournal
 from fincryptfs.rpc import new_client
+from fincryptfs.run_daemon import why_not_created
 
 from . import upkeep
 from .app import build_app
@@ -48,7 +50,11 @@ def load_identity(data_dir: Path) -> SigningKey:
 
 
 def open_service(settings: MediatorSettings) -> MediatorService:
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:  # a file in the way, no permission
+        raise ConfigError(f"data folder {settings.data_dir} cannot be created ({why_not_created(exc)}): fix "
+                          "MEDIATORD_DATA_DIR or its permissions") from exc
     return MediatorService(settings, load_identity(settings.data_dir), MediatorDB(settings.data_dir / DATABASE_FILE))
 
 

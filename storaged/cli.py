@@ -61,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
                         choices=("DEBUG", "INFO", "WARNING", "ERROR"))
     sub = parser.add_subparsers(dest="command")
     status = sub.add_parser("status", help="print node id, shares, bytes stored and free space")
-    status.add_argument("--json", action="store_true")
-    sub.add_parser("id", help="print this node's id")
+    status.add_argument("--json", action="store_true", help="print JSON")
+    node_id = sub.add_parser("id", help="print this node's id")
+    for extra in (status, node_id):  # after the command too, as mediatord takes it
+        extra.add_argument("--env-file", type=Path, default=argparse.SUPPRESS,
+                           help="settings file (default: ./.env if present)")
     args = parser.parse_args(argv)
     logs.configure(args.log_level)
     allocator.keep_freed_memory()

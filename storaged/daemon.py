@@ -13,10 +13,12 @@ import trio
 
 from fincryptfs import rpc
 from fincryptfs.asgi import serve_app
+from fincryptfs.core.errors import ConfigError
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.settings import StorageSettings
 from fincryptfs.identity_file import load_or_create_identity as load_identity_file
 from fincryptfs.replayjournal import JOURNAL_FILE, ReplayJournal
+from fincryptfs.run_daemon import why_not_created
 
 from .app import build_app
 from .db import NodeDatabase
@@ -36,7 +38,11 @@ def load_or_create_identity(data_dir: Path) -> SigningKey:
 
 
 def prepare_data_dir(settings: StorageSettings) -> None:
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    try:
+        settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    except OSError as exc:  # a file in the way, no permission
+        raise ConfigError(f"data folder {settings.data_dir} cannot be created ({why_not_created(exc)}): fix "
+                          "STORAGED_DATA_DIR or its permissions") from exc
 
 
 @asynccontextmanager

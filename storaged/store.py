@@ -34,6 +34,7 @@ from fincryptfs.core.errors import ConfigError, PolicyError
 from fincryptfs.core.ids import ShareId, parse_share_id
 from fincryptfs.core.merkle import HASH_BYTES, TreeFileWriter, leaf_count, level_widths
 from fincryptfs.core.settings import ShareDir
+from fincryptfs.run_daemon import why_not_created
 
 log = logging.getLogger(__name__)
 
@@ -372,7 +373,11 @@ def _open_folder(folder: ShareFolder, shares: int) -> None:
             f"share folder {folder.root} holds {shares} shares according to the node's database but {found}: "
             "mount its disk (or restore the folder) and start the node again. To give those shares up for good, "
             "remove the folder from STORAGED_SHARE_DIRS: the mediators will then repair them on other nodes.")
-    (folder.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+    try:
+        (folder.root / TMP_DIR).mkdir(parents=True, exist_ok=True)
+    except OSError as exc:  # a file in the way, no permission, a read-only disk
+        raise ConfigError(f"share folder {folder.root} cannot be created ({why_not_created(exc)}): fix its path "
+                          "in STORAGED_SHARE_DIRS or its permissions") from exc
     log.info("share folder created path=%s", folder.root)
 
 

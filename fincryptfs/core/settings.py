@@ -8,6 +8,7 @@ Every error names the variable and says what a valid value looks like.
 
 from __future__ import annotations
 
+import io
 import ipaddress
 import os
 import re
@@ -32,7 +33,13 @@ def read_env_file(path: Path | None, environ: Mapping[str, str] | None = None) -
     if path is not None:
         if not path.exists():
             raise ConfigError(f"settings file {path} does not exist")
-        values.update({k: v for k, v in dotenv_values(path).items() if v is not None})
+        try:  # read here: dotenv_values would take a folder for an empty file
+            text = path.read_text(encoding="utf-8")
+        except OSError as exc:
+            raise ConfigError(f"cannot read the settings file {path}: {exc.strerror}") from exc
+        except UnicodeDecodeError:
+            raise ConfigError(f"the settings file {path} is not text: it should hold NAME=VALUE lines") from None
+        values.update({k: v for k, v in dotenv_values(stream=io.StringIO(text)).items() if v is not None})
     env = os.environ if environ is None else environ
     values.update({k: v for k, v in env.items() if k.startswith(("FINCRYPT_", "STORAGED_", "MEDIATORD_"))})
     return values

@@ -10,6 +10,7 @@ from pathlib import Path
 
 import pytest
 
+from fincryptfs import cli
 from fincryptfs.core.crypto import master_key_from_phrase
 from fincryptfs.core.errors import ConfigError, WrongKeyError
 from fincryptfs.keystore import load_master_key, save_key_file
@@ -42,6 +43,10 @@ def test_usage_errors_exit_2(tmp_path: Path) -> None:
     assert run("restore").returncode == 2  # --mediator missing
     result = run("init", "--env-file", str(write_env(tmp_path)), "--passphrase-file", "x", "--no-passphrase")
     assert result.returncode == 2 and "not both" in result.stderr
+    for command in ("init", "restore"):  # the error named FINCRYPT_MEDIATOR_URL, which the user had not typed
+        result = run(command, "--env-file", str(write_env(tmp_path)), "--mediator", "127.0.0.1:8700")
+        assert result.returncode == 2 and "argument --mediator: '127.0.0.1:8700' is not an http://" in result.stderr
+    assert not (tmp_path / "key").exists()
 
 
 def test_init_with_passphrase_then_restore_from_phrase(tmp_path: Path) -> None:
@@ -94,6 +99,54 @@ def test_unprotected_key_file_must_be_private(tmp_path: Path) -> None:
     os.chmod(tmp_path / "key", 0o644)
     with pytest.raises(ConfigError, match="chmod 600"):
         load_master_key(tmp_path / "key")
+
+
+def test_mount_checks_the_folder_before_the_key_and_before_going_to_the_background(tmp_path: Path) -> None:
+    """With --daemon the background process's errors went to its log only; and a folder already mounted made
+    ``mount --daemon`` report success at once (the folder was a mount point), while its process failed."""
+    env = write_env(tmp_path)
+    assert run("init", "--env-file", str(env), "--no-passphrase").returncode == 0
+    (tmp_path / "a-file").write_text("x")
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.txt").write_text("would be hidden by the mount")
+    cases = [(tmp_path / "missing", "does not exist: create it first"), (tmp_path / "a-file", "is not a folder"),
+             (tmp_path / "full", "is not empty: move its files away")]
+    if os.path.ismount("/proc"):
+        cases.append((Path("/proc"), "is already a mount point"))
+    for folder, said in cases:
+        for daemon in ((), ("--daemon",)):
+            result = run("mount", str(folder), "--env-file", str(env), *daemon)
+            assert result.returncode == 1 and said in result.stderr and "mounted" not in result.stdout, result
+    assert not (tmp_path / "data" / "mount.log").exists()  # nothing was started
+
+
+@pytest.mark.parametrize("error,said", [(KeyboardInterrupt(), "interrupted\n"),
+                                        (ConfigError("the devnet needs 2 nodes"), "error: the devnet needs 2 nodes\n")])
+def test_an_error_grouped_by_a_nursery_is_reported_in_words(monkeypatch: pytest.MonkeyPatch,
+                                                            capsys: pytest.CaptureFixture[str],
+                                                            error: BaseException, said: str) -> None:
+    """A Ctrl-C before the mount's signal handler runs, or a devnet that cannot start, reached the CLI inside a
+    trio exception group, and printed a traceback."""
+    def failing(args: object) -> int:
+        raise BaseExceptionGroup("Exceptions from Trio nursery", [BaseExceptionGroup("inner", [error])])
+
+    monkeypatch.setattr(cli, "cmd_flush", failing)
+    monkeypatch.setattr(cli.logs, "configure", lambda level: None)
+    assert cli.main(["flush"]) == 1
+    assert capsys.readouterr().err == said
+
+
+def test_devnet_checks_its_arguments_before_starting_anything(tmp_path: Path) -> None:
+    home = tmp_path / "net"
+    for args, said in ((["--nodes", "0"], "--nodes: a devnet needs at least 2 storage nodes"),
+                       (["--audit-period", "0"], "--audit-period: at least 0.5 seconds")):
+        result = run("devnet", "--home", str(home), *args)
+        assert result.returncode == 2 and said in result.stderr and "Traceback" not in result.stderr, result
+    (tmp_path / "full").mkdir()
+    (tmp_path / "full" / "old.txt").write_text("x")
+    result = run("devnet", "--home", str(home), "--mount", str(tmp_path / "full"))
+    assert result.returncode == 1 and "is not empty" in result.stderr and "Traceback" not in result.stderr, result
+    assert not home.exists()  # no network was started
 
 
 def test_flush_and_status_without_a_tree_say_what_to_do(tmp_path: Path) -> None:

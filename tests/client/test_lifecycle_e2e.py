@@ -9,7 +9,10 @@ import re
 import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
 import time
+from functools import partial
 from pathlib import Path
 
 import pytest
@@ -44,6 +47,12 @@ async def test_daemon_rewrite_statfs_and_large_file(tmp_path: Path, nursery: tri
         assert found is not None, out
         daemon_pid = int(found.group(1))
         assert os.path.ismount(mnt)
+        # a second mount of the account says why it did not start, not only where its log is
+        (tmp_path / "second").mkdir()
+        second = await trio.to_thread.run_sync(lambda: client.cli("mount", str(tmp_path / "second"), "--daemon",
+                                                                  check=False))
+        assert second.returncode == 1 and "another fincryptfs mount is using" in second.stderr, second.stderr
+        assert not os.path.ismount(tmp_path / "second")
 
         # statfs shows the network's capacity (6 nodes of 2 GiB), once the mount has asked the mediator
         with trio.fail_after(10):
@@ -354,4 +363,66 @@ async def test_ctime_is_the_time_of_the_last_change_never_a_copied_mtime(tmp_pat
             assert started - 1 <= st.st_ctime <= time.time() + 1, (name, st.st_ctime)
         assert (await trio.to_thread.run_sync(os.stat, mnt / "future")).st_mtime == 4e9
     finally:
+        await client.cleanup()
+
+
+async def test_ctrl_c_at_the_terminal_unmounts_without_a_traceback(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A Ctrl-C signals the terminal's whole process group: the upload worker used to die of it with a
+    KeyboardInterrupt traceback beside the mount's clean stop."""
+    net = await start_network(tmp_path, nursery, nodes=1)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    client.mountpoint.mkdir()
+    process = subprocess.Popen([sys.executable, "-m", "fincryptfs.cli", "mount", str(client.mountpoint),
+                                "--env-file", str(client.env_file)], stderr=subprocess.PIPE, text=True,
+                               start_new_session=True, preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
+    try:
+        with trio.fail_after(30):
+            while not os.path.ismount(client.mountpoint):
+                assert process.poll() is None, process.communicate()[1]
+                await trio.sleep(0.05)
+            await trio.sleep(0.5)  # the worker is up (it is started before the folder is mounted)
+        os.killpg(process.pid, signal.SIGINT)
+        with trio.fail_after(20):
+            _, err = await trio.to_thread.run_sync(process.communicate)
+        assert process.returncode == 0 and "SIGINT: unmounting" in err, err
+        assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+        assert not os.path.ismount(client.mountpoint)
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+        if os.path.ismount(client.mountpoint):
+            subprocess.run(["fusermount3", "-u", "-z", str(client.mountpoint)], capture_output=True)
+
+
+async def test_the_folder_of_a_killed_mount_is_named_as_such_and_umount_clears_it(tmp_path: Path,
+                                                                                  nursery: trio.Nursery) -> None:
+    """A mount killed outright leaves its folder mounted with nobody serving it (every access: ENOTCONN). mount
+    printed a traceback there, and umount said the folder was not mounted."""
+    net = await start_network(tmp_path, nursery, nodes=1)
+    client = Client(tmp_path / "c", net.mediator_url)
+    client.init()
+    try:
+        await client.mount()
+        assert client.process is not None
+        os.kill(client.process.pid, signal.SIGKILL)
+        client.process.wait()
+        with trio.fail_after(10):  # until the kernel's cached attributes of the folder expire
+            while True:
+                try:
+                    os.stat(client.mountpoint)
+                except OSError as exc:
+                    assert exc.errno == errno.ENOTCONN
+                    break
+                await trio.sleep(0.1)
+        for daemon in ((), ("--daemon",)):
+            again = await trio.to_thread.run_sync(partial(client.cli, "mount", str(client.mountpoint), *daemon,
+                                                          check=False))
+            assert again.returncode == 1 and "Traceback" not in again.stderr, again.stderr
+            assert "still mounted by a mount process that has stopped: unmount it first" in again.stderr
+        await trio.to_thread.run_sync(lambda: client.cli("umount", str(client.mountpoint)))
+        assert client.mountpoint.is_dir() and not os.path.ismount(client.mountpoint)
+    finally:
+        subprocess.run(["fusermount3", "-u", "-z", str(client.mountpoint)], capture_output=True)  # if still dead
         await client.cleanup()

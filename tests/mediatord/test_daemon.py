@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -77,6 +78,33 @@ def test_cli_runs_and_stops_cleanly_on_sigterm(tmp_path: Path) -> None:
     result = subprocess.run([sys.executable, "-m", "mediatord.cli", "--env-file", str(bad)], env=env,
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 2 and "MEDIATORD_AUDIT_PERIODE" in result.stderr
+
+
+@pytest.mark.parametrize("name,value,said", [
+    ("MEDIATORD_PRICING", "fixed", "MEDIATORD_PRICING='fixed': fixed pricing needs a price"),
+    ("MEDIATORD_ACCEPT_NODES", "bogus:1", "MEDIATORD_ACCEPT_NODES='bogus:1' is unknown"),
+    ("MEDIATORD_DATA_DIR", "{file}", "cannot be created (a file is in the way): fix MEDIATORD_DATA_DIR"),
+    ("MEDIATORD_LISTEN", "{taken}", "cannot listen on {taken}: Address already in use")],
+    ids=["pricing", "acceptance", "data folder", "port"])
+def test_what_stops_the_start_is_one_line_naming_it(tmp_path: Path, name: str, value: str, said: str) -> None:
+    """Settings only the starting daemon can judge (policies, folders, the port) end like any bad setting."""
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder\n")
+    with socket.socket() as busy:
+        busy.bind(("127.0.0.1", 0))
+        busy.listen()
+        where = {"file": in_the_way, "taken": f"127.0.0.1:{busy.getsockname()[1]}"}
+        values = {"MEDIATORD_LISTEN": "127.0.0.1:0", "MEDIATORD_DATA_DIR": str(tmp_path / "m"),
+                  name: value.format(**where)}
+        env_file = tmp_path / "m.env"
+        env_file.write_text("".join(f"{k}={v}\n" for k, v in values.items()))
+        env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIATORD_")}
+        result = subprocess.run([sys.executable, "-m", "mediatord.cli", "--env-file", str(env_file)], env=env,
+                                capture_output=True, text=True, timeout=30)
+    assert result.returncode == 2, result.stderr
+    last = result.stderr.splitlines()[-1]
+    assert last.startswith("mediatord: configuration error: ") and said.format(**where) in last, result.stderr
+    assert "Traceback" not in result.stderr and "Errno" not in result.stderr, result.stderr
 
 
 async def test_a_failing_pass_is_logged_and_the_loop_goes_on(monkeypatch: pytest.MonkeyPatch,

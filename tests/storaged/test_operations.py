@@ -29,6 +29,10 @@ def test_cli_id_and_status(tmp_path: Path) -> None:
     assert len(node_id) == 64 and int(node_id, 16) >= 0
     assert (tmp_path / "data" / "node.key").stat().st_mode & 0o777 == 0o600
     status = json.loads(run_cli("status", "--json", env_file=env_file))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STORAGED_", "FINCRYPT_", "MEDIATORD_"))}
+    after = subprocess.run([sys.executable, "-m", "storaged.cli", "status", "--env-file", str(env_file), "--json"],
+                           capture_output=True, text=True, env=env, timeout=60, check=False)  # as mediatord takes it
+    assert after.returncode == 0 and json.loads(after.stdout) == status, after.stderr
     assert status["node_id"] == node_id and status["shares"] == 0 and status["capacity_bytes"] == 10 << 30
     bad = tmp_path / "bad.env"
     bad.write_text("STORAGED_RESERV_BYTES=1\n")

@@ -90,6 +90,23 @@ async def test_the_daemon_refuses_to_start_with_a_clear_message(tmp_path: Path, 
     assert "Traceback" not in done.stderr and not disk.exists()
 
 
+@pytest.mark.parametrize("setting", ["STORAGED_SHARE_DIRS", "STORAGED_DATA_DIR"])
+def test_a_file_where_a_folder_should_be_is_a_configuration_error(tmp_path: Path, setting: str) -> None:
+    in_the_way = tmp_path / "a-file"
+    in_the_way.write_text("not a folder\n")
+    values = {"STORAGED_DATA_DIR": str(tmp_path / "data"), "STORAGED_SHARE_DIRS": f"{tmp_path / 'shares'}:1G",
+              "STORAGED_LISTEN": "127.0.0.1:0",
+              setting: f"{in_the_way}:1G" if setting == "STORAGED_SHARE_DIRS" else str(in_the_way)}
+    env_file = tmp_path / "node.env"
+    env_file.write_text("".join(f"{name}={value}\n" for name, value in values.items()))
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STORAGED_", "FINCRYPT_", "MEDIATORD_"))}
+    done = subprocess.run([sys.executable, "-m", "storaged.cli", "--env-file", str(env_file)], capture_output=True,
+                          text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 2, done.stderr
+    assert f"{in_the_way} cannot be created (a file is in the way): fix" in done.stderr and setting in done.stderr
+    assert "Traceback" not in done.stderr and "Errno" not in done.stderr
+
+
 @pytest.mark.parametrize("layout", ["inner second", "inner first", "deeper", "same through a symlink"])
 def test_nested_or_repeated_share_folders_stop_the_start(tmp_path: Path, layout: str) -> None:
     """The start-up cleanup of /srv/a deletes what /srv/a/ab holds: such folders are refused, nothing created."""

@@ -2,10 +2,13 @@
 
 from __future__ import annotations
 
+import re
 from pathlib import Path
+from typing import Any
 
 import pytest
 
+from fincryptfs.core import settings as settings_module
 from fincryptfs.core.errors import ConfigError
 from fincryptfs.core.settings import (
     ClientSettings,
@@ -128,3 +131,75 @@ def test_read_env_file(tmp_path: Path) -> None:
     assert read_env_file(None, {"STORAGED_X": "1", "PATH": "/"}) == {"STORAGED_X": "1"}
     with pytest.raises(ConfigError, match="does not exist"):
         read_env_file(tmp_path / "missing.env", {})
+
+
+def test_a_settings_file_that_cannot_be_read_is_an_error(tmp_path: Path) -> None:
+    with pytest.raises(ConfigError, match=f"cannot read the settings file {tmp_path}: Is a directory"):
+        read_env_file(tmp_path, {})  # not taken for an empty file, which would leave every setting at its default
+    binary = tmp_path / "binary.env"
+    binary.write_bytes(b"\xff\xfeFINCRYPT_K=2\n")
+    with pytest.raises(ConfigError, match="is not text"):
+        read_env_file(binary, {})
+
+
+Role = type[ClientSettings] | type[StorageSettings] | type[MediatorSettings]
+ROLES: dict[str, Role] = {"FINCRYPT": ClientSettings, "STORAGED": StorageSettings, "MEDIATORD": MediatorSettings}
+DEFAULT_SET_AT_RUN_TIME = {"MEDIATORD_PUBLIC_URL"}  # "http://$MEDIATORD_LISTEN": the daemon fills it in
+
+
+def _env_example() -> dict[str, tuple[str, str]]:
+    """Each variable of .env.example: (its value there, the comment above its group of variables)."""
+    entries: dict[str, tuple[str, str]] = {}
+    comment: list[str] = []
+    group: list[str] = []
+    for line in (Path(__file__).resolve().parents[2] / ".env.example").read_text().splitlines():
+        if line.startswith("#"):
+            if group:
+                comment, group = [], []
+            comment.append(line.lstrip("# "))
+        elif "=" in line:
+            name, _, value = line.partition("=")
+            group.append(name)
+            entries[name] = (value, " ".join(comment))
+        else:
+            comment, group = [], []
+    return entries
+
+
+def test_env_example_documents_every_setting_read_and_its_default(monkeypatch: pytest.MonkeyPatch) -> None:
+    """Every variable the programs read is in .env.example, which says its default; a value shown there and a
+    default stated as a value are the code's default (after $NAME and ~ are replaced as the comments mean)."""
+    read: set[str] = set()
+    raw = settings_module._Reader.raw
+
+    def recording_raw(self: Any, name: str) -> str | None:
+        read.add(self.prefix + name)
+        return raw(self, name)
+
+    monkeypatch.setattr(settings_module._Reader, "raw", recording_raw)
+    home = Path.home()  # "~" in a value is the real home folder
+    defaults: dict[Role, object] = {cls: cls.from_env({}, home=home) for cls in ROLES.values()}
+    example = _env_example()
+    assert sorted(read - set(example)) == [], "read by the code but not in .env.example"
+    assert sorted(set(example) - read) == [], "in .env.example but read by no program"
+
+    stated: dict[str, str] = {}
+    for name, (value, comment) in example.items():
+        cls = ROLES[name.split("_")[0]]
+        assert re.search(r"Defaults?: ", comment), f"{name}: the comment does not say its default"
+        if value:
+            assert cls.from_env({name: value}, home=home) == defaults[cls] or "Default: none" in comment, (
+                f"{name}={value} in .env.example is not the default")
+        found = re.search(r"Default: (\S+?)[.,;]?(?:\s|$)", comment)
+        if found is not None and sum(1 for other in example.values() if other[1] == comment) == 1:
+            stated[name] = found.group(1)
+    for name, text in stated.items():
+        cls = ROLES[name.split("_")[0]]
+        value = re.sub(r"\$([A-Z_]+)", lambda m: stated[m.group(1)], text)
+        if value in ("none", "empty") or name in DEFAULT_SET_AT_RUN_TIME:
+            continue
+        try:
+            parsed = cls.from_env({name: value}, home=home)
+        except ConfigError:
+            continue  # words, not a value ("the bound listen address")
+        assert parsed == defaults[cls], f"{name}: .env.example says the default is {text}"
