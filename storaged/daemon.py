@@ -77,6 +77,7 @@ async def run_service(service: StorageService, *, task_status: trio.TaskStatus[s
         if settings.dht_listen is not None:
             nursery.start_soon(discovery_loop, service, client)  # never delays start-up; retries by itself
         nursery.start_soon(service.scrub_loop, float(settings.scrub_rate))
+        nursery.start_soon(service.watch_folders)
         log.info("storaged listening url=%s node_id=%s", url, service.node_id)
         task_status.started(url)
 

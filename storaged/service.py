@@ -50,6 +50,7 @@ MAX_CHALLENGE_BYTES = 8 << 20  # 100,000 share ids fit
 # bytes and within this many seconds, however it is paced: a mediator found in the DHT may be anyone's.
 ANNOUNCE_ANSWER_BYTES = 1 << 20
 ANNOUNCE_DEADLINE = 60.0
+FOLDER_CHECK_SECONDS = 30.0  # how often the share folders are looked at when no request does
 
 
 _DISK_FULL = frozenset({errno.ENOSPC, errno.EDQUOT, errno.EFBIG})
@@ -170,6 +171,31 @@ class StorageService:
         pruned = self.db.prune_grants(int(self.clock()))
         if pruned:
             log.info("forgot expired grants count=%d", pruned)
+
+    async def watch_folders(self) -> None:
+        """Look at the share folders every FOLDER_CHECK_SECONDS, even when no request does: the operator hears at
+        once of a disk that went away, and a disk that came back is used again without a restart."""
+        while True:
+            await trio.sleep(FOLDER_CHECK_SECONDS)
+            await self.check_folders()
+
+    async def check_folders(self) -> None:
+        """Note which share folders cannot be used; serve again the shares of those that came back."""
+        away = {f.key for f in self.store.folders if f.problem is not None}
+        self.store.space()  # logs every change, with what to do
+        back = {f.key for f in self.store.folders if f.key in away and f.problem is None}
+        if back:
+            await trio.to_thread.run_sync(self._serve_again, back)
+
+    def _serve_again(self, folder_keys: set[str]) -> None:
+        """Blocking: the shares of these folders marked missing (read while their disk was away) whose files are
+        there again with the right sizes are held again, as at start (the scrub and the audits check the bytes)."""
+        for record in self.db.iter_shares():
+            if (record.state == STATE_MISSING and record.dir in folder_keys
+                    and self.store.check_files(record.dir, record.share_id, record.size)):
+                log.warning("share files are back, serving the share again share_id=%s dir=%s", record.share_id,
+                            record.dir)
+                self.db.set_state(record.share_id, STATE_OK)
 
     def audiences(self) -> frozenset[str]:
         """What a signed request to this node may be addressed to: its node id, or the origin of its URL."""
@@ -457,6 +483,7 @@ class StorageService:
         """
         log.error("share unreadable, marked missing share_id=%s error=%s", share_id, exc)
         await trio.to_thread.run_sync(self.db.set_state, share_id, STATE_MISSING)
+        self.store.space()  # a whole folder away? Noted (and logged) now, so its shares come back with it
         return RemoteProtocolError("this node's copy of the share is missing or damaged", status=404)
 
     async def _stream(self, share_id: ShareId, opened: OpenShare, start: int, end: int) -> AsyncIterator[bytes]:
@@ -499,6 +526,8 @@ class StorageService:
             limiter=self._proof_threads)
         for share_id in unreadable:
             await trio.to_thread.run_sync(self.db.set_state, share_id, STATE_MISSING)
+        if unreadable:
+            self.store.space()  # as in _lost
         self.metrics.challenges_answered += 1
         log.info("challenge answered round=%d shares=%d held=%d", challenge.round_id, len(challenge.share_ids),
                  len(held) - len(unreadable))
@@ -524,7 +553,11 @@ class StorageService:
         self._shares_releasing.add(share_id)  # an upload of the same id now would lose its files to our unlinks
         try:
             await trio.to_thread.run_sync(self.db.remove_share, share_id, limiter=self._upload_threads)
-            await trio.to_thread.run_sync(self.store.remove, record.dir, share_id, record.size)
+            try:
+                await trio.to_thread.run_sync(self.store.remove, record.dir, share_id, record.size)
+            except OSError as exc:  # a read-only or failing disk: the share is gone for the node all the same
+                log.error("could not delete the files of released share share_id=%s dir=%s error=%s: they are "
+                          "deleted at the next start", share_id, record.dir, exc)
         finally:
             self._shares_releasing.discard(share_id)
         log.info("share released share_id=%s size=%d", share_id, record.size)
@@ -541,8 +574,12 @@ class StorageService:
             try:
                 ok = paths is not None and await self._scrub_share(paths.data, paths.tree, record, rate_bytes_per_s)
             except OSError as exc:
-                log.error("scrub could not read share share_id=%s error=%s", record.share_id, exc)
-                ok = False
+                # unreadable is not corrupt: a disk that is away (or a file deleted) is missing, as for a read or
+                # a proof, and served again once its files are back; a share found corrupt stays corrupt
+                self.metrics.scrubbed_shares += 1
+                if self.db.get_share(record.share_id) is not None:
+                    await self._lost(record.share_id, exc)
+                continue
             self.metrics.scrubbed_shares += 1
             if ok or self.db.get_share(record.share_id) is None:  # fine, or released meanwhile
                 continue
@@ -593,9 +630,16 @@ class StorageService:
     # --- operations -----------------------------------------------------------------------------------------
 
     def health(self) -> dict[str, object]:
+        """The node's figures; ``status`` is "degraded", with each ``problem`` in words, while a share folder
+        cannot be used (the node still serves the others)."""
         shares, stored = self.db.totals()
-        return {"status": "ok", "node_id": self.node_id, "shares": shares, "bytes_stored": stored,
-                "free_bytes": self.store.free_bytes()}
+        free = self.store.free_bytes()
+        problems = self.store.problems()
+        answer: dict[str, object] = {"status": "degraded" if problems else "ok", "node_id": self.node_id,
+                                     "shares": shares, "bytes_stored": stored, "free_bytes": free}
+        if problems:
+            answer["problems"] = problems
+        return answer
 
     def metrics_text(self) -> str:
         shares, stored = self.db.totals()

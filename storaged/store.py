@@ -76,6 +76,7 @@ class ShareFolder:
         self.capacity = config.capacity_bytes
         self.used = 0
         self.reserved = 0
+        self.problem: str | None = None  # why the folder cannot take shares now (disk gone, read-only), if so
 
     def paths(self, share_id: ShareId) -> SharePaths:
         sid = parse_share_id(share_id)
@@ -247,16 +248,54 @@ class ShareStore:
                                      if self.by_key.get(recorded) is folder))
 
     def space(self) -> list[FolderSpace]:
-        """Every folder's figures now; each filesystem's free space is read once."""
+        """Every folder's figures now. A folder that cannot take shares (see :meth:`_look_at`) has no room, on a
+        device of its own: the node goes on with the others, and uses it again once it is back."""
         disk_free: dict[int, int] = {}
         spaces = []
-        for f in self.folders:
-            device = os.stat(f.root).st_dev
-            if device not in disk_free:
-                stats = os.statvfs(f.root)
-                disk_free[device] = stats.f_bavail * stats.f_frsize
+        for index, f in enumerate(self.folders):
+            found = self._look_at(f)
+            if found is None:
+                spaces.append(FolderSpace(-1 - index, f.capacity, f.used, f.reserved, 0))
+                continue
+            device, free = found
+            disk_free.setdefault(device, free)
             spaces.append(FolderSpace(device, f.capacity, f.used, f.reserved, disk_free[device]))
         return spaces
+
+    def _look_at(self, folder: ShareFolder) -> tuple[int, int] | None:
+        """The device and free bytes of a folder that can take shares now; None (logged once, with what to do)
+        for one that cannot: gone or without its ``.tmp`` (a disk unmounted under a running node leaves its empty
+        mount point: shares written there would land on the wrong disk), or read-only. Its problem is kept in
+        :attr:`ShareFolder.problem` for ``/health`` and ``storaged status``."""
+        tmp = folder.root / TMP_DIR
+        found: tuple[int, int] | None = None
+        problem: str | None = None
+        try:
+            device = os.stat(tmp).st_dev
+            stats = os.statvfs(tmp)
+        except OSError as exc:
+            problem = ("it is not there (is its disk mounted?)" if exc.errno in (errno.ENOENT, errno.ENOTDIR)
+                       else f"it cannot be read ({exc.strerror})")
+        else:
+            if stats.f_flag & os.ST_RDONLY:
+                problem = "its filesystem is read-only (a failing disk is often remounted read-only)"
+            elif not os.access(tmp, os.W_OK | os.X_OK):
+                problem = "this node may not write to it (check its owner and permissions)"
+            else:
+                found = (device, stats.f_bavail * stats.f_frsize)
+        if problem != folder.problem:
+            if problem is not None:
+                log.error("share folder %s cannot be used: %s. No new shares go there, and its shares are reported "
+                          "missing when they cannot be read; fix it and the node uses the folder again by itself",
+                          folder.root, problem)
+            else:
+                log.warning("share folder %s can be used again", folder.root)
+            folder.problem = problem
+        return found
+
+    def problems(self) -> list[str]:
+        """What is wrong with the share folders as last seen, in words an operator can act on."""
+        return [f"share folder {f.root}: {f.problem}" for f in self.folders if f.problem is not None]
 
     def free_bytes(self) -> int:
         return total_room(self.space(), self.reserve)
@@ -297,30 +336,22 @@ class ShareStore:
         if folder is None:
             return
         paths = folder.paths(share_id)
+        folder.used = max(0, folder.used - disk_bytes(size))  # its row is gone: whatever the unlinks do
         for path in (paths.data, paths.tree):
             try:
                 path.unlink()
             except FileNotFoundError:
                 pass
-        folder.used = max(0, folder.used - disk_bytes(size))
 
     def clean(self, known: Container[str]) -> int:
         """Start-up cleanup: drop temp files and any share file whose id has no database row. Returns count."""
         removed = 0
         for folder in self.folders:
-            tmp = folder.root / TMP_DIR
-            for entry in os.scandir(tmp):
-                _remove(Path(entry.path))
-                removed += 1
-            for sub in os.scandir(folder.root):
-                if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2 or sub.name == TMP_DIR:
-                    continue
-                for entry in os.scandir(sub.path):
-                    stem, _, suffix = entry.name.partition(".")
-                    if stem in known and suffix in ("data", "tree"):
-                        continue
-                    _remove(Path(entry.path))
-                    removed += 1
+            try:
+                removed += _clean_folder(folder, known)
+            except OSError as exc:  # a read-only or failing disk: serve what can be served, try again next start
+                log.error("could not clean up share folder %s (%s): its leftovers stay until the next start",
+                          folder.root, exc)
         if removed:
             log.info("cleanup removed=%d (temp files and files without a database row)", removed)
         return removed
@@ -379,6 +410,24 @@ def _open_folder(folder: ShareFolder, shares: int) -> None:
         raise ConfigError(f"share folder {folder.root} cannot be created ({why_not_created(exc)}): fix its path "
                           "in STORAGED_SHARE_DIRS or its permissions") from exc
     log.info("share folder created path=%s", folder.root)
+
+
+def _clean_folder(folder: ShareFolder, known: Container[str]) -> int:
+    """Remove one folder's temp files and share files without a row; returns how many."""
+    removed = 0
+    for entry in os.scandir(folder.root / TMP_DIR):
+        _remove(Path(entry.path))
+        removed += 1
+    for sub in os.scandir(folder.root):
+        if not sub.is_dir(follow_symlinks=False) or len(sub.name) != 2 or sub.name == TMP_DIR:
+            continue
+        for entry in os.scandir(sub.path):
+            stem, _, suffix = entry.name.partition(".")
+            if stem in known and suffix in ("data", "tree"):
+                continue
+            _remove(Path(entry.path))
+            removed += 1
+    return removed
 
 
 def _remove(path: Path) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import re
 import shutil
@@ -13,10 +14,11 @@ from pathlib import Path
 
 import httpx
 import pytest
-from storaged_peers import ACCOUNT, MediatorPeer, node_settings, running_node, store
+from storaged_peers import ACCOUNT, MediatorPeer, RunningNode, node_settings, running_node, store
 
 from fincryptfs import rpc
 from fincryptfs.core.errors import ConfigError
+from fincryptfs.core.ids import ShareId
 from fincryptfs.core.settings import ShareDir
 from storaged.daemon import DATABASE_FILE
 from storaged.db import STATE_MISSING, STATE_OK
@@ -150,3 +152,92 @@ async def test_share_folders_are_recorded_by_absolute_path_whatever_the_working_
         assert record is not None and record.state == STATE_OK
         got = await rpc.call(client, "GET", f"{node.url}/v1/shares/{grant.share_id}", key=ACCOUNT)
         assert got.content == data
+
+
+def _where(node: RunningNode, share_id: str) -> Path:
+    record = node.service.db.get_share(ShareId(share_id))
+    assert record is not None
+    return Path(record.dir)
+
+
+async def test_a_share_folder_that_goes_away_while_the_node_runs_is_reported_and_used_again_once_back(
+        tmp_path: Path, mediator: MediatorPeer, client: httpx.AsyncClient) -> None:
+    """A disk unmounted under a running node: the node keeps serving the other folder, says what is wrong and
+    what to do, and uses the folder (and serves its shares) again once it is back, without a restart. Its
+    free-space figures used to raise: /health and every upload were a 500, and the next announcement ended the
+    node."""
+    async with running_node(node_settings(tmp_path, (mediator.url,))) as node:
+        data = os.urandom(30_000)
+        grant, _ = await store(client, node, mediator, data)
+        gone, other = _where(node, grant.share_id), {d.path for d in node.settings.share_dirs} - {
+            _where(node, grant.share_id)}
+        gone.rename(tmp_path / "unmounted")
+        health = (await client.get(f"{node.url}/health")).json()
+        assert health["status"] == "degraded"
+        assert health["problems"] == [f"share folder {gone}: it is not there (is its disk mounted?)"]
+        assert (await node.service.announce_all(client)) == {mediator.url: mediator.id}
+        second, _ = await store(client, node, mediator, os.urandom(30_000))
+        assert {_where(node, second.share_id)} == other
+        url = f"{node.url}/v1/shares/{grant.share_id}"
+        response = await client.get(url, headers=rpc.signed_headers(ACCOUNT, "GET", url, b""))
+        assert response.status_code == 404, response.text
+        (tmp_path / "unmounted").rename(gone)
+        await node.service.check_folders()
+        assert (await client.get(f"{node.url}/health")).json()["status"] == "ok"
+        got = await rpc.call(client, "GET", url, key=ACCOUNT)
+        assert got.content == data
+
+
+async def test_a_read_only_share_folder_takes_no_new_shares_and_releases_still_answer(
+        tmp_path: Path, mediator: MediatorPeer, client: httpx.AsyncClient, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A failing disk remounted read-only: uploads go to the other folder (they all failed with 503 whenever the
+    read-only one had the most room), and a release of a share there is a 204 (it was a 500), its files left for
+    the cleanup at the next start."""
+    async with running_node(node_settings(tmp_path, (mediator.url,))) as node:
+        grant, _ = await store(client, node, mediator, os.urandom(30_000))
+        read_only = _where(node, grant.share_id)
+        real_statvfs, real_unlink = os.statvfs, Path.unlink
+
+        def statvfs(path: str | os.PathLike[str]) -> os.statvfs_result:
+            found = real_statvfs(path)
+            if not Path(path).is_relative_to(read_only):
+                return found
+            return os.statvfs_result((*found[:8], found.f_flag | os.ST_RDONLY, found.f_namemax))
+
+        def unlink(path: Path, missing_ok: bool = False) -> None:
+            if path.is_relative_to(read_only):
+                raise OSError(errno.EROFS, os.strerror(errno.EROFS), str(path))
+            real_unlink(path, missing_ok)
+
+        monkeypatch.setattr(os, "statvfs", statvfs)
+        monkeypatch.setattr(Path, "unlink", unlink)
+        health = (await client.get(f"{node.url}/health")).json()
+        assert health["status"] == "degraded" and "read-only" in health["problems"][0]
+        for _ in range(3):
+            stored, _ = await store(client, node, mediator, os.urandom(30_000))
+            assert _where(node, stored.share_id) != read_only
+        response = await rpc.call(client, "DELETE", f"{node.url}/v1/shares/{grant.share_id}", key=mediator.key)
+        assert response.status_code == 204 and node.service.db.get_share(grant.share_id) is None
+        monkeypatch.undo()
+    async with running_node(node_settings(tmp_path, (mediator.url,))) as node:
+        assert not list(read_only.glob(f"*/{grant.share_id}.*"))  # removed at the next start
+
+
+async def test_a_scrub_while_the_disk_is_away_marks_its_shares_missing_not_corrupt(
+        tmp_path: Path, mediator: MediatorPeer, client: httpx.AsyncClient) -> None:
+    """Unreadable is not corrupt: the scrub used to mark every share of an unmounted disk corrupt, for good, so
+    they were never served again, even after the disk was back and the node restarted."""
+    settings = node_settings(tmp_path, (mediator.url,))
+    data = os.urandom(30_000)
+    async with running_node(settings) as node:
+        grant, _ = await store(client, node, mediator, data)
+        folder = _where(node, grant.share_id)
+        folder.rename(tmp_path / "unmounted")
+        assert await node.service.scrub_once(1e9) == 0
+        record = node.service.db.get_share(grant.share_id)
+        assert record is not None and record.state == STATE_MISSING
+        (tmp_path / "unmounted").rename(folder)
+        await node.service.check_folders()
+        got = await rpc.call(client, "GET", f"{node.url}/v1/shares/{grant.share_id}", key=ACCOUNT)
+        assert got.content == data
+        assert await node.service.scrub_once(1e9) == 0
