@@ -16,7 +16,7 @@ from fincryptfs.core.settings import StorageSettings
 from fincryptfs.run_daemon import run_until_signalled
 from storaged import __version__
 
-from .daemon import DATABASE_FILE, load_or_create_identity, prepare_data_dir, serve
+from .daemon import load_or_create_identity, open_database, prepare_data_dir, serve
 
 log = logging.getLogger("storaged")
 
@@ -31,13 +31,12 @@ async def _run(settings: StorageSettings) -> None:
 
 def _status(settings: StorageSettings) -> dict[str, object]:
     # read-only look at the state: no cleanup, so it is safe while the daemon runs
-    from .db import NodeDatabase
     from .store import ShareStore
 
     prepare_data_dir(settings)
-    key = load_or_create_identity(settings.data_dir)
-    db = NodeDatabase(settings.data_dir / DATABASE_FILE)
+    db = open_database(settings.data_dir)
     try:
+        key = load_or_create_identity(settings.data_dir, db)
         shares, stored = db.totals()
         store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir())
         for folder, used in db.bytes_by_dir().items():
@@ -73,7 +72,11 @@ def main(argv: list[str] | None = None) -> int:
         settings = load_settings(args.env_file)
         if args.command == "id":
             prepare_data_dir(settings)
-            print(load_or_create_identity(settings.data_dir).id)
+            db = open_database(settings.data_dir)
+            try:
+                print(load_or_create_identity(settings.data_dir, db).id)
+            finally:
+                db.close()
         elif args.command == "status":
             info = _status(settings)
             if args.json:

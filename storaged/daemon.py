@@ -32,9 +32,31 @@ IDENTITY_FILE = "node.key"
 DATABASE_FILE = "storaged.sqlite3"
 
 
-def load_or_create_identity(data_dir: Path) -> SigningKey:
-    """The node's Ed25519 key; created (mode 0600, fsynced) on first start."""
-    return load_identity_file(data_dir / IDENTITY_FILE, "node")
+def load_or_create_identity(data_dir: Path, db: NodeDatabase) -> SigningKey:
+    """The node's Ed25519 key; created (mode 0600, fsynced) on first start.
+
+    Never a new one beside a database that lists the shares of another: the mediators know those shares by
+    the node id that stored them, so a node under a new id could neither prove nor release them, and would
+    keep them, unreported, for ever. ConfigError, with what to do, instead."""
+    path = data_dir / IDENTITY_FILE
+    owner = db.node_id()
+    if owner is not None and not path.exists():
+        raise ConfigError(f"the node's identity file {path} is missing, but its database {db.path} belongs to node "
+                          f"{owner} ({db.totals()[0]} shares): restore that node's {IDENTITY_FILE} from your backup "
+                          "and start again "
+                          "(its id, shares and payouts belong to that key). To start afresh as a new node instead, "
+                          f"move {db.path.name} away and empty the share folders")
+    key = load_identity_file(path, "node")
+    if owner is not None and key.id != owner:
+        raise ConfigError(f"the identity file {path} is node {key.id}, but the node's database {db.path} belongs to "
+                          f"node {owner} ({db.totals()[0]} shares): put back that node's {IDENTITY_FILE}, or use the "
+                          "database and "
+                          "share folders that belong to this one (STORAGED_DATA_DIR, STORAGED_SHARE_DIRS)")
+    return key
+
+
+def open_database(data_dir: Path) -> NodeDatabase:
+    return NodeDatabase(data_dir / DATABASE_FILE)
 
 
 def prepare_data_dir(settings: StorageSettings) -> None:
@@ -49,9 +71,9 @@ def prepare_data_dir(settings: StorageSettings) -> None:
 async def open_service(settings: StorageSettings) -> AsyncIterator[StorageService]:
     """A StorageService over its on-disk state, recovered (leftovers cleaned) and ready to serve."""
     prepare_data_dir(settings)
-    key = load_or_create_identity(settings.data_dir)
-    db = NodeDatabase(settings.data_dir / DATABASE_FILE)
+    db = open_database(settings.data_dir)
     try:
+        key = load_or_create_identity(settings.data_dir, db)
         store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir())
         service = StorageService(settings, key, db, store)
         journal = ReplayJournal(settings.data_dir / JOURNAL_FILE, service.guard)

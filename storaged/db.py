@@ -16,7 +16,7 @@ from collections.abc import Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from fincryptfs.core.errors import ReplayError
+from fincryptfs.core.errors import ConfigError, ReplayError
 from fincryptfs.core.ids import ShareId
 
 from .earnings import Earnings
@@ -42,6 +42,10 @@ CREATE TABLE IF NOT EXISTS mediators (
     public_key TEXT NOT NULL,
     url TEXT NOT NULL,
     announced_at INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS meta (
+    key TEXT PRIMARY KEY,
+    value TEXT NOT NULL
 );
 CREATE TABLE IF NOT EXISTS earnings (
     mediator_id TEXT PRIMARY KEY,
@@ -98,9 +102,13 @@ class NodeDatabase:
 
     def __init__(self, path: Path) -> None:
         self.path = path
-        self._writer = _connect(path)
-        self._writer.executescript(_SCHEMA)
-        self._reader = _connect(path)
+        try:
+            self._writer = _connect(path)
+            self._writer.executescript(_SCHEMA)
+            self._reader = _connect(path)
+        except sqlite3.DatabaseError as exc:  # garbage, a torn copy, a file of something else
+            raise ConfigError(f"the node's database {path} cannot be read ({exc}): restore it from a backup. "
+                              "Without it the node does not know the shares it holds") from exc
         self._lock = threading.Lock()
 
     def close(self) -> None:
@@ -142,6 +150,11 @@ class NodeDatabase:
         with self._lock:
             self._writer.execute("UPDATE shares SET dir = ? WHERE dir = ?", (new, old))
 
+    def set_node_id(self, node_id: str) -> None:
+        """Record whose shares this database lists (once; see :meth:`node_id`)."""
+        with self._lock:
+            self._writer.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('node_id', ?)", (node_id,))
+
     def prune_grants(self, now: int) -> int:
         """Forget used grants that have expired: an expired grant is refused anyway."""
         with self._lock:
@@ -163,6 +176,12 @@ class NodeDatabase:
                                   earnings.paid_msat, earnings.payout_threshold_msat, earnings.updated_at))
 
     # --- reads (event loop thread, or a thread that holds no other reference) ---
+
+    def node_id(self) -> str | None:
+        """The node whose shares this database lists; None for a database no node has started with yet (or one
+        written by a version that did not record it)."""
+        row = self._reader.execute("SELECT value FROM meta WHERE key = 'node_id'").fetchone()
+        return None if row is None else str(row[0])
 
     def earnings(self) -> list[Earnings]:
         return [Earnings(*row) for row in self._reader.execute(

@@ -22,6 +22,7 @@ import trio
 from fincryptfs import rpc
 from fincryptfs.core.errors import (
     AuthError,
+    ConfigError,
     ForbiddenError,
     IntegrityError,
     PolicyError,
@@ -167,10 +168,30 @@ class StorageService:
                 log.warning("share files are back, serving the share again share_id=%s dir=%s", record.share_id,
                             record.dir)
                 self.db.set_state(record.share_id, STATE_OK)
+        if self.db.node_id() is None:
+            self._refuse_unknown_share_files(known)
+            self.db.set_node_id(self.node_id)
         self.store.clean(known)
         pruned = self.db.prune_grants(int(self.clock()))
         if pruned:
             log.info("forgot expired grants count=%d", pruned)
+
+    def _refuse_unknown_share_files(self, known: set[str]) -> None:
+        """ConfigError if a database that no node has started with yet (deleted, replaced, or not the one of
+        these share folders) meets share folders full of share files: the cleanup below would delete every one
+        of them as files without a row. (A database that lists shares was written by a version that did not
+        record its node: it is the node's own.)"""
+        if known:
+            return
+        found = {folder: n for folder, n in self.store.count_share_files().items() if n}
+        if found:
+            folder, count = next(iter(found.items()))
+            raise ConfigError(
+                f"the node's database {self.db.path} is new and lists no shares, but share folder {folder} holds "
+                f"{count} share files: the database was deleted or replaced, or STORAGED_DATA_DIR is not the folder "
+                "it was (a disk not mounted?). Starting now would delete those files. Put the node's database back "
+                "(with its node.key) and start again; to give those shares up for good, delete the two-character "
+                "folders in the share folders: the mediators then repair the shares on other nodes")
 
     async def watch_folders(self) -> None:
         """Look at the share folders every FOLDER_CHECK_SECONDS, even when no request does: the operator hears at

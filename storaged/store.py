@@ -356,6 +356,20 @@ class ShareStore:
             log.info("cleanup removed=%d (temp files and files without a database row)", removed)
         return removed
 
+    def count_share_files(self) -> dict[Path, int]:
+        """How many share data files each folder's two-character subfolders hold (folders that cannot be read
+        count none)."""
+        counts: dict[Path, int] = {}
+        for folder in self.folders:
+            counts[folder.root] = 0
+            try:
+                for sub in os.scandir(folder.root):
+                    if sub.is_dir(follow_symlinks=False) and len(sub.name) == 2 and sub.name != TMP_DIR:
+                        counts[folder.root] += sum(1 for e in os.scandir(sub.path) if e.name.endswith(".data"))
+            except OSError:
+                pass
+        return counts
+
     def check_files(self, folder_key: str, share_id: ShareId, size: int) -> bool:
         """Whether both files of a share exist with the sizes its row promises."""
         paths = self.paths(folder_key, share_id)
