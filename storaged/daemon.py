@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import logging
 from collections.abc import AsyncIterator
-from contextlib import asynccontextmanager
+from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
 
 import trio
@@ -17,6 +17,7 @@ from fincryptfs.core.errors import ConfigError
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.settings import StorageSettings
 from fincryptfs.identity_file import load_or_create_identity as load_identity_file
+from fincryptfs.lockfile import held
 from fincryptfs.replayjournal import JOURNAL_FILE, ReplayJournal
 from fincryptfs.run_daemon import why_not_created
 
@@ -30,6 +31,9 @@ log = logging.getLogger(__name__)
 
 IDENTITY_FILE = "node.key"
 DATABASE_FILE = "storaged.sqlite3"
+# in the data folder and in every share folder: one node at a time (two would delete each other's files as
+# leftovers of a crash at their start, and each other's uploads in flight)
+LOCK_FILE = ".storaged.lock"
 
 
 def load_or_create_identity(data_dir: Path, db: NodeDatabase) -> SigningKey:
@@ -71,19 +75,27 @@ def prepare_data_dir(settings: StorageSettings) -> None:
 async def open_service(settings: StorageSettings) -> AsyncIterator[StorageService]:
     """A StorageService over its on-disk state, recovered (leftovers cleaned) and ready to serve."""
     prepare_data_dir(settings)
-    db = open_database(settings.data_dir)
-    try:
-        key = load_or_create_identity(settings.data_dir, db)
-        store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir())
-        service = StorageService(settings, key, db, store)
-        journal = ReplayJournal(settings.data_dir / JOURNAL_FILE, service.guard)
+    with ExitStack() as locks:
+        locks.enter_context(held(settings.data_dir / LOCK_FILE, f"another storaged is running with the data "
+                                 f"folder {settings.data_dir}: stop it first (a data folder serves one node at a "
+                                 "time)"))
+        db = open_database(settings.data_dir)
         try:
-            await trio.to_thread.run_sync(service.recover)
-            yield service
+            key = load_or_create_identity(settings.data_dir, db)
+            store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir())
+            for folder in store.folders:
+                locks.enter_context(held(folder.root / LOCK_FILE, f"share folder {folder.root} is in use by "
+                                         "another storaged: stop it, or give each node share folders of its own "
+                                         "(STORAGED_SHARE_DIRS)"))
+            service = StorageService(settings, key, db, store)
+            journal = ReplayJournal(settings.data_dir / JOURNAL_FILE, service.guard)
+            try:
+                await trio.to_thread.run_sync(service.recover)
+                yield service
+            finally:
+                journal.close()
         finally:
-            journal.close()
-    finally:
-        db.close()
+            db.close()
 
 
 async def run_service(service: StorageService, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED

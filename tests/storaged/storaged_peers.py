@@ -24,7 +24,7 @@ from fincryptfs.core.merkle import MerkleTree
 from fincryptfs.core.messages import Challenge, NodeAnnouncement, UploadGrant
 from fincryptfs.core.settings import ShareDir, StorageSettings
 from fincryptfs.core.wire import Envelope, ReplayGuard, decode_object, origin_of
-from storaged.daemon import open_service, run_service
+from storaged.daemon import LOCK_FILE, open_service, run_service
 from storaged.service import StorageService
 
 
@@ -150,8 +150,9 @@ async def raw_request(url: str, head: bytes, body: bytes = b"", read_limit: int 
 
 
 def listed_files(node: RunningNode) -> set[str]:
-    """Every file in the node's share folders (to check that refused uploads leave nothing behind)."""
+    """Every file in the node's share folders but its lock (to check that refused uploads leave nothing behind)."""
     found = set()
     for share_dir in node.settings.share_dirs:
-        found |= {str(p.relative_to(share_dir.path)) for p in share_dir.path.rglob("*") if p.is_file()}
+        found |= {str(p.relative_to(share_dir.path)) for p in share_dir.path.rglob("*")
+                  if p.is_file() and p.name != LOCK_FILE}
     return found

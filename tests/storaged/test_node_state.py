@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import shutil
+from dataclasses import replace
 from pathlib import Path
 
 import httpx
@@ -78,3 +79,25 @@ async def test_an_unreadable_database_is_a_configuration_error(tmp_path: Path, m
         async with running_node(settings):
             pass
     assert share_files(tmp_path) == files
+
+
+async def test_a_second_node_on_the_same_data_or_share_folder_is_refused(
+        tmp_path: Path, mediator: MediatorPeer, client: httpx.AsyncClient) -> None:
+    """A second node started on the same folders used to start: its cleanup deleted the first one's uploads in
+    flight, and (with a data folder of its own) every share of the first one, as files without a row."""
+    settings = node_settings(tmp_path, (mediator.url,))
+    async with running_node(settings) as node:
+        grant, _ = await store(client, node, mediator, os.urandom(30_000))
+        files = share_files(tmp_path)
+        with pytest.raises(ConfigError, match=f"another storaged is running with the data folder {settings.data_dir}"):
+            async with running_node(settings):
+                pass
+        other = replace(settings, data_dir=tmp_path / "other-node")
+        with pytest.raises(ConfigError, match=f"share folder {tmp_path / 'shares-a'} is in use by another storaged"):
+            async with running_node(other):
+                pass
+        assert share_files(tmp_path) == files
+        got = await rpc.call(client, "GET", f"{node.url}/v1/shares/{grant.share_id}", key=ACCOUNT)
+        assert len(got.content) == 30_000
+    async with running_node(settings):  # the locks went with the first node
+        pass
