@@ -31,6 +31,7 @@ async def _run(settings: StorageSettings) -> None:
 
 def _status(settings: StorageSettings) -> dict[str, object]:
     # read-only look at the state: no cleanup, so it is safe while the daemon runs
+    from .db import STATE_CORRUPT, STATE_MISSING
     from .store import ShareStore
 
     prepare_data_dir(settings)
@@ -41,8 +42,12 @@ def _status(settings: StorageSettings) -> dict[str, object]:
         store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir())
         for folder, used in db.bytes_by_dir().items():
             store.account_existing(folder, used)
-        return {"node_id": key.id, "shares": shares, "bytes_stored": stored, "free_bytes": store.free_bytes(),
+        free = store.free_bytes()  # looks at every folder: notes those that cannot be used
+        by_state = db.shares_by_state()
+        return {"node_id": key.id, "shares": shares, "bytes_stored": stored, "free_bytes": free,
                 "capacity_bytes": store.capacity_bytes(),
+                "shares_missing": by_state.get(STATE_MISSING, 0), "shares_corrupt": by_state.get(STATE_CORRUPT, 0),
+                "problems": store.problems(),
                 "mediators": [m.url for m in db.trusted_mediators()],
                 "earnings": [e.to_json() for e in db.earnings()]}
     finally:
@@ -83,8 +88,13 @@ def main(argv: list[str] | None = None) -> int:
                 print(dumps(info))
             else:
                 for name, value in info.items():
-                    if name != "earnings":
+                    if name not in ("earnings", "problems"):
                         print(f"{name}: {value}")
+                for problem in info["problems"]:  # type: ignore[attr-defined]
+                    print(f"problem: {problem}")
+                if info["shares_missing"] or info["shares_corrupt"]:
+                    print("missing and corrupt shares are never served or proven: the mediators repair them on "
+                          "other nodes once they audit this node")
                 for e in info["earnings"]:  # type: ignore[attr-defined]
                     print(f"earnings from {e['url']}: earned {e['earned_msat']} msat, pending {e['pending_msat']} "
                           f"msat (paid at {e['payout_threshold_msat']}), paid {e['paid_msat']} msat")

@@ -223,6 +223,11 @@ class NodeDatabase:
         count, total = self._reader.execute("SELECT COUNT(*), COALESCE(SUM(size), 0) FROM shares").fetchone()
         return int(count), int(total)
 
+    def shares_by_state(self) -> dict[str, int]:
+        """How many shares are in each state (ok, missing, corrupt)."""
+        return {state: int(n) for state, n in
+                self._reader.execute("SELECT state, COUNT(*) FROM shares GROUP BY state")}
+
     def shares_by_dir(self) -> dict[str, int]:
         """How many shares the node has recorded in each share folder."""
         return {d: int(n) for d, n in self._reader.execute("SELECT dir, COUNT(*) FROM shares GROUP BY dir")}

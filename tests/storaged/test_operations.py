@@ -73,3 +73,25 @@ async def test_signed_hostile_uploads_never_5xx(node: RunningNode, mediator: Med
                                     headers={"fincrypt-grant": mediator.seal(grant)})
         assert 400 <= response.status_code < 500, response.text
     assert (await client.get(f"{node.url}/health")).json()["shares"] == 0
+
+
+async def test_status_tells_of_missing_shares(tmp_path: Path, mediator: MediatorPeer,
+                                              client: httpx.AsyncClient) -> None:
+    """``storaged status`` used to count a share whose files are gone as stored, without a word."""
+    settings = node_settings(tmp_path, (mediator.url,))
+    async with running_node(settings) as node:
+        grant, _ = await store(client, node, mediator, os.urandom(30_000))
+        record = node.service.db.get_share(grant.share_id)
+        assert record is not None
+        paths = node.service.store.paths(record.dir, grant.share_id)
+        assert paths is not None
+        paths.data.unlink()
+    async with running_node(settings):  # the start finds it gone
+        pass
+    env_file = tmp_path / "node.env"
+    env_file.write_text(f"STORAGED_DATA_DIR={settings.data_dir}\nSTORAGED_RESERVE_BYTES=0\nSTORAGED_SHARE_DIRS="
+                        + ",".join(f"{d.path}:64M" for d in settings.share_dirs) + "\n")
+    status = json.loads(run_cli("status", "--json", env_file=env_file))
+    assert status["shares_missing"] == 1 and status["shares_corrupt"] == 0 and status["problems"] == []
+    text = run_cli("status", env_file=env_file)
+    assert "shares_missing: 1" in text and "the mediators repair them on other nodes" in text
