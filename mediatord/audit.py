@@ -194,6 +194,28 @@ class OutOfTurnAudits:
         return due
 
 
+@dataclass
+class LossReports:
+    """The shares each node says it found lost (missing or corrupt) in its current run (in memory only).
+
+    A node counts what its reads, scrubs and start-up checks find lost, per run (``boot_id``), and announces the
+    count. When it grows, or a new run starts with losses, the node is worth auditing out of turn: the audit
+    proves which shares are gone and repair starts at once instead of at the next round (up to a period later).
+    The node's word only schedules an audit; the audit decides, as for a client's report."""
+
+    seen: dict[str, tuple[str, int]] = field(default_factory=dict)  # node → (boot id, count) last announced
+
+    def note(self, node_id: str, boot_id: str | None, count: int) -> bool:
+        """Record an announcement's count; True if it reports losses not announced before."""
+        if boot_id is None:
+            return False
+        previous = self.seen.get(node_id)
+        self.seen[node_id] = (boot_id, count)
+        if previous is None or previous[0] != boot_id:
+            return count > 0
+        return count > previous[1]
+
+
 UNRESPONSIVE_AFTER = 3  # consecutive unreachable rounds after which a node's shares stop counting as healthy
 
 

@@ -10,6 +10,7 @@ one more node than the bare minimum before the client may forget its local copy.
 
 from __future__ import annotations
 
+import logging
 import math
 import os
 from dataclasses import dataclass, replace
@@ -33,11 +34,13 @@ from fincryptfs.core.settings import MediatorSettings
 from fincryptfs.core.wire import MAX_WIRE_INT, Envelope, Fields, b64encode, decode_object, origin_of
 
 from . import billing, ledger, registry
-from .audit import OutOfTurnAudits, out_of_turn_gap
+from .audit import LossReports, OutOfTurnAudits, out_of_turn_gap
 from .db import HEALTHY_SHARE_STATES, UNKNOWN_ROOT, GrantRow, MediatorDB, ObjectRow, ShareRow
 from .payments import Payments
 from .placement import check_redundancy, place_shares, subnet_of
 from .policies import AcceptanceRule, PricingScheme, acceptance_rule, pricing_scheme
+
+log = logging.getLogger(__name__)
 
 GRANT_LIFETIME = 3600
 # What one account may have placed (all n shares of its objects). One object is at most 2^58 bytes (256 shares
@@ -104,6 +107,7 @@ class MediatorService:
         self.node_rule: AcceptanceRule = acceptance_rule(settings.accept_nodes, "MEDIATORD_ACCEPT_NODES")
         self.out_of_turn = OutOfTurnAudits(out_of_turn_gap(settings.audit_period))  # nodes clients reported
         self._round_id = 0  # the last audit round id handed out (see new_round_id)
+        self.loss_reports = LossReports()  # what nodes say they lost: an out-of-turn audit each time it grows
         self.payments = Payments(settings, db, self.pricing)
         self.bound_url: str | None = None  # set once the HTTP server is bound (see audiences)
 
@@ -118,6 +122,9 @@ class MediatorService:
     def announce(self, signer: PublicKey, body: object, now: float) -> dict[str, Any]:
         ann = NodeAnnouncement.from_json(body)
         registry.announce(self.db, signer, ann, self.node_rule, now)
+        if self.loss_reports.note(ann.node_id, ann.boot_id, ann.shares_lost):
+            log.info("node %s reports %d lost share(s): auditing it out of turn", ann.node_id[:16], ann.shares_lost)
+            self.out_of_turn.request(ann.node_id)
         return {"accepted": True, "mediator_id": self.id, "public_key": self.key.public.to_text(),
                 "next_announce_in": int(max(1, min(300, self.settings.node_offline_after / 3))),
                 "earnings": billing.node_earnings(self.db, self.settings, ann.node_id)}

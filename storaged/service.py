@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 UPLOAD_FLUSH_BYTES = 1 << 20  # bytes held per upload before a worker thread writes + hashes them (one hop per MiB)
 STREAM_CHUNK_BYTES = 1 << 20
 MAX_CHALLENGE_BYTES = 8 << 20  # 100,000 share ids fit
+LOSS_ANNOUNCE_GAP = 10.0  # seconds between announcements made early because a share was found lost
 # A mediator's answer to an announcement (its key and this node's earnings: a few KB) is read up to this many
 # bytes and within this many seconds, however it is paced: a mediator found in the DHT may be anyone's.
 ANNOUNCE_ANSWER_BYTES = 1 << 20
@@ -131,6 +132,11 @@ class StorageService:
         self.metrics = Metrics()
         self.guard = ReplayGuard()
         self.advertised_url: str | None = settings.public_url
+        # shares this run found lost (reads, scrubs, the start-up check): announced with a random id of the run,
+        # so that the mediators audit this node out of turn and repair them without waiting for the next round
+        self.boot_id = os.urandom(8).hex()
+        self.shares_lost = 0
+        self._loss_noted = trio.Event()
         known = db.trusted_mediators()  # oldest announcement first: the latest identity at a URL wins below
         # every mediator ever announced to: it may audit, read and release the shares it placed here
         self.trusted: dict[str, PublicKey] = {m.mediator_id: PublicKey.from_text(m.public_key) for m in known}
@@ -163,6 +169,7 @@ class StorageService:
             if record.state == STATE_OK and not self.store.check_files(record.dir, record.share_id, record.size):
                 log.error("share files missing or wrong size share_id=%s dir=%s", record.share_id, record.dir)
                 self.db.set_state(record.share_id, STATE_MISSING)
+                self.shares_lost += 1  # announced from the first announcement on
             elif record.state == STATE_MISSING and self.store.check_files(record.dir, record.share_id, record.size):
                 # the scrub and the audits check the bytes again; a share found corrupt stays corrupt
                 log.warning("share files are back, serving the share again share_id=%s dir=%s", record.share_id,
@@ -243,7 +250,14 @@ class StorageService:
         capacity = self.store.capacity_bytes()
         return NodeAnnouncement(self.node_id, url, self.settings.price, capacity,
                                 min(capacity, self.store.free_bytes()), self.settings.operator,
-                                self.settings.payout_address)
+                                self.settings.payout_address, self.boot_id, self.shares_lost)
+
+    async def mark_lost(self, share_id: ShareId, state: str) -> None:
+        """Mark a held share missing or corrupt, and announce it soon (``announce_loop``)."""
+        await trio.to_thread.run_sync(self.db.set_state, share_id, state)
+        self.shares_lost += 1
+        self._loss_noted.set()  # wakes the announce loops waiting on it; later ones wait on a fresh event
+        self._loss_noted = trio.Event()
 
     async def announce(self, client: httpx.AsyncClient, mediator_url: str) -> str:
         """Announce to one mediator and trust the key it answers with; returns its id. Raises PeerError."""
@@ -289,10 +303,12 @@ class StorageService:
         return results
 
     async def announce_loop(self, client: httpx.AsyncClient, mediator_url: str) -> None:
-        """Re-announce every interval; failures back off exponentially (capped at the interval), never crash."""
+        """Re-announce every interval, and sooner (after LOSS_ANNOUNCE_GAP) once a share is found lost; failures
+        back off exponentially (capped at the interval), never crash."""
         interval = self.settings.announce_interval
         delay = min(1.0, interval)
         while True:
+            announced_lost = self.shares_lost
             try:
                 await self.announce(client, mediator_url)
             except rpc.PeerError as exc:
@@ -302,7 +318,11 @@ class StorageService:
                 delay = min(delay * 2, interval)
                 continue
             delay = min(1.0, interval)
-            await trio.sleep(interval)
+            gap = min(LOSS_ANNOUNCE_GAP, interval)  # a scrub finding many in a row: one announcement per gap
+            await trio.sleep(gap)
+            if self.shares_lost == announced_lost:
+                with trio.move_on_after(interval - gap):
+                    await self._loss_noted.wait()
 
     def _mediator_key(self, mediator_id: str) -> PublicKey | None:
         return self.trusted.get(mediator_id)
@@ -500,10 +520,11 @@ class StorageService:
     async def _lost(self, share_id: ShareId, exc: OSError) -> RemoteProtocolError:
         """A held share's files are gone or damaged: flag it missing (as a failed proof does) and answer 404.
 
-        The mediator learns it at the next audit and repairs the share elsewhere; it is never served again.
+        The mediators learn it from the next announcement (an out-of-turn audit proves it) and repair the share
+        elsewhere; it is never served again.
         """
         log.error("share unreadable, marked missing share_id=%s error=%s", share_id, exc)
-        await trio.to_thread.run_sync(self.db.set_state, share_id, STATE_MISSING)
+        await self.mark_lost(share_id, STATE_MISSING)
         self.store.space()  # a whole folder away? Noted (and logged) now, so its shares come back with it
         return RemoteProtocolError("this node's copy of the share is missing or damaged", status=404)
 
@@ -607,7 +628,7 @@ class StorageService:
             corrupt += 1
             self.metrics.scrub_corrupt += 1
             log.warning("scrub found corrupt share share_id=%s", record.share_id)
-            await trio.to_thread.run_sync(self.db.set_state, record.share_id, STATE_CORRUPT)
+            await self.mark_lost(record.share_id, STATE_CORRUPT)
         return corrupt
 
     async def _scrub_share(self, data_path: os.PathLike[str], tree_path: os.PathLike[str], record: ShareRecord,

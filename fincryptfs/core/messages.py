@@ -189,6 +189,8 @@ class NodeAnnouncement:
     """What a storage node tells a mediator about itself (body of a request signed by the node's key).
 
     ``price`` is the asking price in millisatoshi per GiB-hour; ``None`` means "float": take the mediator's bid.
+    ``shares_lost``: how many shares this run of the node (``boot_id``, random per start) found missing or
+    corrupt; a mediator that sees it grow audits the node out of turn, so repair starts before the next round.
     """
 
     node_id: NodeId
@@ -198,11 +200,13 @@ class NodeAnnouncement:
     free_bytes: int
     operator: str
     payout_address: str | None
+    boot_id: str | None = None
+    shares_lost: int = 0
 
     def to_json(self) -> dict[str, Any]:
         return {"node_id": self.node_id, "url": self.url, "price": self.price,
                 "capacity_bytes": self.capacity_bytes, "free_bytes": self.free_bytes, "operator": self.operator,
-                "payout_address": self.payout_address}
+                "payout_address": self.payout_address, "boot_id": self.boot_id, "shares_lost": self.shares_lost}
 
     @classmethod
     def from_json(cls, obj: object) -> NodeAnnouncement:
@@ -211,7 +215,9 @@ class NodeAnnouncement:
                   f.int("price", lo=0, hi=10**15, optional=True),
                   f.int("capacity_bytes", hi=2**60), f.int("free_bytes", hi=2**60),
                   f.str("operator", max_len=64, pattern=r"[A-Za-z0-9._@-]*"),
-                  f.str("payout_address", max_len=100, optional=True, pattern=r"[A-Za-z0-9]+"))
+                  f.str("payout_address", max_len=100, optional=True, pattern=r"[A-Za-z0-9]+"),
+                  f.str("boot_id", max_len=32, optional=True, pattern=r"[0-9a-f]{16,32}"),
+                  f.int("shares_lost", hi=2**40, optional=True) or 0)
         f.done()
         if ann.free_bytes > ann.capacity_bytes:
             raise RemoteProtocolError("announcement: free_bytes exceeds capacity_bytes")

@@ -421,3 +421,33 @@ async def test_a_node_trickling_its_answers_holds_up_neither_the_audit_round_nor
     with trio.fail_after(30):
         done = await upkeep.release_pass(net.service, net.client, time.time())
     assert done == len(placed) - 1  # every other holder released; the trickling one is retried later
+
+
+async def test_a_node_announces_a_share_it_found_lost_and_is_audited_out_of_turn(
+        net: Net, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A node that finds a share gone (here on a read) says so in an announcement made soon after, not at its
+    next regular one: the mediator audits it out of turn and repair can start at once, instead of up to a period
+    later at the next round. Its word only schedules the audit; the audit finds the share lost."""
+    from storaged import service as node_service
+    monkeypatch.setattr(node_service, "LOSS_ANNOUNCE_GAP", 0.3)
+    obj = make_object()
+    placed = await net.upload(obj)
+    node = net.node(placed[1])
+    await stop_node(node)
+    index = net.nodes.index(node)
+    back = net.nodes[index] = await start_node(net.nursery, net.root, net.url, index,
+                                               port=int(node.url.rsplit(":", 1)[1]), STORAGED_ANNOUNCE_INTERVAL="60")
+    await trio.sleep(0.5)  # its first announcement after the start (no losses) is in
+    assert back.node_id not in net.service.out_of_turn.requested
+    share_id = obj.specs[1].share_id
+    share_data_file(back, share_id).unlink()
+    with pytest.raises(rpc.PeerError) as info:
+        await rpc.call(net.client, "GET", f"{back.url}/v1/shares/{share_id}", key=net.account, audience=back.node_id)
+    assert info.value.status == 404
+    with trio.fail_after(5):  # the regular announcement would come a minute later
+        while back.node_id not in net.service.out_of_turn.requested:
+            await trio.sleep(0.05)
+    results = await upkeep.requested_audits(net.service, net.client, time.time())
+    assert results[back.node_id].result == "failed"
+    assert net.service.db.share(share_id).state == "lost"  # type: ignore[union-attr]
+    assert await net.repair() == {obj.object_id: "repaired"}

@@ -390,3 +390,12 @@ def test_credits_waiting_for_charges_are_noted_once_when_they_start_and_once_whe
     assert notes[1] is not None and "5 audit pass(es) wait for credit" in notes[1] and "64424 msat" in notes[1]
     assert notes[4] == "audit passes that waited for credit are credited"
     assert notes[6] is not None and notes[6].startswith("2 audit pass(es)")
+
+
+def test_loss_reports_schedule_an_audit_when_a_run_reports_more_losses() -> None:
+    reports = audit.LossReports()
+    node = "a" * 64
+    seen = [reports.note(node, boot, count) for boot, count in
+            [("b1" * 8, 0), ("b1" * 8, 2), ("b1" * 8, 2), ("b1" * 8, 3), ("b2" * 8, 0), ("b3" * 8, 1), (None, 9)]]
+    assert seen == [False, True, False, True, False, True, False]
+    assert reports.note("c" * 64, "b1" * 8, 5)  # a node first heard of with losses: worth an audit

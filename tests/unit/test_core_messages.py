@@ -93,16 +93,19 @@ def announcements(draw: st.DrawFn) -> m.NodeAnnouncement:
     return m.NodeAnnouncement(draw(node_ids), draw(urls), draw(st.none() | st.integers(0, 10**15)),
                               capacity, draw(st.integers(0, capacity)),
                               draw(st.text("abcXYZ019._@-", max_size=64)),
-                              draw(st.none() | st.text("abcdef0123456789XYZ", min_size=1, max_size=100)))
+                              draw(st.none() | st.text("abcdef0123456789XYZ", min_size=1, max_size=100)),
+                              draw(st.none() | st.text("0123456789abcdef", min_size=16, max_size=32)),
+                              draw(st.integers(0, 2**40)))
 
 
 @settings(max_examples=40, deadline=None)
 @given(announcements())
 def test_node_announcement(ann: m.NodeAnnouncement) -> None:
-    _json_round_trip(m.NodeAnnouncement, ann, optional=("price", "payout_address"))
+    _json_round_trip(m.NodeAnnouncement, ann, optional=("price", "payout_address", "boot_id", "shares_lost"))
     body = ann.to_json()
     for name, bad in (("free_bytes", ann.capacity_bytes + 1), ("url", "ftp://x"), ("url", "http://a b"),
-                      ("operator", "a b"), ("price", -1), ("capacity_bytes", 2**61), ("node_id", "../x")):
+                      ("operator", "a b"), ("price", -1), ("capacity_bytes", 2**61), ("node_id", "../x"),
+                      ("boot_id", "XYZ"), ("shares_lost", -1)):
         with pytest.raises(RemoteProtocolError):
             m.NodeAnnouncement.from_json({**body, name: bad})
 
