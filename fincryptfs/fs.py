@@ -270,12 +270,12 @@ class FincryptOperations(pyfuse3.Operations):
         if fields.update_gid:
             values["gid"] = attr.st_gid
         if fields.update_atime:
-            values["atime_ns"] = attr.st_atime_ns
+            values["atime_ns"] = meta.clamp_time_ns(attr.st_atime_ns)
         dirty = self._dirty.get(inode)
         if fields.update_mtime:
-            values["mtime_ns"] = attr.st_mtime_ns
+            values["mtime_ns"] = meta.clamp_time_ns(attr.st_mtime_ns)
             if dirty is not None:
-                dirty.mtime_ns = attr.st_mtime_ns
+                dirty.mtime_ns = values["mtime_ns"]
         if dirty is not None and inode in self._open and not fields.update_size:
             # A file being written (cp -a: fchown, fchmod, futimens before close): the changes wait in memory
             # for its close, which commits them with the size and the upload job in one transaction.

@@ -556,6 +556,12 @@ def _next_ino(db: sqlite3.Connection) -> int:
     return ino
 
 
+def clamp_time_ns(ns: int) -> int:
+    """A time as the tree can hold it: SQLite integers are signed 64 bits, so nanoseconds end in year 2262. A
+    clock gone wrong sets times far beyond (or before); the kernel clamps them to what ext4 holds the same way."""
+    return min(max(ns, -2**63), 2**63 - 1)
+
+
 _SETTABLE = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size"})
 
 
