@@ -513,9 +513,9 @@ class DirectUploads:
     async def _store_pack(self, items: list[DirectFile]) -> list[str]:
         """Upload ``items`` as one pack and record those unchanged since the walk saw them; the errors."""
         reader = MembersReader([(item.source, item.st.st_size) for item in items])
-        with _commit_notes(self.db) as note_commit:
+        with _commit_notes(self.db) as (note_placing, note_commit):
             try:
-                stored = await self.store.put_members(reader, before_commit=note_commit)
+                stored = await self.store.put_members(reader, before_place=note_placing, before_commit=note_commit)
                 now = await trio.to_thread.run_sync(lambda: [_stat_or_none(item.source) for item in items])
             except (FincryptError, OSError) as exc:
                 return [f"{item.source}: not stored: {exc}" for item in items]
@@ -540,9 +540,10 @@ class DirectUploads:
         """Upload and record one file; what went wrong, in words, or None."""
         def progress(done: int) -> None:
             self.in_flight[item.source] = (done, item.st.st_size)
-        with _commit_notes(self.db) as note_commit:
+        with _commit_notes(self.db) as (note_placing, note_commit):
             try:
-                stored = await self.store.put_file(item.source, progress=progress, before_commit=note_commit)
+                stored = await self.store.put_file(item.source, progress=progress, before_place=note_placing,
+                                                   before_commit=note_commit)
                 now = os.lstat(item.source)
             except (FincryptError, OSError) as exc:
                 return f"not stored: {exc}"
@@ -579,16 +580,20 @@ TREE_CHANGED = "the tree changed there meanwhile (that name was taken or removed
 
 
 @contextmanager
-def _commit_notes(db: sqlite3.Connection) -> Iterator[Callable[[str], None]]:
-    """A ``before_commit`` that notes each object before the mediator commits it (``meta.note_commit``); the
-    notes still there at the end (the object was not recorded) are abandoned: the objects are deleted."""
+def _commit_notes(db: sqlite3.Connection) -> Iterator[tuple[Callable[[str], None], Callable[[str], None]]]:
+    """A ``before_place`` and a ``before_commit`` that note each object before the mediator places and commits it
+    (``meta.note_placing``, ``meta.note_commit``); the notes still there at the end (the object was not
+    recorded) are abandoned: a committed object is deleted."""
     noted: list[str] = []
 
-    def note(object_id: str) -> None:
-        meta.note_commit(db, object_id)
+    def placing(object_id: str) -> None:
+        meta.note_placing(db, object_id)
         noted.append(object_id)
+
+    def commit(object_id: str) -> None:
+        meta.note_commit(db, object_id)
     try:
-        yield note
+        yield placing, commit
     finally:  # a recorded object's note is gone already: abandoning it does nothing
         for object_id in noted:
             meta.abandon_commit(db, object_id)
