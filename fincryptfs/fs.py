@@ -467,7 +467,19 @@ class FincryptOperations(pyfuse3.Operations):
         node = self._create(parent_inode, name, meta.FILE, stat.S_IFREG | (mode & 0o7777), ctx, dirty=True)
         self._dirty[node.ino] = _Dirty(0, node.mtime_ns, node.ctime_ns)  # created dirty: no mark_dirty needed
         path = self.cache.path(node.ino)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            except FileNotFoundError:  # the cache folder was removed while mounted
+                if not self.cache.restore_folders():
+                    raise
+                log.warning("the cache folder %s was removed while mounted: made it again", self.cache.root)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError:  # no file without its cache copy: a failed create used to leave an empty one behind
+            del self._dirty[node.ino]
+            meta.unlink(self.db, parent_inode, name)
+            meta.purge(self.db, node.ino)
+            raise
         fh = self._new_handle(node.ino, fd, True)
         return pyfuse3.FileInfo(fh=fh), self._remember(node)
 

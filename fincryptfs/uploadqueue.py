@@ -211,7 +211,7 @@ class UploadQueue:
                 stored = None
             elif isinstance(exc, FileNotFoundError):
                 meta.fail_upload(self.db, job, "the cache file is gone: this version of the file cannot be "
-                                 "uploaded", None)
+                                 "uploaded; write the file again, or delete it", None)
                 return
             else:
                 self._retry_later([job], exc, f"inode {job.ino}")
@@ -315,7 +315,7 @@ class UploadQueue:
                 members.append((job, *reader.placement(index)))
             elif meta.job_current(self.db, job):  # gone or cut short, yet not changed through the mount
                 meta.fail_upload(self.db, job, "the cache file is gone or shorter than recorded: this version "
-                                 "of the file cannot be uploaded", None)
+                                 "of the file cannot be uploaded; write the file again, or delete it", None)
             else:
                 meta.drop_upload(self.db, job, "superseded")
         live = meta.finish_pack(self.db, stored.object_id, json.dumps(stored.to_json()), members)

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -175,3 +176,22 @@ async def test_times_beyond_what_the_tree_holds_are_clamped_not_an_error(ops: Fi
     await ops.setattr(attr.st_ino, times, fields, None, request())
     node = meta.get(ops.db, attr.st_ino)
     assert (node.atime_ns, node.mtime_ns) == (2**63 - 1, -2**63)
+
+
+async def test_a_cache_folder_removed_while_mounted_is_made_again(ops: FincryptOperations) -> None:
+    """A user clearing ~/.cache while mounted: every create failed (ENOENT) until the next mount, each leaving
+    an empty file behind in the tree, and every fetch and eviction failed with it."""
+    root = ops.cache.root
+    shutil.rmtree(root)
+    info, attr = await ops.create(meta.ROOT_INO, b"a", 0o644, os.O_WRONLY, request())
+    assert await ops.write(info.fh, 0, b"content") == 7
+    await ops.release(info.fh)
+    assert ops.cache.path(attr.st_ino).read_bytes() == b"content"
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700 and ops.cache.packs.is_dir()
+    shutil.rmtree(root)
+    root.write_bytes(b"")  # and now the folder cannot be made again
+    with pytest.raises((pyfuse3.FUSEError, OSError)):
+        await ops.create(meta.ROOT_INO, b"b", 0o644, os.O_WRONLY, request())
+    with pytest.raises(pyfuse3.FUSEError) as info_error:  # no empty file left in its place
+        await ops.lookup(meta.ROOT_INO, b"b", request())
+    assert info_error.value.errno == errno.ENOENT
