@@ -112,6 +112,20 @@ class CacheDir:
     def may_exceed_limit(self) -> bool:
         return self._used_bound is None or self._used_bound > self.limit_bytes
 
+    def restore_folders(self) -> bool:
+        """Make the cache folder (0700) and ``packs/`` again if they were removed while mounted (a user clearing
+        ``~/.cache``); True if they were missing. Without this, every create, fetch and eviction failed until
+        the next mount."""
+        if os.path.isdir(self.packs):
+            return False
+        self.root.mkdir(parents=True, exist_ok=True)
+        os.chmod(self.root, 0o700)
+        self.packs.mkdir(exist_ok=True)
+        self._last_used.clear()
+        self._pack_last_used.clear()
+        self.forget_usage()
+        return True
+
     def has_room(self, nbytes: int) -> bool:
         """Whether ``nbytes`` more of file data leave the disk's reserve untouched."""
         return has_room(self.root, nbytes)

@@ -113,6 +113,10 @@ async def evictor(db: sqlite3.Connection, cache: CacheDir,
     while True:
         await trio.sleep(EVICT_INTERVAL)
         try:
+            if cache.restore_folders():
+                log.warning("the cache folder %s was removed while mounted: made it again. Files not uploaded yet "
+                            "had their only copy there: fincryptfs status names those that cannot be uploaded "
+                            "(write them again)", cache.root)
             now_added = meta.counter(db, "cache_added")
             if now_added != added:
                 cache.added(now_added - added)

@@ -270,12 +270,12 @@ class FincryptOperations(pyfuse3.Operations):
         if fields.update_gid:
             values["gid"] = attr.st_gid
         if fields.update_atime:
-            values["atime_ns"] = attr.st_atime_ns
+            values["atime_ns"] = meta.clamp_time_ns(attr.st_atime_ns)
         dirty = self._dirty.get(inode)
         if fields.update_mtime:
-            values["mtime_ns"] = attr.st_mtime_ns
+            values["mtime_ns"] = meta.clamp_time_ns(attr.st_mtime_ns)
             if dirty is not None:
-                dirty.mtime_ns = attr.st_mtime_ns
+                dirty.mtime_ns = values["mtime_ns"]
         if dirty is not None and inode in self._open and not fields.update_size:
             # A file being written (cp -a: fchown, fchmod, futimens before close): the changes wait in memory
             # for its close, which commits them with the size and the upload job in one transaction.
@@ -467,7 +467,19 @@ class FincryptOperations(pyfuse3.Operations):
         node = self._create(parent_inode, name, meta.FILE, stat.S_IFREG | (mode & 0o7777), ctx, dirty=True)
         self._dirty[node.ino] = _Dirty(0, node.mtime_ns, node.ctime_ns)  # created dirty: no mark_dirty needed
         path = self.cache.path(node.ino)
-        fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        try:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+            except FileNotFoundError:  # the cache folder was removed while mounted
+                if not self.cache.restore_folders():
+                    raise
+                log.warning("the cache folder %s was removed while mounted: made it again", self.cache.root)
+                fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_TRUNC, 0o600)
+        except OSError:  # no file without its cache copy: a failed create used to leave an empty one behind
+            del self._dirty[node.ino]
+            meta.unlink(self.db, parent_inode, name)
+            meta.purge(self.db, node.ino)
+            raise
         fh = self._new_handle(node.ino, fd, True)
         return pyfuse3.FileInfo(fh=fh), self._remember(node)
 

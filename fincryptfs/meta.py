@@ -18,6 +18,11 @@ Crash ordering (what makes ``kill -9`` lose nothing that was closed):
   into a deletion that runs at once: no object the tree never recorded stays stored (and paid for). A tree
   snapshot's note (SNAPSHOT_COMMITTING) is settled against the account's pointer instead: deleted unless the
   pointer names it (``snapshot_commits``, ``settle_snapshot_commit``).
+* An object about to be placed is noted the same way first (``note_placing``, PLACING): a client killed while its
+  shares stream out leaves the row, and the next start (``resume_uploads``) turns it into a deletion. Until then
+  such objects stayed placed at the mediator, their shares on the nodes, until its sweep a day later: one per
+  ``kill -9`` of an upload worker. An upload that fails in the process releases what it placed itself, so its
+  note is simply dropped (``abandon_commit``).
 
 Packs: small files are uploaded together as one object (a *pack*, ``fincryptfs.packs``). A packed file's
 ``object`` column holds a :class:`PackRef` (``{"pack", "offset", "size"}``) instead of a StoredObject; the
@@ -43,6 +48,7 @@ from pathlib import Path
 ROOT_INO = 1
 COMMITTING = 2**62  # after_version of the deletion kept for an object being committed (no snapshot reaches it)
 SNAPSHOT_COMMITTING = COMMITTING + 1  # the same for a tree snapshot, settled against the account's pointer
+PLACING = COMMITTING + 2  # after_version of the note kept for an object being placed and stored (``note_placing``)
 NAME_MAX = 255  # bytes in one name, as on Linux file systems (the mount and put both refuse longer)
 FILE, DIR, SYMLINK = "file", "dir", "symlink"
 DIRTY, PENDING, STORED = "dirty", "pending", "stored"
@@ -556,6 +562,12 @@ def _next_ino(db: sqlite3.Connection) -> int:
     return ino
 
 
+def clamp_time_ns(ns: int) -> int:
+    """A time as the tree can hold it: SQLite integers are signed 64 bits, so nanoseconds end in year 2262. A
+    clock gone wrong sets times far beyond (or before); the kernel clamps them to what ext4 holds the same way."""
+    return min(max(ns, -2**63), 2**63 - 1)
+
+
 _SETTABLE = frozenset({"mode", "uid", "gid", "atime_ns", "mtime_ns", "ctime_ns", "size"})
 
 
@@ -757,13 +769,13 @@ def recover(db: sqlite3.Connection, cache_size: Callable[[int], int | None]) -> 
 
 def resume_uploads(db: sqlite3.Connection) -> None:
     """At the upload worker's start: jobs a previous worker left ``uploading`` (it died) are pending again, and
-    the objects it was committing when it died are deleted (``note_commit``).
+    the objects it was placing or committing when it died are deleted (``note_placing``, ``note_commit``).
 
     Only the worker that holds the data folder's upload lock may call this: a live worker's claims are its own.
     """
     with _tx(db):
         db.execute("UPDATE upload_jobs SET state = 'pending' WHERE state = 'uploading'")
-        db.execute("UPDATE delete_jobs SET after_version = 0 WHERE after_version = ?", (COMMITTING,))
+        db.execute("UPDATE delete_jobs SET after_version = 0 WHERE after_version IN (?, ?)", (COMMITTING, PLACING))
 
 
 def next_upload(db: sqlite3.Connection, now: float) -> UploadJob | None:
@@ -919,11 +931,20 @@ def _release(db: sqlite3.Connection, ino: int, object_json: str, after_version: 
                    (ino, ref.pack_id, ref.offset, ref.size))
 
 
+def note_placing(db: sqlite3.Connection, object_id: str) -> None:
+    """The object is about to be placed and its shares sent: keep a deletion of it that runs only if the process
+    dies before the upload ends (``resume_uploads``); ``note_commit`` takes it over, ``abandon_commit`` drops
+    it (the upload released what it placed itself)."""
+    with _tx(db):
+        _queue_delete(db, object_id, PLACING)
+
+
 def note_commit(db: sqlite3.Connection, object_id: str, *, snapshot: bool = False) -> None:
     """The object is about to be committed at the mediator: keep a deletion of it that cannot run until
     ``abandon_commit`` or ``resume_uploads`` releases it, or ``finish_upload``/``finish_pack`` drops it (a
     ``snapshot``: until ``settle_snapshot_commit``)."""
     with _tx(db):
+        db.execute("DELETE FROM delete_jobs WHERE object_id = ? AND after_version = ?", (object_id, PLACING))
         _queue_delete(db, object_id, SNAPSHOT_COMMITTING if snapshot else COMMITTING)
 
 
@@ -954,14 +975,17 @@ def queue_delete(db: sqlite3.Connection, object_id: str) -> None:
 
 def abandon_commit(db: sqlite3.Connection, object_id: str) -> None:
     """The upload of ``object_id`` failed or was stopped after ``note_commit``: the mediator may have committed
-    it anyway (say, its answer was lost), and nothing references it, so delete it (a 404 ends the job)."""
+    it anyway (say, its answer was lost), and nothing references it, so delete it (a 404 ends the job). Before
+    that (``note_placing``) the upload released what it placed itself: the note goes."""
     with _tx(db):
         db.execute("UPDATE delete_jobs SET after_version = 0 WHERE object_id = ? AND after_version = ?",
                    (object_id, COMMITTING))
+        db.execute("DELETE FROM delete_jobs WHERE object_id = ? AND after_version = ?", (object_id, PLACING))
 
 
 def _committed(db: sqlite3.Connection, object_id: str) -> None:
-    db.execute("DELETE FROM delete_jobs WHERE object_id = ? AND after_version = ?", (object_id, COMMITTING))
+    db.execute("DELETE FROM delete_jobs WHERE object_id = ? AND after_version IN (?, ?)",
+               (object_id, COMMITTING, PLACING))
 
 
 def _queue_delete(db: sqlite3.Connection, object_id: str, after_version: int) -> None:

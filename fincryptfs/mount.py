@@ -40,7 +40,7 @@ from .objectstore import StoredObject
 from .packs import PackReader, Prefetcher
 from .run_daemon import exit_with_parent, freeze_startup_objects, take_parent_fd
 from .uploadqueue import backoff
-from .uploadworker import encode_config
+from .uploadworker import EXIT_TREE_BUSY, encode_config
 
 log = logging.getLogger(__name__)
 
@@ -50,6 +50,7 @@ WORKER_STOP_GRACE = 5.0
 WORKER_START_TIMEOUT = 10.0
 WORKER_STABLE = 30.0  # a worker that ran this long before dying is restarted without backoff
 WAKE_COALESCE = 0.01  # seconds: at most one wake byte per this interval (see WorkerLink)
+TREE_BUSY_RESTART = 2.0  # seconds before a worker that stopped on a locked tree database is started again
 COMMIT_RETRY = 2.0  # seconds between attempts to record closes whose commit failed (FincryptOperations.retry_commits)
 
 
@@ -161,14 +162,28 @@ async def supervise_worker(settings: ClientSettings, master_key: bytes, link: Wo
                     log.warning("the upload worker (pid %d) did not stop: killing it", process.pid)
                     process.kill()
                     await process.wait()
-        failures = 1 if trio.current_time() - started > WORKER_STABLE else failures + 1
-        delay = backoff(failures)
-        log.warning("the upload worker (pid %d) exited with status %s; restarting it in %.0f s", process.pid,
-                    process.returncode, delay)
+        delay, failures = restart_delay(process.returncode, failures, trio.current_time() - started)
+        if process.returncode == EXIT_TREE_BUSY:
+            log.warning("the upload worker (pid %d) stopped: the tree database (meta.db) is locked by another "
+                        "process; restarting it in %.0f s", process.pid, delay)
+        else:
+            log.warning("the upload worker (pid %d) exited with status %s; restarting it in %.0f s", process.pid,
+                        process.returncode, delay)
         if not reported:
             reported = True
             task_status.started()  # the mount serves anyway; uploads wait for a worker that starts
         await trio.sleep(delay)
+
+
+def restart_delay(returncode: int | None, failures: int, ran: float) -> tuple[float, int]:
+    """(seconds before the next worker, failures so far) after a worker that ran ``ran`` seconds exited. A worker
+    stopped by a locked tree database (another process holding it past the busy timeout) is no crash: it is
+    started again every TREE_BUSY_RESTART. Counted as crashes, a lock held for two minutes used to grow the
+    backoff to a minute or more, so uploads stayed stopped that long after the lock was gone."""
+    if returncode == EXIT_TREE_BUSY:
+        return TREE_BUSY_RESTART, 0
+    failures = 1 if ran > WORKER_STABLE else failures + 1
+    return backoff(failures), failures
 
 
 def is_dead_mount(path: Path) -> bool:

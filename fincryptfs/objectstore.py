@@ -137,26 +137,30 @@ class ObjectStore:
         self.run_share_bytes = run_share_bytes  # share bytes fetched per node per request (bounds read memory)
 
     async def put_file(self, path: Path, *, progress: Callable[[int], None] | None = None,
+                       before_place: Callable[[str], None] | None = None,
                        before_commit: Callable[[str], None] | None = None) -> StoredObject:
         """Encode, place, store and commit ``path``; UploadError if fewer than ``happy`` shares were stored.
 
         ``progress`` is called with the number of file bytes encoded so far, then with the file size once the
         object is committed. ``before_commit(object_id)`` is called just before the commit request, so that a
         caller can record the object durably (a client killed after the commit would otherwise never learn
-        of an object it pays for).
+        of an object it pays for). ``before_place(object_id)`` likewise before the first place request: a
+        client killed while the shares stream out would otherwise leave them placed and stored until the
+        mediator's sweep a day later.
         """
         from .uploader import upload_file
 
-        return await upload_file(self, Path(path), progress=progress, before_commit=before_commit)
+        return await upload_file(self, Path(path), progress=progress, before_place=before_place,
+                                 before_commit=before_commit)
 
-    async def put_members(self, members: MembersReader, *, before_commit: Callable[[str], None] | None = None
-                          ) -> StoredObject:
+    async def put_members(self, members: MembersReader, *, before_place: Callable[[str], None] | None = None,
+                          before_commit: Callable[[str], None] | None = None) -> StoredObject:
         """``put_file`` of the concatenation ``members`` reads (a pack, without a staging copy); afterwards
         ``members.damaged`` lists the members whose range must not be referenced."""
         from .uploader import Source, upload_source
 
         source = Source.of(members, segment_size=self.segment_size, k=self.k, n=self.n)
-        return await upload_source(self, source, before_commit=before_commit)
+        return await upload_source(self, source, before_place=before_place, before_commit=before_commit)
 
     async def read_range(self, obj: StoredObject, offset: int, length: int) -> bytes:
         """Plaintext bytes [offset, offset + length) of the object (short at end of file, as read(2) is)."""

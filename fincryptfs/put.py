@@ -277,7 +277,7 @@ class Importer:
         self._files(files, node.ino)
         # last, as cp -a does: adding the children changed the folder's times
         meta.set_attrs(self.db, node.ino, mode=stat.S_IFDIR | stat.S_IMODE(st.st_mode), uid=uid, gid=gid,
-                       atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns)
+                       atime_ns=_atime(st), mtime_ns=_mtime(st))
 
     def _files(self, files: list[tuple[Path, os.stat_result, bytes]], parent: int) -> None:
         """Copy files COPY_BATCH at a time; the next batch is read while the last one is recorded."""
@@ -311,7 +311,7 @@ class Importer:
                 self.report.errors.append(f"{source}: the tree has a {node.kind} by that name, not a file; "
                                           "remove it first")
             elif (node is not None and node.state != meta.DIRTY and node.size == st.st_size
-                  and node.mtime_ns == st.st_mtime_ns):
+                  and node.mtime_ns == _mtime(st)):
                 self.report.unchanged += 1
                 if (node.mode, node.uid, node.gid) != (mode, uid, gid):
                     meta.set_attrs(self.db, node.ino, mode=mode, uid=uid, gid=gid)
@@ -349,7 +349,7 @@ class Importer:
                 else:
                     uid, gid = self.owner(st)
                     new.append((source, tmp, meta.NewFile(name, stat.S_IFREG | stat.S_IMODE(st.st_mode), uid, gid,
-                                                          result, st.st_atime_ns, st.st_mtime_ns)))
+                                                          result, _atime(st), _mtime(st))))
             if new:
                 self._add_new(parent, new)
             for source, node, st, tmp, size in replaced:
@@ -362,9 +362,9 @@ class Importer:
                 meta.mark_dirty(self.db, node.ino)  # an upload of the old version in flight turns stale
                 os.rename(tmp, self.cache.path(node.ino))
                 uid, gid = self.owner(st)
-                meta.record_release(self.db, node.ino, size, st.st_mtime_ns,
+                meta.record_release(self.db, node.ino, size, _mtime(st),
                                     {"mode": stat.S_IFREG | stat.S_IMODE(st.st_mode), "uid": uid, "gid": gid,
-                                     "atime_ns": st.st_atime_ns})
+                                     "atime_ns": _atime(st)})
                 self._counted(size)
         finally:
             _remove_temps(batch.temps)
@@ -408,7 +408,7 @@ class Importer:
                 self.cache.remove(old.ino)
         uid, gid = self.owner(st)
         link = meta.create(self.db, parent, name, meta.SYMLINK, stat.S_IFLNK | 0o777, uid, gid, target)
-        meta.set_attrs(self.db, link.ino, atime_ns=st.st_atime_ns, mtime_ns=st.st_mtime_ns)
+        meta.set_attrs(self.db, link.ino, atime_ns=_atime(st), mtime_ns=_mtime(st))
         self.report.links += 1
 
     def _wait_for_room(self, size: int, source: Path) -> None:
@@ -513,9 +513,9 @@ class DirectUploads:
     async def _store_pack(self, items: list[DirectFile]) -> list[str]:
         """Upload ``items`` as one pack and record those unchanged since the walk saw them; the errors."""
         reader = MembersReader([(item.source, item.st.st_size) for item in items])
-        with _commit_notes(self.db) as note_commit:
+        with _commit_notes(self.db) as (note_placing, note_commit):
             try:
-                stored = await self.store.put_members(reader, before_commit=note_commit)
+                stored = await self.store.put_members(reader, before_place=note_placing, before_commit=note_commit)
                 now = await trio.to_thread.run_sync(lambda: [_stat_or_none(item.source) for item in items])
             except (FincryptError, OSError) as exc:
                 return [f"{item.source}: not stored: {exc}" for item in items]
@@ -540,9 +540,10 @@ class DirectUploads:
         """Upload and record one file; what went wrong, in words, or None."""
         def progress(done: int) -> None:
             self.in_flight[item.source] = (done, item.st.st_size)
-        with _commit_notes(self.db) as note_commit:
+        with _commit_notes(self.db) as (note_placing, note_commit):
             try:
-                stored = await self.store.put_file(item.source, progress=progress, before_commit=note_commit)
+                stored = await self.store.put_file(item.source, progress=progress, before_place=note_placing,
+                                                   before_commit=note_commit)
                 now = os.lstat(item.source)
             except (FincryptError, OSError) as exc:
                 return f"not stored: {exc}"
@@ -565,7 +566,7 @@ class DirectUploads:
     def _new_file(self, item: DirectFile) -> meta.NewFile:
         uid, gid = self.owner(item.st)
         return meta.NewFile(item.name, stat.S_IFREG | stat.S_IMODE(item.st.st_mode), uid, gid, item.st.st_size,
-                            item.st.st_atime_ns, item.st.st_mtime_ns)
+                            _atime(item.st), _mtime(item.st))
 
     def _recorded(self, item: DirectFile, size: int) -> None:
         if item.node is not None:
@@ -579,19 +580,32 @@ TREE_CHANGED = "the tree changed there meanwhile (that name was taken or removed
 
 
 @contextmanager
-def _commit_notes(db: sqlite3.Connection) -> Iterator[Callable[[str], None]]:
-    """A ``before_commit`` that notes each object before the mediator commits it (``meta.note_commit``); the
-    notes still there at the end (the object was not recorded) are abandoned: the objects are deleted."""
+def _commit_notes(db: sqlite3.Connection) -> Iterator[tuple[Callable[[str], None], Callable[[str], None]]]:
+    """A ``before_place`` and a ``before_commit`` that note each object before the mediator places and commits it
+    (``meta.note_placing``, ``meta.note_commit``); the notes still there at the end (the object was not
+    recorded) are abandoned: a committed object is deleted."""
     noted: list[str] = []
 
-    def note(object_id: str) -> None:
-        meta.note_commit(db, object_id)
+    def placing(object_id: str) -> None:
+        meta.note_placing(db, object_id)
         noted.append(object_id)
+
+    def commit(object_id: str) -> None:
+        meta.note_commit(db, object_id)
     try:
-        yield note
+        yield placing, commit
     finally:  # a recorded object's note is gone already: abandoning it does nothing
         for object_id in noted:
             meta.abandon_commit(db, object_id)
+
+
+def _atime(st: os.stat_result) -> int:
+    return meta.clamp_time_ns(st.st_atime_ns)
+
+
+def _mtime(st: os.stat_result) -> int:
+    """A source's mtime as the tree holds it (a file of year 2300, which ext4 can hold, stopped the whole put)."""
+    return meta.clamp_time_ns(st.st_mtime_ns)
 
 
 def _unchanged(seen: os.stat_result, now: os.stat_result | None) -> bool:

@@ -531,17 +531,22 @@ async def _release_quietly(store: ObjectStore, object_id: str, placing: PlaceSta
 
 
 async def upload_file(store: ObjectStore, path: Path, *, progress: Callable[[int], None] | None = None,
+                      before_place: Callable[[str], None] | None = None,
                       before_commit: Callable[[str], None] | None = None) -> StoredObject:
     source = await trio.to_thread.run_sync(lambda: Source.open(path, segment_size=store.segment_size, k=store.k,
                                                                n=store.n))
-    return await upload_source(store, source, progress=progress, before_commit=before_commit)
+    return await upload_source(store, source, progress=progress, before_place=before_place,
+                               before_commit=before_commit)
 
 
 async def upload_source(store: ObjectStore, source: Source, *, progress: Callable[[int], None] | None = None,
+                        before_place: Callable[[str], None] | None = None,
                         before_commit: Callable[[str], None] | None = None) -> StoredObject:
     """Store and commit ``source`` (closed on return); see ``ObjectStore.put_file``."""
     placing = PlaceState()
     try:
+        if before_place is not None:
+            before_place(source.object_id)
         try:
             stored, roots = await store_shares(store, source, progress, placing)
             shares = tuple(stored[i] for i in sorted(stored))

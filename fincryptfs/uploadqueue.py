@@ -177,35 +177,41 @@ class UploadQueue:
 
     async def _upload_job(self, job: meta.UploadJob) -> None:
         """Upload one file, or a pack starting with it. An object committed at the mediator but not recorded as
-        a file's content (the upload failed after the commit request, was superseded or stopped) is deleted."""
+        a file's content (the upload failed after the commit request, was superseded or stopped) is deleted, and
+        so is one being placed when this process dies (``meta.note_placing``)."""
         noted: list[str] = []
+
+        def note_placing(object_id: str) -> None:
+            meta.note_placing(self.db, object_id)
+            noted.append(object_id)
 
         def note_commit(object_id: str) -> None:
             meta.note_commit(self.db, object_id)
-            noted.append(object_id)
         try:
             if job.size <= self.pack_threshold:
-                await self._upload_pack(job, note_commit)
+                await self._upload_pack(job, note_placing, note_commit)
             else:
-                await self._upload(job, note_commit)
+                await self._upload(job, note_placing, note_commit)
         finally:
             for object_id in noted:
                 meta.abandon_commit(self.db, object_id)
 
-    async def _upload(self, job: meta.UploadJob, note_commit: Callable[[str], None]) -> None:
+    async def _upload(self, job: meta.UploadJob, note_placing: Callable[[str], None],
+                      note_commit: Callable[[str], None]) -> None:
         if not meta.job_current(self.db, job):
             meta.drop_upload(self.db, job, "superseded")
             return
         path = self.cache.path(job.ino)
         started = trio.current_time()
         try:
-            stored = await self._unless_superseded(job, lambda: self.store.put_file(path, before_commit=note_commit))
+            stored = await self._unless_superseded(job, lambda: self.store.put_file(path, before_place=note_placing,
+                                                                                 before_commit=note_commit))
         except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
             if not meta.job_current(self.db, job):  # e.g. deleted (with its cache file) before the upload began
                 stored = None
             elif isinstance(exc, FileNotFoundError):
                 meta.fail_upload(self.db, job, "the cache file is gone: this version of the file cannot be "
-                                 "uploaded", None)
+                                 "uploaded; write the file again, or delete it", None)
                 return
             else:
                 self._retry_later([job], exc, f"inode {job.ino}")
@@ -280,7 +286,8 @@ class UploadQueue:
                 with trio.move_on_after(GATHER_CHECK):  # files arrive by the hundred per second
                     await flush_came.wait()
 
-    async def _upload_pack(self, first: meta.UploadJob, note_commit: Callable[[str], None]) -> None:
+    async def _upload_pack(self, first: meta.UploadJob, note_placing: Callable[[str], None],
+                           note_commit: Callable[[str], None]) -> None:
         """Upload ``first`` with the other small files pending now, as one pack object. One worker gathers at a
         time; the others upload large files or wait (``_upload_worker``)."""
         async with self._gathering:
@@ -298,7 +305,7 @@ class UploadQueue:
             return
         reader = MembersReader([(self.cache.path(job.ino), job.size) for job in jobs])
         try:
-            stored = await self.store.put_members(reader, before_commit=note_commit)
+            stored = await self.store.put_members(reader, before_place=note_placing, before_commit=note_commit)
         except Exception as exc:  # noqa: BLE001 - any failure is retried; Cancelled is a BaseException
             self._retry_later(jobs, exc, f"a pack of {len(jobs)} files")
             return
@@ -308,7 +315,7 @@ class UploadQueue:
                 members.append((job, *reader.placement(index)))
             elif meta.job_current(self.db, job):  # gone or cut short, yet not changed through the mount
                 meta.fail_upload(self.db, job, "the cache file is gone or shorter than recorded: this version "
-                                 "of the file cannot be uploaded", None)
+                                 "of the file cannot be uploaded; write the file again, or delete it", None)
             else:
                 meta.drop_upload(self.db, job, "superseded")
         live = meta.finish_pack(self.db, stored.object_id, json.dumps(stored.to_json()), members)

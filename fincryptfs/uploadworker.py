@@ -22,6 +22,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sqlite3
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -44,6 +45,7 @@ POLL_INTERVAL = 0.5
 CPU_THREADS = 2
 LOCK_NAME = "upload.lock"
 EXIT_LOCKED = 3
+EXIT_TREE_BUSY = 4  # the tree database stayed locked by another process past SQLite's busy timeout
 
 _FIELDS = ("mediator_url", "data_dir", "cache_dir", "cache_limit_bytes", "k", "n", "happy", "segment_size",
            "upload_workers", "publish_delay", "pack_threshold", "pack_size", "pack_max_files")
@@ -173,7 +175,24 @@ def main() -> int:
     except ConfigError as exc:
         print(f"upload worker: {exc}", file=sys.stderr)
         return EXIT_LOCKED
+    except Exception as exc:  # noqa: BLE001 - only a locked tree is answered here; anything else is raised
+        if not tree_busy(exc):
+            raise
+        print(f"upload worker: the tree database {settings.data_dir / 'meta.db'} is locked by another process "
+              f"({exc if isinstance(exc, sqlite3.Error) else 'database is locked'}): stopping; the mount starts "
+              "a new worker in a few seconds (find the process holding it with fuser)", file=sys.stderr)
+        return EXIT_TREE_BUSY
     return 0
+
+
+def tree_busy(exc: BaseException) -> bool:
+    """Whether ``exc`` (maybe a group, from the queue's nursery) is only SQLite's "database is locked": another
+    process held the tree's write lock past the busy timeout. The worker then stops and is restarted soon,
+    without the growing backoff of a crash (``mount.supervise_worker``), and resumes its claimed jobs."""
+    if isinstance(exc, BaseExceptionGroup):
+        return all(tree_busy(inner) for inner in exc.exceptions)
+    return isinstance(exc, sqlite3.OperationalError) and getattr(exc, "sqlite_errorcode", None) in (
+        sqlite3.SQLITE_BUSY, sqlite3.SQLITE_LOCKED)
 
 
 if __name__ == "__main__":

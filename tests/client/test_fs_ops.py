@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import errno
 import os
+import shutil
 import stat
 from collections.abc import Awaitable, Callable
 from pathlib import Path
@@ -151,3 +152,46 @@ async def test_mknod_makes_an_empty_regular_file_and_nothing_else(ops: FincryptO
     with pytest.raises(pyfuse3.FUSEError) as info_error:
         await ops.mknod(meta.ROOT_INO, b"made", stat.S_IFREG | 0o640, 0, request())
     assert info_error.value.errno == errno.EEXIST
+
+
+async def test_times_beyond_what_the_tree_holds_are_clamped_not_an_error(ops: FincryptOperations) -> None:
+    """A clock gone wrong (a camera's, a broken archive's) sets times past year 2262, the end of signed 64-bit
+    nanoseconds. Set on a file being written, such a time used to make its close fail for ever (SQLite refused
+    the integer): the close could never be recorded, its upload never queued, and ``flush`` said all was
+    stored. Now the time is clamped, as the kernel clamps to what ext4 holds."""
+    far, before = 10**11 * 10**9, -(10**11) * 10**9  # year 5138, and as far before 1970
+    info, attr = await ops.create(meta.ROOT_INO, b"f", 0o644, os.O_WRONLY, request())
+    assert await ops.write(info.fh, 0, b"content") == 7
+    times = pyfuse3.EntryAttributes()
+    times.st_atime_ns, times.st_mtime_ns = before, far
+    fields = cast(pyfuse3.SetattrFields, SimpleNamespace(update_size=False, update_mode=False, update_uid=False,
+                                                         update_gid=False, update_atime=True, update_mtime=True))
+    await ops.setattr(attr.st_ino, times, fields, info.fh, request())
+    await ops.release(info.fh)
+    node = meta.get(ops.db, attr.st_ino)
+    assert (node.state, node.size) == (meta.PENDING, 7)  # recorded: its upload is queued
+    assert (node.atime_ns, node.mtime_ns) == (-2**63, 2**63 - 1)
+    # and on a closed file
+    times.st_atime_ns, times.st_mtime_ns = far, before
+    await ops.setattr(attr.st_ino, times, fields, None, request())
+    node = meta.get(ops.db, attr.st_ino)
+    assert (node.atime_ns, node.mtime_ns) == (2**63 - 1, -2**63)
+
+
+async def test_a_cache_folder_removed_while_mounted_is_made_again(ops: FincryptOperations) -> None:
+    """A user clearing ~/.cache while mounted: every create failed (ENOENT) until the next mount, each leaving
+    an empty file behind in the tree, and every fetch and eviction failed with it."""
+    root = ops.cache.root
+    shutil.rmtree(root)
+    info, attr = await ops.create(meta.ROOT_INO, b"a", 0o644, os.O_WRONLY, request())
+    assert await ops.write(info.fh, 0, b"content") == 7
+    await ops.release(info.fh)
+    assert ops.cache.path(attr.st_ino).read_bytes() == b"content"
+    assert stat.S_IMODE(os.stat(root).st_mode) == 0o700 and ops.cache.packs.is_dir()
+    shutil.rmtree(root)
+    root.write_bytes(b"")  # and now the folder cannot be made again
+    with pytest.raises((pyfuse3.FUSEError, OSError)):
+        await ops.create(meta.ROOT_INO, b"b", 0o644, os.O_WRONLY, request())
+    with pytest.raises(pyfuse3.FUSEError) as info_error:  # no empty file left in its place
+        await ops.lookup(meta.ROOT_INO, b"b", request())
+    assert info_error.value.errno == errno.ENOENT

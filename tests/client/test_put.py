@@ -97,6 +97,37 @@ def test_copy_into_a_real_tree_and_cache(tmp_path: Path) -> None:
     db.close()
 
 
+def test_times_beyond_year_2262_are_clamped_and_the_next_run_skips_them(tmp_path: Path) -> None:
+    """ext4 holds times up to year 2446, the tree (nanoseconds in SQLite's signed 64 bits) up to 2262: a source
+    from a clock gone wrong used to stop the whole put with an OverflowError."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "far.txt").write_bytes(b"far")
+    os.utime(src / "far.txt", ns=(10**19, 10**19))  # year 2286
+    os.symlink("far.txt", src / "link")
+    os.utime(src / "link", ns=(10**19, 10**19), follow_symlinks=False)
+    os.utime(src, ns=(10**19, 10**19))
+    db = meta.connect(tmp_path / "meta.db")
+    cache = CacheDir(tmp_path / "cache", 2**30)
+
+    def run() -> Importer:
+        importer = Importer(db, cache, mounted=False, uploads_pending=lambda: False)
+        try:
+            importer.put(src, importer.folder(tree_path("/b")))
+        finally:
+            importer.close()
+        return importer
+
+    first = run().report
+    assert (first.files, first.links, first.errors) == (1, 1, [])
+    folder = meta.lookup(db, meta.lookup(db, meta.ROOT_INO, b"b").ino, b"src")
+    far = meta.lookup(db, folder.ino, b"far.txt")
+    assert (far.mtime_ns, far.atime_ns, folder.mtime_ns) == (2**63 - 1,) * 3
+    assert meta.lookup(db, folder.ino, b"link").mtime_ns == 2**63 - 1
+    again = run().report
+    assert (again.files, again.unchanged, again.errors) == (0, 2, [])  # the file and the link
+
+
 def test_own_folders_and_mounted_backups_are_never_copied(tmp_path: Path) -> None:
     """The data and cache folders, and a mounted backup (/proc/self/mounts escapes a space as \\040), are
     skipped with a message wherever they sit in the source; everything else is copied."""

@@ -2,11 +2,21 @@
 
 from __future__ import annotations
 
+import os
+import sqlite3
+import subprocess
+import sys
+from pathlib import Path
+
 import trio
 import trio.testing
 
-from fincryptfs import mount
+from fincryptfs import meta, mount
+from fincryptfs.core.settings import ClientSettings
 from fincryptfs.mount import WorkerLink
+from fincryptfs.uploadworker import EXIT_TREE_BUSY, encode_config
+
+ROOT = Path(__file__).resolve().parents[2]
 
 
 async def drain(stream: trio.testing.MemoryReceiveStream) -> bytes:
@@ -38,3 +48,34 @@ async def test_a_burst_of_wakes_sends_a_few_bytes_and_keeps_the_jobs_flag() -> N
         await trio.sleep(3 * mount.WAKE_COALESCE)
         assert await drain(recv) == b"t"
         nursery.cancel_scope.cancel()
+
+
+def test_a_worker_stopped_by_a_locked_tree_is_restarted_soon_not_after_a_growing_backoff() -> None:
+    delay, failures = 1.0, 0
+    for _ in range(10):  # crashes: the backoff grows
+        delay, failures = mount.restart_delay(1, failures, ran=6.0)
+    assert delay >= 60
+    for _ in range(30):  # a lock held for minutes: every restart stays short
+        delay, failures = mount.restart_delay(EXIT_TREE_BUSY, failures, ran=6.0)
+        assert delay == mount.TREE_BUSY_RESTART
+    assert mount.restart_delay(-9, failures, ran=6.0)[0] == 1.0  # and a crash after it starts over
+
+
+def test_the_worker_says_in_one_line_that_the_tree_is_locked(tmp_path: Path) -> None:
+    """Another process holds the tree's write lock past SQLite's busy timeout: the worker used to die with a
+    60-line traceback, counted by the mount as a crash."""
+    settings = ClientSettings.from_env({"FINCRYPT_DATA_DIR": str(tmp_path), "FINCRYPT_MEDIATOR_URL":
+                                        "http://127.0.0.1:9"}, home=tmp_path)
+    meta.connect(tmp_path / "meta.db").close()
+    lock = sqlite3.connect(tmp_path / "meta.db", isolation_level=None)
+    try:
+        lock.execute("BEGIN EXCLUSIVE")
+        worker = subprocess.run([sys.executable, "-m", "fincryptfs.uploadworker"],
+                                input=encode_config(settings, bytes(32), 0), capture_output=True, timeout=60,
+                                env={**os.environ, "PYTHONPATH": str(ROOT)})
+    finally:
+        lock.execute("ROLLBACK")
+        lock.close()
+    assert worker.returncode == EXIT_TREE_BUSY, worker.stderr.decode()
+    assert b"Traceback" not in worker.stderr
+    assert b"is locked by another process" in worker.stderr

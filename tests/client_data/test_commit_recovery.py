@@ -70,6 +70,45 @@ async def test_an_object_committed_before_a_crash_is_released_at_the_next_start(
         assert gone.value.status == 404
 
 
+
+async def test_an_object_placed_before_a_crash_is_released_at_the_next_start(
+        tmp_path: Path, nursery: trio.Nursery, monkeypatch: pytest.MonkeyPatch) -> None:
+    """An upload worker killed while its shares stream out releases nothing: the object stayed placed at the
+    mediator, its shares on the nodes, until the mediator's sweep a day later (one per kill -9 of the worker,
+    found on a devnet). The note taken before the place request turns into a deletion at the next start."""
+    from fincryptfs import uploader
+    from fincryptfs.core.messages import PlaceRequest
+
+    async def killed(*args: object, **kwargs: object) -> None:  # a dead process releases nothing
+        pass
+    monkeypatch.setattr(uploader, "_release_quietly", killed)
+    async with tree_and_store(tmp_path, nursery) as (db, store):
+        src = tmp_path / "file"
+        src.write_bytes(os.urandom(200_000))
+        placed: list[str] = []
+        place = store.mediator.place
+
+        with trio.CancelScope() as death:
+            async def place_then_die(request: PlaceRequest) -> object:
+                await place(request)
+                placed.append(request.object_id)
+                death.cancel()  # the process dies here, its shares on their way
+                await trio.sleep_forever()
+            monkeypatch.setattr(store.mediator, "place", place_then_die)
+            await store.put_file(src, before_place=lambda object_id: meta.note_placing(db, object_id),
+                                 before_commit=lambda object_id: meta.note_commit(db, object_id))
+        monkeypatch.undo()
+        assert death.cancelled_caught
+        assert (await store.health(placed[0]))["state"] != "committed"  # the mediator holds it, placed
+        assert meta.pending_deletes(db) == 0  # the note waits for the next start
+
+        meta.resume_uploads(db)  # the next upload worker's start
+        assert meta.pending_deletes(db) == 1
+        await run_deletions(queue_for(db, store, tmp_path))
+        with pytest.raises(PeerError) as gone:
+            await store.health(placed[0])
+        assert gone.value.status == 404
+
 async def test_snapshots_noted_before_a_crash_are_kept_if_the_pointer_names_them(
         tmp_path: Path, nursery: trio.Nursery) -> None:
     from fincryptfs.manifest import current_pointer, publish_snapshot
