@@ -29,6 +29,7 @@ from .core.errors import FincryptError
 from .core.identity import SigningKey
 from .mediator_client import MediatorClient
 from .run_daemon import PARENT_FD_ENV
+from .secretfile import write_secret_file
 
 log = logging.getLogger(__name__)
 
@@ -320,11 +321,10 @@ def _make_client(home: Path, mediator_url: str) -> tuple[Path, SigningKey]:
         master = decode_key_file(key_file.read_bytes(), None)
     else:
         master = new_master_key()
-        key_file.write_bytes(encode_key_file(master, None))
-        key_file.chmod(0o600)
-        phrase_file = home / "recovery-phrase.txt"
-        phrase_file.write_text(recovery_phrase(master) + "\n")
-        phrase_file.chmod(0o600)
+        # 0600 from the first byte: written, then chmod-ed, the phrase (the master key itself) was readable by
+        # anyone for a moment in HOME, which is not private
+        write_secret_file(key_file, encode_key_file(master, None))
+        write_secret_file(home / "recovery-phrase.txt", (recovery_phrase(master) + "\n").encode())
     client_env = home / "client.env"
     write_env(client_env, {
         "FINCRYPT_MEDIATOR_URL": mediator_url,

@@ -14,9 +14,15 @@ Snapshots are compressed (zlib level 1, streamed) before they are encrypted: a t
 hex ids that compress 4-5× (a real tree of 80,881 entries: 17.5 MiB, 3.6 MiB compressed, in 0.07 s), and the
 whole snapshot goes out again after every burst of changes, so this is most of what a large tree costs to keep
 published. Level 1 compressed that 6.3× faster than level 6 for 7 % more bytes. A compressed snapshot starts
-with SNAPSHOT_MAGIC; one without it (published before compression) is used as it is. Sizes stay padded by the
-object layer; the content is the account's own, so nothing is learned from how well it compresses that its
-padded size did not already bound.
+with SNAPSHOT_MAGIC; one without it (published before compression) is used as it is.
+
+The mediator knows which object is the snapshot (the pointer names it) and sees it again at every publish, so
+its size must not count the tree's entries: Padmé alone gave it to 2-4 % (1,000 files: 30,720 bytes; 1,050:
+31,744), although the files themselves travel in packs. The compressed stream is therefore followed by zeros
+up to a power-of-two bucket (``snapshot_bucket``, at least SNAPSHOT_MIN_BUCKET): the padded size then tells the
+number of entries only to within a factor of two, for at most twice the bytes per publish (publishes are
+spaced by their cost, ``uploadqueue.publish_spacing``). Padded sizes also hide how well the tree compresses.
+Readers before this padding refuse a padded snapshot (trailing bytes) rather than misread it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ from .core.crypto import NONCE_BYTES, derive_key
 from .core.errors import FincryptError, IntegrityError, RemoteProtocolError
 from .core.ids import AccountId, ObjectId
 from .core.messages import ManifestPointer
+from .core.padding import TRAILER_BYTES
 from .core.wire import canonical_json, decode_object
 from .mediator_client import MediatorClient
 from .objectstore import ObjectStore, StoredObject
@@ -47,6 +54,7 @@ log = logging.getLogger(__name__)
 POINTER_KEY_PURPOSE = "manifest-pointer-v1"
 SNAPSHOT_MAGIC = b"FCSNAPZ1"  # a zlib stream of the SQLite snapshot follows
 SNAPSHOT_LEVEL = 1
+SNAPSHOT_MIN_BUCKET = 64 * 2**10  # a tree of up to ~1,300 entries: all look alike
 _CHUNK = 2**20
 _POINTER_AD_TAG = b"fincrypt-manifest-pointer-v1\x00"
 
@@ -190,19 +198,32 @@ async def fetch_latest_snapshot(store: ObjectStore, master_key: bytes, dest: Pat
     return pointer.version
 
 
+def snapshot_bucket(length: int) -> int:
+    """The padded size of a snapshot object whose compressed stream has ``length`` bytes: the next power of two
+    (trailer included), at least SNAPSHOT_MIN_BUCKET."""
+    return max(SNAPSHOT_MIN_BUCKET, 1 << (length + TRAILER_BYTES - 1).bit_length())
+
+
 def compress_snapshot(src: Path, dest: Path) -> None:
-    """``dest`` = SNAPSHOT_MAGIC + zlib(``src``), streamed (memory bounded whatever the tree's size)."""
+    """``dest`` = SNAPSHOT_MAGIC + zlib(``src``) + zeros, streamed (memory bounded whatever the tree's size): its
+    padded size as an object is ``snapshot_bucket`` of the stream (a power of two is its own Padmé size)."""
     packer = zlib.compressobj(SNAPSHOT_LEVEL)
     with open(src, "rb") as inp, open(dest, "wb") as out:
         out.write(SNAPSHOT_MAGIC)
         while chunk := inp.read(_CHUNK):
             out.write(packer.compress(chunk))
         out.write(packer.flush())
+        written = out.tell()
+        zeros = snapshot_bucket(written) - TRAILER_BYTES - written
+        while zeros > 0:
+            out.write(bytes(min(zeros, _CHUNK)))
+            zeros -= _CHUNK
 
 
 def decompress_snapshot(src: Path, dest: Path) -> None:
     """The SQLite file in a fetched snapshot ``src`` (compressed or, if published before compression, as is)
-    written to ``dest``; IntegrityError if the compressed stream is damaged or cut short."""
+    written to ``dest``; IntegrityError if the compressed stream is damaged or cut short, or followed by
+    anything but the zeros that pad it."""
     with open(src, "rb") as inp, open(dest, "wb") as out:
         if inp.read(len(SNAPSHOT_MAGIC)) != SNAPSHOT_MAGIC:
             inp.seek(0)
@@ -210,12 +231,17 @@ def decompress_snapshot(src: Path, dest: Path) -> None:
             return
         unpacker = zlib.decompressobj()
         try:
-            while chunk := inp.read(_CHUNK):
-                while chunk:  # at most _CHUNK out per call: a highly compressed chunk does not balloon memory
-                    out.write(unpacker.decompress(chunk, _CHUNK))
+            while not unpacker.eof and (chunk := inp.read(_CHUNK)):
+                while chunk and not unpacker.eof:  # at most _CHUNK out per call: a highly compressed chunk
+                    out.write(unpacker.decompress(chunk, _CHUNK))  # does not balloon memory
                     chunk = unpacker.unconsumed_tail
             out.write(unpacker.flush())
         except zlib.error as exc:
             raise IntegrityError(f"the tree snapshot does not decompress: {exc}") from exc
-        if not unpacker.eof or unpacker.unused_data:
-            raise IntegrityError("the tree snapshot is cut short or has trailing bytes")
+        if not unpacker.eof:
+            raise IntegrityError("the tree snapshot is cut short")
+        rest = unpacker.unused_data  # then the padding, read a chunk at a time (it may be as long as the stream)
+        while rest:
+            if rest.count(0) != len(rest):
+                raise IntegrityError("the tree snapshot has trailing bytes after its compressed stream")
+            rest = inp.read(_CHUNK)

@@ -175,3 +175,30 @@ def test_a_leftover_temporary_key_file_does_not_lend_its_mode_to_the_key(tmp_pat
     save_key_file(key_path, bytes(range(32)), None)
     assert stat.S_IMODE(key_path.stat().st_mode) == 0o600 and not leftover.exists()
     assert load_master_key(key_path) == bytes(range(32))
+
+
+def test_the_devnet_account_secrets_are_never_readable_by_others(tmp_path: Path,
+                                                                 monkeypatch: pytest.MonkeyPatch) -> None:
+    """The devnet's key file and recovery phrase (the master key in words) are created 0600, not written
+    first and restricted after: under a permissive umask they were readable by anyone in between."""
+    from fincryptfs import devnet
+
+    seen: list[tuple[str, int]] = []
+    real_chmod = Path.chmod
+
+    def chmod(self: Path, mode: int, **kwargs: bool) -> None:
+        if self.is_file():
+            seen.append((self.name, stat.S_IMODE(self.stat().st_mode)))
+        real_chmod(self, mode, **kwargs)
+
+    monkeypatch.setattr(Path, "chmod", chmod)
+    old_umask = os.umask(0)
+    try:
+        devnet._make_client(tmp_path, "http://127.0.0.1:1")
+    finally:
+        os.umask(old_umask)
+    exposed = [(name, mode) for name, mode in seen if mode & 0o077 and name != "client.env"]
+    assert not exposed
+    for path in (tmp_path / "client" / "master.key", tmp_path / "recovery-phrase.txt"):
+        assert stat.S_IMODE(path.stat().st_mode) == 0o600
+        assert path.read_bytes()

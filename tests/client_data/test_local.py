@@ -9,14 +9,15 @@ from types import SimpleNamespace
 from typing import Any
 
 import pytest
-from hypothesis import given, settings
+import trio
+from hypothesis import example, given, settings
 from hypothesis import strategies as st
 
 from fincryptfs import downloader
 from fincryptfs.core.errors import IntegrityError, RemoteProtocolError
 from fincryptfs.core.ids import NodeId, ShareId
 from fincryptfs.core.merkle import LEAF_SIZE, MerkleTree, RootBuilder
-from fincryptfs.core.objectcodec import decode_segment_plaintext, plan_object
+from fincryptfs.core.objectcodec import decode_segment_plaintext, plan_object, segment_plaintext
 from fincryptfs.downloader import MAX_RUN_SHARE_BYTES, plan_runs, sources_for
 from fincryptfs.mediator_client import ObjectInfo, ShareLocation
 from fincryptfs.objectstore import FileChangedError, ShareRef, StoredObject
@@ -283,3 +284,33 @@ async def test_a_bad_copy_of_a_share_does_not_hide_a_good_copy_of_the_same_index
     got = await reader.fetch_run(plan_runs(layout, range(layout.segment_count), MAX_RUN_SHARE_BYTES)[0])
     assert sorted(got) == [0, 1, 2] and got[0] == bytearray(rebuilt.node_id.encode())
     assert reported == [damaged.node_id] and reader.bad == {damaged}
+
+
+@settings(max_examples=100, deadline=None)
+@given(st.integers(0, 2**20), st.sampled_from([4096, 8192, 65536]))
+@example(2**18 + 1, 4096)  # padded to 270,336 bytes: its last segment holds padding only
+def test_a_whole_file_fetch_reads_the_padding_too(size: int, segment_size: int) -> None:
+    """A fetch asks for every segment of the padded stream, not only those holding data: the last segment
+    asked for would otherwise tell each node where the file ends, more closely than the padded size does."""
+    data = os.urandom(size)
+    layout = plan_object(size, segment_size, 3, 6)
+    obj = StoredObject("ab" * 32, os.urandom(32), size, layout,
+                       tuple(ShareRef(i, f"{i:02x}" * 32, os.urandom(32)) for i in range(6)))
+    asked: list[int] = []
+
+    class Reader:
+        async def each_segment(self, segments: range, consume: Any, *, ramp: bool = False) -> None:
+            for index in segments:
+                asked.append(index)
+                await consume(index, segment_plaintext(layout, size, index, lambda at, n: data[at:at + n]))
+
+    async def open_reader(store: Any, stored: StoredObject) -> Reader:
+        return Reader()
+
+    with tempfile.TemporaryDirectory() as tmp, pytest.MonkeyPatch.context() as patch:
+        patch.setattr(downloader.ObjectReader, "open", open_reader)
+        dest = Path(tmp) / "file"
+        store: Any = SimpleNamespace()  # the reader above is the only part of a store a fetch uses
+        assert trio.run(downloader.fetch_to_file, store, obj, dest)
+        assert dest.read_bytes() == data
+    assert asked == list(range(layout.segment_count))

@@ -17,8 +17,10 @@ from fincryptfs.core.crypto import new_master_key
 from fincryptfs.core.errors import IntegrityError
 from fincryptfs.core.ids import ObjectId
 from fincryptfs.core.messages import ManifestPointer
+from fincryptfs.core.padding import padded_length
 from fincryptfs.manifest import (
     SNAPSHOT_MAGIC,
+    SNAPSHOT_MIN_BUCKET,
     SnapshotRollbackError,
     TreeDivergedError,
     check_pointer_version,
@@ -127,6 +129,9 @@ def test_snapshot_compression_round_trips(head: bytes, zeros: int) -> None:
         assert packed.read_bytes().startswith(SNAPSHOT_MAGIC)
         decompress_snapshot(packed, out)
         assert out.read_bytes() == content
+        # as an object, it is padded to a power of two of at least SNAPSHOT_MIN_BUCKET
+        padded = padded_length(packed.stat().st_size)
+        assert padded >= SNAPSHOT_MIN_BUCKET and padded & (padded - 1) == 0
 
 
 def test_snapshot_compression_shrinks_a_tree_and_catches_damage(tmp_path: Path) -> None:
@@ -139,14 +144,34 @@ def test_snapshot_compression_shrinks_a_tree_and_catches_damage(tmp_path: Path) 
     db.close()
     compress_snapshot(tmp_path / "snap.db", tmp_path / "snap.z")
     packed = (tmp_path / "snap.z").read_bytes()
-    assert len(packed) * 3 < (tmp_path / "snap.db").stat().st_size
+    padding = packed.index(bytes(64))  # the zeros after the stream (its own bytes are not 64 zeros in a row)
+    assert padding * 3 < (tmp_path / "snap.db").stat().st_size
     # published before compression: used as it is
     decompress_snapshot(tmp_path / "snap.db", tmp_path / "legacy")
     assert (tmp_path / "legacy").read_bytes() == (tmp_path / "snap.db").read_bytes()
-    for bad in (packed[:len(packed) // 2], packed + b"junk", packed[:40] + bytes(40) + packed[80:]):
+    for bad in (packed[:padding // 2], packed + b"junk", packed[:40] + bytes(40) + packed[80:],
+                packed[:-1] + b"\x01"):
         (tmp_path / "bad.z").write_bytes(bad)
         with pytest.raises(IntegrityError, match="snapshot"):
             decompress_snapshot(tmp_path / "bad.z", tmp_path / "out")
+
+
+def test_the_snapshot_size_does_not_count_the_tree_entries(tmp_path: Path) -> None:
+    """The mediator knows which object is the snapshot (the pointer names it): its padded size must not tell
+    1,000 files from 1,050 (Padmé alone did: 30,720 and 31,744 bytes), only trees a factor of two apart."""
+    from fincryptfs import meta
+
+    db = meta.connect(tmp_path / "meta.db")
+    sizes = {}
+    for count in range(2000):
+        meta.create(db, meta.ROOT_INO, f"file {count:05d}.txt".encode(), meta.FILE, 0o100644, 0, 0)
+        if count + 1 in (1000, 1050, 1900):
+            (tmp_path / "snap.db").unlink(missing_ok=True)
+            meta.snapshot_to(db, tmp_path / "snap.db")
+            compress_snapshot(tmp_path / "snap.db", tmp_path / "snap.z")
+            sizes[count + 1] = padded_length((tmp_path / "snap.z").stat().st_size)
+    db.close()
+    assert sizes[1000] == sizes[1050] == sizes[1900]
 
 
 @given(st.integers(0, 2**40), st.integers(0, 2**40))
