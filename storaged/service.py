@@ -47,6 +47,7 @@ log = logging.getLogger(__name__)
 UPLOAD_FLUSH_BYTES = 1 << 20  # bytes held per upload before a worker thread writes + hashes them (one hop per MiB)
 STREAM_CHUNK_BYTES = 1 << 20
 MAX_CHALLENGE_BYTES = 8 << 20  # 100,000 share ids fit
+MISSING_LOGGED_PER_FOLDER = 5  # share ids named in the log at start, per folder; then one line with the count
 LOSS_ANNOUNCE_GAP = 10.0  # seconds between announcements made early because a share was found lost
 # A mediator's answer to an announcement (its key and this node's earnings: a few KB) is read up to this many
 # bytes and within this many seconds, however it is paced: a mediator found in the DHT may be anyone's.
@@ -163,11 +164,14 @@ class StorageService:
             self.db.rename_dir(recorded, key)
             log.info("share folder recorded as %s is now recorded as %s", recorded, key)
         known: set[str] = set()
+        lost_in: Counter[str] = Counter()  # folder → shares found missing now: a lost disk is one line, not 10^5
         for record in self.db.iter_shares():
             known.add(record.share_id)
             self.store.account_existing(record.dir, record.size)
             if record.state == STATE_OK and not self.store.check_files(record.dir, record.share_id, record.size):
-                log.error("share files missing or wrong size share_id=%s dir=%s", record.share_id, record.dir)
+                lost_in[record.dir] += 1
+                if lost_in[record.dir] <= MISSING_LOGGED_PER_FOLDER:
+                    log.error("share files missing or wrong size share_id=%s dir=%s", record.share_id, record.dir)
                 self.db.set_state(record.share_id, STATE_MISSING)
                 self.shares_lost += 1  # announced from the first announcement on
             elif record.state == STATE_MISSING and self.store.check_files(record.dir, record.share_id, record.size):
@@ -175,6 +179,10 @@ class StorageService:
                 log.warning("share files are back, serving the share again share_id=%s dir=%s", record.share_id,
                             record.dir)
                 self.db.set_state(record.share_id, STATE_OK)
+        for folder, count in lost_in.items():
+            log.error("%d share(s) of folder %s are missing or damaged and now marked so: the mediators repair them "
+                      "on other nodes%s", count, folder, "" if folder in self.store.by_key else
+                      " (the folder is no longer in STORAGED_SHARE_DIRS: put it back if its disk still has them)")
         if self.db.node_id() is None:
             self._refuse_unknown_share_files(known)
             self.db.set_node_id(self.node_id)

@@ -241,3 +241,23 @@ async def test_a_scrub_while_the_disk_is_away_marks_its_shares_missing_not_corru
         got = await rpc.call(client, "GET", f"{node.url}/v1/shares/{grant.share_id}", key=ACCOUNT)
         assert got.content == data
         assert await node.service.scrub_once(1e9) == 0
+
+
+async def test_a_folder_given_up_is_one_line_in_the_log_not_one_per_share(
+        tmp_path: Path, mediator: MediatorPeer, client: httpx.AsyncClient, caplog: pytest.LogCaptureFixture) -> None:
+    """A disk removed from STORAGED_SHARE_DIRS (given up) held a share per line of log at the next start: a
+    hundred thousand error lines for one decision. A few are named, then one line says how many and why."""
+    from storaged import service as node_service
+    disk = tmp_path / "disk"
+    settings = replace(node_settings(tmp_path, (mediator.url,)), share_dirs=(ShareDir(disk, 64 << 20),))
+    async with running_node(settings) as node:
+        for _ in range(node_service.MISSING_LOGGED_PER_FOLDER + 7):
+            await store(client, node, mediator, os.urandom(5_000))
+    caplog.clear()
+    with caplog.at_level("ERROR", logger="storaged.service"):
+        async with running_node(replace(settings, share_dirs=(ShareDir(tmp_path / "new", 64 << 20),))) as node:
+            assert node.service.shares_lost == node_service.MISSING_LOGGED_PER_FOLDER + 7
+    lines = [r.getMessage() for r in caplog.records if r.name == "storaged.service"]
+    assert len(lines) == node_service.MISSING_LOGGED_PER_FOLDER + 1, lines
+    assert re.search(rf"^{node_service.MISSING_LOGGED_PER_FOLDER + 7} share\(s\) of folder .*disk are missing .*"
+                     r"no longer in STORAGED_SHARE_DIRS", lines[-1])
