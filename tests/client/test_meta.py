@@ -194,8 +194,9 @@ def test_pack_members_reference_the_pack_until_the_last_one_dies(db: sqlite3.Con
 
 def test_every_way_a_member_loses_its_range_notes_it_for_zeroing(db: sqlite3.Connection, tmp_path: Path) -> None:
     """Unlinked, replaced by a rename, emptied, a new version stored alone or in another pack, or replaced by
-    ``put``: each notes the old range (and only pack members do) while the pack lives; a snapshot carries no
-    note; the pack's death drops them (its cached copy goes whole)."""
+    ``put``: each notes the old range (and only pack members do) while the pack lives; a snapshot carries the
+    ranges, so that a machine restored from it zeroes them in the copies it fetches; the pack's death drops
+    them (its cached copy goes whole)."""
     jobs = released(db, b"a", b"b", b"c", b"d", b"e", b"f", b"g")
     pack = "p" * 64
     meta.finish_pack(db, pack, obj("p", 70), [(j, 10 * i, 10) for i, j in enumerate(jobs)])
@@ -223,9 +224,11 @@ def test_every_way_a_member_loses_its_range_notes_it_for_zeroing(db: sqlite3.Con
     assert [(ino, ref) for _, ino, ref in notes] == [
         (ino, meta.PackRef(pack, 10 * i, 10)) for i, ino in enumerate((a, b, c, d, e, f))]
     meta.snapshot_to(db, tmp_path / "snap.db")
-    copy = sqlite3.connect(tmp_path / "snap.db")
-    try:
-        assert copy.execute("SELECT count(*) FROM stale_members").fetchone()[0] == 0
+    meta.adopt_snapshot(tmp_path / "snap.db", 1)
+    copy = meta.connect(tmp_path / "snap.db")
+    try:  # the restored machine has no copy to zero now, but zeroes every copy it fetches
+        assert meta.stale_members(copy) == []
+        assert meta.stale_ranges(copy, pack) == [(10 * i, 10) for i in range(6)]
     finally:
         copy.close()
     meta.mark_stale_zeroed(db, [rowid for rowid, _, _ in notes[:2]])
