@@ -9,6 +9,7 @@ reader beside the writer), so they need no connection to the running mount.
 from __future__ import annotations
 
 import argparse
+import hmac
 import json
 import logging
 import os
@@ -25,7 +26,7 @@ from dotenv import dotenv_values
 from fincryptfs import __version__
 
 from . import allocator, logs, meta
-from .core.crypto import master_key_from_phrase, new_master_key, recovery_phrase
+from .core.crypto import decode_key_file, master_key_from_phrase, new_master_key, recovery_phrase
 from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings, read_env_file
 from .keystore import ask_new_passphrase, load_master_key, read_passphrase_file, save_key_file
@@ -106,8 +107,20 @@ def _find_mediator(settings: ClientSettings) -> ClientSettings:
     return replace(settings, mediator_url=found.url)
 
 
-def _setup_account(args: argparse.Namespace, master_key: bytes, *, need_mediator: bool = False) -> ClientSettings:
-    """Write the settings file and key file of an account (shared by init and restore)."""
+def _holds_key(path: Path, args: argparse.Namespace, master_key: bytes) -> bool:
+    """Whether the key file at ``path`` holds ``master_key``, opened with ``--passphrase-file`` if it has one."""
+    try:
+        passphrase = read_passphrase_file(Path(args.passphrase_file).expanduser()) if args.passphrase_file else None
+        return hmac.compare_digest(decode_key_file(path.read_bytes(), passphrase), master_key)
+    except (OSError, FincryptError):
+        return False
+
+
+def _setup_account(args: argparse.Namespace, master_key: bytes, *, restoring: bool = False
+                   ) -> tuple[ClientSettings, bool]:
+    """Write the settings file and key file of an account (shared by init and restore); returns the settings and
+    whether the key file was there already. A restore run again (the mediator did not answer the first time, or
+    its URL was mistyped) keeps a key file that holds the same key, and writes the settings file again."""
     env_path = _env_path(args)
     updates: dict[str, str] = {}
     if args.mediator:
@@ -115,20 +128,22 @@ def _setup_account(args: argparse.Namespace, master_key: bytes, *, need_mediator
     existing = {k: v for k, v in dotenv_values(env_path).items() if v} if env_path.exists() else {}
     merged = {**existing, **updates}
     settings = ClientSettings.from_env({**merged, **read_env_file(None)}, home=Path.home())
-    if settings.key_file.exists():
+    kept = settings.key_file.exists()
+    if kept and not (restoring and _holds_key(settings.key_file, args, master_key)):
         raise ConfigError(f"a key file already exists at {settings.key_file}; this account is set up already "
                           "(move the file away first to replace it)")
     if (settings.data_dir / "meta.db").exists():
         raise ConfigError(f"a local tree already exists at {settings.data_dir / 'meta.db'}; move it away first")
-    if settings.mediator_url is None and need_mediator and not settings.dht_bootstrap:
+    if settings.mediator_url is None and restoring and not settings.dht_bootstrap:
         raise UsageError("give --mediator URL (or set FINCRYPT_DHT_BOOTSTRAP to find one through the DHT)")
     settings = _find_mediator(settings)
     if settings.mediator_url is not None:
         merged["FINCRYPT_MEDIATOR_URL"] = settings.mediator_url
-    passphrase = _new_passphrase(args)
+    passphrase = None if kept else _new_passphrase(args)
     _write_env(env_path, merged)
-    save_key_file(settings.key_file, master_key, passphrase)
-    return settings
+    if not kept:
+        save_key_file(settings.key_file, master_key, passphrase)
+    return settings, kept
 
 
 # --- commands -----------------------------------------------------------------------------------------------
@@ -136,7 +151,7 @@ def _setup_account(args: argparse.Namespace, master_key: bytes, *, need_mediator
 
 def cmd_init(args: argparse.Namespace) -> int:
     master_key = new_master_key()
-    settings = _setup_account(args, master_key)
+    settings, _ = _setup_account(args, master_key)
     print(f"Created the key file {settings.key_file} and the settings file {_env_path(args)}.")
     print("\nYour recovery phrase (shown only this once; write it down and keep it safe: with it, anyone can")
     print("read your backup, and without it and the key file, nobody can, including you):\n")
@@ -162,8 +177,12 @@ def cmd_restore(args: argparse.Namespace) -> int:
     else:
         raise UsageError("no terminal to ask for the recovery phrase: use --phrase-file F")
     master_key = master_key_from_phrase(phrase)
-    settings = _setup_account(args, master_key, need_mediator=True)
-    print(f"Restored the key file {settings.key_file} and the settings file {_env_path(args)}.")
+    settings, kept = _setup_account(args, master_key, restoring=True)
+    if kept:
+        print(f"The key file {settings.key_file} holds this account's key already: kept it. Wrote the settings "
+              f"file {_env_path(args)}.")
+    else:
+        print(f"Restored the key file {settings.key_file} and the settings file {_env_path(args)}.")
     import trio
 
     print(trio.run(_tree_at_mediator, settings, master_key))
@@ -188,8 +207,9 @@ async def _tree_at_mediator(settings: ClientSettings, master_key: bytes) -> str:
                 pointer = await account_pointer(MediatorClient(url=settings.mediator_url, http=http,
                                                                account_key=account_signing_key(master_key)))
     except (FincryptError, trio.TooSlowError) as exc:
-        return (f"Could not ask the mediator whether it holds this account's tree ({exc or 'no answer'}); the "
-                "first mount will.")
+        reason = str(exc) or f"no answer in {RESTORE_CHECK_TIMEOUT:g} s"  # a TooSlowError says nothing
+        return (f"Could not ask the mediator whether it holds this account's tree ({reason}); the first mount "
+                "will, or run this again once it answers.")
     if pointer is None:
         return (f"warning: the mediator at {settings.mediator_url} holds no tree for this account. If it has "
                 "stored files before, check the recovery phrase and the mediator URL: the first mount would show "

@@ -1074,7 +1074,9 @@ def snapshot_to(db: sqlite3.Connection, dest: Path) -> int:
 
     The copy carries only what a restore needs: names, attributes and the objects already stored. Jobs are
     dropped (their cache files exist only here), and a file whose newest version is not uploaded yet appears
-    with the version that is (or empty if none is).
+    with the version that is (or empty if none is). The released ranges of live packs are kept, marked zeroed
+    (the machine that restores has no copy yet): every copy it fetches is zeroed there, as here. Dropped, they
+    left the bytes of deleted and replaced files in the restored machine's cached copies of their packs.
     """
     dest.unlink(missing_ok=True)
     out = sqlite3.connect(dest, isolation_level=None)
@@ -1084,7 +1086,7 @@ def snapshot_to(db: sqlite3.Connection, dest: Path) -> int:
         version = counter(out, "meta_version")
         out.execute("DELETE FROM upload_jobs")
         out.execute("DELETE FROM delete_jobs")
-        out.execute("DELETE FROM stale_members")
+        out.execute("UPDATE stale_members SET zeroed = 1")
         out.execute("DELETE FROM publish_problem")
         out.execute("DELETE FROM inodes WHERE parent IS NULL AND ino != ?", (ROOT_INO,))
         for ino, obj in out.execute("SELECT ino, object FROM inodes WHERE state != 'stored'").fetchall():

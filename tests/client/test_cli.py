@@ -3,16 +3,19 @@
 from __future__ import annotations
 
 import os
+import socket
 import stat
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
+import trio
 
 from fincryptfs import cli
-from fincryptfs.core.crypto import master_key_from_phrase
+from fincryptfs.core.crypto import master_key_from_phrase, new_master_key, recovery_phrase
 from fincryptfs.core.errors import ConfigError, WrongKeyError
+from fincryptfs.core.settings import ClientSettings
 from fincryptfs.keystore import load_master_key, save_key_file
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -91,6 +94,51 @@ def test_init_with_passphrase_then_restore_from_phrase(tmp_path: Path) -> None:
         failed = run("restore", "--env-file", str(write_env(bad)), "--mediator", "http://127.0.0.1:9",
                      "--phrase-file", str(unreadable), "--no-passphrase")
         assert failed.returncode == 1 and said in failed.stderr and "Traceback" not in failed.stderr, failed.stderr
+
+
+def test_a_restore_run_again_keeps_the_same_key_and_refuses_another(tmp_path: Path) -> None:
+    """The mediator did not answer the first restore, or its URL was mistyped: running it again with the same
+    phrase must go through (the key file kept, the new URL written), while another account's phrase, the wrong
+    passphrase or a local tree already there must not replace anything."""
+    env = write_env(tmp_path)
+    phrase = recovery_phrase(new_master_key())
+    (tmp_path / "phrase").write_text(phrase)
+    (tmp_path / "pass").write_text("correct horse battery\n")
+    protected = ("--phrase-file", str(tmp_path / "phrase"), "--passphrase-file", str(tmp_path / "pass"))
+    first = run("restore", "--env-file", str(env), "--mediator", "http://127.0.0.1:9", *protected)
+    assert first.returncode == 0, first.stderr
+    key = (tmp_path / "key").read_bytes()
+    again = run("restore", "--env-file", str(env), "--mediator", "http://127.0.0.1:10", *protected)
+    assert again.returncode == 0 and "kept it" in again.stdout, again.stderr
+    assert (tmp_path / "key").read_bytes() == key
+    assert "FINCRYPT_MEDIATOR_URL=http://127.0.0.1:10" in env.read_text()
+    assert load_master_key(tmp_path / "key", tmp_path / "pass") == master_key_from_phrase(phrase)
+
+    (tmp_path / "other").write_text(recovery_phrase(new_master_key()))
+    (tmp_path / "wrong").write_text("wrong passphrase\n")
+    refused = [run("restore", "--env-file", str(env), "--mediator", "http://127.0.0.1:9", *args) for args in (
+        ("--phrase-file", str(tmp_path / "other"), "--passphrase-file", str(tmp_path / "pass")),
+        ("--phrase-file", str(tmp_path / "phrase"), "--passphrase-file", str(tmp_path / "wrong")),
+        ("--phrase-file", str(tmp_path / "phrase"), "--no-passphrase"))]
+    assert all(r.returncode == 1 and "a key file already exists" in r.stderr for r in refused)
+    (tmp_path / "data").mkdir()
+    (tmp_path / "data" / "meta.db").write_bytes(b"")
+    tree = run("restore", "--env-file", str(env), "--mediator", "http://127.0.0.1:9", *protected)
+    assert tree.returncode == 1 and "a local tree already exists" in tree.stderr
+    assert (tmp_path / "key").read_bytes() == key
+
+
+def test_a_mediator_that_does_not_answer_the_restore_is_named_as_such(tmp_path: Path,
+                                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    """A mediator that accepts the connection but never answers: the restore's message says so, not "()"."""
+    monkeypatch.setattr(cli, "RESTORE_CHECK_TIMEOUT", 0.3)
+    with socket.socket() as silent:
+        silent.bind(("127.0.0.1", 0))
+        silent.listen()
+        url = f"http://127.0.0.1:{silent.getsockname()[1]}"
+        settings = ClientSettings.from_env({"FINCRYPT_MEDIATOR_URL": url}, home=tmp_path)
+        said = trio.run(cli._tree_at_mediator, settings, new_master_key())
+    assert "(no answer in 0.3 s)" in said and "run this again" in said, said
 
 
 def test_unprotected_key_file_must_be_private(tmp_path: Path) -> None:
