@@ -30,6 +30,7 @@ from .core.crypto import decode_key_file, master_key_from_phrase, new_master_key
 from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings, read_env_file
 from .keystore import ask_new_passphrase, load_master_key, read_passphrase_file, save_key_file
+from .lockfile import uploads_stalled
 
 DEFAULT_ENV_FILE = Path("~/.config/fincrypt/client.env")
 DAEMON_START_TIMEOUT = 60.0
@@ -300,10 +301,11 @@ def _flush_state(db: Any) -> tuple[list[tuple[int, int, str, int, str | None]], 
     return meta.pending_uploads(db), meta.counter(db, "meta_version"), meta.counter(db, "published_version")
 
 
-def wait_flushed(db: Any, timeout: float | None, *, hint: str, stop: threading.Event | None = None) -> bool:
-    """Wait until no upload is pending and the tree snapshot is published, printing progress every second;
-    False (with the failed or pending files named, and ``hint``) if an upload failed for good, on timeout, or
-    once ``stop`` is set (from another thread)."""
+def wait_flushed(db: Any, timeout: float | None, *, hint: str, stop: threading.Event | None = None,
+                 data_dir: Path | None = None) -> bool:
+    """Wait until no upload is pending and the tree snapshot is published, printing progress every second (and,
+    given ``data_dir``, saying when nothing is uploading); False (with the failed or pending files named, and
+    ``hint``) if an upload failed for good, on timeout, or once ``stop`` is set (from another thread)."""
     deadline = None if timeout is None else time.monotonic() + timeout
     last_report = 0.0
     while stop is None or not stop.is_set():
@@ -324,7 +326,9 @@ def wait_flushed(db: Any, timeout: float | None, *, hint: str, stop: threading.E
         if now - last_report >= 1.0:
             last_report = now
             errors = [error for *_, error in pending if error]
+            stalled = uploads_stalled(data_dir) if data_dir is not None else None
             print(f"{len(pending)} upload(s) pending; tree version {meta_version}, published {published}"
+                  + (f"; {stalled}" if stalled else "")
                   + (f"; {len(errors)} retrying after an error, e.g.: {errors[0]}" if errors else "")
                   + (f"; publishing the tree failed, retrying: {problem.message}" if problem else ""),
                   file=sys.stderr)
@@ -347,7 +351,7 @@ def cmd_flush(args: argparse.Namespace) -> int:
     meta.request_flush(settings.data_dir / "meta.db")
     try:
         if not wait_flushed(db, args.timeout, hint="Is the filesystem mounted (fincryptfs mount DIR) and the "
-                                                   "mediator reachable?"):
+                                                   "mediator reachable?", data_dir=settings.data_dir):
             return 1
         print("flushed: every closed file is stored and the tree snapshot is published", file=sys.stderr)
         return 0
@@ -420,6 +424,8 @@ def cmd_status(args: argparse.Namespace) -> int:
             "published_version": published,
             "publish_problem": None if problem is None else {"error": problem.message, "blocked": problem.blocked,
                                                              "since": int(problem.since)},
+            "uploads_stalled": (uploads_stalled(settings.data_dir) if pending or published < meta_version
+                                else None),
             "files": files,
         }
     finally:
@@ -439,6 +445,8 @@ def cmd_status(args: argparse.Namespace) -> int:
     print(f"pending uploads: {report['pending_uploads']}  pending deletions: {report['pending_deletes']}  "
           f"tree version {meta_version} (published {published})")
     print(f"cache: {cache_used / 2**20:.1f} MiB of {settings.cache_limit_bytes / 2**20:.0f} MiB")
+    if report["uploads_stalled"]:
+        print(f"uploads: {report['uploads_stalled']}")
     if problem is not None:
         print(f"tree snapshot {'cannot be published' if problem.blocked else 'publish failing, retrying'}: "
               f"{problem.message}")

@@ -23,7 +23,7 @@ from .cache import PACKS, CachedEntry, CacheDir
 from .core.crypto import account_signing_key
 from .core.errors import ConfigError, FincryptError
 from .core.settings import ClientSettings
-from .lockfile import held
+from .lockfile import MOUNT_LOCK, held
 from .objectstore import ObjectStore
 
 log = logging.getLogger(__name__)
@@ -177,4 +177,4 @@ async def scrub_stale_members(db: sqlite3.Connection, cache: CacheDir, open_inos
 def exclusive_mount(data_dir: Path) -> AbstractContextManager[int]:
     """One mount per data folder: two would each believe they own the tree and its jobs (``fincryptfs put``
     takes it too when it runs without a mount)."""
-    return held(data_dir / "mount.lock", f"another fincryptfs mount is using {data_dir}; unmount it first")
+    return held(data_dir / MOUNT_LOCK, f"another fincryptfs mount is using {data_dir}; unmount it first")

@@ -12,6 +12,9 @@ from pathlib import Path
 
 from .core.errors import ConfigError
 
+MOUNT_LOCK = "mount.lock"  # held by a mount, or by ``fincryptfs put`` while nothing is mounted
+UPLOAD_LOCK = "upload.lock"  # held by whoever runs the upload queue: a mount's upload worker, or ``put``
+
 
 @contextmanager
 def held(path: Path, busy: str) -> Iterator[int]:
@@ -25,3 +28,32 @@ def held(path: Path, busy: str) -> Iterator[int]:
         yield fd
     finally:
         os.close(fd)
+
+
+def holder(path: Path) -> int | None:
+    """The PID of the process holding ``path``'s lock, or None: read from the kernel's list of locks
+    (``/proc/locks``), without taking the lock, which even for a moment could turn away the process starting to
+    take it."""
+    try:
+        st = os.stat(path)
+        with open("/proc/locks") as locks:
+            lines = locks.read().splitlines()
+    except OSError:
+        return None
+    where = f"{os.major(st.st_dev):02x}:{os.minor(st.st_dev):02x}:{st.st_ino}"
+    for line in lines:
+        fields = line.split()
+        # "1: FLOCK  ADVISORY  WRITE 1234 fe:00:2646404 0 EOF" ("->" marks a waiter, which holds nothing)
+        if len(fields) >= 6 and fields[1] == "FLOCK" and fields[5] == where and fields[4].isdigit():
+            return int(fields[4])
+    return None
+
+
+def uploads_stalled(data_dir: Path) -> str | None:
+    """Why nothing is uploading the data folder's pending files right now, in words, or None if something is."""
+    if holder(data_dir / UPLOAD_LOCK) is not None:
+        return None
+    if holder(data_dir / MOUNT_LOCK) is not None:
+        return (f"the mount's upload worker is not running just now; the mount restarts it by itself (if this "
+                f"lasts, see {data_dir / 'mount.log'})")
+    return "nothing is uploading: this data folder is not mounted (fincryptfs mount DIR, or fincryptfs put)"

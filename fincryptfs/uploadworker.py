@@ -35,7 +35,7 @@ from .cache import CacheDir
 from .core.errors import ConfigError
 from .core.settings import ClientSettings
 from .datadir import meta_path, open_store
-from .lockfile import held
+from .lockfile import UPLOAD_LOCK, held
 from .run_daemon import freeze_startup_objects
 from .uploadqueue import UploadQueue
 
@@ -43,7 +43,6 @@ log = logging.getLogger(__name__)
 
 POLL_INTERVAL = 0.5
 CPU_THREADS = 2
-LOCK_NAME = "upload.lock"
 EXIT_LOCKED = 3
 EXIT_TREE_BUSY = 4  # the tree database stayed locked by another process past SQLite's busy timeout
 
@@ -71,7 +70,7 @@ def decode_config(line: bytes) -> tuple[ClientSettings, bytes, int]:
 
 
 def lock_path(data_dir: Path) -> Path:
-    return data_dir / LOCK_NAME
+    return data_dir / UPLOAD_LOCK
 
 
 def worker_pid(data_dir: Path) -> int | None:

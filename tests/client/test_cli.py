@@ -205,6 +205,31 @@ def test_flush_and_status_without_a_tree_say_what_to_do(tmp_path: Path) -> None:
         assert "mount the filesystem first" in result.stderr
 
 
+def test_flush_says_when_nothing_is_uploading_and_why(tmp_path: Path) -> None:
+    """A pending upload with no mount (or with a mount whose worker is down) waited in silence: flush printed the
+    count every second until its timeout, and status showed it, with no word that nothing was uploading."""
+    import time
+
+    from fincryptfs import meta
+    from fincryptfs.lockfile import MOUNT_LOCK, UPLOAD_LOCK, held, holder, uploads_stalled
+    env = write_env(tmp_path)
+    data = tmp_path / "data"
+    data.mkdir()
+    db = meta.connect(data / "meta.db")
+    node = meta.create(db, meta.ROOT_INO, b"report.pdf", meta.FILE, 0o644, 0, 0, None, dirty=True)
+    meta.record_release(db, node.ino, 1000, time.time_ns())
+    db.close()
+    result = run("flush", "--env-file", str(env), "--timeout", "1")
+    assert result.returncode == 1
+    assert "nothing is uploading: this data folder is not mounted" in result.stderr, result.stderr
+    assert uploads_stalled(data) is not None and holder(data / MOUNT_LOCK) is None
+    with held(data / MOUNT_LOCK, "busy"):  # a mount whose upload worker is down, or restarting
+        assert holder(data / MOUNT_LOCK) == os.getpid()
+        assert "the mount's upload worker is not running just now" in (uploads_stalled(data) or "")
+        with held(data / UPLOAD_LOCK, "busy"):
+            assert uploads_stalled(data) is None
+
+
 def test_bad_settings_name_the_variable(tmp_path: Path) -> None:
     env = tmp_path / "client.env"
     env.write_text("FINCRYPT_K=banana\n")
