@@ -513,10 +513,22 @@ class FincryptOperations(pyfuse3.Operations):
                 return os.pread(handle.fd, min(size, handle.pack.size - off), handle.pack.offset + off)
             self._leave_pack(handle)  # the file got a cache copy of its own (opened for writing): read that
         filling = handle.filling
-        if filling is not None and not filling.done:
-            if not await filling.wait_for(min(off + size, filling.size)):
+        if filling is not None and not filling.done and not self.cache.has(handle.ino):
+            if not await filling.wait_for(min(off + size, filling.size)) and not self.cache.has(handle.ino):
                 raise pyfuse3.FUSEError(errno.EIO)  # the fetch failed before reaching these bytes
+        if handle.filling is not None and self.cache.has(handle.ino):
+            self._leave_partial(handle)  # arrived whole, or rewritten meanwhile (O_TRUNC): read the cache copy
         return os.pread(handle.fd, size, off)
+
+    def _leave_partial(self, handle: _Handle) -> None:
+        """Read from the file's cache copy instead of the partial copy of its fetch. Once complete, that is the
+        same file renamed into place; but if the file was emptied or rewritten while it arrived (``open`` with
+        O_TRUNC, a truncate to 0), the fetch is dropped and the cache copy is the newer version: a reader that went
+        on reading the partial copy served the old bytes, and the kernel kept them in its page cache, so even
+        later opens read the old content under the new size."""
+        fd = os.open(self.cache.path(handle.ino), os.O_RDONLY)
+        os.close(handle.fd)
+        handle.fd, handle.filling = fd, None
 
     def _leave_pack(self, handle: _Handle) -> None:
         fd = os.open(self.cache.path(handle.ino), os.O_RDONLY)
