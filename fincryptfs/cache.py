@@ -275,11 +275,15 @@ class CacheDir:
     async def ensure(self, ino: int, fetch: Callable[[Path], Awaitable[None]]) -> Path:
         """The cache file of ``ino``, calling ``fetch(dest)`` first if it is missing (one fetch per inode)."""
         lock = self._locks.setdefault(ino, trio.Lock())
-        async with lock:
-            path = self.path(ino)
-            if not path.exists():
-                await fetch(path)
-                self.maybe_over_limit = True
-                self.forget_usage()
-            self.touch(ino)
-            return path
+        try:
+            async with lock:
+                path = self.path(ino)
+                if not path.exists():
+                    await fetch(path)
+                    self.maybe_over_limit = True
+                    self.forget_usage()
+                self.touch(ino)
+                return path
+        finally:  # a lock per file being fetched, not one kept for every file ever opened for writing
+            if not lock.locked() and not lock.statistics().tasks_waiting:
+                self._locks.pop(ino, None)

@@ -64,6 +64,7 @@ class _Filling:
     failed: bool = False
     done: bool = False
     changed: trio.Event = field(default_factory=trio.Event)
+    cancel_scope: trio.CancelScope = field(default_factory=trio.CancelScope)  # of the fetch: a rewrite drops it
 
     def advance(self, partial: Path, filled: int) -> None:
         self.partial, self.filled = partial, filled
@@ -334,12 +335,14 @@ class FincryptOperations(pyfuse3.Operations):
         async def fill() -> None:
             ok = False
             try:
-                await self._ensure_cached(node, filling.advance)
-                ok = True
+                with filling.cancel_scope:
+                    await self._ensure_cached(node, filling.advance)
+                    ok = True
             except pyfuse3.FUSEError:
                 pass  # logged by _ensure_cached; readers past what arrived get EIO, the next open tries again
             finally:
-                del self._filling[node.ino]
+                if self._filling.get(node.ino) is filling:  # not if dropped by a rewrite (_begin_write)
+                    del self._filling[node.ino]
                 filling.finish(ok)
                 self._maybe_purge(node.ino)  # deleted while it arrived
 
@@ -351,6 +354,11 @@ class FincryptOperations(pyfuse3.Operations):
         return filling
 
     def _begin_write(self, node: meta.Inode) -> _Dirty:
+        if (filling := self._filling.pop(node.ino, None)) is not None:
+            # Emptied while its old version arrives (O_TRUNC, truncate to 0: the other writes wait for the fetch).
+            # The fetch must not land later: once the new version is uploaded and evicted, it found no cache copy
+            # to spare and renamed the old version into the cache, and opens meanwhile read the old partial copy.
+            filling.cancel_scope.cancel()
         dirty = self._dirty.get(node.ino)
         if dirty is None:
             meta.mark_dirty(self.db, node.ino)
@@ -417,9 +425,10 @@ class FincryptOperations(pyfuse3.Operations):
             dirty.size = 0
             dirty.mtime_ns = dirty.ctime_ns = time.time_ns()
         elif not writable and (filling := self._start_filling(node)) is not None:
-            if not await filling.wait_for(0):
+            if not await filling.wait_for(0) and not self.cache.has(inode):  # else emptied meanwhile: read that
                 raise pyfuse3.FUSEError(errno.EIO)
-            if not filling.done:  # read from the partial copy (renamed into the cache, same file, once complete)
+            if not filling.done and not self.cache.has(inode):  # read from the partial copy (renamed into the
+                # cache, same file, once complete)
                 assert filling.partial is not None
                 fd = os.open(filling.partial, os.O_RDONLY)
                 fh = self._new_handle(inode, fd, False)
@@ -513,10 +522,22 @@ class FincryptOperations(pyfuse3.Operations):
                 return os.pread(handle.fd, min(size, handle.pack.size - off), handle.pack.offset + off)
             self._leave_pack(handle)  # the file got a cache copy of its own (opened for writing): read that
         filling = handle.filling
-        if filling is not None and not filling.done:
-            if not await filling.wait_for(min(off + size, filling.size)):
+        if filling is not None and not filling.done and not self.cache.has(handle.ino):
+            if not await filling.wait_for(min(off + size, filling.size)) and not self.cache.has(handle.ino):
                 raise pyfuse3.FUSEError(errno.EIO)  # the fetch failed before reaching these bytes
+        if handle.filling is not None and self.cache.has(handle.ino):
+            self._leave_partial(handle)  # arrived whole, or rewritten meanwhile (O_TRUNC): read the cache copy
         return os.pread(handle.fd, size, off)
+
+    def _leave_partial(self, handle: _Handle) -> None:
+        """Read from the file's cache copy instead of the partial copy of its fetch. Once complete, that is the
+        same file renamed into place; but if the file was emptied or rewritten while it arrived (``open`` with
+        O_TRUNC, a truncate to 0), the fetch is dropped and the cache copy is the newer version: a reader that went
+        on reading the partial copy served the old bytes, and the kernel kept them in its page cache, so even
+        later opens read the old content under the new size."""
+        fd = os.open(self.cache.path(handle.ino), os.O_RDONLY)
+        os.close(handle.fd)
+        handle.fd, handle.filling = fd, None
 
     def _leave_pack(self, handle: _Handle) -> None:
         fd = os.open(self.cache.path(handle.ino), os.O_RDONLY)

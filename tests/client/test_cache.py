@@ -7,6 +7,8 @@ import os
 from pathlib import Path
 
 import pytest
+import trio
+import trio.testing
 
 from fincryptfs.cache import CacheDir
 
@@ -103,3 +105,29 @@ def test_deleted_members_are_zeroed_and_dead_packs_dropped(tmp_path: Path) -> No
     (cache.packs / ".ee.0a1b.part").write_bytes(b"being fetched")
     assert cache.drop_dead_packs(live={"aa"}, in_use={"bb"}) == 1
     assert sorted(p.name for p in cache.packs.iterdir()) == [".ee.0a1b.part", "aa", "bb"]
+
+
+async def test_one_fetch_per_file_however_many_ask_and_no_lock_kept_after(tmp_path: Path) -> None:
+    cache = CacheDir(tmp_path / "cache", limit_bytes=10_000)
+    fetched: list[Path] = []
+    arrived = trio.Event()
+
+    async def fetch(dest: Path) -> None:
+        fetched.append(dest)
+        await arrived.wait()
+        dest.write_bytes(b"content")
+
+    paths: list[Path] = []
+
+    async def ensure(ino: int) -> None:
+        paths.append(await cache.ensure(ino, fetch))
+
+    async with trio.open_nursery() as nursery:
+        for ino in (1, 1, 1, 2):
+            nursery.start_soon(ensure, ino)
+        await trio.testing.wait_all_tasks_blocked()
+        arrived.set()
+    assert sorted(fetched) == [cache.path(1), cache.path(2)]
+    assert sorted(paths) == [cache.path(1)] * 3 + [cache.path(2)]
+    # every file opened for writing passes here: a lock kept for each grew the mount's memory without end
+    assert not cache._locks

@@ -4,9 +4,11 @@ leaves to the file system (a set-group-ID folder's group, O_TRUNC at open, name 
 from __future__ import annotations
 
 import errno
+import json
 import os
 import shutil
 import stat
+import time
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from types import SimpleNamespace
@@ -14,6 +16,8 @@ from typing import cast
 
 import pyfuse3
 import pytest
+import trio
+import trio.testing
 
 from fincryptfs import meta
 from fincryptfs.cache import CacheDir
@@ -195,3 +199,92 @@ async def test_a_cache_folder_removed_while_mounted_is_made_again(ops: FincryptO
     with pytest.raises(pyfuse3.FUSEError) as info_error:  # no empty file left in its place
         await ops.lookup(meta.ROOT_INO, b"b", request())
     assert info_error.value.errno == errno.ENOENT
+
+
+async def test_a_file_rewritten_while_its_old_version_arrives_never_gets_the_old_version_back(
+        tmp_path: Path) -> None:
+    """A fetch that was still running when the file was emptied and written again must not land: once the new
+    version is uploaded and evicted, the old fetch found no cache copy to spare and put the old bytes in its place,
+    and an open meanwhile read them from its partial copy."""
+    db = meta.connect(tmp_path / "meta.db")
+    cache = CacheDir(tmp_path / "cache", 2**30)
+    hold = trio.Event()
+
+    async def fetch(object_json: str, dest: Path, progress: Progress | None) -> None:  # as fetch_to_file does
+        content = json.loads(object_json)["content"].encode()
+        if content.startswith(b"early"):
+            await trio.Event().wait()  # not a byte arrives
+        part = dest.with_name(f".{dest.name}.part")
+        part.write_bytes(content[:4])
+        if progress is not None:
+            progress(part, 4)
+        if content.startswith(b"old"):
+            await hold.wait()  # the old version is slow to arrive
+        part.write_bytes(content)
+        if dest.exists():  # clobber=False: a newer copy written meanwhile stays
+            part.unlink()
+        else:
+            os.replace(part, dest)
+
+    def uploaded(ino: int, content: str) -> None:  # what the upload worker does, then the evictor
+        job = meta.next_upload(db, time.time())
+        assert job is not None and job.ino == ino
+        assert meta.finish_upload(db, job, content, json.dumps({"object_id": content, "content": content}))
+        cache.remove(ino)
+
+    with trio.fail_after(10):  # a read used to wait for the old version's fetch, here for ever
+        async with trio.open_nursery() as nursery:
+            await rewrite_while_arriving(FincryptOperations(db=db, cache=cache, fetch=fetch,
+                                                            spawn=nursery.start_soon), uploaded, hold)
+
+
+async def rewrite_while_arriving(ops: FincryptOperations, uploaded: Callable[[int, str], None],
+                                 hold: trio.Event) -> None:
+    cache = ops.cache
+    info, attr = await ops.create(meta.ROOT_INO, b"f", 0o644, os.O_WRONLY, request())
+    await ops.write(info.fh, 0, b"old version")
+    await ops.release(info.fh)
+    uploaded(attr.st_ino, "old version")
+
+    reader = await ops.open(attr.st_ino, os.O_RDONLY, request())  # starts fetching the old version
+    assert await ops.read(reader.fh, 0, 4) == b"old "
+    writer = await ops.open(attr.st_ino, os.O_WRONLY | os.O_TRUNC, request())
+    await ops.write(writer.fh, 0, b"new")
+    await ops.release(writer.fh)
+    assert await ops.read(reader.fh, 0, 100) == b"new"
+    await ops.release(reader.fh)
+    uploaded(attr.st_ino, "new")
+
+    async def read_whole() -> bytes:
+        info = await ops.open(attr.st_ino, os.O_RDONLY, request())
+        try:
+            return await ops.read(info.fh, 0, 100)
+        finally:
+            await ops.release(info.fh)
+
+    assert await read_whole() == b"new"  # fetched again: the new version
+    cache.remove(attr.st_ino)
+    hold.set()  # the old fetch would end now
+    await trio.testing.wait_all_tasks_blocked()
+    assert not cache.has(attr.st_ino)
+    assert await read_whole() == b"new"
+
+    # Emptied and written again while an open waits for the old version's first bytes: that open reads the new one.
+    info, attr = await ops.create(meta.ROOT_INO, b"g", 0o644, os.O_WRONLY, request())
+    await ops.write(info.fh, 0, b"early version")
+    await ops.release(info.fh)
+    uploaded(attr.st_ino, "early version")
+    opened: list[pyfuse3.FileInfo] = []
+    async with trio.open_nursery() as nursery:
+        nursery.start_soon(lambda: wait_open(ops, attr.st_ino, opened))
+        await trio.testing.wait_all_tasks_blocked()
+        writer = await ops.open(attr.st_ino, os.O_WRONLY | os.O_TRUNC, request())
+        await ops.write(writer.fh, 0, b"new")
+        await ops.release(writer.fh)
+    assert await ops.read(opened[0].fh, 0, 100) == b"new"
+    await ops.release(opened[0].fh)
+    assert not [p for p in cache.root.iterdir() if p.name.startswith(".")]  # no partial copy left behind
+
+
+async def wait_open(ops: FincryptOperations, ino: int, opened: list[pyfuse3.FileInfo]) -> None:
+    opened.append(await ops.open(ino, os.O_RDONLY, request()))

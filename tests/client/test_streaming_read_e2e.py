@@ -105,16 +105,22 @@ async def test_cold_file_streams_a_failed_fetch_is_eio_and_a_rewrite_wins(tmp_pa
         await net.wait_listed()
         assert await trio.to_thread.run_sync(target.read_bytes) == expected
 
-        # Rewritten while its old version is still arriving: the new content wins when the fetch ends (it must
-        # not rename the old version over it). The reader that opened the old version sees what it would on a
-        # local disk: the file is now 15 bytes long, so it reads to that end.
+        # Rewritten while its old version is still arriving (held at the gates, so it surely is): the new content
+        # wins when the fetch ends (it must not rename the old version over it). The reader that opened the old
+        # version sees what it would on a local disk: the file is now 15 bytes long, so it reads to that end, and
+        # from its start the new bytes (it used to read the old ones from the fetch's partial copy, and the kernel
+        # then served them to every later open too).
         f, head = await open_cold_and_read_a_mib(client, target)
+        net.hold()
         try:
             await trio.to_thread.run_sync(target.write_bytes, b"the new version")
             tail = await trio.to_thread.run_sync(f.read, 2**20)
+            f.seek(0)
+            again = await trio.to_thread.run_sync(f.read, 2**20)
         finally:
+            net.release()
             f.close()
-        assert head == expected[:2**20] and tail == b""
+        assert head == expected[:2**20] and tail == b"" and again == b"the new version"
         with trio.fail_after(30):  # the old version's fetch ends (its partial file goes) ...
             while any(p.name.endswith(".part") for p in client.cache_dir.iterdir()):
                 await trio.sleep(0.05)
