@@ -16,12 +16,14 @@ import gc
 import logging
 import os
 import signal
+import sys
 from collections.abc import Awaitable, Callable
 from pathlib import Path
 from typing import Any, TypeVar
 
 import trio
 
+from .core.errors import ConfigError, FincryptError
 from .core.settings import MediatorSettings, StorageSettings, read_env_file
 
 DaemonSettings = TypeVar("DaemonSettings", StorageSettings, MediatorSettings)
@@ -117,3 +119,17 @@ def why_not_created(exc: OSError) -> str:
     if isinstance(exc, (FileExistsError, NotADirectoryError)):
         return "a file is in the way"
     return f"{exc.strerror}: {exc.filename}"
+
+
+def exit_status(name: str, command: Callable[[], object]) -> int:
+    """Run a daemon's command; its failure is one line on stderr and the exit status: 2 for a configuration error
+    (a setting, a folder, a taken port: fix it and start again), 1 for any other error it can explain, else 0."""
+    try:
+        command()
+    except ConfigError as exc:
+        print(f"{name}: configuration error: {exc}", file=sys.stderr)
+        return 2
+    except (FincryptError, OSError) as exc:
+        print(f"{name}: {exc}", file=sys.stderr)
+        return 1
+    return 0

@@ -16,7 +16,7 @@ import trio
 
 from fincryptfs import allocator, logs, run_daemon
 from fincryptfs.asgi import dumps
-from fincryptfs.core.errors import ConfigError, FincryptError
+from fincryptfs.core.errors import FincryptError
 from fincryptfs.core.settings import MediatorSettings
 from fincryptfs.run_daemon import run_until_signalled
 from mediatord import __version__
@@ -216,18 +216,7 @@ def main(argv: list[str] | None = None) -> int:
     except FincryptError as exc:
         print(f"mediatord {args.command}: {exc}", file=sys.stderr)
         return 1
-    try:
-        trio.run(run, settings)
-    except ConfigError as exc:  # a policy setting, or a folder, found wrong at start
-        print(f"mediatord: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except FincryptError as exc:
-        print(f"mediatord: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"mediatord: {exc}", file=sys.stderr)
-        return 1
-    return 0
+    return run_daemon.exit_status("mediatord", lambda: trio.run(run, settings))  # a policy or a folder found wrong
 
 
 if __name__ == "__main__":

@@ -4,14 +4,12 @@ from __future__ import annotations
 
 import argparse
 import logging
-import sys
 from pathlib import Path
 
 import trio
 
 from fincryptfs import allocator, logs, run_daemon
 from fincryptfs.asgi import dumps
-from fincryptfs.core.errors import ConfigError, FincryptError
 from fincryptfs.core.settings import StorageSettings
 from fincryptfs.run_daemon import run_until_signalled
 from storaged import __version__
@@ -73,43 +71,37 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
     logs.configure(args.log_level)
     allocator.keep_freed_memory()
-    try:
-        settings = load_settings(args.env_file)
-        if args.command == "id":
-            prepare_data_dir(settings)
-            db = open_database(settings.data_dir)
-            try:
-                print(load_or_create_identity(settings.data_dir, db).id)
-            finally:
-                db.close()
-        elif args.command == "status":
-            info = _status(settings)
-            if args.json:
-                print(dumps(info))
-            else:
-                for name, value in info.items():
-                    if name not in ("earnings", "problems"):
-                        print(f"{name}: {value}")
-                for problem in info["problems"]:  # type: ignore[attr-defined]
-                    print(f"problem: {problem}")
-                if info["shares_missing"] or info["shares_corrupt"]:
-                    print("missing and corrupt shares are never served or proven: the mediators repair them on "
-                          "other nodes once they audit this node")
-                for e in info["earnings"]:  # type: ignore[attr-defined]
-                    print(f"earnings from {e['url']}: earned {e['earned_msat']} msat, pending {e['pending_msat']} "
-                          f"msat (paid at {e['payout_threshold_msat']}), paid {e['paid_msat']} msat")
+    return run_daemon.exit_status("storaged", lambda: _command(args))
+
+
+def _command(args: argparse.Namespace) -> None:
+    """The command ``args`` names (the daemon itself without one)."""
+    settings = load_settings(args.env_file)
+    if args.command == "id":
+        prepare_data_dir(settings)
+        db = open_database(settings.data_dir)
+        try:
+            print(load_or_create_identity(settings.data_dir, db).id)
+        finally:
+            db.close()
+    elif args.command == "status":
+        info = _status(settings)
+        if args.json:
+            print(dumps(info))
         else:
-            trio.run(_run, settings)
-    except ConfigError as exc:
-        print(f"storaged: configuration error: {exc}", file=sys.stderr)
-        return 2
-    except FincryptError as exc:
-        print(f"storaged: {exc}", file=sys.stderr)
-        return 1
-    except OSError as exc:
-        print(f"storaged: {exc}", file=sys.stderr)
-        return 1
-    return 0
+            for name, value in info.items():
+                if name not in ("earnings", "problems"):
+                    print(f"{name}: {value}")
+            for problem in info["problems"]:  # type: ignore[attr-defined]
+                print(f"problem: {problem}")
+            if info["shares_missing"] or info["shares_corrupt"]:
+                print("missing and corrupt shares are never served or proven: the mediators repair them on "
+                      "other nodes once they audit this node")
+            for e in info["earnings"]:  # type: ignore[attr-defined]
+                print(f"earnings from {e['url']}: earned {e['earned_msat']} msat, pending {e['pending_msat']} "
+                      f"msat (paid at {e['payout_threshold_msat']}), paid {e['paid_msat']} msat")
+    else:
+        trio.run(_run, settings)
 
 
 if __name__ == "__main__":
