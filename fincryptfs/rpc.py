@@ -100,20 +100,20 @@ async def call(client: httpx.AsyncClient, method: str, url: str, *, key: Signing
 
 
 async def _request_capped(client: httpx.AsyncClient, request: httpx.Request, limit: int) -> httpx.Response:
-    """``request``'s response with its body read up to ``limit`` bytes (decoded); PeerError beyond."""
+    """``request``'s response with its body read up to ``limit`` bytes (asked uncompressed and read raw, as
+    ``read_at_most`` does: a small compressed answer cannot expand past the limit); PeerError beyond."""
+    request.headers["accept-encoding"] = "identity"
     response = await client.send(request, stream=True)
     try:
-        body = bytearray()
-        async for chunk in response.aiter_bytes():
-            body += chunk
-            if len(body) > limit:
-                raise PeerError(f"{_peer(str(request.url))} sent an answer to {request.method} {request.url.path} "
-                                f"longer than {limit} bytes", response.status_code)
+        body, whole = await read_at_most(response, limit)
     finally:
         await response.aclose()
+    if not whole:
+        raise PeerError(f"{_peer(str(request.url))} sent an answer to {request.method} {request.url.path} longer "
+                        f"than {limit} bytes", response.status_code)
     kept = [(name, value) for name, value in response.headers.multi_items()
-            if name.lower() not in ("content-encoding", "content-length", "transfer-encoding")]
-    return httpx.Response(response.status_code, headers=kept, content=bytes(body), request=request)
+            if name.lower() not in ("content-length", "transfer-encoding")]
+    return httpx.Response(response.status_code, headers=kept, content=body, request=request)
 
 
 async def read_at_most(response: httpx.Response, limit: int) -> tuple[bytes, bool]:

@@ -20,6 +20,17 @@ from fincryptfs.core.errors import ConfigError
 from fincryptfs.objectstore import ObjectStore
 from fincryptfs.put import Importer, own_folders, tree_path
 
+
+def put_unmounted(db: sqlite3.Connection, cache: CacheDir, src: Path, dest: str) -> Importer:
+    """One ``put`` of ``src`` into ``dest`` of the tree, as without a mount; the importer (for its report)."""
+    importer = Importer(db, cache, mounted=False, uploads_pending=lambda: False)
+    try:
+        importer.put(src, importer.folder(tree_path(dest)))
+    finally:
+        importer.close()
+    return importer
+
+
 names = st.text(st.characters(codec="utf-8", exclude_characters="/\x00"), min_size=1,
                 max_size=40).filter(lambda n: n not in (".", ".."))
 
@@ -52,12 +63,7 @@ def test_copy_into_a_real_tree_and_cache(tmp_path: Path) -> None:
     cache = CacheDir(tmp_path / "cache", 2**30)
 
     def run() -> Importer:
-        importer = Importer(db, cache, mounted=False, uploads_pending=lambda: False)
-        try:
-            importer.put(src, importer.folder(tree_path("/backup/2026")))
-        finally:
-            importer.close()
-        return importer
+        return put_unmounted(db, cache, src, "/backup/2026")
 
     first = run().report
     assert (first.files, first.folders, first.links, first.unchanged, first.errors) == (3, 2, 1, 0, [])
@@ -111,12 +117,7 @@ def test_times_beyond_year_2262_are_clamped_and_the_next_run_skips_them(tmp_path
     cache = CacheDir(tmp_path / "cache", 2**30)
 
     def run() -> Importer:
-        importer = Importer(db, cache, mounted=False, uploads_pending=lambda: False)
-        try:
-            importer.put(src, importer.folder(tree_path("/b")))
-        finally:
-            importer.close()
-        return importer
+        return put_unmounted(db, cache, src, "/b")
 
     first = run().report
     assert (first.files, first.links, first.errors) == (1, 1, [])
