@@ -16,6 +16,9 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 PACKAGES = ("fincryptfs", "storaged", "mediatord")
+# The Python that runs Fincrypt's commands: the project's virtual environment (``make setup``) when there is one,
+# whichever Python runs the bench script.
+PYTHON = str(ROOT / ".venv" / "bin" / "python") if (ROOT / ".venv" / "bin" / "python").exists() else sys.executable
 
 
 def compile_sources() -> None:
@@ -54,17 +57,25 @@ def drop_caches(*, required: bool = False) -> None:
             raise
 
 
+def log_tail(path: Path, lines: int = 20) -> str:
+    """The end of a log, for an error message: the bench removes its work folder, and the log with it."""
+    try:
+        return "\n".join(path.read_text(errors="replace").splitlines()[-lines:])
+    except OSError as exc:
+        return f"(no log: {exc})"
+
+
 def start_devnet(home: Path, *, nodes: int = 6, node_capacity: str = "8G") -> subprocess.Popen[bytes]:
     """A ``fincryptfs devnet`` (mediator + storage nodes) in ``home``, in its own session; returns once it is up."""
     code = ("import sys, trio; from pathlib import Path; from fincryptfs.devnet import run_devnet; "
             f"trio.run(lambda: run_devnet(Path(sys.argv[1]), nodes={nodes}, node_capacity={node_capacity!r}))")
     log = open(home / "devnet.log", "ab")  # noqa: SIM115 - handed to the child
-    process = subprocess.Popen([sys.executable, "-c", code, str(home)], stdout=log, stderr=log, cwd=ROOT,
+    process = subprocess.Popen([PYTHON, "-c", code, str(home)], stdout=log, stderr=log, cwd=ROOT,
                                start_new_session=True)
     log.close()
     deadline = time.monotonic() + 90
     while not (home / "devnet.json").exists():
         if process.poll() is not None or time.monotonic() > deadline:
-            raise SystemExit(f"the network did not start; see {home / 'devnet.log'} and {home / 'logs'}")
+            raise SystemExit(f"the network did not start:\n{log_tail(home / 'devnet.log')}")
         time.sleep(0.2)
     return process

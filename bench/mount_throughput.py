@@ -39,7 +39,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from benchkit import compile_sources, drop_caches, peak_rss, start_devnet, timed
+from benchkit import PYTHON, compile_sources, drop_caches, peak_rss, start_devnet, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -76,7 +76,7 @@ def read_all(root: Path) -> int:
 
 
 def cli(env_file: Path, *args: str) -> None:
-    subprocess.run([sys.executable, "-m", "fincryptfs.cli", *args, "--env-file", str(env_file)], check=True,
+    subprocess.run([PYTHON, "-m", "fincryptfs.cli", *args, "--env-file", str(env_file)], check=True,
                    cwd=ROOT, stdout=subprocess.DEVNULL)
 
 
@@ -87,7 +87,7 @@ class Mount:
 
     def start(self) -> None:
         with open(self.log, "ab") as log:
-            self.process = subprocess.Popen([sys.executable, "-m", "fincryptfs.cli", "mount", str(self.mountpoint),
+            self.process = subprocess.Popen([PYTHON, "-m", "fincryptfs.cli", "mount", str(self.mountpoint),
                                              "--env-file", str(self.env_file)], stdout=log, stderr=log, cwd=ROOT)
         deadline = time.monotonic() + 60
         while not os.path.ismount(self.mountpoint):

@@ -52,7 +52,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from benchkit import compile_sources, drop_caches, peak_rss, timed
+from benchkit import PYTHON, compile_sources, drop_caches, log_tail, peak_rss, timed
 
 ROOT = Path(__file__).resolve().parents[1]
 MB = 1e6
@@ -349,8 +349,7 @@ def env_value(env_file: Path, name: str) -> str:
 def bench_fincrypt(data: Dataset, work: Path, reps: int, results: Results, owned: Owned) -> None:
     """The devnet runs without its own mount: this function mounts and unmounts the account itself, so that a
     cold read can follow an unmount and a deleted cache, and so that the mount's RSS can be read."""
-    venv_python = ROOT / ".venv" / "bin" / "python"
-    python = str(venv_python) if venv_python.exists() else sys.executable
+    python = PYTHON
     home, mnt = work / "fincrypt-net", work / "fincrypt-mnt"
     home.mkdir()
     mnt.mkdir()
@@ -361,7 +360,7 @@ def bench_fincrypt(data: Dataset, work: Path, reps: int, results: Results, owned
         deadline = time.monotonic() + 180
         while not (home / "devnet.json").exists():
             if devnet.poll() is not None or time.monotonic() > deadline:
-                raise RuntimeError(f"the Fincrypt devnet did not start; see {devnet_log} and {home / 'logs'}")
+                raise RuntimeError(f"the Fincrypt devnet did not start:\n{log_tail(devnet_log)}")
             time.sleep(0.2)
         info = json.loads((home / "devnet.json").read_text())
         env_file = Path(info["client_env"])
