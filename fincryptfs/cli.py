@@ -13,6 +13,7 @@ import hmac
 import json
 import logging
 import os
+import shutil
 import subprocess
 import sys
 import threading
@@ -598,18 +599,35 @@ def cmd_devnet(args: argparse.Namespace) -> int:
     return 0
 
 
+def command_name() -> str:
+    """How the user types this command: ``fincryptfs`` when that is what their PATH finds, else its path in the
+    virtual environment (``make run`` does not put ``.venv/bin`` on the PATH: the hints it printed failed with
+    "command not found"), relative to the current folder when inside it."""
+    script = Path(sys.executable).parent / "fincryptfs"
+    found = shutil.which("fincryptfs")
+    if found is not None and (not script.exists() or Path(found).resolve() == script.resolve()):
+        return "fincryptfs"
+    if not script.exists():
+        return f"{sys.executable} -m fincryptfs.cli"
+    try:
+        return str(script.relative_to(Path.cwd()))
+    except ValueError:
+        return str(script)
+
+
 def _print_devnet_ready(home: Path, mount: Path | None) -> None:
     info = json.loads((home / "devnet.json").read_text())
     env = info["client_env"]
+    cmd = command_name()
     print(f"\nFincrypt devnet is up: mediator {info['mediator']['url']}, {len(info['nodes'])} storage nodes "
           f"(logs in {info['logs']}).")
     if mount is not None:
         print(f"\nYour backup folder is mounted at {info['mount']}. Try:")
         print(f"    cp -a /etc/hostname /usr/share/common-licenses {info['mount']}/")
-        print(f"    fincryptfs flush --env-file {env}     # wait until everything is stored on the nodes")
-        print(f"    fincryptfs status --env-file {env}    # per-file share health")
+        print(f"    {cmd} flush --env-file {env}     # wait until everything is stored on the nodes")
+        print(f"    {cmd} status --env-file {env}    # per-file share health")
     else:
-        print(f"\nMount it with: fincryptfs mount DIR --env-file {env}")
+        print(f"\nMount it with: {cmd} mount DIR --env-file {env}")
     print(f"\nThe account's recovery phrase is in {home / 'recovery-phrase.txt'}. Ctrl-C stops everything.\n",
           flush=True)
 

@@ -275,3 +275,19 @@ def test_the_devnet_account_secrets_are_never_readable_by_others(tmp_path: Path,
     for path in (tmp_path / "client" / "master.key", tmp_path / "recovery-phrase.txt"):
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         assert path.read_bytes()
+
+
+def test_the_devnet_hints_name_a_command_the_shell_finds(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """``make run`` prints commands to copy; without the virtual environment on the PATH a bare ``fincryptfs``
+    was "command not found", so the hint names the command where it is."""
+    script = Path(sys.executable).parent / "fincryptfs"
+    if not script.exists():
+        pytest.skip("the fincryptfs command is not installed next to this Python")
+    monkeypatch.setenv("PATH", "/usr/bin:/bin")
+    monkeypatch.chdir(tmp_path)
+    named = cli.command_name()
+    assert Path(named).resolve() == script.resolve() and os.access(named, os.X_OK)
+    monkeypatch.chdir(script.parents[2])  # the project's folder, holding .venv: a short relative path
+    assert cli.command_name() == str(script.relative_to(script.parents[2]))
+    monkeypatch.setenv("PATH", f"{script.parent}:/usr/bin:/bin")
+    assert cli.command_name() == "fincryptfs"
