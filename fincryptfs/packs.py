@@ -14,8 +14,9 @@ Reading a packed file whose cache copy is missing fetches the *whole* pack once 
 cache's ``packs/`` folder, and the file is read from there (``fs``: a handle on the pack copy, at the member's
 offset), so a cold read of a folder of small files costs one network read and one local file per pack, not per
 file. The ranges of members released since (``meta.stale_ranges``) are zeroed in the fetched copy before it
-is renamed into place: a deleted or replaced file's plaintext never comes back into the cache. A member is
-copied out of the pack into its own cache file only when opened for writing. A pack larger than
+is renamed into place (and so are the ranges of members that changed while the pack was uploaded, never
+referenced: ``meta.finish_pack``): a deleted or replaced file's plaintext never comes back into the cache. A
+member is copied out of the pack into its own cache file only when opened for writing. A pack larger than
 WHOLE_PACK_FETCH_MAX is read by range instead.
 
 Listing a folder reads ahead (``Prefetcher``, ``FINCRYPT_PREFETCH_PACKS``): the packs of its files that are not
@@ -128,6 +129,11 @@ class PackReader:
                 if stale:
                     await trio.to_thread.run_sync(_zero_ranges, part, stale)
                 os.rename(part, path)
+                if meta.pack_object(self.db, ref.pack_id) is None:
+                    # its last member went while it arrived: the evictor's sweep of dead copies may have looked
+                    # already, and this copy (nothing but deleted files) would stay until the tree changed again
+                    path.unlink(missing_ok=True)
+                    raise FileNotFoundError(f"pack {ref.pack_id[:16]} is not in the tree")
                 # members released while the ranges were zeroed: the evictor found no copy to scrub then
                 late = set(meta.stale_ranges(self.db, ref.pack_id)) - set(stale)
                 if late:
