@@ -337,3 +337,48 @@ async def test_a_file_deleted_while_its_pack_arrives_is_never_read_as_zeros(tmp_
             assert await trio.to_thread.run_sync((mnt / name).read_bytes) == contents[name]
     finally:
         await client.cleanup()
+
+
+async def test_a_rewrite_while_a_packed_file_is_copied_out_of_its_pack_is_kept(tmp_path: Path,
+                                                                              nursery: trio.Nursery) -> None:
+    """Opening an uncached packed file for writing copies it out of its pack first. Rewritten meanwhile by
+    another process (O_TRUNC does not wait for the copy), its new content was the only copy, and the copy out
+    of the pack was renamed over it: the closed rewrite was lost, and its upload stored the old bytes."""
+    net = await start_network(tmp_path, nursery, nodes=6, gated=True)
+    client = Client(tmp_path / "c", net.mediator_url, extra_env=PACKING)
+    client.init()
+    mnt = client.mountpoint
+    try:
+        await client.mount()
+        old = os.urandom(6000)
+        await trio.to_thread.run_sync((mnt / "f").write_bytes, old)
+        await trio.to_thread.run_sync((mnt / "mate").write_bytes, os.urandom(3000))
+        await client.flush()
+        await client.unmount()
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        await trio.to_thread.run_sync(os.stat, mnt / "f")
+        net.hold()
+        opened: list[object] = []
+
+        def open_for_writing() -> None:
+            try:
+                with open(mnt / "f", "r+b"):
+                    opened.append(True)
+            except OSError as exc:
+                opened.append(exc)
+        async with trio.open_nursery() as writers:
+            writers.start_soon(trio.to_thread.run_sync, open_for_writing)
+            await trio.sleep(1.0)  # the open waits for the pack
+            assert not opened
+            await trio.to_thread.run_sync((mnt / "f").write_bytes, b"new content")
+            net.release()
+        assert opened == [True]
+        assert await trio.to_thread.run_sync((mnt / "f").read_bytes) == b"new content"
+        await client.flush()
+        await client.unmount()
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        assert await trio.to_thread.run_sync((mnt / "f").read_bytes) == b"new content"
+    finally:
+        await client.cleanup()
