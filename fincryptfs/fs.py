@@ -436,6 +436,8 @@ class FincryptOperations(pyfuse3.Operations):
                 return pyfuse3.FileInfo(fh=fh)
             path = self.cache.path(inode)
         elif not writable and (handle := await self._open_in_pack(node)) is not None:
+            if handle < 0:  # its content changed while its pack arrived: open what it is now
+                return await self.open(inode, flags, ctx)
             return pyfuse3.FileInfo(fh=handle)
         else:
             path = await self._ensure_cached(node)
@@ -445,7 +447,9 @@ class FincryptOperations(pyfuse3.Operations):
     async def _open_in_pack(self, node: meta.Inode) -> int | None:
         """A read-only handle on the cached copy of an uncached packed file's pack (fetched whole first if need
         be), or None: the file is not packed, or its pack is too large to fetch whole. Its own cache copy is
-        known to be missing."""
+        known to be missing. -1: the file got other content while its pack arrived (open it again); ENOENT if
+        it was deleted meanwhile. Its old range may be zeroed in the copy by then (``meta.stale_members``, zeroed
+        as the copy arrives): a handle on it read the file's length in zeros."""
         ref = meta.pack_ref(node.object) if node.object is not None else None
         if ref is None or self.pack_file is None:
             return None
@@ -454,8 +458,12 @@ class FincryptOperations(pyfuse3.Operations):
             try:
                 path = await self.pack_file(ref)
             except (FincryptError, OSError) as exc:
+                if self._content_changed(node):
+                    return -1
                 log.error("cannot fetch %s: %s", meta.path_of(self.db, node.ino) or f"inode {node.ino}", exc)
                 raise pyfuse3.FUSEError(errno.EIO) from exc
+            if self._content_changed(node):
+                return -1
             if path is None:
                 return None
             fd = os.open(path, os.O_RDONLY)
@@ -470,6 +478,13 @@ class FincryptOperations(pyfuse3.Operations):
         self._handles[fh].pack = ref
         self.cache.touch_pack(ref.pack_id)
         return fh
+
+    def _content_changed(self, node: meta.Inode) -> bool:
+        """Whether the file ``node`` was read from has other content now; ENOENT if it was deleted."""
+        now = meta.find(self.db, node.ino)
+        if now is None or now.parent is None:
+            raise pyfuse3.FUSEError(errno.ENOENT)
+        return now.object != node.object
 
     async def create(self, parent_inode: int, name: bytes, mode: int, flags: int, ctx: pyfuse3.RequestContext
                      ) -> tuple[pyfuse3.FileInfo, pyfuse3.EntryAttributes]:

@@ -103,9 +103,10 @@ CREATE TABLE IF NOT EXISTS packs (
     object TEXT NOT NULL,
     live INTEGER NOT NULL
 );
--- the ranges of live packs holding a released file's old bytes (deleted, replaced, emptied), kept while the
--- pack lives: zeroed in the pack's cached copy once no handle on the file is open (``zeroed`` then 1), and in
--- every copy fetched later (``stale_ranges``)
+-- the ranges of live packs holding a released file's old bytes (deleted, replaced, emptied), or bytes no file
+-- ever referenced (a member changed or deleted while its pack was uploaded), kept while the pack lives: zeroed
+-- in the pack's cached copy once no handle on the file is open (``zeroed`` then 1), and in every copy fetched
+-- later (``stale_ranges``)
 CREATE TABLE IF NOT EXISTS stale_members (
     ino INTEGER NOT NULL,
     pack_id TEXT NOT NULL,
@@ -513,30 +514,36 @@ class StoredMember:
     size: int
 
 
-def add_stored_pack(db: sqlite3.Connection, pack_id: str, pack_json: str, members: Sequence[StoredMember]
-                    ) -> list[bool]:
+def add_stored_pack(db: sqlite3.Connection, pack_id: str, pack_json: str, members: Sequence[StoredMember],
+                    dropped: Sequence[tuple[int, int]] = ()) -> list[bool]:
     """Record files whose contents ``put`` stored together as the pack ``pack_id``, in one transaction (as
     ``finish_pack`` does for the upload queue's packs, ``add_stored_file``/``replace_with_stored`` for one
     file), and drop the pack's commit note. Per member, whether it was recorded: a new name taken meanwhile, or
-    a replaced file gone, is not. A pack no member references is queued for deletion."""
+    a replaced file gone, is not. A pack no member references is queued for deletion. The ranges no file
+    references (those not recorded, and ``dropped``: (offset, size) of sources that changed while stored) are
+    zeroed in every copy of the pack fetched later (``finish_pack``)."""
     recorded: list[bool] = []
     with _tx(db):
         _committed(db, pack_id)
         released: list[tuple[int, str]] = []
+        unreferenced = [(0, offset, size) for offset, size in dropped]
         for m in members:
             ref = PackRef(pack_id, m.offset, m.size).to_json()
             if m.node is None:
                 recorded.append(_insert_stored(db, m.parent, _next_ino(db), m.f, ref))
-                continue
-            replaced, old = _replace_stored(db, m.node.ino, m.f, ref)
-            recorded.append(replaced)
-            if old is not None:
-                released.append((m.node.ino, old))
+            else:
+                replaced, old = _replace_stored(db, m.node.ino, m.f, ref)
+                recorded.append(replaced)
+                if old is not None:
+                    released.append((m.node.ino, old))
+            if not recorded[-1]:
+                unreferenced.append((0 if m.node is None else m.node.ino, m.offset, m.size))
         live = sum(recorded)
         if not live:
             _queue_delete(db, pack_id, 0)
             return recorded
         db.execute("INSERT INTO packs (pack_id, object, live) VALUES (?, ?, ?)", (pack_id, pack_json, live))
+        _note_unreferenced(db, pack_id, unreferenced)
         meta_version = _bump(db)
         for ino, old in released:
             _release(db, ino, old, meta_version)
@@ -869,18 +876,25 @@ def finish_upload(db: sqlite3.Connection, job: UploadJob, object_id: str, object
 
 
 def finish_pack(db: sqlite3.Connection, pack_id: str, pack_json: str,
-                members: list[tuple[UploadJob, int, int]]) -> int:
+                members: list[tuple[UploadJob, int, int]], damaged: Sequence[tuple[int, int, int]] = ()) -> int:
     """Make the uploaded pack the content of every member (job, offset, size) whose inode still has the job's
     version; the others are stale and simply not referenced. Returns how many members became current (a pack
-    with none is queued for deletion at once)."""
+    with none is queued for deletion at once).
+
+    The ranges no file references (stale members, and the ``damaged`` ones: (ino, offset, size) of members
+    whose cache file was gone or cut short) still hold what was read, say a file deleted while the pack was on
+    its way: they are noted as released (``stale_members``), so every copy of the pack fetched later has them
+    zeroed, as it has those of members released afterwards."""
     with _tx(db):
         _committed(db, pack_id)
         live = 0
         released: list[tuple[int, str]] = []
+        unreferenced = list(damaged)
         for job, offset, size in members:
             db.execute("UPDATE upload_jobs SET state = 'done', last_error = NULL WHERE id = ?", (job.id,))
             row = db.execute("SELECT version, parent, state, object FROM inodes WHERE ino = ?", (job.ino,)).fetchone()
             if row is None or row[0] != job.version or row[1] is None or row[2] != PENDING:
+                unreferenced.append((job.ino, offset, size))
                 continue
             db.execute("UPDATE inodes SET object = ?, state = 'stored' WHERE ino = ?",
                        (PackRef(pack_id, offset, size).to_json(), job.ino))
@@ -891,10 +905,18 @@ def finish_pack(db: sqlite3.Connection, pack_id: str, pack_json: str,
             _queue_delete(db, pack_id, 0)
             return 0
         db.execute("INSERT INTO packs (pack_id, object, live) VALUES (?, ?, ?)", (pack_id, pack_json, live))
+        _note_unreferenced(db, pack_id, unreferenced)
         meta_version = _bump(db)
         for ino, old in released:
             _release(db, ino, old, meta_version)
         return live
+
+
+def _note_unreferenced(db: sqlite3.Connection, pack_id: str, ranges: Sequence[tuple[int, int, int]]) -> None:
+    """(ino, offset, size) of a new pack that no file references: zeroed in every copy fetched (``stale_ranges``).
+    Marked zeroed: the pack was just stored, so no cached copy of it exists to scrub."""
+    db.executemany("INSERT INTO stale_members (ino, pack_id, offset, size, zeroed) VALUES (?, ?, ?, ?, 1)",
+                   [(ino, pack_id, offset, size) for ino, offset, size in ranges if size])
 
 
 def drop_upload(db: sqlite3.Connection, job: UploadJob, reason: str) -> None:

@@ -14,8 +14,9 @@ Reading a packed file whose cache copy is missing fetches the *whole* pack once 
 cache's ``packs/`` folder, and the file is read from there (``fs``: a handle on the pack copy, at the member's
 offset), so a cold read of a folder of small files costs one network read and one local file per pack, not per
 file. The ranges of members released since (``meta.stale_ranges``) are zeroed in the fetched copy before it
-is renamed into place: a deleted or replaced file's plaintext never comes back into the cache. A member is
-copied out of the pack into its own cache file only when opened for writing. A pack larger than
+is renamed into place (and so are the ranges of members that changed while the pack was uploaded, never
+referenced: ``meta.finish_pack``): a deleted or replaced file's plaintext never comes back into the cache. A
+member is copied out of the pack into its own cache file only when opened for writing. A pack larger than
 WHOLE_PACK_FETCH_MAX is read by range instead.
 
 Listing a folder reads ahead (``Prefetcher``, ``FINCRYPT_PREFETCH_PACKS``): the packs of its files that are not
@@ -72,17 +73,30 @@ def packs_to_prefetch(members: Iterable[tuple[int, str | None]], cached: Callabl
 
 
 def _copy_member(pack_file: Path, offset: int, size: int, dest: Path) -> None:
-    """Copy ``size`` bytes at ``offset`` of ``pack_file`` to ``dest`` (via a temporary name: complete or
-    absent). Blocking: run it in a worker thread."""
+    """Copy ``size`` bytes at ``offset`` of ``pack_file`` to ``dest`` (``_place``). Blocking: run it in a worker
+    thread."""
     with open(pack_file, "rb") as f:
         f.seek(offset)
         data = f.read(size)
     if len(data) != size:
         raise OSError(f"cached pack {pack_file.name[:16]}… is shorter than its member at {offset}+{size}")
+    _place(data, dest)
+
+
+def _place(data: bytes, dest: Path) -> None:
+    """Write ``data`` as ``dest`` (via a temporary name: complete or absent), unless ``dest`` exists: a cache
+    copy that appeared while the pack arrived is a newer version (an ``O_TRUNC`` open or a truncate to 0 does
+    not wait for the fetch), often the only copy of a closed file not uploaded yet; renamed over, it was lost
+    and its upload stored the old bytes. (A link, not a rename, so the check and the move are one step.)"""
     tmp = dest.with_name(f".fetch-{dest.name}")
     with open(tmp, "wb") as out:
         out.write(data)
-    os.rename(tmp, dest)
+    try:
+        os.link(tmp, dest)
+    except FileExistsError:
+        pass
+    finally:
+        os.unlink(tmp)
 
 
 def _zero_ranges(path: Path, ranges: Iterable[tuple[int, int]]) -> None:
@@ -128,6 +142,11 @@ class PackReader:
                 if stale:
                     await trio.to_thread.run_sync(_zero_ranges, part, stale)
                 os.rename(part, path)
+                if meta.pack_object(self.db, ref.pack_id) is None:
+                    # its last member went while it arrived: the evictor's sweep of dead copies may have looked
+                    # already, and this copy (nothing but deleted files) would stay until the tree changed again
+                    path.unlink(missing_ok=True)
+                    raise FileNotFoundError(f"pack {ref.pack_id[:16]} is not in the tree")
                 # members released while the ranges were zeroed: the evictor found no copy to scrub then
                 late = set(meta.stale_ranges(self.db, ref.pack_id)) - set(stale)
                 if late:
@@ -138,8 +157,9 @@ class PackReader:
                 self._locks.pop(ref.pack_id, None)
 
     async def fetch(self, ref: meta.PackRef, dest: Path) -> None:
-        """Write the packed file ``ref`` to ``dest`` (complete or not at all): from its cached pack, fetched
-        whole first if need be, or by range from the network for a pack too large to fetch whole."""
+        """Write the packed file ``ref`` to ``dest`` (complete or not at all, never over a ``dest`` written
+        meanwhile): from its cached pack, fetched whole first if need be, or by range from the network for a
+        pack too large to fetch whole."""
         pack_file = await self.pack_file(ref)
         if pack_file is not None:
             await trio.to_thread.run_sync(_copy_member, pack_file, ref.offset, ref.size, dest)
@@ -150,9 +170,7 @@ class PackReader:
         data = await self.store.read_range(StoredObject.from_json(json.loads(pack_json)), ref.offset, ref.size)
         if len(data) != ref.size:
             raise OSError(f"pack {ref.pack_id[:16]} ended before its member at {ref.offset}+{ref.size}")
-        tmp = dest.with_name(f".fetch-{dest.name}")
-        await trio.to_thread.run_sync(tmp.write_bytes, data)
-        os.rename(tmp, dest)
+        await trio.to_thread.run_sync(_place, data, dest)
 
 
 class Prefetcher:

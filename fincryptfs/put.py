@@ -521,14 +521,16 @@ class DirectUploads:
                 return [f"{item.source}: not stored: {exc}" for item in items]
             errors: list[str] = []
             members: list[tuple[DirectFile, meta.StoredMember]] = []
+            dropped: list[tuple[int, int]] = []
             for index, (item, st) in enumerate(zip(items, now, strict=True)):
+                offset, size = reader.placement(index)
                 if index in reader.damaged or not _unchanged(item.st, st):
                     errors.append(f"{item.source}: {CHANGED}")
+                    dropped.append((offset, size))
                     continue
-                offset, size = reader.placement(index)
                 members.append((item, meta.StoredMember(item.parent, item.node, self._new_file(item), offset, size)))
             recorded = meta.add_stored_pack(self.db, stored.object_id, json.dumps(stored.to_json()),
-                                            [m for _, m in members])
+                                            [m for _, m in members], dropped)
             for (item, m), ok in zip(members, recorded, strict=True):
                 if ok:
                     self._recorded(item, m.size)

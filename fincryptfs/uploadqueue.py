@@ -310,15 +310,18 @@ class UploadQueue:
             self._retry_later(jobs, exc, f"a pack of {len(jobs)} files")
             return
         members = []
+        damaged = []
         for index, job in enumerate(jobs):
             if index not in reader.damaged:
                 members.append((job, *reader.placement(index)))
-            elif meta.job_current(self.db, job):  # gone or cut short, yet not changed through the mount
+                continue
+            damaged.append((job.ino, *reader.placement(index)))  # what was read of it is zeroed in copies
+            if meta.job_current(self.db, job):  # gone or cut short, yet not changed through the mount
                 meta.fail_upload(self.db, job, "the cache file is gone or shorter than recorded: this version "
                                  "of the file cannot be uploaded; write the file again, or delete it", None)
             else:
                 meta.drop_upload(self.db, job, "superseded")
-        live = meta.finish_pack(self.db, stored.object_id, json.dumps(stored.to_json()), members)
+        live = meta.finish_pack(self.db, stored.object_id, json.dumps(stored.to_json()), members, damaged)
         log.info("stored a pack of %d files (%d bytes)%s", len(members), stored.size,
                  "" if live == len(members) else f"; {len(members) - live} changed meanwhile")
         self.cache.maybe_over_limit = True

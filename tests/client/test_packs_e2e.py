@@ -292,3 +292,93 @@ async def test_listing_a_folder_reads_its_packs_ahead(tmp_path: Path, nursery: t
         assert [p.name for p in client.cache_dir.iterdir()] == ["packs"]
     finally:
         await client.cleanup()
+
+
+async def test_a_file_deleted_while_its_pack_arrives_is_never_read_as_zeros(tmp_path: Path,
+                                                                            nursery: trio.Nursery) -> None:
+    """An open of an uncached packed file waits for its pack; a file deleted meanwhile has its range zeroed in
+    that copy before it is renamed into place. The open used to go on and hand out a handle on that range, so
+    the reader got the file's length in zeros, silently. It now fails (ENOENT, as had the deletion come a moment
+    earlier); the file's pack-mates read back exactly."""
+    net = await start_network(tmp_path, nursery, nodes=6, gated=True)
+    client = Client(tmp_path / "c", net.mediator_url, extra_env=PACKING)
+    client.init()
+    mnt = client.mountpoint
+    try:
+        await client.mount()
+        contents = {f"f{i}": os.urandom(5000 + i) for i in range(3)}
+        for name, data in contents.items():
+            await trio.to_thread.run_sync((mnt / name).write_bytes, data)
+        await client.flush()
+        await client.unmount()
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        await trio.to_thread.run_sync(os.stat, mnt / "f0")  # looked up (no listing: nothing is read ahead)
+        net.hold()
+        outcome: list[object] = []
+
+        def read() -> None:
+            try:
+                outcome.append((mnt / "f0").read_bytes())
+            except OSError as exc:
+                outcome.append(exc)
+        async with trio.open_nursery() as readers:
+            readers.start_soon(trio.to_thread.run_sync, read)
+            await trio.sleep(1.0)  # the open waits for the pack
+            assert not outcome
+            await trio.to_thread.run_sync((mnt / "f0").unlink)
+            await trio.sleep(0.2)
+            net.release()
+        assert len(outcome) == 1
+        got = outcome[0]
+        assert got == contents["f0"] or isinstance(got, FileNotFoundError), \
+            f"read {len(got) if isinstance(got, bytes) else got!r}; zeros: {got == bytes(len(contents['f0']))}"
+        for name in ("f1", "f2"):
+            assert await trio.to_thread.run_sync((mnt / name).read_bytes) == contents[name]
+    finally:
+        await client.cleanup()
+
+
+async def test_a_rewrite_while_a_packed_file_is_copied_out_of_its_pack_is_kept(tmp_path: Path,
+                                                                              nursery: trio.Nursery) -> None:
+    """Opening an uncached packed file for writing copies it out of its pack first. Rewritten meanwhile by
+    another process (O_TRUNC does not wait for the copy), its new content was the only copy, and the copy out
+    of the pack was renamed over it: the closed rewrite was lost, and its upload stored the old bytes."""
+    net = await start_network(tmp_path, nursery, nodes=6, gated=True)
+    client = Client(tmp_path / "c", net.mediator_url, extra_env=PACKING)
+    client.init()
+    mnt = client.mountpoint
+    try:
+        await client.mount()
+        old = os.urandom(6000)
+        await trio.to_thread.run_sync((mnt / "f").write_bytes, old)
+        await trio.to_thread.run_sync((mnt / "mate").write_bytes, os.urandom(3000))
+        await client.flush()
+        await client.unmount()
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        await trio.to_thread.run_sync(os.stat, mnt / "f")
+        net.hold()
+        opened: list[object] = []
+
+        def open_for_writing() -> None:
+            try:
+                with open(mnt / "f", "r+b"):
+                    opened.append(True)
+            except OSError as exc:
+                opened.append(exc)
+        async with trio.open_nursery() as writers:
+            writers.start_soon(trio.to_thread.run_sync, open_for_writing)
+            await trio.sleep(1.0)  # the open waits for the pack
+            assert not opened
+            await trio.to_thread.run_sync((mnt / "f").write_bytes, b"new content")
+            net.release()
+        assert opened == [True]
+        assert await trio.to_thread.run_sync((mnt / "f").read_bytes) == b"new content"
+        await client.flush()
+        await client.unmount()
+        shutil.rmtree(client.cache_dir)
+        await client.mount()
+        assert await trio.to_thread.run_sync((mnt / "f").read_bytes) == b"new content"
+    finally:
+        await client.cleanup()
