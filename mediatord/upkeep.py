@@ -164,6 +164,8 @@ async def audit_node(service: MediatorService, client: httpx.AsyncClient, node: 
             continue
         state = await trio.to_thread.run_sync(audit_logic.judge_response, state, proof, challenge.share_ids,
                                               limiter=CPU)
+    # no await from here to the record: a repair or delete cannot move a share in between
+    state = audit_logic.forget(state, state.shares.keys() - service.db.share_ids_on(node.node_id))
     result = audit_logic.outcome(state)
     already = frozenset(s.share_id for s in shares if s.state == "proven")
     apply_outcome(service, node, round_id, state.answered, result, timing.disqualify_after, now, already)
@@ -184,8 +186,8 @@ def apply_outcome(service: MediatorService, node: NodeRow, round_id: int, answer
                                        disqualify_after, fresh.unreachable_rounds)
     with db.transaction():
         db.finish_round(round_id, node.node_id, result.result, result.detail, now)
-        db.set_share_states(sorted(result.proven - already_proven), "proven", now)
-        db.set_share_states(sorted(result.lost), "lost", now)
+        db.set_share_states(sorted(result.proven - already_proven), "proven", now, node.node_id)
+        db.set_share_states(sorted(result.lost), "lost", now, node.node_id)
         db.record_node_outcome(node.node_id, passed=result.result == "passed",
                                counts_toward_disqualification=verdict.counts_toward_disqualification,
                                reputation=verdict.reputation, disqualify=verdict.disqualify,
@@ -346,7 +348,7 @@ class _Sources:
                 except IntegrityError as exc:
                     log.warning("repair: share %s on node %s does not match its root (%s); marked lost",
                                 share.share_id[:16], share.node_id[:16], exc)
-                    self.service.db.set_share_states([share.share_id], "lost", self.now)
+                    self.service.db.set_share_states([share.share_id], "lost", self.now, share.node_id)
                     self._drop(share, f"share {share.idx} is corrupt")
             async with trio.open_nursery() as nursery:
                 for share in pending:

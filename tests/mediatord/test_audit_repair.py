@@ -451,3 +451,30 @@ async def test_a_node_announces_a_share_it_found_lost_and_is_audited_out_of_turn
     assert results[back.node_id].result == "failed"
     assert net.service.db.share(share_id).state == "lost"  # type: ignore[union-attr]
     assert await net.repair() == {obj.object_id: "repaired"}
+
+
+async def test_an_audit_judged_after_its_share_moved_blames_neither_node(net: Net) -> None:
+    """An audit asks a node about the shares it held when the audit started; an out-of-turn audit of a slow
+    node can outlast a repair that moves one of them away (and the release that deletes the old copy). The
+    node then rightly says it no longer holds that share: that must neither fail the node nor mark the new,
+    healthy copy on the other node lost."""
+    obj = make_object()
+    placed = await net.upload(obj)
+    db = net.service.db
+    old = net.node(placed[0])
+    asked = db.audit_shares(old.node_id)  # what the audit asks, fixed when it starts
+    await stop_node(old)
+    await wait_offline(net, old.node_id)
+    assert await net.repair() == {obj.object_id: "repaired"}
+    share_id = obj.specs[0].share_id
+    new_holder = db.share(share_id).node_id  # type: ignore[union-attr]
+    back = await net.restart(old)
+    await wait_online(net.mediator, 6)
+    await upkeep.release_pass(net.service, net.client, time.time())
+    assert not share_data_file(back, share_id).exists()
+    row = db.node(back.node_id)
+    assert row is not None
+    result = await upkeep.audit_node(net.service, net.client, row, net.service.new_round_id(), asked, time.time())
+    assert result.result == "passed" and not result.lost
+    assert (db.share(share_id).node_id, db.share(share_id).state) == (new_holder, "stored")  # type: ignore[union-attr]
+    assert db.node(back.node_id).consecutive_failures == 0  # type: ignore[union-attr]
