@@ -504,6 +504,15 @@ class MediatorDB:
     def queue_release(self, share_id: str, node_id: str, now: float) -> None:
         self._conn.execute("INSERT OR IGNORE INTO releases VALUES (?,?,0,?)", (share_id, node_id, now))
 
+    def releasing_nodes(self, share_ids: Sequence[str]) -> set[str]:
+        """Nodes with a release of one of these shares still queued: they may still hold that copy."""
+        found: set[str] = set()
+        for start in range(0, len(share_ids), 500):
+            chunk = list(share_ids[start:start + 500])
+            found.update(r[0] for r in self._conn.execute(
+                f"SELECT node_id FROM releases WHERE share_id IN ({','.join('?' * len(chunk))})", chunk))
+        return found
+
     def release_done(self, share_id: str, node_id: str) -> None:
         self._conn.execute("DELETE FROM releases WHERE share_id=? AND node_id=?", (share_id, node_id))
 

@@ -238,6 +238,14 @@ async def release_pass(service: MediatorService, client: httpx.AsyncClient, now:
         if node is None:
             db.release_done(share_id, node_id)
             continue
+        current = db.share(share_id)
+        if current is not None and current.node_id == node_id and current.state != "lost":
+            # queued when the share left this node, retried while it was away: the share has been placed on
+            # it again since, so the copy there now is the one the record names (deleting it loses it)
+            log.info("release of share %s on node %s dropped: the share is placed there again", share_id[:16],
+                     node_id[:16])
+            db.release_done(share_id, node_id)
+            continue
         try:
             timing = UpkeepSettings.from_service(service)
             await call(client, "DELETE", f"{node.url}/v1/shares/{share_id}", key=service.key, audience=node.node_id,
@@ -422,10 +430,13 @@ async def repair_object(service: MediatorService, client: httpx.AsyncClient, obj
         return "failed"
     nodes = {n.node_id: n for n in db.nodes()}
     holding = {s.node_id for s in healthy}
+    # a node whose old copy of one of these shares is still to be released holds it yet: it would refuse that
+    # share (409), and a new share of the object would sit next to the stale one
+    stale = db.releasing_nodes([s.share_id for s in shares])
     try:
         chosen = place_shares(
             registry.candidates(db, service.pricing, now), len(wanted), layout.share_size,
-            exclude=holding | {by_index[i].node_id for i in wanted},
+            exclude=holding | stale | {by_index[i].node_id for i in wanted},
             used_operators={nodes[h].operator for h in holding if h in nodes},
             used_subnets={sn for h in holding if h in nodes if (sn := subnet_of(nodes[h].url)) is not None},
             min_reputation=service.node_rule.min_reputation)

@@ -478,3 +478,63 @@ async def test_an_audit_judged_after_its_share_moved_blames_neither_node(net: Ne
     assert result.result == "passed" and not result.lost
     assert (db.share(share_id).node_id, db.share(share_id).state) == (new_holder, "stored")  # type: ignore[union-attr]
     assert db.node(back.node_id).consecutive_failures == 0  # type: ignore[union-attr]
+
+
+async def test_repair_skips_a_node_whose_stale_copy_is_still_to_be_released(net: Net) -> None:
+    """A node that went offline keeps its copy of a share repaired elsewhere until the release reaches it, which
+    after its outage may be up to an hour later (backoff). Repair must not pick it for that object meanwhile:
+    it would refuse the share it still holds (409) and every pass would download k shares for nothing, and a
+    copy of another share of the object would sit on it next to the stale one."""
+    obj = make_object()
+    placed = await net.upload(obj)
+    db = net.service.db
+    away = net.node(placed[0])  # the cheapest node: placement prefers it whenever it may
+    await stop_node(away)
+    await wait_offline(net, away.node_id)
+    assert await net.repair() == {obj.object_id: "repaired"}
+    share_id = obj.specs[0].share_id
+    first_move = db.share(share_id).node_id  # type: ignore[union-attr]
+    assert await upkeep.release_pass(net.service, net.client, time.time()) == 0  # it is down: retried later
+    back = await net.restart(away)
+    await wait_online(net.mediator, 6)
+    await stop_node(net.node(first_move))
+    await wait_offline(net, first_move)
+    assert share_data_file(back, share_id).exists()  # the release is not due yet
+    assert await net.repair() == {obj.object_id: "repaired"}
+    holders = [s.node_id for s in db.shares_of(obj.object_id)]
+    assert back.node_id not in holders and len(set(holders)) == 4
+    assert await upkeep.release_pass(net.service, net.client, time.time() + 10) >= 1
+    assert not share_data_file(back, share_id).exists()
+
+
+async def test_a_late_release_never_deletes_the_copy_a_share_has_on_that_node_again(net: Net) -> None:
+    """A release is queued when a share leaves a node and retried while the node is away; by the time it is
+    sent, the share may have come back to that node (here: the node deleted its copy but the answer was lost,
+    and the client re-placed the share there after its new copy was found corrupt). The release must then be
+    dropped, not delete the share's only recorded copy."""
+    obj = make_object()
+    stored = await mediator_net.upload(net.client, net.url, net.account, obj)
+    db = net.service.db
+    away = net.node(stored[0][0])
+    await stop_node(away)
+    await wait_offline(net, away.node_id)
+    assert await net.repair() == {obj.object_id: "repaired"}
+    share_id = obj.specs[0].share_id
+    assert await upkeep.release_pass(net.service, net.client, time.time()) == 0  # down: retried later
+    back = await net.restart(away)
+    await wait_online(net.mediator, 6)
+    await rpc.call(net.client, "DELETE", f"{back.url}/v1/shares/{share_id}", key=net.service.key,
+                   audience=back.node_id)  # the release arrives, its answer does not: still queued
+    flip_byte(share_data_file(net.node(db.share(share_id).node_id), share_id))  # type: ignore[union-attr]
+    await net.round()
+    assert db.share(share_id).state == "lost"  # type: ignore[union-attr]
+    again = (await mediator_net.place(net.client, net.url, net.account, obj, indices=[0]))[0]
+    assert again.node_id == back.node_id  # the cheapest node holding none of the object's other shares
+    stored[0] = (again.node_id, await mediator_net.put_share(net.client, again, obj))
+    await rpc.call_json(net.client, "POST", f"{net.url}/v1/objects/commit", key=net.account,
+                        json=mediator_net.commit_body(obj, stored))
+    row = db.share(share_id)
+    assert row is not None and (row.node_id, row.state) == (back.node_id, "stored")
+    await upkeep.release_pass(net.service, net.client, time.time() + 10)
+    assert share_data_file(back, share_id).read_bytes() == obj.shares[0]
+    assert (await net.round())[back.node_id] == "passed"
