@@ -209,7 +209,7 @@ class MediatorService:
         nodes = {n.node_id: n for n in self.db.nodes()}
         holding = {s.node_id for s in others}
         chosen = place_shares(
-            registry.candidates(self.db, self.pricing, now), len(req.shares), req.layout.share_size,
+            registry.candidates(self.db, self.pricing, now, self.node_rule), len(req.shares), req.layout.share_size,
             exclude=holding | set(req.exclude_nodes),
             used_operators={nodes[h].operator for h in holding if h in nodes},
             used_subnets={sn for h in holding if h in nodes if (sn := subnet_of(nodes[h].url)) is not None},

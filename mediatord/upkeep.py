@@ -435,7 +435,7 @@ async def repair_object(service: MediatorService, client: httpx.AsyncClient, obj
     stale = db.releasing_nodes([s.share_id for s in shares])
     try:
         chosen = place_shares(
-            registry.candidates(db, service.pricing, now), len(wanted), layout.share_size,
+            registry.candidates(db, service.pricing, now, service.node_rule), len(wanted), layout.share_size,
             exclude=holding | stale | {by_index[i].node_id for i in wanted},
             used_operators={nodes[h].operator for h in holding if h in nodes},
             used_subnets={sn for h in holding if h in nodes if (sn := subnet_of(nodes[h].url)) is not None},
