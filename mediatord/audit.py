@@ -119,6 +119,18 @@ def answers(challenge: Challenge, response: ProofResponse) -> bool:
         challenge.node_id, challenge.mediator_id, challenge.round_id, challenge.nonce)
 
 
+def forget(audit: NodeAudit, share_ids: Collection[str]) -> NodeAudit:
+    """Leave out shares the node stopped being responsible for while the audit ran (repaired elsewhere, their
+    object deleted): it was told to delete them, so saying it no longer holds one is no fault, and a verdict
+    on them must not touch the share's record, which may now name another node."""
+    gone = frozenset(share_ids) & audit.shares.keys()
+    if not gone:
+        return audit
+    return replace(audit, shares={s: v for s, v in audit.shares.items() if s not in gone},
+                   pending=audit.pending - gone, proven=audit.proven - gone,
+                   lost={s: r for s, r in audit.lost.items() if s not in gone})
+
+
 def missed(audit: NodeAudit) -> NodeAudit:
     """The node could not be reached or its answer was unusable: one attempt spent."""
     return replace(audit, attempts=audit.attempts + 1)

@@ -382,9 +382,15 @@ class MediatorDB:
             (share.share_id, share.object_id, share.idx, share.node_id, share.root, share.size, share.state, now,
              share.price))
 
-    def set_share_states(self, share_ids: Sequence[str], state: str, now: float) -> None:
-        self._conn.executemany("UPDATE shares SET state=?, updated_at=? WHERE share_id=?",
-                               [(state, now, s) for s in share_ids])
+    def set_share_states(self, share_ids: Sequence[str], state: str, now: float, node_id: str | None = None
+                         ) -> None:
+        """``node_id``: only where the share is still recorded on that node (a verdict on one node's copy)."""
+        if node_id is None:
+            self._conn.executemany("UPDATE shares SET state=?, updated_at=? WHERE share_id=?",
+                                   [(state, now, s) for s in share_ids])
+        else:
+            self._conn.executemany("UPDATE shares SET state=?, updated_at=? WHERE share_id=? AND node_id=?",
+                                   [(state, now, s, node_id) for s in share_ids])
 
     def audit_node_ids(self) -> list[str]:
         """The nodes a round challenges: online ones holding committed shares (stored or proven), and every
@@ -398,6 +404,10 @@ class MediatorDB:
             "SELECT share_id, object_id, idx, node_id, root, size, state, price FROM shares WHERE node_id=? AND"
             " state IN ('stored','proven')", (node_id,)).fetchall()
         return [ShareRow(*r) for r in rows]
+
+    def share_ids_on(self, node_id: str) -> set[str]:
+        """Every share recorded on this node, whatever its state."""
+        return {r[0] for r in self._conn.execute("SELECT share_id FROM shares WHERE node_id=?", (node_id,))}
 
     def insert_grant(self, grant: GrantRow) -> None:
         self._conn.execute("INSERT INTO grants VALUES (?,?,?,?,?,?,?,?)",
@@ -493,6 +503,15 @@ class MediatorDB:
 
     def queue_release(self, share_id: str, node_id: str, now: float) -> None:
         self._conn.execute("INSERT OR IGNORE INTO releases VALUES (?,?,0,?)", (share_id, node_id, now))
+
+    def releasing_nodes(self, share_ids: Sequence[str]) -> set[str]:
+        """Nodes with a release of one of these shares still queued: they may still hold that copy."""
+        found: set[str] = set()
+        for start in range(0, len(share_ids), 500):
+            chunk = list(share_ids[start:start + 500])
+            found.update(r[0] for r in self._conn.execute(
+                f"SELECT node_id FROM releases WHERE share_id IN ({','.join('?' * len(chunk))})", chunk))
+        return found
 
     def release_done(self, share_id: str, node_id: str) -> None:
         self._conn.execute("DELETE FROM releases WHERE share_id=? AND node_id=?", (share_id, node_id))

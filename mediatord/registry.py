@@ -51,10 +51,23 @@ def usable_url(url: str) -> bool:
     return True
 
 
-def candidates(db: MediatorDB, pricing: PricingScheme, now: float) -> list[Candidate]:
-    """Every known node as placement sees it; one whose URL clients could not use counts as offline."""
+def admitted(rule: AcceptanceRule, node: NodeRow) -> bool:
+    """Whether the acceptance rule takes this node now: one it admitted may be refused by a rule changed since
+    (a deny list, a capacity cap), and answered audits keep such a node online although it cannot announce."""
+    try:
+        rule.admit(node.node_id, node.capacity)
+    except ForbiddenError:
+        return False
+    return True
+
+
+def candidates(db: MediatorDB, pricing: PricingScheme, now: float, rule: AcceptanceRule | None = None
+               ) -> list[Candidate]:
+    """Every known node as placement sees it (only those ``rule`` admits, when given); one whose URL clients
+    could not use counts as offline."""
     nodes = db.nodes()
     market = market_view(nodes)
     pending = db.pending_grant_bytes(now)
     return [Candidate(n.node_id, n.url, pricing.node_price(n.price, market), n.free - pending.get(n.node_id, 0),
-                      n.operator, n.reputation, n.state == "online" and usable_url(n.url)) for n in nodes]
+                      n.operator, n.reputation, n.state == "online" and usable_url(n.url)) for n in nodes
+            if rule is None or admitted(rule, n)]

@@ -208,9 +208,13 @@ class MediatorService:
         others = [s for s in existing.values() if s.idx not in replaced]
         nodes = {n.node_id: n for n in self.db.nodes()}
         holding = {s.node_id for s in others}
+        # as for repair: not back onto the node an audit found had lost the share, nor onto one still holding an
+        # old copy of a share of this object (queued for release), which would refuse it with 409
+        unfit = {s.node_id for s in existing.values() if s.idx in replaced and s.state == "lost"}
+        unfit |= self.db.releasing_nodes(list(existing))
         chosen = place_shares(
-            registry.candidates(self.db, self.pricing, now), len(req.shares), req.layout.share_size,
-            exclude=holding | set(req.exclude_nodes),
+            registry.candidates(self.db, self.pricing, now, self.node_rule), len(req.shares), req.layout.share_size,
+            exclude=holding | unfit | set(req.exclude_nodes),
             used_operators={nodes[h].operator for h in holding if h in nodes},
             used_subnets={sn for h in holding if h in nodes if (sn := subnet_of(nodes[h].url)) is not None},
             min_reputation=self.node_rule.min_reputation)

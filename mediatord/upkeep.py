@@ -164,6 +164,8 @@ async def audit_node(service: MediatorService, client: httpx.AsyncClient, node: 
             continue
         state = await trio.to_thread.run_sync(audit_logic.judge_response, state, proof, challenge.share_ids,
                                               limiter=CPU)
+    # no await from here to the record: a repair or delete cannot move a share in between
+    state = audit_logic.forget(state, state.shares.keys() - service.db.share_ids_on(node.node_id))
     result = audit_logic.outcome(state)
     already = frozenset(s.share_id for s in shares if s.state == "proven")
     apply_outcome(service, node, round_id, state.answered, result, timing.disqualify_after, now, already)
@@ -184,8 +186,8 @@ def apply_outcome(service: MediatorService, node: NodeRow, round_id: int, answer
                                        disqualify_after, fresh.unreachable_rounds)
     with db.transaction():
         db.finish_round(round_id, node.node_id, result.result, result.detail, now)
-        db.set_share_states(sorted(result.proven - already_proven), "proven", now)
-        db.set_share_states(sorted(result.lost), "lost", now)
+        db.set_share_states(sorted(result.proven - already_proven), "proven", now, node.node_id)
+        db.set_share_states(sorted(result.lost), "lost", now, node.node_id)
         db.record_node_outcome(node.node_id, passed=result.result == "passed",
                                counts_toward_disqualification=verdict.counts_toward_disqualification,
                                reputation=verdict.reputation, disqualify=verdict.disqualify,
@@ -234,6 +236,14 @@ async def release_pass(service: MediatorService, client: httpx.AsyncClient, now:
     for share_id, node_id, attempts in db.due_releases(now):
         node = db.node(node_id)
         if node is None:
+            db.release_done(share_id, node_id)
+            continue
+        current = db.share(share_id)
+        if current is not None and current.node_id == node_id and current.state != "lost":
+            # queued when the share left this node, retried while it was away: the share has been placed on
+            # it again since, so the copy there now is the one the record names (deleting it loses it)
+            log.info("release of share %s on node %s dropped: the share is placed there again", share_id[:16],
+                     node_id[:16])
             db.release_done(share_id, node_id)
             continue
         try:
@@ -346,7 +356,7 @@ class _Sources:
                 except IntegrityError as exc:
                     log.warning("repair: share %s on node %s does not match its root (%s); marked lost",
                                 share.share_id[:16], share.node_id[:16], exc)
-                    self.service.db.set_share_states([share.share_id], "lost", self.now)
+                    self.service.db.set_share_states([share.share_id], "lost", self.now, share.node_id)
                     self._drop(share, f"share {share.idx} is corrupt")
             async with trio.open_nursery() as nursery:
                 for share in pending:
@@ -420,10 +430,13 @@ async def repair_object(service: MediatorService, client: httpx.AsyncClient, obj
         return "failed"
     nodes = {n.node_id: n for n in db.nodes()}
     holding = {s.node_id for s in healthy}
+    # a node whose old copy of one of these shares is still to be released holds it yet: it would refuse that
+    # share (409), and a new share of the object would sit next to the stale one
+    stale = db.releasing_nodes([s.share_id for s in shares])
     try:
         chosen = place_shares(
-            registry.candidates(db, service.pricing, now), len(wanted), layout.share_size,
-            exclude=holding | {by_index[i].node_id for i in wanted},
+            registry.candidates(db, service.pricing, now, service.node_rule), len(wanted), layout.share_size,
+            exclude=holding | stale | {by_index[i].node_id for i in wanted},
             used_operators={nodes[h].operator for h in holding if h in nodes},
             used_subnets={sn for h in holding if h in nodes if (sn := subnet_of(nodes[h].url)) is not None},
             min_reputation=service.node_rule.min_reputation)

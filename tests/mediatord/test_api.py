@@ -451,3 +451,26 @@ async def test_an_account_cannot_place_past_what_its_byte_count_can_hold(tmp_pat
         target = f"{mediator.url}/v1/account"
         account_answer = await client.get(target, headers=rpc.signed_headers(account, "GET", target, b""))
         assert account_answer.status_code == 200, account_answer.text
+
+
+async def test_a_node_the_acceptance_rule_refuses_since_a_restart_gets_no_new_shares(tmp_path: Path,
+                                                                                      nursery: trio.Nursery) -> None:
+    """An operator who denies a node restarts the mediator with the new rule: the node's announcements are then
+    refused, but its row is still online (and answered audits would keep it so), so placement itself must ask
+    the rule, not only the announcement."""
+    async with trio.open_nursery() as stopped_before_the_restart:
+        first = await start_mediator(stopped_before_the_restart, tmp_path / "m")
+        nodes = [await start_node(nursery, tmp_path, first.url, i) for i in range(5)]
+        await wait_online(first, 5)
+        first.scope.cancel()
+    port = first.url.rsplit(":", 1)[1]
+    refused = nodes[0].node_id  # the cheapest
+    second = await start_mediator(nursery, tmp_path / "m", MEDIATORD_LISTEN=f"127.0.0.1:{port}",
+                                  MEDIATORD_ACCEPT_NODES=f"deny:{refused}")
+    assert second.url == first.url
+    async with rpc.new_client() as client:
+        placements = await place(client, second.url, SigningKey.generate(), make_object())
+        assert refused not in {p.node_id for p in placements} and len(placements) == 4
+        status = await rpc.call_json(client, "GET", f"{second.url}/v1/nodes")
+    assert {n["node_id"] for n in status["nodes"]} >= {refused}
+    second.scope.cancel()

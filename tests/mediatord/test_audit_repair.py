@@ -451,3 +451,88 @@ async def test_a_node_announces_a_share_it_found_lost_and_is_audited_out_of_turn
     assert results[back.node_id].result == "failed"
     assert net.service.db.share(share_id).state == "lost"  # type: ignore[union-attr]
     assert await net.repair() == {obj.object_id: "repaired"}
+
+
+async def test_an_audit_judged_after_its_share_moved_blames_neither_node(net: Net) -> None:
+    """An audit asks a node about the shares it held when the audit started; an out-of-turn audit of a slow
+    node can outlast a repair that moves one of them away (and the release that deletes the old copy). The
+    node then rightly says it no longer holds that share: that must neither fail the node nor mark the new,
+    healthy copy on the other node lost."""
+    obj = make_object()
+    placed = await net.upload(obj)
+    db = net.service.db
+    old = net.node(placed[0])
+    asked = db.audit_shares(old.node_id)  # what the audit asks, fixed when it starts
+    await stop_node(old)
+    await wait_offline(net, old.node_id)
+    assert await net.repair() == {obj.object_id: "repaired"}
+    share_id = obj.specs[0].share_id
+    new_holder = db.share(share_id).node_id  # type: ignore[union-attr]
+    back = await net.restart(old)
+    await wait_online(net.mediator, 6)
+    await upkeep.release_pass(net.service, net.client, time.time())
+    assert not share_data_file(back, share_id).exists()
+    row = db.node(back.node_id)
+    assert row is not None
+    result = await upkeep.audit_node(net.service, net.client, row, net.service.new_round_id(), asked, time.time())
+    assert result.result == "passed" and not result.lost
+    assert (db.share(share_id).node_id, db.share(share_id).state) == (new_holder, "stored")  # type: ignore[union-attr]
+    assert db.node(back.node_id).consecutive_failures == 0  # type: ignore[union-attr]
+
+
+async def test_repair_skips_a_node_whose_stale_copy_is_still_to_be_released(net: Net) -> None:
+    """A node that went offline keeps its copy of a share repaired elsewhere until the release reaches it, which
+    after its outage may be up to an hour later (backoff). Repair must not pick it for that object meanwhile:
+    it would refuse the share it still holds (409) and every pass would download k shares for nothing, and a
+    copy of another share of the object would sit on it next to the stale one."""
+    obj = make_object()
+    placed = await net.upload(obj)
+    db = net.service.db
+    away = net.node(placed[0])  # the cheapest node: placement prefers it whenever it may
+    await stop_node(away)
+    await wait_offline(net, away.node_id)
+    assert await net.repair() == {obj.object_id: "repaired"}
+    share_id = obj.specs[0].share_id
+    first_move = db.share(share_id).node_id  # type: ignore[union-attr]
+    assert await upkeep.release_pass(net.service, net.client, time.time()) == 0  # it is down: retried later
+    back = await net.restart(away)
+    await wait_online(net.mediator, 6)
+    await stop_node(net.node(first_move))
+    await wait_offline(net, first_move)
+    assert share_data_file(back, share_id).exists()  # the release is not due yet
+    assert await net.repair() == {obj.object_id: "repaired"}
+    holders = [s.node_id for s in db.shares_of(obj.object_id)]
+    assert back.node_id not in holders and len(set(holders)) == 4
+    assert await upkeep.release_pass(net.service, net.client, time.time() + 10) >= 1
+    assert not share_data_file(back, share_id).exists()
+
+
+async def test_a_late_release_never_deletes_the_copy_the_record_names(net: Net) -> None:
+    """A release is queued when a share leaves a node and retried (for up to a day) while the node is away. If
+    the share is recorded on that node again by the time the release is sent (placement now avoids such nodes,
+    but a release queued by the sweep or left by an older mediator can still meet one), the release must be
+    dropped instead of deleting the copy the record names."""
+    obj = make_object()
+    placed = await net.upload(obj)
+    db = net.service.db
+    holder = net.node(placed[0])
+    share_id = obj.specs[0].share_id
+    db.queue_release(share_id, holder.node_id, time.time())
+    assert net.service.status()["releases_pending"] == 1
+    await upkeep.release_pass(net.service, net.client, time.time())
+    assert share_data_file(holder, share_id).read_bytes() == obj.shares[0]
+    assert net.service.status()["releases_pending"] == 0
+    assert (await net.round())[holder.node_id] == "passed"
+
+
+async def test_re_placing_a_share_found_lost_never_puts_it_back_on_the_node_that_lost_it(net: Net) -> None:
+    """A client re-placing a share that an audit found lost need not know where it was: the node that failed
+    that share (here it still holds the corrupt copy, so it would refuse the upload with 409) is not chosen."""
+    obj = make_object()
+    placed = await net.upload(obj)
+    loser = net.node(placed[0])  # the cheapest node, which placement prefers
+    flip_byte(share_data_file(loser, obj.specs[0].share_id))
+    assert (await net.round())[loser.node_id] == "failed"
+    again = await mediator_net.place(net.client, net.url, net.account, obj, indices=[0])
+    assert again[0].node_id not in set(placed.values())
+    await mediator_net.put_share(net.client, again[0], obj)

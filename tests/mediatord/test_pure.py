@@ -102,6 +102,19 @@ def test_deleted_share_and_partial_answers() -> None:
     assert result.result == "failed" and result.proven == {a.share_id, c.share_id}
 
 
+def test_shares_moved_away_during_the_audit_are_neither_blamed_nor_paid() -> None:
+    kept, moved, deleted = StoredShare(), StoredShare(), StoredShare()
+    state = start([kept, moved, deleted])
+    state = audit.judge_response(state, answer(state, [kept.proof(state.nonce, 2), moved.proof(state.nonce, 2)],
+                                               missing=(deleted.share_id,)))
+    assert audit.outcome(state).result == "failed"
+    result = audit.outcome(audit.forget(state, {moved.share_id, deleted.share_id, "not-asked"}))
+    assert result.result == "passed" and result.proven == {kept.share_id} and not result.lost
+    assert result.bytes_proven == len(kept.data)
+    pending = audit.forget(start([kept, moved]), {moved.share_id})
+    assert pending.challenge.share_ids == (kept.share_id,)
+
+
 def test_retries_then_unreachable_or_unanswered() -> None:
     share = StoredShare()
     state = start([share])
