@@ -193,9 +193,13 @@ class Escrow:
             if type(value) is not int or value <= 0:
                 raise AddressError(f"payout of {value!r} sat to {address} is not a positive integer")
         need = sum(v for _, v in outputs) + fee_sat
+        # bitcoinlib adds change of at most the network's dust amount to the fee: money the ledger does not know
+        # left the wallet. So inputs are added until the change is nothing or worth keeping, while any are left.
+        folded = self._wallet.network.dust_amount
         chosen: list[dict[str, Any]] = []
         for utxo in self._spendable(min_confirms, credited):
-            if sum(int(u["value"]) for u in chosen) >= need:
+            available = sum(int(u["value"]) for u in chosen)
+            if available == need or available > need + folded:
                 break
             chosen.append(utxo)
         available = sum(int(u["value"]) for u in chosen)

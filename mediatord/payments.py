@@ -140,6 +140,9 @@ async def finish_payouts(payments: Payments, now: float) -> list[int]:
                 billing.fail_payout(db, batch_id, str(exc), now)
                 continue
             raw_tx = signed.raw_tx
+            if signed.fee_sat != fee_sat:  # the wallet had no further input to keep a dust change with
+                log.warning("payout batch %d pays %d sat network fee, %d planned: the wallet's change of %d sat was "
+                            "too small to keep", batch_id, signed.fee_sat, fee_sat, signed.fee_sat - fee_sat)
             db.set_payout_state(batch_id, "signed", raw_tx=raw_tx, txid=signed.txid)
         try:
             assert raw_tx is not None

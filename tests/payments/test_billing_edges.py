@@ -209,3 +209,23 @@ def test_a_pass_right_after_a_failed_round_is_paid_only_since_that_round(db: Med
     audit(db, 6, node, "passed", T0 + 4 * HOUR)  # the next periodic round: an hour since the missed one
     billing.credit_passes(db, pricing, settings, T0 + 5 * HOUR)
     assert credited() == [paid(HOUR), paid(60), paid(HOUR - 60), paid(HOUR)]
+
+
+def test_a_payout_pays_the_planned_network_fee_not_a_folded_change(tmp_path: Path) -> None:
+    """bitcoinlib adds change of at most the network's dust amount (1,000 sat) to the fee: the wallet lost it to
+    miners while the ledger debited only the planned fee, so the wallet fell behind what the ledger owes. One
+    more input makes the change worth keeping."""
+    settings = MediatorSettings.from_env({"MEDIATORD_DATA_DIR": str(tmp_path)}, home=tmp_path)
+    db = MediatorDB(tmp_path / "m.sqlite3")
+    payments = Payments(settings, db, pricing_scheme(settings.pricing))
+    try:
+        address = payments.deposit_address_sync(A)
+        def fund(sat: int) -> tuple[str, int]:
+            return payments.wallet_sync(lambda e: e.fund_test_address(address, sat, 3)), 0
+        credited = {fund(100_000), fund(50_000)}
+        dest = random_test_address(tmp_path)
+        signed = payments.wallet_sync(lambda e: e.sign_payout([(dest, 98_500)], 1_000, 3, credited))
+        assert (signed.fee_sat, signed.inputs) == (1_000, 2)
+    finally:
+        payments.close()
+        db.close()
