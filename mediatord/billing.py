@@ -99,23 +99,29 @@ def client_price(db: MediatorDB, pricing: PricingScheme) -> int:
 
 
 def bill_due_periods(db: MediatorDB, pricing: PricingScheme, period: float, now: float) -> PeriodReport | None:
-    """Charge every account for the complete periods not billed yet (one transaction); None if none is due."""
+    """Charge every account for the complete periods not billed yet (one transaction); None if none is due.
+
+    The span billed starts where the last billed period ended (the first ever: one period before the current
+    one) and ends at the last period boundary: a changed ``period`` bills no time twice and leaves none out.
+    Objects deleted in the span are charged for their time in it (their billing tombstones)."""
     current = int(now // period)
-    last = db.last_billed_period()
-    first = current - 1 if last is None else last + 1
-    if first >= current:
+    end = current * period
+    last = db.last_billed()
+    start = (current - 1) * period if last is None else last[1]
+    if end <= start:
         return None
-    start, end = first * period, current * period
+    # ids only grow, so that each period's charge keys are new even when the period length changed
+    period_id = current - 1 if last is None else max(current - 1, last[0] + 1)
     price = client_price(db, pricing)
-    owed: dict[str, int] = defaultdict(int)  # Σ bytes × price × ms, per account
-    for account_id, size, created_at in db.storage_by_account():
-        duration_ms = int((end - max(start, created_at)) * 1000)
-        if duration_ms > 0:
-            owed[account_id] += size * price * duration_ms
-    period_id = current - 1
     charged = unpaid = 0
     ran_out: list[str] = []
     with db.transaction():
+        owed: dict[str, int] = defaultdict(int)  # Σ bytes × price × ms, per account
+        for account_id, size, created_at, deleted_at in db.billable_storage(start):
+            until = end if deleted_at is None else min(end, deleted_at)
+            duration_ms = int((until - max(start, created_at)) * 1000)
+            if duration_ms > 0:
+                owed[account_id] += size * price * duration_ms
         accounts = [client_account(a) for a in owed]
         balances = db.balances(accounts)
         out = db.accounts_out_of_funds()
@@ -135,6 +141,7 @@ def bill_due_periods(db: MediatorDB, pricing: PricingScheme, period: float, now:
                 ran_out.append(account_id)
         db.post(postings)
         db.record_billing_period(period_id, start, end, now, len(owed), charged, unpaid)
+        db.purge_tombstones(end)
     for account_id in ran_out:
         log.warning("account %s ran out of funds: grace period starts, uploads refused after it", account_id[:16])
     return PeriodReport(period_id, start, end, len(owed), charged, unpaid, tuple(ran_out))
@@ -165,12 +172,14 @@ def credit_passes(db: MediatorDB, pricing: PricingScheme, settings: MediatorSett
             last = db.last_credited_pass(node_ids)
             available = db.balance(FEES)
             postings, rows = [], []
-            for round_id, node_id, bytes_proven, passed_at, priced in passes:
+            for round_id, node_id, bytes_proven, passed_at, priced, failed_at in passes:
                 if node_id in waiting:
                     deferred += 1  # behind its own earlier pass
                     continue
-                previous = last.get(node_id)
-                covered = audit_ms if previous is None else max(0, min(audit_ms, int((passed_at - previous) * 1000)))
+                # since the node's previous credited pass or the last round it failed or missed, whichever is
+                # later: a failed round's time is not paid, even when an out-of-turn audit passes right after it
+                since = max((t for t in (last.get(node_id), failed_at) if t is not None), default=None)
+                covered = audit_ms if since is None else max(0, min(audit_ms, int((passed_at - since) * 1000)))
                 row = nodes[node_id]
                 price = pricing.node_price(row.price if row else None, market)
                 # an asking node is held to the ask its shares were placed at (it cannot raise it on them); a
@@ -305,9 +314,15 @@ def credit_deposit(db: MediatorDB, txid: str, vout: int, now: float) -> int:
 
 
 def record_deposits(db: MediatorDB, seen: Sequence[SeenOutput], confirmations: int, now: float) -> int:
-    """Record outputs paid to deposit addresses and credit those confirmed; returns msat credited."""
+    """Record outputs paid to deposit addresses and credit those confirmed; returns msat credited.
+
+    ``seen`` is every unspent output of the deposit addresses (payouts spend credited deposits only), so a
+    pending deposit missing from it was reorged away or double-spent: it is dropped, and recorded again if it
+    comes back. A deposit that cannot be credited is logged and left pending; the others are credited."""
     owners = db.deposit_addresses()
     total = 0
+    with db.transaction():
+        db.forget_pending_deposits({(out.txid, out.vout) for out in seen})
     for out in seen:
         account_id = owners.get(out.address)
         if account_id is None or out.amount_sat <= 0:
@@ -317,7 +332,11 @@ def record_deposits(db: MediatorDB, seen: Sequence[SeenOutput], confirmations: i
             continue
         db.upsert_deposit(out.txid, out.vout, account_id, out.address, out.amount_sat, out.confirmations, now)
         if out.confirmations >= confirmations:
-            total += credit_deposit(db, out.txid, out.vout, now)
+            try:
+                total += credit_deposit(db, out.txid, out.vout, now)
+            except LedgerError as exc:
+                log.warning("deposit %s…:%d of %d sat to account %s cannot be credited: %s", out.txid[:16], out.vout,
+                            out.amount_sat, account_id[:16], exc)
     return total
 
 

@@ -130,6 +130,9 @@ def fund_test_account(settings: MediatorSettings, account_id: str, amount_sat: i
     if not 0 < amount_sat <= 21 * 10**14:
         print("mediatord fund-test-account: AMOUNT must be a positive number of sat", file=sys.stderr)
         return 2
+    if confirmations is not None and not 0 <= confirmations <= 1_000_000:
+        print("mediatord fund-test-account: --confirmations must be between 0 and 1000000", file=sys.stderr)
+        return 2
     account_id = parse_node_id(account_id)
     settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
     from .daemon import DATABASE_FILE

@@ -59,6 +59,9 @@ CREATE TABLE IF NOT EXISTS audit_rounds (
     finished_at REAL, result TEXT NOT NULL DEFAULT 'pending', detail TEXT NOT NULL DEFAULT '',
     PRIMARY KEY (round_id, node_id)
 );
+-- a node's rounds that did not pass, by time: a credit covers no time before the last of them
+CREATE INDEX IF NOT EXISTS rounds_not_passed ON audit_rounds(node_id, finished_at)
+    WHERE result IN ('failed','unreachable');
 CREATE TABLE IF NOT EXISTS audit_passes (
     round_id INTEGER NOT NULL, node_id TEXT NOT NULL, shares_proven INTEGER NOT NULL,
     bytes_proven INTEGER NOT NULL, passed_at REAL NOT NULL, priced_bytes TEXT, PRIMARY KEY (round_id, node_id)
@@ -87,6 +90,10 @@ CREATE TABLE IF NOT EXISTS ledger_balances (account TEXT PRIMARY KEY, balance IN
 CREATE TABLE IF NOT EXISTS billing_periods (
     period_id INTEGER PRIMARY KEY, start REAL NOT NULL, end REAL NOT NULL, billed_at REAL NOT NULL,
     accounts INTEGER NOT NULL, charged INTEGER NOT NULL, unpaid INTEGER NOT NULL
+);
+CREATE TABLE IF NOT EXISTS billing_tombstones (
+    tombstone_id INTEGER PRIMARY KEY AUTOINCREMENT, account_id TEXT NOT NULL, stored_bytes INTEGER NOT NULL,
+    created_at REAL NOT NULL, deleted_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS audit_credits (
     round_id INTEGER NOT NULL, node_id TEXT NOT NULL, passed_at REAL NOT NULL, amount INTEGER NOT NULL,
@@ -347,9 +354,15 @@ class MediatorDB:
             " WHERE s.object_id=o.object_id AND n.state='disqualified'))")]
 
     def delete_object(self, object_id: str, now: float) -> list[ShareRow]:
-        """Forget an object; its shares move to the release queue. Returns the released shares."""
+        """Forget an object; its shares move to the release queue. Returns the released shares.
+
+        A committed object leaves a billing tombstone: the billing period it is deleted in (or, after downtime,
+        the periods not billed yet) still charges the time it was stored."""
         with self.transaction() as conn:
             shares = self.shares_of(object_id)
+            conn.execute("INSERT INTO billing_tombstones (account_id, stored_bytes, created_at, deleted_at)"
+                         " SELECT account_id, stored_bytes, created_at, ? FROM objects WHERE object_id=? AND"
+                         " state!='pending'", (now, object_id))
             conn.executemany("INSERT OR IGNORE INTO releases VALUES (?,?,0,?)",
                              [(s.share_id, s.node_id, now) for s in shares])
             conn.execute("DELETE FROM shares WHERE object_id=?", (object_id,))
@@ -621,6 +634,12 @@ class MediatorDB:
         value = self._one("SELECT MAX(period_id) FROM billing_periods")
         return None if value is None else int(value)
 
+    def last_billed(self) -> tuple[int, float] | None:
+        """(period id, end) of the last billed period: the next one starts at that end."""
+        row = self._conn.execute("SELECT period_id, end FROM billing_periods ORDER BY period_id DESC LIMIT 1"
+                                 ).fetchone()
+        return None if row is None else (int(row[0]), float(row[1]))
+
     def record_billing_period(self, period_id: int, start: float, end: float, now: float, accounts: int,
                               charged: int, unpaid: int) -> None:
         self._conn.execute("INSERT INTO billing_periods VALUES (?,?,?,?,?,?,?)",
@@ -631,15 +650,30 @@ class MediatorDB:
         return [(r[0], int(r[1]), float(r[2])) for r in self._conn.execute(
             "SELECT account_id, stored_bytes, created_at FROM objects WHERE state!='pending' ORDER BY account_id")]
 
+    def billable_storage(self, since: float) -> list[tuple[str, int, float, float | None]]:
+        """(account, bytes of all n shares, created_at, deleted_at) of every committed object (deleted_at None)
+        and of every committed object deleted after ``since`` (its billing tombstone)."""
+        return [(r[0], int(r[1]), float(r[2]), None if r[3] is None else float(r[3])) for r in self._conn.execute(
+            "SELECT account_id, stored_bytes, created_at, NULL FROM objects WHERE state!='pending' UNION ALL"
+            " SELECT account_id, stored_bytes, created_at, deleted_at FROM billing_tombstones WHERE deleted_at>?",
+            (since,))]
+
+    def purge_tombstones(self, until: float) -> None:
+        """Tombstones of objects deleted by ``until``, the end of a billed period: their time is billed."""
+        self._conn.execute("DELETE FROM billing_tombstones WHERE deleted_at<=?", (until,))
+
     def uncredited_passes(self, limit: int, after: tuple[float, int, str] | None = None
-                          ) -> list[tuple[int, str, int, float, dict[int, int]]]:
-        """(round, node, bytes proven, passed at, bytes by placement price) of passes not yet credited, oldest
-        first; ``after``: only those past this (passed at, round, node), to page on beyond passes left waiting."""
+                          ) -> list[tuple[int, str, int, float, dict[int, int], float | None]]:
+        """(round, node, bytes proven, passed at, bytes by placement price, when the node last failed or missed
+        a round before this pass, or None) of passes not yet credited, oldest first; ``after``: only those past
+        this (passed at, round, node), to page on beyond passes left waiting."""
         if after is None:
             after = (float("-inf"), 0, "")
-        return [(r[0], r[1], r[2], r[3], {int(p): int(b) for p, b in json.loads(r[4] or "[]")})
+        return [(r[0], r[1], r[2], r[3], {int(p): int(b) for p, b in json.loads(r[4] or "[]")}, r[5])
                 for r in self._conn.execute(
-            "SELECT p.round_id, p.node_id, p.bytes_proven, p.passed_at, p.priced_bytes FROM audit_passes p"
+            "SELECT p.round_id, p.node_id, p.bytes_proven, p.passed_at, p.priced_bytes, (SELECT MAX(r.finished_at)"
+            " FROM audit_rounds r WHERE r.node_id=p.node_id AND r.result IN ('failed','unreachable') AND"
+            " r.finished_at<p.passed_at) FROM audit_passes p"
             " LEFT JOIN audit_credits c"
             " ON c.round_id=p.round_id AND c.node_id=p.node_id WHERE c.round_id IS NULL"
             " AND (p.passed_at, p.round_id, p.node_id) > (?, ?, ?)"
@@ -671,10 +705,15 @@ class MediatorDB:
     def has_account(self, account_id: str) -> bool:
         return self._one("SELECT 1 FROM accounts WHERE account_id=?", (account_id,)) is not None
 
-    def set_deposit_address(self, account_id: str, address: str) -> None:
+    def set_deposit_address(self, account_id: str, address: str) -> str:
+        """Record ``address`` unless the account has one already (the daemon and ``fund-test-account`` may
+        derive one each at once: the first recorded stays, it may have been shown and paid); returns the
+        account's address."""
         self._conn.execute("INSERT INTO account_billing (account_id, deposit_address) VALUES (?,?) ON"
-                           " CONFLICT(account_id) DO UPDATE SET deposit_address=excluded.deposit_address",
+                           " CONFLICT(account_id) DO UPDATE SET deposit_address="
+                           "COALESCE(account_billing.deposit_address, excluded.deposit_address)",
                            (account_id, address))
+        return str(self._one("SELECT deposit_address FROM account_billing WHERE account_id=?", (account_id,)))
 
     def deposit_addresses(self) -> dict[str, str]:
         """address → account id."""
@@ -709,6 +748,19 @@ class MediatorDB:
         self._conn.execute("INSERT INTO deposits VALUES (?,?,?,?,?,?,?,NULL) ON CONFLICT(txid, vout) DO UPDATE"
                            " SET confirmations=excluded.confirmations",
                            (txid, vout, account_id, address, amount_sat, confirmations, now))
+
+    def forget_pending_deposits(self, keep: set[tuple[str, int]]) -> int:
+        """Drop uncredited deposits not in ``keep`` (the outputs the wallet still sees): reorged away or
+        double-spent, they are no longer pending; one that comes back is recorded again. Returns rows dropped."""
+        gone = [(t, v) for t, v in self._conn.execute("SELECT txid, vout FROM deposits WHERE credited_at IS NULL")
+                if (t, v) not in keep]
+        self._conn.executemany("DELETE FROM deposits WHERE txid=? AND vout=? AND credited_at IS NULL", gone)
+        return len(gone)
+
+    def credited_outpoints(self) -> set[tuple[str, int]]:
+        """(txid, vout) of every credited deposit: the only deposits a payout may spend."""
+        return {(r[0], int(r[1])) for r in self._conn.execute("SELECT txid, vout FROM deposits WHERE credited_at IS"
+                                                               " NOT NULL")}
 
     def mark_deposit_credited(self, txid: str, vout: int, now: float) -> None:
         self._conn.execute("UPDATE deposits SET credited_at=? WHERE txid=? AND vout=?", (now, txid, vout))

@@ -20,6 +20,7 @@ from __future__ import annotations
 import hashlib
 import os
 import threading
+from collections.abc import Collection
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -168,26 +169,37 @@ class Escrow:
 
     # --- payouts --------------------------------------------------------------------------------------------
 
-    def _spendable(self, min_confirms: int) -> list[dict[str, Any]]:
+    def _spendable(self, min_confirms: int, credited: Collection[tuple[str, int]]) -> list[dict[str, Any]]:
+        """The wallet's change, and the ``credited`` deposits ((txid, vout)) still with ``min_confirms``
+        confirmations. Nothing else: an output not credited yet (too few confirmations when the deposits were
+        scanned, or paid to an address no account owns) spent by a payout would never be seen, so never
+        credited."""
         utxos = self._wallet.utxos(min_confirms=0)
         change = self._change_addresses()
-        usable = [u for u in utxos if u["confirmations"] >= min_confirms or u["address"] in change]
+        usable = [u for u in utxos if u["address"] in change
+                  or (u["confirmations"] >= min_confirms and (u["txid"], int(u["output_n"])) in credited)]
         return sorted(usable, key=lambda u: (-int(u["value"]), u["txid"], u["output_n"]))
 
-    def spendable_sat(self, min_confirms: int) -> int:
-        return sum(int(u["value"]) for u in self._spendable(min_confirms))
+    def spendable_sat(self, min_confirms: int, credited: Collection[tuple[str, int]]) -> int:
+        return sum(int(u["value"]) for u in self._spendable(min_confirms, credited))
 
-    def sign_payout(self, outputs: list[tuple[str, int]], fee_sat: int, min_confirms: int) -> SignedPayout:
+    def sign_payout(self, outputs: list[tuple[str, int]], fee_sat: int, min_confirms: int,
+                    credited: Collection[tuple[str, int]]) -> SignedPayout:
         """One signed (not broadcast) transaction paying every (address, sat) output plus exactly ``fee_sat``
-        network fee. Spends deposits with ``min_confirms`` confirmations (credited ones) and the wallet's change."""
+        network fee. Spends the ``credited`` deposits ((txid, vout)) still with ``min_confirms`` confirmations,
+        and the wallet's change."""
         for address, value in outputs:
             self.check_address(address)
             if type(value) is not int or value <= 0:
                 raise AddressError(f"payout of {value!r} sat to {address} is not a positive integer")
         need = sum(v for _, v in outputs) + fee_sat
+        # bitcoinlib adds change of at most the network's dust amount to the fee: money the ledger does not know
+        # left the wallet. So inputs are added until the change is nothing or worth keeping, while any are left.
+        folded = self._wallet.network.dust_amount
         chosen: list[dict[str, Any]] = []
-        for utxo in self._spendable(min_confirms):
-            if sum(int(u["value"]) for u in chosen) >= need:
+        for utxo in self._spendable(min_confirms, credited):
+            available = sum(int(u["value"]) for u in chosen)
+            if available == need or available > need + folded:
                 break
             chosen.append(utxo)
         available = sum(int(u["value"]) for u in chosen)

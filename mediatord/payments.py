@@ -88,17 +88,15 @@ class Payments:
         if address is not None:
             return address
         fresh = await self.wallet(lambda e: e.new_deposit_address(account_id))
-        address, _out, _warned = self.db.account_billing(account_id)  # another request may have won meanwhile
-        if address is None:
-            self.db.set_deposit_address(account_id, fresh)
-            address = fresh
-        return address
+        # another request, or `mediatord fund-test-account` in another process, may have recorded one meanwhile:
+        # the first recorded stays
+        return self.db.set_deposit_address(account_id, fresh)
 
     def deposit_address_sync(self, account_id: str) -> str:
         address, _out, _warned = self.db.account_billing(account_id)
         if address is None:
-            address = self.wallet_sync(lambda e: e.new_deposit_address(account_id))
-            self.db.set_deposit_address(account_id, address)
+            fresh = self.wallet_sync(lambda e: e.new_deposit_address(account_id))
+            address = self.db.set_deposit_address(account_id, fresh)
         return address
 
     def account_fields(self, account_id: str, address: str | None, now: float) -> dict[str, object]:
@@ -133,13 +131,18 @@ async def finish_payouts(payments: Payments, now: float) -> list[int]:
     for batch_id, state, fee_sat, raw_tx in db.open_payout_batches():
         if state == "prepared":
             outputs = [(address, value) for _n, address, _d, value in db.payout_outputs(batch_id)]
+            credited = db.credited_outpoints()
             try:
                 signed = await payments.wallet(
-                    lambda e: e.sign_payout(outputs, fee_sat, settings.deposit_confirmations))  # noqa: B023
+                    lambda e: e.sign_payout(outputs, fee_sat, settings.deposit_confirmations,  # noqa: B023
+                                            credited))  # noqa: B023
             except EscrowError as exc:
                 billing.fail_payout(db, batch_id, str(exc), now)
                 continue
             raw_tx = signed.raw_tx
+            if signed.fee_sat != fee_sat:  # the wallet had no further input to keep a dust change with
+                log.warning("payout batch %d pays %d sat network fee, %d planned: the wallet's change of %d sat was "
+                            "too small to keep", batch_id, signed.fee_sat, fee_sat, signed.fee_sat - fee_sat)
             db.set_payout_state(batch_id, "signed", raw_tx=raw_tx, txid=signed.txid)
         try:
             assert raw_tx is not None

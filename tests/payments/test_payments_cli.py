@@ -39,6 +39,9 @@ def test_fund_then_ledger_and_payouts(tmp_path: Path) -> None:
     assert bad.returncode != 0 and "64" in bad.stderr
     negative = run(env_file, "fund-test-account", account, "-5")
     assert negative.returncode == 2 and "positive" in negative.stderr
+    # a deposit that can never reach its confirmations would stay pending forever, without a word
+    unconfirmable = run(env_file, "fund-test-account", account, "5", "--confirmations", "-1")
+    assert unconfirmable.returncode == 2 and "--confirmations" in unconfirmable.stderr
 
 
 def test_fund_refused_off_the_test_network(tmp_path: Path) -> None:

@@ -97,10 +97,10 @@ def test_shares_and_passes_of_an_older_database_are_credited_at_the_price_of_the
     try:
         share = db.share("s")
         assert share is not None and share.price is None
-        assert db.uncredited_passes(10) == [(1, "n", 10, 5.0, {})]
+        assert db.uncredited_passes(10) == [(1, "n", 10, 5.0, {}, None)]
         with db.transaction():
             db.record_pass(2, "n", 1, 10, 6.0, {PRICE: 10})
-        assert db.uncredited_passes(10)[1] == (2, "n", 10, 6.0, {PRICE: 10})
+        assert db.uncredited_passes(10)[1] == (2, "n", 10, 6.0, {PRICE: 10}, None)
         assert json.loads(db._conn.execute("SELECT priced_bytes FROM audit_passes WHERE round_id=2").fetchone()[0]) \
             == [[PRICE, 10]]
     finally:
