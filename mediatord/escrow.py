@@ -219,12 +219,34 @@ class Escrow:
         return SignedPayout(tx.raw_hex(), str(tx.txid), int(tx.fee), len(inputs))
 
     def broadcast(self, raw_tx: str) -> str:
-        """Send a signed transaction (again, after a crash: the same bytes) and mark its inputs spent."""
+        """Send a signed transaction (again, after a crash: the same bytes) and mark its inputs spent.
+
+        A crash after the broadcast and before the batch was recorded as sent leaves a transaction the network
+        already has: sending it again is refused ("already known", "already in block chain"), and the batch
+        would stay unsent for ever, every later payout waiting behind it. So a refusal is checked against the
+        network: a transaction it knows is sent."""
         try:
             tx = self._wallet.transaction_import_raw(raw_tx)
-            tx.send(broadcast=True)
         except Exception as exc:
-            raise EscrowError(f"cannot broadcast the payout transaction: {exc}") from exc
-        if tx.error:
-            raise EscrowError(f"the {self.network} network refused the payout transaction: {tx.error}")
+            raise EscrowError(f"cannot read the payout transaction: {exc}") from exc
+        try:
+            tx.send(broadcast=True)
+            error = tx.error
+        except Exception as exc:  # noqa: BLE001 - bitcoinlib raises many types; translated here, once
+            error = str(exc) or type(exc).__name__
+        if error:
+            if not self._network_knows(str(tx.txid)):
+                raise EscrowError(f"the {self.network} network refused the payout transaction: {error}")
+            # sent before the crash: the next deposit scan, which refreshes the wallet from the network, sees
+            # its inputs spent
         return str(tx.txid)
+
+    def _network_knows(self, txid: str) -> bool:
+        """Whether the network's providers have the transaction ``txid`` (mempool or chain); False if they
+        cannot say."""
+        from bitcoinlib.services.services import Service
+
+        try:
+            return bool(Service(network=self.network).gettransaction(txid))
+        except Exception:  # noqa: BLE001 - no answer is "not known": the broadcast is retried next pass
+            return False

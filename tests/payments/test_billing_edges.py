@@ -4,6 +4,7 @@ or vanish, the deposit address two processes derive at once, and payouts that mu
 from __future__ import annotations
 
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -140,20 +141,35 @@ def test_the_first_deposit_address_recorded_for_an_account_stays(db: MediatorDB)
     assert db.deposit_addresses() == {"first": A}
 
 
-def test_payouts_spend_only_credited_deposits_and_change(tmp_path: Path) -> None:
-    """An output not credited yet (too few confirmations when the pass scanned, or paid to an address no
-    account owns) is not the mediator's to spend: spent by a payout, it would never be seen, so never
-    credited."""
+@contextmanager
+def wallet(tmp_path: Path) -> Iterator[tuple[MediatorDB, Payments, str]]:
+    """A mediator's database and its real wallet on the offline test network, and account A's deposit address."""
     settings = MediatorSettings.from_env({"MEDIATORD_DATA_DIR": str(tmp_path)}, home=tmp_path)
     db = MediatorDB(tmp_path / "m.sqlite3")
     payments = Payments(settings, db, pricing_scheme(settings.pricing))
     try:
-        address = payments.deposit_address_sync(A)
-        credited = payments.wallet_sync(lambda e: e.fund_test_address(address, 50_000, 3))
+        yield db, payments, payments.deposit_address_sync(A)
+    finally:
+        payments.close()
+        db.close()
+
+
+def credit(db: MediatorDB, payments: Payments, address: str, sat: int) -> str:
+    """Pay ``sat`` to ``address`` (3 confirmations) and credit it, as a payments pass would; its txid."""
+    txid: str = payments.wallet_sync(lambda e: e.fund_test_address(address, sat, 3))
+    with db.transaction():
+        db.upsert_deposit(txid, 0, A, address, sat, 3, T0)
+    billing.credit_deposit(db, txid, 0, T0)
+    return txid
+
+
+def test_payouts_spend_only_credited_deposits_and_change(tmp_path: Path) -> None:
+    """An output not credited yet (too few confirmations when the pass scanned, or paid to an address no
+    account owns) is not the mediator's to spend: spent by a payout, it would never be seen, so never
+    credited."""
+    with wallet(tmp_path) as (db, payments, address):
+        credit(db, payments, address, 50_000)
         late = payments.wallet_sync(lambda e: e.fund_test_address(address, 500_000, 3))  # after the scan
-        with db.transaction():
-            db.upsert_deposit(credited, 0, A, address, 50_000, 3, T0)
-        billing.credit_deposit(db, credited, 0, T0)
         dest = random_test_address(tmp_path)
 
         def pay(sat: int) -> object:
@@ -166,9 +182,6 @@ def test_payouts_spend_only_credited_deposits_and_change(tmp_path: Path) -> None
         assert {i.txid for i in payments.wallet_sync(lambda e: e.incoming())} == {late}
         change = payments.wallet_sync(lambda e: e.spendable_sat(3, db.credited_outpoints()))
         assert change == 50_000 - 40_000 - 1_000  # the change is spendable, the late deposit is not
-    finally:
-        payments.close()
-        db.close()
 
 
 
@@ -215,17 +228,34 @@ def test_a_payout_pays_the_planned_network_fee_not_a_folded_change(tmp_path: Pat
     """bitcoinlib adds change of at most the network's dust amount (1,000 sat) to the fee: the wallet lost it to
     miners while the ledger debited only the planned fee, so the wallet fell behind what the ledger owes. One
     more input makes the change worth keeping."""
-    settings = MediatorSettings.from_env({"MEDIATORD_DATA_DIR": str(tmp_path)}, home=tmp_path)
-    db = MediatorDB(tmp_path / "m.sqlite3")
-    payments = Payments(settings, db, pricing_scheme(settings.pricing))
-    try:
-        address = payments.deposit_address_sync(A)
+    with wallet(tmp_path) as (db, payments, address):
         def fund(sat: int) -> tuple[str, int]:
             return payments.wallet_sync(lambda e: e.fund_test_address(address, sat, 3)), 0
         credited = {fund(100_000), fund(50_000)}
         dest = random_test_address(tmp_path)
         signed = payments.wallet_sync(lambda e: e.sign_payout([(dest, 98_500)], 1_000, 3, credited))
         assert (signed.fee_sat, signed.inputs) == (1_000, 2)
-    finally:
-        payments.close()
-        db.close()
+
+
+def test_a_payout_the_network_already_has_is_sent_not_stuck(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """A crash after the broadcast, before the batch was recorded as sent: a real network refuses the same
+    transaction again ("already known"), and the batch stayed unsent, every later payout behind it. A refusal
+    is checked against the network. (The main chain's answers are what cannot exist here: they are faked.)"""
+    from bitcoinlib.services.services import Service
+    from bitcoinlib.wallets import WalletTransaction
+
+    with wallet(tmp_path) as (db, payments, address):
+        credit(db, payments, address, 50_000)
+        signed = payments.wallet_sync(lambda e: e.sign_payout([(random_test_address(tmp_path), 40_000)], 1_000, 3,
+                                                              db.credited_outpoints()))
+
+        def refused(self: WalletTransaction, broadcast: bool = True) -> None:
+            self.error = "Cannot send transaction. {'blockstream': 'txn-already-known'}"
+        monkeypatch.setattr(WalletTransaction, "send", refused)
+        known: set[str] = set()
+        monkeypatch.setattr(Service, "gettransaction", lambda self, txid: txid in known)
+        with pytest.raises(EscrowError, match="refused the payout transaction: .*txn-already-known"):
+            payments.wallet_sync(lambda e: e.broadcast(signed.raw_tx))  # type: ignore[attr-defined]
+        known.add(signed.txid)  # type: ignore[attr-defined]
+        sent = payments.wallet_sync(lambda e: e.broadcast(signed.raw_tx))  # type: ignore[attr-defined]
+        assert sent == signed.txid  # type: ignore[attr-defined]
