@@ -472,5 +472,6 @@ async def test_a_node_the_acceptance_rule_refuses_since_a_restart_gets_no_new_sh
         placements = await place(client, second.url, SigningKey.generate(), make_object())
         assert refused not in {p.node_id for p in placements} and len(placements) == 4
         status = await rpc.call_json(client, "GET", f"{second.url}/v1/nodes")
-    assert {n["node_id"] for n in status["nodes"]} >= {refused}
+    # still online: placement, not the node's state, must be what leaves it out
+    assert {n["node_id"]: n["state"] for n in status["nodes"]}.get(refused) == "online"
     second.scope.cancel()
