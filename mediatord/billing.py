@@ -33,7 +33,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Any
 
-from fincryptfs.core.errors import PolicyError
+from fincryptfs.core.errors import FincryptError, PolicyError
 from fincryptfs.core.settings import MediatorSettings
 
 from . import registry
@@ -368,12 +368,26 @@ def plan_payouts(balances: Sequence[tuple[str, str, int]], threshold_sat: int, f
     return PayoutPlan(tuple(outputs), share * len(outputs))
 
 
+class WalletShortError(FincryptError):
+    """The payouts due need more than the wallet can spend: no batch is recorded (a batch that cannot be
+    signed is failed and reversed, and the next pass, a minute later, prepared the same again: two ledger
+    postings per node a minute, for as long as the wallet stayed short)."""
+
+    def __init__(self, need_sat: int, available_sat: int) -> None:
+        super().__init__(f"the payouts due need {need_sat} sat (network fee included) and the wallet can spend "
+                         f"{available_sat} sat: they wait until deposits or change cover them")
+        self.need_sat, self.available_sat = need_sat, available_sat
+
+
 def prepare_payout(db: MediatorDB, settings: MediatorSettings, check_address: Callable[[str], str],
-                   vbytes: Callable[[int, int], int], now: float, unpayable: set[str] | None = None) -> int | None:
+                   vbytes: Callable[[int, int], int], now: float, unpayable: set[str] | None = None,
+                   available_sat: int | None = None) -> int | None:
     """Record a batch and debit its nodes (one transaction); None if nothing is due or a batch is still open.
 
     A node owed the threshold that cannot be paid (no payout address, or one not on this network) is warned
     about once while it stays so: ``unpayable`` (kept by the caller across passes) holds the nodes warned of.
+    ``available_sat``: what the wallet can spend; WalletShortError, with nothing recorded, if the batch needs
+    more.
     """
     if db.open_payout_batches():
         return None
@@ -398,6 +412,9 @@ def prepare_payout(db: MediatorDB, settings: MediatorSettings, check_address: Ca
     plan = plan_payouts(candidates, settings.payout_threshold_sat, settings.payout_fee_rate, vbytes)
     if plan is None:
         return None
+    need = plan.fee_sat + sum(sent for *_, sent in plan.outputs)
+    if available_sat is not None and need > available_sat:
+        raise WalletShortError(need, available_sat)
     with db.transaction():
         batch_id = db.insert_payout_batch(now, plan.fee_sat, plan.outputs)
         db.post([Posting(f"payout:{batch_id}:{node_id}", "payout", node_account(node_id), WORLD_PAYOUTS, debited,

@@ -51,6 +51,7 @@ class Payments:
         self._thread = ThreadPoolExecutor(max_workers=1, thread_name_prefix="escrow")
         self._escrow: Escrow | None = None
         self.unpayable: set[str] = set()  # nodes owed a payout they cannot receive, already warned of
+        self.wallet_short: int | None = None  # sat the payouts due need and the wallet lacks, already warned of
 
     def _open(self) -> Escrow:
         if self._escrow is None:
@@ -179,11 +180,21 @@ async def payments_pass(payments: Payments, client: httpx.AsyncClient | None, no
         for account_id, state in warned:
             await send_webhook(client, settings.low_balance_webhook, account_id, state)
     sent = await finish_payouts(payments, now)  # batches left open by a crash go first
-    if not sent:
+    if not sent and not db.open_payout_batches():
         escrow = await payments.wallet(lambda e: e)  # check_address only parses: safe off the wallet's thread
-        if billing.prepare_payout(db, settings, escrow.check_address, payout_vbytes, now,
-                                  payments.unpayable) is not None:
-            sent = await finish_payouts(payments, now)
+        credited = db.credited_outpoints()
+        available = await payments.wallet(lambda e: e.spendable_sat(settings.deposit_confirmations, credited))
+        try:
+            prepared = billing.prepare_payout(db, settings, escrow.check_address, payout_vbytes, now,
+                                              payments.unpayable, available)
+        except billing.WalletShortError as exc:
+            if payments.wallet_short != exc.need_sat:  # once, and again when what is due changes
+                log.warning("payouts wait: %s", exc)
+            payments.wallet_short = exc.need_sat
+        else:
+            payments.wallet_short = None
+            if prepared is not None:
+                sent = await finish_payouts(payments, now)
     return PassReport(deposited, period, credits, tuple(a for a, _ in warned), tuple(sent))
 
 

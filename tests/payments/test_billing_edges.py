@@ -14,8 +14,17 @@ from fincryptfs.core.settings import MediatorSettings
 from mediatord import billing
 from mediatord.db import MediatorDB
 from mediatord.escrow import EscrowError, random_test_address
-from mediatord.ledger import MAX_AMOUNT, MSAT_PER_SAT, WORLD_DEPOSITS, Posting, client_account, storage_cost
-from mediatord.payments import Payments
+from mediatord.ledger import (
+    FEES,
+    MAX_AMOUNT,
+    MSAT_PER_SAT,
+    WORLD_DEPOSITS,
+    Posting,
+    client_account,
+    node_account,
+    storage_cost,
+)
+from mediatord.payments import Payments, payments_pass
 from mediatord.policies import pricing_scheme
 from mediatord.policies.pricing import FixedPrice
 
@@ -259,3 +268,28 @@ def test_a_payout_the_network_already_has_is_sent_not_stuck(tmp_path: Path, monk
         known.add(signed.txid)  # type: ignore[attr-defined]
         sent = payments.wallet_sync(lambda e: e.broadcast(signed.raw_tx))  # type: ignore[attr-defined]
         assert sent == signed.txid  # type: ignore[attr-defined]
+
+
+async def test_a_short_wallet_leaves_payouts_waiting_without_a_failed_batch_each_pass(tmp_path: Path) -> None:
+    """Nodes are owed more than the wallet can spend (deposits not yet confirmed, say): each pass, a minute
+    apart, recorded a batch, failed to sign it and reversed it, two ledger postings per node every minute for as
+    long as it lasted. Now the payout waits, no batch recorded, until the wallet covers it."""
+    with wallet(tmp_path) as (db, payments, address):
+        node = "1" * 64
+        db.upsert_node(node_id=node, public_key=b"k", url="http://127.0.0.1:1", price=None, capacity=1 << 40,
+                       free=1 << 40, operator="", payout_address=random_test_address(tmp_path), now=T0)
+        owed = 200_000 * MSAT_PER_SAT
+        deposit(db, A, owed)
+        with db.transaction():
+            db.post([Posting("charge:x:a", "charge", client_account(A), FEES, owed, T0),
+                     Posting("credit:x:1", "credit", FEES, node_account(node), owed, T0)])
+        payments.wallet_sync(lambda e: e.fund_test_address(address, 50_000, 3))
+        postings = len(db.postings(node_account(node), 10_000))
+        for minute in range(3):
+            assert (await payments_pass(payments, None, T0 + 60 * minute)).batches_sent == ()
+        assert db.payout_batches() == [] and len(db.postings(node_account(node), 10_000)) == postings
+        assert db.balance(node_account(node)) == owed
+
+        payments.wallet_sync(lambda e: e.fund_test_address(address, 500_000, 3))
+        assert len((await payments_pass(payments, None, T0 + 180)).batches_sent) == 1
+        assert db.balance(node_account(node)) == 0
