@@ -257,6 +257,28 @@ def test_re_announcing_from_another_ip_does_not_free_the_first_ips_quota() -> No
     assert len(store) == 8
 
 
+def test_one_ip_announcing_under_many_keys_cannot_fill_the_store() -> None:
+    """Keys are free to choose: without a limit over all keys, one host announcing a record under each of
+    max_keys keys of its own fills the key table, and the node then refuses the mediators' key."""
+    now = 1_000_000
+    store = PeerStore(max_keys=256)  # the other limits at their defaults
+    attacker = SigningKey(b"\x07" * 32)
+    accepted = 0
+    for i in range(256):
+        record = PeerRecord.sign(attacker, key=hashlib.sha256(b"junk%d" % i).digest(), role="junk",
+                                 url="http://x.example", expires_at=now + 100)
+        accepted += store.add(record, "10.9.9.9", now) is None
+    assert accepted == store.max_per_ip < store.max_keys
+    mediator = PeerRecord.sign(SigningKey(b"\x08" * 32), key=MEDIATORS_KEY, role="mediator",
+                               url="http://m.example", expires_at=now + 200)
+    assert store.add(mediator, "10.0.0.1", now) is None
+    # the quota is the host's again once its records expire
+    assert store.expire(now + 150) == store.max_per_ip
+    record = PeerRecord.sign(attacker, key=b"\x05" * 32, role="junk", url="http://x.example",
+                             expires_at=now + 300)
+    assert store.add(record, "10.9.9.9", now + 150) is None
+
+
 def test_rate_limiter_is_per_source_and_bounded() -> None:
     limiter = RateLimiter(rate=10, burst=5, max_sources=100)
     assert [limiter.allow("a", 0.0) for _ in range(7)] == [True] * 5 + [False] * 2
