@@ -421,10 +421,13 @@ class DhtNode:
     def _heard_query(self, sender: bytes, source: Address) -> None:
         """Ping back a sender we cannot answer in full yet: one new to us, or a node we know that now asks from
         another address (restarted on a new port). Its answer proves the address, so its next queries get
-        records; without this, a restarted node asked from an address nobody ever queried, and got none."""
+        records; without this, a restarted node asked from an address nobody ever queried, and got none.
+
+        A query refreshes nothing in the table: its source address is not authenticated, and anyone who once
+        received a node's signed query can send it again, so it proves neither where the node is nor that it
+        is still up. Counting it would let a replay keep a dead contact in the table for ever."""
         known = self.table.get(sender)
         if known is not None and known.address == source:
-            self.table.observe(known, trio.current_time())
             return
         if self._proven.get(source) == sender:
             return
@@ -444,7 +447,7 @@ class DhtNode:
         action = self.table.observe(contact, trio.current_time())
         if isinstance(action, PingOldest):
             if len(self._verifying) >= self.params.max_background_pings:
-                self.table.ping_result(action, True, trio.current_time())
+                self.table.cancel_check(action)  # no news of the oldest: it must not count as an answer
                 self.counters["routing_rejected_bucket_full"] += 1
                 return
             self._verifying.add(action.oldest.address)
