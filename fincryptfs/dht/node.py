@@ -114,6 +114,7 @@ class DhtNode:
         self._rng = random.Random()
         self._announcements: dict[tuple[bytes, str], str] = {}  # (key, role) -> url, republished
         self._last_republish = trio.current_time()
+        self.bootstrap_peers: list[Address] = []  # joined through again whenever the routing table is empty
         host, port = sock.getsockname()[:2]
         self.address: Address = (host, port)
 
@@ -477,6 +478,12 @@ class DhtNode:
                 self._secrets = self._secrets.rotate(os.urandom(SECRET_BYTES), now)
             expired = self.store.expire(self._wall_clock())
             self.counters["records_expired"] += expired
+            if self.bootstrap_peers and not len(self.table):
+                # the peers were down when we started (or every contact has died since): without this a node
+                # stays out of the network for good, its own announcements kept to itself
+                self.counters["rejoins"] += 1
+                if await self.bootstrap(self.bootstrap_peers):
+                    self._last_republish = now - p.republish_interval  # somebody to announce to at last
             for index in self.table.stale_buckets(now, p.refresh_interval)[:8]:
                 self.counters["bucket_refreshes"] += 1
                 await self.lookup(self.table.random_id_in_bucket(index, os.urandom(32)))
@@ -498,7 +505,7 @@ async def serve(identity: SigningKey, listen: Address, bootstrap: Iterable[Addre
             node = DhtNode(identity, sock, params, nursery, wall_clock=wall_clock)
             nursery.start_soon(node._receive_loop)
             nursery.start_soon(node._maintain)
-            peers = [a for a in bootstrap if tuple(a) != node.address]
+            peers = node.bootstrap_peers = [a for a in bootstrap if tuple(a) != node.address]
             if peers:
                 await node.bootstrap(peers)
             task_status.started(node)

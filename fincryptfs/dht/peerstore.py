@@ -4,9 +4,10 @@ At most ``max_keys`` keys, ``max_per_key`` records per key (one per record id: a
 the older), ``max_per_ip_per_key`` records per key from one announcing IP, so a single host cannot crowd out
 the real mediators under the well-known key, and ``max_per_ip`` records in all from one announcing IP, so a
 single host announcing under thousands of keys of its own cannot fill the key table either (a full store
-refuses new keys, the mediators' among them, and holds ~2 KB per record). A record stays charged to the IP that first announced it, whoever
-re-announces it later: otherwise a second host re-announcing the first one's records would free the first
-one's quota, and two hosts could fill a key. A full store refuses new records rather than evicting live ones.
+refuses new keys, the mediators' among them, and holds ~2 KB per record). A record stays charged to the IP
+that first announced it, whoever re-announces it later: otherwise a second host re-announcing the first one's
+records would free the first one's quota, and two hosts could fill a key. A full store refuses new records
+rather than evicting live ones.
 
 Every ``get_peers`` and ``announce_peer`` touches the store, so no operation scans it: expiry pops a heap
 ordered by expiry time (amortised O(log n) per record), and ``get`` skips expired records of its own key.

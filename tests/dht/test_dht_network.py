@@ -413,3 +413,21 @@ async def test_a_replayed_query_does_not_keep_a_dead_contact(network: Network) -
     await node.lookup(peer.id)  # the third timeout in a row
     assert node.table.get(peer.id) is None
     assert node.counters["handler_errors"] == 0
+
+
+async def test_a_node_whose_bootstrap_peer_was_down_joins_once_it_is_up(network: Network) -> None:
+    """A mediator started while its bootstrap peer is down (both restarted together) runs alone at first; it
+    must join, and announce, once the peer is up, not stay out of the network with its record kept to itself."""
+    params = DhtParams(query_timeout=0.3, lookup_timeout=3.0, maintenance_interval=0.2)
+    probe = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    with probe:
+        await probe.bind(("127.8.2.1", 0))
+        peer_address = probe.getsockname()
+    mediator = await network.add("127.8.2.2", bootstrap=[peer_address], params=params)
+    assert len(mediator.table) == 0
+    assert await mediator.announce_mediator("http://127.8.2.2:8700") == 1  # kept in its own store only
+    await network.add(peer_address[0], port=peer_address[1], bootstrap=[])  # the bootstrap peer comes up
+    client = await network.add("127.8.2.3", bootstrap=[peer_address])
+    found = await searched(client.find_mediators, bool)
+    assert [r.id for r in found] == [mediator.identity.id]
+    assert mediator.table.get(network.nodes[1].id) is not None
