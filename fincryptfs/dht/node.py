@@ -107,6 +107,7 @@ class DhtNode:
         self._wall_clock = wall_clock
         self._limiter = RateLimiter(params.rate, params.burst)
         self._pending: dict[str, _Pending] = {}
+        self._awaiting: dict[Address, set[str]] = {}  # address -> txids of our queries to it still unanswered
         self._verifying: set[Address] = set()
         self._proven: OrderedDict[Address, bytes] = OrderedDict()  # address -> the id that answered from it
         self._answered: OrderedDict[tuple[bytes, str], None] = OrderedDict()
@@ -218,6 +219,7 @@ class DhtNode:
         txid = os.urandom(8).hex()
         data = codec.encode_query(self.identity, txid, name, target=target, token=token, record=record)
         pending = self._pending[txid] = _Pending(address)
+        self._awaiting.setdefault(address, set()).add(txid)
         try:
             self.counters["queries_sent"] += 1
             await self._send(data, address)
@@ -225,6 +227,10 @@ class DhtNode:
                 await pending.event.wait()
         finally:
             del self._pending[txid]
+            awaited = self._awaiting[address]
+            awaited.discard(txid)
+            if not awaited:
+                del self._awaiting[address]
         message = pending.message
         if message is None:
             self.counters["query_timeouts"] += 1
@@ -313,7 +319,7 @@ class DhtNode:
     def handle_datagram(self, data: bytes, source: Address) -> bytes | None:
         """Process one datagram; returns the reply to send, if any. Never raises for bad input."""
         self.counters["received"] += 1
-        if not self._limiter.allow(source[0], trio.current_time()):
+        if not self._limiter.allow(source[0], trio.current_time()) and not self._may_answer_us(data, source):
             self.counters["dropped_rate_limited"] += 1
             return None
         if len(data) > MAX_DATAGRAM:
@@ -339,6 +345,18 @@ class DhtNode:
             self.counters["handler_errors"] += 1
             log.exception("DHT handler failed on a datagram from %s", source)
             return None
+
+    def _may_answer_us(self, data: bytes, source: Address) -> bool:
+        """Whether ``data`` may be the answer to one of our queries still waiting at ``source``: it carries that
+        query's txid. Such a datagram passes the rate limit. The limit is keyed on a source IP, which proves
+        nothing (spoofed, or another host behind the same NAT): without this, a flood from a node's IP made
+        its answers drop, and anyone could get an honest node evicted from chosen routing tables. The txid is
+        random and went only to ``source``, so an off-path flooder cannot use this; a flood from ``source``
+        itself costs a substring search here, and only while we wait on it."""
+        txids = self._awaiting.get(source)
+        if not txids:
+            return False
+        return any(b'"t":"%s"' % txid.encode("ascii") in data for txid in txids)
 
     def _dispatch(self, message: codec.Message, source: Address, size: int) -> bytes | None:
         if message.sender == self.id:

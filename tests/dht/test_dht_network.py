@@ -431,3 +431,29 @@ async def test_a_node_whose_bootstrap_peer_was_down_joins_once_it_is_up(network:
     found = await searched(client.find_mediators, bool)
     assert [r.id for r in found] == [mediator.identity.id]
     assert mediator.table.get(network.nodes[1].id) is not None
+
+
+async def test_a_flood_from_a_nodes_ip_does_not_silence_its_answers(network: Network) -> None:
+    """The rate limit is keyed on the source IP, which proves nothing (spoofed, or another host behind the
+    same NAT). A flood from a node's IP must not make its answers to our own queries drop, or anyone could
+    get an honest node evicted from chosen routing tables at 50 datagrams/s."""
+    node = await network.add("127.8.3.1", bootstrap=[], params=DhtParams(rate=50, burst=100, query_timeout=0.5))
+    honest = await network.add("127.8.3.2", bootstrap=[])
+    junk = codec.encode_query(SigningKey.generate(), "bb" * 8, "ping")
+
+    async def flood(sock: trio.socket.SocketType) -> None:
+        while True:
+            for _ in range(20):
+                await sock.sendto(junk, node.address)
+            await trio.sleep(0.005)  # ~4,000 datagrams/s, far over the limit
+
+    with trio.socket.socket(type=trio.socket.SOCK_DGRAM) as sock:
+        await sock.bind((honest.address[0], 0))  # the honest node's IP, another port
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood, sock)
+            await trio.sleep(0.1)
+            for _ in range(3):
+                assert (await node.ping(honest.address)).id == honest.id
+            nursery.cancel_scope.cancel()
+    assert node.counters["dropped_rate_limited"] >= 100  # the flood itself is still limited
+    assert node.counters["handler_errors"] == 0
