@@ -189,6 +189,30 @@ def test_lookup_contains_one_host_answering_with_many_ids() -> None:
     assert len([c for c in queued if c.host == "6.6.6.6"]) <= 2
 
 
+def test_a_claim_of_a_nodes_id_at_a_false_address_does_not_hide_the_node() -> None:
+    """A liar answering first names the node nearest the target at an address where nobody answers. The lookup
+    must still query that node where honest nodes say it is: else one liar on the path hides every holder of
+    a key (a claim is only a claim until the address answers, signed by the id)."""
+    target = nid(1)
+    holder = Contact(target[:-1] + bytes([target[-1] ^ 1]), "10.0.9.1", 1)
+    liar, honest = Contact(nid(50), "6.6.6.6", 1), Contact(nid(51), "10.0.1.1", 1)
+    lookup = Lookup(target, [liar, honest], own_id=OWN)
+    assert set(lookup.next_queries()) == {liar, honest}
+    lookup.on_response(liar, liar.id, (Contact(holder.id, "192.0.2.1", 9),))
+    lookup.on_response(honest, honest.id, (holder,))
+    asked: list[Contact] = []
+    while not lookup.done:
+        for contact in lookup.next_queries():
+            asked.append(contact)
+            if contact == holder:
+                lookup.on_response(contact, contact.id, ())
+            else:
+                lookup.on_timeout(contact)
+    assert holder in asked
+    assert [c for c, _ in lookup.result()] == [holder, honest, liar]
+    assert lookup.hops == 2
+
+
 def test_a_response_signed_by_another_id_counts_as_failure() -> None:
     c = Contact(nid(1), "10.0.0.1", 1)
     lookup = Lookup(nid(2), [c], own_id=OWN)
