@@ -371,7 +371,7 @@ async def test_a_dead_contact_is_not_kept_while_background_pings_are_all_taken(n
     """A newcomer for a full bucket when no ping can be spared is turned away; that is no news about the
     bucket's oldest contact, which must not count as having answered (its timeouts would start again from 0,
     and a dead contact would never leave while the pings stay taken, as a flood of queries can keep them)."""
-    params = DhtParams(k=1, query_timeout=0.3, lookup_timeout=3.0, max_background_pings=0)
+    params = DhtParams(k=1, query_timeout=1.0, lookup_timeout=3.0, max_background_pings=0)
     node = await network.add("127.8.0.1", bootstrap=[], params=params)
     newcomer = await network.add("127.8.0.2", key=_id_in_top_bucket(node.id), bootstrap=[])
     dead = Contact(bytes([node.id[0] ^ 0x80]) + node.id[1:], "127.8.0.9", 9)  # bucket 255, nobody answers
@@ -388,7 +388,7 @@ async def test_a_dead_contact_is_not_kept_while_background_pings_are_all_taken(n
 async def test_a_replayed_query_does_not_keep_a_dead_contact(network: Network) -> None:
     """A query proves neither its source address (UDP) nor that its sender is up (anyone who received it can
     send it again): a dead node's query replayed from its old address must not reset its timeouts."""
-    params = DhtParams(query_timeout=0.3, lookup_timeout=3.0)
+    params = DhtParams(query_timeout=1.0, lookup_timeout=3.0)
     node = await network.add("127.8.1.1", bootstrap=[], params=params)
     peer = await network.add("127.8.1.2", bootstrap=[node.address])
     await network.settle()
