@@ -2,7 +2,9 @@
 
 Up to ``alpha`` queries are in flight; only the ``k`` nearest candidates not known to have failed are ever
 queried, and the lookup ends when all of those have answered (or failed). Contacts learned from one response
-are *claims* until queried: a contact whose answer is signed by a different id counts as failed. A responder
+are *claims* until queried: a contact whose answer is signed by a different id counts as failed. So a
+candidate is an id *at an address*: one id claimed at two addresses is two candidates, and a liar naming a
+real node's id at an address where nobody answers cannot hide the node from the lookup. A responder
 may name at most ``max_per_ip`` candidates per IP address and the candidate set is capped, so one host
 answering with thousands of ids near the target cannot absorb the lookup. ``max_queries`` bounds the work.
 
@@ -37,17 +39,17 @@ class Lookup:
         self.k, self.alpha = k, alpha
         self.max_per_ip, self.max_candidates, self.max_queries = max_per_ip, max_candidates, max_queries
         self.queries_sent = 0
-        self._candidates: dict[bytes, _Candidate] = {}
+        self._candidates: dict[Contact, _Candidate] = {}  # an id at an address: see the module docstring
         self._per_ip: Counter[str] = Counter()
         for seed in seeds:
             self._add(seed, 1)
 
     def _add(self, contact: Contact, depth: int) -> None:
-        if contact.id == self.own_id or contact.id in self._candidates:
+        if contact.id == self.own_id or contact in self._candidates:
             return
         if self._per_ip[contact.host] >= self.max_per_ip:
             return
-        self._candidates[contact.id] = _Candidate(contact, depth)
+        self._candidates[contact] = _Candidate(contact, depth)
         self._per_ip[contact.host] += 1
         if len(self._candidates) > self.max_candidates:
             self._drop_farthest_new()
@@ -56,7 +58,7 @@ class Lookup:
         new = [c for c in self._candidates.values() if c.state == NEW]
         if new:
             worst = max(new, key=lambda c: distance(c.contact.id, self.target))
-            del self._candidates[worst.contact.id]
+            del self._candidates[worst.contact]
             self._per_ip[worst.contact.host] -= 1
 
     def _frontier(self) -> list[_Candidate]:
@@ -93,7 +95,7 @@ class Lookup:
     def on_response(self, contact: Contact, responder: bytes, nodes: tuple[Contact, ...] = (),
                     token: bytes | None = None) -> None:
         """``contact`` answered, signed as ``responder``, naming ``nodes``."""
-        cand = self._candidates.get(contact.id)
+        cand = self._candidates.get(contact)
         if cand is None or cand.state != IN_FLIGHT:
             return
         if responder != contact.id:
@@ -104,17 +106,20 @@ class Lookup:
             self._add(node, cand.depth + 1)
 
     def on_timeout(self, contact: Contact) -> None:
-        cand = self._candidates.get(contact.id)
+        cand = self._candidates.get(contact)
         if cand is not None and cand.state == IN_FLIGHT:
             cand.state = FAILED
 
     def result(self) -> list[tuple[Contact, bytes | None]]:
         """The k nearest contacts that answered, nearest first, with the token each gave (get_peers)."""
-        answered = [c for c in self._candidates.values() if c.state == ANSWERED]
-        answered.sort(key=lambda c: distance(c.contact.id, self.target))
-        return [(c.contact, c.token) for c in answered[: self.k]]
+        answered: dict[bytes, _Candidate] = {}  # one per id (a node answering at two addresses counts once)
+        for c in self._candidates.values():
+            if c.state == ANSWERED:
+                answered.setdefault(c.contact.id, c)
+        best = sorted(answered.values(), key=lambda c: distance(c.contact.id, self.target))
+        return [(c.contact, c.token) for c in best[: self.k]]
 
     @property
     def hops(self) -> int:
         best = self.result()
-        return self._candidates[best[0][0].id].depth if best else 0
+        return self._candidates[best[0][0]].depth if best else 0

@@ -107,6 +107,7 @@ class DhtNode:
         self._wall_clock = wall_clock
         self._limiter = RateLimiter(params.rate, params.burst)
         self._pending: dict[str, _Pending] = {}
+        self._awaiting: dict[Address, set[str]] = {}  # address -> txids of our queries to it still unanswered
         self._verifying: set[Address] = set()
         self._proven: OrderedDict[Address, bytes] = OrderedDict()  # address -> the id that answered from it
         self._answered: OrderedDict[tuple[bytes, str], None] = OrderedDict()
@@ -114,6 +115,7 @@ class DhtNode:
         self._rng = random.Random()
         self._announcements: dict[tuple[bytes, str], str] = {}  # (key, role) -> url, republished
         self._last_republish = trio.current_time()
+        self.bootstrap_peers: list[Address] = []  # joined through again whenever the routing table is empty
         host, port = sock.getsockname()[:2]
         self.address: Address = (host, port)
 
@@ -217,6 +219,7 @@ class DhtNode:
         txid = os.urandom(8).hex()
         data = codec.encode_query(self.identity, txid, name, target=target, token=token, record=record)
         pending = self._pending[txid] = _Pending(address)
+        self._awaiting.setdefault(address, set()).add(txid)
         try:
             self.counters["queries_sent"] += 1
             await self._send(data, address)
@@ -224,6 +227,10 @@ class DhtNode:
                 await pending.event.wait()
         finally:
             del self._pending[txid]
+            awaited = self._awaiting[address]
+            awaited.discard(txid)
+            if not awaited:
+                del self._awaiting[address]
         message = pending.message
         if message is None:
             self.counters["query_timeouts"] += 1
@@ -312,7 +319,7 @@ class DhtNode:
     def handle_datagram(self, data: bytes, source: Address) -> bytes | None:
         """Process one datagram; returns the reply to send, if any. Never raises for bad input."""
         self.counters["received"] += 1
-        if not self._limiter.allow(source[0], trio.current_time()):
+        if not self._limiter.allow(source[0], trio.current_time()) and not self._may_answer_us(data, source):
             self.counters["dropped_rate_limited"] += 1
             return None
         if len(data) > MAX_DATAGRAM:
@@ -338,6 +345,18 @@ class DhtNode:
             self.counters["handler_errors"] += 1
             log.exception("DHT handler failed on a datagram from %s", source)
             return None
+
+    def _may_answer_us(self, data: bytes, source: Address) -> bool:
+        """Whether ``data`` may be the answer to one of our queries still waiting at ``source``: it carries that
+        query's txid. Such a datagram passes the rate limit. The limit is keyed on a source IP, which proves
+        nothing (spoofed, or another host behind the same NAT): without this, a flood from a node's IP made
+        its answers drop, and anyone could get an honest node evicted from chosen routing tables. The txid is
+        random and went only to ``source``, so an off-path flooder cannot use this; a flood from ``source``
+        itself costs a substring search here, and only while we wait on it."""
+        txids = self._awaiting.get(source)
+        if not txids:
+            return False
+        return any(b'"t":"%s"' % txid.encode("ascii") in data for txid in txids)
 
     def _dispatch(self, message: codec.Message, source: Address, size: int) -> bytes | None:
         if message.sender == self.id:
@@ -421,10 +440,13 @@ class DhtNode:
     def _heard_query(self, sender: bytes, source: Address) -> None:
         """Ping back a sender we cannot answer in full yet: one new to us, or a node we know that now asks from
         another address (restarted on a new port). Its answer proves the address, so its next queries get
-        records; without this, a restarted node asked from an address nobody ever queried, and got none."""
+        records; without this, a restarted node asked from an address nobody ever queried, and got none.
+
+        A query refreshes nothing in the table: its source address is not authenticated, and anyone who once
+        received a node's signed query can send it again, so it proves neither where the node is nor that it
+        is still up. Counting it would let a replay keep a dead contact in the table for ever."""
         known = self.table.get(sender)
         if known is not None and known.address == source:
-            self.table.observe(known, trio.current_time())
             return
         if self._proven.get(source) == sender:
             return
@@ -444,7 +466,7 @@ class DhtNode:
         action = self.table.observe(contact, trio.current_time())
         if isinstance(action, PingOldest):
             if len(self._verifying) >= self.params.max_background_pings:
-                self.table.ping_result(action, True, trio.current_time())
+                self.table.cancel_check(action)  # no news of the oldest: it must not count as an answer
                 self.counters["routing_rejected_bucket_full"] += 1
                 return
             self._verifying.add(action.oldest.address)
@@ -474,6 +496,12 @@ class DhtNode:
                 self._secrets = self._secrets.rotate(os.urandom(SECRET_BYTES), now)
             expired = self.store.expire(self._wall_clock())
             self.counters["records_expired"] += expired
+            if self.bootstrap_peers and not len(self.table):
+                # the peers were down when we started (or every contact has died since): without this a node
+                # stays out of the network for good, its own announcements kept to itself
+                self.counters["rejoins"] += 1
+                if await self.bootstrap(self.bootstrap_peers):
+                    self._last_republish = now - p.republish_interval  # somebody to announce to at last
             for index in self.table.stale_buckets(now, p.refresh_interval)[:8]:
                 self.counters["bucket_refreshes"] += 1
                 await self.lookup(self.table.random_id_in_bucket(index, os.urandom(32)))
@@ -495,7 +523,7 @@ async def serve(identity: SigningKey, listen: Address, bootstrap: Iterable[Addre
             node = DhtNode(identity, sock, params, nursery, wall_clock=wall_clock)
             nursery.start_soon(node._receive_loop)
             nursery.start_soon(node._maintain)
-            peers = [a for a in bootstrap if tuple(a) != node.address]
+            peers = node.bootstrap_peers = [a for a in bootstrap if tuple(a) != node.address]
             if peers:
                 await node.bootstrap(peers)
             task_status.started(node)

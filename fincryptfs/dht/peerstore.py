@@ -1,10 +1,13 @@
 """Records announced to this node, bounded in every dimension and expired on time.
 
 At most ``max_keys`` keys, ``max_per_key`` records per key (one per record id: a newer announcement replaces
-the older) and ``max_per_ip_per_key`` records per key from one announcing IP, so a single host cannot crowd out
-the real mediators under the well-known key. A record stays charged to the IP that first announced it, whoever
-re-announces it later: otherwise a second host re-announcing the first one's records would free the first
-one's quota, and two hosts could fill a key. A full store refuses new records rather than evicting live ones.
+the older), ``max_per_ip_per_key`` records per key from one announcing IP, so a single host cannot crowd out
+the real mediators under the well-known key, and ``max_per_ip`` records in all from one announcing IP, so a
+single host announcing under thousands of keys of its own cannot fill the key table either (a full store
+refuses new keys, the mediators' among them, and holds ~2 KB per record). A record stays charged to the IP
+that first announced it, whoever re-announces it later: otherwise a second host re-announcing the first one's
+records would free the first one's quota, and two hosts could fill a key. A full store refuses new records
+rather than evicting live ones.
 
 Every ``get_peers`` and ``announce_peer`` touches the store, so no operation scans it: expiry pops a heap
 ordered by expiry time (amortised O(log n) per record), and ``get`` skips expired records of its own key.
@@ -27,10 +30,13 @@ class _Stored:
 
 
 class PeerStore:
-    def __init__(self, *, max_keys: int = 4096, max_per_key: int = 64, max_per_ip_per_key: int = 4) -> None:
+    def __init__(self, *, max_keys: int = 4096, max_per_key: int = 64, max_per_ip_per_key: int = 4,
+                 max_per_ip: int = 64) -> None:
         self.max_keys, self.max_per_key, self.max_per_ip_per_key = max_keys, max_per_key, max_per_ip_per_key
+        self.max_per_ip = max_per_ip
         self._keys: dict[bytes, dict[str, _Stored]] = {}
         self._count = 0
+        self._per_ip: Counter[str] = Counter()  # announcer IP -> records charged to it, over every key
         # (expires_at, key, record id) for every stored record; an entry whose record was since replaced by a
         # later-expiring one is stale and skipped when popped (_compact bounds how many there are)
         self._expiry: list[tuple[int, bytes, str]] = []
@@ -57,7 +63,10 @@ class PeerStore:
             per_ip = Counter(s.announcer_ip for s in records.values())
             if per_ip[announcer_ip] >= self.max_per_ip_per_key:
                 return "announcer_ip_limit"
+            if self._per_ip[announcer_ip] >= self.max_per_ip:
+                return "announcer_ip_total"
             self._count += 1
+            self._per_ip[announcer_ip] += 1
         records[record.id] = _Stored(record, announcer_ip)
         self._keys[record.key] = records
         if old is None or old.record.expires_at != record.expires_at:
@@ -83,6 +92,9 @@ class PeerStore:
                 continue  # stale: replaced by a later-expiring record, whose own entry comes later
             del records[rid]
             self._count -= 1
+            self._per_ip[stored.announcer_ip] -= 1
+            if not self._per_ip[stored.announcer_ip]:
+                del self._per_ip[stored.announcer_ip]
             dropped += 1
             if not records:
                 del self._keys[key]

@@ -124,6 +124,16 @@ class RoutingTable:
         self.remove(action.oldest.id)
         return self.observe(action.candidate, now)
 
+    def cancel_check(self, action: PingOldest) -> Rejected | None:
+        """Give up an eviction check that cannot run (no ping to spare): the candidate is turned away and the
+        oldest contact stays as it was. Reporting it alive instead would reset a dead contact's failures and
+        make it the most recently seen, so it would never leave while pings stay short."""
+        index = self.bucket_index(action.oldest.id)
+        if self._pending.get(index) != action:
+            return None
+        del self._pending[index]
+        return Rejected(action.candidate, "bucket_full")
+
     def failed(self, contact: Contact) -> bool:
         """A query to ``contact`` timed out; drop it after MAX_FAILURES in a row. True if dropped.
 

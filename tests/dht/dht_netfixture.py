@@ -33,10 +33,10 @@ class Network:
     scopes: dict[int, trio.CancelScope] = field(default_factory=dict)
 
     async def add(self, host: str, *, key: SigningKey | None = None, bootstrap: list[tuple[str, int]] | None = None,
-                  params: DhtParams = TEST_PARAMS) -> DhtNode:
+                  params: DhtParams = TEST_PARAMS, port: int = 0) -> DhtNode:
         if bootstrap is None:
             bootstrap = [self.nodes[0].address] if self.nodes else []
-        node, scope = await self.nursery.start(_scoped_node, key or SigningKey.generate(), (host, 0), bootstrap,
+        node, scope = await self.nursery.start(_scoped_node, key or SigningKey.generate(), (host, port), bootstrap,
                                                params)
         self.nodes.append(node)
         self.scopes[id(node)] = scope

@@ -357,3 +357,103 @@ async def test_a_node_restarted_on_another_port_finds_the_mediator_again(network
         while not await again.find_mediators():
             await trio.sleep(0.1)
     assert [r.id for r in await again.find_mediators()] == [mediator.identity.id]
+
+
+def _id_in_top_bucket(of: bytes) -> SigningKey:
+    """A key whose id falls in the farthest bucket (255) of ``of``'s table."""
+    while True:
+        key = SigningKey.generate()
+        if (bytes.fromhex(key.id)[0] ^ of[0]) & 0x80:
+            return key
+
+
+async def test_a_dead_contact_is_not_kept_while_background_pings_are_all_taken(network: Network) -> None:
+    """A newcomer for a full bucket when no ping can be spared is turned away; that is no news about the
+    bucket's oldest contact, which must not count as having answered (its timeouts would start again from 0,
+    and a dead contact would never leave while the pings stay taken, as a flood of queries can keep them)."""
+    params = DhtParams(k=1, query_timeout=1.0, lookup_timeout=3.0, max_background_pings=0)
+    node = await network.add("127.8.0.1", bootstrap=[], params=params)
+    newcomer = await network.add("127.8.0.2", key=_id_in_top_bucket(node.id), bootstrap=[])
+    dead = Contact(bytes([node.id[0] ^ 0x80]) + node.id[1:], "127.8.0.9", 9)  # bucket 255, nobody answers
+    node.table.observe(dead, trio.current_time())
+    for _ in range(2):
+        await node.lookup(newcomer.id)  # the only contact times out: two failures in a row
+    assert await node.ping(newcomer.address)  # its answer finds bucket 255 full, and no ping to spare
+    assert node.table.get(newcomer.id) is None and node.counters["routing_rejected_bucket_full"] == 1
+    await node.lookup(newcomer.id)  # the third timeout in a row
+    assert node.table.get(dead.id) is None
+    assert node.counters["handler_errors"] == 0
+
+
+async def test_a_replayed_query_does_not_keep_a_dead_contact(network: Network) -> None:
+    """A query proves neither its source address (UDP) nor that its sender is up (anyone who received it can
+    send it again): a dead node's query replayed from its old address must not reset its timeouts."""
+    params = DhtParams(query_timeout=1.0, lookup_timeout=3.0)
+    node = await network.add("127.8.1.1", bootstrap=[], params=params)
+    peer = await network.add("127.8.1.2", bootstrap=[node.address])
+    await network.settle()
+    address = peer.address
+    assert node.table.get(peer.id) == Contact(peer.id, *address)
+    captured = codec.encode_query(peer.identity, "0123456789abcdef", "find_node", target=node.id)
+    network.stop(peer)
+    for _ in range(2):
+        await node.lookup(peer.id)  # two timeouts in a row at the dead peer
+    spoofer = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    with spoofer, trio.fail_after(5):
+        while True:  # the dead node's socket closes as its task unwinds
+            try:
+                await spoofer.bind(address)
+                break
+            except OSError:
+                await trio.sleep(0.05)
+        received = node.counters["queries_received"]
+        await spoofer.sendto(captured, node.address)
+        while node.counters["queries_received"] == received:
+            await trio.sleep(0.01)
+    await node.lookup(peer.id)  # the third timeout in a row
+    assert node.table.get(peer.id) is None
+    assert node.counters["handler_errors"] == 0
+
+
+async def test_a_node_whose_bootstrap_peer_was_down_joins_once_it_is_up(network: Network) -> None:
+    """A mediator started while its bootstrap peer is down (both restarted together) runs alone at first; it
+    must join, and announce, once the peer is up, not stay out of the network with its record kept to itself."""
+    params = DhtParams(query_timeout=0.3, lookup_timeout=3.0, maintenance_interval=0.2)
+    probe = trio.socket.socket(type=trio.socket.SOCK_DGRAM)
+    with probe:
+        await probe.bind(("127.8.2.1", 0))
+        peer_address = probe.getsockname()
+    mediator = await network.add("127.8.2.2", bootstrap=[peer_address], params=params)
+    assert len(mediator.table) == 0
+    assert await mediator.announce_mediator("http://127.8.2.2:8700") == 1  # kept in its own store only
+    await network.add(peer_address[0], port=peer_address[1], bootstrap=[])  # the bootstrap peer comes up
+    client = await network.add("127.8.2.3", bootstrap=[peer_address])
+    found = await searched(client.find_mediators, bool)
+    assert [r.id for r in found] == [mediator.identity.id]
+    assert mediator.table.get(network.nodes[1].id) is not None
+
+
+async def test_a_flood_from_a_nodes_ip_does_not_silence_its_answers(network: Network) -> None:
+    """The rate limit is keyed on the source IP, which proves nothing (spoofed, or another host behind the
+    same NAT). A flood from a node's IP must not make its answers to our own queries drop, or anyone could
+    get an honest node evicted from chosen routing tables at 50 datagrams/s."""
+    node = await network.add("127.8.3.1", bootstrap=[], params=DhtParams(rate=50, burst=100, query_timeout=0.5))
+    honest = await network.add("127.8.3.2", bootstrap=[])
+    junk = codec.encode_query(SigningKey.generate(), "bb" * 8, "ping")
+
+    async def flood(sock: trio.socket.SocketType) -> None:
+        while True:
+            for _ in range(20):
+                await sock.sendto(junk, node.address)
+            await trio.sleep(0.005)  # ~4,000 datagrams/s, far over the limit
+
+    with trio.socket.socket(type=trio.socket.SOCK_DGRAM) as sock:
+        await sock.bind((honest.address[0], 0))  # the honest node's IP, another port
+        async with trio.open_nursery() as nursery:
+            nursery.start_soon(flood, sock)
+            await trio.sleep(0.1)
+            for _ in range(3):
+                assert (await node.ping(honest.address)).id == honest.id
+            nursery.cancel_scope.cancel()
+    assert node.counters["dropped_rate_limited"] >= 100  # the flood itself is still limited
+    assert node.counters["handler_errors"] == 0

@@ -189,6 +189,30 @@ def test_lookup_contains_one_host_answering_with_many_ids() -> None:
     assert len([c for c in queued if c.host == "6.6.6.6"]) <= 2
 
 
+def test_a_claim_of_a_nodes_id_at_a_false_address_does_not_hide_the_node() -> None:
+    """A liar answering first names the node nearest the target at an address where nobody answers. The lookup
+    must still query that node where honest nodes say it is: else one liar on the path hides every holder of
+    a key (a claim is only a claim until the address answers, signed by the id)."""
+    target = nid(1)
+    holder = Contact(target[:-1] + bytes([target[-1] ^ 1]), "10.0.9.1", 1)
+    liar, honest = Contact(nid(50), "6.6.6.6", 1), Contact(nid(51), "10.0.1.1", 1)
+    lookup = Lookup(target, [liar, honest], own_id=OWN)
+    assert set(lookup.next_queries()) == {liar, honest}
+    lookup.on_response(liar, liar.id, (Contact(holder.id, "192.0.2.1", 9),))
+    lookup.on_response(honest, honest.id, (holder,))
+    asked: list[Contact] = []
+    while not lookup.done:
+        for contact in lookup.next_queries():
+            asked.append(contact)
+            if contact == holder:
+                lookup.on_response(contact, contact.id, ())
+            else:
+                lookup.on_timeout(contact)
+    assert holder in asked
+    assert [c for c, _ in lookup.result()] == [holder, honest, liar]
+    assert lookup.hops == 2
+
+
 def test_a_response_signed_by_another_id_counts_as_failure() -> None:
     c = Contact(nid(1), "10.0.0.1", 1)
     lookup = Lookup(nid(2), [c], own_id=OWN)
@@ -255,6 +279,28 @@ def test_re_announcing_from_another_ip_does_not_free_the_first_ips_quota() -> No
         assert store.add(rec(i), "10.0.0.2", now) is None
     assert store.add(rec(9), "10.0.0.2", now) == "announcer_ip_limit"
     assert len(store) == 8
+
+
+def test_one_ip_announcing_under_many_keys_cannot_fill_the_store() -> None:
+    """Keys are free to choose: without a limit over all keys, one host announcing a record under each of
+    max_keys keys of its own fills the key table, and the node then refuses the mediators' key."""
+    now = 1_000_000
+    store = PeerStore(max_keys=256)  # the other limits at their defaults
+    attacker = SigningKey(b"\x07" * 32)
+    accepted = 0
+    for i in range(256):
+        record = PeerRecord.sign(attacker, key=hashlib.sha256(b"junk%d" % i).digest(), role="junk",
+                                 url="http://x.example", expires_at=now + 100)
+        accepted += store.add(record, "10.9.9.9", now) is None
+    assert accepted == store.max_per_ip < store.max_keys
+    mediator = PeerRecord.sign(SigningKey(b"\x08" * 32), key=MEDIATORS_KEY, role="mediator",
+                               url="http://m.example", expires_at=now + 200)
+    assert store.add(mediator, "10.0.0.1", now) is None
+    # the quota is the host's again once its records expire
+    assert store.expire(now + 150) == store.max_per_ip
+    record = PeerRecord.sign(attacker, key=b"\x05" * 32, role="junk", url="http://x.example",
+                             expires_at=now + 300)
+    assert store.add(record, "10.9.9.9", now + 150) is None
 
 
 def test_rate_limiter_is_per_source_and_bounded() -> None:
