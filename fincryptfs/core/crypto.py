@@ -45,6 +45,9 @@ _MAX_SEGMENT_INDEX = 2**64 - 1
 SCRYPT_N = 2**15
 SCRYPT_R = 8
 SCRYPT_P = 1
+# What a reader will spend on a key file's own parameters: a damaged or planted file asking for n=2^22, r=32
+# (16 GiB) must be refused, not attempted.
+SCRYPT_MAX_MEMORY = 2**30
 
 _mnemonic = Mnemonic("english")
 
@@ -124,19 +127,22 @@ def decode_key_file(data: bytes, passphrase: str | None) -> bytes:
         if passphrase is None:
             raise WrongKeyError("this key file is protected by a passphrase; none was given")
         n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
-        if not (2**10 <= n <= 2**22 and 1 <= r <= 32 and 1 <= p <= 16):
-            raise ConfigError("key file has implausible scrypt parameters")
+        if not (2**10 <= n <= 2**22 and 1 <= r <= 32 and 1 <= p <= 16) or 128 * n * r > SCRYPT_MAX_MEMORY:
+            raise ConfigError(f"key file has implausible scrypt parameters (n={n}, r={r}, p={p}): it is damaged")
         kek = _scrypt(passphrase, bytes.fromhex(doc["salt"]), n, r, p)
         sealed = bytes.fromhex(doc["sealed"])
         nonce = bytes.fromhex(doc["nonce"])
         if len(nonce) != NONCE_BYTES or len(sealed) != KEY_BYTES + TAG_BYTES:
             raise ConfigError("key file is damaged: the sealed key or its nonce has the wrong length")
-    except (KeyError, ValueError, TypeError) as exc:
+    except KeyError as exc:
+        raise ConfigError(f"key file is damaged: it lacks the field {exc}") from exc
+    except (ValueError, TypeError) as exc:
         raise ConfigError(f"key file is damaged: {exc}") from exc
     try:
         return AESGCM(kek).decrypt(nonce, sealed, _KEYFILE_AD_TAG)
     except InvalidTag as exc:
-        raise WrongKeyError("wrong passphrase for this key file") from exc
+        # GCM cannot tell a wrong passphrase from an altered salt, parameter, nonce or sealed key: say both
+        raise WrongKeyError("wrong passphrase for this key file (or the file was altered)") from exc
 
 
 def _parse_key_file(data: bytes) -> dict[str, Any]:
