@@ -181,3 +181,22 @@ def test_a_publish_goes_on_top_of_the_pointer_last_seen_only(current: int, seen:
     else:
         with pytest.raises(SnapshotRollbackError if current < seen else TreeDivergedError):
             check_pointer_version(current, seen)
+
+
+def test_pointer_seal_is_as_docs_format_md_states() -> None:
+    """The pointer's ``sealed`` opens with the key and associated data docs/format.md spells out."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from fincryptfs.core.crypto import derive_key
+    from fincryptfs.core.layout import ObjectLayout
+    from fincryptfs.core.wire import canonical_json
+    from fincryptfs.objectstore import ShareRef, StoredObject
+
+    master, account, version = new_master_key(), "ab" * 32, 7
+    stored = StoredObject("cd" * 32, bytes(range(32)), 100, ObjectLayout(4096, 4096, 2, 4),
+                          (ShareRef(0, "ef" * 32, bytes(32)),))  # type: ignore[arg-type]
+    sealed = seal_stored_object(master, account, version, stored)
+    ad = (b"fincrypt-manifest-pointer-v1\x00" + bytes.fromhex(account) + version.to_bytes(8, "big")
+          + bytes.fromhex(stored.object_id))
+    plain = AESGCM(derive_key(master, "manifest-pointer-v1")).decrypt(sealed[:12], sealed[12:], ad)
+    assert plain == canonical_json(stored.to_json())
