@@ -3,8 +3,9 @@
 * The **master key** (256 random bits) is the one secret a user must keep. Its **recovery phrase** is the
   24-word BIP-39 encoding of those bits (library: ``mnemonic``, the reference implementation, chosen over a
   hand-made word list because the checksum and word list are a published standard many users already know).
-* Everything else is derived from it with HKDF-SHA256 and a purpose label, so a phrase alone restores the account
-  signing key, the key that wraps per-file keys and the key that seals the manifest pointer.
+* Every other account key is derived from it with HKDF-SHA256 and a purpose label, so a phrase alone restores
+  the account signing key and the key that seals the manifest pointer (whose snapshot holds the per-file keys;
+  ``wrap_file_key`` is defined but the client does not use it).
 * The **key file** holds the master key either sealed under a passphrase (scrypt, n=2^15, r=8, p=1, then
   AES-256-GCM) or in clear for a file readable only by its owner.
 * **Segments** are sealed with AES-256-GCM under a random per-object key. The 96-bit nonce is the segment index
