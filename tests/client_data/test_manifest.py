@@ -200,3 +200,21 @@ def test_pointer_seal_is_as_docs_format_md_states() -> None:
           + bytes.fromhex(stored.object_id))
     plain = AESGCM(derive_key(master, "manifest-pointer-v1")).decrypt(sealed[:12], sealed[12:], ad)
     assert plain == canonical_json(stored.to_json())
+
+
+def test_trailing_bytes_after_a_stream_ending_on_a_read_boundary_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zlib stream may end exactly where one read ends (nothing left over in the decompressor): what follows
+    must still be checked to be the zeros that pad it."""
+    import zlib
+
+    from fincryptfs import manifest
+
+    stream = zlib.compress(b"a tree" * 1000, 1)
+    monkeypatch.setattr(manifest, "_CHUNK", len(stream))  # the first read after the magic is the whole stream
+    (tmp_path / "bad.z").write_bytes(SNAPSHOT_MAGIC + stream + bytes(100) + b"junk" + bytes(100))
+    with pytest.raises(IntegrityError, match="trailing bytes"):
+        decompress_snapshot(tmp_path / "bad.z", tmp_path / "out")
+    (tmp_path / "good.z").write_bytes(SNAPSHOT_MAGIC + stream + bytes(3 * len(stream) + 5))
+    decompress_snapshot(tmp_path / "good.z", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == b"a tree" * 1000
