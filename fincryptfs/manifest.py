@@ -240,7 +240,9 @@ def decompress_snapshot(src: Path, dest: Path) -> None:
             raise IntegrityError(f"the tree snapshot does not decompress: {exc}") from exc
         if not unpacker.eof:
             raise IntegrityError("the tree snapshot is cut short")
-        rest = unpacker.unused_data  # then the padding, read a chunk at a time (it may be as long as the stream)
+        # then the padding, read a chunk at a time (it may be as long as the stream); unused_data is empty when
+        # the stream ended where a read did, and the rest of the file must be checked all the same
+        rest = unpacker.unused_data or inp.read(_CHUNK)
         while rest:
             if rest.count(0) != len(rest):
                 raise IntegrityError("the tree snapshot has trailing bytes after its compressed stream")

@@ -3,8 +3,9 @@
 * The **master key** (256 random bits) is the one secret a user must keep. Its **recovery phrase** is the
   24-word BIP-39 encoding of those bits (library: ``mnemonic``, the reference implementation, chosen over a
   hand-made word list because the checksum and word list are a published standard many users already know).
-* Everything else is derived from it with HKDF-SHA256 and a purpose label, so a phrase alone restores the account
-  signing key, the key that wraps per-file keys and the key that seals the manifest pointer.
+* Every other account key is derived from it with HKDF-SHA256 and a purpose label, so a phrase alone restores
+  the account signing key and the key that seals the manifest pointer (whose snapshot holds the per-file keys;
+  ``wrap_file_key`` is defined but the client does not use it).
 * The **key file** holds the master key either sealed under a passphrase (scrypt, n=2^15, r=8, p=1, then
   AES-256-GCM) or in clear for a file readable only by its owner.
 * **Segments** are sealed with AES-256-GCM under a random per-object key. The 96-bit nonce is the segment index
@@ -45,6 +46,9 @@ _MAX_SEGMENT_INDEX = 2**64 - 1
 SCRYPT_N = 2**15
 SCRYPT_R = 8
 SCRYPT_P = 1
+# What a reader will spend on a key file's own parameters: a damaged or planted file asking for n=2^22, r=32
+# (16 GiB) must be refused, not attempted.
+SCRYPT_MAX_MEMORY = 2**30
 
 _mnemonic = Mnemonic("english")
 
@@ -124,19 +128,22 @@ def decode_key_file(data: bytes, passphrase: str | None) -> bytes:
         if passphrase is None:
             raise WrongKeyError("this key file is protected by a passphrase; none was given")
         n, r, p = int(doc["n"]), int(doc["r"]), int(doc["p"])
-        if not (2**10 <= n <= 2**22 and 1 <= r <= 32 and 1 <= p <= 16):
-            raise ConfigError("key file has implausible scrypt parameters")
+        if not (2**10 <= n <= 2**22 and 1 <= r <= 32 and 1 <= p <= 16) or 128 * n * r > SCRYPT_MAX_MEMORY:
+            raise ConfigError(f"key file has implausible scrypt parameters (n={n}, r={r}, p={p}): it is damaged")
         kek = _scrypt(passphrase, bytes.fromhex(doc["salt"]), n, r, p)
         sealed = bytes.fromhex(doc["sealed"])
         nonce = bytes.fromhex(doc["nonce"])
         if len(nonce) != NONCE_BYTES or len(sealed) != KEY_BYTES + TAG_BYTES:
             raise ConfigError("key file is damaged: the sealed key or its nonce has the wrong length")
-    except (KeyError, ValueError, TypeError) as exc:
+    except KeyError as exc:
+        raise ConfigError(f"key file is damaged: it lacks the field {exc}") from exc
+    except (ValueError, TypeError) as exc:
         raise ConfigError(f"key file is damaged: {exc}") from exc
     try:
         return AESGCM(kek).decrypt(nonce, sealed, _KEYFILE_AD_TAG)
     except InvalidTag as exc:
-        raise WrongKeyError("wrong passphrase for this key file") from exc
+        # GCM cannot tell a wrong passphrase from an altered salt, parameter, nonce or sealed key: say both
+        raise WrongKeyError("wrong passphrase for this key file (or the file was altered)") from exc
 
 
 def _parse_key_file(data: bytes) -> dict[str, Any]:

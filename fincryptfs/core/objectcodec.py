@@ -52,8 +52,8 @@ def segment_plaintext(layout: ObjectLayout, data_length: int, index: int, read: 
     zeros_end = min(end, trailer_start)
     if zeros_end > max(start, data_length):
         parts.append(bytes(zeros_end - max(start, data_length)))
-    if end > trailer_start:
-        parts.append(struct.pack(">Q", data_length)[max(start, trailer_start) - trailer_start:])
+    if end > trailer_start:  # a segment may end inside the trailer: take only the part within this segment
+        parts.append(struct.pack(">Q", data_length)[max(start, trailer_start) - trailer_start:end - trailer_start])
     return parts[0] if len(parts) == 1 else b"".join(parts)
 
 

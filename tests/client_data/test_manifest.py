@@ -181,3 +181,40 @@ def test_a_publish_goes_on_top_of_the_pointer_last_seen_only(current: int, seen:
     else:
         with pytest.raises(SnapshotRollbackError if current < seen else TreeDivergedError):
             check_pointer_version(current, seen)
+
+
+def test_pointer_seal_is_as_docs_format_md_states() -> None:
+    """The pointer's ``sealed`` opens with the key and associated data docs/format.md spells out."""
+    from cryptography.hazmat.primitives.ciphers.aead import AESGCM
+
+    from fincryptfs.core.crypto import derive_key
+    from fincryptfs.core.layout import ObjectLayout
+    from fincryptfs.core.wire import canonical_json
+    from fincryptfs.objectstore import ShareRef, StoredObject
+
+    master, account, version = new_master_key(), "ab" * 32, 7
+    stored = StoredObject("cd" * 32, bytes(range(32)), 100, ObjectLayout(4096, 4096, 2, 4),
+                          (ShareRef(0, "ef" * 32, bytes(32)),))  # type: ignore[arg-type]
+    sealed = seal_stored_object(master, account, version, stored)
+    ad = (b"fincrypt-manifest-pointer-v1\x00" + bytes.fromhex(account) + version.to_bytes(8, "big")
+          + bytes.fromhex(stored.object_id))
+    plain = AESGCM(derive_key(master, "manifest-pointer-v1")).decrypt(sealed[:12], sealed[12:], ad)
+    assert plain == canonical_json(stored.to_json())
+
+
+def test_trailing_bytes_after_a_stream_ending_on_a_read_boundary_are_refused(
+        tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    """The zlib stream may end exactly where one read ends (nothing left over in the decompressor): what follows
+    must still be checked to be the zeros that pad it."""
+    import zlib
+
+    from fincryptfs import manifest
+
+    stream = zlib.compress(b"a tree" * 1000, 1)
+    monkeypatch.setattr(manifest, "_CHUNK", len(stream))  # the first read after the magic is the whole stream
+    (tmp_path / "bad.z").write_bytes(SNAPSHOT_MAGIC + stream + bytes(100) + b"junk" + bytes(100))
+    with pytest.raises(IntegrityError, match="trailing bytes"):
+        decompress_snapshot(tmp_path / "bad.z", tmp_path / "out")
+    (tmp_path / "good.z").write_bytes(SNAPSHOT_MAGIC + stream + bytes(3 * len(stream) + 5))
+    decompress_snapshot(tmp_path / "good.z", tmp_path / "out")
+    assert (tmp_path / "out").read_bytes() == b"a tree" * 1000

@@ -226,6 +226,32 @@ def test_damaged_key_file_is_config_error(data: bytes) -> None:
         crypto.decode_key_file(data, "pw")
 
 
+def test_key_file_asking_for_too_much_memory_is_refused_before_the_kdf(monkeypatch: pytest.MonkeyPatch) -> None:
+    """n and r each within range but together 16 GiB of scrypt memory: damaged or planted, never attempted."""
+    calls: list[tuple[int, int, int]] = []
+
+    def fake_scrypt(passphrase: str, salt: bytes, n: int, r: int, p: int) -> bytes:
+        calls.append((n, r, p))
+        return bytes(32)
+
+    doc = json.loads(crypto.encode_key_file(KEY, "pw"))
+    doc.update(n=2**22, r=32)
+    monkeypatch.setattr(crypto, "_scrypt", fake_scrypt)
+    with pytest.raises(ConfigError, match="implausible scrypt parameters"):
+        crypto.decode_key_file(json.dumps(doc).encode(), "pw")
+    assert calls == []
+
+
+def test_altered_key_file_says_so() -> None:
+    doc = json.loads(crypto.encode_key_file(KEY, "pw"))
+    doc["salt"] = "00" * 16
+    with pytest.raises(WrongKeyError, match="or the file was altered"):
+        crypto.decode_key_file(json.dumps(doc).encode(), "pw")
+    del doc["salt"]
+    with pytest.raises(ConfigError, match="lacks the field 'salt'"):
+        crypto.decode_key_file(json.dumps(doc).encode(), "pw")
+
+
 # --- file keys ----------------------------------------------------------------------------------------------
 
 

@@ -182,3 +182,16 @@ def test_padded_segments_refuse_a_layout_for_another_length() -> None:
     layout = objectcodec.plan_object(100_000, 4096, 2, 4)
     with pytest.raises(ValueError, match="padded bytes"):
         list(objectcodec.padded_segments(layout, 10, lambda off, size: bytes(size)))
+
+
+@pytest.mark.parametrize("tail_in_last", range(1, TRAILER_BYTES))
+def test_length_trailer_split_across_two_segments(tail_in_last: int) -> None:
+    """A segment size (FINCRYPT_SEGMENT_SIZE may be any number of bytes) can end a segment inside the 8-byte
+    length trailer: the segment before the last must then hold only the trailer's first bytes."""
+    length = 4171
+    padded = padded_length(length)  # 4352
+    segment_size = padded - tail_in_last
+    data = bytes(i % 251 for i in range(length))
+    layout, shares = _encode_object(data, segment_size, 2, 4)
+    assert layout.segment_count == 2 and layout.plain_length(1) == tail_in_last
+    assert _decode_object(layout, {0: bytes(shares[0]), 3: bytes(shares[3])}) == data

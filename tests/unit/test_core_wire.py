@@ -302,3 +302,15 @@ def test_fields_strictness() -> None:
         wire.Fields({"d": [1, 2]}, "thing").list("d", max_items=1)
     with pytest.raises(RemoteProtocolError, match="invalid format"):
         wire.Fields({"c": "X"}, "thing").str("c", pattern="[a-z]")
+
+
+def test_signed_request_bytes_are_as_docs_format_md_states() -> None:
+    """The signature verifies over the bytes docs/format.md spells out (tag v2, audience on its own line)."""
+    import hashlib
+
+    headers = wire.sign_request(KEY, "post", AUD, "/v1/challenges?a=b", b"{}", NOW)
+    assert headers[wire.HEADER_AUDIENCE] == AUD
+    documented = (b"fincrypt-request-v2\nPOST\n" + AUD.encode() + b"\n/v1/challenges?a=b\n"
+                  + str(NOW).encode() + b"\n" + headers[wire.HEADER_NONCE].encode() + b"\n"
+                  + hashlib.sha256(b"{}").hexdigest().encode())
+    KEY.public.verify(wire.b64decode(headers[wire.HEADER_SIGNATURE]), documented)
