@@ -37,7 +37,8 @@ def _status(settings: StorageSettings) -> dict[str, object]:
     try:
         key = load_or_create_identity(settings.data_dir, db)
         shares, stored = db.totals()
-        store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir())
+        store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir(),
+                           data_dir=settings.data_dir)
         for folder, used in db.bytes_by_dir().items():
             store.account_existing(folder, used)
         free = store.free_bytes()  # looks at every folder: notes those that cannot be used
