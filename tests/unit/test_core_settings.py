@@ -203,3 +203,38 @@ def test_env_example_documents_every_setting_read_and_its_default(monkeypatch: p
         except ConfigError:
             continue  # words, not a value ("the bound listen address")
         assert parsed == defaults[cls], f"{name}: .env.example says the default is {text}"
+
+
+NODE_VALUES_MEDIATORS_REFUSE = [
+    ("STORAGED_PUBLIC_URL", "http://node.example.org:99999"), ("STORAGED_PUBLIC_URL", "http://node.example.org:0"),
+    ("STORAGED_PUBLIC_URL", "http://node..example.org"), ("STORAGED_PUBLIC_URL", "http://-node-:8701"),
+    ("STORAGED_PUBLIC_URL", "http://node:80:80"), ("STORAGED_PUBLIC_URL", "http://300.1.2.3:8701"),
+    ("STORAGED_MEDIATORS", "http://m.example.org:8700,http://m.example.org:70000"),
+]
+
+
+@pytest.mark.parametrize("name,value", NODE_VALUES_MEDIATORS_REFUSE)
+def test_a_node_url_every_mediator_would_refuse_is_refused_at_start(name: str, value: str) -> None:
+    """Accepted at start, such a URL made every announcement fail (or every connection), for ever, while the node
+    looked healthy; the check is the one announcements pass (messages.check_url)."""
+    with pytest.raises(ConfigError, match=f"{name}=.* is invalid: expected an http:// or https:// URL"):
+        StorageSettings.from_env({name: value}, home=HOME)
+
+
+@pytest.mark.parametrize("dirs", ["/a:1025P", "/a:600P,/b:600P"])
+def test_a_capacity_an_announcement_cannot_carry_is_refused_at_start(dirs: str) -> None:
+    """Announcements carry at most 2^60 bytes of capacity (1 EiB): more, and every mediator refused every one."""
+    with pytest.raises(ConfigError, match="STORAGED_SHARE_DIRS=.*1024P"):
+        StorageSettings.from_env({"STORAGED_SHARE_DIRS": dirs}, home=HOME)
+    assert StorageSettings.from_env({"STORAGED_SHARE_DIRS": "/a:512P,/b:512P"}, home=HOME).share_dirs
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8701", "[::]:8701", "0.0.0.0:0"])
+def test_listening_on_every_address_needs_a_public_url(listen: str) -> None:
+    """Without STORAGED_PUBLIC_URL the node announces the bound address: http://0.0.0.0:8701 reaches no node
+    from a mediator's machine, so the node would get no shares and fail every audit, without a word."""
+    with pytest.raises(ConfigError, match="STORAGED_LISTEN=.* set STORAGED_PUBLIC_URL"):
+        StorageSettings.from_env({"STORAGED_LISTEN": listen}, home=HOME)
+    s = StorageSettings.from_env({"STORAGED_LISTEN": listen, "STORAGED_PUBLIC_URL": "https://n.example.org"},
+                                 home=HOME)
+    assert s.public_url == "https://n.example.org"
