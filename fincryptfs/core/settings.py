@@ -19,6 +19,7 @@ from typing import Any, TypeAlias, TypeVar
 
 from dotenv import dotenv_values
 
+from .address import checksum_ok
 from .erasure import ErasureParams
 from .errors import ConfigError, ErasureError, RemoteProtocolError
 from .layout import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE
@@ -323,7 +324,9 @@ class StorageSettings:
             reserve_bytes=r.get("RESERVE_BYTES", 2**30, _bytes_size, "a size in bytes (e.g. 1G)"),
             price=r.get("PRICE", None, _price, "an integer (millisatoshi per GiB-hour) or 'float'"),
             mediators=r.urls("MEDIATORS"),
-            payout_address=r.get("PAYOUT_ADDRESS", None, _address, "a Bitcoin address"),
+            payout_address=r.get("PAYOUT_ADDRESS", None, _address,
+                                 "a Bitcoin address of the mediators' network, copied whole from your wallet "
+                                 "(its checksum does not match: a character is wrong, missing or extra)"),
             operator=r.text("OPERATOR", "", r"[A-Za-z0-9._@-]{0,64}"),  # as NodeAnnouncement accepts
             announce_interval=r.seconds("ANNOUNCE_INTERVAL", 300.0, 0.1),
             scrub_interval=r.seconds("SCRUB_INTERVAL", 86400.0, 0.1),
@@ -356,7 +359,9 @@ def _positive_size(text: str) -> int:
 
 
 def _address(text: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9]{14,90}", text) is None:
+    """A Bitcoin address whose checksum holds: a mistyped one was announced, credited and never paid (only the
+    mediator's log said why)."""
+    if re.fullmatch(r"[A-Za-z0-9]{14,90}", text) is None or not checksum_ok(text):
         raise ValueError(text)
     return text
 
