@@ -10,11 +10,12 @@ import trio
 
 from fincryptfs import allocator, logs, run_daemon
 from fincryptfs.asgi import dumps
+from fincryptfs.core.errors import ConfigError
 from fincryptfs.core.settings import StorageSettings
 from fincryptfs.run_daemon import run_until_signalled
 from storaged import __version__
 
-from .daemon import load_or_create_identity, open_database, prepare_data_dir, serve
+from .daemon import IDENTITY_FILE, load_or_create_identity, open_database, prepare_data_dir, serve
 
 log = logging.getLogger("storaged")
 
@@ -32,12 +33,16 @@ def _status(settings: StorageSettings) -> dict[str, object]:
     from .db import STATE_CORRUPT, STATE_MISSING
     from .store import ShareStore
 
-    prepare_data_dir(settings)
+    if not (settings.data_dir / IDENTITY_FILE).exists():  # never a new node, mistaken for this one
+        raise ConfigError(f"no storage node has run with STORAGED_DATA_DIR={settings.data_dir} (it has no "
+                          f"{IDENTITY_FILE}): check STORAGED_DATA_DIR and the settings file (--env-file, or ./.env "
+                          "in the folder you run storaged from), or start the node first")
     db = open_database(settings.data_dir)
     try:
         key = load_or_create_identity(settings.data_dir, db)
         shares, stored = db.totals()
-        store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir())
+        store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir(),
+                           data_dir=settings.data_dir)
         for folder, used in db.bytes_by_dir().items():
             store.account_existing(folder, used)
         free = store.free_bytes()  # looks at every folder: notes those that cannot be used

@@ -5,6 +5,7 @@ nursery. ``serve`` reports the bound base URL through ``task_status`` so tests c
 from __future__ import annotations
 
 import logging
+import os
 from collections.abc import AsyncIterator
 from contextlib import ExitStack, asynccontextmanager
 from pathlib import Path
@@ -82,8 +83,12 @@ async def open_service(settings: StorageSettings) -> AsyncIterator[StorageServic
         db = open_database(settings.data_dir)
         try:
             key = load_or_create_identity(settings.data_dir, db)
-            store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir())
+            store = ShareStore(settings.share_dirs, settings.reserve_bytes, db.shares_by_dir(),
+                               data_dir=settings.data_dir)
+            data_real = os.path.realpath(settings.data_dir)
             for folder in store.folders:
+                if os.path.realpath(folder.root) == data_real:  # its lock is the data folder's, held above
+                    continue
                 locks.enter_context(held(folder.root / LOCK_FILE, f"share folder {folder.root} is in use by "
                                          "another storaged: stop it, or give each node share folders of its own "
                                          "(STORAGED_SHARE_DIRS)"))

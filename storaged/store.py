@@ -227,14 +227,18 @@ class ShareWriter:
 class ShareStore:
     """All share folders: placement of new shares, space accounting, removal and start-up cleanup."""
 
-    def __init__(self, dirs: tuple[ShareDir, ...], reserve_bytes: int, shares_by_dir: Mapping[str, int]) -> None:
+    def __init__(self, dirs: tuple[ShareDir, ...], reserve_bytes: int, shares_by_dir: Mapping[str, int], *,
+                 data_dir: Path | None = None) -> None:
         """Open the share folders; ``shares_by_dir`` (from the database) tells a new folder, created here, from
-        one that held shares and has gone (ConfigError: the node must not start). Nested folders are refused.
+        one that held shares and has gone (ConfigError: the node must not start). Nested folders are refused, and
+        so is a share folder holding the node's ``data_dir``.
 
         A folder recorded as a relative or unnormalised path (as older versions stored it) is found by its
         absolute path: ``by_key`` knows it under both names, and :attr:`aliases` lists them."""
         self.folders = [ShareFolder(d) for d in dirs]
         _refuse_overlaps(self.folders)
+        if data_dir is not None:
+            _refuse_data_dir_inside(self.folders, data_dir)
         self.by_key = {f.key: f for f in self.folders}
         self.aliases: dict[str, str] = {}  # folder name as recorded in the database → its key
         for recorded in shares_by_dir:
@@ -400,6 +404,24 @@ def _refuse_overlaps(folders: Sequence[ShareFolder]) -> None:
                     raise ConfigError(f"share folder {b.root} is inside share folder {a.root}: the cleanup of "
                                       f"{a.root} at start could delete its shares. Give each share folder in "
                                       "STORAGED_SHARE_DIRS its own place, none inside another")
+
+
+def _refuse_data_dir_inside(folders: Sequence[ShareFolder], data_dir: Path) -> None:
+    """ConfigError if the node's data folder lies inside a share folder.
+
+    The start-up cleanup deletes every file of a share folder's ``.tmp`` and two-character subfolders that is
+    not a share: a data folder there (``/srv/fincrypt/db``) lost the node's identity and database at the first
+    start. The data folder may be a share folder itself (its own files are not in those subfolders), or hold one
+    (the default, ``$STORAGED_DATA_DIR/shares``).
+    """
+    data_real = Path(os.path.realpath(data_dir))
+    for folder in folders:
+        root_real = Path(os.path.realpath(folder.root))
+        if data_real != root_real and data_real.is_relative_to(root_real):
+            raise ConfigError(f"STORAGED_DATA_DIR {data_dir} is inside share folder {folder.root}: the cleanup of "
+                              "a share folder at start could delete the node's identity and database. Put the "
+                              "data folder beside the share folders (or make it one of them), and list in "
+                              "STORAGED_SHARE_DIRS no folder that holds it")
 
 
 def _open_folder(folder: ShareFolder, shares: int) -> None:

@@ -19,9 +19,11 @@ from typing import Any, TypeAlias, TypeVar
 
 from dotenv import dotenv_values
 
+from .address import checksum_ok
 from .erasure import ErasureParams
-from .errors import ConfigError, ErasureError
+from .errors import ConfigError, ErasureError, RemoteProtocolError
 from .layout import DEFAULT_SEGMENT_SIZE, MAX_SEGMENT_SIZE, MIN_SEGMENT_SIZE
+from .messages import check_url
 
 T = TypeVar("T")
 _URL_RE = re.compile(r"https?://[A-Za-z0-9.\-\[\]:]+(/[A-Za-z0-9._~/\-]*)?")
@@ -96,11 +98,11 @@ class _Reader:
         return self.get(name, default, lambda t: Path(t).expanduser(), "a path")
 
     def url(self, name: _Str, default: _Str | None) -> _Str | None:
-        return self.get(name, default, _parse_url, "an http:// or https:// URL")
+        return self.get(name, default, _parse_url, f"an http:// or https:// URL ({_URL_WHAT})")
 
     def urls(self, name: _Str) -> tuple[_Str, ...]:
         return self.get(name, (), lambda t: tuple(_parse_url(u) for u in t.split(",") if u.strip()),
-                        "comma-separated http(s) URLs")
+                        f"an http:// or https:// URL, or several separated by commas ({_URL_WHAT})")
 
     def choice(self, name: _Str, default: _Str, options: tuple[_Str, ...]) -> _Str:
         def parse(text: _Str) -> _Str:
@@ -131,10 +133,20 @@ class _Reader:
                               ".env.example)")
 
 
+_URL_WHAT = ("a host name, an IPv4 address or an [IPv6] address, an optional port in 1..65535 and a plain path, "
+             "e.g. https://node.example.org:8701")
+
+
 def _parse_url(text: str) -> str:
+    """The URL if every peer would take it: the check of announcements and every other message (a node whose
+    STORAGED_PUBLIC_URL has port 99999 would otherwise see every announcement refused, for ever)."""
     text = text.strip()
     if _URL_RE.fullmatch(text) is None:
         raise ValueError(text)
+    try:
+        check_url(text, "URL")
+    except RemoteProtocolError as exc:
+        raise ValueError(text) from exc
     return text.rstrip("/")
 
 
@@ -246,6 +258,9 @@ class ClientSettings:
 # --- storage node -------------------------------------------------------------------------------------------
 
 
+MAX_CAPACITY_BYTES = 2**60  # 1024P: the most a node's announcement may offer (messages.NodeAnnouncement)
+
+
 @dataclass(frozen=True)
 class ShareDir:
     path: Path
@@ -262,6 +277,8 @@ def _share_dirs(text: str) -> tuple[ShareDir, ...]:
             raise ValueError(item)
         dirs.append(ShareDir(Path(path).expanduser(), _bytes_size(capacity)))
     if not dirs or len({d.path for d in dirs}) != len(dirs):
+        raise ValueError(text)
+    if sum(d.capacity_bytes for d in dirs) > MAX_CAPACITY_BYTES:  # what an announcement may carry
         raise ValueError(text)
     return tuple(dirs)
 
@@ -302,11 +319,14 @@ class StorageSettings:
             public_url=r.url("PUBLIC_URL", None),
             data_dir=data_dir,
             share_dirs=r.get("SHARE_DIRS", (ShareDir(data_dir / "shares", 100 * 2**30),), _share_dirs,
-                             "comma-separated PATH:CAPACITY entries, e.g. /srv/a:500G,/srv/b:250G"),
+                             "comma-separated PATH:CAPACITY entries, e.g. /srv/a:500G,/srv/b:250G, of 1024P "
+                             "at most in all"),
             reserve_bytes=r.get("RESERVE_BYTES", 2**30, _bytes_size, "a size in bytes (e.g. 1G)"),
             price=r.get("PRICE", None, _price, "an integer (millisatoshi per GiB-hour) or 'float'"),
             mediators=r.urls("MEDIATORS"),
-            payout_address=r.get("PAYOUT_ADDRESS", None, _address, "a Bitcoin address"),
+            payout_address=r.get("PAYOUT_ADDRESS", None, _address,
+                                 "a Bitcoin address of the mediators' network, copied whole from your wallet "
+                                 "(its checksum does not match: a character is wrong, missing or extra)"),
             operator=r.text("OPERATOR", "", r"[A-Za-z0-9._@-]{0,64}"),  # as NodeAnnouncement accepts
             announce_interval=r.seconds("ANNOUNCE_INTERVAL", 300.0, 0.1),
             scrub_interval=r.seconds("SCRUB_INTERVAL", 86400.0, 0.1),
@@ -316,7 +336,19 @@ class StorageSettings:
             dht_bootstrap=r.get("DHT_BOOTSTRAP", (), _dht_peers, _DHT_PEERS_WHAT),
         )
         r.finish()
+        if settings.public_url is None and _unspecified(settings.listen[0]):
+            raise ConfigError(f"STORAGED_LISTEN={settings.listen[0]}:{settings.listen[1]} listens on every address "
+                              "of this machine, which is no address the mediators and clients can reach it at: set "
+                              "STORAGED_PUBLIC_URL to the URL they use (e.g. http://203.0.113.5:8701)")
         return settings
+
+
+def _unspecified(host: str) -> bool:
+    """Whether ``host`` is the any-address (0.0.0.0, ::): fine to bind, meaningless to announce."""
+    try:
+        return ipaddress.ip_address(host).is_unspecified
+    except ValueError:
+        return False
 
 
 def _positive_size(text: str) -> int:
@@ -327,7 +359,9 @@ def _positive_size(text: str) -> int:
 
 
 def _address(text: str) -> str:
-    if re.fullmatch(r"[A-Za-z0-9]{14,90}", text) is None:
+    """A Bitcoin address whose checksum holds: a mistyped one was announced, credited and never paid (only the
+    mediator's log said why)."""
+    if re.fullmatch(r"[A-Za-z0-9]{14,90}", text) is None or not checksum_ok(text):
         raise ValueError(text)
     return text
 

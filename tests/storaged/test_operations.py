@@ -95,3 +95,16 @@ async def test_status_tells_of_missing_shares(tmp_path: Path, mediator: Mediator
     assert status["shares_missing"] == 1 and status["shares_corrupt"] == 0 and status["problems"] == []
     text = run_cli("status", env_file=env_file)
     assert "shares_missing: 1" in text and "the mediators repair them on other nodes" in text
+
+
+def test_status_of_a_data_folder_without_a_node_creates_none(tmp_path: Path) -> None:
+    """``storaged status`` with a mistyped STORAGED_DATA_DIR (or run where ./.env is not) created a new identity,
+    database and share folder there, and printed that stranger's id and its 0 shares as this node's status."""
+    env_file = tmp_path / "node.env"
+    env_file.write_text(f"STORAGED_DATA_DIR={tmp_path / 'typo'}\nSTORAGED_SHARE_DIRS={tmp_path / 's'}:10G\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith(("STORAGED_", "FINCRYPT_", "MEDIATORD_"))}
+    done = subprocess.run([sys.executable, "-m", "storaged.cli", "--env-file", str(env_file), "status"],
+                          capture_output=True, text=True, env=env, timeout=60, check=False)
+    assert done.returncode == 2, done.stdout
+    assert f"no storage node has run with STORAGED_DATA_DIR={tmp_path / 'typo'}" in done.stderr
+    assert not (tmp_path / "typo").exists() and not (tmp_path / "s").exists()

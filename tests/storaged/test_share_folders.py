@@ -18,6 +18,7 @@ from storaged_peers import ACCOUNT, MediatorPeer, RunningNode, node_settings, ru
 
 from fincryptfs import rpc
 from fincryptfs.core.errors import ConfigError
+from fincryptfs.core.identity import SigningKey, encode_identity_file
 from fincryptfs.core.ids import ShareId
 from fincryptfs.core.settings import ShareDir
 from storaged.daemon import DATABASE_FILE
@@ -261,3 +262,37 @@ async def test_a_folder_given_up_is_one_line_in_the_log_not_one_per_share(
     assert len(lines) == node_service.MISSING_LOGGED_PER_FOLDER + 1, lines
     assert re.search(rf"^{node_service.MISSING_LOGGED_PER_FOLDER + 7} share\(s\) of folder .*disk are missing .*"
                      r"no longer in STORAGED_SHARE_DIRS", lines[-1])
+
+
+@pytest.mark.parametrize("name", ["db", ".tmp", "state"])
+async def test_a_data_folder_inside_a_share_folder_stops_the_start_before_anything_is_deleted(
+        tmp_path: Path, mediator: MediatorPeer, name: str) -> None:
+    """The start-up cleanup of a share folder deletes every file of its two-character subfolders and of ``.tmp``
+    that is not a share: a data folder there lost its node.key and database (the node's identity) at once."""
+    shares = tmp_path / "fincrypt"
+    data_dir = shares / name
+    data_dir.mkdir(parents=True)
+    key = encode_identity_file(SigningKey.generate())
+    (data_dir / "node.key").write_bytes(key)
+    settings = replace(node_settings(tmp_path, (mediator.url,)), data_dir=data_dir,
+                       share_dirs=(ShareDir(shares, 64 << 20),))
+    with pytest.raises(ConfigError, match=re.escape(f"STORAGED_DATA_DIR {data_dir} is inside share folder "
+                                                    f"{shares}")):
+        async with running_node(settings):
+            pass
+    assert (data_dir / "node.key").read_bytes() == key
+
+
+async def test_a_share_folder_that_is_the_data_folder_is_served(tmp_path: Path, mediator: MediatorPeer,
+                                                                 client: httpx.AsyncClient) -> None:
+    """Its cleanup touches only ``.tmp`` and the two-character subfolders, never the data folder's own files; its
+    lock is the data folder's (taken once), not "another storaged" holding it."""
+    settings = replace(node_settings(tmp_path, (mediator.url,)), share_dirs=(ShareDir(tmp_path / "node", 64 << 20),))
+    data = os.urandom(10_000)
+    async with running_node(settings) as node:
+        grant, _ = await store(client, node, mediator, data)
+        node_id = node.node_id
+    async with running_node(settings) as node:
+        assert node.node_id == node_id
+        got = await rpc.call(client, "GET", f"{node.url}/v1/shares/{grant.share_id}", key=ACCOUNT)
+        assert got.content == data

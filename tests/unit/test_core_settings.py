@@ -52,7 +52,8 @@ def test_storage_defaults() -> None:
 def test_storage_values() -> None:
     s = StorageSettings.from_env({"STORAGED_LISTEN": "[::1]:0", "STORAGED_SHARE_DIRS": "/a:500G, /b:1024",
                                   "STORAGED_PRICE": "1200", "STORAGED_MEDIATORS": "http://m:1,https://n/x/",
-                                  "STORAGED_PAYOUT_ADDRESS": "bc1qxyz0123456789abc"}, home=HOME)
+                                  "STORAGED_PAYOUT_ADDRESS": "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4"},
+                               home=HOME)
     assert s.listen == ("::1", 0)
     assert s.share_dirs == (ShareDir(Path("/a"), 500 * 2**30), ShareDir(Path("/b"), 1024))
     assert s.price == 1200 and s.mediators == ("http://m:1", "https://n/x")
@@ -203,3 +204,61 @@ def test_env_example_documents_every_setting_read_and_its_default(monkeypatch: p
         except ConfigError:
             continue  # words, not a value ("the bound listen address")
         assert parsed == defaults[cls], f"{name}: .env.example says the default is {text}"
+
+
+NODE_VALUES_MEDIATORS_REFUSE = [
+    ("STORAGED_PUBLIC_URL", "http://node.example.org:99999"), ("STORAGED_PUBLIC_URL", "http://node.example.org:0"),
+    ("STORAGED_PUBLIC_URL", "http://node..example.org"), ("STORAGED_PUBLIC_URL", "http://-node-:8701"),
+    ("STORAGED_PUBLIC_URL", "http://node:80:80"), ("STORAGED_PUBLIC_URL", "http://300.1.2.3:8701"),
+    ("STORAGED_MEDIATORS", "http://m.example.org:8700,http://m.example.org:70000"),
+]
+
+
+@pytest.mark.parametrize("name,value", NODE_VALUES_MEDIATORS_REFUSE)
+def test_a_node_url_every_mediator_would_refuse_is_refused_at_start(name: str, value: str) -> None:
+    """Accepted at start, such a URL made every announcement fail (or every connection), for ever, while the node
+    looked healthy; the check is the one announcements pass (messages.check_url)."""
+    with pytest.raises(ConfigError, match=f"{name}=.* is invalid: expected an http:// or https:// URL"):
+        StorageSettings.from_env({name: value}, home=HOME)
+
+
+@pytest.mark.parametrize("dirs", ["/a:1025P", "/a:600P,/b:600P"])
+def test_a_capacity_an_announcement_cannot_carry_is_refused_at_start(dirs: str) -> None:
+    """Announcements carry at most 2^60 bytes of capacity (1 EiB): more, and every mediator refused every one."""
+    with pytest.raises(ConfigError, match="STORAGED_SHARE_DIRS=.*1024P"):
+        StorageSettings.from_env({"STORAGED_SHARE_DIRS": dirs}, home=HOME)
+    assert StorageSettings.from_env({"STORAGED_SHARE_DIRS": "/a:512P,/b:512P"}, home=HOME).share_dirs
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8701", "[::]:8701", "0.0.0.0:0"])
+def test_listening_on_every_address_needs_a_public_url(listen: str) -> None:
+    """Without STORAGED_PUBLIC_URL the node announces the bound address: http://0.0.0.0:8701 reaches no node
+    from a mediator's machine, so the node would get no shares and fail every audit, without a word."""
+    with pytest.raises(ConfigError, match="STORAGED_LISTEN=.* set STORAGED_PUBLIC_URL"):
+        StorageSettings.from_env({"STORAGED_LISTEN": listen}, home=HOME)
+    s = StorageSettings.from_env({"STORAGED_LISTEN": listen, "STORAGED_PUBLIC_URL": "https://n.example.org"},
+                                 home=HOME)
+    assert s.public_url == "https://n.example.org"
+
+
+@pytest.mark.parametrize("address", [
+    "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4", "BC1QW508D6QEJXTDG4Y5R3ZARVARY0C5XW7KV8F3T4",  # BIP 173
+    "bc1p0xlxvlhemja6c4dqv22uapctqupfhlxm9h8z3k2e72q4k9hcz7vqzk5jj0",  # BIP 350 (bech32m, taproot)
+    "tb1qrp33g0q5c5txsp9arysrx4k6zdkfs4nce4xj0gdcccefvpysxf3q0sl5k7",  # testnet P2WSH
+    "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN2", "3J98t1WpEZ73CNmQviecrnyiWrnqRhWNLy",  # base58check: P2PKH, P2SH
+    "mipcBbFg9gMiCh81Kj8tqqdgoZub1ZJRfn", "blt1q8q4j8m25ekursjxx8aaadzr0pdaea0m5rvfgh0",
+])
+def test_a_payout_address_with_a_valid_checksum_is_taken(address: str) -> None:
+    assert StorageSettings.from_env({"STORAGED_PAYOUT_ADDRESS": address}, home=HOME).payout_address == address
+
+
+@pytest.mark.parametrize("address", [
+    "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t5", "bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t",  # a typo, one short
+    "bc1qxyz0123456789abc", "Bc1qw508d6qejxtdg4y5r3zarvary0c5xw7kv8f3t4",  # no checksum; mixed case
+    "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNVN3", "1BvBMSEYstWetqTFn5Au4m4GFg7xJaNV", "3J98t1WpEZ73CNmQviecrnyiWrnqRhWNLY",
+])
+def test_a_mistyped_payout_address_is_refused_at_start(address: str) -> None:
+    """Taken as it was, a mistyped address was announced and credited but never paid: the node earned for nothing,
+    and only the mediator's log said why."""
+    with pytest.raises(ConfigError, match="STORAGED_PAYOUT_ADDRESS=.* copied whole from your wallet"):
+        StorageSettings.from_env({"STORAGED_PAYOUT_ADDRESS": address}, home=HOME)
