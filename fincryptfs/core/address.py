@@ -3,6 +3,10 @@
 An address carries a checksum so that a mistyped one is refused rather than paid: base58check (legacy and
 P2SH addresses, 4 bytes of double SHA-256) or bech32/bech32m (segwit, BIP 173 and BIP 350). The network is
 not checked here: the node cannot know which one its mediators pay on (the mediator checks that).
+
+Written here, not taken from bitcoinlib (the mediator's wallet library): importing bitcoinlib sets up its own
+data folder, configuration and database, which a storage node has no use for, and these two checksums are
+fixed by their standards (BIP 173, BIP 350, base58check) and fit in a page.
 """
 
 from __future__ import annotations
