@@ -111,12 +111,13 @@ class _Reader:
             return text
         return self.get(name, default, parse, "one of " + ", ".join(options))
 
-    def text(self, name: _Str, default: _Str, pattern: _Str = r"[A-Za-z0-9._@:-]*") -> _Str:
+    def text(self, name: _Str, default: _Str, pattern: _Str = r"[A-Za-z0-9._@:-]*", what: _Str | None = None
+             ) -> _Str:
         def parse(text: _Str) -> _Str:
             if re.fullmatch(pattern, text) is None:
                 raise ValueError(text)
             return text
-        return self.get(name, default, parse, f"text matching {pattern}")
+        return self.get(name, default, parse, what or f"text matching {pattern}")
 
     def listen(self, name: _Str, default: tuple[_Str, _Int]) -> tuple[_Str, _Int]:
         def parse(text: _Str) -> tuple[_Str, _Int]:
@@ -337,7 +338,7 @@ class StorageSettings:
         )
         r.finish()
         if settings.public_url is None and _unspecified(settings.listen[0]):
-            raise ConfigError(f"STORAGED_LISTEN={settings.listen[0]}:{settings.listen[1]} listens on every address "
+            raise ConfigError(f"STORAGED_LISTEN={_host_text(settings.listen)} listens on every address "
                               "of this machine, which is no address the mediators and clients can reach it at: set "
                               "STORAGED_PUBLIC_URL to the URL they use (e.g. http://203.0.113.5:8701)")
         return settings
@@ -349,6 +350,12 @@ def _unspecified(host: str) -> bool:
         return ipaddress.ip_address(host).is_unspecified
     except ValueError:
         return False
+
+
+def _host_text(listen: tuple[str, int]) -> str:
+    """HOST:PORT as written in a setting ([::]:8700 for an IPv6 host)."""
+    host, port = listen
+    return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
 def _positive_size(text: str) -> int:
@@ -367,6 +374,12 @@ def _address(text: str) -> str:
 
 
 # --- mediator -----------------------------------------------------------------------------------------------
+
+
+# the policies' own parsers (mediatord.policies) judge the arguments when the mediator starts
+_PRICING_WHAT = "fixed:PRICE (msat per GiB-hour, e.g. fixed:1000), lowest_ask or floating"
+_ACCEPT_WHAT = ("open, allow:ID,ID, deny:ID,ID (64-hex ids, no spaces), min_reputation:X (e.g. min_reputation:0.3) "
+                "or capacity_cap:BYTES (e.g. capacity_cap:1099511627776)")
 
 
 @dataclass(frozen=True)
@@ -412,9 +425,9 @@ class MediatorSettings:
             disqualify_after=r.int("DISQUALIFY_AFTER", 3, 1, 1000),
             node_offline_after=r.seconds("NODE_OFFLINE_AFTER", 3 * 3600.0, 1.0),
             min_expansion=r.get("MIN_EXPANSION", 2.0, _min_expansion, "a number >= 2"),
-            pricing=r.text("PRICING", "lowest_ask", r"[a-z_]+(:[0-9]+)?"),
-            accept_clients=r.text("ACCEPT_CLIENTS", "open", r"[a-z_]+(:[A-Za-z0-9._,/-]*)?"),
-            accept_nodes=r.text("ACCEPT_NODES", "open", r"[a-z_]+(:[A-Za-z0-9._,/-]*)?"),
+            pricing=r.text("PRICING", "lowest_ask", r"[a-z_]+(:[0-9]+)?", _PRICING_WHAT),
+            accept_clients=r.text("ACCEPT_CLIENTS", "open", r"[a-z_]+(:[A-Za-z0-9._,/-]*)?", _ACCEPT_WHAT),
+            accept_nodes=r.text("ACCEPT_NODES", "open", r"[a-z_]+(:[A-Za-z0-9._,/-]*)?", _ACCEPT_WHAT),
             bitcoin_network=r.choice("BITCOIN_NETWORK", "bitcoinlib_test", ("bitcoinlib_test", "testnet",
                                                                              "bitcoin")),
             billing_period=r.seconds("BILLING_PERIOD", 3600.0, 0.5),
@@ -431,6 +444,10 @@ class MediatorSettings:
             dht_region=r.get("DHT_REGION", None, _dht_region, "a region name of 1-32 characters [a-z0-9-]"),
         )
         r.finish()
+        if settings.public_url is None and _unspecified(settings.listen[0]):
+            raise ConfigError(f"MEDIATORD_LISTEN={_host_text(settings.listen)} listens on every address of this "
+                              "machine, which is no address the clients and nodes can reach it at: set "
+                              "MEDIATORD_PUBLIC_URL to the URL they use (e.g. http://203.0.113.5:8700)")
         return settings
 
 

@@ -262,3 +262,25 @@ def test_a_mistyped_payout_address_is_refused_at_start(address: str) -> None:
     and only the mediator's log said why."""
     with pytest.raises(ConfigError, match="STORAGED_PAYOUT_ADDRESS=.* copied whole from your wallet"):
         StorageSettings.from_env({"STORAGED_PAYOUT_ADDRESS": address}, home=HOME)
+
+
+@pytest.mark.parametrize("listen", ["0.0.0.0:8700", "[::]:8700", "0.0.0.0:0"])
+def test_a_mediator_listening_on_every_address_needs_a_public_url(listen: str) -> None:
+    """Without MEDIATORD_PUBLIC_URL the mediator took http://0.0.0.0:8700 as its address: it announced that in the
+    DHT, and refused every signed request (nodes' announcements, clients' uploads) as addressed to another peer."""
+    with pytest.raises(ConfigError, match=r"MEDIATORD_LISTEN=(0\.0\.0\.0|\[::\]):\d+ .* set MEDIATORD_PUBLIC_URL"):
+        MediatorSettings.from_env({"MEDIATORD_LISTEN": listen}, home=HOME)
+    s = MediatorSettings.from_env({"MEDIATORD_LISTEN": listen, "MEDIATORD_PUBLIC_URL": "https://m.example.org"},
+                                  home=HOME)
+    assert s.public_url == "https://m.example.org"
+
+
+@pytest.mark.parametrize("name,value,example", [
+    ("MEDIATORD_PRICING", "Fixed:1000", "fixed:1000"), ("MEDIATORD_PRICING", "fixed:1.5", "fixed:1000"),
+    ("MEDIATORD_ACCEPT_NODES", "min_reputation: 0.3", "min_reputation:0.3"),
+    ("MEDIATORD_ACCEPT_CLIENTS", "allow:ID1, ID2", "allow:ID,ID")])
+def test_a_mistyped_policy_is_refused_with_what_would_do(name: str, value: str, example: str) -> None:
+    """The error named a regular expression, which tells an operator neither the policies nor their form."""
+    with pytest.raises(ConfigError) as info:
+        MediatorSettings.from_env({name: value}, home=HOME)
+    assert str(info.value).startswith(f"{name}=") and example in str(info.value) and "[a-z_]" not in str(info.value)
