@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, replace
 from typing import Any
 
-from fincryptfs.core.errors import AuthError, ForbiddenError, PolicyError, RemoteProtocolError, ReplayError
+from fincryptfs.core.errors import AuthError, ConfigError, ForbiddenError, PolicyError, RemoteProtocolError, ReplayError
 from fincryptfs.core.identity import PublicKey, SigningKey
 from fincryptfs.core.ids import AccountId, NodeId, ObjectId, ShareId, parse_node_id, parse_share_id
 from fincryptfs.core.layout import ObjectLayout
@@ -104,6 +104,10 @@ class MediatorService:
         self.db = db
         self.pricing: PricingScheme = pricing_scheme(settings.pricing)
         self.client_rule: AcceptanceRule = acceptance_rule(settings.accept_clients, "MEDIATORD_ACCEPT_CLIENTS")
+        if self.client_rule.name == "min_reputation":  # clients have no reputation: it would admit everybody
+            raise ConfigError(f"MEDIATORD_ACCEPT_CLIENTS={settings.accept_clients}: min_reputation applies to storage "
+                              "nodes only (MEDIATORD_ACCEPT_NODES); for clients use open, allow:IDS, deny:IDS or "
+                              "capacity_cap:BYTES")
         self.node_rule: AcceptanceRule = acceptance_rule(settings.accept_nodes, "MEDIATORD_ACCEPT_NODES")
         self.out_of_turn = OutOfTurnAudits(out_of_turn_gap(settings.audit_period))  # nodes clients reported
         self._round_id = 0  # the last audit round id handed out (see new_round_id)

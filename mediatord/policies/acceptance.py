@@ -81,11 +81,17 @@ class CapacityCap:
             raise ForbiddenError(f"{capacity_bytes} bytes exceed this mediator's cap of {self.cap_bytes} bytes")
 
 
-def _id_set(spec: str, arg: str) -> frozenset[str]:
+def _id_set(spec: str, arg: str, variable: str) -> frozenset[str]:
+    """The ids of an allow or deny list. An empty allow list would refuse everybody (a value left out by a
+    template, say), so a list names at least one id."""
     try:
-        return frozenset(parse_node_id(item) for item in arg.split(",") if item)
+        ids = frozenset(parse_node_id(item) for item in arg.split(",") if item)
     except RemoteProtocolError as exc:
-        raise ConfigError(f"{spec!r}: the list must hold 64-hex ids separated by commas") from exc
+        raise ConfigError(f"{variable}={spec!r}: the list must hold 64-hex ids separated by commas, e.g. "
+                          f"{spec.partition(':')[0]}:{'0' * 64}") from exc
+    if not ids:
+        raise ConfigError(f"{variable}={spec!r} names no id: list the 64-hex ids separated by commas, or use open")
+    return ids
 
 
 def acceptance_rule(spec: str, variable: str = "MEDIATORD_ACCEPT_*") -> AcceptanceRule:
@@ -94,9 +100,9 @@ def acceptance_rule(spec: str, variable: str = "MEDIATORD_ACCEPT_*") -> Acceptan
     if name == "open" and not arg:
         return Open()
     if name == "allow":
-        return AllowList(_id_set(spec, arg))
+        return AllowList(_id_set(spec, arg, variable))
     if name == "deny":
-        return DenyList(_id_set(spec, arg))
+        return DenyList(_id_set(spec, arg, variable))
     if name == "min_reputation":
         try:
             value = float(arg)
@@ -106,8 +112,9 @@ def acceptance_rule(spec: str, variable: str = "MEDIATORD_ACCEPT_*") -> Acceptan
             raise ConfigError(f"{variable}={spec!r}: min_reputation needs a number in 0..1")
         return MinReputation(value)
     if name == "capacity_cap":
-        if not arg.isdigit():
-            raise ConfigError(f"{variable}={spec!r}: capacity_cap needs a number of bytes")
+        if not arg.isdigit() or len(arg) > 30:  # int() refuses thousands of digits with a ValueError
+            raise ConfigError(f"{variable}={spec!r}: capacity_cap needs a number of bytes, e.g. "
+                              "capacity_cap:1099511627776")
         return CapacityCap(int(arg))
     raise ConfigError(f"{variable}={spec!r} is unknown: use open, allow:IDS, deny:IDS, min_reputation:X "
                       "or capacity_cap:BYTES")

@@ -13,6 +13,7 @@ from typing import Protocol
 from fincryptfs.core.errors import ConfigError
 
 DEFAULT_PRICE = 1000  # msat per GiB-hour when no node states an ask
+MAX_PRICE = 10**15  # the highest ask an announcement may carry (messages.NodeAnnouncement)
 
 
 @dataclass(frozen=True)
@@ -91,8 +92,9 @@ def pricing_scheme(spec: str) -> PricingScheme:
     """The scheme named by ``MEDIATORD_PRICING`` (``fixed:1000``, ``lowest_ask``, ``floating``)."""
     name, _, arg = spec.partition(":")
     if name == "fixed":
-        if not arg.isdigit():
-            raise ConfigError(f"MEDIATORD_PRICING={spec!r}: fixed pricing needs a price, e.g. fixed:1000")
+        if not arg.isdigit() or len(arg) > 16 or int(arg) > MAX_PRICE:  # more cannot be sent: /v1/info failed (500)
+            raise ConfigError(f"MEDIATORD_PRICING={spec!r}: fixed pricing needs a price in 0..{MAX_PRICE} msat per "
+                              "GiB-hour, e.g. fixed:1000")
         return FixedPrice(int(arg))
     if arg:
         raise ConfigError(f"MEDIATORD_PRICING={spec!r}: {name} takes no argument")

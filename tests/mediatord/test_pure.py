@@ -271,6 +271,16 @@ def test_pricing_schemes() -> None:
     for bad in ("fixed", "auction", "lowest_ask:3"):
         with pytest.raises(ConfigError):
             pricing_scheme(bad)
+    assert pricing_scheme("fixed:0").client_price(market) == 0
+    assert pricing_scheme(f"fixed:{10**15}").client_price(market) == 10**15
+
+
+@pytest.mark.parametrize("price", [str(10**15 + 1), "9" * 30, "9" * 5000])
+def test_a_fixed_price_no_message_can_carry_is_refused_at_start(price: str) -> None:
+    """Taken, a price above the 64-bit range made every /v1/info answer fail with 500 (and a price beyond any
+    node's ask, 10^15, is surely a typo); thousands of digits made int() itself fail with a traceback."""
+    with pytest.raises(ConfigError, match=r"MEDIATORD_PRICING=.*in 0\.\.1000000000000000 msat .*e\.g\. fixed:1000"):
+        pricing_scheme(f"fixed:{price}")
 
 
 def test_acceptance_rules() -> None:
@@ -287,6 +297,19 @@ def test_acceptance_rules() -> None:
     for bad in ("allow:xyz", "min_reputation:2", "capacity_cap:lots", "everyone"):
         with pytest.raises(ConfigError):
             acceptance_rule(bad)
+
+
+@pytest.mark.parametrize("spec,said", [
+    ("allow:xyz", "MEDIATORD_ACCEPT_NODES='allow:xyz': the list must hold 64-hex ids"),
+    ("deny:" + "A" * 64, "MEDIATORD_ACCEPT_NODES='deny:AAAA"),
+    ("allow:", "MEDIATORD_ACCEPT_NODES='allow:' names no id"), ("allow:,", "names no id"),
+    ("capacity_cap:" + "9" * 5000, "capacity_cap needs a number of bytes, e.g. capacity_cap:")])
+def test_a_bad_acceptance_list_is_refused_naming_its_setting(spec: str, said: str) -> None:
+    """A malformed id list did not say which setting held it; an empty allow list admitted nobody at all, which
+    is what a template's empty value gives, not a policy; thousands of digits failed inside int()."""
+    with pytest.raises(ConfigError) as info:
+        acceptance_rule(spec, "MEDIATORD_ACCEPT_NODES")
+    assert said in str(info.value)
 
 
 def test_settings_for_the_mediator() -> None:
