@@ -36,7 +36,7 @@ async def run(settings: MediatorSettings) -> None:
 
 def status(settings: MediatorSettings, as_json: bool) -> int:
     host, port = settings.listen
-    base = settings.public_url or f"http://{host}:{port}"
+    base = settings.public_url or f"http://{f'[{host}]' if ':' in host else host}:{port}"  # [::1] for IPv6
     try:
         response = httpx.get(f"{base}/v1/status", timeout=10, trust_env=False)
         response.raise_for_status()
@@ -134,9 +134,10 @@ def fund_test_account(settings: MediatorSettings, account_id: str, amount_sat: i
         print("mediatord fund-test-account: --confirmations must be between 0 and 1000000", file=sys.stderr)
         return 2
     account_id = parse_node_id(account_id)
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
-    from .daemon import DATABASE_FILE
+    from .daemon import DATABASE_FILE, prepare_data_dir
     from .db import MediatorDB
+
+    prepare_data_dir(settings)  # it may make the wallet: not in a folder others can read
 
     db = MediatorDB(settings.data_dir / DATABASE_FILE)
     payments = Payments(settings, db, pricing_scheme(settings.pricing))
@@ -164,7 +165,9 @@ def test_addresses(settings: MediatorSettings, count: int) -> int:
     if not 0 < count <= 1000:
         print("mediatord test-addresses: COUNT must be between 1 and 1000", file=sys.stderr)
         return 2
-    settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+    from .daemon import prepare_data_dir
+
+    prepare_data_dir(settings)
     for _ in range(count):
         print(random_test_address(settings.data_dir))
     return 0

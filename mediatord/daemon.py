@@ -12,6 +12,7 @@ from __future__ import annotations
 import inspect
 import ipaddress
 import logging
+import os
 import time
 from collections.abc import Callable
 from functools import partial
@@ -29,6 +30,7 @@ from fincryptfs.dht.node import DhtNode, run_dht
 from fincryptfs.dht.records import mediators_key
 from fincryptfs.discovery import resolve_peers
 from fincryptfs.identity_file import load_or_create_identity
+from fincryptfs.lockfile import held
 from fincryptfs.replayjournal import JOURNAL_FILE, ReplayJournal
 from fincryptfs.rpc import new_client
 from fincryptfs.run_daemon import why_not_created
@@ -36,12 +38,14 @@ from fincryptfs.run_daemon import why_not_created
 from . import upkeep
 from .app import build_app
 from .db import MediatorDB
+from .escrow import WALLET_FILE, EscrowError
 from .payments import payments_loop
 from .service import MediatorService
 
 log = logging.getLogger(__name__)
 IDENTITY_FILE = "identity.key"
 DATABASE_FILE = "mediator.sqlite3"
+LOCK_FILE = "mediatord.lock"  # held by the running daemon (flock: released however it ends)
 
 
 def load_identity(data_dir: Path) -> SigningKey:
@@ -49,13 +53,32 @@ def load_identity(data_dir: Path) -> SigningKey:
     return load_or_create_identity(data_dir / IDENTITY_FILE, "mediator")
 
 
-def open_service(settings: MediatorSettings) -> MediatorService:
+def prepare_data_dir(settings: MediatorSettings) -> None:
+    """Create the data folder, and keep it to this user (0700) even if it was made before: it holds the identity
+    key and the escrow wallet, whose database bitcoinlib writes readable by all, private keys included."""
     try:
         settings.data_dir.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.chmod(settings.data_dir, 0o700)
     except OSError as exc:  # a file in the way, no permission
         raise ConfigError(f"data folder {settings.data_dir} cannot be created ({why_not_created(exc)}): fix "
                           "MEDIATORD_DATA_DIR or its permissions") from exc
+
+
+def open_service(settings: MediatorSettings) -> MediatorService:
+    prepare_data_dir(settings)
     return MediatorService(settings, load_identity(settings.data_dir), MediatorDB(settings.data_dir / DATABASE_FILE))
+
+
+async def check_wallet(service: MediatorService) -> None:
+    """Open an existing escrow wallet now, so that one made on another network (or unreadable) stops the start.
+    Opened lazily, it failed only in the payments passes, with a warning a minute, while the mediator took
+    uploads it could neither bill nor pay for. A new data folder has no wallet yet: nothing to check."""
+    if not (service.settings.data_dir / WALLET_FILE).exists():
+        return
+    try:
+        await service.payments.wallet(lambda escrow: escrow.network)
+    except EscrowError as exc:
+        raise ConfigError(str(exc)) from exc
 
 
 async def one_pass(what: str, step: Callable[[], object]) -> bool:
@@ -131,6 +154,7 @@ async def run_service(service: MediatorService, *, upkeep_loops: bool = True,
     guard = ReplayGuard()
     journal = ReplayJournal(settings.data_dir / JOURNAL_FILE, guard)
     try:
+        await check_wallet(service)
         async with new_client() as client, trio.open_nursery() as nursery:
             url = await nursery.start(serve_app, build_app(service, guard=guard), settings.listen[0],
                                       settings.listen[1])
@@ -150,9 +174,13 @@ async def run_service(service: MediatorService, *, upkeep_loops: bool = True,
 
 async def serve(settings: MediatorSettings, *, task_status: trio.TaskStatus[str] = trio.TASK_STATUS_IGNORED
                 ) -> None:
-    """Run the mediator until cancelled; reports its base URL once it accepts connections."""
-    service = open_service(settings)
-    try:
-        await run_service(service, task_status=task_status)
-    finally:
-        service.db.close()
+    """Run the mediator until cancelled; reports its base URL once it accepts connections. The data folder's lock
+    is held throughout: two mediators on one folder would both audit, bill and pay out from one ledger."""
+    prepare_data_dir(settings)
+    with held(settings.data_dir / LOCK_FILE, f"another mediatord is running with the data folder "
+              f"{settings.data_dir}: stop it first (a data folder serves one mediator at a time)"):
+        service = open_service(settings)
+        try:
+            await run_service(service, task_status=task_status)
+        finally:
+            service.db.close()

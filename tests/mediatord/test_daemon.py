@@ -21,9 +21,11 @@ import trio
 from mediator_net import make_object, start_node, upload
 
 from fincryptfs import rpc
+from fincryptfs.core.errors import ConfigError
 from fincryptfs.core.identity import SigningKey
 from fincryptfs.core.settings import MediatorSettings
 from mediatord.daemon import serve
+from mediatord.escrow import TEST_NETWORK, Escrow
 
 
 async def test_daemon_audits_on_its_own(tmp_path: Path, nursery: trio.Nursery) -> None:
@@ -137,3 +139,62 @@ async def test_a_failing_pass_is_logged_and_the_loop_goes_on(monkeypatch: pytest
     assert not scope.cancelled_caught, calls
     assert calls[:2] == ["audit", "repair"]  # the repair pass still ran after the failed round
     assert "audit round failed" in caplog.text and "one bad pass" in caplog.text
+
+
+def _settings(data_dir: Path, **env: str) -> MediatorSettings:
+    return MediatorSettings.from_env({"MEDIATORD_LISTEN": "127.0.0.1:0", "MEDIATORD_DATA_DIR": str(data_dir), **env},
+                                     home=data_dir)
+
+
+async def test_a_second_mediator_on_a_running_ones_data_folder_is_refused(tmp_path: Path,
+                                                                           nursery: trio.Nursery) -> None:
+    """Both used to run: two auditors, two billers and two payers over one ledger and one wallet."""
+    url = await nursery.start(serve, _settings(tmp_path / "m"))
+    with trio.fail_after(10), pytest.raises(ConfigError, match=f"another mediatord is running with the data "
+                                                              f"folder {tmp_path / 'm'}"):
+        await serve(_settings(tmp_path / "m"))  # ran until cancelled
+    async with httpx.AsyncClient(trust_env=False) as client:  # the first one goes on
+        assert (await client.get(f"{url}/health")).json()["status"] == "ok"
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_wallet_on_another_network_stops_the_start(tmp_path: Path) -> None:
+    """The wallet was opened at the first payments pass: the mediator started, took uploads, and only warned,
+    once a minute, that it could not open its wallet."""
+    data_dir = tmp_path / "m"
+    data_dir.mkdir()
+    Escrow(data_dir, TEST_NETWORK).close()  # a wallet of bitcoinlib's test network
+    with trio.fail_after(10), pytest.raises(ConfigError, match="is on bitcoinlib_test, but MEDIATORD_BITCOIN_"
+                                                              "NETWORK=testnet; use a new data dir"):
+        await serve(_settings(data_dir, MEDIATORD_BITCOIN_NETWORK="testnet"))
+
+
+async def test_the_data_folder_is_kept_to_its_user(tmp_path: Path, nursery: trio.Nursery) -> None:
+    """A folder the operator made beforehand (mkdir: 0755) was left open to every local user, and bitcoinlib
+    writes the escrow wallet's database, private keys included, readable by all."""
+    data_dir = tmp_path / "m"
+    data_dir.mkdir(mode=0o755)
+    await nursery.start(serve, _settings(data_dir))
+    assert data_dir.stat().st_mode & 0o777 == 0o700
+    nursery.cancel_scope.cancel()
+
+
+async def test_a_client_rule_for_nodes_only_stops_the_start(tmp_path: Path) -> None:
+    """Clients have no reputation: min_reputation:X for clients admitted everybody, without a word."""
+    with trio.fail_after(10), pytest.raises(ConfigError, match="MEDIATORD_ACCEPT_CLIENTS=min_reputation:0.5: "
+                                                              "min_reputation applies to storage nodes only"):
+        await serve(_settings(tmp_path / "m", MEDIATORD_ACCEPT_CLIENTS="min_reputation:0.5"))
+
+
+def test_status_asks_an_ipv6_listen_address(tmp_path: Path) -> None:
+    """``mediatord status`` wrote http://::1:PORT, which is no URL: it failed with a traceback."""
+    with socket.socket(socket.AF_INET6) as free:
+        free.bind(("::1", 0))
+        port = free.getsockname()[1]
+    env_file = tmp_path / "m.env"
+    env_file.write_text(f"MEDIATORD_LISTEN=[::1]:{port}\nMEDIATORD_DATA_DIR={tmp_path / 'm'}\n")
+    env = {k: v for k, v in os.environ.items() if not k.startswith("MEDIATORD_")}
+    result = subprocess.run([sys.executable, "-m", "mediatord.cli", "--env-file", str(env_file), "status"], env=env,
+                            capture_output=True, text=True, timeout=30)
+    assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
+    assert f"cannot reach the mediator at http://[::1]:{port}" in result.stderr
