@@ -97,9 +97,20 @@ async def one_pass(what: str, step: Callable[[], object]) -> bool:
     return True
 
 
+def first_round_delay(last_started: float | None, period: float, now: float) -> float:
+    """Seconds until the first audit round after a start: one period after the last round began (at once if that
+    is past), never more than a period. Counting a full period from every start, a mediator restarted more often
+    than its audit period (deployments, a crash loop) never audited, and so never credited a node."""
+    if last_started is None:
+        return period
+    return min(period, max(0.0, last_started + period - now))
+
+
 async def audit_and_repair_loop(service: MediatorService, client: httpx.AsyncClient) -> None:
+    delay = first_round_delay(service.db.last_round_started(), service.settings.audit_period, time.time())
     while True:
-        await trio.sleep(service.settings.audit_period)
+        await trio.sleep(delay)
+        delay = service.settings.audit_period
         await one_pass("audit round", lambda: upkeep.audit_round(service, client, time.time()))
         await one_pass("repair pass", lambda: upkeep.repair_pass(service, client, time.time()))
 

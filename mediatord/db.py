@@ -456,6 +456,12 @@ class MediatorDB:
 
     # --- audits ---------------------------------------------------------------------------------------------
 
+    def last_round_started(self) -> float | None:
+        """When the latest audit round began (by the primary key: no scan of the rounds table), None before any."""
+        value = self._one("SELECT MIN(started_at) FROM audit_rounds WHERE round_id=(SELECT MAX(round_id) FROM "
+                          "audit_rounds)")
+        return None if value is None else float(value)
+
     def next_round_id(self) -> int:
         value = self._one("SELECT MAX(round_id) FROM audit_rounds")
         return 1 if value is None else int(value) + 1

@@ -11,6 +11,7 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from pathlib import Path
 from types import SimpleNamespace
 from typing import Any
@@ -128,7 +129,8 @@ async def test_a_failing_pass_is_logged_and_the_loop_goes_on(monkeypatch: pytest
 
     monkeypatch.setattr(upkeep, "audit_round", audit_round)
     monkeypatch.setattr(upkeep, "repair_pass", repair_pass)
-    service: Any = SimpleNamespace(settings=SimpleNamespace(audit_period=0.01))  # only what the loop reads
+    service: Any = SimpleNamespace(settings=SimpleNamespace(audit_period=0.01),  # only what the loop reads
+                                   db=SimpleNamespace(last_round_started=lambda: None))
     no_client: Any = None
     with trio.move_on_after(5) as scope:
         async with trio.open_nursery() as nursery:
@@ -198,3 +200,45 @@ def test_status_asks_an_ipv6_listen_address(tmp_path: Path) -> None:
                             capture_output=True, text=True, timeout=30)
     assert result.returncode == 1 and "Traceback" not in result.stderr, result.stderr
     assert f"cannot reach the mediator at http://[::1]:{port}" in result.stderr
+
+
+async def test_a_restart_keeps_the_audit_schedule(tmp_path: Path, monkeypatch: pytest.MonkeyPatch,
+                                                  nursery: trio.Nursery) -> None:
+    """Each start waited a whole audit period before its first round: a mediator restarted more often than its
+    period (deployments, a crash loop) never audited a node, and so never credited one. The first round after a
+    restart now comes one period after the last one began."""
+    from mediatord import daemon, upkeep
+
+    rounds: list[float] = []
+
+    async def audit_round(*_args: object) -> dict[str, object]:
+        rounds.append(time.time())
+        return {}
+
+    async def repair_pass(*_args: object) -> dict[str, str]:
+        return {}
+
+    monkeypatch.setattr(upkeep, "audit_round", audit_round)
+    monkeypatch.setattr(upkeep, "repair_pass", repair_pass)
+    settings = _settings(tmp_path / "m", MEDIATORD_AUDIT_PERIOD="60")
+    service = daemon.open_service(settings)
+    try:
+        service.db.start_round(service.new_round_id(), "a" * 64, b"n" * 32, time.time() - 59.5)  # before the stop
+        no_client: Any = None
+        with trio.move_on_after(10):
+            nursery.start_soon(daemon.audit_and_repair_loop, service, no_client)
+            while not rounds:
+                await trio.sleep(0.05)
+        assert rounds, "no audit round within 10 s of a restart, though the last began 60 s ago"
+        nursery.cancel_scope.cancel()
+    finally:
+        service.payments.close()
+        service.db.close()
+
+
+@pytest.mark.parametrize("last,now,delay", [(None, 100.0, 60.0), (100.0, 130.0, 30.0), (100.0, 500.0, 0.0),
+                                            (100.0, 40.0, 60.0)])  # the clock went back: at most a period
+def test_first_round_delay(last: float | None, now: float, delay: float) -> None:
+    from mediatord.daemon import first_round_delay
+
+    assert first_round_delay(last, 60.0, now) == delay
