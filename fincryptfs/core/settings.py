@@ -448,6 +448,12 @@ class MediatorSettings:
             raise ConfigError(f"MEDIATORD_LISTEN={_host_text(settings.listen)} listens on every address of this "
                               "machine, which is no address the clients and nodes can reach it at: set "
                               "MEDIATORD_PUBLIC_URL to the URL they use (e.g. http://203.0.113.5:8700)")
+        unused = [name for name, value in (("MEDIATORD_DHT_BOOTSTRAP", settings.dht_bootstrap),
+                                           ("MEDIATORD_DHT_REGION", settings.dht_region)) if value]
+        if settings.dht_listen is None and unused:  # else the mediator would stay out of the DHT without a word
+            raise ConfigError(f"{unused[0]} is set but MEDIATORD_DHT_LISTEN is not, so the mediator runs no DHT node "
+                              "and announces itself nowhere: set MEDIATORD_DHT_LISTEN (e.g. 0.0.0.0:8711), or leave "
+                              f"{unused[0]} empty")
         return settings
 
 

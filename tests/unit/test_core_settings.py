@@ -284,3 +284,14 @@ def test_a_mistyped_policy_is_refused_with_what_would_do(name: str, value: str, 
     with pytest.raises(ConfigError) as info:
         MediatorSettings.from_env({name: value}, home=HOME)
     assert str(info.value).startswith(f"{name}=") and example in str(info.value) and "[a-z_]" not in str(info.value)
+
+
+@pytest.mark.parametrize("name,value", [("MEDIATORD_DHT_BOOTSTRAP", "203.0.113.5:8711"),
+                                        ("MEDIATORD_DHT_REGION", "eu")])
+def test_a_mediator_dht_setting_without_a_dht_node_is_refused(name: str, value: str) -> None:
+    """Without MEDIATORD_DHT_LISTEN there is no DHT node: the peers and region were ignored, and the mediator,
+    which its operator meant to be found through the DHT, was found by nobody."""
+    with pytest.raises(ConfigError, match=f"{name} is set but MEDIATORD_DHT_LISTEN is not.*e.g. 0.0.0.0:8711"):
+        MediatorSettings.from_env({name: value}, home=HOME)
+    s = MediatorSettings.from_env({name: value, "MEDIATORD_DHT_LISTEN": "0.0.0.0:8711"}, home=HOME)
+    assert s.dht_listen == ("0.0.0.0", 8711)
