@@ -48,9 +48,27 @@ DATABASE_FILE = "mediator.sqlite3"
 LOCK_FILE = "mediatord.lock"  # held by the running daemon (flock: released however it ends)
 
 
-def load_identity(data_dir: Path) -> SigningKey:
-    """The mediator's key, created (mode 0600) on first start."""
-    return load_or_create_identity(data_dir / IDENTITY_FILE, "mediator")
+def load_identity(data_dir: Path, db: MediatorDB) -> SigningKey:
+    """The mediator's key, created (mode 0600) on first start.
+
+    Never a new one beside a database that the old one wrote: the nodes hold its shares under grants that key
+    signed and take challenges and releases only from it, so the mediator would go on under a new id, orphaning
+    every share it placed. ConfigError, with what to do, instead."""
+    path = data_dir / IDENTITY_FILE
+    owner = db.mediator_id()
+    if not path.exists() and (owner is not None or db.holds_state()):
+        raise ConfigError(f"the mediator's identity file {path} is missing, but its database {db.path} belongs to "
+                          f"{'mediator ' + owner if owner else 'a mediator that has run'}: restore {IDENTITY_FILE} "
+                          "from your backup and start again (nodes keep this mediator's shares for that key only). "
+                          f"To start afresh as a new mediator instead, use a new MEDIATORD_DATA_DIR")
+    key = load_or_create_identity(path, "mediator")
+    if owner is None:
+        db.set_mediator_id(key.id)
+    elif key.id != owner:
+        raise ConfigError(f"the identity file {path} is mediator {key.id}, but the database {db.path} belongs to "
+                          f"mediator {owner}: put back that mediator's {IDENTITY_FILE}, or set MEDIATORD_DATA_DIR to "
+                          "the folder of this one")
+    return key
 
 
 def prepare_data_dir(settings: MediatorSettings) -> None:
@@ -66,7 +84,12 @@ def prepare_data_dir(settings: MediatorSettings) -> None:
 
 def open_service(settings: MediatorSettings) -> MediatorService:
     prepare_data_dir(settings)
-    return MediatorService(settings, load_identity(settings.data_dir), MediatorDB(settings.data_dir / DATABASE_FILE))
+    db = MediatorDB(settings.data_dir / DATABASE_FILE)
+    try:
+        return MediatorService(settings, load_identity(settings.data_dir, db), db)
+    except BaseException:
+        db.close()
+        raise
 
 
 async def check_wallet(service: MediatorService) -> None:

@@ -24,6 +24,7 @@ from fincryptfs.core.messages import layout_from_json, layout_to_json
 from .ledger import WORLD, LedgerError, Posting, Totals, apply_postings, check_invariant, totals
 
 SCHEMA = """
+CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS nodes (
     node_id TEXT PRIMARY KEY, public_key BLOB NOT NULL, url TEXT NOT NULL, price INTEGER,
     capacity INTEGER NOT NULL, free INTEGER NOT NULL, operator TEXT NOT NULL DEFAULT '',
@@ -231,6 +232,23 @@ class MediatorDB:
     def _one(self, sql: str, args: Sequence[Any] = ()) -> Any:
         row = self._conn.execute(sql, args).fetchone()
         return None if row is None else row[0]
+
+    # --- the mediator this database belongs to -----------------------------------------------------------
+
+    def mediator_id(self) -> str | None:
+        """The mediator whose identity key wrote this database; None before its first start (or for a database
+        written by a version that did not record it)."""
+        value = self._one("SELECT value FROM meta WHERE key='mediator_id'")
+        return None if value is None else str(value)
+
+    def set_mediator_id(self, mediator_id: str) -> None:
+        self._conn.execute("INSERT OR IGNORE INTO meta (key, value) VALUES ('mediator_id', ?)", (mediator_id,))
+
+    def holds_state(self) -> bool:
+        """Whether nodes, accounts, objects or postings are recorded: what a mediator under another key could not
+        go on with (nodes hold shares under grants signed by the key that wrote them)."""
+        return any(self._one(f"SELECT EXISTS (SELECT 1 FROM {table})")
+                   for table in ("nodes", "accounts", "objects", "ledger_postings"))
 
     # --- nodes ----------------------------------------------------------------------------------------------
 

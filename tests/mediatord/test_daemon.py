@@ -242,3 +242,52 @@ def test_first_round_delay(last: float | None, now: float, delay: float) -> None
     from mediatord.daemon import first_round_delay
 
     assert first_round_delay(last, 60.0, now) == delay
+
+
+def test_a_mediator_never_takes_a_new_identity_beside_its_database(tmp_path: Path) -> None:
+    """With identity.key lost (a restore from a backup without it) the mediator made a new key and went on
+    under a new id beside the old database: every node refuses its challenges and releases, and every share
+    it placed is orphaned. A key from another mediator's folder was taken just as silently."""
+    from mediatord import daemon
+
+    settings = _settings(tmp_path / "m")
+    service = daemon.open_service(settings)
+    first_id = service.id
+    service.db.ensure_account("c" * 64, b"k" * 32, time.time())
+    service.payments.close()
+    service.db.close()
+    key_file = tmp_path / "m" / daemon.IDENTITY_FILE
+    saved = key_file.read_bytes()
+
+    key_file.unlink()
+    with pytest.raises(ConfigError, match=f"identity file {key_file} is missing, but its database .* belongs to "
+                                          f"mediator {first_id}: restore identity.key"):
+        daemon.open_service(settings)
+    assert not key_file.exists()
+
+    other = daemon.open_service(_settings(tmp_path / "other"))  # another mediator's key put in its place
+    other.payments.close()
+    other.db.close()
+    key_file.write_bytes((tmp_path / "other" / daemon.IDENTITY_FILE).read_bytes())
+    with pytest.raises(ConfigError, match=f"is mediator {other.id}, but the database .* belongs to mediator "
+                                          f"{first_id}"):
+        daemon.open_service(settings)
+
+    key_file.write_bytes(saved)  # the right key back: it starts as itself
+    again = daemon.open_service(settings)
+    assert again.id == first_id
+    again.payments.close()
+    again.db.close()
+
+
+def test_a_database_from_before_the_owner_was_recorded_is_protected_too(tmp_path: Path) -> None:
+    """A database with accounts, nodes, objects or postings but no recorded owner is refused a new key too."""
+    from mediatord import daemon
+    from mediatord.db import MediatorDB
+
+    (tmp_path / "m").mkdir()
+    db = MediatorDB(tmp_path / "m" / daemon.DATABASE_FILE)
+    db.ensure_account("c" * 64, b"k" * 32, time.time())
+    db.close()
+    with pytest.raises(ConfigError, match="belongs to a mediator that has run: restore identity.key"):
+        daemon.open_service(_settings(tmp_path / "m"))
