@@ -337,11 +337,17 @@ class StorageSettings:
             dht_bootstrap=r.get("DHT_BOOTSTRAP", (), _dht_peers, _DHT_PEERS_WHAT),
         )
         r.finish()
-        if settings.public_url is None and _unspecified(settings.listen[0]):
-            raise ConfigError(f"STORAGED_LISTEN={_host_text(settings.listen)} listens on every address "
-                              "of this machine, which is no address the mediators and clients can reach it at: set "
-                              "STORAGED_PUBLIC_URL to the URL they use (e.g. http://203.0.113.5:8701)")
+        _check_reachable("STORAGED", settings.listen, settings.public_url, "the mediators and clients", 8701)
         return settings
+
+
+def _check_reachable(prefix: str, listen: tuple[str, int], public_url: str | None, who: str, port: int) -> None:
+    """A daemon listening on every address (0.0.0.0, [::]) needs its PUBLIC_URL: by default it would announce
+    http://0.0.0.0:PORT, which reaches nobody on another machine."""
+    if public_url is None and _unspecified(listen[0]):
+        raise ConfigError(f"{prefix}_LISTEN={_host_text(listen)} listens on every address of this machine, which is "
+                          f"no address {who} can reach it at: set {prefix}_PUBLIC_URL to the URL they use (e.g. "
+                          f"http://203.0.113.5:{port})")
 
 
 def _unspecified(host: str) -> bool:
@@ -444,10 +450,7 @@ class MediatorSettings:
             dht_region=r.get("DHT_REGION", None, _dht_region, "a region name of 1-32 characters [a-z0-9-]"),
         )
         r.finish()
-        if settings.public_url is None and _unspecified(settings.listen[0]):
-            raise ConfigError(f"MEDIATORD_LISTEN={_host_text(settings.listen)} listens on every address of this "
-                              "machine, which is no address the clients and nodes can reach it at: set "
-                              "MEDIATORD_PUBLIC_URL to the URL they use (e.g. http://203.0.113.5:8700)")
+        _check_reachable("MEDIATORD", settings.listen, settings.public_url, "the clients and nodes", 8700)
         unused = [name for name, value in (("MEDIATORD_DHT_BOOTSTRAP", settings.dht_bootstrap),
                                            ("MEDIATORD_DHT_REGION", settings.dht_region)) if value]
         if settings.dht_listen is None and unused:  # else the mediator would stay out of the DHT without a word

@@ -294,6 +294,18 @@ async def test_listing_a_folder_reads_its_packs_ahead(tmp_path: Path, nursery: t
         await client.cleanup()
 
 
+async def store_packed_then_remount_uncached(client: Client, contents: dict[str, bytes]) -> None:
+    """Write ``contents`` through the mount (small: packed together), wait until stored, and mount again with an
+    empty cache, so that the next open of one of them fetches its pack."""
+    await client.mount()
+    for name, data in contents.items():
+        await trio.to_thread.run_sync((client.mountpoint / name).write_bytes, data)
+    await client.flush()
+    await client.unmount()
+    shutil.rmtree(client.cache_dir)
+    await client.mount()
+
+
 async def test_a_file_deleted_while_its_pack_arrives_is_never_read_as_zeros(tmp_path: Path,
                                                                             nursery: trio.Nursery) -> None:
     """An open of an uncached packed file waits for its pack; a file deleted meanwhile has its range zeroed in
@@ -305,14 +317,8 @@ async def test_a_file_deleted_while_its_pack_arrives_is_never_read_as_zeros(tmp_
     client.init()
     mnt = client.mountpoint
     try:
-        await client.mount()
         contents = {f"f{i}": os.urandom(5000 + i) for i in range(3)}
-        for name, data in contents.items():
-            await trio.to_thread.run_sync((mnt / name).write_bytes, data)
-        await client.flush()
-        await client.unmount()
-        shutil.rmtree(client.cache_dir)
-        await client.mount()
+        await store_packed_then_remount_uncached(client, contents)
         await trio.to_thread.run_sync(os.stat, mnt / "f0")  # looked up (no listing: nothing is read ahead)
         net.hold()
         outcome: list[object] = []
@@ -349,14 +355,8 @@ async def test_a_rewrite_while_a_packed_file_is_copied_out_of_its_pack_is_kept(t
     client.init()
     mnt = client.mountpoint
     try:
-        await client.mount()
         old = os.urandom(6000)
-        await trio.to_thread.run_sync((mnt / "f").write_bytes, old)
-        await trio.to_thread.run_sync((mnt / "mate").write_bytes, os.urandom(3000))
-        await client.flush()
-        await client.unmount()
-        shutil.rmtree(client.cache_dir)
-        await client.mount()
+        await store_packed_then_remount_uncached(client, {"f": old, "mate": os.urandom(3000)})
         await trio.to_thread.run_sync(os.stat, mnt / "f")
         net.hold()
         opened: list[object] = []
