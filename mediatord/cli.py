@@ -173,6 +173,17 @@ def test_addresses(settings: MediatorSettings, count: int) -> int:
     return 0
 
 
+def _count(text: str) -> int:
+    """A --limit: 1..100000 rows (SQLite reads LIMIT -1 as no limit: --limit -1 printed the whole ledger)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if not 1 <= value <= 100_000:
+        raise argparse.ArgumentTypeError(f"{text!r} is not a number of rows from 1 to 100000")
+    return value
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(
         prog="mediatord",
@@ -186,10 +197,10 @@ def main(argv: list[str] | None = None) -> int:
     ledger_parser = sub.add_parser("ledger", help="ledger totals (the invariant), balances and recent postings")
     ledger_parser.add_argument("--json", action="store_true", help="print JSON")
     ledger_parser.add_argument("--account", help="history of one ledger account, e.g. client:ID or node:ID")
-    ledger_parser.add_argument("--limit", type=int, default=20, help="postings to show (default 20)")
+    ledger_parser.add_argument("--limit", type=_count, default=20, help="postings to show (default 20)")
     payouts_parser = sub.add_parser("payouts", help="payout batches and nodes owed money")
     payouts_parser.add_argument("--json", action="store_true", help="print JSON")
-    payouts_parser.add_argument("--limit", type=int, default=20, help="batches to show (default 20)")
+    payouts_parser.add_argument("--limit", type=_count, default=20, help="batches to show (default 20)")
     fund_parser = sub.add_parser("fund-test-account", help="bitcoinlib_test only: fund a client account")
     fund_parser.add_argument("account_id")
     fund_parser.add_argument("amount_sat", type=int)

@@ -338,6 +338,7 @@ class StorageSettings:
         )
         r.finish()
         _check_reachable("STORAGED", settings.listen, settings.public_url, "the mediators and clients", 8701)
+        _check_dht_used("STORAGED", "node", settings.dht_listen, {"DHT_BOOTSTRAP": settings.dht_bootstrap})
         return settings
 
 
@@ -348,6 +349,16 @@ def _check_reachable(prefix: str, listen: tuple[str, int], public_url: str | Non
         raise ConfigError(f"{prefix}_LISTEN={_host_text(listen)} listens on every address of this machine, which is "
                           f"no address {who} can reach it at: set {prefix}_PUBLIC_URL to the URL they use (e.g. "
                           f"http://203.0.113.5:{port})")
+
+
+def _check_dht_used(prefix: str, who: str, dht_listen: object, needing_it: dict[str, object]) -> None:
+    """DHT settings that only a DHT node uses, set without ``{prefix}_DHT_LISTEN``: the daemon would run no DHT
+    node and stay out of the DHT without a word."""
+    unused = [f"{prefix}_{name}" for name, value in needing_it.items() if value]
+    if dht_listen is None and unused:
+        raise ConfigError(f"{unused[0]} is set but {prefix}_DHT_LISTEN is not, so the {who} runs no DHT node and "
+                          f"announces itself nowhere: set {prefix}_DHT_LISTEN (e.g. 0.0.0.0:8711), or leave "
+                          f"{unused[0]} empty")
 
 
 def _unspecified(host: str) -> bool:
@@ -451,12 +462,8 @@ class MediatorSettings:
         )
         r.finish()
         _check_reachable("MEDIATORD", settings.listen, settings.public_url, "the clients and nodes", 8700)
-        unused = [name for name, value in (("MEDIATORD_DHT_BOOTSTRAP", settings.dht_bootstrap),
-                                           ("MEDIATORD_DHT_REGION", settings.dht_region)) if value]
-        if settings.dht_listen is None and unused:  # else the mediator would stay out of the DHT without a word
-            raise ConfigError(f"{unused[0]} is set but MEDIATORD_DHT_LISTEN is not, so the mediator runs no DHT node "
-                              "and announces itself nowhere: set MEDIATORD_DHT_LISTEN (e.g. 0.0.0.0:8711), or leave "
-                              f"{unused[0]} empty")
+        _check_dht_used("MEDIATORD", "mediator", settings.dht_listen,
+                        {"DHT_BOOTSTRAP": settings.dht_bootstrap, "DHT_REGION": settings.dht_region})
         return settings
 
 

@@ -42,6 +42,9 @@ def test_fund_then_ledger_and_payouts(tmp_path: Path) -> None:
     # a deposit that can never reach its confirmations would stay pending forever, without a word
     unconfirmable = run(env_file, "fund-test-account", account, "5", "--confirmations", "-1")
     assert unconfirmable.returncode == 2 and "--confirmations" in unconfirmable.stderr
+    for command in ("ledger", "payouts"):  # SQLite reads LIMIT -1 as "no limit": the whole ledger was printed
+        unlimited = run(env_file, command, "--limit", "-1")
+        assert unlimited.returncode == 2 and "number of rows from 1" in unlimited.stderr, unlimited.stderr
 
 
 def test_fund_refused_off_the_test_network(tmp_path: Path) -> None:

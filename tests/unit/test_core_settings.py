@@ -286,12 +286,15 @@ def test_a_mistyped_policy_is_refused_with_what_would_do(name: str, value: str, 
     assert str(info.value).startswith(f"{name}=") and example in str(info.value) and "[a-z_]" not in str(info.value)
 
 
-@pytest.mark.parametrize("name,value", [("MEDIATORD_DHT_BOOTSTRAP", "203.0.113.5:8711"),
-                                        ("MEDIATORD_DHT_REGION", "eu")])
-def test_a_mediator_dht_setting_without_a_dht_node_is_refused(name: str, value: str) -> None:
-    """Without MEDIATORD_DHT_LISTEN there is no DHT node: the peers and region were ignored, and the mediator,
-    which its operator meant to be found through the DHT, was found by nobody."""
-    with pytest.raises(ConfigError, match=f"{name} is set but MEDIATORD_DHT_LISTEN is not.*e.g. 0.0.0.0:8711"):
-        MediatorSettings.from_env({name: value}, home=HOME)
-    s = MediatorSettings.from_env({name: value, "MEDIATORD_DHT_LISTEN": "0.0.0.0:8711"}, home=HOME)
+@pytest.mark.parametrize("kind,name,value", [(MediatorSettings, "MEDIATORD_DHT_BOOTSTRAP", "203.0.113.5:8711"),
+                                             (MediatorSettings, "MEDIATORD_DHT_REGION", "eu"),
+                                             (StorageSettings, "STORAGED_DHT_BOOTSTRAP", "203.0.113.5:8711")])
+def test_a_dht_setting_without_a_dht_node_is_refused(kind: type[MediatorSettings] | type[StorageSettings],
+                                                     name: str, value: str) -> None:
+    """Without ..._DHT_LISTEN there is no DHT node: the peers and region were ignored, and the daemon, which its
+    operator meant to be found through the DHT, was found by nobody."""
+    prefix = name.split("_", 1)[0]
+    with pytest.raises(ConfigError, match=f"{name} is set but {prefix}_DHT_LISTEN is not.*e.g. 0.0.0.0:8711"):
+        kind.from_env({name: value}, home=HOME)
+    s = kind.from_env({name: value, f"{prefix}_DHT_LISTEN": "0.0.0.0:8711"}, home=HOME)
     assert s.dht_listen == ("0.0.0.0", 8711)
