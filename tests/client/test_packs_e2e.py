@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sqlite3
+from collections.abc import Callable
 from pathlib import Path
 
 import pytest
@@ -294,6 +295,16 @@ async def test_listing_a_folder_reads_its_packs_ahead(tmp_path: Path, nursery: t
         await client.cleanup()
 
 
+def outcome_into(outcomes: list[object], fn: Callable[[], object]) -> Callable[[], None]:
+    """``fn`` for a worker thread: what it returns, or the OSError it raises, is appended to ``outcomes``."""
+    def run() -> None:
+        try:
+            outcomes.append(fn())
+        except OSError as exc:
+            outcomes.append(exc)
+    return run
+
+
 async def store_packed_then_remount_uncached(client: Client, contents: dict[str, bytes]) -> None:
     """Write ``contents`` through the mount (small: packed together), wait until stored, and mount again with an
     empty cache, so that the next open of one of them fetches its pack."""
@@ -322,14 +333,8 @@ async def test_a_file_deleted_while_its_pack_arrives_is_never_read_as_zeros(tmp_
         await trio.to_thread.run_sync(os.stat, mnt / "f0")  # looked up (no listing: nothing is read ahead)
         net.hold()
         outcome: list[object] = []
-
-        def read() -> None:
-            try:
-                outcome.append((mnt / "f0").read_bytes())
-            except OSError as exc:
-                outcome.append(exc)
         async with trio.open_nursery() as readers:
-            readers.start_soon(trio.to_thread.run_sync, read)
+            readers.start_soon(trio.to_thread.run_sync, outcome_into(outcome, (mnt / "f0").read_bytes))
             await trio.sleep(1.0)  # the open waits for the pack
             assert not outcome
             await trio.to_thread.run_sync((mnt / "f0").unlink)
@@ -361,14 +366,11 @@ async def test_a_rewrite_while_a_packed_file_is_copied_out_of_its_pack_is_kept(t
         net.hold()
         opened: list[object] = []
 
-        def open_for_writing() -> None:
-            try:
-                with open(mnt / "f", "r+b"):
-                    opened.append(True)
-            except OSError as exc:
-                opened.append(exc)
+        def open_for_writing() -> bool:
+            with open(mnt / "f", "r+b"):
+                return True
         async with trio.open_nursery() as writers:
-            writers.start_soon(trio.to_thread.run_sync, open_for_writing)
+            writers.start_soon(trio.to_thread.run_sync, outcome_into(opened, open_for_writing))
             await trio.sleep(1.0)  # the open waits for the pack
             assert not opened
             await trio.to_thread.run_sync((mnt / "f").write_bytes, b"new content")
